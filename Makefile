@@ -1,0 +1,18 @@
+PYTHON ?= python3
+# The CPU build of torch; GPU images keep their own torch and skip this pin.
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: install test lint clean
+
+install:
+	$(PYTHON) -m pip install "$(TORCH_SPEC)"
+	$(PYTHON) -m pip install -e ".[dev]"
+
+test:
+	$(PYTHON) -m pytest -q
+
+lint:
+	$(PYTHON) -m ruff check .
+
+clean:
+	rm -rf build *.egg-info .pytest_cache .ruff_cache

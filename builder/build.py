@@ -1,0 +1,135 @@
+"""`build_engine`: checkpoint directory in, engine directory out (atomically).
+
+checkpoint ──[builder: build]──▶ engine dir ──runtime──▶ Triton
+
+The engine is assembled in a temporary sibling directory and renamed into place only
+when complete, so a failed build leaves nothing at the output path.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from safetensors.torch import save_file
+
+from nemodiff import __version__
+from nemodiff.engine_format import (
+    ARCH_TO_SM,
+    CONFIG_FILE,
+    DTYPES,
+    FP8_ARCHES,
+    WEIGHTS_FILE,
+    BuildSettings,
+    EngineConfig,
+    write_manifest,
+)
+
+from .checkpoint import CheckpointError, num_parameters, open_checkpoint, read_lora
+from .convert import convert_lora, convert_weights
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "generation_config.json", "chat_template.jinja")
+DRAFT_LORA_FILE = "draft_lora.safetensors"
+
+
+class BuildError(Exception):
+    """The requested build settings are invalid (not a checkpoint problem)."""
+
+
+@dataclass
+class BuildOptions:
+    dtype: str = "bf16"
+    arch: str = "cpu"
+    block_length: int | None = None
+    max_seq_len: int | None = None
+    max_batch_size: int = 8
+    kv_page_size: int = 16
+    overwrite: bool = False
+
+
+@dataclass
+class BuildResult:
+    engine_dir: Path
+    config: EngineConfig
+    total_bytes: int
+
+
+def _validate(options: BuildOptions) -> None:
+    if options.dtype not in DTYPES:
+        raise BuildError(f"--dtype {options.dtype!r}: choose one of {', '.join(DTYPES)}")
+    if options.arch not in ARCH_TO_SM:
+        raise BuildError(f"--arch {options.arch!r}: choose one of {', '.join(ARCH_TO_SM)}")
+    if options.dtype == "fp8" and options.arch not in FP8_ARCHES:
+        raise BuildError(
+            f"--dtype fp8 is not supported on --arch {options.arch} ({ARCH_TO_SM[options.arch]} has no fp8 "
+            "tensor cores); use --dtype bf16, or an fp8 arch: " + ", ".join(a for a in FP8_ARCHES if a != "cpu")
+        )
+    for name in ("max_batch_size", "kv_page_size"):
+        if getattr(options, name) < 1:
+            raise BuildError(f"--{name.replace('_', '-')} must be at least 1")
+
+
+def build_engine(hf_dir: Path, out_dir: Path, options: BuildOptions, progress=None) -> BuildResult:
+    """progress: optional callable(total_layers) returning an object with update(n) and close()."""
+    _validate(options)
+    hf_dir, out_dir = Path(hf_dir), Path(out_dir)
+    checkpoint = open_checkpoint(hf_dir)
+    config = checkpoint.config
+    if not (hf_dir / "tokenizer.json").is_file():
+        raise CheckpointError(f"{hf_dir / 'tokenizer.json'}: file not found (the engine needs the tokenizer)")
+    max_seq_len = options.max_seq_len or min(config.max_position_embeddings, 8192)
+    if not 1 <= max_seq_len <= config.max_position_embeddings:
+        raise BuildError(f"--max-seq-len {max_seq_len} must be in [1, {config.max_position_embeddings}]")
+    block_length = options.block_length or config.block_size
+    if block_length < 1:
+        raise BuildError("--block-length must be at least 1")
+    if out_dir.exists() and any(out_dir.iterdir()) and not options.overwrite:
+        raise BuildError(f"{out_dir}: exists and is not empty (pass --overwrite to replace it)")
+
+    lora = read_lora(hf_dir, config)
+    settings = BuildSettings(
+        dtype=options.dtype, arch=options.arch, sm=ARCH_TO_SM[options.arch], block_length=block_length,
+        max_seq_len=max_seq_len, max_batch_size=options.max_batch_size, kv_page_size=options.kv_page_size,
+        num_parameters=num_parameters(config), lora=lora[0] if lora else None,
+        source=str(hf_dir.resolve()), nemodiff_version=__version__,
+    )
+    engine_config = EngineConfig(model=config, build=settings)
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.building-", dir=out_dir.parent))
+    bar = progress(config.num_hidden_layers) if progress else None
+    try:
+        tensors = {}
+        for group in convert_weights(checkpoint, options.dtype, on_layer=lambda _: bar and bar.update(1)):
+            tensors |= group
+        save_file(tensors, str(staging / WEIGHTS_FILE), metadata={"format": "nemodiff"})
+        del tensors
+        if lora:
+            save_file(convert_lora(lora[1], options.dtype), str(staging / DRAFT_LORA_FILE))
+        for name in TOKENIZER_FILES:
+            if (hf_dir / name).is_file():
+                shutil.copy2(hf_dir / name, staging / name)
+        (staging / CONFIG_FILE).write_text(json.dumps(engine_config.to_dict(), indent=2) + "\n")
+        staging.chmod(0o755)
+        for file in staging.rglob("*"):
+            file.chmod(0o755 if file.is_dir() else 0o644)
+        manifest = write_manifest(staging)
+        if out_dir.exists():
+            trash = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+            out_dir.rename(trash / "old")
+            staging.rename(out_dir)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            staging.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    finally:
+        if bar:
+            bar.close()
+    total = sum(entry["bytes"] for entry in manifest["files"].values())
+    return BuildResult(out_dir, engine_config, total)

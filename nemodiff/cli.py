@@ -1,0 +1,117 @@
+"""`nemodiff`: run an engine from the command line (generate, inspect).
+
+checkpoint ──builder──▶ engine dir ──[runtime: CLI]──▶ Triton
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from nemodiff.engine_format import MANIFEST_FILE, EngineConfig, EngineFormatError, verify_manifest
+
+CONTEXT = {"show_default": True, "help_option_names": ["-h", "--help"]}
+MODE_CHOICES = ["ar", "diffusion", "linear-spec", "quadratic-spec"]
+
+
+@click.group(context_settings=CONTEXT)
+@click.version_option(package_name="nemodiff")
+def main() -> None:
+    """Run Nemotron-Labs-Diffusion engines built by nemodiff-build."""
+
+
+def _parse_ids(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.replace(" ", "").split(",") if t]
+    except ValueError:
+        raise click.BadParameter("--prompt-ids wants comma-separated integers, e.g. 1,2,3") from None
+
+
+def _parse_threshold(value: str) -> float | None:
+    if value.lower() == "none":
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        raise click.BadParameter("--threshold wants a number in (0, 1] or 'none'") from None
+
+
+@main.command(context_settings=CONTEXT)
+@click.argument("engine_dir", type=click.Path(path_type=Path))
+@click.option("--prompt", type=str, default=None, help="Prompt text.")
+@click.option("--prompt-ids", type=str, default=None, help="Prompt as comma-separated token ids.")
+@click.option("--mode", type=click.Choice(MODE_CHOICES), default="ar", help="Decoding mode.")
+@click.option("--max-new-tokens", type=int, default=64, help="Most tokens to generate.")
+@click.option("--temperature", type=float, default=0.0, help="0 = greedy.")
+@click.option("--top-p", type=float, default=1.0, help="Nucleus sampling mass.")
+@click.option("--top-k", type=int, default=0, help="Keep the k most likely tokens (0 = all).")
+@click.option("--seed", type=int, default=None, help="Sampling seed.")
+@click.option("--stop", "stop", multiple=True, help="Stop string (repeatable).")
+@click.option("--chat", is_flag=True, help="Apply the chat template to --prompt.")
+@click.option("--block-length", type=int, default=None, help="Block / draft length [default: engine's].")
+@click.option("--threshold", type=str, default="0.9", help="Diffusion confidence threshold, or 'none'.")
+@click.option("--draft-lora/--no-draft-lora", default=True, help="Use the draft adapter in spec drafts.")
+@click.option("--max-thinking-tokens", type=int, default=None, help="Force end-of-thinking after this many tokens.")
+@click.option("--device", type=str, default=None, help="torch device [default: cuda if available, else cpu].")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def generate(engine_dir: Path, prompt: str | None, prompt_ids: str | None, mode: str, max_new_tokens: int,
+             temperature: float, top_p: float, top_k: int, seed: int | None, stop: tuple[str, ...], chat: bool,
+             block_length: int | None, threshold: str, draft_lora: bool, max_thinking_tokens: int | None,
+             device: str | None, as_json: bool) -> None:
+    """Generate a completion for one prompt."""
+    from nemodiff import LLM, SamplingParams
+
+    if (prompt is None) == (prompt_ids is None):
+        raise click.UsageError("give exactly one of --prompt or --prompt-ids")
+    params = SamplingParams(
+        max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
+        stop=list(stop), mode=mode, block_length=block_length, threshold=_parse_threshold(threshold),
+        draft_lora=draft_lora, max_thinking_tokens=max_thinking_tokens,
+    )
+    try:
+        params.validate()
+        llm = LLM(engine_dir, device=device)
+        source = prompt if prompt is not None else _parse_ids(prompt_ids)
+        output = llm.generate(source, params, chat=chat)[0]
+    except (EngineFormatError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from None
+    if as_json:
+        click.echo(json.dumps(output.to_dict()))
+    else:
+        click.echo(output.text)
+        click.echo(f"[{len(output.output_ids)} tokens, {output.num_forward_passes} forwards, "
+                   f"{output.tokens_per_forward:.2f} tokens/forward, {output.seconds:.3f} s, "
+                   f"finish: {output.finish_reason}]", err=True)
+
+
+@main.command(context_settings=CONTEXT)
+@click.argument("engine_dir", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("--verify/--no-verify", default=True, help="Check file hashes against the manifest.")
+def inspect(engine_dir: Path, as_json: bool, verify: bool) -> None:
+    """Show an engine's model config, build settings and files."""
+    try:
+        config = EngineConfig.load(engine_dir)
+        manifest = verify_manifest(engine_dir) if verify else json.loads((engine_dir / MANIFEST_FILE).read_text())
+    except (EngineFormatError, OSError) as exc:
+        raise click.ClickException(str(exc)) from None
+    info = config.to_dict() | {"files": manifest["files"], "verified": verify}
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    model, build = config.model, config.build
+    click.echo(f"engine {engine_dir}")
+    click.echo(f"  model   {model.num_hidden_layers} layers, hidden {model.hidden_size}, heads "
+               f"{model.num_attention_heads}/{model.num_key_value_heads} x {model.head_dim}, vocab {model.vocab_size}")
+    click.echo(f"  build   dtype {build.dtype}, arch {build.arch} ({build.sm or 'reference path'}), block "
+               f"{build.block_length}, max seq {build.max_seq_len}, max batch {build.max_batch_size}, "
+               f"KV page {build.kv_page_size}, draft LoRA {'r=%d' % build.lora.rank if build.lora else 'none'}")
+    click.echo(f"  files   ({'hashes verified' if verify else 'not verified'})")
+    for name, entry in manifest["files"].items():
+        click.echo(f"    {name:32s} {entry['bytes']:>12,d} B  sha256 {entry['sha256'][:16]}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,181 @@
+"""The engine directory contract, shared by the builder (writer) and the runtime (reader).
+
+checkpoint ──builder──▶ [engine dir: described here] ──runtime──▶ Triton
+
+An engine directory holds:
+  config.json            {"format_version", "model": ModelConfig, "build": BuildSettings}
+  weights.safetensors    tensors in the runtime layout (see WEIGHT NAMES below)
+  tokenizer.json, tokenizer_config.json (+ any other tokenizer files of the checkpoint)
+  linear_spec_lora/      the draft adapter, as shipped by the checkpoint (optional)
+  manifest.json          {"files": {relative path: {"sha256", "bytes"}}}, checked at load
+
+Runtime weight names: embed, final_norm, head, and per layer i
+  layers.{i}.attn_norm, layers.{i}.qkv (fused [q; k; v]), layers.{i}.o,
+  layers.{i}.mlp_norm, layers.{i}.gate_up (fused [gate; up]), layers.{i}.down.
+An fp8 engine stores each linear weight as `<name>` (float8_e4m3fn) plus
+`<name>.scale` (float32, one per output channel); a weight equals weight.float() * scale[:, None].
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+FORMAT_VERSION = 1
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "weights.safetensors"
+MANIFEST_FILE = "manifest.json"
+LORA_DIR = "linear_spec_lora"
+
+DTYPES = ("fp32", "bf16", "fp16", "fp8")
+# Target name -> CUDA SM. "cpu" builds run on the PyTorch reference path only.
+ARCH_TO_SM = {
+    "cpu": None,
+    "a100": "sm_80",
+    "l40s": "sm_89",
+    "h100": "sm_90a",
+    "h200": "sm_90a",
+    "b200": "sm_100a",
+    "gb200": "sm_100a",
+}
+FP8_ARCHES = ("cpu", "l40s", "h100", "h200", "b200", "gb200")
+
+
+class EngineFormatError(Exception):
+    """An engine directory is missing a file, or a file does not match the manifest."""
+
+
+@dataclass
+class RopeConfig:
+    rope_type: str = "yarn"
+    rope_theta: float = 1e6
+    factor: float = 1.0
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
+    attention_factor: float | None = None
+    truncate: bool = True
+    original_max_position_embeddings: int = 16384
+    llama_4_scaling_beta: float = 0.0
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    max_position_embeddings: int
+    block_size: int
+    mask_token_id: int
+    bos_token_id: int | None
+    eos_token_ids: list[int]
+    rope: RopeConfig = field(default_factory=RopeConfig)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ModelConfig":
+        data = dict(data)
+        data["rope"] = RopeConfig(**data["rope"])
+        return cls(**data)
+
+
+@dataclass
+class LoraConfig:
+    rank: int
+    alpha: float
+    target_modules: list[str]
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+
+@dataclass
+class BuildSettings:
+    dtype: str
+    arch: str
+    block_length: int
+    max_seq_len: int
+    max_batch_size: int
+    kv_page_size: int
+    sm: str | None = None
+    num_parameters: int = 0
+    lora: LoraConfig | None = None
+    source: str = ""
+    nemodiff_version: str = ""
+
+
+@dataclass
+class EngineConfig:
+    model: ModelConfig
+    build: BuildSettings
+    format_version: int = FORMAT_VERSION
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "EngineConfig":
+        if data.get("format_version") != FORMAT_VERSION:
+            raise EngineFormatError(
+                f"{CONFIG_FILE}: engine format version {data.get('format_version')!r} is not "
+                f"supported (this nemodiff reads version {FORMAT_VERSION}); rebuild the engine"
+            )
+        build = dict(data["build"])
+        if build.get("lora") is not None:
+            build["lora"] = LoraConfig(**build["lora"])
+        return cls(model=ModelConfig.from_dict(data["model"]), build=BuildSettings(**build))
+
+    @classmethod
+    def load(cls, engine_dir: Path) -> "EngineConfig":
+        path = Path(engine_dir) / CONFIG_FILE
+        if not path.is_file():
+            raise EngineFormatError(f"{path}: not found; is {engine_dir} an engine directory?")
+        return cls.from_dict(json.loads(path.read_text()))
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_manifest(engine_dir: Path) -> dict:
+    engine_dir = Path(engine_dir)
+    files = {}
+    for path in sorted(p for p in engine_dir.rglob("*") if p.is_file()):
+        rel = path.relative_to(engine_dir).as_posix()
+        if rel == MANIFEST_FILE:
+            continue
+        files[rel] = {"sha256": sha256_of(path), "bytes": path.stat().st_size}
+    manifest = {"format_version": FORMAT_VERSION, "files": files}
+    (engine_dir / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def verify_manifest(engine_dir: Path) -> dict:
+    """Check every file listed in the manifest exists with its recorded hash."""
+    engine_dir = Path(engine_dir)
+    path = engine_dir / MANIFEST_FILE
+    if not path.is_file():
+        raise EngineFormatError(f"{path}: not found; the engine directory is incomplete")
+    manifest = json.loads(path.read_text())
+    for rel, entry in manifest["files"].items():
+        file = engine_dir / rel
+        if not file.is_file():
+            raise EngineFormatError(f"{file}: listed in {MANIFEST_FILE} but missing")
+        if file.stat().st_size != entry["bytes"] or sha256_of(file) != entry["sha256"]:
+            raise EngineFormatError(
+                f"{file}: contents do not match {MANIFEST_FILE} (file changed or corrupt); rebuild the engine"
+            )
+    return manifest

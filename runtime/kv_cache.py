@@ -1,0 +1,120 @@
+"""Paged KV cache: a pool of fixed-size pages and one page table per request.
+
+checkpoint ──builder──▶ engine dir ──[runtime: KV cache]──▶ Triton
+
+Slot s of the pool holds the key/value of one token for every layer; slot = page * page_size
++ offset. A request's committed length says how many of its positions are valid; writes
+past it are scratch until a strategy commits them. Rejected speculative tokens are dropped
+by shortening the length, which frees any page no longer needed.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+import torch
+
+
+class KVCacheFullError(RuntimeError):
+    """The page pool cannot hold what a request needs."""
+
+
+class PagedKVCache:
+    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, page_size: int, num_pages: int,
+                 dtype: torch.dtype, device: torch.device | str = "cpu"):
+        if num_pages < 1 or page_size < 1:
+            raise ValueError(f"need at least one page of at least one slot (got {num_pages} x {page_size})")
+        self.page_size = page_size
+        self.num_pages = num_pages
+        shape = (num_layers, num_pages * page_size, num_kv_heads, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self._free: deque[int] = deque(range(num_pages))
+        self._tables: dict[int, list[int]] = {}
+        self._lengths: dict[int, int] = {}
+
+    @staticmethod
+    def pages_for_budget(memory_bytes: int, num_layers: int, num_kv_heads: int, head_dim: int,
+                         page_size: int, dtype: torch.dtype) -> int:
+        per_page = 2 * num_layers * page_size * num_kv_heads * head_dim * torch.finfo(dtype).bits // 8
+        return memory_bytes // per_page
+
+    # -- bookkeeping -------------------------------------------------------------------------
+    @property
+    def num_free_pages(self) -> int:
+        return len(self._free)
+
+    @property
+    def num_used_pages(self) -> int:
+        return self.num_pages - len(self._free)
+
+    def pages_needed(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.page_size)
+
+    def has_request(self, request_id: int) -> bool:
+        return request_id in self._tables
+
+    def add_request(self, request_id: int) -> None:
+        if request_id in self._tables:
+            raise ValueError(f"request {request_id} already has a page table")
+        self._tables[request_id] = []
+        self._lengths[request_id] = 0
+
+    def length(self, request_id: int) -> int:
+        return self._lengths[request_id]
+
+    def capacity(self, request_id: int) -> int:
+        return len(self._tables[request_id]) * self.page_size
+
+    def page_table(self, request_id: int) -> list[int]:
+        return list(self._tables[request_id])
+
+    # -- growth and shrinkage ----------------------------------------------------------------
+    def reserve(self, request_id: int, num_tokens: int) -> None:
+        """Make room for positions [0, num_tokens); allocates nothing if the pool is too small."""
+        table = self._tables[request_id]
+        extra = self.pages_needed(num_tokens) - len(table)
+        if extra > len(self._free):
+            raise KVCacheFullError(
+                f"KV cache full: request {request_id} needs {extra} more page(s) of {self.page_size} tokens "
+                f"for {num_tokens} tokens, {len(self._free)} of {self.num_pages} free"
+            )
+        for _ in range(max(extra, 0)):
+            table.append(self._free.popleft())
+
+    def append(self, request_id: int, num_tokens: int) -> torch.Tensor:
+        """Grow the committed length by num_tokens; returns their slots."""
+        start = self._lengths[request_id]
+        self.reserve(request_id, start + num_tokens)
+        self._lengths[request_id] = start + num_tokens
+        return self.slots(request_id, torch.arange(start, start + num_tokens))
+
+    def set_length(self, request_id: int, length: int) -> None:
+        """Commit `length` positions (written earlier within the reserved capacity); frees surplus pages."""
+        if length > self.capacity(request_id):
+            raise ValueError(f"request {request_id}: length {length} exceeds reserved capacity "
+                             f"{self.capacity(request_id)}")
+        self._lengths[request_id] = length
+        table = self._tables[request_id]
+        keep = self.pages_needed(length)
+        while len(table) > keep:
+            self._free.append(table.pop())
+
+    def truncate(self, request_id: int, length: int) -> None:
+        if not 0 <= length <= self._lengths[request_id]:
+            raise ValueError(f"request {request_id}: cannot truncate length {self._lengths[request_id]} to {length}")
+        self.set_length(request_id, length)
+
+    def free(self, request_id: int) -> None:
+        for page in self._tables.pop(request_id, []):
+            self._free.append(page)
+        self._lengths.pop(request_id, None)
+
+    # -- addressing --------------------------------------------------------------------------
+    def slots(self, request_id: int, positions: torch.Tensor) -> torch.Tensor:
+        table = self._tables[request_id]
+        positions = torch.as_tensor(positions, dtype=torch.long)
+        if positions.numel() and int(positions.max()) >= len(table) * self.page_size:
+            raise IndexError(f"request {request_id}: position {int(positions.max())} is beyond its reserved pages")
+        pages = torch.tensor(table, dtype=torch.long)[positions // self.page_size] if table else positions
+        return pages * self.page_size + positions % self.page_size

@@ -1,0 +1,58 @@
+"""Weight-holding building blocks of the forward pass: RMSNorm and linear layers.
+
+checkpoint ──builder──▶ engine dir ──[runtime: model layers]──▶ Triton
+
+`DenseLinear` holds fp32/bf16/fp16 weights. `Fp8Linear` holds e4m3 weights with one
+float32 scale per output channel; it dequantizes into the activation dtype (the portable
+path that also runs on CPU).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Normalise in float32, cast back, then scale (the order transformers uses)."""
+    dtype = x.dtype
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(dtype)
+
+
+class DenseLinear:
+    def __init__(self, weight: torch.Tensor):
+        self.weight = weight  # [out, in]
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[0]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.weight.T
+
+
+class Fp8Linear:
+    def __init__(self, weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype):
+        if weight.dtype != torch.float8_e4m3fn:
+            raise TypeError(f"Fp8Linear wants float8_e4m3fn weights, got {weight.dtype}")
+        self.weight = weight
+        self.scale = scale.float()
+        self.dtype = dtype
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[0]
+
+    def dequantized(self) -> torch.Tensor:
+        return (self.weight.to(torch.float32) * self.scale[:, None]).to(self.dtype)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.dequantized().T
+
+
+def make_linear(weights: dict[str, torch.Tensor], name: str, dtype: torch.dtype, device) -> DenseLinear | Fp8Linear:
+    weight = weights[name].to(device)
+    if weight.dtype == torch.float8_e4m3fn:
+        return Fp8Linear(weight, weights[name + ".scale"].to(device), dtype)
+    return DenseLinear(weight.to(dtype))

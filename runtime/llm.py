@@ -1,0 +1,113 @@
+"""The Python API: `LLM(engine_dir).generate(prompts, params)`.
+
+checkpoint ──builder──▶ engine dir ──[runtime: Python API]──▶ Triton
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .engine import Engine
+from .kv_cache import PagedKVCache
+from .loader import load_engine
+from .request import Request, SamplingParams
+from .strategies.base import StrategyContext
+from .tokenizer import EngineTokenizer
+
+
+@dataclass
+class RequestOutput:
+    prompt_ids: list[int]
+    output_ids: list[int]
+    text: str
+    finish_reason: str
+    num_forward_passes: int
+    seconds: float
+    stats: dict = field(default_factory=dict)
+
+    @property
+    def tokens_per_forward(self) -> float:
+        return len(self.output_ids) / max(self.num_forward_passes, 1)
+
+    def to_dict(self) -> dict:
+        return {
+            "output_ids": self.output_ids, "text": self.text, "finish_reason": self.finish_reason,
+            "num_forward_passes": self.num_forward_passes,
+            "tokens_per_forward": round(self.tokens_per_forward, 4), "seconds": round(self.seconds, 6),
+            **({"stats": self.stats} if self.stats else {}),
+        }
+
+
+class LLM:
+    """A loaded engine with its tokenizer and KV cache.
+
+    kv_cache_memory_bytes / num_kv_pages size the page pool; by default it holds
+    max_batch_size full-length sequences.
+    """
+
+    def __init__(self, engine_dir: str | Path, device: str | torch.device | None = None,
+                 kv_cache_memory_bytes: int | None = None, num_kv_pages: int | None = None,
+                 max_batch_size: int | None = None, verify: bool = True):
+        loaded = load_engine(Path(engine_dir), device=device, verify=verify)
+        self.engine_dir = loaded.path
+        self.config = loaded.config
+        self.model = loaded.model
+        self.tokenizer = EngineTokenizer(self.engine_dir)
+        build, mcfg = self.config.build, self.config.model
+        self.max_batch_size = max_batch_size or build.max_batch_size
+        if num_kv_pages is None:
+            if kv_cache_memory_bytes is not None:
+                num_kv_pages = PagedKVCache.pages_for_budget(
+                    kv_cache_memory_bytes, mcfg.num_hidden_layers, mcfg.num_key_value_heads, mcfg.head_dim,
+                    build.kv_page_size, self.model.dtype)
+            else:
+                # room for the longest sequence per slot, plus a block of speculative scratch
+                per_seq = -(-(build.max_seq_len + 2 * build.block_length) // build.kv_page_size)
+                num_kv_pages = self.max_batch_size * per_seq
+        self.cache = PagedKVCache(mcfg.num_hidden_layers, mcfg.num_key_value_heads, mcfg.head_dim,
+                                  build.kv_page_size, num_kv_pages, self.model.dtype, self.model.device)
+        eos_ids = list(mcfg.eos_token_ids)
+        ctx = StrategyContext(model=mcfg, block_length=build.block_length, has_lora=self.model.has_lora,
+                              think_end_id=self.tokenizer.think_end_id())
+        self.engine = Engine(self.model, self.cache, ctx, self.max_batch_size, build.max_seq_len, eos_ids,
+                             decode=self.tokenizer.decode)
+
+    def encode_prompt(self, prompt: str | list[int], chat: bool = False) -> list[int]:
+        if isinstance(prompt, str):
+            return self.tokenizer.encode_chat(prompt) if chat else self.tokenizer.encode(prompt)
+        if chat:
+            raise ValueError("chat=True needs text prompts, not token ids")
+        return list(prompt)
+
+    def generate(self, prompts: str | list[int] | list[str | list[int]],
+                 params: SamplingParams | list[SamplingParams] | None = None,
+                 chat: bool = False) -> list[RequestOutput]:
+        """Generate for one or several prompts (text or token ids), all batched together."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        params_list = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
+        if len(params_list) != len(prompts):
+            raise ValueError("give one SamplingParams, or one per prompt")
+        requests: list[Request] = []
+        try:
+            for prompt, p in zip(prompts, params_list):
+                copy = SamplingParams(**vars(p))
+                requests.append(self.engine.add_request(self.encode_prompt(prompt, chat), copy))
+            while any(not r.finished for r in requests):
+                self.engine.step()
+        except BaseException:
+            for request in requests:  # leave the engine clean for the next call
+                self.engine.abort(request)
+            raise
+        return [self._output(r) for r in requests]
+
+    def _output(self, request: Request) -> RequestOutput:
+        return RequestOutput(
+            prompt_ids=request.prompt_ids, output_ids=list(request.output_ids), text=request.text,
+            finish_reason=request.finish_reason, num_forward_passes=request.num_forwards,
+            seconds=(request.end_time or time.perf_counter()) - request.start_time, stats=dict(request.stats),
+        )

@@ -1,0 +1,68 @@
+"""The decoding-strategy contract: a strategy owns one request's decode state.
+
+checkpoint ──builder──▶ engine dir ──[runtime: strategies]──▶ Triton
+
+Each engine step asks every running strategy for the segments of its next forward,
+runs them all in one model pass, and hands each strategy its logits. The strategy
+returns the output tokens it decided and exposes `committed`, the number of cache
+positions that are now valid (the engine shrinks the cache to it).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+
+from nemodiff.engine_format import ModelConfig
+
+from ..request import Request
+from ..sampler import make_generator, sample
+from ..segments import Pattern, Segment
+
+
+@dataclass
+class StrategyContext:
+    model: ModelConfig
+    block_length: int
+    has_lora: bool
+    think_end_id: int | None = None
+
+
+class DecodeStrategy(ABC):
+    def __init__(self, request: Request, ctx: StrategyContext):
+        self.request = request
+        self.ctx = ctx
+        self.params = request.params
+        self.generator = make_generator(self.params.seed)
+        self.committed = 0  # valid KV positions of this request
+
+    @abstractmethod
+    def next_segments(self) -> list[Segment]:
+        """Segments for this request's part of the next forward."""
+
+    @abstractmethod
+    def consume(self, logits: list[torch.Tensor]) -> list[int]:
+        """Logits of the segments above -> newly decided output tokens."""
+
+    # helpers shared by the strategies ------------------------------------------------------
+    def sample(self, logits_row: torch.Tensor) -> int:
+        p = self.params
+        return sample(logits_row, p.temperature, p.top_k, p.top_p, self.generator)
+
+    def prefill_segment(self, extra_rows_from_end: int = 1) -> Segment:
+        prompt = self.request.prompt_ids
+        n = len(prompt)
+        return Segment(self.request.request_id, list(prompt), list(range(n)), prefix_len=0,
+                       pattern=Pattern.CAUSAL, write_kv=True, logit_rows=[n - 1])
+
+    def forced_token(self) -> int | None:
+        """The end-of-thinking token when the thinking budget is spent, else None."""
+        budget, end = self.params.max_thinking_tokens, self.ctx.think_end_id
+        if budget is None or end is None:
+            return None
+        out = self.request.output_ids
+        if end in out or len(out) < budget:
+            return None
+        return end

@@ -1,0 +1,18 @@
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from helpers import make_checkpoint, make_engine  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory) -> Path:
+    return make_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny", lora_rank=8, eos_token_id=[2, 5])
+
+
+@pytest.fixture(scope="session")
+def engine_fp32(checkpoint, tmp_path_factory) -> Path:
+    return make_engine(checkpoint, tmp_path_factory.mktemp("eng") / "fp32", dtype="fp32", kv_page_size=4)

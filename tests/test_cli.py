@@ -1,0 +1,64 @@
+"""End to end through the installed console scripts: build, generate, inspect."""
+
+import json
+import subprocess
+
+import torch
+
+from helpers import make_checkpoint, transformers_model
+
+
+def run(*args):
+    proc = subprocess.run([str(a) for a in args], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+def test_build_then_generate_reproduces_transformers_greedy(tmp_path):
+    ckpt = make_checkpoint(tmp_path / "ckpt", seed=11)
+    engine = tmp_path / "engine"
+    built = run("nemodiff-build", ckpt, "-o", engine, "--dtype", "fp32")
+    assert f"built engine: {engine}" in built.stdout
+    prompt = "the red cat and the blue dog"
+    out = json.loads(run("nemodiff", "generate", engine, "--prompt", prompt, "--mode", "ar",
+                         "--max-new-tokens", "20", "--json").stdout)
+    assert set(out) >= {"output_ids", "text", "finish_reason", "num_forward_passes", "tokens_per_forward", "seconds"}
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(ckpt / "tokenizer.json"))
+    prompt_ids = tokenizer.encode(prompt).ids
+    assert prompt_ids[0] == 1  # BOS added, as upstream
+    with torch.no_grad():
+        hf = transformers_model(ckpt).generate(torch.tensor([prompt_ids]), max_new_tokens=20, do_sample=False,
+                                               eos_token_id=2, pad_token_id=0)
+    want = hf[0, len(prompt_ids):].tolist()
+    assert out["output_ids"] == want
+    assert out["text"] == tokenizer.decode(want, skip_special_tokens=True)
+    assert out["finish_reason"] == ("eos" if want[-1] == 2 else "length")
+    assert out["num_forward_passes"] == len(want)
+
+    by_ids = json.loads(run("nemodiff", "generate", engine, "--prompt-ids", ",".join(map(str, prompt_ids)),
+                            "--max-new-tokens", "20", "--json").stdout)
+    assert by_ids["output_ids"] == want
+
+    info = json.loads(run("nemodiff", "inspect", engine, "--json").stdout)
+    assert info["build"]["arch"] == "cpu" and info["build"]["dtype"] == "fp32"
+    assert "weights.safetensors" in info["files"] and len(info["files"]["weights.safetensors"]["sha256"]) == 64
+
+
+def test_chat_template_is_applied(tmp_path):
+    ckpt = make_checkpoint(tmp_path / "ckpt")
+    engine = tmp_path / "engine"
+    run("nemodiff-build", ckpt, "-o", engine)
+    from nemodiff.runtime.tokenizer import EngineTokenizer
+
+    tok = EngineTokenizer(engine)
+    ids = tok.encode_chat("hello there")
+    assert ids[0] == 1 and ids[1] == tok.token_id("[INST]") and ids[-1] == tok.token_id("[/INST]")
+    assert ids.count(1) == 1  # the template's BOS only, no second one from the post-processor
+
+
+def test_generate_errors_are_clean(tmp_path):
+    proc = subprocess.run(["nemodiff", "generate", str(tmp_path / "nope"), "--prompt", "hi"],
+                          capture_output=True, text=True)
+    assert proc.returncode != 0 and "not a directory" in proc.stderr and "Traceback" not in proc.stderr
