@@ -2,14 +2,19 @@
 
 import json
 import subprocess
+import sys
+from pathlib import Path
 
 import torch
 
 from helpers import make_checkpoint, transformers_model
 
 
-def run(*args):
-    proc = subprocess.run([str(a) for a in args], capture_output=True, text=True)
+BIN = Path(sys.executable).parent  # the console scripts of the interpreter running the tests
+
+
+def run(script, *args):
+    proc = subprocess.run([str(BIN / script), *map(str, args)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     return proc
 
@@ -59,6 +64,6 @@ def test_chat_template_is_applied(tmp_path):
 
 
 def test_generate_errors_are_clean(tmp_path):
-    proc = subprocess.run(["nemodiff", "generate", str(tmp_path / "nope"), "--prompt", "hi"],
+    proc = subprocess.run([str(BIN / "nemodiff"), "generate", str(tmp_path / "nope"), "--prompt", "hi"],
                           capture_output=True, text=True)
     assert proc.returncode != 0 and "not a directory" in proc.stderr and "Traceback" not in proc.stderr
