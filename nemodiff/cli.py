@@ -52,13 +52,16 @@ def _parse_threshold(value: str) -> float | None:
 @click.option("--chat", is_flag=True, help="Apply the chat template to --prompt.")
 @click.option("--block-length", type=int, default=None, help="Block / draft length [default: engine's].")
 @click.option("--threshold", type=str, default="0.9", help="Diffusion confidence threshold, or 'none'.")
-@click.option("--draft-lora/--no-draft-lora", default=True, help="Use the draft adapter in spec drafts.")
+@click.option("--draft-lora/--no-draft-lora", default=True, help="Use the draft adapter in linear-spec drafts.")
+@click.option("--draft-threshold", type=float, default=None,
+              help="linear-spec: redraft until every slot is this confident (iterative drafting).")
 @click.option("--max-thinking-tokens", type=int, default=None, help="Force end-of-thinking after this many tokens.")
 @click.option("--device", type=str, default=None, help="torch device [default: cuda if available, else cpu].")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def generate(engine_dir: Path, prompt: str | None, prompt_ids: str | None, mode: str, max_new_tokens: int,
              temperature: float, top_p: float, top_k: int, seed: int | None, stop: tuple[str, ...], chat: bool,
-             block_length: int | None, threshold: str, draft_lora: bool, max_thinking_tokens: int | None,
+             block_length: int | None, threshold: str, draft_lora: bool, draft_threshold: float | None,
+             max_thinking_tokens: int | None,
              device: str | None, as_json: bool) -> None:
     """Generate a completion for one prompt."""
     from nemodiff import LLM, SamplingParams
@@ -68,7 +71,7 @@ def generate(engine_dir: Path, prompt: str | None, prompt_ids: str | None, mode:
     params = SamplingParams(
         max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
         stop=list(stop), mode=mode, block_length=block_length, threshold=_parse_threshold(threshold),
-        draft_lora=draft_lora, max_thinking_tokens=max_thinking_tokens,
+        draft_lora=draft_lora, draft_threshold=draft_threshold, max_thinking_tokens=max_thinking_tokens,
     )
     try:
         params.validate()

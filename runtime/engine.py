@@ -44,6 +44,12 @@ class Engine:
                 f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds the "
                 f"engine's max_seq_len ({self.max_seq_len})"
             )
+        block = params.block_length or self.ctx.block_length
+        if params.mode == "quadratic-spec" and block > self.ctx.block_length:
+            raise ValueError(f"quadratic-spec draft length {block} exceeds the engine's block length "
+                             f"{self.ctx.block_length} (each forward carries k*(k+1) tokens)")
+        if block > self.max_seq_len:
+            raise ValueError(f"block_length {block} exceeds the engine's max_seq_len ({self.max_seq_len})")
         if params.mode not in STRATEGIES:
             raise ValueError(f"decode mode {params.mode!r} is not available in this build")
         request = Request(next(self._ids), list(prompt_ids), params, self.eos_ids, self.decode)

@@ -53,6 +53,8 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1] (got {self.top_p})")
         if self.threshold is not None and not 0 < self.threshold <= 1:
             raise ValueError(f"threshold must be in (0, 1] or None (got {self.threshold})")
+        if self.draft_threshold is not None and not 0 < self.draft_threshold <= 1:
+            raise ValueError(f"draft_threshold must be in (0, 1] or None (got {self.draft_threshold})")
         if self.block_length is not None and self.block_length < 1:
             raise ValueError(f"block_length must be at least 1 (got {self.block_length})")
         if self.max_thinking_tokens is not None and self.max_thinking_tokens < 0:

@@ -91,3 +91,38 @@ def test_cached_segment_equals_no_cache_recompute_for_every_pattern(engine_fp32)
         recompute = model.forward([Segment(0, prefix + tail, list(range(p + n)), 0, Pattern.MASK, mask=dense,
                                            logit_rows=list(range(p, p + n)))])[0]
         assert torch.allclose(cached, recompute, rtol=1e-5, atol=1e-5)
+
+
+def test_quadratic_layout_cached_equals_no_cache_recompute(engine_fp32):
+    from nemodiff.runtime.strategies.quadratic_spec import first_cycle_mask, quadratic_mask
+
+    engine = load_engine(engine_fp32, device="cpu")
+    model, cfg = engine.model, engine.config.model
+    cache = PagedKVCache(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, 4, 32, torch.float32)
+    prompt, k = [1, 9, 8, 7, 6, 5, 4], 3
+    p = len(prompt)
+    cache.add_request(0)
+    cache.reserve(0, p + k)
+    first = model.forward([Segment(0, prompt + [100] * k, list(range(p + k)), 0, Pattern.MASK,
+                                   write_kv=[True] * p + [False] * k, mask=first_cycle_mask(p, k))], cache)[0]
+    causal = model.forward([Segment(0, prompt, list(range(p)), 0, Pattern.CAUSAL)])[0]
+    assert torch.allclose(first[:p], causal, rtol=1e-5, atol=1e-5)  # the masks never leak into the prompt
+    cache.set_length(0, p)
+    cache.reserve(0, p + k)
+    drafts = [50, 51, 52]
+    tokens = drafts + [100] * (k * k)
+    positions = [p, p + 1, p + 2] + [p + i + 1 + j for i in range(k) for j in range(k)]
+    cached = model.forward([Segment(0, tokens, positions, p, Pattern.MASK, write_kv=[True] * k + [False] * k * k,
+                                    mask=quadratic_mask(k))], cache)[0]
+    n = p + len(tokens)
+    dense = torch.zeros(n, n, dtype=torch.bool)
+    dense[:p, :p] = torch.ones(p, p, dtype=torch.bool).tril()
+    dense[p:, :p] = True
+    dense[p:, p:] = quadratic_mask(k)
+    recompute = model.forward([Segment(0, prompt + tokens, list(range(p)) + positions, 0, Pattern.MASK, mask=dense,
+                                       logit_rows=list(range(p, n)))])[0]
+    assert torch.allclose(cached, recompute, rtol=1e-5, atol=1e-5)
+    # the draft rows are exactly a causal forward over prompt + drafts
+    plain = model.forward([Segment(0, prompt + drafts, list(range(p + k)), 0, Pattern.CAUSAL,
+                                   logit_rows=[p, p + 1, p + 2])])[0]
+    assert torch.allclose(cached[:k], plain, rtol=1e-5, atol=1e-5)

@@ -9,7 +9,6 @@ import torch
 
 from helpers import make_checkpoint, transformers_model
 
-
 BIN = Path(sys.executable).parent  # the console scripts of the interpreter running the tests
 
 
@@ -67,3 +66,24 @@ def test_generate_errors_are_clean(tmp_path):
     proc = subprocess.run([str(BIN / "nemodiff"), "generate", str(tmp_path / "nope"), "--prompt", "hi"],
                           capture_output=True, text=True)
     assert proc.returncode != 0 and "not a directory" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_generate_every_mode_with_json_stats(tmp_path):
+    ckpt = make_checkpoint(tmp_path / "ckpt", lora_rank=4)
+    engine = tmp_path / "engine"
+    run("nemodiff-build", ckpt, "-o", engine, "--dtype", "fp32", "--block-length", "8")
+    results = {}
+    for mode, extra in [("ar", []), ("diffusion", ["--threshold", "none"]), ("linear-spec", ["--no-draft-lora"]),
+                        ("quadratic-spec", ["--block-length", "4"]), ("linear-spec", ["--draft-threshold", "0.5"])]:
+        out = json.loads(run("nemodiff", "generate", engine, "--prompt-ids", "1,200,201", "--mode", mode,
+                             "--max-new-tokens", "19", "--json", *extra).stdout)
+        assert len(out["output_ids"]) == 19 or out["finish_reason"] == "eos"
+        results.setdefault(mode, []).append(out)
+    assert results["linear-spec"][0]["output_ids"] == results["ar"][0]["output_ids"]
+    assert results["linear-spec"][1]["output_ids"] == results["ar"][0]["output_ids"]
+    assert results["quadratic-spec"][0]["output_ids"] == results["ar"][0]["output_ids"]
+    assert "accepted_length_histogram" in results["quadratic-spec"][0]["stats"]
+    assert "denoise_steps_per_block" in results["diffusion"][0]["stats"]
+    proc = subprocess.run([str(BIN / "nemodiff"), "generate", str(engine), "--prompt-ids", "1,2", "--mode",
+                           "quadratic-spec", "--block-length", "16"], capture_output=True, text=True)
+    assert proc.returncode != 0 and "exceeds the engine's block length 8" in proc.stderr

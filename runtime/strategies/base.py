@@ -57,12 +57,24 @@ class DecodeStrategy(ABC):
         return Segment(self.request.request_id, list(prompt), list(range(n)), prefix_len=0,
                        pattern=Pattern.CAUSAL, write_kv=True, logit_rows=[n - 1])
 
-    def forced_token(self) -> int | None:
-        """The end-of-thinking token when the thinking budget is spent, else None."""
+    def tokens_until_forced(self) -> int | None:
+        """How many tokens may still be emitted before the end-of-thinking token must be forced
+        (thinking budget, DESIGN §5.6); None when nothing is to be forced."""
         budget, end = self.params.max_thinking_tokens, self.ctx.think_end_id
-        if budget is None or end is None:
+        if budget is None or end is None or end in self.request.output_ids:
             return None
-        out = self.request.output_ids
-        if end in out or len(out) < budget:
-            return None
-        return end
+        return max(budget - len(self.request.output_ids), 0)
+
+    def forced_token(self) -> int | None:
+        """The end-of-thinking token when it is due as the very next token, else None."""
+        return self.ctx.think_end_id if self.tokens_until_forced() == 0 else None
+
+    def apply_thinking_budget(self, tokens: list[int]) -> list[int]:
+        """Cut a run of new tokens where the budget forces end-of-thinking, and place it there."""
+        room, end = self.tokens_until_forced(), self.ctx.think_end_id
+        if room is None or room >= len(tokens) or end in tokens[:room]:
+            return tokens
+        return tokens[:room] + [end]
+
+    def block_length(self) -> int:
+        return self.params.block_length or self.ctx.block_length
