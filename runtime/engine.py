@@ -1,44 +1,49 @@
-"""The engine step loop: admit, gather segments, one forward, let strategies consume.
+"""The engine step loop: schedule, one forward for everyone, let strategies consume.
 
 checkpoint ──builder──▶ engine dir ──[runtime: engine loop]──▶ Triton
 
-`Engine.step()` is one model forward shared by every running request, whatever its mode.
-Admission here is simple FIFO under `max_batch_size` and free KV pages.
+`Engine.step()` is one model forward shared by every scheduled request, whatever its
+mode. The engine validates requests, keeps per-mode counters, and retires finished or
+cancelled requests (their pages are freed at once).
 """
 
 from __future__ import annotations
 
 import itertools
-from collections import deque
+from collections import Counter
 
-from .kv_cache import KVCacheFullError, PagedKVCache
+from .kv_cache import PagedKVCache
 from .model import Model
 from .request import Request, SamplingParams
+from .scheduler import Scheduler, SchedulerConfig, Sequence
 from .strategies import STRATEGIES
-from .strategies.base import DecodeStrategy, StrategyContext
+from .strategies.base import StrategyContext
 
 
 class Engine:
-    def __init__(self, model: Model, cache: PagedKVCache, ctx: StrategyContext, max_batch_size: int,
+    def __init__(self, model: Model, cache: PagedKVCache, ctx: StrategyContext, scheduler_config: SchedulerConfig,
                  max_seq_len: int, eos_ids: list[int], decode):
         self.model = model
         self.cache = cache
         self.ctx = ctx
-        self.max_batch_size = max_batch_size
+        self.scheduler = Scheduler(scheduler_config, cache)
         self.max_seq_len = max_seq_len
         self.eos_ids = frozenset(eos_ids)
         self.decode = decode
-        self.waiting: deque[Request] = deque()
-        self.running: dict[int, DecodeStrategy] = {}
         self._ids = itertools.count()
+        self._sequences: dict[int, Sequence] = {}
         self.num_steps = 0
+        self.output_tokens = Counter()  # by mode
+        self.forward_passes = Counter()  # request-forwards, by mode
 
-    def add_request(self, prompt_ids: list[int], params: SamplingParams) -> Request:
+    # -- requests ----------------------------------------------------------------------------
+    def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
         params.validate()
+        vocab = self.model.config.vocab_size
         if not prompt_ids:
             raise ValueError("the prompt is empty")
-        if max(prompt_ids) >= self.model.config.vocab_size or min(prompt_ids) < 0:
-            raise ValueError(f"prompt ids must be in [0, {self.model.config.vocab_size})")
+        if max(prompt_ids) >= vocab or min(prompt_ids) < 0:
+            raise ValueError(f"prompt ids must be in [0, {vocab})")
         if len(prompt_ids) + params.max_new_tokens > self.max_seq_len:
             raise ValueError(
                 f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds the "
@@ -52,53 +57,54 @@ class Engine:
             raise ValueError(f"block_length {block} exceeds the engine's max_seq_len ({self.max_seq_len})")
         if params.mode not in STRATEGIES:
             raise ValueError(f"decode mode {params.mode!r} is not available in this build")
+        scratch = 0 if params.mode == "ar" else block  # speculative/diffusion writes run ahead by a block
+        worst = self.cache.pages_needed(len(prompt_ids) + params.max_new_tokens + scratch)
+        if worst > self.cache.num_pages:
+            raise ValueError(
+                f"request needs up to {worst} KV pages ({len(prompt_ids)} prompt + {params.max_new_tokens} new "
+                f"tokens), more than the whole cache ({self.cache.num_pages} pages); give the server more KV memory "
+                "or ask for fewer tokens"
+            )
+
+    def add_request(self, prompt_ids: list[int], params: SamplingParams) -> Request:
+        self.validate(prompt_ids, params)
         request = Request(next(self._ids), list(prompt_ids), params, self.eos_ids, self.decode)
-        self.waiting.append(request)
+        sequence = Sequence(request, STRATEGIES[params.mode](request, self.ctx))
+        self._sequences[request.request_id] = sequence
+        self.scheduler.add(sequence)
         return request
 
     def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running)
+        return self.scheduler.has_work()
 
-    def _admit(self) -> None:
-        while self.waiting and len(self.running) < self.max_batch_size:
-            request = self.waiting[0]
-            if self.cache.pages_needed(len(request.prompt_ids) + 1) > self.cache.num_free_pages:
-                if not self.running:
-                    raise KVCacheFullError(
-                        f"KV cache too small: a {len(request.prompt_ids)}-token prompt needs "
-                        f"{self.cache.pages_needed(len(request.prompt_ids) + 1)} pages, "
-                        f"the pool has {self.cache.num_free_pages}"
-                    )
-                return
-            self.waiting.popleft()
-            self.cache.add_request(request.request_id)
-            self.running[request.request_id] = STRATEGIES[request.params.mode](request, self.ctx)
+    def abort(self, request: Request, reason: str = "cancelled") -> None:
+        sequence = self._sequences.pop(request.request_id, None)
+        if sequence is None:
+            return
+        self.scheduler.remove(sequence)
+        if not request.finished:
+            request._finish(reason)
 
+    # -- one step ----------------------------------------------------------------------------
     def step(self) -> list[Request]:
-        """One forward for all running requests; returns the requests that finished."""
-        self._admit()
-        if not self.running:
+        """One forward for the scheduled requests; returns the requests that finished."""
+        work = self.scheduler.schedule()
+        if not work:
             return []
-        plan = []
-        for rid, strategy in self.running.items():
-            segments = strategy.next_segments()
-            for seg in segments:
-                flags = seg.write_flags()
-                written = [p for p, f in zip(seg.positions, flags) if f]
-                if written:
-                    self.cache.reserve(rid, max(written) + 1)
-            plan.append((strategy, segments))
-        all_segments = [seg for _, segments in plan for seg in segments]
-        logits = self.model.forward(all_segments, self.cache)
+        segments = [seg for item in work for seg in item.segments]
+        logits = self.model.forward(segments, self.cache)
         self.num_steps += 1
         finished, offset = [], 0
-        for strategy, segments in plan:
-            mine = logits[offset: offset + len(segments)]
-            offset += len(segments)
-            request = strategy.request
+        for item in work:
+            mine = logits[offset: offset + len(item.segments)]
+            offset += len(item.segments)
+            request = item.sequence.request
             request.num_forwards += 1
-            request.append(strategy.consume(mine))
-            self.cache.set_length(request.request_id, strategy.committed)
+            self.forward_passes[request.params.mode] += 1
+            if not item.is_fill:
+                kept = request.append(item.sequence.strategy.consume(mine))
+                self.output_tokens[request.params.mode] += len(kept)
+            self.scheduler.after_forward(item)
             if request.finished:
                 finished.append(request)
         for request in finished:
@@ -106,14 +112,8 @@ class Engine:
         return finished
 
     def _retire(self, request: Request) -> None:
-        strategy = self.running.pop(request.request_id)
-        request.stats |= getattr(strategy, "stats", lambda: {})()
-        self.cache.free(request.request_id)
-
-    def abort(self, request: Request, reason: str = "abort") -> None:
-        if request.request_id in self.running:
-            request._finish(reason)
-            self._retire(request)
-        elif request in self.waiting:
-            self.waiting.remove(request)
-            request._finish(reason)
+        sequence = self._sequences.pop(request.request_id)
+        request.stats |= getattr(sequence.strategy, "stats", dict)()
+        if sequence.num_preemptions:
+            request.stats["preemptions"] = sequence.num_preemptions
+        self.scheduler.remove(sequence)

@@ -15,6 +15,7 @@ from .engine import Engine
 from .kv_cache import PagedKVCache
 from .loader import load_engine
 from .request import Request, SamplingParams
+from .scheduler import SchedulerConfig
 from .strategies.base import StrategyContext
 from .tokenizer import EngineTokenizer
 
@@ -46,12 +47,13 @@ class LLM:
     """A loaded engine with its tokenizer and KV cache.
 
     kv_cache_memory_bytes / num_kv_pages size the page pool; by default it holds
-    max_batch_size full-length sequences.
+    max_batch_size full-length sequences. max_num_batched_tokens caps the tokens of one
+    forward (longer prompts are prefilled in chunks).
     """
 
     def __init__(self, engine_dir: str | Path, device: str | torch.device | None = None,
                  kv_cache_memory_bytes: int | None = None, num_kv_pages: int | None = None,
-                 max_batch_size: int | None = None, verify: bool = True):
+                 max_batch_size: int | None = None, max_num_batched_tokens: int | None = None, verify: bool = True):
         loaded = load_engine(Path(engine_dir), device=device, verify=verify)
         self.engine_dir = loaded.path
         self.config = loaded.config
@@ -73,7 +75,10 @@ class LLM:
         eos_ids = list(mcfg.eos_token_ids)
         ctx = StrategyContext(model=mcfg, block_length=build.block_length, has_lora=self.model.has_lora,
                               think_end_id=self.tokenizer.think_end_id())
-        self.engine = Engine(self.model, self.cache, ctx, self.max_batch_size, build.max_seq_len, eos_ids,
+        # the default budget fits a full QuadraticSpec forward, k * (k + 1) tokens
+        budget = max_num_batched_tokens or max(2048, build.block_length * (build.block_length + 1))
+        scheduler = SchedulerConfig(max_num_seqs=self.max_batch_size, max_num_batched_tokens=budget)
+        self.engine = Engine(self.model, self.cache, ctx, scheduler, build.max_seq_len, eos_ids,
                              decode=self.tokenizer.decode)
 
     def encode_prompt(self, prompt: str | list[int], chat: bool = False) -> list[int]:

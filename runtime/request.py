@@ -62,7 +62,7 @@ class SamplingParams:
         return self
 
 
-@dataclass
+@dataclass(eq=False)
 class Request:
     request_id: int
     prompt_ids: list[int]

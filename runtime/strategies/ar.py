@@ -24,7 +24,7 @@ class ARStrategy(DecodeStrategy):
                         pattern=Pattern.CAUSAL, write_kv=True)]
 
     def consume(self, logits: list[torch.Tensor]) -> list[int]:
-        self.committed += len(self.request.prompt_ids) if self.last_token is None else 1
+        self.committed = len(self.request.prompt_ids) if self.last_token is None else self.committed + 1
         forced = self.forced_token()
         token = forced if forced is not None else self.sample(logits[0][-1])
         self.last_token = token

@@ -51,11 +51,12 @@ class DecodeStrategy(ABC):
         p = self.params
         return sample(logits_row, p.temperature, p.top_k, p.top_p, self.generator)
 
-    def prefill_segment(self, extra_rows_from_end: int = 1) -> Segment:
-        prompt = self.request.prompt_ids
+    def prefill_segment(self) -> Segment:
+        """The rest of the prompt after what the engine already cached (chunked prefill)."""
+        prompt, start = self.request.prompt_ids, self.committed
         n = len(prompt)
-        return Segment(self.request.request_id, list(prompt), list(range(n)), prefix_len=0,
-                       pattern=Pattern.CAUSAL, write_kv=True, logit_rows=[n - 1])
+        return Segment(self.request.request_id, list(prompt[start:]), list(range(start, n)), prefix_len=start,
+                       pattern=Pattern.CAUSAL, write_kv=True, logit_rows=[n - start - 1])
 
     def tokens_until_forced(self) -> int | None:
         """How many tokens may still be emitted before the end-of-thinking token must be forced

@@ -58,11 +58,11 @@ class QuadraticSpecStrategy(DecodeStrategy):
     def next_segments(self) -> list[Segment]:
         rid, mask_id, k = self.request.request_id, self.ctx.model.mask_token_id, self.k
         if self.phase == "first":
-            prompt = self.request.prompt_ids
-            L = len(prompt)
-            return [Segment(rid, list(prompt) + [mask_id] * k, list(range(L + k)), 0, Pattern.MASK,
-                            write_kv=[True] * L + [False] * k, logit_rows=[L - 1] + list(range(L + 1, L + k)),
-                            mask=first_cycle_mask(L, k))]
+            prompt, start = self.request.prompt_ids, self.committed  # start > 0 after chunked prefill
+            n = len(prompt) - start
+            return [Segment(rid, list(prompt[start:]) + [mask_id] * k, list(range(start, len(prompt) + k)), start,
+                            Pattern.MASK, write_kv=[True] * n + [False] * k,
+                            logit_rows=[n - 1] + list(range(n + 1, n + k)), mask=first_cycle_mask(n, k))]
         P = self.committed
         positions = list(range(P, P + k))
         for i in range(k):

@@ -1,0 +1,174 @@
+"""Scheduling: who runs in the next forward, admission, chunked prefill and preemption.
+
+checkpoint ──builder──▶ engine dir ──[runtime: scheduler]──▶ Triton
+
+FIFO by arrival. Each step first serves the running requests (oldest first), then admits
+waiting ones while the sequence limit, the per-step token budget and the free KV pages
+allow. Prompts longer than the token budget are prefilled in chunks. When the page pool
+runs dry the newest request not yet served this step is preempted: its pages are freed
+and it goes back to the waiting queue, keeping its decode state; on readmission its
+cached tokens (prompt + output so far) are recomputed and it resumes exactly where it was.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass, field
+
+from .kv_cache import KVCacheFullError, PagedKVCache
+from .request import Request
+from .segments import Pattern, Segment
+from .strategies.base import DecodeStrategy
+
+
+@dataclass
+class SchedulerConfig:
+    max_num_seqs: int = 8
+    max_num_batched_tokens: int = 2048
+
+
+@dataclass(eq=False)
+class Sequence:
+    """A request as the scheduler sees it."""
+
+    request: Request
+    strategy: DecodeStrategy
+    cache_len: int = 0  # positions recomputed/prefilled by the engine so far
+    fill_target: int = 0  # positions the engine fills in chunks before the strategy takes over
+    num_preemptions: int = 0
+
+    @property
+    def request_id(self) -> int:
+        return self.request.request_id
+
+    def __lt__(self, other: "Sequence") -> bool:
+        return self.request_id < other.request_id
+
+    @property
+    def filling(self) -> bool:
+        return self.cache_len < self.fill_target
+
+    def tokens(self) -> list[int]:
+        return self.request.prompt_ids + self.request.output_ids
+
+
+@dataclass
+class ScheduledWork:
+    sequence: Sequence
+    segments: list[Segment]
+    is_fill: bool
+
+
+@dataclass
+class Scheduler:
+    config: SchedulerConfig
+    cache: PagedKVCache
+    waiting: list[Sequence] = field(default_factory=list)  # kept sorted by arrival
+    running: list[Sequence] = field(default_factory=list)
+
+    def add(self, sequence: Sequence) -> None:
+        bisect.insort(self.waiting, sequence)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # -- one step ----------------------------------------------------------------------------
+    def schedule(self) -> list[ScheduledWork]:
+        budget = self.config.max_num_batched_tokens
+        work: list[ScheduledWork] = []
+        served: set[int] = set()
+        for seq in list(self.running):
+            if seq not in self.running:  # preempted earlier in this loop
+                continue
+            item = self._plan(seq, budget, first=not work)
+            if item is None:
+                continue
+            if not self._reserve_or_preempt(seq, item, served):
+                continue
+            work.append(item)
+            served.add(seq.request_id)
+            budget -= sum(len(s) for s in item.segments)
+        while self.waiting and len(self.running) < self.config.max_num_seqs and budget > 0:
+            seq = self.waiting[0]
+            if self.cache.pages_needed(self._admission_tokens(seq, budget)) > self.cache.num_free_pages:
+                break  # strict FIFO: nobody overtakes the head of the queue
+            self.waiting.pop(0)
+            self._admit(seq, budget)
+            item = self._plan(seq, budget, first=not work)
+            if item is None or not self._reserve_or_preempt(seq, item, served):
+                continue
+            work.append(item)
+            served.add(seq.request_id)
+            budget -= sum(len(s) for s in item.segments)
+        return work
+
+    def _admission_tokens(self, seq: Sequence, budget: int) -> int:
+        resume = seq.strategy.committed
+        if resume:
+            return min(resume, budget) + 1
+        return min(len(seq.request.prompt_ids), budget) + 1
+
+    def _admit(self, seq: Sequence, budget: int) -> None:
+        self.cache.add_request(seq.request_id)
+        seq.cache_len = 0
+        if seq.strategy.committed:  # resuming after preemption: recompute what was cached
+            seq.fill_target = seq.strategy.committed
+        else:
+            prompt_len = len(seq.request.prompt_ids)
+            seq.fill_target = prompt_len - 1 if prompt_len > self.config.max_num_batched_tokens else 0
+        self.running.append(seq)
+
+    def _plan(self, seq: Sequence, budget: int, first: bool) -> ScheduledWork | None:
+        if seq.filling:
+            size = min(seq.fill_target - seq.cache_len, budget)
+            if size <= 0:
+                return None
+            start = seq.cache_len
+            tokens = seq.tokens()[start: start + size]
+            segment = Segment(seq.request_id, tokens, list(range(start, start + size)), start, Pattern.CAUSAL,
+                              write_kv=True, logit_rows=[])
+            return ScheduledWork(seq, [segment], is_fill=True)
+        segments = seq.strategy.next_segments()
+        cost = sum(len(s) for s in segments)
+        if cost > budget and not first:
+            return None  # waits for a step with room; an oversized step runs alone
+        return ScheduledWork(seq, segments, is_fill=False)
+
+    def _reserve_or_preempt(self, seq: Sequence, item: ScheduledWork, served: set[int]) -> bool:
+        need = max((p + 1 for s in item.segments for p, w in zip(s.positions, s.write_flags()) if w), default=0)
+        while True:
+            try:
+                self.cache.reserve(seq.request_id, need)
+                return True
+            except KVCacheFullError:
+                victims = [s for s in self.running if s.request_id not in served and s.request_id > seq.request_id]
+                if not victims:
+                    self.preempt(seq)
+                    return False
+                self.preempt(max(victims, key=lambda s: s.request_id))
+
+    # -- state changes -----------------------------------------------------------------------
+    def preempt(self, seq: Sequence) -> None:
+        self.cache.free(seq.request_id)
+        self.running.remove(seq)
+        seq.cache_len = 0
+        seq.num_preemptions += 1
+        bisect.insort(self.waiting, seq)
+
+    def after_forward(self, item: ScheduledWork) -> None:
+        seq = item.sequence
+        if item.is_fill:
+            seq.cache_len += len(item.segments[0])
+            self.cache.set_length(seq.request_id, seq.cache_len)
+            if not seq.filling:
+                seq.strategy.committed = seq.fill_target
+        else:
+            seq.cache_len = seq.strategy.committed
+            self.cache.set_length(seq.request_id, seq.strategy.committed)
+
+    def remove(self, seq: Sequence) -> None:
+        if seq in self.running:
+            self.running.remove(seq)
+            self.cache.free(seq.request_id)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)

@@ -1,0 +1,97 @@
+"""The thread-safe serving API: streams, callbacks, async iteration, cancellation, errors."""
+
+import asyncio
+import threading
+import time
+
+import pytest
+
+from nemodiff import LLM, SamplingParams
+from nemodiff.runtime.server import AsyncEngine
+
+
+@pytest.fixture()
+def server(engine_fp32):
+    srv = AsyncEngine(LLM(engine_fp32, device="cpu"))
+    yield srv
+    srv.shutdown()
+
+
+def reference(engine_fp32, prompt, params):
+    return LLM(engine_fp32, device="cpu").generate(prompt, params)[0]
+
+
+def test_stream_deltas_concatenate_to_the_final_text(server, engine_fp32):
+    for mode in ("ar", "diffusion", "linear-spec", "quadratic-spec"):
+        params = SamplingParams(max_new_tokens=17, ignore_eos=True, mode=mode, block_length=4)
+        updates = list(server.stream([1, 40, 41, 42], params, timeout=60))
+        want = reference(engine_fp32, [1, 40, 41, 42], params)
+        assert updates[-1].finished and updates[-1].output.output_ids == want.output_ids
+        assert "".join(u.text_delta for u in updates) == want.text
+        assert [t for u in updates for t in u.token_ids] == want.output_ids
+        assert len(updates) > 1
+
+
+def test_stop_string_never_leaks_into_the_stream(server, engine_fp32):
+    free = reference(engine_fp32, [1, 40, 41, 42], SamplingParams(max_new_tokens=12, ignore_eos=True))
+    stop = free.text[5:8]
+    params = SamplingParams(max_new_tokens=12, ignore_eos=True, stop=[stop])
+    updates = list(server.stream([1, 40, 41, 42], params, timeout=60))
+    assert "".join(u.text_delta for u in updates) == free.text[: free.text.index(stop)]
+    assert updates[-1].finish_reason == "stop"
+
+
+def test_concurrent_threads_and_async_iteration(server, engine_fp32):
+    jobs = [([1, 50 + i, 60 + i], SamplingParams(max_new_tokens=9 + i, ignore_eos=True,
+                                                  mode=["ar", "linear-spec", "quadratic-spec", "diffusion"][i % 4],
+                                                  block_length=4)) for i in range(8)]
+    results = [None] * len(jobs)
+
+    def run(i):
+        results[i] = server.generate(*jobs[i], timeout=60)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(jobs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    for (prompt, params), got in zip(jobs, results):
+        assert got.output.output_ids == reference(engine_fp32, prompt, params).output_ids
+
+    async def collect():
+        return [u async for u in server.astream(*jobs[1])]
+
+    updates = asyncio.run(collect())
+    assert updates[-1].output.output_ids == results[1].output.output_ids
+
+
+def test_bad_request_fails_alone(server):
+    bad = server.generate([1, 2, 3], SamplingParams(max_new_tokens=0), timeout=30)
+    assert bad.finished and bad.finish_reason == "error" and "max_new_tokens must be at least 1" in bad.error
+    good = server.generate([1, 2, 3], SamplingParams(max_new_tokens=3, ignore_eos=True), timeout=30)
+    assert good.error is None and len(good.output.output_ids) == 3
+
+
+def test_cancellation_by_call_and_by_hook_frees_pages(server):
+    updates, done = [], threading.Event()
+
+    def on_update(update):
+        updates.append(update)
+        if update.finished:
+            done.set()
+
+    handle = server.submit([1, 2, 3], SamplingParams(max_new_tokens=2000, ignore_eos=True), on_update)
+    while not updates:
+        time.sleep(0.01)
+    server.cancel(handle)
+    assert done.wait(30) and updates[-1].finish_reason == "cancelled"
+
+    flag, done2 = threading.Event(), threading.Event()
+    server.submit([1, 5, 6], SamplingParams(max_new_tokens=2000, ignore_eos=True),
+                  lambda u: done2.set() if u.finished else flag.set(), is_cancelled=flag.is_set)
+    assert done2.wait(30)
+    deadline = time.time() + 10
+    while server.metrics()["kv_cache_pages_used"] and time.time() < deadline:
+        time.sleep(0.01)
+    metrics = server.metrics()
+    assert metrics["kv_cache_pages_used"] == 0 and metrics["requests_running"] == 0
