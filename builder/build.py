@@ -27,6 +27,7 @@ from nemodiff.engine_format import (
     EngineConfig,
     write_manifest,
 )
+from nemodiff.plugins.compile import KERNELS, compile_kernels
 
 from .checkpoint import CheckpointError, num_parameters, open_checkpoint, read_lora
 from .convert import convert_lora, convert_weights
@@ -48,6 +49,7 @@ class BuildOptions:
     max_seq_len: int | None = None
     max_batch_size: int = 8
     kv_page_size: int = 16
+    kernels: bool = True  # compile the CUDA kernels for GPU archs
     overwrite: bool = False
 
 
@@ -110,6 +112,10 @@ def build_engine(hf_dir: Path, out_dir: Path, options: BuildOptions, progress=No
         del tensors
         if lora:
             save_file(convert_lora(lora[1], options.dtype), str(staging / DRAFT_LORA_FILE))
+        if settings.sm and options.kernels:
+            library = compile_kernels(settings.sm, staging / "kernels" / settings.sm)
+            settings.kernels = list(KERNELS)
+            settings.kernel_library = library.relative_to(staging).as_posix()
         for name in TOKENIZER_FILES:
             if (hf_dir / name).is_file():
                 shutil.copy2(hf_dir / name, staging / name)

@@ -11,6 +11,7 @@ import click
 from tqdm import tqdm
 
 from nemodiff.engine_format import ARCH_TO_SM, DTYPES
+from nemodiff.plugins.compile import KernelBuildError
 
 from .build import BuildError, BuildOptions, build_engine
 from .checkpoint import CheckpointError
@@ -36,19 +37,21 @@ def _human_bytes(n: float) -> str:
               help="Longest prompt + generation [default: min(max_position_embeddings, 8192)].")
 @click.option("--max-batch-size", type=int, default=8, help="Most requests running at once.")
 @click.option("--kv-page-size", type=int, default=16, help="Tokens per KV-cache page.")
+@click.option("--kernels/--no-kernels", default=True, help="Compile the CUDA kernels (GPU archs; needs nvcc).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing engine directory.")
 def main(hf_dir: Path, output: Path, dtype: str, arch: str, block_length: int | None, max_seq_len: int | None,
-         max_batch_size: int, kv_page_size: int, overwrite: bool) -> None:
+         max_batch_size: int, kv_page_size: int, kernels: bool, overwrite: bool) -> None:
     """Build a nemodiff engine from a Hugging Face Nemotron-Labs-Diffusion checkpoint in HF_DIR."""
     options = BuildOptions(dtype=dtype, arch=arch, block_length=block_length, max_seq_len=max_seq_len,
-                           max_batch_size=max_batch_size, kv_page_size=kv_page_size, overwrite=overwrite)
+                           max_batch_size=max_batch_size, kv_page_size=kv_page_size, kernels=kernels,
+                           overwrite=overwrite)
 
     def progress(total: int):
         return tqdm(total=total, desc="converting layers", unit="layer", disable=None)
 
     try:
         result = build_engine(hf_dir, output, options, progress=progress)
-    except (CheckpointError, BuildError) as exc:
+    except (CheckpointError, BuildError, KernelBuildError) as exc:
         raise click.ClickException(str(exc)) from None
     cfg = result.config
     click.echo(f"built engine: {result.engine_dir}")
@@ -59,6 +62,8 @@ def main(hf_dir: Path, output: Path, dtype: str, arch: str, block_length: int | 
     click.echo(f"  block length {cfg.build.block_length}, max seq len {cfg.build.max_seq_len}, "
                f"max batch {cfg.build.max_batch_size}, KV page {cfg.build.kv_page_size}")
     click.echo(f"  draft LoRA   {'yes (r=%d)' % cfg.build.lora.rank if cfg.build.lora else 'none'}")
+    if cfg.build.kernel_library:
+        click.echo(f"  kernels      {', '.join(cfg.build.kernels)} -> {cfg.build.kernel_library}")
 
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@ An engine directory holds:
   config.json            {"format_version", "model": ModelConfig, "build": BuildSettings}
   weights.safetensors    tensors in the runtime layout (see WEIGHT NAMES below)
   tokenizer.json, tokenizer_config.json (+ any other tokenizer files of the checkpoint)
-  linear_spec_lora/      the draft adapter, as shipped by the checkpoint (optional)
+  draft_lora.safetensors the draft adapter in runtime names (optional)
+  kernels/<sm>/libnemodiff_kernels.so   CUDA kernels compiled for the target arch (GPU builds)
   manifest.json          {"files": {relative path: {"sha256", "bytes"}}}, checked at load
 
 Runtime weight names: embed, final_norm, head, and per layer i
@@ -109,6 +110,8 @@ class BuildSettings:
     sm: str | None = None
     num_parameters: int = 0
     lora: LoraConfig | None = None
+    kernels: list[str] = field(default_factory=list)  # compiled kernel names (kernels/<sm>/...)
+    kernel_library: str | None = None  # path inside the engine dir
     source: str = ""
     nemodiff_version: str = ""
 

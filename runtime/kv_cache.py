@@ -110,6 +110,14 @@ class PagedKVCache:
             self._free.append(page)
         self._lengths.pop(request_id, None)
 
+    def take_scratch_page(self) -> int:
+        """Remove one page from the pool for writes nobody reads (padding in replayed graphs)."""
+        if not self._free:
+            raise KVCacheFullError("KV cache full: no page left for the scratch page")
+        page = self._free.pop()
+        self.num_pages -= 1
+        return page
+
     # -- addressing --------------------------------------------------------------------------
     def slots(self, request_id: int, positions: torch.Tensor) -> torch.Tensor:
         table = self._tables[request_id]

@@ -53,7 +53,8 @@ class LLM:
 
     def __init__(self, engine_dir: str | Path, device: str | torch.device | None = None,
                  kv_cache_memory_bytes: int | None = None, num_kv_pages: int | None = None,
-                 max_batch_size: int | None = None, max_num_batched_tokens: int | None = None, verify: bool = True):
+                 max_batch_size: int | None = None, max_num_batched_tokens: int | None = None, verify: bool = True,
+                 cuda_graphs: bool = True):
         loaded = load_engine(Path(engine_dir), device=device, verify=verify)
         self.engine_dir = loaded.path
         self.config = loaded.config
@@ -72,6 +73,11 @@ class LLM:
                 num_kv_pages = self.max_batch_size * per_seq
         self.cache = PagedKVCache(mcfg.num_hidden_layers, mcfg.num_key_value_heads, mcfg.head_dim,
                                   build.kv_page_size, num_kv_pages, self.model.dtype, self.model.device)
+        if cuda_graphs and self.model.uses_kernels(self.cache) and self.model.device.type == "cuda":
+            from .cuda_graphs import GraphRunner
+
+            self.model.graphs = GraphRunner(self.model, self.cache, build.max_seq_len)
+            self.model.graphs.capture_steady_shapes(build.block_length, lora=self.model.has_lora)
         eos_ids = list(mcfg.eos_token_ids)
         ctx = StrategyContext(model=mcfg, block_length=build.block_length, has_lora=self.model.has_lora,
                               think_end_id=self.tokenizer.think_end_id())

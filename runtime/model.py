@@ -16,12 +16,13 @@ import torch
 import torch.nn.functional as F
 
 from nemodiff.engine_format import ModelConfig
+from nemodiff.plugins.kernels import AttentionMeta, KernelLibrary
 
 from .attention import segment_attention
 from .kv_cache import PagedKVCache
 from .layers import make_linear, rms_norm
 from .rope import RotaryEmbedding, apply_rotary
-from .segments import Segment
+from .segments import Pattern, Segment
 
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp8": torch.bfloat16}
 
@@ -55,8 +56,10 @@ class _Batch:
 class Model:
     def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor], dtype: torch.dtype,
                  device: torch.device | str = "cpu", lora: dict[str, torch.Tensor] | None = None,
-                 lora_scale: float = 1.0):
+                 lora_scale: float = 1.0, kernels: KernelLibrary | None = None):
         self.config = config
+        self.kernels = kernels
+        self.graphs = None  # a GraphRunner once CUDA graphs are enabled (GPU with kernels)
         self.dtype = dtype
         self.device = torch.device(device)
         self.embed = weights["embed"].to(self.device, dtype)
@@ -123,35 +126,101 @@ class Model:
     @torch.inference_mode()
     def forward(self, segments: list[Segment], cache: PagedKVCache | None = None) -> list[torch.Tensor]:
         """Run all segments in one pass; returns per segment float32 logits [rows, vocab]."""
-        cfg = self.config
+        if self.graphs is not None and cache is self.graphs.cache:
+            replayed = self.graphs.try_run(segments)
+            if replayed is not None:
+                return replayed
         batch = self._assemble(segments, cache)
+        meta = kernel_meta(segments, cache, self.config, self.device) if self.uses_kernels(cache) else None
+        return list(self._run(batch, cache, meta).split(batch.logit_counts))
+
+    def uses_kernels(self, cache: PagedKVCache | None) -> bool:
+        return self.kernels is not None and cache is not None and self.dtype in (torch.bfloat16, torch.float16)
+
+    def _add_norm(self, residual: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor,
+                  meta: AttentionMeta | None) -> torch.Tensor:
+        """residual += delta; return RMSNorm(residual) (one fused kernel on the GPU path)."""
+        if meta is not None:
+            return self.kernels.add_rmsnorm(residual, delta, weight, self.config.rms_norm_eps)
+        if delta is not None:
+            residual.add_(delta)
+        return rms_norm(residual, weight, self.config.rms_norm_eps)
+
+    def _attend(self, index: int, q, k, v, batch: _Batch, cache: PagedKVCache | None,
+                meta: AttentionMeta | None) -> torch.Tensor:
+        num_tokens, hq, hd = q.shape
+        if meta is not None:
+            out = self.kernels.segment_attention(q, k, v, cache.k[index], cache.v[index], meta, hd ** -0.5)
+            return out.view(num_tokens, hq * hd)
+        attn = torch.empty(num_tokens, hq * hd, dtype=self.dtype, device=self.device)
+        for (a, b), slots, mask in zip(batch.bounds, batch.prefix_slots, batch.intra_masks):
+            pk = cache.k[index, slots] if slots is not None else None
+            pv = cache.v[index, slots] if slots is not None else None
+            attn[a:b] = segment_attention(q[a:b], k[a:b], v[a:b], pk, pv, mask)
+        return attn
+
+    def _run(self, batch: _Batch, cache: PagedKVCache | None, meta: AttentionMeta | None) -> torch.Tensor:
+        cfg = self.config
         hq, hkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        x = self.embed[batch.ids]
+        residual = self.embed[batch.ids]
         cos, sin = self.rotary.cos_sin(batch.positions, self.dtype)
         q_scale = self.rotary.query_scale(batch.positions).to(self.dtype)[:, None, None]
-        num_tokens = x.shape[0]
+        num_tokens = residual.shape[0]
+        pending = None  # the previous MLP output, added to the residual by the next norm
         for index, layer in enumerate(self.layers):
-            h = rms_norm(x, layer.attn_norm, cfg.rms_norm_eps)
+            h = self._add_norm(residual, pending, layer.attn_norm, meta)
             q, k, v = layer.qkv(h).split([hq * hd, hkv * hd, hkv * hd], dim=-1)
             q = apply_rotary(q.reshape(num_tokens, hq, hd), cos, sin) * q_scale
             k = apply_rotary(k.reshape(num_tokens, hkv, hd), cos, sin)
-            v = v.reshape(num_tokens, hkv, hd)
+            v = v.reshape(num_tokens, hkv, hd).contiguous()
             if batch.write_rows.numel():
                 cache.k[index, batch.write_slots] = k[batch.write_rows]
                 cache.v[index, batch.write_slots] = v[batch.write_rows]
-            attn = torch.empty(num_tokens, hq * hd, dtype=self.dtype, device=self.device)
-            for (a, b), slots, mask in zip(batch.bounds, batch.prefix_slots, batch.intra_masks):
-                pk = cache.k[index, slots] if slots is not None else None
-                pv = cache.v[index, slots] if slots is not None else None
-                attn[a:b] = segment_attention(q[a:b], k[a:b], v[a:b], pk, pv, mask)
+            attn = self._attend(index, q, k, v, batch, cache, meta)
             out = layer.o(attn)
             if batch.lora_rows.numel():
                 rows = attn[batch.lora_rows]
                 out[batch.lora_rows] += (rows @ layer.lora_a.T) @ layer.lora_b.T
-            x = x + out
-            h = rms_norm(x, layer.mlp_norm, cfg.rms_norm_eps)
+            h = self._add_norm(residual, out, layer.mlp_norm, meta)
             gate, up = layer.gate_up(h).chunk(2, dim=-1)
-            x = x + layer.down(F.silu(gate) * up)
-        x = rms_norm(x[batch.logit_rows], self.final_norm, cfg.rms_norm_eps)
-        logits = self.head(x).float()
-        return list(logits.split(batch.logit_counts))
+            pending = layer.down(F.silu(gate) * up)
+        residual.add_(pending)
+        x = rms_norm(residual[batch.logit_rows], self.final_norm, cfg.rms_norm_eps)
+        return self.head(x).float()
+
+
+def kernel_meta(segments: list[Segment], cache: PagedKVCache, config: ModelConfig,
+                device: torch.device) -> AttentionMeta:
+    """The device-side batch description the attention kernel reads."""
+    lengths = [len(seg) for seg in segments]
+    seg_start = [0]
+    for n in lengths:
+        seg_start.append(seg_start[-1] + n)
+    tables = [cache.page_table(seg.request_id) if seg.prefix_len else [] for seg in segments]
+    max_pages = max([1] + [len(t) for t in tables])
+    codes = {Pattern.CAUSAL: 0, Pattern.FULL: 1, Pattern.MASK: 2}
+    masks, offsets, size = [], [], 0
+    for seg in segments:
+        offsets.append(size)
+        if seg.pattern is Pattern.MASK:
+            flat = seg.mask.to(torch.uint8).flatten()
+            masks.append(flat)
+            size += flat.numel()
+    longest = max(seg.prefix_len + len(seg) for seg in segments)
+    splits = 1 if longest <= 1024 else min(32, -(-longest // 1024))
+    tokens, heads = seg_start[-1], config.num_attention_heads
+
+    def int32(values) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.int32, device=device)
+
+    return AttentionMeta(
+        token_seg=int32([s for s, n in enumerate(lengths) for _ in range(n)]), seg_start=int32(seg_start),
+        prefix_len=int32([seg.prefix_len for seg in segments]),
+        block_tables=int32([t + [0] * (max_pages - len(t)) for t in tables]),
+        pattern=int32([codes[seg.pattern] for seg in segments]),
+        mask_offset=torch.tensor(offsets, dtype=torch.int64, device=device),
+        masks=torch.cat(masks).to(device) if masks else torch.zeros(1, dtype=torch.uint8, device=device),
+        page_size=cache.page_size, num_splits=splits,
+        workspace=(torch.empty(splits * tokens * heads * (config.head_dim + 2), dtype=torch.float32, device=device)
+                   if splits > 1 else None),
+    )
