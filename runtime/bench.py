@@ -1,0 +1,174 @@
+"""Benchmarks: forward latency per step shape, end-to-end decoding per mode, machine ceilings.
+
+checkpoint ──builder──▶ engine dir ──[runtime: benchmarks]──▶ Triton
+
+Numbers come from running things, never from assertions: `nemodiff bench` prints a table
+and writes JSON (and PNG plots when matplotlib is available).
+"""
+
+from __future__ import annotations
+
+import statistics
+import threading
+import time
+from collections.abc import Callable
+
+import torch
+
+from .kv_cache import PagedKVCache
+from .model import Model
+from .segments import Pattern, Segment
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_seconds(fn: Callable[[], object], device: torch.device, iters: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def machine_ceilings(device: torch.device) -> dict:
+    """Measured copy bandwidth (bytes read + written) and bf16 (CPU: fp32) matmul rate."""
+    big = (1 << 28) if device.type == "cuda" else (1 << 24)
+    src = torch.randn(big // 4, device=device)
+    dst = torch.empty_like(src)
+    t_copy = median_seconds(lambda: dst.copy_(src), device, 5)
+    n = 8192 if device.type == "cuda" else 1024
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    t_mm = median_seconds(lambda: a @ b, device, 5)
+    return {"copy_bytes_per_s": 2 * big / t_copy, "matmul_flops_per_s": 2 * n ** 3 / t_mm,
+            "matmul_dtype": str(dtype).replace("torch.", "")}
+
+
+def weight_bytes(model: Model) -> int:
+    """Bytes of every weight (embedding included, as in the DESIGN roofline)."""
+    tensors, linears = [model.embed, model.final_norm], [model.head]
+    for layer in model.layers:
+        tensors += [layer.attn_norm, layer.mlp_norm]
+        linears += [layer.qkv, layer.o, layer.gate_up, layer.down]
+    tensors += [lin.weight for lin in linears] + [lin.scale for lin in linears if hasattr(lin, "scale")]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+STEP_KINDS = {
+    # name: (tokens per segment, pattern, writes) -- QuadraticSpec k gives k * (k + 1) tokens
+    "ar": (1, Pattern.CAUSAL, True),
+    "verify-32": (32, Pattern.CAUSAL, True),
+    "draft-32": (32, Pattern.FULL, False),
+    "quad-k8": (72, Pattern.MASK, None),
+    "quad-k32": (1056, Pattern.MASK, None),
+}
+
+
+def _segments(kind: str, batch: int, context: int) -> list[Segment]:
+    from .strategies.quadratic_spec import quadratic_mask
+
+    n, pattern, writes = STEP_KINDS[kind]
+    out = []
+    for rid in range(batch):
+        if pattern is Pattern.MASK:
+            k = {72: 8, 1056: 32}[n]
+            positions = list(range(context, context + k))
+            for i in range(k):
+                positions += range(context + i + 1, context + i + 1 + k)
+            out.append(Segment(rid, [100] * n, positions, context, Pattern.MASK,
+                               write_kv=[True] * k + [False] * (k * k), mask=quadratic_mask(k),
+                               logit_rows=list(range(k))))
+        else:
+            out.append(Segment(rid, [5] * n, list(range(context, context + n)), context, pattern, write_kv=writes,
+                               logit_rows=[n - 1]))
+    return out
+
+
+def step_latencies(model: Model, kinds: list[str], batch_sizes: list[int], context: int, page_size: int,
+                   iters: int) -> list[dict]:
+    """Median forward time for each step kind and batch size at a `context`-token committed prefix."""
+    cfg, device = model.config, model.device
+    results = []
+    for batch in batch_sizes:
+        per_seq = -(-(context + 1100) // page_size)
+        cache = PagedKVCache(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, page_size,
+                             batch * per_seq + 1, model.dtype, device)
+        cache.k.normal_()
+        cache.v.normal_()
+        for rid in range(batch):
+            cache.add_request(rid)
+            cache.reserve(rid, context + 1100)
+            cache.set_length(rid, context)
+            cache.reserve(rid, context + 1100)
+        for kind in kinds:
+            if kind == "quad-k32" and batch > 1:
+                continue
+            segments = _segments(kind, batch, context)
+            seconds = median_seconds(lambda s=segments, c=cache: model.forward(s, c), device, iters)
+            results.append({"kind": kind, "batch": batch, "tokens": sum(len(s) for s in segments),
+                            "ms": seconds * 1e3})
+    return results
+
+
+def transformers_ar_tokens_per_s(hf_model, context: int, new_tokens: int, device: torch.device) -> float:
+    prompt = torch.randint(200, 1000, (1, context), device=device)
+
+    def run(n):
+        with torch.no_grad():
+            hf_model.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+
+    one = median_seconds(lambda: run(1), device, 1, warmup=1)
+    many = median_seconds(lambda: run(new_tokens), device, 1, warmup=0)
+    return (new_tokens - 1) / max(many - one, 1e-9)
+
+
+def _timed_batch(server, batch: list[list[int]], params) -> dict:
+    first, done, stamps = {}, {}, {}
+    lock, finished = threading.Lock(), threading.Event()
+    start = time.perf_counter()
+
+    def on_update(update, i):
+        now = time.perf_counter()
+        with lock:
+            if update.token_ids:
+                first.setdefault(i, now)
+                stamps.setdefault(i, []).append((now, len(update.token_ids)))
+            if update.finished:
+                done[i] = update
+                if len(done) == len(batch):
+                    finished.set()
+
+    for i, prompt in enumerate(batch):
+        server.submit(prompt, params, lambda u, i=i: on_update(u, i))
+    finished.wait()
+    elapsed = time.perf_counter() - start
+    outputs = [done[i].output for i in range(len(batch)) if done[i].output is not None]
+    tokens = sum(len(o.output_ids) for o in outputs)
+    forwards = sum(o.num_forward_passes for o in outputs)
+    gaps = [(t1 - t0) / n for marks in stamps.values() for (t0, _), (t1, n) in zip(marks, marks[1:])]
+    return {"tokens": tokens, "tokens_per_forward": tokens / max(forwards, 1), "tokens_per_s": tokens / elapsed,
+            "ttft_ms": 1e3 * statistics.mean(first[i] - start for i in first) if first else None,
+            "itl_ms": 1e3 * statistics.mean(gaps) if gaps else None}
+
+
+def end_to_end(server, prompts: list[list[int]], modes: list[str], concurrencies: list[int], max_new_tokens: int,
+               block_length: int | None = None) -> list[dict]:
+    """Per mode and concurrency: tokens per forward, tokens/s, time to first token, inter-token latency."""
+    from .request import SamplingParams
+
+    rows = []
+    for mode in modes:
+        for concurrency in concurrencies:
+            batch = [prompts[i % len(prompts)] for i in range(concurrency)]
+            params = SamplingParams(max_new_tokens=max_new_tokens, ignore_eos=True, mode=mode,
+                                    block_length=block_length)
+            rows.append({"mode": mode, "concurrency": concurrency} | _timed_batch(server, batch, params))
+    return rows

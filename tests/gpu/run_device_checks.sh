@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# One script for a GPU machine (under 5 minutes on an H100/H200): compile the kernels, check each
+# against its PyTorch reference, check the kernel + CUDA-graph model path and lossless decoding on the
+# GPU, benchmark the NLD-8B shape, and print a table last. Writes JSON/PNG under $OUT when set.
+# Runs from a source checkout without installing: a shadow package tree maps the top-level folders.
+set -euo pipefail
+repo=$(cd "$(dirname "$0")/../.." && pwd)
+OUT=${OUT:-$(mktemp -d)}
+export OUT
+pkg=$(mktemp -d)
+mkdir -p "$pkg/nemodiff"
+for f in "$repo"/nemodiff/*.py; do ln -s "$f" "$pkg/nemodiff/"; done
+for sub in builder runtime plugins model_repo; do ln -s "$repo/$sub" "$pkg/nemodiff/$sub"; done
+export PYTHONPATH="$pkg:$repo/tests${PYTHONPATH:+:$PYTHONPATH}"
+PY=${PYTHON:-python3}
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+
+status=0
+timeout 200 "$PY" "$repo/tests/gpu/device_checks.py" 2>&1 | tee "$OUT/device_checks.log" || status=1
+timeout 150 "$PY" -m nemodiff.cli bench --shape nld-8b --dtype bf16 --batch-sizes 1,8,32 --context 1024 \
+  --iters 10 --json "$OUT/bench_nld8b_bf16.json" --plot "$OUT/bench_nld8b_bf16.png" 2>&1 \
+  | tee "$OUT/bench_bf16.log" || status=1
+timeout 90 "$PY" -m nemodiff.cli bench --shape nld-8b --dtype fp8 --batch-sizes 1,8 --context 1024 --iters 10 \
+  --no-hf --json "$OUT/bench_nld8b_fp8.json" --plot "$OUT/bench_nld8b_fp8.png" 2>&1 \
+  | tee "$OUT/bench_fp8.log" || status=1
+
+echo
+echo "=== summary ==="
+grep -E "^\[(PASS|FAIL)\]|passed, .* failed" "$OUT/device_checks.log" | tail -40 || true
+for f in "$OUT"/bench_bf16.log "$OUT"/bench_fp8.log; do
+  [ -f "$f" ] && grep -E "^(ar|verify|draft|quad)|roofline|transformers|projected" "$f"
+done
+exit $status

@@ -1,0 +1,40 @@
+"""`nemodiff bench` runs on CPU and writes its JSON and PNG (numbers are measured, not asserted)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+BIN = Path(sys.executable).parent
+
+
+def run_bench(*args):
+    proc = subprocess.run([str(BIN / "nemodiff"), "bench", *map(str, args)], capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_bench_random_shape_writes_json_and_plot(tmp_path):
+    out = run_bench("--shape", "tiny", "--device", "cpu", "--batch-sizes", "1,2", "--context", "64", "--iters", "1",
+                    "--json", tmp_path / "b.json", "--plot", tmp_path / "b.png")
+    report = json.loads((tmp_path / "b.json").read_text())
+    kinds = {(r["kind"], r["batch"]) for r in report["steps"]}
+    assert {("ar", 1), ("verify-32", 2), ("draft-32", 1), ("quad-k8", 2)} <= kinds
+    assert all(r["ms"] > 0 for r in report["steps"])
+    assert report["ceilings"]["copy_bytes_per_s"] > 0 and report["roofline"]["forward_ms"] > 0
+    assert report["transformers_ar_tokens_per_s"] > 0
+    assert (tmp_path / "b.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "roofline" in out
+
+
+def test_bench_engine_end_to_end_per_mode(tmp_path, engine_fp32):
+    run_bench(engine_fp32, "--device", "cpu", "--modes", "ar,linear-spec,quadratic-spec,diffusion",
+              "--concurrency", "1,3", "--max-new-tokens", "12", "--batch-sizes", "1", "--context", "32", "--iters", "1",
+              "--json", tmp_path / "e.json", "--plot", tmp_path / "e.png")
+    report = json.loads((tmp_path / "e.json").read_text())
+    rows = {(r["mode"], r["concurrency"]): r for r in report["end_to_end"]}
+    assert set(rows) == {(m, c) for m in ("ar", "linear-spec", "quadratic-spec", "diffusion") for c in (1, 3)}
+    assert rows[("ar", 3)]["tokens"] == 36 and rows[("ar", 1)]["tokens_per_forward"] <= 1.0
+    assert all(r["tokens_per_s"] > 0 and r["ttft_ms"] > 0 for r in rows.values())
+    assert (tmp_path / "e.png").stat().st_size > 1000
