@@ -13,6 +13,8 @@ test:
 
 lint:
 	$(PYTHON) -m ruff check .
+	hadolint docker/Dockerfile
+	bash -n docker/entrypoint.sh tests/gpu/run_device_checks.sh .ci/run
 
 clean:
 	rm -rf build *.egg-info .pytest_cache .ruff_cache
