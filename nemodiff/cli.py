@@ -120,5 +120,12 @@ def inspect(engine_dir: Path, as_json: bool, verify: bool) -> None:
         click.echo(f"    {name:32s} {entry['bytes']:>12,d} B  sha256 {entry['sha256'][:16]}")
 
 
+from nemodiff.bench_cli import bench  # noqa: E402
+from nemodiff.serve import serve  # noqa: E402
+
+main.add_command(serve)
+main.add_command(bench)
+
+
 if __name__ == "__main__":
     main()

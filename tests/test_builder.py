@@ -128,8 +128,11 @@ def test_engine_layout_and_summary(tmp_path):
     for word in ("parameters", "bf16", "h200 (sm_90a)", "block length 16", "draft LoRA   yes (r=4)"):
         assert word in result.output
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["config.json", "draft_lora.safetensors", "manifest.json", "tokenizer.json",
+    assert names == ["config.json", "draft_lora.safetensors", "kernels", "manifest.json", "tokenizer.json",
                      "tokenizer_config.json", "weights.safetensors"]
+    assert (out / "kernels" / "sm_90a" / "libnemodiff_kernels.so").is_file()  # compiled for the H200 target
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert "kernels/sm_90a/libnemodiff_kernels.so" in manifest["files"]
     config = json.loads((out / "config.json").read_text())
     assert config["build"]["arch"] == "h200" and config["build"]["sm"] == "sm_90a"
     assert config["build"]["block_length"] == 16 and config["build"]["lora"]["rank"] == 4

@@ -7,8 +7,8 @@ import json
 
 import pytest
 import torch
-from helpers import make_checkpoint, make_engine
 
+from helpers import make_engine
 from nemodiff import LLM, SamplingParams
 from nemodiff.plugins import reference
 from nemodiff.plugins.compile import GENCODE, KERNELS, compile_kernels, find_nvcc

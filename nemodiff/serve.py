@@ -1,0 +1,270 @@
+"""`nemodiff serve ENGINE_DIR`: run an engine behind Triton Inference Server.
+
+checkpoint ──builder──▶ engine dir ──runtime──▶ [Triton: nemodiff serve]
+
+Lays out a model repository (the `model_repo/nemodiff` model with its config filled in),
+finds a tritonserver (NVIDIA's container first, else the one in the nvidia-pytriton
+wheel), starts it in the foreground, waits until it is ready, prints the endpoints and
+forwards SIGINT/SIGTERM to it. Exits with the server's status (0 after a clean,
+signal-triggered shutdown).
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import re
+import shutil
+import signal
+import string
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import click
+
+from nemodiff.engine_format import EngineConfig, EngineFormatError
+
+CONTEXT = {"show_default": True, "help_option_names": ["-h", "--help"]}
+MODE_CHOICES = ["ar", "diffusion", "linear-spec", "quadratic-spec"]
+MODEL_NAME = "nemodiff"
+CONTAINER_SERVER = Path("/opt/tritonserver/bin/tritonserver")
+CONTAINER_BACKENDS = Path("/opt/tritonserver/backends")
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
+          "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_bytes(text: str) -> int:
+    """'2GiB' -> 2147483648, '512MB' -> 512000000, '4096' -> 4096."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(text))
+    unit = match.group(2).lower() if match else None
+    if match is None or unit not in _UNITS:
+        raise ValueError(f"{text!r} is not a size; use bytes or a suffix such as KiB, MiB, GiB, MB, GB")
+    value = int(float(match.group(1)) * _UNITS[unit])
+    if value < 1:
+        raise ValueError(f"{text!r} is not a positive size")
+    return value
+
+
+def model_repo_source() -> Path:
+    """The canonical `model_repo/` (package data when installed, the folder in a source checkout)."""
+    candidates = []
+    try:
+        import nemodiff.model_repo as shipped
+
+        candidates += [Path(p) for p in getattr(shipped, "__path__", [])]
+    except ImportError:
+        pass
+    here = Path(__file__).resolve().parent
+    candidates += [here / "model_repo", here.parent / "model_repo"]
+    for candidate in candidates:
+        if (candidate / MODEL_NAME / "config.pbtxt").is_file():
+            return candidate
+    raise click.ClickException("the nemodiff Triton model (model_repo/nemodiff) is missing from this installation")
+
+
+def _pbtxt_string(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"')
+
+
+def write_model_repository(repo: Path, values: dict[str, str]) -> Path:
+    """Fill config.pbtxt and copy model.py into `repo/nemodiff/`; returns the model folder."""
+    source = model_repo_source() / MODEL_NAME
+    model_dir = repo / MODEL_NAME
+    (model_dir / "1").mkdir(parents=True, exist_ok=True)
+    template = string.Template((source / "config.pbtxt").read_text())
+    (model_dir / "config.pbtxt").write_text(template.substitute({k: _pbtxt_string(v) for k, v in values.items()}))
+    shutil.copyfile(source / "1" / "model.py", model_dir / "1" / "model.py")
+    return model_dir
+
+
+def find_tritonserver(explicit: Path | None) -> tuple[Path, Path | None, Path | None]:
+    """(server binary, python backend folder or None for the container layout, libs folder or None)."""
+    if explicit is not None:
+        if not explicit.is_file():
+            raise click.ClickException(f"--tritonserver {explicit}: no such file")
+        return explicit, None, None
+    if CONTAINER_SERVER.is_file():
+        return CONTAINER_SERVER, None, None
+    try:
+        import pytriton
+    except ImportError:
+        raise click.ClickException(
+            'no tritonserver found: run inside NVIDIA\'s Triton container, or pip install "nemodiff[serve]" '
+            "(the nvidia-pytriton wheel ships one)") from None
+    root = Path(pytriton.__file__).resolve().parent / "tritonserver"
+    binary = root / "bin" / "tritonserver"
+    if not binary.is_file():
+        raise click.ClickException(f"the nvidia-pytriton wheel has no tritonserver at {binary}; reinstall it")
+    libs = root.parent.parent / "nvidia_pytriton.libs"
+    return binary, root, libs if libs.is_dir() else None
+
+
+def prepare_backends(wheel_root: Path, into: Path) -> Path:
+    """A backend folder whose python backend runs this interpreter (the wheel ships one stub per version)."""
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    stub = wheel_root / "python_backend_stubs" / version / "triton_python_backend_stub"
+    if not stub.is_file():
+        raise click.ClickException(f"the nvidia-pytriton wheel has no Python backend stub for Python {version}")
+    python_dir = into / "python"
+    python_dir.mkdir(parents=True, exist_ok=True)
+    for name in ("libtriton_python.so", "triton_python_backend_utils.py"):
+        link = python_dir / name
+        if not link.exists():
+            link.symlink_to(wheel_root / "backends" / "python" / name)
+    shutil.copy2(stub, python_dir / "triton_python_backend_stub")  # found next to the backend; must be a copy
+    return into
+
+
+def _set_parent_death_signal() -> None:
+    """Child side (Linux): if `nemodiff serve` dies without forwarding a signal, the server still stops."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except Exception:
+        pass
+
+
+def _ready(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as reply:
+            return reply.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+@click.command(context_settings=CONTEXT)
+@click.argument("engine_dir", type=click.Path(path_type=Path))
+@click.option("--http-port", type=int, default=8000, help="HTTP/REST port.")
+@click.option("--grpc-port", type=int, default=8001, help="gRPC port.")
+@click.option("--metrics-port", type=int, default=8002, help="Prometheus metrics port.")
+@click.option("--host", type=str, default="0.0.0.0", help="Address HTTP, gRPC and metrics bind to.")
+@click.option("--default-mode", type=click.Choice(MODE_CHOICES), default="ar",
+              help="Decode mode of requests without decode_mode.")
+@click.option("--kv-cache-memory", type=str, default=None,
+              help="KV-cache pool size in bytes, suffixes allowed (e.g. 2GiB) [default: engine's max batch of "
+                   "full-length sequences].")
+@click.option("--max-batch-size", type=int, default=None, help="Most sequences running at once [default: engine's].")
+@click.option("--max-num-batched-tokens", type=int, default=None, help="Most tokens in one forward.")
+@click.option("--instance-kind", type=click.Choice(["cpu", "gpu"]), default=None,
+              help="Triton instance kind [default: gpu if CUDA is available, else cpu].")
+@click.option("--device", type=str, default=None, help="torch device for the engine [default: from the instance].")
+@click.option("--model-repo", type=click.Path(path_type=Path), default=None,
+              help="Where to lay out the model repository [default: a temporary folder removed on exit].")
+@click.option("--tritonserver", "server_path", type=click.Path(path_type=Path), default=None,
+              help="tritonserver binary [default: /opt/tritonserver, else the nvidia-pytriton wheel's].")
+@click.option("--startup-timeout", type=float, default=600.0, help="Seconds to wait for the server to be ready.")
+@click.option("--log-verbose", type=int, default=0, help="Triton's --log-verbose level.")
+def serve(engine_dir: Path, http_port: int, grpc_port: int, metrics_port: int, host: str, default_mode: str,
+          kv_cache_memory: str | None, max_batch_size: int | None, max_num_batched_tokens: int | None,
+          instance_kind: str | None, device: str | None, model_repo: Path | None, server_path: Path | None,
+          startup_timeout: float, log_verbose: int) -> None:
+    """Serve an engine with Triton Inference Server (HTTP, gRPC, metrics)."""
+    try:
+        config = EngineConfig.load(engine_dir)
+    except (EngineFormatError, OSError) as exc:
+        raise click.ClickException(str(exc)) from None
+    try:
+        kv_bytes = parse_bytes(kv_cache_memory) if kv_cache_memory is not None else 0
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--kv-cache-memory") from None
+    for name, value in (("--max-batch-size", max_batch_size), ("--max-num-batched-tokens", max_num_batched_tokens)):
+        if value is not None and value < 1:
+            raise click.BadParameter("must be at least 1", param_hint=name)
+    if instance_kind is None:
+        import torch
+
+        instance_kind = "gpu" if torch.cuda.is_available() else "cpu"
+    binary, wheel_root, libs = find_tritonserver(server_path)
+
+    scratch = Path(tempfile.mkdtemp(prefix="nemodiff-serve-"))
+    try:
+        repo = model_repo or scratch / "model_repo"
+        write_model_repository(repo, {
+            "engine_dir": str(engine_dir.resolve()), "kv_cache_memory_bytes": str(kv_bytes),
+            "max_batch_size": str(max_batch_size or 0), "max_num_batched_tokens": str(max_num_batched_tokens or 0),
+            "default_mode": default_mode, "device": device or "", "instance_kind": f"KIND_{instance_kind.upper()}",
+        })
+        backends = prepare_backends(wheel_root, scratch / "backends") if wheel_root else CONTAINER_BACKENDS
+        env = dict(os.environ)
+        if wheel_root is not None:  # the stub loads this interpreter's libpython and the wheel's bundled libs
+            paths = [sysconfig.get_config_var("LIBDIR"), str(libs) if libs else None, env.get("LD_LIBRARY_PATH")]
+            env["LD_LIBRARY_PATH"] = ":".join(p for p in paths if p)
+        command = [str(binary), "--model-repository", str(repo), "--backend-directory", str(backends),
+                   "--http-port", str(http_port), "--grpc-port", str(grpc_port), "--metrics-port", str(metrics_port),
+                   "--http-address", host, "--grpc-address", host, "--metrics-address", host,
+                   "--log-verbose", str(log_verbose), "--exit-on-error", "true", "--disable-auto-complete-config",
+                   "--exit-timeout-secs", "10"]
+        click.echo(f"nemodiff serve: engine {engine_dir} ({config.build.dtype}, max seq {config.build.max_seq_len}, "
+                   f"block {config.build.block_length}), {instance_kind} instance, tritonserver {binary}", err=True)
+        sys.exit(_run_server(command, env, host, http_port, grpc_port, metrics_port, startup_timeout))
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _run_server(command: list[str], env: dict, host: str, http_port: int, grpc_port: int, metrics_port: int,
+                startup_timeout: float) -> int:
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               start_new_session=True, preexec_fn=_set_parent_death_signal)
+    tail: collections.deque[str] = collections.deque(maxlen=40)
+
+    def pump() -> None:  # the server's log goes to our stderr; the last lines are kept for failures
+        for raw in iter(process.stdout.readline, b""):
+            line = raw.decode("utf-8", "replace")
+            tail.append(line.rstrip("\n"))
+            sys.stderr.write(line)
+            sys.stderr.flush()
+
+    reader = threading.Thread(target=pump, name="tritonserver-log", daemon=True)
+    reader.start()
+    forwarded: list[int] = []
+
+    def forward(signum, _frame) -> None:
+        forwarded.append(signum)
+        if process.poll() is None:
+            process.send_signal(signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        local = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host  # where to reach it from here
+        local = f"[{local}]" if ":" in local else local
+        deadline = time.monotonic() + startup_timeout
+        while not forwarded:
+            if process.poll() is not None:
+                reader.join(timeout=2)
+                click.echo("nemodiff serve: tritonserver exited during startup; its last log lines:", err=True)
+                click.echo("\n".join(tail), err=True)
+                return process.returncode or 1
+            if _ready(f"http://{local}:{http_port}/v2/health/ready") and _ready(f"http://{local}:{metrics_port}/metrics"):
+                click.echo(f"nemodiff serve: ready\n"
+                           f"  HTTP     http://{local}:{http_port}\n"
+                           f"  gRPC     {local}:{grpc_port}\n"
+                           f"  metrics  http://{local}:{metrics_port}/metrics\n"
+                           f"  generate http://{local}:{http_port}/v2/models/{MODEL_NAME}/generate "
+                           f"(streaming: /generate_stream)", err=True)
+                break
+            if time.monotonic() > deadline:
+                click.echo(f"nemodiff serve: not ready after {startup_timeout:.0f} s; stopping it", err=True)
+                process.terminate()
+                process.wait()
+                return 1
+            time.sleep(0.25)
+        returncode = process.wait()
+        reader.join(timeout=5)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if forwarded and returncode in (0, -signal.SIGINT, -signal.SIGTERM):
+        click.echo("nemodiff serve: server stopped", err=True)
+        return 0
+    return returncode if returncode >= 0 else 128 - returncode
