@@ -33,6 +33,7 @@ class Update:
     finish_reason: str | None = None
     output: RequestOutput | None = None  # set on the final update
     error: str | None = None  # set when the request could not run
+    error_kind: str | None = None  # "invalid" (the request's fault) or "internal" (the engine's)
 
 
 @dataclass(eq=False)
@@ -156,7 +157,7 @@ class AsyncEngine:
                 with self._lock:
                     handle.request = self.engine.add_request(prompt_ids, params)
             except ValueError as exc:
-                handle.on_update(Update(finished=True, finish_reason="error", error=str(exc)))
+                handle.on_update(Update(finished=True, finish_reason="error", error=str(exc), error_kind="invalid"))
                 return
             handle.stream = TextStream(handle.request)
             self._handles[handle.request.request_id] = handle
@@ -194,7 +195,7 @@ class AsyncEngine:
         if handle.request is not None:
             self.engine.abort(handle.request, reason="error")
             self._handles.pop(handle.request.request_id, None)
-        self._deliver(handle, Update(finished=True, finish_reason="error", error=message))
+        self._deliver(handle, Update(finished=True, finish_reason="error", error=message, error_kind="internal"))
 
     @staticmethod
     def _deliver(handle: Handle, update: Update) -> None:

@@ -304,8 +304,7 @@ class TritonPythonModel:
             return
         self._forget(state)
         if update.error:
-            code = (pb_utils.TritonError.INTERNAL if update.error.startswith("internal error")
-                    else pb_utils.TritonError.INVALID_ARG)
+            code = pb_utils.TritonError.INTERNAL if update.error_kind == "internal" else pb_utils.TritonError.INVALID_ARG
             self._send(state.sender, _error(update.error, code))
         elif update.finish_reason == "cancelled":
             self._send(state.sender, None)
