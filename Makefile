@@ -2,7 +2,7 @@ PYTHON ?= python3
 # The CPU build of torch; GPU images keep their own torch and skip this pin.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install test lint clean
+.PHONY: install test lint demo clean
 
 install:
 	$(PYTHON) -m pip install "$(TORCH_SPEC)"
@@ -10,6 +10,9 @@ install:
 
 test:
 	$(PYTHON) -m pytest -q
+
+demo: install
+	$(PYTHON) tools/demo.py
 
 lint:
 	$(PYTHON) -m ruff check .
