@@ -20,7 +20,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 MODES = ("ar", "diffusion", "linear-spec", "quadratic-spec")
-DEFAULT_PROMPT = "Once upon a time, a little fox"
+DEFAULT_PROMPT = "Once upon a time there was a little fox named Max."
 
 
 def free_ports(n: int) -> list[int]:
