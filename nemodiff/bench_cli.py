@@ -55,6 +55,22 @@ def _plot(report: dict, path: Path) -> bool:
     return True
 
 
+def _compile_for(device: torch.device):
+    """The CUDA kernels for this GPU (compiled now), or None on CPU or without nvcc."""
+    if device.type != "cuda":
+        return None
+    import tempfile
+
+    from nemodiff.plugins.compile import KernelBuildError, compile_kernels
+    from nemodiff.plugins.kernels import KernelLibrary, gpu_sm
+
+    try:
+        return KernelLibrary(compile_kernels(gpu_sm(device), Path(tempfile.mkdtemp()) / "kernels"))
+    except KernelBuildError as exc:
+        click.echo(f"kernels unavailable ({exc}); timing the PyTorch reference path", err=True)
+        return None
+
+
 @click.command(context_settings={"show_default": True, "help_option_names": ["-h", "--help"]})
 @click.argument("engine_dir", type=click.Path(path_type=Path), required=False)
 @click.option("--shape", type=str, default=None, help="Benchmark a random model of this shape (nld-3b, nld-8b, "
@@ -93,6 +109,7 @@ def bench(engine_dir: Path | None, shape: str | None, dtype: str, device: str | 
 
         config = shape_config(shape)
         model, weights = random_model(config, dtype, dev)
+        model.kernels = _compile_for(dev)
         page_size, title = 16, f"{shape} ({dtype}, random weights) on {report['device']}"
     else:
         from nemodiff import LLM
@@ -137,9 +154,10 @@ def bench(engine_dir: Path | None, shape: str | None, dtype: str, device: str | 
 
 
 def _print_table(report: dict) -> None:
-    click.echo(f"\n{'step':12s} {'batch':>5s} {'tokens':>7s} {'ms':>9s}")
+    click.echo(f"\n{'step':12s} {'batch':>5s} {'tokens':>7s} {'ms':>9s}  path")
     for r in report["steps"]:
-        click.echo(f"{r['kind']:12s} {r['batch']:5d} {r['tokens']:7d} {r['ms']:9.3f}")
+        path = "cuda graph" if r.get("graph") else "eager"
+        click.echo(f"{r['kind']:12s} {r['batch']:5d} {r['tokens']:7d} {r['ms']:9.3f}  {path}")
     roof = report["roofline"]
     click.echo(f"roofline: {roof['forward_ms']:.3f} ms/forward ({roof['ar_tokens_per_s']:.1f} AR tokens/s); "
                f"AR batch 1: {report['ar_batch1']['tokens_per_s']:.1f} tokens/s "

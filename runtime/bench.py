@@ -96,11 +96,15 @@ def step_latencies(model: Model, kinds: list[str], batch_sizes: list[int], conte
                    iters: int) -> list[dict]:
     """Median forward time for each step kind and batch size at a `context`-token committed prefix."""
     cfg, device = model.config, model.device
-    results = []
+    results, engine_graphs = [], model.graphs
     for batch in batch_sizes:
         per_seq = -(-(context + 1100) // page_size)
         cache = PagedKVCache(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, page_size,
                              batch * per_seq + 1, model.dtype, device)
+        if model.uses_kernels(cache) and device.type == "cuda":  # time what serving runs: graph replays
+            from .cuda_graphs import GraphRunner
+
+            model.graphs = GraphRunner(model, cache, context + 1100, buckets=(batch,))
         cache.k.normal_()
         cache.v.normal_()
         for rid in range(batch):
@@ -114,7 +118,8 @@ def step_latencies(model: Model, kinds: list[str], batch_sizes: list[int], conte
             segments = _segments(kind, batch, context)
             seconds = median_seconds(lambda s=segments, c=cache: model.forward(s, c), device, iters)
             results.append({"kind": kind, "batch": batch, "tokens": sum(len(s) for s in segments),
-                            "ms": seconds * 1e3})
+                            "ms": seconds * 1e3, "graph": model.graphs is not None and model.graphs.cache is cache})
+    model.graphs = engine_graphs
     return results
 
 
