@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import queue
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,20 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
+from nemodiff.serve import free_ports
+
 MODEL = "nemodiff"
 NEMODIFF = Path(sys.executable).parent / "nemodiff"
-
-
-def free_ports(n: int) -> list[int]:
-    """n distinct loopback ports that were free a moment ago (all held open while choosing)."""
-    sockets = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(n)]
-    try:
-        for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
 
 
 class Server:

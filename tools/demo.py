@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import queue
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,20 +17,11 @@ from pathlib import Path
 
 import numpy as np
 
+from nemodiff.serve import free_ports
+
 ROOT = Path(__file__).resolve().parents[1]
 MODES = ("ar", "diffusion", "linear-spec", "quadratic-spec")
 DEFAULT_PROMPT = "Once upon a time there was a little fox named Max."
-
-
-def free_ports(n: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(n)]
-    try:
-        for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
 
 
 def build_engine(checkpoint: Path, engine: Path) -> None:
