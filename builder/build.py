@@ -20,6 +20,7 @@ from nemodiff import __version__
 from nemodiff.engine_format import (
     ARCH_TO_SM,
     CONFIG_FILE,
+    DRAFT_LORA_FILE,
     DTYPES,
     FP8_ARCHES,
     WEIGHTS_FILE,
@@ -34,7 +35,6 @@ from .convert import convert_lora, convert_weights
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "generation_config.json", "chat_template.jinja")
-DRAFT_LORA_FILE = "draft_lora.safetensors"
 
 
 class BuildError(Exception):

@@ -11,9 +11,9 @@ from pathlib import Path
 import click
 
 from nemodiff.engine_format import MANIFEST_FILE, EngineConfig, EngineFormatError, verify_manifest
+from nemodiff.runtime.request import MODES
 
 CONTEXT = {"show_default": True, "help_option_names": ["-h", "--help"]}
-MODE_CHOICES = ["ar", "diffusion", "linear-spec", "quadratic-spec"]
 
 
 @click.group(context_settings=CONTEXT)
@@ -42,7 +42,7 @@ def _parse_threshold(value: str) -> float | None:
 @click.argument("engine_dir", type=click.Path(path_type=Path))
 @click.option("--prompt", type=str, default=None, help="Prompt text.")
 @click.option("--prompt-ids", type=str, default=None, help="Prompt as comma-separated token ids.")
-@click.option("--mode", type=click.Choice(MODE_CHOICES), default="ar", help="Decoding mode.")
+@click.option("--mode", type=click.Choice(MODES), default="ar", help="Decoding mode.")
 @click.option("--max-new-tokens", type=int, default=64, help="Most tokens to generate.")
 @click.option("--temperature", type=float, default=0.0, help="0 = greedy.")
 @click.option("--top-p", type=float, default=1.0, help="Nucleus sampling mass.")

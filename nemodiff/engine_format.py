@@ -29,6 +29,7 @@ FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "weights.safetensors"
 MANIFEST_FILE = "manifest.json"
+DRAFT_LORA_FILE = "draft_lora.safetensors"
 LORA_DIR = "linear_spec_lora"
 
 DTYPES = ("fp32", "bf16", "fp16", "fp8")

@@ -31,9 +31,9 @@ from pathlib import Path
 import click
 
 from nemodiff.engine_format import EngineConfig, EngineFormatError
+from nemodiff.runtime.request import MODES
 
 CONTEXT = {"show_default": True, "help_option_names": ["-h", "--help"]}
-MODE_CHOICES = ["ar", "diffusion", "linear-spec", "quadratic-spec"]
 MODEL_NAME = "nemodiff"
 CONTAINER_SERVER = Path("/opt/tritonserver/bin/tritonserver")
 CONTAINER_BACKENDS = Path("/opt/tritonserver/backends")
@@ -159,7 +159,7 @@ def _ready(url: str) -> bool:
 @click.option("--grpc-port", type=int, default=8001, help="gRPC port.")
 @click.option("--metrics-port", type=int, default=8002, help="Prometheus metrics port.")
 @click.option("--host", type=str, default="0.0.0.0", help="Address HTTP, gRPC and metrics bind to.")
-@click.option("--default-mode", type=click.Choice(MODE_CHOICES), default="ar",
+@click.option("--default-mode", type=click.Choice(MODES), default="ar",
               help="Decode mode of requests without decode_mode.")
 @click.option("--kv-cache-memory", type=str, default=None,
               help="KV-cache pool size in bytes, suffixes allowed (e.g. 2GiB) [default: engine's max batch of "

@@ -11,12 +11,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from nemodiff.engine_format import WEIGHTS_FILE, EngineConfig, EngineFormatError, verify_manifest
+from nemodiff.engine_format import DRAFT_LORA_FILE, WEIGHTS_FILE, EngineConfig, EngineFormatError, verify_manifest
 from nemodiff.plugins.kernels import load_for_engine
 
 from .model import TORCH_DTYPES, Model
-
-DRAFT_LORA_FILE = "draft_lora.safetensors"
 
 
 @dataclass

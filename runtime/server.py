@@ -66,6 +66,9 @@ class AsyncEngine:
         return handle
 
     def cancel(self, handle: Handle) -> None:
+        """Stop a request and free its pages; does nothing once it has finished."""
+        if handle.request is not None and handle.request.finished:
+            return
         handle.cancel_requested = True
         self._commands.put(("cancel", handle))
 
@@ -79,8 +82,7 @@ class AsyncEngine:
                 if update.finished:
                     return
         finally:
-            if handle.request is None or not handle.request.finished:
-                self.cancel(handle)
+            self.cancel(handle)  # a consumer that stops early frees the request
 
     async def astream(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[Update]:
         loop = asyncio.get_running_loop()
@@ -93,8 +95,7 @@ class AsyncEngine:
                 if update.finished:
                     return
         finally:
-            if handle.request is None or not handle.request.finished:
-                self.cancel(handle)
+            self.cancel(handle)
 
     def generate(self, prompt_ids: list[int], params: SamplingParams, timeout: float | None = None) -> Update:
         """Block until the request ends; returns its final update."""

@@ -16,9 +16,8 @@ import torch
 from nemodiff import LLM, SamplingParams
 from nemodiff.builder.build import BuildOptions, build_engine
 from nemodiff.runtime.loader import load_engine
+from nemodiff.runtime.request import MODES
 from nemodiff.runtime.segments import Segment
-
-MODES = ("ar", "diffusion", "linear-spec", "quadratic-spec")
 
 
 def build_fp32_engine(checkpoint: Path, engine_dir: Path) -> Path:
