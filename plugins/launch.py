@@ -1,0 +1,56 @@
+"""Launchers: how a kernel variant runs. The same host wrapper code drives all of them.
+
+checkpoint ──builder──▶ engine dir/kernels/<sm>/ ──[runtime: launchers]──▶ Triton
+
+- `InterpretLauncher`: the kernel's real Python body under Triton's interpreter, on CPU tensors.
+  This is how CI proves every kernel, and what `kernels="interpret"` runs the model with.
+- `JitLauncher`: Triton's just-in-time compiler on a GPU (development and benchmarks).
+- The ahead-of-time launcher (cubins compiled at build time, no compiler at serve time)
+  lives in `plugins/aot.py`.
+
+Kernels must not call other `@triton.jit` functions: the interpreter path wraps each kernel's
+Python function on its own, and nested jit calls do not survive that.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from .registry import kernel_function
+from .spec import KernelVariant
+
+
+class Launcher(Protocol):
+    name: str
+
+    def launch(self, variant: KernelVariant, grid: tuple[int, ...], args: tuple) -> None:
+        """Run `variant` over `grid` with the runtime arguments `args` (in signature order)."""
+
+
+class InterpretLauncher:
+    """Runs kernels through `triton.runtime.interpreter` on CPU tensors."""
+
+    name = "interpret"
+
+    def __init__(self):
+        from triton.runtime.interpreter import InterpretedFunction
+
+        self._wrap = InterpretedFunction
+        self._cache: dict[str, object] = {}
+
+    def launch(self, variant: KernelVariant, grid: tuple[int, ...], args: tuple) -> None:
+        fn = self._cache.get(variant.kernel)
+        if fn is None:
+            jitted = kernel_function(variant.kernel)
+            fn = self._cache[variant.kernel] = jitted if isinstance(jitted, self._wrap) else self._wrap(jitted.fn)
+        fn[grid](*args, **variant.constexpr_dict())
+
+
+class JitLauncher:
+    """Triton's JIT on a GPU: compiles each variant on first use."""
+
+    name = "jit"
+
+    def launch(self, variant: KernelVariant, grid: tuple[int, ...], args: tuple) -> None:
+        kernel_function(variant.kernel)[grid](*args, **variant.constexpr_dict(), num_warps=variant.num_warps,
+                                              num_stages=variant.num_stages)
