@@ -6,12 +6,18 @@ Slot s of the pool holds the key/value of one token for every layer; slot = page
 + offset. A request's committed length says how many of its positions are valid; writes
 past it are scratch until a strategy commits them. Rejected speculative tokens are dropped
 by shortening the length, which frees any page no longer needed.
+
+Page tables live in one persistent int32 table (a row per request), mirrored on the host and
+on the device. Allocating or freeing a page edits one host element and marks the row dirty;
+`sync_tables()` pushes the dirty rows to the device once per step, so no step rebuilds a
+table from Python lists. Row 0 is reserved for padding segments (it points at nothing real).
 """
 
 from __future__ import annotations
 
 from collections import deque
 
+import numpy as np
 import torch
 
 
@@ -21,17 +27,25 @@ class KVCacheFullError(RuntimeError):
 
 class PagedKVCache:
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, page_size: int, num_pages: int,
-                 dtype: torch.dtype, device: torch.device | str = "cpu"):
+                 dtype: torch.dtype, device: torch.device | str = "cpu", max_pages_per_request: int | None = None,
+                 max_requests: int = 64):
         if num_pages < 1 or page_size < 1:
             raise ValueError(f"need at least one page of at least one slot (got {num_pages} x {page_size})")
         self.page_size = page_size
         self.num_pages = num_pages
+        self.device = torch.device(device)
         shape = (num_layers, num_pages * page_size, num_kv_heads, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self._free: deque[int] = deque(range(num_pages))
         self._tables: dict[int, list[int]] = {}
         self._lengths: dict[int, int] = {}
+        self.max_pages_per_request = max_pages_per_request or num_pages
+        self._rows: dict[int, int] = {}
+        self.tables_host = np.zeros((max_requests + 1, self.max_pages_per_request), dtype=np.int32)
+        self.block_tables = self._device_table(self.tables_host)
+        self._free_rows = list(range(max_requests, 0, -1))  # row 0 is the padding row
+        self._dirty: set[int] = set()
 
     @staticmethod
     def pages_for_budget(memory_bytes: int, num_layers: int, num_kv_heads: int, head_dim: int,
@@ -57,8 +71,15 @@ class PagedKVCache:
     def add_request(self, request_id: int) -> None:
         if request_id in self._tables:
             raise ValueError(f"request {request_id} already has a page table")
+        if not self._free_rows:
+            self._grow_rows()
+        self._rows[request_id] = self._free_rows.pop()
         self._tables[request_id] = []
         self._lengths[request_id] = 0
+
+    def row(self, request_id: int) -> int:
+        """The request's row in `tables_host` / `block_tables`."""
+        return self._rows[request_id]
 
     def length(self, request_id: int) -> int:
         return self._lengths[request_id]
@@ -74,13 +95,22 @@ class PagedKVCache:
         """Make room for positions [0, num_tokens); allocates nothing if the pool is too small."""
         table = self._tables[request_id]
         extra = self.pages_needed(num_tokens) - len(table)
+        if extra <= 0:
+            return
         if extra > len(self._free):
             raise KVCacheFullError(
                 f"KV cache full: request {request_id} needs {extra} more page(s) of {self.page_size} tokens "
                 f"for {num_tokens} tokens, {len(self._free)} of {self.num_pages} free"
             )
-        for _ in range(max(extra, 0)):
-            table.append(self._free.popleft())
+        if len(table) + extra > self.max_pages_per_request:
+            raise KVCacheFullError(f"request {request_id}: {num_tokens} tokens exceed the per-request page limit "
+                                   f"({self.max_pages_per_request} pages)")
+        row = self._rows[request_id]
+        for _ in range(extra):
+            page = self._free.popleft()
+            self.tables_host[row, len(table)] = page
+            table.append(page)
+        self._dirty.add(row)
 
     def append(self, request_id: int, num_tokens: int) -> torch.Tensor:
         """Grow the committed length by num_tokens; returns their slots."""
@@ -109,6 +139,9 @@ class PagedKVCache:
         for page in self._tables.pop(request_id, []):
             self._free.append(page)
         self._lengths.pop(request_id, None)
+        row = self._rows.pop(request_id, None)
+        if row is not None:
+            self._free_rows.append(row)
 
     def take_scratch_page(self) -> int:
         """Remove one page from the pool for writes nobody reads (padding in replayed graphs)."""
@@ -124,5 +157,39 @@ class PagedKVCache:
         positions = torch.as_tensor(positions, dtype=torch.long)
         if positions.numel() and int(positions.max()) >= len(table) * self.page_size:
             raise IndexError(f"request {request_id}: position {int(positions.max())} is beyond its reserved pages")
-        pages = torch.tensor(table, dtype=torch.long)[positions // self.page_size] if table else positions
+        pages = torch.from_numpy(self.tables_host[self._rows[request_id], : len(table)].astype(np.int64))
+        pages = pages[positions // self.page_size] if table else positions
+        return pages * self.page_size + positions % self.page_size
+
+    def sync_tables(self) -> None:
+        """Copy the rows changed since the last call to the device table."""
+        if not self._dirty:
+            return
+        if self.device.type == "cpu":
+            self._dirty.clear()  # the host mirror is the table
+            return
+        rows = sorted(self._dirty)
+        self._dirty.clear()
+        index = torch.tensor(rows, dtype=torch.long)
+        staged = torch.from_numpy(self.tables_host[rows]).pin_memory()
+        self.block_tables.index_copy_(0, index.to(self.device, non_blocking=True),
+                                      staged.to(self.device, non_blocking=True))
+
+    def _grow_rows(self) -> None:
+        old = self.tables_host.shape[0]
+        grown = np.zeros((old * 2, self.max_pages_per_request), dtype=np.int32)
+        grown[:old] = self.tables_host
+        self.tables_host = grown
+        self.block_tables = self._device_table(grown)
+        self._free_rows = list(range(old * 2 - 1, old - 1, -1))
+
+    def _device_table(self, host: np.ndarray) -> torch.Tensor:
+        if self.device.type == "cpu":
+            return torch.from_numpy(host)  # shares memory with the host mirror
+        return torch.from_numpy(host).to(self.device)
+
+    def prefix_slots(self, request_id_row: int, length: int) -> torch.Tensor:
+        """Slots of positions [0, length) of the request in `request_id_row`, on the device (reference path)."""
+        positions = torch.arange(length, device=self.device)
+        pages = self.block_tables[request_id_row, positions // self.page_size].long()
         return pages * self.page_size + positions % self.page_size

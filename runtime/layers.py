@@ -28,17 +28,20 @@ class DenseLinear:
     def out_features(self) -> int:
         return self.weight.shape[0]
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, kernels=None) -> torch.Tensor:
         return x @ self.weight.T
 
 
 class Fp8Linear:
     """e4m3 weights with per-output-channel scales.
 
-    On GPUs with fp8 tensor cores (sm_89+) the product runs as an fp8 GEMM
-    (`torch._scaled_mm`) with per-token activation scales; elsewhere the weight is
-    dequantized into the activation dtype.
+    With kernels, up to `WEIGHT_ONLY_MAX_ROWS` rows (decode) run the weight-only fp8 kernel:
+    bf16 activations, weights dequantized in registers. Larger products run as an fp8 GEMM
+    (`torch._scaled_mm`, per-token activation scales) on GPUs with fp8 tensor cores (sm_89+);
+    elsewhere the weight is dequantized into the activation dtype.
     """
+
+    WEIGHT_ONLY_MAX_ROWS = 64
 
     def __init__(self, weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype):
         if weight.dtype != torch.float8_e4m3fn:
@@ -56,7 +59,9 @@ class Fp8Linear:
     def dequantized(self) -> torch.Tensor:
         return (self.weight.to(torch.float32) * self.scale[:, None]).to(self.dtype)
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, kernels=None) -> torch.Tensor:
+        if kernels is not None and x.shape[0] <= self.WEIGHT_ONLY_MAX_ROWS:
+            return kernels.fp8_linear(x, self.weight, self.scale)
         if self.use_scaled_mm:
             try:
                 return self._fp8_gemm(x)

@@ -1,62 +1,110 @@
 """Segments: what one model forward computes for one request (DESIGN §4).
 
-checkpoint ──builder──▶ engine dir ──[runtime: strategy ▶ segments ▶ model]──▶ Triton
+checkpoint ──builder──▶ engine dir ──[runtime: strategy ▶ segments ▶ batch ▶ model]──▶ Triton
 
-A strategy describes its next forward as segments; the model runs the segments of all
-requests in one ragged batch and returns, per segment, the logits of the rows it asked for.
+A strategy describes its next forward as segments; the batch builder packs the segments of
+all requests into one ragged batch and the model returns, per segment, the logits of the rows
+it asked for. Token ids, positions, write flags and logit rows may be lists or numpy arrays;
+strategies on the hot path pass arrays and shared `Mask` objects so that describing a step
+costs O(1) Python per request.
 """
 
 from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from functools import lru_cache
 
+import numpy as np
 import torch
 
 
-class Pattern(enum.Enum):
-    CAUSAL = "causal"  # query j sees segment keys 0..j
-    FULL = "full"  # every query sees every segment key
-    MASK = "mask"  # explicit [n, n] boolean mask (True = may attend), e.g. QuadraticSpec
+class Pattern(enum.IntEnum):
+    CAUSAL = 0  # query j sees segment keys 0..j
+    FULL = 1  # every query sees every segment key
+    MASK = 2  # explicit [n, n] boolean mask (True = may attend), e.g. QuadraticSpec
 
 
-@dataclass
+class Mask:
+    """An explicit intra-segment mask, with the packed bitmask the attention kernel reads.
+
+    Bit j % 32 of int32 word j // 32 of row i says whether query i may see segment key j.
+    """
+
+    def __init__(self, dense: torch.Tensor):
+        self.dense = dense.to(torch.bool).cpu()
+        n = self.dense.shape[0]
+        words = -(-n // 32)
+        padded = torch.zeros(n, words * 32, dtype=torch.int64)
+        padded[:, :n] = self.dense.to(torch.int64)
+        weights = (torch.ones(32, dtype=torch.int64) << torch.arange(32)).repeat(words)
+        bits = (padded * weights).view(n, words, 32).sum(-1)
+        self.bits = np.ascontiguousarray(bits.numpy().astype(np.uint32).view(np.int32).reshape(-1))
+        self.key = (n, self.bits.tobytes())
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.dense.shape)
+
+
+@lru_cache(maxsize=256)
+def causal_mask(n: int) -> torch.Tensor:
+    return torch.ones(n, n, dtype=torch.bool).tril()
+
+
+@lru_cache(maxsize=256)
+def full_mask(n: int) -> torch.Tensor:
+    return torch.ones(n, n, dtype=torch.bool)
+
+
+@lru_cache(maxsize=512)
+def arange(n: int) -> np.ndarray:
+    values = np.arange(n, dtype=np.int64)
+    values.flags.writeable = False
+    return values
+
+
+@dataclass(slots=True)
 class Segment:
     request_id: int
-    token_ids: list[int]
-    positions: list[int]
+    token_ids: list[int] | np.ndarray
+    positions: list[int] | np.ndarray
     prefix_len: int  # committed cache entries, all visible to every query
     pattern: Pattern = Pattern.CAUSAL
-    write_kv: list[bool] | bool = False  # per token, or one flag for all
-    logit_rows: list[int] | None = None  # rows whose logits are returned; None = all
-    mask: torch.Tensor | None = None  # for Pattern.MASK
+    write_kv: list[bool] | np.ndarray | bool = False  # per token, or one flag for all
+    logit_rows: list[int] | np.ndarray | None = None  # rows whose logits are returned; None = all
+    mask: torch.Tensor | Mask | None = None  # for Pattern.MASK
     use_lora: bool = False  # apply the draft adapter to this segment's tokens
+    image_embeds: torch.Tensor | None = None  # [image-token positions, hidden]: replace those embeddings
+    shape_key: tuple | None = None  # set by strategies for steady shapes that CUDA graphs may replay
 
     def __post_init__(self):
-        if len(self.token_ids) != len(self.positions):
+        n = len(self.token_ids)
+        if n != len(self.positions):
             raise ValueError("segment token_ids and positions differ in length")
-        if not self.token_ids:
+        if not n:
             raise ValueError("empty segment")
         if self.pattern is Pattern.MASK:
-            n = len(self.token_ids)
             if self.mask is None or tuple(self.mask.shape) != (n, n):
                 raise ValueError(f"Pattern.MASK needs a [{n}, {n}] boolean mask")
+            if not isinstance(self.mask, Mask):
+                self.mask = Mask(self.mask)
 
     def __len__(self) -> int:
         return len(self.token_ids)
 
-    def write_flags(self) -> list[bool]:
-        if isinstance(self.write_kv, bool):
-            return [self.write_kv] * len(self.token_ids)
-        return list(self.write_kv)
+    def write_flags(self) -> np.ndarray:
+        if isinstance(self.write_kv, (bool, np.bool_)):
+            return np.full(len(self), bool(self.write_kv))
+        return np.asarray(self.write_kv, dtype=bool)
 
-    def rows(self) -> list[int]:
-        return list(range(len(self))) if self.logit_rows is None else list(self.logit_rows)
+    def rows(self) -> np.ndarray:
+        return arange(len(self)) if self.logit_rows is None else np.asarray(self.logit_rows, dtype=np.int64)
 
     def intra_mask(self) -> torch.Tensor:
         n = len(self)
         if self.pattern is Pattern.CAUSAL:
-            return torch.ones(n, n, dtype=torch.bool).tril()
+            return causal_mask(n)
         if self.pattern is Pattern.FULL:
-            return torch.ones(n, n, dtype=torch.bool)
-        return self.mask.to(torch.bool).cpu()
+            return full_mask(n)
+        return self.mask.dense

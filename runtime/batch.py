@@ -1,0 +1,176 @@
+"""Packing a step's segments into one ragged forward batch.
+
+checkpoint ──builder──▶ engine dir ──[runtime: segments ▶ batch]──▶ model ──▶ Triton
+
+`BatchBuilder.build(segments)` concatenates the segments' token ids, positions, write flags
+and logit rows with numpy (O(1) Python per segment, nothing per token), resolves KV-cache
+slots through the cache's persistent page table, and moves everything to the device in one
+copy from a reused (pinned, on a GPU) staging buffer. Per-segment metadata the attention
+kernels read (`seg_start`, `prefix_len`, `table_row`, `pattern`, masks) comes along; the
+PyTorch reference path gathers its prefix keys from the device page table itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .kv_cache import PagedKVCache
+from .segments import Pattern, Segment
+
+
+@dataclass
+class ForwardBatch:
+    num_tokens: int
+    ids: torch.Tensor  # [T] int64
+    positions: torch.Tensor  # [T] int64
+    token_slots: torch.Tensor  # [T] int64, KV slot each token writes, -1 = no write
+    write_rows: torch.Tensor  # [W] int64 tokens that write
+    write_slots: torch.Tensor  # [W] int64 their slots
+    logit_rows: torch.Tensor  # [R] int64
+    lora_rows: torch.Tensor  # [L] int64
+    logit_counts: list[int]  # per segment
+    # per segment, host side (reference path and bookkeeping)
+    bounds: list[tuple[int, int]]
+    table_rows: list[int]
+    prefix_lens: list[int]
+    patterns: list[int]
+    masks: list[torch.Tensor | None]  # explicit masks (Pattern.MASK) as dense bool, else None
+    # per segment, device side (kernel path): int32
+    seg_start: torch.Tensor
+    seg_prefix: torch.Tensor
+    seg_table_row: torch.Tensor
+    seg_pattern: torch.Tensor
+    mask_offset: torch.Tensor
+    mask_bits: torch.Tensor
+    image_rows: torch.Tensor | None = None  # token rows whose embedding is replaced
+    image_embeds: torch.Tensor | None = None
+    shape_key: tuple | None = None  # every segment has this steady shape (CUDA graphs)
+    extras: dict = field(default_factory=dict)  # kernel-path metadata, filled by the model
+
+    @property
+    def num_segments(self) -> int:
+        return len(self.bounds)
+
+
+class _Staging:
+    """A growable host buffer (pinned on CUDA) and its device twin, reused every step."""
+
+    def __init__(self, device: torch.device, dtype: torch.dtype):
+        self.device, self.dtype, self.size = device, dtype, 0
+        self.host = self.dev = None
+
+    def upload(self, parts: list[np.ndarray]) -> list[torch.Tensor]:
+        sizes = [len(p) for p in parts]
+        total = sum(sizes)
+        if total > self.size:
+            self.size = max(total, 2 * self.size, 1024)
+            if self.device.type == "cpu":
+                self.host = self.dev = torch.empty(self.size, dtype=self.dtype)
+            else:
+                self.host = torch.empty(self.size, dtype=self.dtype, pin_memory=True)
+                self.dev = torch.empty(self.size, dtype=self.dtype, device=self.device)
+        view = self.host.numpy()
+        if total:
+            np.concatenate(parts, out=view[:total], casting="unsafe")
+        if self.dev is not self.host and total:
+            self.dev[:total].copy_(self.host[:total], non_blocking=True)
+        out, start = [], 0
+        for n in sizes:
+            out.append(self.dev[start: start + n])
+            start += n
+        return out
+
+
+class BatchBuilder:
+    def __init__(self, device: torch.device, image_token_id: int | None = None):
+        self.device = torch.device(device)
+        self.image_token_id = image_token_id
+        self._int64 = _Staging(self.device, torch.int64)
+        self._int32 = _Staging(self.device, torch.int32)
+
+    def build(self, segments: list[Segment], cache: PagedKVCache | None) -> ForwardBatch:
+        lengths = np.fromiter((len(s) for s in segments), dtype=np.int64, count=len(segments))
+        starts = np.zeros(len(segments) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=starts[1:])
+        total = int(starts[-1])
+        ids = np.concatenate([np.asarray(s.token_ids, dtype=np.int64) for s in segments])
+        positions = np.concatenate([np.asarray(s.positions, dtype=np.int64) for s in segments])
+        writes = np.concatenate([s.write_flags() for s in segments])
+        prefix = [s.prefix_len for s in segments]
+        if cache is None:
+            if writes.any() or any(prefix):
+                raise ValueError("segments that read or write the KV cache need a cache")
+            rows = [0] * len(segments)
+        else:
+            rows = [cache.row(s.request_id) for s in segments]
+        token_slots = np.full(total, -1, dtype=np.int64)
+        write_rows = np.flatnonzero(writes)
+        if len(write_rows):
+            token_rows = np.repeat(np.asarray(rows, dtype=np.int64), lengths)[write_rows]
+            pos = positions[write_rows]
+            pages = cache.tables_host[token_rows, pos // cache.page_size]
+            token_slots[write_rows] = pages.astype(np.int64) * cache.page_size + pos % cache.page_size
+            self._check_reserved(segments, cache, positions, writes, starts)
+        logit_parts, counts, lora_parts = [], [], []
+        for seg, start in zip(segments, starts[:-1]):
+            r = seg.rows()
+            logit_parts.append(r + start)
+            counts.append(len(r))
+            if seg.use_lora:
+                lora_parts.append(np.arange(start, start + len(seg)))
+        logit_rows = np.concatenate(logit_parts) if logit_parts else np.zeros(0, np.int64)
+        lora_rows = np.concatenate(lora_parts) if lora_parts else np.zeros(0, np.int64)
+        patterns = [int(s.pattern) for s in segments]
+        mask_offsets, bits, used = [], [], 0
+        for s in segments:
+            mask_offsets.append(used)
+            if s.pattern is Pattern.MASK:
+                bits.append(s.mask.bits)
+                used += len(s.mask.bits)
+        if not bits:
+            bits = [np.zeros(1, dtype=np.int32)]
+        (d_ids, d_pos, d_slots, d_wrows, d_wslots, d_logits, d_lora) = self._int64.upload(
+            [ids, positions, token_slots, write_rows, token_slots[write_rows], logit_rows, lora_rows])
+        (d_start, d_prefix, d_trow, d_pattern, d_moff, d_bits) = self._int32.upload(
+            [starts, np.asarray(prefix), np.asarray(rows), np.asarray(patterns), np.asarray(mask_offsets),
+             np.concatenate(bits)])
+        image_rows = image_embeds = None
+        embeds = [s.image_embeds for s in segments if s.image_embeds is not None]
+        if embeds:
+            image_rows, image_embeds = self._image_rows(segments, ids, starts, embeds)
+        keys = {s.shape_key for s in segments}
+        return ForwardBatch(
+            num_tokens=total, ids=d_ids, positions=d_pos, token_slots=d_slots, write_rows=d_wrows,
+            write_slots=d_wslots, logit_rows=d_logits, lora_rows=d_lora, logit_counts=counts,
+            bounds=[(int(a), int(b)) for a, b in zip(starts[:-1], starts[1:])], table_rows=rows, prefix_lens=prefix,
+            patterns=patterns, masks=[s.mask.dense if s.pattern is Pattern.MASK else None for s in segments],
+            seg_start=d_start, seg_prefix=d_prefix, seg_table_row=d_trow, seg_pattern=d_pattern,
+            mask_offset=d_moff, mask_bits=d_bits, image_rows=image_rows, image_embeds=image_embeds,
+            shape_key=keys.pop() if len(keys) == 1 else None,
+        )
+
+    @staticmethod
+    def _check_reserved(segments, cache, positions, writes, starts) -> None:
+        """Every written position must lie inside pages the request has reserved."""
+        tops = np.maximum.reduceat(np.where(writes, positions, -1), starts[:-1])
+        for seg, top in zip(segments, tops.tolist()):
+            if top >= 0 and top >= cache.capacity(seg.request_id):
+                raise IndexError(f"request {seg.request_id}: position {top} is beyond its reserved pages")
+
+    def _image_rows(self, segments, ids, starts, embeds) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.image_token_id is None:
+            raise ValueError("image embeddings were given, but this model has no image token")
+        rows = []
+        for seg, start in zip(segments, starts[:-1]):
+            if seg.image_embeds is None:
+                continue
+            local = np.flatnonzero(ids[start: start + len(seg)] == self.image_token_id)
+            if len(local) != seg.image_embeds.shape[0]:
+                raise ValueError(f"request {seg.request_id}: {seg.image_embeds.shape[0]} image embeddings for "
+                                 f"{len(local)} image-token positions")
+            rows.append(local + start)
+        index = torch.from_numpy(np.concatenate(rows)).to(self.device)
+        return index, torch.cat([e.to(self.device) for e in embeds])
