@@ -1,23 +1,43 @@
-"""The engine step loop: schedule, one forward for everyone, let strategies consume.
+"""The engine step loop: schedule, one forward for everyone, one batched decision, one sync.
 
 checkpoint ──builder──▶ engine dir ──[runtime: engine loop]──▶ Triton
 
 `Engine.step()` is one model forward shared by every scheduled request, whatever its
-mode. The engine validates requests, keeps per-mode counters, and retires finished or
-cancelled requests (their pages are freed at once).
+mode, followed by one batched decision pass on the device and one device-to-host copy.
+It is split in two so a caller can overlap host work with the device: `launch()` schedules,
+builds the batch and enqueues the forward and the decisions; `complete()` waits for the
+answers and applies them (tokens, stop rules, cache lengths, retirement).
+
+A failure inside one request (non-finite logits, an exception in its strategy) ends that
+request with an error; the others in its step go on.
 """
 
 from __future__ import annotations
 
 import itertools
+import logging
 from collections import Counter
+from dataclasses import dataclass
 
+import numpy as np
+
+from .decide import Decider
 from .kv_cache import PagedKVCache
 from .model import Model
 from .request import Request, SamplingParams
-from .scheduler import Scheduler, SchedulerConfig, Sequence
+from .scheduler import ScheduledWork, Scheduler, SchedulerConfig, Sequence
 from .strategies import STRATEGIES
 from .strategies.base import StrategyContext
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PendingStep:
+    work: list[ScheduledWork]
+    logit_starts: np.ndarray  # first logit row of each work item
+    logit_counts: np.ndarray
+    failed: dict[int, str]  # request id -> error raised while registering
 
 
 class Engine:
@@ -30,6 +50,7 @@ class Engine:
         self.max_seq_len = max_seq_len
         self.eos_ids = frozenset(eos_ids)
         self.decode = decode
+        self.decider = Decider(model.device, model.config.mask_token_id)
         self._ids = itertools.count()
         self._sequences: dict[int, Sequence] = {}
         self.num_steps = 0
@@ -88,22 +109,63 @@ class Engine:
     # -- one step ----------------------------------------------------------------------------
     def step(self) -> list[Request]:
         """One forward for the scheduled requests; returns the requests that finished."""
+        pending = self.launch()
+        return self.complete(pending) if pending is not None else []
+
+    def launch(self) -> PendingStep | None:
+        """Schedule, build the batch, enqueue the forward and the batched decisions (no host sync)."""
         work = self.scheduler.schedule()
         if not work:
-            return []
+            return None
         segments = [seg for item in work for seg in item.segments]
-        logits = self.model.forward(segments, self.cache)
+        batch = self.model.builder.build(segments, self.cache)
+        logits = self.model.run(batch, self.cache)
+        seg_counts = np.asarray(batch.logit_counts, dtype=np.int64)
+        seg_tokens = np.asarray([b - a for a, b in batch.bounds], dtype=np.int64)
+        per_item = np.fromiter((len(item.segments) for item in work), dtype=np.int64, count=len(work))
+        item_of_seg = np.repeat(np.arange(len(work)), per_item)
+        counts = np.bincount(item_of_seg, weights=seg_counts, minlength=len(work)).astype(np.int64)
+        tokens = np.bincount(item_of_seg, weights=seg_tokens, minlength=len(work)).astype(np.int64)
+        starts, token_starts = np.cumsum(counts) - counts, np.cumsum(tokens) - tokens
+        decider, failed = self.decider, {}
+        decider.begin()
+        for item, first_row, token_row in zip(work, starts.tolist(), token_starts.tolist()):
+            if item.is_fill:
+                continue
+            try:
+                item.sequence.strategy.register(decider, first_row, token_row)
+            except Exception as exc:  # this request's strategy broke: it alone fails
+                log.exception("request %d: strategy failed", item.sequence.request_id)
+                failed[item.sequence.request_id] = f"internal error in the {item.sequence.request.params.mode} " \
+                                                   f"strategy: {exc}"
+        decider.run(logits, batch.ids)
         self.num_steps += 1
-        finished, offset = [], 0
-        for item in work:
-            mine = logits[offset: offset + len(item.segments)]
-            offset += len(item.segments)
+        return PendingStep(work, starts, counts, failed)
+
+    def complete(self, pending: PendingStep) -> list[Request]:
+        """Wait for the step's answers and apply them."""
+        decider = self.decider
+        decider.fetch()
+        finite = decider.finite()
+        finished = []
+        for item, first, count in zip(pending.work, pending.logit_starts.tolist(), pending.logit_counts.tolist()):
             request = item.sequence.request
             request.num_forwards += 1
             self.forward_passes[request.params.mode] += 1
-            if not item.is_fill:
-                kept = request.append(item.sequence.strategy.consume(mine))
-                self.output_tokens[request.params.mode] += len(kept)
+            error = pending.failed.get(request.request_id)
+            if error is None and count and not finite[first: first + count].all():
+                error = "numerical error: the model produced non-finite logits for this request"
+            if error is None and not item.is_fill:
+                try:
+                    kept = request.append(item.sequence.strategy.consume(decider))
+                    self.output_tokens[request.params.mode] += len(kept)
+                except Exception as exc:
+                    log.exception("request %d: strategy failed", request.request_id)
+                    error = f"internal error in the {request.params.mode} strategy: {exc}"
+            if error is not None:
+                request.fail(error)
+                finished.append(request)
+                continue
             self.scheduler.after_forward(item)
             if request.finished:
                 finished.append(request)

@@ -1,6 +1,10 @@
 """Per-request parameters, state and stop rules.
 
 checkpoint ──builder──▶ engine dir ──[runtime: requests]──▶ Triton
+
+`Request.append` takes a step's new tokens at once: end-of-sequence ids and the token limit
+are found with set and slice operations, and stop strings are matched on the tail of the
+incrementally decoded text, so a step costs O(new tokens) whatever the output length.
 """
 
 from __future__ import annotations
@@ -8,6 +12,8 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+
+from .detokenizer import IncrementalDetokenizer
 
 MODES = ("ar", "diffusion", "linear-spec", "quadratic-spec")
 MODE_ALIASES = {"fastdiffuser": "diffusion", "fast-diffuser": "diffusion", "linearspec": "linear-spec",
@@ -72,6 +78,7 @@ class Request:
     output_ids: list[int] = field(default_factory=list)
     finished: bool = False
     finish_reason: str | None = None
+    error: str | None = None  # why the request failed (finish_reason "error")
     stop_text_len: int | None = None  # text is cut here when a stop string matched
     num_forwards: int = 0
     start_time: float = field(default_factory=time.perf_counter)
@@ -79,36 +86,71 @@ class Request:
     end_time: float | None = None
     stats: dict = field(default_factory=dict)
 
+    def __post_init__(self):
+        self.detokenizer = IncrementalDetokenizer(self.decode, self.output_ids)
+        self._final_text: str | None = None
+
     @property
     def text(self) -> str:
-        text = self.decode(self.output_ids)
-        return text[: self.stop_text_len] if self.stop_text_len is not None else text
+        """The output text (decoded once in full when the request has finished)."""
+        if not self.finished:
+            self.detokenizer.update()
+            return self.detokenizer.text
+        if self._final_text is None:
+            text = self.decode(self.output_ids)
+            self._final_text = text[: self.stop_text_len] if self.stop_text_len is not None else text
+        return self._final_text
+
+    def stop_ids(self) -> frozenset[int]:
+        ids = frozenset(self.params.stop_token_ids)
+        return ids if self.params.ignore_eos else ids | self.eos_ids
 
     def append(self, tokens: list[int]) -> list[int]:
         """Add newly decided tokens, applying stop rules; returns those actually kept."""
-        kept = []
-        for token in tokens:
-            if self.finished:
-                break
-            self.output_ids.append(token)
-            kept.append(token)
-            if self.first_token_time is None:
-                self.first_token_time = time.perf_counter()
-            if (token in self.eos_ids and not self.params.ignore_eos) or token in self.params.stop_token_ids:
-                self._finish("eos" if token in self.eos_ids else "stop")
-            elif self.params.stop and self._match_stop():
-                self._finish("stop")
-            elif len(self.output_ids) >= self.params.max_new_tokens:
-                self._finish("length")
+        if self.finished or not tokens:
+            return []
+        reason, end = None, len(tokens)
+        room = self.params.max_new_tokens - len(self.output_ids)
+        if room <= end:
+            reason, end = "length", room
+        stops, head = self.stop_ids(), tokens[:end]
+        limit = end  # tokens that may complete a stop string (a stop-id token never does)
+        if not stops.isdisjoint(head):
+            first = min(head.index(t) for t in stops.intersection(head))
+            reason, end, limit = ("eos" if tokens[first] in self.eos_ids else "stop"), first + 1, first
+        if self.params.stop and limit > 0:
+            hit = self._stop_string_end(tokens, limit)
+            if hit is not None:
+                reason, end = "stop", hit
+        kept = tokens[:end]
+        if self.first_token_time is None:
+            self.first_token_time = time.perf_counter()
+        self.output_ids.extend(kept)
+        if reason is not None:
+            self._finish(reason)
         return kept
 
-    def _match_stop(self) -> bool:
-        text = self.decode(self.output_ids)
-        hits = [text.find(s) for s in self.params.stop if s and s in text]
-        if hits:
-            self.stop_text_len = min(hits)
-            return True
-        return False
+    def _stop_string_end(self, tokens: list[int], limit: int) -> int | None:
+        """How many of `tokens` to keep so the output ends with the first stop string they complete."""
+        detok = self.detokenizer
+        detok.update()
+        start = max(len(detok.text) - max(len(s) for s in self.params.stop) + 1, 0)
+        before = self.decode(self.output_ids[detok.prefix: detok.read]) if detok.read > detok.prefix else ""
+        after = self.decode(self.output_ids[detok.prefix:] + tokens[:limit])
+        tail = (detok.text + after[len(before):])[start:]
+        if not any(s and s in tail for s in self.params.stop):
+            return None
+        for count in range(1, limit + 1):  # rare (once per request): find the token that completed it
+            text = self.decode(self.output_ids + tokens[:count])
+            hits = [text.find(s, start) for s in self.params.stop if s and text.find(s, start) >= 0]
+            if hits:
+                self.stop_text_len = min(hits)
+                return count
+        return None
+
+    def fail(self, message: str) -> None:
+        self.error = message
+        self._finish("error")
 
     def _finish(self, reason: str) -> None:
         self.finished = True

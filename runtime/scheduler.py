@@ -2,18 +2,22 @@
 
 checkpoint ──builder──▶ engine dir ──[runtime: scheduler]──▶ Triton
 
-FIFO by arrival. Each step first serves the running requests (oldest first), then admits
-waiting ones while the sequence limit, the per-step token budget and the free KV pages
-allow. Prompts longer than the token budget are prefilled in chunks. When the page pool
-runs dry the newest request not yet served this step is preempted: its pages are freed
-and it goes back to the waiting queue, keeping its decode state; on readmission its
-cached tokens (prompt + output so far) are recomputed and it resumes exactly where it was.
+Admission is FIFO by arrival. Each step first serves the running requests, least recently
+served first (so when the token budget cannot fit everyone, those left out go first next
+step: nobody waits more than a step behind others of its size), then admits waiting ones
+while the sequence limit, the per-step token budget and the free KV pages allow. Prompts
+longer than the token budget are prefilled in chunks. When the page pool runs dry the newest
+request not yet served this step is preempted: its pages are freed and it goes back to the
+waiting queue, keeping its decode state; on readmission its cached tokens (prompt + output
+so far) are recomputed and it resumes exactly where it was.
 """
 
 from __future__ import annotations
 
-import bisect
+import heapq
 from dataclasses import dataclass, field
+
+import numpy as np
 
 from .kv_cache import KVCacheFullError, PagedKVCache
 from .request import Request
@@ -36,6 +40,7 @@ class Sequence:
     cache_len: int = 0  # positions recomputed/prefilled by the engine so far
     fill_target: int = 0  # positions the engine fills in chunks before the strategy takes over
     num_preemptions: int = 0
+    last_served: int = -1  # the step that last ran it
 
     @property
     def request_id(self) -> int:
@@ -58,48 +63,92 @@ class ScheduledWork:
     segments: list[Segment]
     is_fill: bool
 
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(s) for s in self.segments)
+
+
+class WaitingQueue:
+    """Sequences ordered by arrival (preempted ones go back to their place); O(log n) per change."""
+
+    def __init__(self):
+        self._heap: list[Sequence] = []
+        self._removed: set[int] = set()
+
+    def push(self, seq: Sequence) -> None:
+        self._removed.discard(seq.request_id)
+        heapq.heappush(self._heap, seq)
+
+    def peek(self) -> Sequence | None:
+        while self._heap and self._heap[0].request_id in self._removed:
+            self._removed.discard(heapq.heappop(self._heap).request_id)
+        return self._heap[0] if self._heap else None
+
+    def pop(self) -> Sequence:
+        seq = self.peek()
+        heapq.heappop(self._heap)
+        return seq
+
+    def remove(self, seq: Sequence) -> bool:
+        if seq.request_id in self._removed or seq not in self._heap:
+            return False
+        self._removed.add(seq.request_id)
+        return True
+
+    def __contains__(self, seq: Sequence) -> bool:
+        return seq.request_id not in self._removed and seq in self._heap
+
+    def __len__(self) -> int:
+        return len(self._heap) - len(self._removed)
+
+    def __iter__(self):
+        return (s for s in sorted(self._heap) if s.request_id not in self._removed)
+
 
 @dataclass
 class Scheduler:
     config: SchedulerConfig
     cache: PagedKVCache
-    waiting: list[Sequence] = field(default_factory=list)  # kept sorted by arrival
+    waiting: WaitingQueue = field(default_factory=WaitingQueue)
     running: list[Sequence] = field(default_factory=list)
+    step_index: int = 0
 
     def add(self, sequence: Sequence) -> None:
-        bisect.insort(self.waiting, sequence)
+        self.waiting.push(sequence)
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(len(self.waiting) or self.running)
 
     # -- one step ----------------------------------------------------------------------------
     def schedule(self) -> list[ScheduledWork]:
+        self.step_index += 1
         budget = self.config.max_num_batched_tokens
         work: list[ScheduledWork] = []
         served: set[int] = set()
-        for seq in list(self.running):
+        order = sorted(self.running, key=lambda s: (s.last_served, s.request_id))
+        for seq in order:
             if seq not in self.running:  # preempted earlier in this loop
                 continue
-            item = self._plan(seq, budget, first=not work)
-            if item is None:
-                continue
-            if not self._reserve_or_preempt(seq, item, served):
-                continue
-            work.append(item)
-            served.add(seq.request_id)
-            budget -= sum(len(s) for s in item.segments)
-        while self.waiting and len(self.running) < self.config.max_num_seqs and budget > 0:
-            seq = self.waiting[0]
-            if self.cache.pages_needed(self._admission_tokens(seq, budget)) > self.cache.num_free_pages:
-                break  # strict FIFO: nobody overtakes the head of the queue
-            self.waiting.pop(0)
-            self._admit(seq, budget)
             item = self._plan(seq, budget, first=not work)
             if item is None or not self._reserve_or_preempt(seq, item, served):
                 continue
             work.append(item)
             served.add(seq.request_id)
-            budget -= sum(len(s) for s in item.segments)
+            budget -= item.num_tokens
+        while len(self.waiting) and len(self.running) < self.config.max_num_seqs and budget > 0:
+            seq = self.waiting.peek()
+            if self.cache.pages_needed(self._admission_tokens(seq, budget)) > self.cache.num_free_pages:
+                break  # strict FIFO: nobody overtakes the head of the queue
+            self.waiting.pop()
+            self._admit(seq)
+            item = self._plan(seq, budget, first=not work)
+            if item is None or not self._reserve_or_preempt(seq, item, served):
+                continue
+            work.append(item)
+            served.add(seq.request_id)
+            budget -= item.num_tokens
+        for item in work:
+            item.sequence.last_served = self.step_index
         return work
 
     def _admission_tokens(self, seq: Sequence, budget: int) -> int:
@@ -108,7 +157,7 @@ class Scheduler:
             return min(resume, budget) + 1
         return min(len(seq.request.prompt_ids), budget) + 1
 
-    def _admit(self, seq: Sequence, budget: int) -> None:
+    def _admit(self, seq: Sequence) -> None:
         self.cache.add_request(seq.request_id)
         seq.cache_len = 0
         if seq.strategy.committed:  # resuming after preemption: recompute what was cached
@@ -125,7 +174,7 @@ class Scheduler:
                 return None
             start = seq.cache_len
             tokens = seq.tokens()[start: start + size]
-            segment = Segment(seq.request_id, tokens, list(range(start, start + size)), start, Pattern.CAUSAL,
+            segment = Segment(seq.request_id, tokens, np.arange(start, start + size), start, Pattern.CAUSAL,
                               write_kv=True, logit_rows=[])
             return ScheduledWork(seq, [segment], is_fill=True)
         segments = seq.strategy.next_segments()
@@ -135,7 +184,7 @@ class Scheduler:
         return ScheduledWork(seq, segments, is_fill=False)
 
     def _reserve_or_preempt(self, seq: Sequence, item: ScheduledWork, served: set[int]) -> bool:
-        need = max((p + 1 for s in item.segments for p, w in zip(s.positions, s.write_flags()) if w), default=0)
+        need = max(s.write_end() for s in item.segments)
         while True:
             try:
                 self.cache.reserve(seq.request_id, need)
@@ -153,7 +202,7 @@ class Scheduler:
         self.running.remove(seq)
         seq.cache_len = 0
         seq.num_preemptions += 1
-        bisect.insort(self.waiting, seq)
+        self.waiting.push(seq)
 
     def after_forward(self, item: ScheduledWork) -> None:
         seq = item.sequence
@@ -170,5 +219,5 @@ class Scheduler:
         if seq in self.running:
             self.running.remove(seq)
             self.cache.free(seq.request_id)
-        elif seq in self.waiting:
+        else:
             self.waiting.remove(seq)

@@ -98,6 +98,13 @@ class Segment:
             return np.full(len(self), bool(self.write_kv))
         return np.asarray(self.write_kv, dtype=bool)
 
+    def write_end(self) -> int:
+        """One past the highest position this segment writes to the cache (0 when it writes none)."""
+        if isinstance(self.write_kv, (bool, np.bool_)):
+            return int(np.max(self.positions)) + 1 if self.write_kv else 0
+        writes = np.asarray(self.write_kv, dtype=bool)
+        return int(np.asarray(self.positions)[writes].max()) + 1 if writes.any() else 0
+
     def rows(self) -> np.ndarray:
         return arange(len(self)) if self.logit_rows is None else np.asarray(self.logit_rows, dtype=np.int64)
 

@@ -1,11 +1,10 @@
-"""Text deltas for streaming, decoded from the accumulated output ids.
+"""Text deltas for streaming, from the request's incremental detokenizer.
 
 checkpoint ──builder──▶ engine dir ──[runtime: streaming]──▶ Triton
 
-Decoding token by token breaks spaces and multi-byte characters, so each delta is the
-new suffix of the decoded text of all tokens so far. A trailing replacement character
-(an incomplete UTF-8 sequence) and anything that could still grow into a stop string are
-held back until they are settled, so the deltas always concatenate to the final text.
+Each update costs O(new tokens): the request's detokenizer decodes only a short window.
+Anything that could still grow into a stop string is held back until it is settled, and the
+last delta is taken from the final text, so the deltas always concatenate to the final text.
 """
 
 from __future__ import annotations
@@ -16,18 +15,18 @@ from .request import Request
 class TextStream:
     def __init__(self, request: Request):
         self.request = request
-        self.sent = ""
+        self.sent_len = 0
+        self.sent_tail = ""  # the last characters sent, to check the text still extends them
         self.holdback = max((len(s) for s in request.params.stop), default=1) - 1
 
     def delta(self) -> str:
         text = self.request.text
-        if not self.request.finished:
-            if self.holdback:
-                text = text[: max(len(text) - self.holdback, 0)]
-            while text.endswith("\ufffd"):
-                text = text[:-1]
-        if not text.startswith(self.sent):
-            return ""  # earlier text is still settling (only possible mid-sequence); wait for it
-        out = text[len(self.sent):]
-        self.sent += out
+        if not self.request.finished and self.holdback:
+            text = text[: max(len(text) - self.holdback, 0)]
+        tail = self.sent_tail
+        if len(text) <= self.sent_len or not text.startswith(tail, self.sent_len - len(tail)):
+            return ""  # nothing new, or earlier text is still settling (only possible mid-sequence)
+        out = text[self.sent_len:]
+        self.sent_len = len(text)
+        self.sent_tail = (tail + out)[-64:]
         return out

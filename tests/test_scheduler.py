@@ -32,17 +32,17 @@ def test_token_budget_limits_a_step_and_long_prompts_are_chunked(engine_fp32):
     reference = LLM(engine_fp32, device="cpu")
     want = reference.generate([long_prompt] + short, SamplingParams(max_new_tokens=10, ignore_eos=True))
     engine = llm.engine
-    forward, step_sizes = engine.model.forward, []
+    run, step_sizes = engine.model.run, []
 
-    def recording_forward(segments, cache):  # observe each step's size, then run the real forward
-        step_sizes.append((sum(len(seg) for seg in segments), len(segments)))
-        return forward(segments, cache)
+    def recording_run(batch, cache):  # observe each step's size, then run the real forward
+        step_sizes.append((batch.num_tokens, batch.num_segments))
+        return run(batch, cache)
 
-    engine.model.forward = recording_forward
+    engine.model.run = recording_run
     reqs = [engine.add_request(p, SamplingParams(max_new_tokens=10, ignore_eos=True)) for p in [long_prompt] + short]
     while engine.has_unfinished():
         engine.step()
-    assert all(tokens <= 16 for tokens, _ in step_sizes)
+    assert step_sizes and all(tokens <= 16 for tokens, _ in step_sizes)
     seen_fill = reqs[0].num_forwards > 10  # prefill chunks count as forwards of the long request
     assert seen_fill
     assert [r.output_ids for r in reqs] == [w.output_ids for w in want]

@@ -5,27 +5,33 @@ checkpoint ──builder──▶ engine dir ──[runtime: AR strategy]──�
 
 from __future__ import annotations
 
-import torch
+import numpy as np
 
 from ..segments import Pattern, Segment
 from .base import DecodeStrategy
+
+AR_SHAPE = ("ar",)
 
 
 class ARStrategy(DecodeStrategy):
     def __init__(self, request, ctx):
         super().__init__(request, ctx)
         self.last_token: int | None = None
+        self._handle = None
 
     def next_segments(self) -> list[Segment]:
         if self.last_token is None:
             return [self.prefill_segment()]
         pos = self.committed
-        return [Segment(self.request.request_id, [self.last_token], [pos], prefix_len=pos,
-                        pattern=Pattern.CAUSAL, write_kv=True)]
+        return [Segment(self.request.request_id, np.array([self.last_token]), np.array([pos]), pos,
+                        Pattern.CAUSAL, True, None, None, False, None, AR_SHAPE)]
 
-    def consume(self, logits: list[torch.Tensor]) -> list[int]:
+    def register(self, decider, first_row: int, token_row: int) -> None:
+        self._handle = decider.sample(self, first_row)
+
+    def consume(self, decider) -> list[int]:
         self.committed = len(self.request.prompt_ids) if self.last_token is None else self.committed + 1
         forced = self.forced_token()
-        token = forced if forced is not None else self.sample(logits[0][-1])
+        token = forced if forced is not None else int(decider.result(self._handle)[0])
         self.last_token = token
         return [token]

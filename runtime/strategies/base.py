@@ -2,23 +2,26 @@
 
 checkpoint ──builder──▶ engine dir ──[runtime: strategies]──▶ Triton
 
-Each engine step asks every running strategy for the segments of its next forward,
-runs them all in one model pass, and hands each strategy its logits. The strategy
-returns the output tokens it decided and exposes `committed`, the number of cache
+Each engine step asks every running strategy for the segments of its next forward
+(`next_segments`), runs them all in one model pass, lets every strategy say what it needs
+from its logit rows (`register`, with the step's `Decider`), computes all of it in one
+batched pass on the device, copies the answers to the host once, and hands each strategy
+its answer (`consume`), which returns the output tokens it decided. Strategies keep only
+small host state and do O(1) Python per step; `committed` is the number of cache
 positions that are now valid (the engine shrinks the cache to it).
 """
 
 from __future__ import annotations
 
+import secrets
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
-import torch
+import numpy as np
 
 from nemodiff.engine_format import ModelConfig
 
 from ..request import Request
-from ..sampler import make_generator, sample
 from ..segments import Pattern, Segment
 
 
@@ -35,36 +38,47 @@ class DecodeStrategy(ABC):
         self.request = request
         self.ctx = ctx
         self.params = request.params
-        self.generator = make_generator(self.params.seed)
+        self.seed = self.params.seed if self.params.seed is not None else secrets.randbits(62)
+        self.draw_counter = 0  # advanced by every decision that may draw random numbers
+        self.draft_probs = None  # device distributions of sampled drafts (temperature > 0)
         self.committed = 0  # valid KV positions of this request
+        self._think_closed = False  # the end-of-thinking token has been emitted
+        self._think_seen = 0  # output tokens already searched for it
 
     @abstractmethod
     def next_segments(self) -> list[Segment]:
-        """Segments for this request's part of the next forward."""
+        """Segments for this request's part of the next forward (one segment)."""
 
     @abstractmethod
-    def consume(self, logits: list[torch.Tensor]) -> list[int]:
-        """Logits of the segments above -> newly decided output tokens."""
+    def register(self, decider, first_row: int, token_row: int) -> None:
+        """Ask the decider for what this step's logits must give (rows from first_row; the
+        segment's tokens start at batch token row token_row)."""
+
+    @abstractmethod
+    def consume(self, decider) -> list[int]:
+        """Read the decider's answers; returns the newly decided output tokens."""
 
     # helpers shared by the strategies ------------------------------------------------------
-    def sample(self, logits_row: torch.Tensor) -> int:
-        p = self.params
-        return sample(logits_row, p.temperature, p.top_k, p.top_p, self.generator)
-
     def prefill_segment(self) -> Segment:
         """The rest of the prompt after what the engine already cached (chunked prefill)."""
         prompt, start = self.request.prompt_ids, self.committed
         n = len(prompt)
-        return Segment(self.request.request_id, list(prompt[start:]), list(range(start, n)), prefix_len=start,
+        return Segment(self.request.request_id, prompt[start:], np.arange(start, n), prefix_len=start,
                        pattern=Pattern.CAUSAL, write_kv=True, logit_rows=[n - start - 1])
 
     def tokens_until_forced(self) -> int | None:
         """How many tokens may still be emitted before the end-of-thinking token must be forced
         (thinking budget, DESIGN §5.6); None when nothing is to be forced."""
         budget, end = self.params.max_thinking_tokens, self.ctx.think_end_id
-        if budget is None or end is None or end in self.request.output_ids:
+        if budget is None or end is None or self._thinking_done():
             return None
         return max(budget - len(self.request.output_ids), 0)
+
+    def _thinking_done(self) -> bool:
+        if not self._think_closed:
+            self._think_closed = self.ctx.think_end_id in self.request.output_ids[self._think_seen:]
+            self._think_seen = len(self.request.output_ids)
+        return self._think_closed
 
     def forced_token(self) -> int | None:
         """The end-of-thinking token when it is due as the very next token, else None."""

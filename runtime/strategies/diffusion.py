@@ -5,14 +5,17 @@ checkpoint ──builder──▶ engine dir ──[runtime: diffusion strategy]
 Each block starts as [seed, MASK x (B-1)] at the committed length P. Denoise forwards
 (FULL, no KV write) unmask positions by confidence until none is left or an EOS stands
 with no mask before it; one CAUSAL commit forward then writes the block's K/V and its
-last row gives the next block's seed.
+last row gives the next block's seed. A position stays masked while its token is the mask
+id: a chosen candidate equal to the mask id leaves it masked, and a block that still holds
+masks after B denoising steps fills them with their best non-mask candidates of the last
+denoising forward, so the mask token is never output.
 """
 
 from __future__ import annotations
 
-import torch
+import numpy as np
 
-from ..segments import Pattern, Segment
+from ..segments import Pattern, Segment, arange
 from .base import DecodeStrategy
 
 
@@ -27,47 +30,68 @@ class DiffusionStrategy(DecodeStrategy):
         super().__init__(request, ctx)
         self.B = self.block_length()
         self.phase = "prefill"
-        self.block: list[int] = []
-        self.masked: list[bool] = []
+        self.mask_id = ctx.model.mask_token_id
+        self.block = np.full(self.B, self.mask_id, dtype=np.int64)
+        self.masked = np.zeros(self.B, dtype=bool)
         self.schedule: list[int] = []
         self.steps = 0
         self.steps_per_block: list[int] = []
+        self.stop_array = np.array(sorted(request.stop_ids()), dtype=np.int64)
+        self._rows = None
+        self._handle = None
+        self._denoise_shape = ("denoise", self.B)
+        self._commit_shape = ("commit", self.B)
 
     # -- segments ----------------------------------------------------------------------------
     def next_segments(self) -> list[Segment]:
         rid, P = self.request.request_id, self.committed
-        positions = list(range(P, P + self.B))
         if self.phase == "prefill":
             return [self.prefill_segment()]
+        positions = arange(self.B) + P
         if self.phase == "denoise":
-            rows = [j for j, m in enumerate(self.masked) if m]
-            return [Segment(rid, list(self.block), positions, P, Pattern.FULL, write_kv=False, logit_rows=rows)]
-        return [Segment(rid, list(self.block), positions, P, Pattern.CAUSAL, write_kv=True, logit_rows=[self.B - 1])]
+            self._rows = np.flatnonzero(self.masked)
+            return [Segment(rid, self.block.copy(), positions, P, Pattern.FULL, False, self._rows, None, False,
+                            None, self._denoise_shape)]
+        return [Segment(rid, self.block.copy(), positions, P, Pattern.CAUSAL, True, [self.B - 1], None, False,
+                        None, self._commit_shape)]
 
-    # -- logits ------------------------------------------------------------------------------
-    def consume(self, logits: list[torch.Tensor]) -> list[int]:
-        rows = logits[0]
+    # -- decisions ---------------------------------------------------------------------------
+    def register(self, decider, first_row: int, token_row: int) -> None:
+        if self.phase != "denoise":
+            self._handle = decider.sample(self, first_row)
+            return
+        tau = self.params.threshold
+        k = 0
+        if tau is None:
+            k = self.schedule[self.steps] if self.steps < len(self.schedule) else 1
+            k = min(max(k, 1), len(self._rows))
+        self._handle = decider.candidates(self, first_row, len(self._rows), self._rows, tau, k,
+                                          last_step=self.steps + 1 >= self.B)
+
+    def consume(self, decider) -> list[int]:
+        answer = decider.result(self._handle)
         if self.phase == "prefill":
             self.committed = len(self.request.prompt_ids)
-            return self._new_block(rows[-1])
+            return self._new_block(int(answer[0]))
         if self.phase == "commit":
             self.committed += self.B
-            return self._new_block(rows[-1])
-        return self._denoise_step(rows)
+            return self._new_block(int(answer[0]))
+        return self._denoised(answer)
 
-    def _new_block(self, last_row: torch.Tensor) -> list[int]:
+    def _new_block(self, sampled: int) -> list[int]:
         forced = self.forced_token()
-        seed = forced if forced is not None else self.sample(last_row)
-        mask_id = self.ctx.model.mask_token_id
-        self.block = [seed] + [mask_id] * (self.B - 1)
-        self.masked = [False] + [True] * (self.B - 1)
+        seed = forced if forced is not None else sampled
+        self.block[:] = self.mask_id
+        self.block[0] = seed
+        self.masked[:] = True
+        self.masked[0] = False
         room = self._room_after(seed)
         if room is not None and room < self.B - 1:  # thinking budget: end-of-thinking is pre-placed
             self.block[1 + room] = self.ctx.think_end_id
             self.masked[1 + room] = False
-        self.schedule = even_split(sum(self.masked), self.B)
+        self.schedule = even_split(int(self.masked.sum()), self.B)
         self.steps = 0
-        self.phase = "denoise" if any(self.masked) else "commit"
+        self.phase = "denoise" if self.masked.any() else "commit"
         if self.phase == "commit":
             self.steps_per_block.append(0)
         return [seed]
@@ -78,49 +102,32 @@ class DiffusionStrategy(DecodeStrategy):
             return None
         return room - 1  # the seed itself is about to be emitted
 
-    def _candidates(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        probs = torch.softmax(rows.double(), dim=-1)
-        if self.params.temperature <= 0:
-            confidence, candidates = probs.max(dim=-1)
-            return candidates, confidence
-        uniform = torch.rand(rows.shape, generator=self.generator, dtype=torch.float64).clamp_(1e-300, 1.0)
-        gumbel = -torch.log(-torch.log(uniform))
-        candidates = (rows.double() / self.params.temperature + gumbel).argmax(dim=-1)
-        return candidates, probs.gather(-1, candidates[:, None])[:, 0]
-
-    def _denoise_step(self, rows: torch.Tensor) -> list[int]:
-        positions = [j for j, m in enumerate(self.masked) if m]
-        candidates, confidence = self._candidates(rows)
-        tau = self.params.threshold
-        if tau is not None:
-            chosen = {int(i) for i in torch.nonzero(confidence >= tau).flatten()}
-            chosen.add(int(confidence.argmax()))
-        else:
-            k = self.schedule[self.steps] if self.steps < len(self.schedule) else 1
-            k = min(max(k, 1), len(positions))
-            chosen = {int(i) for i in torch.topk(confidence, k).indices}
-        for i in chosen:
-            self.block[positions[i]] = int(candidates[i])
-            self.masked[positions[i]] = False
+    def _denoised(self, answer: np.ndarray) -> list[int]:
+        candidates, chosen, fallback = answer[:, 0], answer[:, 1].astype(bool), answer[:, 2]
+        commit = chosen & (candidates != self.mask_id)
+        self.block[self._rows[commit]] = candidates[commit]
+        self.masked[self._rows[commit]] = False
         self.steps += 1
+        if self.steps >= self.B and self.masked.any():
+            still = self.masked[self._rows]
+            self.block[self._rows[still]] = fallback[still]
+            self.masked[self._rows[still]] = False
         end = self._eos_end()
-        if any(self.masked) and end is None:
+        if self.masked.any() and end is None:
             return []
         self.steps_per_block.append(self.steps)
         self.phase = "commit"
-        return self.block[1:] if end is None else self.block[1: end + 1]
+        return self.block[1:].tolist() if end is None else self.block[1: end + 1].tolist()
 
     def _eos_end(self) -> int | None:
         """Index of an EOS with no mask before it (the block can stop there), else None."""
-        if self.params.ignore_eos:
+        if not len(self.stop_array):
             return None
-        stops = self.request.eos_ids | set(self.params.stop_token_ids)
-        for j in range(1, self.B):
-            if self.masked[j]:
-                return None
-            if self.block[j] in stops:
-                return j
-        return None
+        hits = np.flatnonzero(np.isin(self.block[1:], self.stop_array) & ~self.masked[1:])
+        if not len(hits):
+            return None
+        end = int(hits[0]) + 1
+        return None if self.masked[1:end].any() else end
 
     def stats(self) -> dict:
         steps = self.steps_per_block

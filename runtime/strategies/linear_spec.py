@@ -10,11 +10,10 @@ count, which drops the K/V of rejected drafts.
 
 from __future__ import annotations
 
-import torch
+import numpy as np
 
-from ..segments import Pattern, Segment
+from ..segments import Pattern, Segment, arange
 from .base import DecodeStrategy
-from .speculative import choose_drafts, verify
 
 
 class LinearSpecStrategy(DecodeStrategy):
@@ -26,63 +25,69 @@ class LinearSpecStrategy(DecodeStrategy):
         # rejection sampling; it is used at temperature 0 only.
         self.draft_threshold = self.params.draft_threshold if self.params.temperature <= 0 else None
         self.phase = "prefill"
-        self.seed: int | None = None
-        self.drafts: list[int] = []
-        self.draft_masked: list[bool] = []
-        self.draft_logits: torch.Tensor | None = None
+        self.mask_id = ctx.model.mask_token_id
+        self.tokens = np.full(self.B, self.mask_id, dtype=np.int64)  # [seed, d_1..d_{B-1}]
+        self.draft_masked = np.zeros(self.B, dtype=bool)  # over tokens; slot 0 (the seed) never masked
         self.accepted: list[int] = []
+        self._rows = None
+        self._handle = None
+        self._draft_shape = ("draft", self.B, self.use_lora)
+        self._verify_shape = ("verify", self.B)
 
     def next_segments(self) -> list[Segment]:
         rid, P = self.request.request_id, self.committed
-        positions = list(range(P, P + self.B))
         if self.phase == "prefill":
             return [self.prefill_segment()]
-        tokens = [self.seed] + self.drafts
+        positions = arange(self.B) + P
         if self.phase == "draft":
-            rows = [j + 1 for j, m in enumerate(self.draft_masked) if m]
-            return [Segment(rid, tokens, positions, P, Pattern.FULL, write_kv=False, logit_rows=rows,
-                            use_lora=self.use_lora)]
-        return [Segment(rid, tokens, positions, P, Pattern.CAUSAL, write_kv=True)]
+            self._rows = np.flatnonzero(self.draft_masked)
+            return [Segment(rid, self.tokens.copy(), positions, P, Pattern.FULL, False, self._rows, None,
+                            self.use_lora, None, self._draft_shape)]
+        return [Segment(rid, self.tokens.copy(), positions, P, Pattern.CAUSAL, True, None, None, False, None,
+                        self._verify_shape)]
 
-    def consume(self, logits: list[torch.Tensor]) -> list[int]:
-        rows = logits[0]
+    def register(self, decider, first_row: int, token_row: int) -> None:
+        if self.phase == "prefill":
+            self._handle = decider.sample(self, first_row)
+        elif self.phase == "verify":
+            self._handle = decider.verify(self, first_row, self.B, token_row)
+        elif self.draft_threshold is None:
+            self._handle = decider.drafts(self, first_row, len(self._rows))
+        else:
+            self._handle = decider.candidates(self, first_row, len(self._rows), self._rows, self.draft_threshold,
+                                              0, last_step=False)
+
+    def consume(self, decider) -> list[int]:
+        answer = decider.result(self._handle)
         if self.phase == "prefill":
             self.committed = len(self.request.prompt_ids)
             forced = self.forced_token()
-            return self._start_cycle(forced if forced is not None else self.sample(rows[-1]))
+            return self._start_cycle(forced if forced is not None else int(answer[0]))
         if self.phase == "draft":
-            self._draft_step(rows)
+            if self.draft_threshold is None:
+                self.tokens[self._rows] = answer
+                self.draft_masked[self._rows] = False
+            else:
+                chosen = answer[:, 1].astype(bool)
+                self.tokens[self._rows[chosen]] = answer[chosen, 0]
+                self.draft_masked[self._rows[chosen]] = False
+            if not self.draft_masked.any():
+                self.phase = "verify"
             return []
-        tokens = verify(rows, self.drafts, self.draft_logits, self.params, self.generator)
+        n = int(answer[0])
+        tokens = answer[1: 1 + n].tolist()
         self.accepted.append(len(tokens))
         tokens = self.apply_thinking_budget(tokens)
         self.committed += len(tokens)  # the seed and the accepted drafts stay cached
         return tokens[:-1] + self._start_cycle(tokens[-1])
 
     def _start_cycle(self, seed: int) -> list[int]:
-        self.seed = seed
-        self.drafts = [self.ctx.model.mask_token_id] * (self.B - 1)
-        self.draft_masked = [True] * (self.B - 1)
-        self.draft_logits = torch.empty(self.B - 1, self.ctx.model.vocab_size)
+        self.tokens[:] = self.mask_id
+        self.tokens[0] = seed
+        self.draft_masked[:] = True
+        self.draft_masked[0] = False
         self.phase = "draft" if self.B > 1 else "verify"
         return [seed]
-
-    def _draft_step(self, rows: torch.Tensor) -> None:
-        open_slots = [j for j, m in enumerate(self.draft_masked) if m]
-        candidates = choose_drafts(rows, self.params, self.generator)
-        if self.draft_threshold is None:
-            chosen = range(len(open_slots))
-        else:
-            confidence = torch.softmax(rows.double(), dim=-1).max(dim=-1).values
-            chosen = {int(i) for i in torch.nonzero(confidence >= self.draft_threshold).flatten()}
-            chosen.add(int(confidence.argmax()))
-        for i in chosen:
-            slot = open_slots[i]
-            self.drafts[slot] = candidates[i]
-            self.draft_logits[slot] = rows[i]
-            self.draft_masked[slot] = False
-        if not any(self.draft_masked):
-            self.phase = "verify"
 
     def stats(self) -> dict:
         return acceptance_stats(self.accepted)

@@ -7,17 +7,19 @@ The segment is [d_0..d_{k-1}, group_0, ..., group_{k-1}] with group i = k MASK t
 positions P+i+1..P+i+k. Drafts attend causally among themselves; group i sees d_0..d_i and
 its own group. Only the drafts write K/V; accepting n keeps d_0..d_{n-1}. The next drafts
 are group (n-1): slot 0 is the bonus token (the AR prediction for that position) and
-slots 1..k-1 its diffusion predictions.
+slots 1..k-1 its diffusion predictions, chosen on the device in the same decision pass.
 """
 
 from __future__ import annotations
 
+from functools import lru_cache
+
+import numpy as np
 import torch
 
-from ..segments import Pattern, Segment
+from ..segments import Mask, Pattern, Segment
 from .base import DecodeStrategy
 from .linear_spec import acceptance_stats
-from .speculative import choose_drafts, verify
 
 
 def quadratic_mask(k: int) -> torch.Tensor:
@@ -40,59 +42,70 @@ def first_cycle_mask(prompt_len: int, k: int) -> torch.Tensor:
     return mask
 
 
+@lru_cache(maxsize=64)
+def cycle_layout(k: int) -> tuple[Mask, np.ndarray, np.ndarray, np.ndarray]:
+    """(mask, position offsets, write flags, logit rows) of a QuadraticSpec cycle, shared by all requests."""
+    offsets = list(range(k))
+    for i in range(k):
+        offsets += range(i + 1, i + 1 + k)
+    rows = list(range(k)) + [k + g * k + j for g in range(k) for j in range(1, k)]
+    writes = np.array([True] * k + [False] * (k * k))
+    return Mask(quadratic_mask(k)), np.array(offsets, dtype=np.int64), writes, np.array(rows, dtype=np.int64)
+
+
 class QuadraticSpecStrategy(DecodeStrategy):
     def __init__(self, request, ctx):
         super().__init__(request, ctx)
         self.k = self.block_length()
-        self.mask = quadratic_mask(self.k)
+        self.mask_id = ctx.model.mask_token_id
         self.phase = "first"
-        self.drafts: list[int] = []
-        self.draft_logits: torch.Tensor | None = None  # rows d_1..d_{k-1} were drawn from
+        self.tokens = np.full(self.k * (self.k + 1), self.mask_id, dtype=np.int64)  # drafts then groups
         self.accepted: list[int] = []
-
-    def _group_rows(self, group: int, first_row: int) -> list[int]:
-        """Rows of slots 1..k-1 of `group` (slot 0 takes the AR prediction instead)."""
-        start = first_row + group * self.k
-        return list(range(start + 1, start + self.k))
+        self._handles = None
+        self._shape = ("quad", self.k)
 
     def next_segments(self) -> list[Segment]:
-        rid, mask_id, k = self.request.request_id, self.ctx.model.mask_token_id, self.k
+        rid, mask_id, k = self.request.request_id, self.mask_id, self.k
         if self.phase == "first":
             prompt, start = self.request.prompt_ids, self.committed  # start > 0 after chunked prefill
             n = len(prompt) - start
-            return [Segment(rid, list(prompt[start:]) + [mask_id] * k, list(range(start, len(prompt) + k)), start,
-                            Pattern.MASK, write_kv=[True] * n + [False] * k,
-                            logit_rows=[n - 1] + list(range(n + 1, n + k)), mask=first_cycle_mask(n, k))]
+            return [Segment(rid, list(prompt[start:]) + [mask_id] * k, np.arange(start, len(prompt) + k), start,
+                            Pattern.MASK, np.array([True] * n + [False] * k),
+                            [n - 1] + list(range(n + 1, n + k)), first_cycle_mask(n, k))]
+        mask, offsets, writes, rows = cycle_layout(k)
         P = self.committed
-        positions = list(range(P, P + k))
-        for i in range(k):
-            positions += range(P + i + 1, P + i + 1 + k)
-        rows = list(range(k)) + [r for g in range(k) for r in self._group_rows(g, k)]
-        return [Segment(rid, self.drafts + [mask_id] * (k * k), positions, P, Pattern.MASK,
-                        write_kv=[True] * k + [False] * (k * k), logit_rows=rows, mask=self.mask)]
+        return [Segment(rid, self.tokens.copy(), offsets + P, P, Pattern.MASK, writes, rows, mask, False, None,
+                        self._shape)]
 
-    def consume(self, logits: list[torch.Tensor]) -> list[int]:
-        rows, k = logits[0], self.k
+    def register(self, decider, first_row: int, token_row: int) -> None:
         if self.phase == "first":
+            seed = decider.sample(self, first_row)
+            drafts = decider.drafts(self, first_row + 1, self.k - 1) if self.k > 1 else None
+            self._handles = (seed, drafts)
+        else:
+            self._handles = decider.quad(self, first_row, self.k, token_row)
+
+    def consume(self, decider) -> list[int]:
+        k = self.k
+        if self.phase == "first":
+            seed_handle, drafts_handle = self._handles
             self.committed = len(self.request.prompt_ids)
             self.phase = "cycle"
             forced = self.forced_token()
-            seed = forced if forced is not None else self.sample(rows[0])
-            self._set_drafts(seed, rows[1:])
+            seed = forced if forced is not None else int(decider.result(seed_handle)[0])
+            self.tokens[0] = seed
+            if drafts_handle is not None:
+                self.tokens[1:k] = decider.result(drafts_handle)
             return [seed]
-        targets, groups = rows[:k], rows[k:]
-        tokens = verify(targets, self.drafts[1:], self.draft_logits, self.params, self.generator)
+        answer = decider.result(self._handles)
+        n = int(answer[0])
+        tokens = answer[1: 1 + n].tolist()
         self.accepted.append(len(tokens))
         tokens = self.apply_thinking_budget(tokens)
-        m = len(tokens)  # d_0..d_{m-1} stay cached; tokens[-1] is the next d_0
-        self.committed += m
-        group = groups[(m - 1) * (k - 1): m * (k - 1)]
-        self._set_drafts(tokens[-1], group)
+        self.committed += len(tokens)  # d_0..d_{m-1} stay cached; tokens[-1] is the next d_0
+        self.tokens[0] = tokens[-1]
+        self.tokens[1:k] = answer[1 + k: 2 * k]
         return tokens
-
-    def _set_drafts(self, seed: int, slot_logits: torch.Tensor) -> None:
-        self.drafts = [seed] + (choose_drafts(slot_logits, self.params, self.generator) if self.k > 1 else [])
-        self.draft_logits = slot_logits
 
     def stats(self) -> dict:
         return acceptance_stats(self.accepted)

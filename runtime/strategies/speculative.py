@@ -1,6 +1,9 @@
-"""Draft choice and verification shared by the self-speculative strategies (DESIGN §5.3–5.5).
+"""Reference draft choice and verification for one request (DESIGN §5.3–5.5).
 
-checkpoint ──builder──▶ engine dir ──[runtime: spec acceptance]──▶ Triton
+checkpoint ──builder──▶ engine dir ──[runtime: spec acceptance, reference]──▶ Triton
+
+The engine decides for all requests at once (`runtime/decide_kinds.py`); these one-request
+functions state the same rules plainly and are what the batched code is tested against.
 
 Greedy: accept the longest run where the verifier's argmax equals the draft, plus one
 bonus token. Sampling: standard speculative rejection sampling — accept draft d with

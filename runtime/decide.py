@@ -1,0 +1,196 @@
+"""One batched decision pass per step: every request's token choices, on the logits' device.
+
+checkpoint ──builder──▶ engine dir ──[runtime: model ▶ decide ▶ strategies]──▶ Triton
+
+After the forward, each strategy registers what it needs from its logit rows (a sampled
+token, draft tokens, denoising candidates, a speculative verification, a QuadraticSpec
+cycle). `Decider.run` then computes each kind of need for all requests at once with a few
+tensor operations, packs every answer into one int64 tensor and copies it to the host once:
+the only device-to-host transfer of a step. Strategies read their answers as numpy slices.
+
+Drafts sampled at temperature > 0 keep their distributions (`strategy.draft_probs`) on the
+device for the rejection sampling of the next verification.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from . import sampling as S
+
+
+@dataclass
+class _Needs:
+    """Host-side lists for one kind of need, filled during registration."""
+
+    strategies: list = field(default_factory=list)
+    rows: list = field(default_factory=list)  # per need: first logit row
+    counts: list = field(default_factory=list)  # per need: number of logit rows
+    extra: list = field(default_factory=list)  # per need: kind-specific values
+    handles: list = field(default_factory=list)
+
+    def add(self, strategy, first_row: int, count: int, extra, handle: int) -> None:
+        self.strategies.append(strategy)
+        self.rows.append(first_row)
+        self.counts.append(count)
+        self.extra.append(extra)
+        self.handles.append(handle)
+
+
+KINDS = ("sample", "drafts", "candidates", "verify", "quad")
+
+
+class Decider:
+    def __init__(self, device: torch.device, mask_token_id: int):
+        self.device = torch.device(device)
+        self.mask_id = mask_token_id
+        self.begin()
+
+    def begin(self) -> None:
+        self._needs = {kind: _Needs() for kind in KINDS}
+        self._shapes: list[tuple[int, ...]] = []
+        self._offsets: list[int] = []
+        self._host: np.ndarray | None = None
+
+    # -- registration (host, O(1) per request) -----------------------------------------------
+    def _register(self, kind: str, strategy, first_row: int, count: int, extra=None) -> int:
+        handle = len(self._shapes)
+        self._shapes.append(())
+        self._needs[kind].add(strategy, first_row, count, extra, handle)
+        strategy.draw_counter += 1
+        return handle
+
+    def sample(self, strategy, row: int) -> int:
+        """One token from one logit row (greedy, or sampled with the request's settings)."""
+        return self._register("sample", strategy, row, 1)
+
+    def drafts(self, strategy, first_row: int, count: int) -> int:
+        """A draft token per row; at temperature > 0 their distributions go to strategy.draft_probs."""
+        return self._register("drafts", strategy, first_row, count)
+
+    def candidates(self, strategy, first_row: int, count: int, lanes: np.ndarray, threshold: float | None,
+                   topk: int, last_step: bool) -> int:
+        """Denoising: per row (candidate, chosen, best non-mask candidate or -1)."""
+        return self._register("candidates", strategy, first_row, count, (lanes, threshold, topk, last_step))
+
+    def verify(self, strategy, first_row: int, count: int, token_row: int) -> int:
+        """Rows a_0..a_{m-1} against the drafts at batch token rows token_row+1..: (n, tokens...)."""
+        return self._register("verify", strategy, first_row, count, token_row)
+
+    def quad(self, strategy, first_row: int, k: int, token_row: int) -> int:
+        """A QuadraticSpec cycle: (n, tokens[k], next drafts[k-1])."""
+        return self._register("quad", strategy, first_row, k, token_row)
+
+    # -- device work -------------------------------------------------------------------------
+    def run(self, logits: torch.Tensor, ids: torch.Tensor, finite_rows: bool = True) -> None:
+        """Compute every registered need; the answers stay on the device until `fetch`."""
+        parts: list[torch.Tensor] = []
+        if finite_rows:
+            parts.append(torch.isfinite(logits).all(dim=-1).to(torch.int64))
+        self._finite_len = logits.shape[0] if finite_rows else 0
+        from .decide_kinds import run_candidates, run_quad, run_verify
+
+        runners = {"sample": Decider._run_sample, "drafts": Decider._run_drafts, "candidates": run_candidates,
+                   "verify": run_verify, "quad": run_quad}
+        for kind in KINDS:
+            needs = self._needs[kind]
+            if needs.strategies:
+                runners[kind](self, needs, logits, ids, parts)
+        self._packed = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int64, device=self.device)
+
+    def fetch(self) -> None:
+        """The step's one device-to-host copy."""
+        packed = self._packed
+        if packed.device.type == "cpu":
+            self._host = packed.numpy()
+        else:
+            host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
+            host.copy_(packed, non_blocking=True)
+            torch.cuda.current_stream(packed.device).synchronize()
+            self._host = host.numpy()
+
+    def finite(self) -> np.ndarray:
+        return self._host[: self._finite_len].astype(bool)
+
+    def result(self, handle: int) -> np.ndarray:
+        start = self._offsets[handle]
+        shape = self._shapes[handle]
+        return self._host[start: start + int(np.prod(shape))].reshape(shape)
+
+    # -- helpers -----------------------------------------------------------------------------
+    def place(self, parts: list[torch.Tensor], handles: list[int], values: torch.Tensor,
+              shapes: list[tuple[int, ...]]) -> None:
+        """Append `values` (the handles' answers, flattened in order) and record each answer's shape."""
+        offset = sum(p.numel() for p in parts)
+        if len(self._offsets) < len(self._shapes):
+            self._offsets.extend([0] * (len(self._shapes) - len(self._offsets)))
+        for handle, shape in zip(handles, shapes):
+            self._offsets[handle] = offset
+            self._shapes[handle] = shape
+            offset += int(np.prod(shape))
+        parts.append(values.reshape(-1).to(torch.int64))
+
+    def index(self, values) -> torch.Tensor:
+        return torch.as_tensor(np.asarray(values, dtype=np.int64)).to(self.device, non_blocking=True)
+
+    @staticmethod
+    def rows(needs: _Needs) -> np.ndarray:
+        """Every need's logit rows, concatenated."""
+        starts = np.asarray(needs.rows, dtype=np.int64)
+        counts = np.asarray(needs.counts, dtype=np.int64)
+        return np.repeat(starts - np.cumsum(counts) + counts, counts) + np.arange(counts.sum())
+
+    def params(self, strategies: list, per_row: np.ndarray | None = None):
+        """temperature, top_k, top_p, seed, counter tensors for these strategies (repeated per row)."""
+        temps = np.array([s.params.temperature for s in strategies], dtype=np.float64)
+        top_k = np.array([s.params.top_k for s in strategies], dtype=np.int64)
+        top_p = np.array([s.params.top_p for s in strategies], dtype=np.float64)
+        seeds = np.array([s.seed for s in strategies], dtype=np.int64)
+        counters = np.array([s.draw_counter for s in strategies], dtype=np.int64)
+        use_k, use_p = bool((top_k > 0).any()), bool((top_p < 1).any())
+        if per_row is not None:
+            temps, top_k, top_p, seeds, counters = (np.repeat(a, per_row) for a in
+                                                    (temps, top_k, top_p, seeds, counters))
+        dev = self.device
+        return (torch.from_numpy(temps).to(dev), torch.from_numpy(top_k).to(dev), torch.from_numpy(top_p).to(dev),
+                torch.from_numpy(seeds).to(dev), torch.from_numpy(counters).to(dev), use_k, use_p)
+
+    def choose(self, logits: torch.Tensor, strategies: list, counts: np.ndarray, stream: int,
+                keep_probs: bool = False) -> torch.Tensor:
+        """A token per row: argmax for greedy requests, a sample for the others (lane = row in request)."""
+        greedy = np.array([s.params.temperature <= 0 for s in strategies])
+        if greedy.all():
+            return logits.argmax(dim=-1)
+        row_greedy = np.repeat(greedy, counts)
+        tokens = logits.argmax(dim=-1)
+        sampled = [s for s, g in zip(strategies, greedy) if not g]
+        hot_counts = counts[~greedy]
+        hot_rows = self.index(np.flatnonzero(~row_greedy))
+        temps, top_k, top_p, seeds, counters, use_k, use_p = self.params(sampled, hot_counts)
+        probs = S.distribution_rows(logits[hot_rows], temps, top_k, top_p, use_k, use_p)
+        lanes = self.index(np.concatenate([np.arange(c) for c in hot_counts]))
+        u = S.uniform(seeds, counters, stream, lanes[:, None])[:, 0]
+        tokens[hot_rows] = S.inverse_cdf(probs, u)
+        if keep_probs:
+            start = 0
+            for s, c in zip(sampled, hot_counts):
+                s.draft_probs = probs[start: start + c]
+                start += c
+        return tokens
+
+    # -- the kinds ---------------------------------------------------------------------------
+    def _run_sample(self, needs: _Needs, logits, ids, parts) -> None:
+        rows = self.rows(needs)
+        picked = logits if len(rows) == logits.shape[0] and (rows == np.arange(len(rows))).all() \
+            else logits[self.index(rows)]
+        tokens = self.choose(picked, needs.strategies, np.ones(len(rows), dtype=np.int64), S.STREAM_SAMPLE)
+        self.place(parts, needs.handles, tokens, [(1,)] * len(rows))
+
+    def _run_drafts(self, needs: _Needs, logits, ids, parts) -> None:
+        counts = np.asarray(needs.counts, dtype=np.int64)
+        tokens = self.choose(logits[self.index(self.rows(needs))], needs.strategies, counts, S.STREAM_DRAFT,
+                              keep_probs=True)
+        self.place(parts, needs.handles, tokens, [(int(c),) for c in counts])

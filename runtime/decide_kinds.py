@@ -1,0 +1,187 @@
+"""The vectorised decision kinds: denoising selection, speculative acceptance, QuadraticSpec cycles.
+
+checkpoint ──builder──▶ engine dir ──[runtime: decide (these kinds)]──▶ strategies ──▶ Triton
+
+Each function handles every request of its kind in one step at once (ragged groups of rows
+are handled with segment reductions and sorts, never a Python loop over rows) and appends
+its answers to the step's packed result through `Decider.place`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from . import sampling as S
+
+
+def _group_starts(counts: np.ndarray) -> np.ndarray:
+    return np.cumsum(counts) - counts
+
+
+def run_candidates(d, needs, logits, ids, parts) -> None:
+    """Denoising (DESIGN §5.2): per row (candidate, chosen, best non-mask candidate or -1)."""
+    counts = np.asarray(needs.counts, dtype=np.int64)
+    n, total = len(counts), int(counts.sum())
+    x = logits[d.index(d.rows(needs))]
+    cand, conf = S.greedy_confidence(x)
+    greedy = np.array([s.params.temperature <= 0 for s in needs.strategies])
+    lanes = np.concatenate([e[0] for e in needs.extra]).astype(np.int64)
+    hot_rows = None
+    if not greedy.all():
+        hot = np.repeat(~greedy, counts)
+        hot_rows = d.index(np.flatnonzero(hot))
+        strategies = [s for s, g in zip(needs.strategies, greedy) if not g]
+        temps, _, _, seeds, counters, _, _ = d.params(strategies, counts[~greedy])
+        hot_lanes = d.index(lanes[hot])
+        picked = S.gumbel_argmax(x[hot_rows], temps, seeds, counters, hot_lanes)
+        cand[hot_rows] = picked
+        conf[hot_rows] = S.candidate_confidence(x[hot_rows], picked)
+    group = d.index(np.repeat(np.arange(n), counts))
+    row_id = torch.arange(total, device=x.device)
+    best = torch.full((n,), float("-inf"), dtype=conf.dtype, device=x.device)
+    best = best.scatter_reduce(0, group, conf, "amax")
+    first = torch.full((n,), total, dtype=torch.int64, device=x.device)
+    first = first.scatter_reduce(0, group, torch.where(conf == best[group], row_id, total), "amin")
+    top1 = row_id == first[group]
+    thresholds = np.array([np.nan if e[1] is None else e[1] for e in needs.extra], dtype=np.float64)
+    chosen = top1 | (conf >= torch.from_numpy(thresholds).to(x.device, conf.dtype)[group])
+    by_rank = np.isnan(thresholds)
+    if by_rank.any():
+        by_conf = torch.sort(conf, descending=True, stable=True).indices
+        order = by_conf[torch.sort(group[by_conf], stable=True).indices]
+        rank = torch.empty_like(row_id)
+        rank[order] = row_id - d.index(_group_starts(counts))[group[order]]
+        topk = d.index([e[2] for e in needs.extra])
+        chosen = torch.where(d.index(by_rank)[group].bool(), rank < topk[group], chosen)
+    fallback = torch.full((total,), -1, dtype=torch.int64, device=x.device)
+    last = np.array([e[3] for e in needs.extra])
+    if last.any():
+        last_rows = np.flatnonzero(np.repeat(last, counts))
+        index = d.index(last_rows)
+        masked = x[index].clone()
+        masked[:, d.mask_id] = float("-inf")
+        fallback[index] = masked.argmax(dim=-1)
+        hot_last = last & ~greedy
+        if hot_last.any():
+            rows = np.flatnonzero(np.repeat(hot_last, counts))
+            strategies = [s for s, h in zip(needs.strategies, hot_last) if h]
+            temps, _, _, seeds, counters, _, _ = d.params(strategies, counts[hot_last])
+            sub = masked[torch.from_numpy(np.searchsorted(last_rows, rows)).to(x.device)]
+            fallback[d.index(rows)] = S.gumbel_argmax(sub, temps, seeds, counters, d.index(lanes[rows]))
+    values = torch.stack([cand, chosen.to(torch.int64), fallback], dim=1)
+    d.place(parts, needs.handles, values, [(int(c), 3) for c in counts])
+
+
+def _accept(d, strategies: list, x: torch.Tensor, counts: np.ndarray, drafts: torch.Tensor):
+    """Speculative acceptance for many requests. x: target rows a_0..a_{m-1} of each request,
+    concatenated; drafts: d_1..d_{m-1} of each request, concatenated. Returns (n [N], tokens [sum m]):
+    tokens[:n] of a request are its output (accepted drafts and one bonus or resampled token)."""
+    dev = x.device
+    num = len(counts)
+    m_draft = counts - 1
+    target_of_draft = d.index(np.repeat(_group_starts(counts), m_draft) + _within(m_draft))
+    draft_group = d.index(np.repeat(np.arange(num), m_draft))
+    position = d.index(_within(m_draft))
+    tokens = x.argmax(dim=-1)
+    accepted = tokens[target_of_draft] == drafts
+    greedy = np.array([s.params.temperature <= 0 for s in strategies])
+    hot_probs = None
+    if not greedy.all():
+        hot_rows = np.flatnonzero(np.repeat(~greedy, counts))
+        hot_strategies = [s for s, g in zip(strategies, greedy) if not g]
+        temps, top_k, top_p, seeds, counters, use_k, use_p = d.params(hot_strategies, counts[~greedy])
+        p = torch.zeros(x.shape, dtype=S.probability_dtype(dev), device=dev)
+        hot_index = d.index(hot_rows)
+        p[hot_index] = S.distribution_rows(x[hot_index], temps, top_k, top_p, use_k, use_p)
+        q = torch.zeros((int(m_draft.sum()),) + x.shape[1:], dtype=p.dtype, device=dev)
+        draft_starts = _group_starts(m_draft)
+        for s, g, start, m in zip(strategies, greedy, draft_starts, m_draft):
+            if not g and m:
+                q[start: start + m] = s.draft_probs[:m].to(p.dtype)
+        _, _, _, seeds_d, counters_d, _, _ = d.params(strategies, m_draft)
+        u = S.uniform(seeds_d, counters_d, S.STREAM_ACCEPT, position[:, None])[:, 0]
+        pd = p[target_of_draft].gather(1, drafts[:, None])[:, 0]
+        qd = q.gather(1, drafts[:, None])[:, 0]
+        hot_draft = d.index(np.repeat(~greedy, m_draft)).bool()
+        accepted = torch.where(hot_draft, (qd > 0) & (u * qd < pd), accepted)
+        hot_probs = (p, q, hot_index, hot_strategies)
+    big = int(counts.max())
+    first_reject = torch.full((num,), big, dtype=torch.int64, device=dev)
+    first_reject = first_reject.scatter_reduce(0, draft_group, torch.where(accepted, big, position), "amin")
+    n = torch.minimum(first_reject, d.index(m_draft)) + 1
+    if hot_probs is not None:
+        tokens = _resample(d, hot_probs, counts, greedy, n, drafts, tokens)
+    return n, tokens
+
+
+def _within(counts: np.ndarray) -> np.ndarray:
+    """0..c-1 for each count, concatenated."""
+    total = int(counts.sum())
+    return np.arange(total) - np.repeat(_group_starts(counts), counts)
+
+
+def _resample(d, hot_probs, counts, greedy, n, drafts, tokens) -> torch.Tensor:
+    """At temperature > 0: accepted drafts, then a draw from normalise(max(p - q, 0)) at the first
+    rejection (or from p after the last draft when every draft was accepted)."""
+    p, q, hot_index, hot_strategies = hot_probs
+    dev = p.device
+    m_draft = counts - 1
+    hot = ~greedy
+    starts, draft_starts = _group_starts(counts), _group_starts(m_draft)
+    j = n[d.index(np.flatnonzero(hot))] - 1  # the output position that is drawn, per hot request
+    prow = p[d.index(starts[hot]) + j]
+    q_index = (d.index(draft_starts[hot]) + j).clamp(max=max(q.shape[0] - 1, 0))
+    rejected = j < d.index(m_draft[hot])
+    qrow = q[q_index] * rejected[:, None] if q.shape[0] else torch.zeros_like(prow)
+    residual = (prow - qrow).clamp(min=0)
+    empty = residual.sum(dim=-1, keepdim=True) <= 0
+    residual = torch.where(empty, prow, residual)
+    _, _, _, seeds, counters, _, _ = d.params(hot_strategies)
+    u = S.uniform(seeds, counters, S.STREAM_RESIDUAL, torch.zeros(1, dtype=torch.int64, device=dev))[:, 0]
+    drawn = S.inverse_cdf(residual, u)
+    out = tokens.clone()
+    hot_rows_of_drafts = np.flatnonzero(np.repeat(hot, m_draft))
+    if len(hot_rows_of_drafts):  # accepted drafts are the output at T > 0
+        target = d.index(np.repeat(starts, m_draft) + _within(m_draft))[d.index(hot_rows_of_drafts)]
+        out[target] = drafts[d.index(hot_rows_of_drafts)]
+    out[d.index(starts[hot]) + j] = drawn
+    return out
+
+
+def _pack(d, parts, needs, n: torch.Tensor, tokens: torch.Tensor, counts: np.ndarray, extra=None,
+          extra_counts=None):
+    """Per request: [n, tokens(m), extra(e)] flattened in request order."""
+    widths = 1 + counts + (extra_counts if extra_counts is not None else 0)
+    starts = _group_starts(widths)
+    out = torch.empty(int(widths.sum()), dtype=torch.int64, device=tokens.device)
+    out[d.index(starts)] = n
+    out[d.index(np.repeat(starts + 1, counts) + _within(counts))] = tokens
+    if extra is not None:
+        out[d.index(np.repeat(starts + 1 + counts, extra_counts) + _within(extra_counts))] = extra
+    d.place(parts, needs.handles, out, [(int(w),) for w in widths])
+
+
+def run_verify(d, needs, logits, ids, parts) -> None:
+    counts = np.asarray(needs.counts, dtype=np.int64)
+    x = logits[d.index(d.rows(needs))]
+    token_rows = np.asarray(needs.extra, dtype=np.int64)
+    drafts = ids[d.index(np.repeat(token_rows + 1, counts - 1) + _within(counts - 1))]
+    n, tokens = _accept(d, needs.strategies, x, counts, drafts)
+    _pack(d, parts, needs, n, tokens, counts)
+
+
+def run_quad(d, needs, logits, ids, parts) -> None:
+    """Verify the k drafts, then draft the next block from the accepted group's mask slots."""
+    k = np.asarray(needs.counts, dtype=np.int64)
+    first = np.asarray(needs.rows, dtype=np.int64)
+    targets = np.repeat(first, k) + _within(k)
+    x = logits[d.index(targets)]
+    token_rows = np.asarray(needs.extra, dtype=np.int64)
+    drafts = ids[d.index(np.repeat(token_rows + 1, k - 1) + _within(k - 1))]
+    n, tokens = _accept(d, needs.strategies, x, k, drafts)
+    group_base = d.index(first + k) + (n - 1) * d.index(k - 1)
+    need_of_row = d.index(np.repeat(np.arange(len(k)), k - 1))
+    group_rows = group_base[need_of_row] + d.index(_within(k - 1))
+    next_drafts = d.choose(logits[group_rows], needs.strategies, k - 1, S.STREAM_DRAFT, keep_probs=True)
+    _pack(d, parts, needs, n, tokens, k, next_drafts, k - 1)
