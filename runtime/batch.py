@@ -111,9 +111,14 @@ class BatchBuilder:
         if len(write_rows):
             token_rows = np.repeat(np.asarray(rows, dtype=np.int64), lengths)[write_rows]
             pos = positions[write_rows]
-            pages = cache.tables_host[token_rows, pos // cache.page_size]
+            page_index = pos // cache.page_size
+            beyond = page_index >= cache.pages_per_row[token_rows]
+            if beyond.any():
+                first = int(np.flatnonzero(beyond)[0])
+                owner = segments[int(np.searchsorted(starts, write_rows[first], side="right")) - 1]
+                raise IndexError(f"request {owner.request_id}: position {int(pos[first])} is beyond its reserved pages")
+            pages = cache.tables_host[token_rows, page_index]
             token_slots[write_rows] = pages.astype(np.int64) * cache.page_size + pos % cache.page_size
-            self._check_reserved(segments, cache, positions, writes, starts)
         logit_parts, counts, lora_parts = [], [], []
         for seg, start in zip(segments, starts[:-1]):
             r = seg.rows()
@@ -151,14 +156,6 @@ class BatchBuilder:
             mask_offset=d_moff, mask_bits=d_bits, image_rows=image_rows, image_embeds=image_embeds,
             shape_key=keys.pop() if len(keys) == 1 else None,
         )
-
-    @staticmethod
-    def _check_reserved(segments, cache, positions, writes, starts) -> None:
-        """Every written position must lie inside pages the request has reserved."""
-        tops = np.maximum.reduceat(np.where(writes, positions, -1), starts[:-1])
-        for seg, top in zip(segments, tops.tolist()):
-            if top >= 0 and top >= cache.capacity(seg.request_id):
-                raise IndexError(f"request {seg.request_id}: position {top} is beyond its reserved pages")
 
     def _image_rows(self, segments, ids, starts, embeds) -> tuple[torch.Tensor, torch.Tensor]:
         if self.image_token_id is None:

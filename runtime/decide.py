@@ -89,7 +89,7 @@ class Decider:
         """Compute every registered need; the answers stay on the device until `fetch`."""
         parts: list[torch.Tensor] = []
         if finite_rows:
-            parts.append(torch.isfinite(logits).all(dim=-1).to(torch.int64))
+            parts.append(logits.sum(dim=-1).isfinite().to(torch.int64))  # one pass: NaN or inf anywhere shows
         self._finite_len = logits.shape[0] if finite_rows else 0
         from .decide_kinds import run_candidates, run_quad, run_verify
 
@@ -118,7 +118,9 @@ class Decider:
     def result(self, handle: int) -> np.ndarray:
         start = self._offsets[handle]
         shape = self._shapes[handle]
-        return self._host[start: start + int(np.prod(shape))].reshape(shape)
+        size = shape[0] * shape[1] if len(shape) == 2 else shape[0]
+        answer = self._host[start: start + size]
+        return answer.reshape(shape) if len(shape) == 2 else answer
 
     # -- helpers -----------------------------------------------------------------------------
     def place(self, parts: list[torch.Tensor], handles: list[int], values: torch.Tensor,
@@ -130,11 +132,19 @@ class Decider:
         for handle, shape in zip(handles, shapes):
             self._offsets[handle] = offset
             self._shapes[handle] = shape
-            offset += int(np.prod(shape))
+            offset += shape[0] * shape[1] if len(shape) == 2 else shape[0]
         parts.append(values.reshape(-1).to(torch.int64))
 
     def index(self, values) -> torch.Tensor:
         return torch.as_tensor(np.asarray(values, dtype=np.int64)).to(self.device, non_blocking=True)
+
+    def gather(self, logits: torch.Tensor, needs: _Needs) -> torch.Tensor:
+        """The needs' logit rows, in order (no copy when they are all of the logits, in order)."""
+        rows = self.rows(needs)
+        if len(rows) == logits.shape[0] and rows[0] == 0 and rows[-1] == len(rows) - 1 \
+                and (len(rows) < 2 or bool((np.diff(rows) == 1).all())):
+            return logits
+        return logits[self.index(rows)]
 
     @staticmethod
     def rows(needs: _Needs) -> np.ndarray:
@@ -183,14 +193,12 @@ class Decider:
 
     # -- the kinds ---------------------------------------------------------------------------
     def _run_sample(self, needs: _Needs, logits, ids, parts) -> None:
-        rows = self.rows(needs)
-        picked = logits if len(rows) == logits.shape[0] and (rows == np.arange(len(rows))).all() \
-            else logits[self.index(rows)]
-        tokens = self.choose(picked, needs.strategies, np.ones(len(rows), dtype=np.int64), S.STREAM_SAMPLE)
-        self.place(parts, needs.handles, tokens, [(1,)] * len(rows))
+        count = len(needs.rows)
+        tokens = self.choose(self.gather(logits, needs), needs.strategies, np.ones(count, dtype=np.int64),
+                             S.STREAM_SAMPLE)
+        self.place(parts, needs.handles, tokens, [(1,)] * count)
 
     def _run_drafts(self, needs: _Needs, logits, ids, parts) -> None:
         counts = np.asarray(needs.counts, dtype=np.int64)
-        tokens = self.choose(logits[self.index(self.rows(needs))], needs.strategies, counts, S.STREAM_DRAFT,
-                              keep_probs=True)
+        tokens = self.choose(self.gather(logits, needs), needs.strategies, counts, S.STREAM_DRAFT, keep_probs=True)
         self.place(parts, needs.handles, tokens, [(int(c),) for c in counts])

@@ -23,8 +23,8 @@ def run_candidates(d, needs, logits, ids, parts) -> None:
     """Denoising (DESIGN §5.2): per row (candidate, chosen, best non-mask candidate or -1)."""
     counts = np.asarray(needs.counts, dtype=np.int64)
     n, total = len(counts), int(counts.sum())
-    x = logits[d.index(d.rows(needs))]
-    cand, conf = S.greedy_confidence(x)
+    x = d.gather(logits, needs)
+    cand, conf = S.greedy_confidence(x, torch.float32)
     greedy = np.array([s.params.temperature <= 0 for s in needs.strategies])
     lanes = np.concatenate([e[0] for e in needs.extra]).astype(np.int64)
     hot_rows = None
@@ -36,16 +36,20 @@ def run_candidates(d, needs, logits, ids, parts) -> None:
         hot_lanes = d.index(lanes[hot])
         picked = S.gumbel_argmax(x[hot_rows], temps, seeds, counters, hot_lanes)
         cand[hot_rows] = picked
-        conf[hot_rows] = S.candidate_confidence(x[hot_rows], picked)
+        conf[hot_rows] = S.candidate_confidence(x[hot_rows], picked, torch.float32)
     group = d.index(np.repeat(np.arange(n), counts))
     row_id = torch.arange(total, device=x.device)
+    thresholds = np.array([np.nan if e[1] is None else e[1] for e in needs.extra], dtype=np.float64)
+    by_rank = np.isnan(thresholds)
+    row_threshold = torch.from_numpy(thresholds).to(x.device)[group]
+    if S.probability_dtype(x.device) == torch.float64:
+        conf = _refine(d, x, cand, conf, group, n, row_threshold, d.index(by_rank)[group].bool())
     best = torch.full((n,), float("-inf"), dtype=conf.dtype, device=x.device)
     best = best.scatter_reduce(0, group, conf, "amax")
     first = torch.full((n,), total, dtype=torch.int64, device=x.device)
     first = first.scatter_reduce(0, group, torch.where(conf == best[group], row_id, total), "amin")
     top1 = row_id == first[group]
-    thresholds = np.array([np.nan if e[1] is None else e[1] for e in needs.extra], dtype=np.float64)
-    chosen = top1 | (conf >= torch.from_numpy(thresholds).to(x.device, conf.dtype)[group])
+    chosen = top1 | (conf >= row_threshold.to(conf.dtype))
     by_rank = np.isnan(thresholds)
     if by_rank.any():
         by_conf = torch.sort(conf, descending=True, stable=True).indices
@@ -73,12 +77,30 @@ def run_candidates(d, needs, logits, ids, parts) -> None:
     d.place(parts, needs.handles, values, [(int(c), 3) for c in counts])
 
 
+def _refine(d, x, cand, conf, group, n, row_threshold, by_rank) -> torch.Tensor:
+    """Confidences in float64 for every row whose float32 value could change a decision: near its
+    threshold, near its block's best, or ranked (top-k schedule). Decisions then equal a float64
+    computation of every row, at the cost of a float32 softmax plus a handful of float64 rows."""
+    margin = 1e-4
+    best = torch.full((n,), float("-inf"), dtype=conf.dtype, device=x.device).scatter_reduce(0, group, conf, "amax")
+    near = ((conf.double() - row_threshold).abs() <= margin) | (conf >= best[group] - margin) | by_rank
+    rows = near.nonzero()[:, 0]
+    exact = conf.double()
+    exact[rows] = S.candidate_confidence(x[rows], cand[rows], torch.float64)
+    return exact
+
+
 def _accept(d, strategies: list, x: torch.Tensor, counts: np.ndarray, drafts: torch.Tensor):
     """Speculative acceptance for many requests. x: target rows a_0..a_{m-1} of each request,
     concatenated; drafts: d_1..d_{m-1} of each request, concatenated. Returns (n [N], tokens [sum m]):
     tokens[:n] of a request are its output (accepted drafts and one bonus or resampled token)."""
     dev = x.device
     num = len(counts)
+    if _uniform(counts) and all(s.params.temperature <= 0 for s in strategies):  # the steady greedy case
+        m = int(counts[0])
+        tokens = x.argmax(dim=-1)
+        match = tokens.view(num, m)[:, :-1] == drafts.view(num, m - 1)
+        return match.cumprod(dim=1).sum(dim=1) + 1, tokens
     m_draft = counts - 1
     target_of_draft = d.index(np.repeat(_group_starts(counts), m_draft) + _within(m_draft))
     draft_group = d.index(np.repeat(np.arange(num), m_draft))
@@ -152,6 +174,15 @@ def _resample(d, hot_probs, counts, greedy, n, drafts, tokens) -> torch.Tensor:
 def _pack(d, parts, needs, n: torch.Tensor, tokens: torch.Tensor, counts: np.ndarray, extra=None,
           extra_counts=None):
     """Per request: [n, tokens(m), extra(e)] flattened in request order."""
+    num = len(counts)
+    if _uniform(counts):
+        m = int(counts[0])
+        columns = [n[:, None], tokens.view(num, m)]
+        if extra is not None:
+            columns.append(extra.view(num, int(extra_counts[0])))
+        out = torch.cat(columns, dim=1)
+        d.place(parts, needs.handles, out, [(out.shape[1],)] * num)
+        return
     widths = 1 + counts + (extra_counts if extra_counts is not None else 0)
     starts = _group_starts(widths)
     out = torch.empty(int(widths.sum()), dtype=torch.int64, device=tokens.device)
@@ -162,11 +193,26 @@ def _pack(d, parts, needs, n: torch.Tensor, tokens: torch.Tensor, counts: np.nda
     d.place(parts, needs.handles, out, [(int(w),) for w in widths])
 
 
+def _uniform(counts: np.ndarray) -> bool:
+    return bool((counts == counts[0]).all())
+
+
+def _evenly_spaced(starts: np.ndarray, step: int) -> bool:
+    return bool((starts == starts[0] + step * np.arange(len(starts))).all())
+
+
+def _drafts(d, ids, token_rows: np.ndarray, counts: np.ndarray) -> torch.Tensor:
+    """d_1..d_{m-1} of each request: the tokens after each segment's first token."""
+    if _uniform(counts) and _evenly_spaced(token_rows, int(counts[0])):
+        m, start = int(counts[0]), int(token_rows[0])
+        return ids[start: start + m * len(counts)].view(len(counts), m)[:, 1:].reshape(-1)
+    return ids[d.index(np.repeat(token_rows + 1, counts - 1) + _within(counts - 1))]
+
+
 def run_verify(d, needs, logits, ids, parts) -> None:
     counts = np.asarray(needs.counts, dtype=np.int64)
-    x = logits[d.index(d.rows(needs))]
-    token_rows = np.asarray(needs.extra, dtype=np.int64)
-    drafts = ids[d.index(np.repeat(token_rows + 1, counts - 1) + _within(counts - 1))]
+    x = d.gather(logits, needs)
+    drafts = _drafts(d, ids, np.asarray(needs.extra, dtype=np.int64), counts)
     n, tokens = _accept(d, needs.strategies, x, counts, drafts)
     _pack(d, parts, needs, n, tokens, counts)
 
@@ -175,13 +221,20 @@ def run_quad(d, needs, logits, ids, parts) -> None:
     """Verify the k drafts, then draft the next block from the accepted group's mask slots."""
     k = np.asarray(needs.counts, dtype=np.int64)
     first = np.asarray(needs.rows, dtype=np.int64)
-    targets = np.repeat(first, k) + _within(k)
-    x = logits[d.index(targets)]
-    token_rows = np.asarray(needs.extra, dtype=np.int64)
-    drafts = ids[d.index(np.repeat(token_rows + 1, k - 1) + _within(k - 1))]
-    n, tokens = _accept(d, needs.strategies, x, k, drafts)
-    group_base = d.index(first + k) + (n - 1) * d.index(k - 1)
-    need_of_row = d.index(np.repeat(np.arange(len(k)), k - 1))
-    group_rows = group_base[need_of_row] + d.index(_within(k - 1))
+    num = len(k)
+    drafts = _drafts(d, ids, np.asarray(needs.extra, dtype=np.int64), k)
+    if _uniform(k) and _evenly_spaced(first, int(k[0]) ** 2):  # steady: equal k, segments back to back
+        kk, start = int(k[0]), int(first[0])
+        block = logits[start: start + num * kk * kk].view(num, kk * kk, -1)
+        x = block[:, :kk].reshape(num * kk, -1)
+        n, tokens = _accept(d, needs.strategies, x, k, drafts)
+        base = torch.arange(num, device=x.device) * (kk * kk) + kk + (n - 1) * (kk - 1) + start
+        group_rows = (base[:, None] + torch.arange(kk - 1, device=x.device)[None, :]).reshape(-1)
+    else:
+        x = logits[d.index(np.repeat(first, k) + _within(k))]
+        n, tokens = _accept(d, needs.strategies, x, k, drafts)
+        group_base = d.index(first + k) + (n - 1) * d.index(k - 1)
+        need_of_row = d.index(np.repeat(np.arange(num), k - 1))
+        group_rows = group_base[need_of_row] + d.index(_within(k - 1))
     next_drafts = d.choose(logits[group_rows], needs.strategies, k - 1, S.STREAM_DRAFT, keep_probs=True)
     _pack(d, parts, needs, n, tokens, k, next_drafts, k - 1)

@@ -146,14 +146,18 @@ class Engine:
         """Wait for the step's answers and apply them."""
         decider = self.decider
         decider.fetch()
-        finite = decider.finite()
+        bad_rows = np.flatnonzero(~decider.finite())
+        broken = set()
+        if len(bad_rows):  # rows -> the work items that own them
+            ends = pending.logit_starts + pending.logit_counts
+            broken = set(np.searchsorted(ends, bad_rows, side="right").tolist())
         finished = []
-        for item, first, count in zip(pending.work, pending.logit_starts.tolist(), pending.logit_counts.tolist()):
+        for index, item in enumerate(pending.work):
             request = item.sequence.request
             request.num_forwards += 1
             self.forward_passes[request.params.mode] += 1
             error = pending.failed.get(request.request_id)
-            if error is None and count and not finite[first: first + count].all():
+            if error is None and index in broken:
                 error = "numerical error: the model produced non-finite logits for this request"
             if error is None and not item.is_fill:
                 try:

@@ -43,6 +43,7 @@ class PagedKVCache:
         self.max_pages_per_request = max_pages_per_request or num_pages
         self._rows: dict[int, int] = {}
         self.tables_host = np.zeros((max_requests + 1, self.max_pages_per_request), dtype=np.int32)
+        self.pages_per_row = np.zeros(max_requests + 1, dtype=np.int64)  # reserved pages of each row
         self.block_tables = self._device_table(self.tables_host)
         self._free_rows = list(range(max_requests, 0, -1))  # row 0 is the padding row
         self._dirty: set[int] = set()
@@ -110,6 +111,7 @@ class PagedKVCache:
             page = self._free.popleft()
             self.tables_host[row, len(table)] = page
             table.append(page)
+        self.pages_per_row[row] = len(table)
         self._dirty.add(row)
 
     def append(self, request_id: int, num_tokens: int) -> torch.Tensor:
@@ -127,8 +129,10 @@ class PagedKVCache:
         self._lengths[request_id] = length
         table = self._tables[request_id]
         keep = self.pages_needed(length)
-        while len(table) > keep:
-            self._free.append(table.pop())
+        if len(table) > keep:
+            while len(table) > keep:
+                self._free.append(table.pop())
+            self.pages_per_row[self._rows[request_id]] = keep
 
     def truncate(self, request_id: int, length: int) -> None:
         if not 0 <= length <= self._lengths[request_id]:
@@ -141,6 +145,7 @@ class PagedKVCache:
         self._lengths.pop(request_id, None)
         row = self._rows.pop(request_id, None)
         if row is not None:
+            self.pages_per_row[row] = 0
             self._free_rows.append(row)
 
     def take_scratch_page(self) -> int:
@@ -180,6 +185,7 @@ class PagedKVCache:
         grown = np.zeros((old * 2, self.max_pages_per_request), dtype=np.int32)
         grown[:old] = self.tables_host
         self.tables_host = grown
+        self.pages_per_row = np.concatenate([self.pages_per_row, np.zeros(old, dtype=np.int64)])
         self.block_tables = self._device_table(grown)
         self._free_rows = list(range(old * 2 - 1, old - 1, -1))
 

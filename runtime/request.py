@@ -89,6 +89,8 @@ class Request:
     def __post_init__(self):
         self.detokenizer = IncrementalDetokenizer(self.decode, self.output_ids)
         self._final_text: str | None = None
+        stop_ids = frozenset(self.params.stop_token_ids)
+        self._stop_ids = stop_ids if self.params.ignore_eos else stop_ids | self.eos_ids
 
     @property
     def text(self) -> str:
@@ -102,8 +104,8 @@ class Request:
         return self._final_text
 
     def stop_ids(self) -> frozenset[int]:
-        ids = frozenset(self.params.stop_token_ids)
-        return ids if self.params.ignore_eos else ids | self.eos_ids
+        """Token ids that end the request (end-of-sequence unless ignored, and stop_token_ids)."""
+        return self._stop_ids
 
     def append(self, tokens: list[int]) -> list[int]:
         """Add newly decided tokens, applying stop rules; returns those actually kept."""

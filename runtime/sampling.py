@@ -84,17 +84,16 @@ def inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return torch.searchsorted(cdf, target, right=True)[:, 0].clamp_(max=probs.shape[-1] - 1)
 
 
-def greedy_confidence(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def greedy_confidence(logits: torch.Tensor, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(argmax, its softmax probability) per row."""
     values, index = logits.max(dim=-1)
-    dtype = probability_dtype(logits.device)
-    confidence = 1.0 / torch.exp(logits.to(dtype) - values.to(dtype)[:, None]).sum(dim=-1)
-    return index, confidence
+    dtype = dtype or probability_dtype(logits.device)
+    return index, torch.exp(values.to(dtype) - torch.logsumexp(logits.to(dtype), dim=-1))
 
 
-def candidate_confidence(logits: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+def candidate_confidence(logits: torch.Tensor, candidates: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Softmax probability of the given candidate per row."""
-    dtype = probability_dtype(logits.device)
+    dtype = dtype or probability_dtype(logits.device)
     x = logits.to(dtype)
     return torch.exp(x.gather(1, candidates[:, None])[:, 0] - torch.logsumexp(x, dim=-1))
 

@@ -62,10 +62,7 @@ class ScheduledWork:
     sequence: Sequence
     segments: list[Segment]
     is_fill: bool
-
-    @property
-    def num_tokens(self) -> int:
-        return sum(len(s) for s in self.segments)
+    num_tokens: int = 0
 
 
 class WaitingQueue:
@@ -105,6 +102,10 @@ class WaitingQueue:
         return (s for s in sorted(self._heap) if s.request_id not in self._removed)
 
 
+def _service_order(seq: Sequence) -> tuple[int, int]:
+    return seq.last_served, seq.request_id
+
+
 @dataclass
 class Scheduler:
     config: SchedulerConfig
@@ -112,6 +113,7 @@ class Scheduler:
     waiting: WaitingQueue = field(default_factory=WaitingQueue)
     running: list[Sequence] = field(default_factory=list)
     step_index: int = 0
+    num_preemptions: int = 0
 
     def add(self, sequence: Sequence) -> None:
         self.waiting.push(sequence)
@@ -125,9 +127,10 @@ class Scheduler:
         budget = self.config.max_num_batched_tokens
         work: list[ScheduledWork] = []
         served: set[int] = set()
-        order = sorted(self.running, key=lambda s: (s.last_served, s.request_id))
+        order = sorted(self.running, key=_service_order)
+        preempted_before = self.num_preemptions
         for seq in order:
-            if seq not in self.running:  # preempted earlier in this loop
+            if self.num_preemptions != preempted_before and seq not in self.running:  # preempted in this loop
                 continue
             item = self._plan(seq, budget, first=not work)
             if item is None or not self._reserve_or_preempt(seq, item, served):
@@ -175,13 +178,13 @@ class Scheduler:
             start = seq.cache_len
             tokens = seq.tokens()[start: start + size]
             segment = Segment(seq.request_id, tokens, np.arange(start, start + size), start, Pattern.CAUSAL,
-                              write_kv=True, logit_rows=[])
-            return ScheduledWork(seq, [segment], is_fill=True)
+                              write_kv=True, logit_rows=[], kv_end=start + size)
+            return ScheduledWork(seq, [segment], True, size)
         segments = seq.strategy.next_segments()
         cost = sum(len(s) for s in segments)
         if cost > budget and not first:
             return None  # waits for a step with room; an oversized step runs alone
-        return ScheduledWork(seq, segments, is_fill=False)
+        return ScheduledWork(seq, segments, False, cost)
 
     def _reserve_or_preempt(self, seq: Sequence, item: ScheduledWork, served: set[int]) -> bool:
         need = max(s.write_end() for s in item.segments)
@@ -198,6 +201,7 @@ class Scheduler:
 
     # -- state changes -----------------------------------------------------------------------
     def preempt(self, seq: Sequence) -> None:
+        self.num_preemptions += 1
         self.cache.free(seq.request_id)
         self.running.remove(seq)
         seq.cache_len = 0

@@ -77,6 +77,7 @@ class Segment:
     use_lora: bool = False  # apply the draft adapter to this segment's tokens
     image_embeds: torch.Tensor | None = None  # [image-token positions, hidden]: replace those embeddings
     shape_key: tuple | None = None  # set by strategies for steady shapes that CUDA graphs may replay
+    kv_end: int = -1  # one past the highest position written (strategies that know it save the search)
 
     def __post_init__(self):
         n = len(self.token_ids)
@@ -100,6 +101,8 @@ class Segment:
 
     def write_end(self) -> int:
         """One past the highest position this segment writes to the cache (0 when it writes none)."""
+        if self.kv_end >= 0:
+            return self.kv_end
         if isinstance(self.write_kv, (bool, np.bool_)):
             return int(np.max(self.positions)) + 1 if self.write_kv else 0
         writes = np.asarray(self.write_kv, dtype=bool)

@@ -51,9 +51,9 @@ class DiffusionStrategy(DecodeStrategy):
         if self.phase == "denoise":
             self._rows = np.flatnonzero(self.masked)
             return [Segment(rid, self.block.copy(), positions, P, Pattern.FULL, False, self._rows, None, False,
-                            None, self._denoise_shape)]
+                            None, self._denoise_shape, 0)]
         return [Segment(rid, self.block.copy(), positions, P, Pattern.CAUSAL, True, [self.B - 1], None, False,
-                        None, self._commit_shape)]
+                        None, self._commit_shape, P + self.B)]
 
     # -- decisions ---------------------------------------------------------------------------
     def register(self, decider, first_row: int, token_row: int) -> None:

@@ -42,9 +42,9 @@ class LinearSpecStrategy(DecodeStrategy):
         if self.phase == "draft":
             self._rows = np.flatnonzero(self.draft_masked)
             return [Segment(rid, self.tokens.copy(), positions, P, Pattern.FULL, False, self._rows, None,
-                            self.use_lora, None, self._draft_shape)]
+                            self.use_lora, None, self._draft_shape, 0)]
         return [Segment(rid, self.tokens.copy(), positions, P, Pattern.CAUSAL, True, None, None, False, None,
-                        self._verify_shape)]
+                        self._verify_shape, P + self.B)]
 
     def register(self, decider, first_row: int, token_row: int) -> None:
         if self.phase == "prefill":

@@ -75,7 +75,7 @@ class QuadraticSpecStrategy(DecodeStrategy):
         mask, offsets, writes, rows = cycle_layout(k)
         P = self.committed
         return [Segment(rid, self.tokens.copy(), offsets + P, P, Pattern.MASK, writes, rows, mask, False, None,
-                        self._shape)]
+                        self._shape, P + k)]
 
     def register(self, decider, first_row: int, token_row: int) -> None:
         if self.phase == "first":
