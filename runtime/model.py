@@ -5,7 +5,8 @@ checkpoint ──builder──▶ engine dir ──[runtime: model]──▶ Tri
 All tokens of all segments run through the projections and MLPs together; attention runs
 per segment against that request's paged KV prefix. Tokens flagged `write_kv` store their
 K/V in the cache slots of their positions. The draft adapter (LoRA on o_proj) is added only
-for segments with `use_lora`.
+for segments with `use_lora`. A segment's `image_embeds` replace the token embeddings at its
+image-token positions (VLM prefill).
 """
 
 from __future__ import annotations
@@ -51,6 +52,8 @@ class _Batch:
     lora_rows: torch.Tensor
     logit_rows: torch.Tensor
     logit_counts: list[int]
+    image_rows: torch.Tensor | None = None  # rows whose embedding is replaced by image_embeds
+    image_embeds: torch.Tensor | None = None
 
 
 class Model:
@@ -87,8 +90,16 @@ class Model:
     def _assemble(self, segments: list[Segment], cache: PagedKVCache | None) -> _Batch:
         ids, positions, bounds, write_rows, write_slots = [], [], [], [], []
         prefix_slots, masks, lora_rows, logit_rows, logit_counts = [], [], [], [], []
+        image_rows, image_embeds = [], []
         start = 0
         for seg in segments:
+            if seg.image_embeds is not None:
+                rows = [j for j, token in enumerate(seg.token_ids) if token == self.config.image_token_id]
+                if self.config.image_token_id is None or len(rows) != seg.image_embeds.shape[0]:
+                    raise ValueError(f"a segment has {seg.image_embeds.shape[0]} image embeddings for {len(rows)} "
+                                     f"image tokens (image token id {self.config.image_token_id})")
+                image_rows += [start + j for j in rows]
+                image_embeds.append(seg.image_embeds)
             n = len(seg)
             ids += seg.token_ids
             positions += seg.positions
@@ -120,13 +131,16 @@ class Model:
             write_slots=torch.cat(write_slots).to(dev) if write_slots else as_long([]),
             prefix_slots=[s.to(dev) if s is not None else None for s in prefix_slots], intra_masks=masks,
             lora_rows=as_long(lora_rows), logit_rows=as_long(logit_rows), logit_counts=logit_counts,
+            image_rows=as_long(image_rows) if image_rows else None,
+            image_embeds=torch.cat(image_embeds).to(dev, self.dtype) if image_embeds else None,
         )
 
     # -- forward -----------------------------------------------------------------------------
     @torch.inference_mode()
     def forward(self, segments: list[Segment], cache: PagedKVCache | None = None) -> list[torch.Tensor]:
         """Run all segments in one pass; returns per segment float32 logits [rows, vocab]."""
-        if self.graphs is not None and cache is self.graphs.cache:
+        with_images = any(seg.image_embeds is not None for seg in segments)
+        if self.graphs is not None and cache is self.graphs.cache and not with_images:
             replayed = self.graphs.try_run(segments)
             if replayed is not None:
                 return replayed
@@ -163,6 +177,8 @@ class Model:
         cfg = self.config
         hq, hkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         residual = self.embed[batch.ids]
+        if batch.image_rows is not None:
+            residual[batch.image_rows] = batch.image_embeds
         cos, sin = self.rotary.cos_sin(batch.positions, self.dtype)
         q_scale = self.rotary.query_scale(batch.positions).to(self.dtype)[:, None, None]
         num_tokens = residual.shape[0]

@@ -31,6 +31,9 @@ class Segment:
     logit_rows: list[int] | None = None  # rows whose logits are returned; None = all
     mask: torch.Tensor | None = None  # for Pattern.MASK
     use_lora: bool = False  # apply the draft adapter to this segment's tokens
+    # VLM prefill: one row per image-token position of this segment, in order; each row replaces
+    # the token embedding there ([number of image tokens in the segment, hidden])
+    image_embeds: torch.Tensor | None = None
 
     def __post_init__(self):
         if len(self.token_ids) != len(self.positions):
