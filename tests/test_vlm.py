@@ -130,3 +130,15 @@ def test_cache_reuses_identical_images_and_stays_bounded(vlm):
     bounded.encode([a])
     assert small.misses == 4 and small.hits == 0
     assert small.stats()["entries"] == len(small)
+
+
+def test_text_only_generation_on_a_vlm_engine_matches_transformers(vlm):
+    from nemodiff import LLM, SamplingParams
+
+    _, engine, oracle = vlm
+    prompt = [1, 3, 150, 151, 152, 4]
+    out = LLM(engine, device="cpu").generate(prompt, SamplingParams(max_new_tokens=10, ignore_eos=True))[0]
+    with torch.no_grad():
+        want = oracle.generate(torch.tensor([prompt]), max_new_tokens=10, min_new_tokens=10, do_sample=False,
+                               eos_token_id=None, pad_token_id=0)
+    assert out.output_ids == want[0, len(prompt):].tolist()
