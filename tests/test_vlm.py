@@ -142,3 +142,29 @@ def test_text_only_generation_on_a_vlm_engine_matches_transformers(vlm):
         want = oracle.generate(torch.tensor([prompt]), max_new_tokens=10, min_new_tokens=10, do_sample=False,
                                eos_token_id=None, pad_token_id=0)
     assert out.output_ids == want[0, len(prompt):].tolist()
+
+
+def test_an_earlier_vision_feature_layer_equals_transformers(tmp_path):
+    import json
+
+    checkpoint = make_vlm_checkpoint(tmp_path / "ckpt", seed=9)
+    config = json.loads((checkpoint / "config.json").read_text())
+    (checkpoint / "config.json").write_text(json.dumps(config | {"vision_feature_layer": -2}))
+    pipeline = pipeline_of(make_engine(checkpoint, tmp_path / "engine"))
+    assert len(pipeline.encoder.layers) == 1  # the last layer's output is not used, so it never runs
+    pixels, sizes = transformers_pixels(IMAGES[:2], 64, pipeline.processor.token_pixels)
+    with torch.no_grad():
+        want = transformers_vlm(checkpoint).model.get_image_features(pixel_values=pixels, image_sizes=sizes,
+                                                                     return_dict=True).pooler_output
+    got = pipeline.encoder.encode([pipeline.processor.preprocess(image) for image in IMAGES[:2]])
+    for g, w in zip(got, want):
+        assert relative_error(g, w) < 1e-5
+
+
+def test_bf16_encoder_stays_close_to_fp32(vlm):
+    _, engine, _ = vlm
+    config = EngineConfig.load(engine)
+    pixels = [ImagePipeline.from_engine(engine, config, torch.float32, "cpu").processor.preprocess(IMAGES[1])]
+    full = VisionEncoder.from_engine(engine, config, torch.float32).encode(pixels)[0]
+    half = VisionEncoder.from_engine(engine, config, torch.bfloat16).encode(pixels)[0]
+    assert half.dtype == torch.bfloat16 and relative_error(half, full) < 3e-2
