@@ -23,6 +23,7 @@ from nemodiff.engine_format import (
     DRAFT_LORA_FILE,
     DTYPES,
     FP8_ARCHES,
+    VISION_WEIGHTS_FILE,
     WEIGHTS_FILE,
     BuildSettings,
     EngineConfig,
@@ -31,7 +32,7 @@ from nemodiff.engine_format import (
 from nemodiff.plugins.compile import KERNELS, compile_kernels
 
 from .checkpoint import CheckpointError, num_parameters, open_checkpoint, read_lora
-from .convert import convert_lora, convert_weights
+from .convert import convert_lora, convert_vision_weights, convert_weights
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "generation_config.json", "chat_template.jinja")
@@ -96,10 +97,10 @@ def build_engine(hf_dir: Path, out_dir: Path, options: BuildOptions, progress=No
     settings = BuildSettings(
         dtype=options.dtype, arch=options.arch, sm=ARCH_TO_SM[options.arch], block_length=block_length,
         max_seq_len=max_seq_len, max_batch_size=options.max_batch_size, kv_page_size=options.kv_page_size,
-        num_parameters=num_parameters(config), lora=lora[0] if lora else None,
+        num_parameters=num_parameters(config, checkpoint.vision), lora=lora[0] if lora else None,
         source=str(hf_dir.resolve()), nemodiff_version=__version__,
     )
-    engine_config = EngineConfig(model=config, build=settings)
+    engine_config = EngineConfig(model=config, build=settings, vision=checkpoint.vision)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.building-", dir=out_dir.parent))
@@ -112,6 +113,8 @@ def build_engine(hf_dir: Path, out_dir: Path, options: BuildOptions, progress=No
         del tensors
         if lora:
             save_file(convert_lora(lora[1], options.dtype), str(staging / DRAFT_LORA_FILE))
+        if checkpoint.vision:
+            save_file(convert_vision_weights(checkpoint, options.dtype), str(staging / VISION_WEIGHTS_FILE))
         if settings.sm and options.kernels:
             library = compile_kernels(settings.sm, staging / "kernels" / settings.sm)
             settings.kernels = list(KERNELS)

@@ -3,20 +3,33 @@
 [checkpoint: read here] ──builder──▶ engine dir ──runtime──▶ Triton
 
 Every problem is a `CheckpointError` whose message names the file and what is wrong,
-so `nemodiff-build` can print it without a traceback.
+so `nemodiff-build` can print it without a traceback. Text checkpoints and VLM checkpoints
+(see `vision_checkpoint`) are read here; tensors are addressed by their canonical names.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
-from nemodiff.engine_format import LoraConfig, ModelConfig, RopeConfig
+from nemodiff.engine_format import LoraConfig, ModelConfig, RopeConfig, VisionConfig
+
+from .vision_checkpoint import (
+    TEXT_LAYOUT,
+    VLM_ARCHITECTURE,
+    VLM_MODEL_TYPE,
+    VisionConfigError,
+    WeightLayout,
+    detect_layout,
+    read_vision_config,
+    vision_expected_shapes,
+)
 
 ARCHITECTURE = "NemotronLabsDiffusionModel"
 MODEL_TYPE = "nemotron_labs_diffusion"
@@ -39,15 +52,21 @@ class CheckpointError(Exception):
 class Checkpoint:
     path: Path
     config: ModelConfig
-    weight_files: dict[str, Path]  # tensor name -> file holding it
+    weight_files: dict[str, Path]  # canonical tensor name -> file holding it
+    vision: VisionConfig | None = None  # VLM checkpoints only
+    stored_names: dict[str, str] | None = None  # canonical -> name in the file, where they differ
+    layout: WeightLayout = TEXT_LAYOUT
+
+    def stored_name(self, name: str) -> str:
+        return (self.stored_names or {}).get(name, name)
 
     def read(self, name: str) -> torch.Tensor:
-        file = self.weight_files[name]
+        file, stored = self.weight_files[name], self.stored_name(name)
         try:
             with safe_open(str(file), framework="pt") as f:
-                return f.get_tensor(name)
+                return f.get_tensor(stored)
         except Exception as exc:  # safetensors raises several exception types
-            raise CheckpointError(f"{file}: cannot read tensor {name!r}: {exc}") from None
+            raise CheckpointError(f"{file}: cannot read tensor {stored!r}: {exc}") from None
 
 
 def _load_json(path: Path) -> dict:
@@ -81,17 +100,23 @@ def _rope_config(raw: dict, path: Path) -> RopeConfig:
     )
 
 
+def is_vlm(raw: dict) -> bool:
+    return VLM_ARCHITECTURE in (raw.get("architectures") or [])
+
+
 def read_config(checkpoint_dir: Path) -> ModelConfig:
+    """The text model's config (for a VLM, the text settings at the config root)."""
     path = Path(checkpoint_dir) / "config.json"
     raw = _load_json(path)
     architectures = raw.get("architectures") or []
-    if ARCHITECTURE not in architectures:
+    if ARCHITECTURE not in architectures and VLM_ARCHITECTURE not in architectures:
         raise CheckpointError(
-            f"{path}: architectures is {architectures!r}, expected [{ARCHITECTURE!r}] "
+            f"{path}: architectures is {architectures!r}, expected [{ARCHITECTURE!r}] or [{VLM_ARCHITECTURE!r}] "
             "(not a Nemotron-Labs-Diffusion checkpoint)"
         )
-    if raw.get("model_type") != MODEL_TYPE:
-        raise CheckpointError(f"{path}: model_type is {raw.get('model_type')!r}, expected {MODEL_TYPE!r}")
+    model_type = VLM_MODEL_TYPE if is_vlm(raw) else MODEL_TYPE
+    if raw.get("model_type") != model_type:
+        raise CheckpointError(f"{path}: model_type is {raw.get('model_type')!r}, expected {model_type!r}")
     missing = [key for key in REQUIRED_KEYS if key not in raw]
     if missing:
         raise CheckpointError(f"{path}: missing required keys {missing}")
@@ -120,6 +145,8 @@ def read_config(checkpoint_dir: Path) -> ModelConfig:
         eos_token_ids=eos_ids,
         rope=_rope_config(raw, path),
     )
+    if is_vlm(raw):
+        config.image_token_id = _vision_config(raw, Path(checkpoint_dir), config).image_token_id
     if config.num_attention_heads % config.num_key_value_heads:
         raise CheckpointError(
             f"{path}: num_attention_heads ({heads}) is not a multiple of num_key_value_heads "
@@ -128,6 +155,23 @@ def read_config(checkpoint_dir: Path) -> ModelConfig:
     if not 0 <= config.mask_token_id < config.vocab_size:
         raise CheckpointError(f"{path}: mask_token_id {config.mask_token_id} is outside the vocabulary")
     return config
+
+
+def _vision_config(raw: dict, checkpoint_dir: Path, config: ModelConfig) -> VisionConfig:
+    try:
+        vision = read_vision_config(raw, checkpoint_dir, config)
+    except VisionConfigError as exc:
+        raise CheckpointError(f"{checkpoint_dir / 'config.json'}: {exc}") from None
+    if not 0 <= vision.image_token_id < config.vocab_size:
+        raise CheckpointError(f"{checkpoint_dir / 'config.json'}: image token id {vision.image_token_id} is outside "
+                              "the vocabulary")
+    return vision
+
+
+def read_vlm_config(checkpoint_dir: Path) -> VisionConfig | None:
+    """The vision settings of a VLM checkpoint; None for a text checkpoint."""
+    raw = _load_json(Path(checkpoint_dir) / "config.json")
+    return _vision_config(raw, Path(checkpoint_dir), read_config(checkpoint_dir)) if is_vlm(raw) else None
 
 
 def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -184,31 +228,53 @@ def _tensor_index(files: list[Path]) -> dict[str, tuple[Path, tuple[int, ...]]]:
     return index
 
 
+def _canonical_index(stored: dict[str, tuple[Path, tuple[int, ...]]], layout: WeightLayout,
+                     vlm: bool) -> tuple[dict[str, tuple[Path, tuple[int, ...]]], dict[str, str]]:
+    """Renames the stored tensors to canonical names; a name outside the layout is an error."""
+    found, renamed = {}, {}
+    for name, (file, shape) in stored.items():
+        canonical = layout.canonical(name)
+        if canonical is None:
+            hint = f" (this VLM checkpoint's names follow the layout {layout.describe()})" if vlm else ""
+            raise CheckpointError(f"{file}: unexpected tensor {name!r}{hint}")
+        if canonical in found:
+            raise CheckpointError(f"{file}: tensors {renamed.get(canonical, canonical)!r} and {name!r} are the same "
+                                  f"weight ({canonical!r}) under two names")
+        found[canonical] = (file, shape)
+        if canonical != name:
+            renamed[canonical] = name
+    return found, renamed
+
+
 def open_checkpoint(checkpoint_dir: Path) -> Checkpoint:
     """Validate config, tensor names and shapes; returns a lazy reader for the tensors."""
     checkpoint_dir = Path(checkpoint_dir)
     if not checkpoint_dir.is_dir():
         raise CheckpointError(f"{checkpoint_dir}: not a directory")
     config = read_config(checkpoint_dir)
-    found = _tensor_index(_weight_files(checkpoint_dir))
-    want = expected_shapes(config)
+    vision = read_vlm_config(checkpoint_dir)
+    stored = _tensor_index(_weight_files(checkpoint_dir))
+    layout = detect_layout(stored) if vision else TEXT_LAYOUT
+    found, renamed = _canonical_index(stored, layout, vlm=vision is not None)
+    want = expected_shapes(config) | (vision_expected_shapes(vision) if vision else {})
     missing = [name for name in want if name not in found]
     if missing:
         file = found and next(iter(found.values()))[0].name or SINGLE_FILE
         raise CheckpointError(
-            f"{checkpoint_dir}: missing tensor {missing[0]!r}"
+            f"{checkpoint_dir}: missing tensor {layout.stored(missing[0])!r}"
             + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
             + f" in the weights ({file})"
         )
     unexpected = [name for name in found if name not in want]
     if unexpected:
         file = found[unexpected[0]][0]
-        raise CheckpointError(f"{file}: unexpected tensor {unexpected[0]!r}")
+        raise CheckpointError(f"{file}: unexpected tensor {renamed.get(unexpected[0], unexpected[0])!r}")
     for name, shape in want.items():
         file, got = found[name]
         if got != shape:
-            raise CheckpointError(f"{file}: tensor {name!r} has shape {list(got)}, want {list(shape)}")
-    return Checkpoint(checkpoint_dir, config, {name: found[name][0] for name in want})
+            raise CheckpointError(f"{file}: tensor {renamed.get(name, name)!r} has shape {list(got)}, want {list(shape)}")
+    return Checkpoint(checkpoint_dir, config, {name: found[name][0] for name in want}, vision=vision,
+                      stored_names=renamed, layout=layout)
 
 
 def check_finite(name: str, tensor: torch.Tensor, file: Path) -> None:
@@ -217,18 +283,36 @@ def check_finite(name: str, tensor: torch.Tensor, file: Path) -> None:
         raise CheckpointError(f"{file}: tensor {name!r} has {bad} non-finite values (NaN or Inf)")
 
 
-def read_lora(checkpoint_dir: Path, config: ModelConfig) -> tuple[LoraConfig, dict[int, tuple[torch.Tensor, torch.Tensor]]] | None:
-    """Read `linear_spec_lora/` (PEFT format) if present: per layer (A [r, in], B [out, r])."""
-    lora_dir = Path(checkpoint_dir) / LORA_DIR
-    if not lora_dir.is_dir():
-        return None
-    raw = _load_json(lora_dir / LORA_CONFIG)
+LORA_TENSOR = re.compile(r"base_model\.model\.encoder\.layers\.(\d+)\.self_attn\.o_proj\.lora_([AB])\.weight")
+LORA_TENSOR_FORM = "base_model.model.encoder.layers.N.self_attn.o_proj.lora_{A,B}.weight"
+
+
+def _lora_config(path: Path) -> LoraConfig:
+    """adapter_config.json as PEFT writes it; options that change the math are refused, not ignored."""
+    raw = _load_json(path)
+    if raw.get("peft_type", "LORA") != "LORA":
+        raise CheckpointError(f"{path}: peft_type {raw['peft_type']!r} is not supported (want 'LORA')")
     targets = raw.get("target_modules") or []
     if isinstance(targets, str):
         targets = [targets]
     if sorted(targets) != ["o_proj"]:
-        raise CheckpointError(f"{lora_dir / LORA_CONFIG}: target_modules {targets!r} not supported (want ['o_proj'])")
-    lora = LoraConfig(rank=int(raw["r"]), alpha=float(raw.get("lora_alpha", raw["r"])), target_modules=targets)
+        raise CheckpointError(f"{path}: target_modules {targets!r} not supported (want ['o_proj'])")
+    if "r" not in raw:
+        raise CheckpointError(f"{path}: missing 'r'")
+    for key in ("use_rslora", "use_dora", "fan_in_fan_out"):
+        if raw.get(key):
+            raise CheckpointError(f"{path}: {key}=true is not supported")
+    if raw.get("bias", "none") != "none":
+        raise CheckpointError(f"{path}: bias {raw['bias']!r} is not supported (want 'none')")
+    return LoraConfig(rank=int(raw["r"]), alpha=float(raw.get("lora_alpha", raw["r"])), target_modules=targets)
+
+
+def read_lora(checkpoint_dir: Path, config: ModelConfig) -> tuple[LoraConfig, dict[int, tuple[torch.Tensor, torch.Tensor]]] | None:
+    """Read `linear_spec_lora/` (PEFT format) if present: per layer (A [r, in], B [out, r]) as stored."""
+    lora_dir = Path(checkpoint_dir) / LORA_DIR
+    if not lora_dir.is_dir():
+        return None
+    lora = _lora_config(lora_dir / LORA_CONFIG)
     weights_file = lora_dir / LORA_WEIGHTS
     if not weights_file.is_file():
         raise CheckpointError(f"{weights_file}: file not found")
@@ -236,11 +320,11 @@ def read_lora(checkpoint_dir: Path, config: ModelConfig) -> tuple[LoraConfig, di
     try:
         with safe_open(str(weights_file), framework="pt") as f:
             for name in f.keys():
-                parts = name.split(".")
-                if "layers" not in parts or not name.endswith((".lora_A.weight", ".lora_B.weight")):
-                    raise CheckpointError(f"{weights_file}: unexpected tensor {name!r}")
-                layer = int(parts[parts.index("layers") + 1])
-                layers.setdefault(layer, {})["A" if ".lora_A." in name else "B"] = f.get_tensor(name)
+                match = LORA_TENSOR.fullmatch(name)
+                if match is None or int(match[1]) >= config.num_hidden_layers:
+                    raise CheckpointError(f"{weights_file}: unexpected tensor {name!r} (want {LORA_TENSOR_FORM}, "
+                                          f"N < {config.num_hidden_layers})")
+                layers.setdefault(int(match[1]), {})[match[2]] = f.get_tensor(name)
     except CheckpointError:
         raise
     except Exception as exc:
@@ -256,10 +340,13 @@ def read_lora(checkpoint_dir: Path, config: ModelConfig) -> tuple[LoraConfig, di
                 raise CheckpointError(
                     f"{weights_file}: layer {layer} lora_{key} has shape {list(pair[key].shape)}, want {list(want)}"
                 )
+            if not pair[key].is_floating_point():
+                raise CheckpointError(f"{weights_file}: layer {layer} lora_{key} is {pair[key].dtype}, not a float")
             check_finite(f"layers.{layer}.lora_{key}", pair[key], weights_file)
         result[layer] = (pair["A"], pair["B"])
     return lora, result
 
 
-def num_parameters(config: ModelConfig) -> int:
-    return sum(math.prod(shape) for shape in expected_shapes(config).values())
+def num_parameters(config: ModelConfig, vision: VisionConfig | None = None) -> int:
+    shapes = expected_shapes(config) | (vision_expected_shapes(vision) if vision else {})
+    return sum(math.prod(shape) for shape in shapes.values())

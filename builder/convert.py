@@ -4,7 +4,7 @@ checkpoint ──[builder: convert]──▶ engine dir ──runtime──▶ T
 
 Fuses q/k/v and gate/up, casts to the engine dtype, and for fp8 quantizes every linear
 layer to e4m3 with one float32 scale per output channel (embedding, norms and the head
-stay bf16).
+stay bf16). A VLM's vision tower and projector go to their own file, in the plain dtype.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def convert_weights(checkpoint: Checkpoint, dtype: str,
 
     def read(name: str) -> torch.Tensor:
         tensor = checkpoint.read(name)
-        check_finite(name, tensor, checkpoint.weight_files[name])
+        check_finite(checkpoint.stored_name(name), tensor, checkpoint.weight_files[name])
         return tensor
 
     yield {
@@ -78,3 +78,37 @@ def convert_lora(layers: dict[int, tuple[torch.Tensor, torch.Tensor]], dtype: st
         out[f"layers.{i}.lora_a"] = a.to(plain).contiguous()
         out[f"layers.{i}.lora_b"] = b.to(plain).contiguous()
     return out
+
+
+def convert_vision_weights(checkpoint: Checkpoint, dtype: str) -> dict[str, torch.Tensor]:
+    """The Pixtral tower and the projector in runtime names (vision.safetensors); never quantized."""
+    vision = checkpoint.vision
+    plain = STORAGE_DTYPES[dtype]
+
+    def read(name: str) -> torch.Tensor:
+        tensor = checkpoint.read(name)
+        check_finite(checkpoint.stored_name(name), tensor, checkpoint.weight_files[name])
+        return tensor
+
+    def cast(tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.to(plain).contiguous()
+
+    out = {"patch_conv": cast(read("vision_tower.patch_conv.weight")),
+           "ln_pre": cast(read("vision_tower.ln_pre.weight"))}
+    for i in range(vision.num_hidden_layers):
+        src, dst = f"vision_tower.transformer.layers.{i}.", f"layers.{i}."
+        out |= {
+            dst + "attn_norm": cast(read(src + "attention_norm.weight")),
+            dst + "qkv": cast(torch.cat([read(src + f"attention.{p}_proj.weight") for p in "qkv"])),
+            dst + "o": cast(read(src + "attention.o_proj.weight")),
+            dst + "ffn_norm": cast(read(src + "ffn_norm.weight")),
+            dst + "gate_up": cast(torch.cat([read(src + f"feed_forward.{p}_proj.weight") for p in ("gate", "up")])),
+            dst + "down": cast(read(src + "feed_forward.down_proj.weight")),
+        }
+    src = "multi_modal_projector."
+    return out | {
+        "projector.norm": cast(read(src + "norm.weight")),
+        "projector.merge": cast(read(src + "patch_merger.merging_layer.weight")),
+        "projector.linear_1": cast(read(src + "linear_1.weight")),
+        "projector.linear_2": cast(read(src + "linear_2.weight")),
+    }

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from nemodiff.engine_format import MANIFEST_FILE, EngineConfig, EngineFormatError, verify_manifest
+from nemodiff.engine_format import MANIFEST_FILE, EngineConfig, EngineFormatError, VisionConfig, verify_manifest
 from nemodiff.runtime.request import MODES
 
 CONTEXT = {"show_default": True, "help_option_names": ["-h", "--help"]}
@@ -89,6 +89,14 @@ def generate(engine_dir: Path, prompt: str | None, prompt_ids: str | None, mode:
                    f"finish: {output.finish_reason}]", err=True)
 
 
+def describe_vision(vision: VisionConfig) -> str:
+    return (f"Pixtral tower {vision.num_hidden_layers} layers, hidden {vision.hidden_size}, heads "
+            f"{vision.num_attention_heads} x {vision.head_dim}, patch {vision.patch_size}, images up to "
+            f"{vision.longest_edge} px; projector {vision.spatial_merge_size}x{vision.spatial_merge_size} merge -> "
+            f"{vision.text_hidden_size}; image tokens {vision.image_token_id}/{vision.image_break_token_id}/"
+            f"{vision.image_end_token_id}")
+
+
 @main.command(context_settings=CONTEXT)
 @click.argument("engine_dir", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
@@ -113,6 +121,8 @@ def inspect(engine_dir: Path, as_json: bool, verify: bool) -> None:
     click.echo(f"  build   dtype {build.dtype}, arch {build.arch} ({build.sm or 'reference path'}), block "
                f"{build.block_length}, max seq {build.max_seq_len}, max batch {build.max_batch_size}, "
                f"KV page {build.kv_page_size}, draft LoRA {'r=%d' % build.lora.rank if build.lora else 'none'}")
+    if config.vision:
+        click.echo(f"  vision  {describe_vision(config.vision)}")
     if build.kernels:
         click.echo(f"  kernels {', '.join(build.kernels)} ({build.sm}, {build.kernel_library})")
     click.echo(f"  files   ({'hashes verified' if verify else 'not verified'})")

@@ -7,6 +7,7 @@ An engine directory holds:
   weights.safetensors    tensors in the runtime layout (see WEIGHT NAMES below)
   tokenizer.json, tokenizer_config.json (+ any other tokenizer files of the checkpoint)
   draft_lora.safetensors the draft adapter in runtime names (optional)
+  vision.safetensors     the vision tower and projector of a VLM, in runtime names (VLM engines only)
   kernels/<sm>/libnemodiff_kernels.so   CUDA kernels compiled for the target arch (GPU builds)
   manifest.json          {"files": {relative path: {"sha256", "bytes"}}}, checked at load
 
@@ -15,6 +16,11 @@ Runtime weight names: embed, final_norm, head, and per layer i
   layers.{i}.mlp_norm, layers.{i}.gate_up (fused [gate; up]), layers.{i}.down.
 An fp8 engine stores each linear weight as `<name>` (float8_e4m3fn) plus
 `<name>.scale` (float32, one per output channel); a weight equals weight.float() * scale[:, None].
+
+Vision weight names (vision.safetensors; plain dtype, never fp8): patch_conv [hidden, channels, p, p],
+ln_pre, and per layer i layers.{i}.attn_norm, layers.{i}.qkv (fused), layers.{i}.o,
+layers.{i}.ffn_norm, layers.{i}.gate_up (fused), layers.{i}.down; then projector.norm,
+projector.merge [hidden, hidden * merge**2], projector.linear_1, projector.linear_2.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "weights.safetensors"
 MANIFEST_FILE = "manifest.json"
 DRAFT_LORA_FILE = "draft_lora.safetensors"
+VISION_WEIGHTS_FILE = "vision.safetensors"
 LORA_DIR = "linear_spec_lora"
 
 DTYPES = ("fp32", "bf16", "fp16", "fp8")
@@ -81,11 +88,53 @@ class ModelConfig:
     bos_token_id: int | None
     eos_token_ids: list[int]
     rope: RopeConfig = field(default_factory=RopeConfig)
+    image_token_id: int | None = None  # VLM: rows at this token take the image features
 
     @classmethod
     def from_dict(cls, data: dict) -> "ModelConfig":
         data = dict(data)
         data["rope"] = RopeConfig(**data["rope"])
+        return cls(**data)
+
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass
+class VisionConfig:
+    """A Pixtral vision tower, the Mistral3 projector into the text model, and the image preprocessing."""
+
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    patch_size: int
+    text_hidden_size: int
+    num_channels: int = 3
+    rope_theta: float = 10000.0
+    hidden_act: str = "silu"
+    rms_norm_eps: float = 1e-5  # the tower's norms
+    projector_norm_eps: float = 1e-5  # the projector's norm (the text model's eps)
+    projector_hidden_act: str = "gelu"
+    spatial_merge_size: int = 2
+    feature_layer: int = -1  # which hidden state feeds the projector (-1: the last layer's output)
+    longest_edge: int = 1024  # images are resized to fit this many pixels on their longest side
+    image_mean: tuple[float, ...] = CLIP_MEAN
+    image_std: tuple[float, ...] = CLIP_STD
+    rescale_factor: float = 1 / 255
+    image_token_id: int = 10
+    image_break_token_id: int = 12
+    image_end_token_id: int = 13
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "VisionConfig":
+        data = dict(data)
+        data["image_mean"], data["image_std"] = tuple(data["image_mean"]), tuple(data["image_std"])
         return cls(**data)
 
 
@@ -121,6 +170,7 @@ class BuildSettings:
 class EngineConfig:
     model: ModelConfig
     build: BuildSettings
+    vision: VisionConfig | None = None  # VLM engines only
     format_version: int = FORMAT_VERSION
 
     def to_dict(self) -> dict:
@@ -136,7 +186,8 @@ class EngineConfig:
         build = dict(data["build"])
         if build.get("lora") is not None:
             build["lora"] = LoraConfig(**build["lora"])
-        return cls(model=ModelConfig.from_dict(data["model"]), build=BuildSettings(**build))
+        vision = VisionConfig.from_dict(data["vision"]) if data.get("vision") else None
+        return cls(model=ModelConfig.from_dict(data["model"]), build=BuildSettings(**build), vision=vision)
 
     @classmethod
     def load(cls, engine_dir: Path) -> "EngineConfig":

@@ -167,7 +167,7 @@ class BatchBuilder:
             local = np.flatnonzero(ids[start: start + len(seg)] == self.image_token_id)
             if len(local) != seg.image_embeds.shape[0]:
                 raise ValueError(f"request {seg.request_id}: {seg.image_embeds.shape[0]} image embeddings for "
-                                 f"{len(local)} image-token positions")
+                                 f"{len(local)} image tokens (image token id {self.image_token_id})")
             rows.append(local + start)
         index = torch.from_numpy(np.concatenate(rows)).to(self.device)
         return index, torch.cat([e.to(self.device) for e in embeds])

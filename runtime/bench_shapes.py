@@ -15,24 +15,26 @@ from nemodiff.engine_format import ModelConfig, RopeConfig
 
 from .model import TORCH_DTYPES, Model
 
+# The released geometries (vocab 131072, bos 1, eos 11, mask 100, block 32, YaRN factor 16 over an
+# original 16384 positions). In the 3B and 14B, heads x head_dim (4096) differs from the hidden size.
+NLD_ROPE = dict(rope_type="yarn", factor=16.0, beta_fast=32.0, beta_slow=1.0, mscale=1.0, mscale_all_dim=1.0,
+                original_max_position_embeddings=16384, llama_4_scaling_beta=0.1)
 SHAPES = {
-    "nld-3b": dict(hidden_size=3072, intermediate_size=9216, num_hidden_layers=26, num_attention_heads=32),
-    "nld-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=34, num_attention_heads=32),
-    "nld-14b": dict(hidden_size=5120, intermediate_size=16384, num_hidden_layers=40, num_attention_heads=32),
+    "nld-3b": dict(hidden_size=3072, intermediate_size=9216, num_hidden_layers=26, rope_theta=1e6),
+    "nld-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=34, rope_theta=1e6),
+    "nld-14b": dict(hidden_size=5120, intermediate_size=16384, num_hidden_layers=40, rope_theta=1e9),
     "tiny": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, head_dim=64, vocab_size=2048),
+                 num_key_value_heads=2, head_dim=64, vocab_size=2048, rope_theta=1e6),
 }
 
 
 def shape_config(name: str) -> ModelConfig:
     if name not in SHAPES:
         raise ValueError(f"unknown shape {name!r}; choose one of {', '.join(SHAPES)}")
-    values = dict(vocab_size=131072, num_key_value_heads=8, head_dim=128) | SHAPES[name]
+    values = dict(vocab_size=131072, num_attention_heads=32, num_key_value_heads=8, head_dim=128) | SHAPES[name]
+    rope = RopeConfig(rope_theta=values.pop("rope_theta"), **NLD_ROPE)
     return ModelConfig(rms_norm_eps=1e-5, max_position_embeddings=262144, block_size=32, mask_token_id=100,
-                       bos_token_id=1, eos_token_ids=[2],
-                       rope=RopeConfig(rope_type="yarn", rope_theta=1e6, factor=0.25, mscale=1.0, mscale_all_dim=1.0,
-                                       original_max_position_embeddings=16384, llama_4_scaling_beta=0.1),
-                       **values)
+                       bos_token_id=1, eos_token_ids=[11], rope=rope, **values)
 
 
 def random_model(config: ModelConfig, dtype: str, device: torch.device, seed: int = 0) -> tuple[Model, dict]:

@@ -4,8 +4,9 @@ checkpoint ──builder──▶ engine dir ──[runtime: model]──▶ Tri
 
 All tokens of all segments run through the projections and MLPs together; attention runs
 per segment against that request's paged KV prefix. Tokens with a KV slot store their K/V
-there. The draft adapter (LoRA on o_proj) is added only for segments with `use_lora`. The
-head runs only on the rows a step asks for.
+there. The draft adapter (LoRA on o_proj) is added only for segments with `use_lora`. A
+segment's `image_embeds` replace the token embeddings at its image-token positions (VLM
+prefill). The head runs only on the rows a step asks for.
 
 Two paths compute the same function: the PyTorch reference path (any device) and the kernel
 path (`plugins/`: fused norms, fused rotary + KV write, paged attention, SiLU-gate, weight-only
@@ -47,7 +48,7 @@ class LayerWeights:
 class Model:
     def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor], dtype: torch.dtype,
                  device: torch.device | str = "cpu", lora: dict[str, torch.Tensor] | None = None,
-                 lora_scale: float = 1.0, kernels=None, image_token_id: int | None = None):
+                 lora_scale: float = 1.0, kernels=None):
         self.config = config
         self.kernels = kernels  # a plugins.library.KernelLibrary, or None for the reference path
         self.graphs = None  # a GraphRunner once CUDA graphs are captured
@@ -73,7 +74,7 @@ class Model:
                 layer.lora_b = (lora[p + "lora_b"].float() * lora_scale).to(self.device, dtype)
             self.layers.append(layer)
         self.has_lora = lora is not None
-        self.builder = BatchBuilder(self.device, image_token_id)
+        self.builder = BatchBuilder(self.device, config.image_token_id)
 
     # -- entry points ------------------------------------------------------------------------
     @torch.inference_mode()

@@ -88,3 +88,83 @@ def make_sticky_checkpoint(path: Path, seed: int = 0, lora_rank: int = 8) -> Pat
         layer += 1
     save_file(weights, str(ckpt / "model.safetensors"))
     return ckpt
+
+
+def transformers_vlm(checkpoint: Path):
+    """The VLM oracle: transformers' Mistral3ForConditionalGeneration (Pixtral tower, Mistral3 projector,
+    Ministral3 text model) on the renamed weights of an NLD VLM checkpoint (either layout)."""
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration
+
+    from nemodiff.builder.vision_checkpoint import detect_layout
+
+    raw = json.loads((checkpoint / "config.json").read_text())
+    keep = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "num_key_value_heads", "head_dim", "rms_norm_eps", "max_position_embeddings", "bos_token_id",
+            "eos_token_id", "pad_token_id")
+    text = {k: raw[k] for k in keep if k in raw} | {"model_type": "ministral3", "tie_word_embeddings": False,
+                                                     "rope_parameters": dict(raw["rope_parameters"])}
+    vision = {k: v for k, v in raw["vision_config"].items() if k != "head_dim"}
+    config = Mistral3Config(text_config=text, vision_config=vision, image_token_index=raw["image_token_id"],
+                            spatial_merge_size=raw["spatial_merge_size"],
+                            projector_hidden_act=raw["projector_hidden_act"], multimodal_projector_bias=False,
+                            vision_feature_layer=raw["vision_feature_layer"], tie_word_embeddings=False)
+    config._attn_implementation = "eager"
+    config.text_config._attn_implementation = "eager"
+    config.vision_config._attn_implementation = "eager"
+    model = Mistral3ForConditionalGeneration(config).eval().float()
+    stored = read_hf_weights(checkpoint)
+    layout = detect_layout(stored)
+    renamed = {}
+    for name, tensor in stored.items():
+        name = layout.canonical(name)
+        for old, new in (("encoder.", "model.language_model."), ("diffusion_head.", "lm_head."),
+                         ("vision_tower.", "model.vision_tower."),
+                         ("multi_modal_projector.", "model.multi_modal_projector.")):
+            if name.startswith(old):
+                renamed[new + name[len(old):]] = tensor.float()
+                break
+    model.load_state_dict(renamed, strict=True)
+    return model
+
+
+# The released rope parameters (YaRN factor 16 over 16384 original positions).
+NLD_ROPE = {"rope_type": "yarn", "rope_theta": 1e6, "factor": 16.0, "beta_fast": 32.0, "beta_slow": 1.0,
+            "mscale": 1.0, "mscale_all_dim": 1.0, "original_max_position_embeddings": 16384,
+            "llama_4_scaling_beta": 0.1}
+
+
+def make_vlm_checkpoint(path: Path, layout: str = "encoder", **overrides) -> Path:
+    """A small random NLD VLM checkpoint: patch 4, merge 2 (one image token per 8x8 pixels), images up to 64 px."""
+    from nemodiff.builder.random_checkpoint import RandomVisionSpec
+
+    return write_random_checkpoint(path, **({"vision": RandomVisionSpec(layout=layout), "rope": dict(NLD_ROPE),
+                                             "max_position_embeddings": 262144,
+                                             "eos_token_id": 11, "seed": 5} | overrides))
+
+
+def png_bytes(width: int, height: int, seed: int = 0, mode: str = "RGB") -> bytes:
+    """A random-noise image, PNG-encoded."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(0, 256, (height, width, len(mode)), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels, mode).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def transformers_pixels(images: list[bytes], longest_edge: int, token_pixels: int):
+    """pixel_values and image_sizes from transformers' own Pixtral image processor (PIL backend), with the
+    merged patch size the Pixtral/Mistral3 processor passes to it."""
+    import io
+
+    from PIL import Image
+    from transformers.models.pixtral.image_processing_pil_pixtral import PixtralImageProcessorPil
+
+    processor = PixtralImageProcessorPil(size={"longest_edge": longest_edge},
+                                         patch_size={"height": token_pixels, "width": token_pixels})
+    out = processor([Image.open(io.BytesIO(b)) for b in images], return_tensors="pt")
+    return out["pixel_values"], out["image_sizes"]
