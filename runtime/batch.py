@@ -32,6 +32,7 @@ class ForwardBatch:
     logit_rows: torch.Tensor  # [R] int64
     lora_rows: torch.Tensor  # [L] int64
     logit_counts: list[int]  # per segment
+    segment_rows: list[np.ndarray]  # per segment: its logit rows, relative to the segment
     # per segment, host side (reference path and bookkeeping)
     bounds: list[tuple[int, int]]
     table_rows: list[int]
@@ -119,9 +120,10 @@ class BatchBuilder:
                 raise IndexError(f"request {owner.request_id}: position {int(pos[first])} is beyond its reserved pages")
             pages = cache.tables_host[token_rows, page_index]
             token_slots[write_rows] = pages.astype(np.int64) * cache.page_size + pos % cache.page_size
-        logit_parts, counts, lora_parts = [], [], []
+        logit_parts, counts, lora_parts, local_rows = [], [], [], []
         for seg, start in zip(segments, starts[:-1]):
             r = seg.rows()
+            local_rows.append(r)
             logit_parts.append(r + start)
             counts.append(len(r))
             if seg.use_lora:
@@ -149,7 +151,7 @@ class BatchBuilder:
         keys = {s.shape_key for s in segments}
         return ForwardBatch(
             num_tokens=total, ids=d_ids, positions=d_pos, token_slots=d_slots, write_rows=d_wrows,
-            write_slots=d_wslots, logit_rows=d_logits, lora_rows=d_lora, logit_counts=counts,
+            write_slots=d_wslots, logit_rows=d_logits, lora_rows=d_lora, logit_counts=counts, segment_rows=local_rows,
             bounds=[(int(a), int(b)) for a, b in zip(starts[:-1], starts[1:])], table_rows=rows, prefix_lens=prefix,
             patterns=patterns, masks=[s.mask.dense if s.pattern is Pattern.MASK else None for s in segments],
             seg_start=d_start, seg_prefix=d_prefix, seg_table_row=d_trow, seg_pattern=d_pattern,

@@ -1,171 +1,198 @@
-"""CUDA-graph replay for the steady-state step shapes of every mode.
+"""CUDA-graph replay of the declared steady step shapes, captured once at engine start.
 
 checkpoint ──builder──▶ engine dir ──[runtime: CUDA graphs]──▶ Triton
 
-A step whose segments all have one shape (AR: 1 causal token; verify/commit: B causal
-tokens; draft/denoise: B full tokens; QuadraticSpec: k(k+1) tokens under its mask) is
-padded to a batch-size bucket and replayed from a graph captured for that (shape, bucket).
-All per-step data lives in static device buffers that are refilled before each replay;
-the attention kernel reads prefix lengths and page tables from them, so one graph serves
-any context length. Padding segments have no prefix and write their K/V to a scratch page
-that no request owns. Mixed-shape steps run eagerly.
+A steady shape is a step whose segments all have one `shape_key` (AR: 1 causal token;
+verify: B causal tokens; commit: B causal tokens, last row only; denoise and draft: B full
+tokens; QuadraticSpec: k(k+1) tokens under its mask). `capture_steady_shapes` captures each
+declared shape at every batch bucket when the engine starts; a later step of that shape is
+padded to its bucket and replayed, anything else runs eagerly, and nothing is ever captured
+while serving. Graphs run the kernel path only: per-step data is copied (device to device)
+into static buffers shared by all graphs, the attention kernel reads prefix lengths and
+page-table rows from them (so one graph serves any context length, its split-KV factor
+sized for the longest), padding segments write no K/V and use the cache's padding row, and
+the head runs only on the rows the shape can ask for. With `capture=False` the same static
+path runs eagerly, which is how it is tested on a CPU.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
-from nemodiff.plugins.kernels import AttentionMeta
-
+from .batch import ForwardBatch
+from .kernel_meta import Workspace, attention_meta, sm_count, tile_plan
 from .kv_cache import PagedKVCache
-from .segments import Pattern, Segment
+from .segments import Mask, Pattern
 
 BUCKETS = (1, 2, 4, 8, 16, 32)
-MAX_GRAPH_TOKENS = 4096  # larger steps (e.g. QuadraticSpec at big batch) run eagerly
+MAX_GRAPH_TOKENS = 4096  # larger steps (e.g. QuadraticSpec k = 32 at batch 4+) run eagerly
 
 
 @dataclass(frozen=True)
-class StepShape:
+class SteadyLayout:
     length: int
     pattern: Pattern
-    write: tuple[bool, ...]
-    mask: bytes | None
+    mask: Mask | None
+    rows: np.ndarray  # logit rows the graph computes (a superset of what a step may ask)
     lora: bool
 
-    @classmethod
-    def of(cls, segments: list[Segment]) -> "StepShape | None":
-        first = segments[0]
-        shape = cls(len(first), first.pattern, tuple(first.write_flags()),
-                    first.mask.to(torch.uint8).numpy().tobytes() if first.pattern is Pattern.MASK else None,
-                    first.use_lora)
-        for seg in segments[1:]:
-            if (len(seg), seg.pattern, tuple(seg.write_flags()), seg.use_lora) != \
-                    (shape.length, shape.pattern, shape.write, shape.lora):
-                return None
-            if shape.mask is not None and seg.mask.to(torch.uint8).numpy().tobytes() != shape.mask:
-                return None
-        return shape
+
+def steady_layout(key: tuple) -> SteadyLayout:
+    kind = key[0]
+    if kind == "ar":
+        return SteadyLayout(1, Pattern.CAUSAL, None, np.array([0]), False)
+    if kind in ("verify", "commit"):
+        n = key[1]
+        return SteadyLayout(n, Pattern.CAUSAL, None, np.arange(n) if kind == "verify" else np.array([n - 1]), False)
+    if kind in ("denoise", "draft"):
+        n = key[1]
+        return SteadyLayout(n, Pattern.FULL, None, np.arange(1, n), kind == "draft" and bool(key[2]))
+    if kind == "quad":
+        from .strategies.quadratic_spec import cycle_layout
+
+        k = key[1]
+        mask, _, _, rows = cycle_layout(k)
+        return SteadyLayout(k * (k + 1), Pattern.MASK, mask, rows, False)
+    raise KeyError(f"no steady layout for shape {key!r}")
+
+
+def declared_shapes(block: int, lora: bool) -> list[tuple]:
+    """The steady shapes of every mode at the engine's block length."""
+    shapes = [("ar",), ("verify", block), ("commit", block), ("denoise", block), ("draft", block, False),
+              ("quad", block)]
+    if lora:
+        shapes.append(("draft", block, True))
+    return shapes
+
+
+class _StaticInputs:
+    """Per-token and per-segment buffers every graph reads; refilled before each replay."""
+
+    def __init__(self, tokens: int, segments: int, device: torch.device):
+        self.ids = torch.zeros(tokens, dtype=torch.int64, device=device)
+        self.positions = torch.zeros(tokens, dtype=torch.int64, device=device)
+        self.token_slots = torch.full((tokens,), -1, dtype=torch.int64, device=device)
+        self.prefix = torch.zeros(segments, dtype=torch.int32, device=device)
+        self.table_row = torch.zeros(segments, dtype=torch.int32, device=device)
 
 
 class _Graph:
-    def __init__(self, model, cache: PagedKVCache, shape: StepShape, bucket: int, max_pages: int, pool,
-                 scratch_slot: int):
-        from .model import _Batch
+    def __init__(self, runner: "GraphRunner", key: tuple, bucket: int):
+        model, cache, dev = runner.model, runner.cache, runner.model.device
+        layout = steady_layout(key)
+        n, static = layout.length, runner.static
+        tokens = bucket * n
+        self.key, self.bucket, self.layout = key, bucket, layout
+        self.row_of = np.full(n, -1, dtype=np.int64)  # segment row -> graph row within a segment
+        self.row_of[layout.rows] = np.arange(len(layout.rows))
 
-        dev, n = model.device, shape.length
-        tokens, writes = bucket * n, [j for j in range(n) if shape.write[j]]
-        self.shape, self.bucket = shape, bucket
+        def const(values, dtype) -> torch.Tensor:
+            return torch.as_tensor(np.asarray(values), dtype=dtype).to(dev)
 
-        def zeros(count, dtype=torch.int32):
-            return torch.zeros(count, dtype=dtype, device=dev)
+        starts = np.arange(bucket + 1) * n
+        bits = layout.mask.bits if layout.mask is not None else np.zeros(1, dtype=np.int32)
+        self.batch = ForwardBatch(
+            num_tokens=tokens, ids=static.ids[:tokens], positions=static.positions[:tokens],
+            token_slots=static.token_slots[:tokens], write_rows=const([], torch.int64),
+            write_slots=const([], torch.int64),
+            logit_rows=const((starts[:-1, None] + layout.rows[None, :]).reshape(-1), torch.int64),
+            lora_rows=const(np.arange(tokens) if layout.lora else [], torch.int64),
+            logit_counts=[len(layout.rows)] * bucket, segment_rows=[layout.rows] * bucket,
+            bounds=[(int(a), int(a + n)) for a in starts[:-1]], table_rows=[0] * bucket, prefix_lens=[0] * bucket,
+            patterns=[int(layout.pattern)] * bucket,
+            masks=[layout.mask.dense if layout.mask is not None else None] * bucket,
+            seg_start=const(starts, torch.int32), seg_prefix=static.prefix[:bucket],
+            seg_table_row=static.table_row[:bucket],
+            seg_pattern=const(np.full(bucket, int(layout.pattern)), torch.int32),
+            mask_offset=const(np.zeros(bucket), torch.int32), mask_bits=const(bits, torch.int32),
+        )
+        # sized for the longest context, with a workspace of its own (a shared one could move)
+        self.meta = attention_meta(self.batch, cache, model.config, Workspace(dev), num_splits=runner.splits_for(
+            self.batch))
+        self.runner = runner
+        self.graph = None
+        if runner.capture:
+            self._capture(model, cache, runner.pool)
 
-        self.ids, self.positions = zeros(tokens, torch.long), zeros(tokens, torch.long)
-        self.write_slots = zeros(bucket * len(writes), torch.long) + scratch_slot  # warm-up writes go nowhere
-        write_rows = torch.tensor([b * n + j for b in range(bucket) for j in writes], dtype=torch.long, device=dev)
-        lora_rows = torch.arange(tokens, device=dev) if shape.lora else zeros(0, torch.long)
-        self.batch = _Batch(ids=self.ids, positions=self.positions, bounds=[], write_rows=write_rows,
-                            write_slots=self.write_slots, prefix_slots=[], intra_masks=[], lora_rows=lora_rows,
-                            logit_rows=torch.arange(tokens, device=dev), logit_counts=[tokens])
-        mask = (torch.frombuffer(bytearray(shape.mask), dtype=torch.uint8).to(dev).repeat(bucket)
-                if shape.mask is not None else zeros(1, torch.uint8))
-        longest = max_pages * cache.page_size
-        splits = 1 if longest <= 1024 else min(32, -(-longest // 1024))
-        heads = model.config.num_attention_heads
-        self.meta = AttentionMeta(
-            token_seg=torch.arange(bucket, device=dev, dtype=torch.int32).repeat_interleave(n),
-            seg_start=torch.arange(0, tokens + 1, n, device=dev, dtype=torch.int32),
-            prefix_len=zeros(bucket), block_tables=zeros(bucket * max_pages).view(bucket, max_pages),
-            pattern=torch.full((bucket,), {Pattern.CAUSAL: 0, Pattern.FULL: 1, Pattern.MASK: 2}[shape.pattern],
-                               dtype=torch.int32, device=dev),
-            mask_offset=torch.arange(bucket, device=dev, dtype=torch.int64) * (n * n if shape.mask else 0),
-            masks=mask, page_size=cache.page_size, num_splits=splits,
-            workspace=(torch.empty(splits * tokens * heads * (model.config.head_dim + 2), device=dev)
-                       if splits > 1 else None))
-        self.model, self.cache = model, cache
-        stream = torch.cuda.Stream(dev)
-        stream.wait_stream(torch.cuda.current_stream(dev))
+    def _capture(self, model, cache, pool) -> None:
+        stream = torch.cuda.Stream(model.device)
+        stream.wait_stream(torch.cuda.current_stream(model.device))
         with torch.cuda.stream(stream), torch.inference_mode():
             model._run(self.batch, cache, self.meta)  # warm-up outside the graph
-        torch.cuda.current_stream(dev).wait_stream(stream)
+        torch.cuda.current_stream(model.device).wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
         with torch.inference_mode(), torch.cuda.graph(self.graph, pool=pool):
             self.logits = model._run(self.batch, cache, self.meta)
 
-    def run(self, segments: list[Segment], scratch_slot: int) -> list[torch.Tensor]:
-        n, cache, pages = self.shape.length, self.cache, self.meta.block_tables.shape[1]
-        ids, positions, slots, prefix, tables = [], [], [], [], []
-        for seg in segments:
-            ids += seg.token_ids
-            positions += seg.positions
-            written = [p for p, w in zip(seg.positions, seg.write_flags()) if w]
-            slots += cache.slots(seg.request_id, torch.tensor(written)).tolist() if written else []
-            prefix.append(seg.prefix_len)
-            table = cache.page_table(seg.request_id)
-            tables.append(table + [0] * (pages - len(table)))
-        pad = self.bucket - len(segments)
-        ids += [0] * (pad * n)
-        positions += [0] * (pad * n)
-        slots += [scratch_slot] * (pad * sum(self.shape.write))
-        prefix += [0] * pad
-        tables += [[0] * pages] * pad
-        self.ids.copy_(torch.tensor(ids))
-        self.positions.copy_(torch.tensor(positions))
-        self.write_slots.copy_(torch.tensor(slots, dtype=torch.long))
-        self.meta.prefix_len.copy_(torch.tensor(prefix, dtype=torch.int32))
-        self.meta.block_tables.copy_(torch.tensor(tables, dtype=torch.int32))
-        self.graph.replay()
-        out = []
-        for b, seg in enumerate(segments):
-            out.append(self.logits[b * n: (b + 1) * n][seg.rows()].clone())
-        return out
+    def replay(self, batch: ForwardBatch) -> torch.Tensor:
+        static, count, n = self.runner.static, batch.num_segments, self.layout.length
+        used = batch.num_tokens
+        static.ids[:used].copy_(batch.ids)
+        static.positions[:used].copy_(batch.positions)
+        static.token_slots[:used].copy_(batch.token_slots)
+        static.prefix[:count].copy_(batch.seg_prefix)
+        static.table_row[:count].copy_(batch.seg_table_row)
+        if count < self.bucket:  # padding segments: no prefix, the padding row, no K/V writes
+            static.ids[used: self.bucket * n].zero_()
+            static.positions[used: self.bucket * n].zero_()
+            static.token_slots[used: self.bucket * n].fill_(-1)
+            static.prefix[count: self.bucket].zero_()
+            static.table_row[count: self.bucket].zero_()
+        if self.graph is not None:
+            self.graph.replay()
+            logits = self.logits
+        else:
+            with torch.inference_mode():
+                logits = self.runner.model._run(self.batch, self.runner.cache, self.meta)
+        per_segment = len(self.layout.rows)
+        index = np.concatenate([self.row_of[rows] + s * per_segment for s, rows in enumerate(batch.segment_rows)])
+        return logits[torch.from_numpy(index).to(logits.device)]
 
 
 class GraphRunner:
-    def __init__(self, model, cache: PagedKVCache, max_seq_len: int, buckets: tuple[int, ...] = BUCKETS):
-        self.model, self.cache, self.buckets = model, cache, buckets
-        self.max_pages = -(-max_seq_len // cache.page_size) + 2
-        self.scratch_slot = cache.take_scratch_page() * cache.page_size
-        self.pool = torch.cuda.graph_pool_handle()
-        self.graphs: dict[tuple[StepShape, int], _Graph] = {}
+    def __init__(self, model, cache: PagedKVCache, max_seq_len: int, buckets: tuple[int, ...] = BUCKETS,
+                 capture: bool = True):
+        self.model, self.cache, self.buckets, self.capture = model, cache, buckets, capture
+        self.longest = max_seq_len
+        self.pool = torch.cuda.graph_pool_handle() if capture else None
+        self.graphs: dict[tuple[tuple, int], _Graph] = {}
+        self.static: _StaticInputs | None = None
+        self.replays = 0
 
-    def capture_steady_shapes(self, block: int, lora: bool) -> None:
-        """Capture the steady-state shapes of every mode at engine start."""
-        from .strategies.quadratic_spec import quadratic_mask
+    def splits_for(self, batch: ForwardBatch) -> int:
+        """The split-KV factor of a graph: chosen for the longest context the engine allows."""
+        from nemodiff.plugins.attention import choose_splits
 
-        def like(n, pattern, write, use_lora=False, mask=None):
-            return [Segment(0, [0] * n, list(range(n)), 0, pattern, write_kv=write, mask=mask, use_lora=use_lora)]
+        cfg, device = self.model.config, self.model.device
+        _, tile_seg, _ = tile_plan(batch, cfg, device)
+        return choose_splits(len(tile_seg), cfg.num_key_value_heads, self.longest, sm_count(device))
 
-        self.capture(like(1, Pattern.CAUSAL, True))  # AR step
-        self.capture(like(block, Pattern.CAUSAL, True))  # linear-spec verify, diffusion commit
-        self.capture(like(block, Pattern.FULL, False))  # diffusion denoise
-        if lora:
-            self.capture(like(block, Pattern.FULL, False, use_lora=True))  # linear-spec draft
-        k = block
-        self.capture(like(k * (k + 1), Pattern.MASK, [True] * k + [False] * (k * k), mask=quadratic_mask(k)))
+    def capture_steady_shapes(self, shapes: list[tuple]) -> None:
+        """Capture every declared shape at every bucket (at engine start; never while serving)."""
+        plan = [(key, bucket) for key in shapes for bucket in self.buckets
+                if bucket * steady_layout(key).length <= MAX_GRAPH_TOKENS]
+        if not plan:
+            return
+        tokens = max(bucket * steady_layout(key).length for key, bucket in plan)
+        self.static = _StaticInputs(tokens, max(self.buckets), self.model.device)
+        for key, bucket in plan:
+            self.graphs[(key, bucket)] = _Graph(self, key, bucket)
 
-    def capture(self, segments_like: list[Segment]) -> None:
-        """Capture every bucket for the shape of `segments_like` (used at engine start)."""
-        shape = StepShape.of(segments_like)
-        for bucket in self.buckets:
-            if (shape, bucket) not in self.graphs and bucket * shape.length <= MAX_GRAPH_TOKENS:
-                self.graphs[(shape, bucket)] = _Graph(self.model, self.cache, shape, bucket, self.max_pages,
-                                                      self.pool, self.scratch_slot)
-
-    def try_run(self, segments: list[Segment]) -> list[torch.Tensor] | None:
-        if not segments or len(segments) > self.buckets[-1]:
+    def try_replay(self, batch: ForwardBatch) -> torch.Tensor | None:
+        """The logits of `batch` from a captured graph, or None when no graph fits it."""
+        key = batch.shape_key
+        if key is None or batch.image_rows is not None:
             return None
-        if any(len(self.cache.page_table(s.request_id)) > self.max_pages for s in segments):
-            return None
-        shape = StepShape.of(segments)
-        if shape is None:
-            return None
-        bucket = next(b for b in self.buckets if b >= len(segments))
-        if bucket * shape.length > MAX_GRAPH_TOKENS:
-            return None
-        graph = self.graphs.get((shape, bucket))
+        count = batch.num_segments
+        bucket = next((b for b in self.buckets if b >= count), None)
+        graph = self.graphs.get((key, bucket)) if bucket is not None else None
         if graph is None:
-            graph = self.graphs[(shape, bucket)] = _Graph(self.model, self.cache, shape, bucket, self.max_pages,
-                                                          self.pool, self.scratch_slot)
-        return graph.run(segments, self.scratch_slot)
+            return None
+        for rows in batch.segment_rows:
+            if len(rows) and (rows.max() >= graph.layout.length or (graph.row_of[rows] < 0).any()):
+                return None
+        self.replays += 1
+        return graph.replay(batch)

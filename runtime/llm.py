@@ -48,14 +48,18 @@ class LLM:
 
     kv_cache_memory_bytes / num_kv_pages size the page pool; by default it holds
     max_batch_size full-length sequences. max_num_batched_tokens caps the tokens of one
-    forward (longer prompts are prefilled in chunks).
+    forward (longer prompts are prefilled in chunks). kernels: "auto" (the engine's compiled
+    kernels on a matching GPU, else the PyTorch reference path), "off", "interpret" (the
+    kernels' real code under Triton's interpreter, on the CPU: slow, for verification) or
+    "jit" (Triton's compiler on a GPU, for development). cuda_graphs: capture the steady step
+    shapes at start (GPU kernel path only).
     """
 
     def __init__(self, engine_dir: str | Path, device: str | torch.device | None = None,
                  kv_cache_memory_bytes: int | None = None, num_kv_pages: int | None = None,
                  max_batch_size: int | None = None, max_num_batched_tokens: int | None = None, verify: bool = True,
-                 cuda_graphs: bool = True):
-        loaded = load_engine(Path(engine_dir), device=device, verify=verify)
+                 cuda_graphs: bool = True, kernels: str = "auto"):
+        loaded = load_engine(Path(engine_dir), device=device, verify=verify, kernels=kernels)
         self.engine_dir = loaded.path
         self.config = loaded.config
         self.model = loaded.model
@@ -71,13 +75,15 @@ class LLM:
                 # room for the longest sequence per slot, plus a block of speculative scratch
                 per_seq = -(-(build.max_seq_len + 2 * build.block_length) // build.kv_page_size)
                 num_kv_pages = self.max_batch_size * per_seq
+        pages_per_request = -(-(build.max_seq_len + 2 * build.block_length) // build.kv_page_size)
         self.cache = PagedKVCache(mcfg.num_hidden_layers, mcfg.num_key_value_heads, mcfg.head_dim,
-                                  build.kv_page_size, num_kv_pages, self.model.dtype, self.model.device)
+                                  build.kv_page_size, num_kv_pages, self.model.dtype, self.model.device,
+                                  max_pages_per_request=pages_per_request, max_requests=2 * self.max_batch_size + 8)
         if cuda_graphs and self.model.uses_kernels(self.cache) and self.model.device.type == "cuda":
-            from .cuda_graphs import GraphRunner
+            from .cuda_graphs import GraphRunner, declared_shapes
 
             self.model.graphs = GraphRunner(self.model, self.cache, build.max_seq_len)
-            self.model.graphs.capture_steady_shapes(build.block_length, lora=self.model.has_lora)
+            self.model.graphs.capture_steady_shapes(declared_shapes(build.block_length, self.model.has_lora))
         eos_ids = list(mcfg.eos_token_ids)
         ctx = StrategyContext(model=mcfg, block_length=build.block_length, has_lora=self.model.has_lora,
                               think_end_id=self.tokenizer.think_end_id())

@@ -28,7 +28,8 @@ def default_device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
-def load_engine(engine_dir: Path, device: str | torch.device | None = None, verify: bool = True) -> LoadedEngine:
+def load_engine(engine_dir: Path, device: str | torch.device | None = None, verify: bool = True,
+                kernels: str = "auto") -> LoadedEngine:
     engine_dir = Path(engine_dir)
     if not engine_dir.is_dir():
         raise EngineFormatError(f"{engine_dir}: not a directory")

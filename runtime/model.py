@@ -25,6 +25,7 @@ from nemodiff.engine_format import ModelConfig
 
 from .attention import segment_attention
 from .batch import BatchBuilder, ForwardBatch
+from .kernel_meta import Workspace, attention_meta
 from .kv_cache import PagedKVCache
 from .layers import make_linear, rms_norm
 from .rope import RotaryEmbedding, apply_rotary
@@ -75,6 +76,7 @@ class Model:
             self.layers.append(layer)
         self.has_lora = lora is not None
         self.builder = BatchBuilder(self.device, config.image_token_id)
+        self.workspace = Workspace(self.device)  # split-KV partial results (kernel path)
 
     # -- entry points ------------------------------------------------------------------------
     @torch.inference_mode()
@@ -99,9 +101,7 @@ class Model:
         return self.kernels is not None and cache is not None
 
     def attention_meta(self, batch: ForwardBatch, cache: PagedKVCache, num_splits: int | None = None):
-        from .kernel_meta import attention_meta
-
-        return attention_meta(batch, cache, self.config, num_splits)
+        return attention_meta(batch, cache, self.config, self.workspace, num_splits)
 
     # -- layers ------------------------------------------------------------------------------
     def _add_norm(self, residual: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor,

@@ -8,7 +8,8 @@ with no mask before it; one CAUSAL commit forward then writes the block's K/V an
 last row gives the next block's seed. A position stays masked while its token is the mask
 id: a chosen candidate equal to the mask id leaves it masked, and a block that still holds
 masks after B denoising steps fills them with their best non-mask candidates of the last
-denoising forward, so the mask token is never output.
+denoising forward, so no denoised position ever outputs the mask token. (The seed is the
+causal prediction, as in AR decoding, and is output as predicted.)
 """
 
 from __future__ import annotations
@@ -84,23 +85,17 @@ class DiffusionStrategy(DecodeStrategy):
         self.block[:] = self.mask_id
         self.block[0] = seed
         self.masked[:] = True
-        self.masked[0] = False
-        room = self._room_after(seed)
-        if room is not None and room < self.B - 1:  # thinking budget: end-of-thinking is pre-placed
-            self.block[1 + room] = self.ctx.think_end_id
-            self.masked[1 + room] = False
+        self.masked[0] = False  # the seed is the causal prediction, already output
+        room = self.tokens_until_forced()  # > 0 here: at 0 the seed itself was forced
+        if room is not None and seed != self.ctx.think_end_id and room < self.B:
+            self.block[room] = self.ctx.think_end_id  # thinking budget: pre-placed after `room` outputs
+            self.masked[room] = False
         self.schedule = even_split(int(self.masked.sum()), self.B)
         self.steps = 0
         self.phase = "denoise" if self.masked.any() else "commit"
         if self.phase == "commit":
             self.steps_per_block.append(0)
         return [seed]
-
-    def _room_after(self, seed: int) -> int | None:
-        room = self.tokens_until_forced()
-        if room is None or seed == self.ctx.think_end_id:
-            return None
-        return room - 1  # the seed itself is about to be emitted
 
     def _denoised(self, answer: np.ndarray) -> list[int]:
         candidates, chosen, fallback = answer[:, 0], answer[:, 1].astype(bool), answer[:, 2]

@@ -1,0 +1,95 @@
+"""The engine's host path: one device-to-host transfer per step whatever the number of requests,
+and decisions that never mix devices (the strategies run here on logits that live on `meta`)."""
+
+from collections import Counter
+
+import pytest
+import torch
+from torch.overrides import TorchFunctionMode
+
+from nemodiff import LLM, SamplingParams
+from nemodiff.runtime.decide import Decider
+
+HOST_TRANSFERS = {"item", "tolist", "numpy", "cpu", "__int__", "__float__", "__bool__", "__index__", "__iter__",
+                  "unbind"}
+MODES = [("ar", {}), ("diffusion", {"block_length": 8}), ("linear-spec", {"block_length": 8}),
+         ("quadratic-spec", {"block_length": 4})]
+
+
+class CountHostTransfers(TorchFunctionMode):
+    """Counts every tensor operation that brings values to the host (a device sync on a GPU)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = Counter()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        if name in HOST_TRANSFERS:
+            self.calls[name] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def transfers_per_step(engine_dir, mode, extra, requests, temperature):
+    llm = LLM(engine_dir, device="cpu", max_batch_size=32)
+    params = SamplingParams(max_new_tokens=200, ignore_eos=True, mode=mode, temperature=temperature, seed=3,
+                            **extra)
+    for i in range(requests):
+        llm.engine.add_request([1, 40 + i, 41, 42, 43], params)
+    for _ in range(4):  # past the prefills: every request is in its decode loop
+        llm.engine.step()
+    counts = []
+    for _ in range(6):
+        with CountHostTransfers() as counter:
+            llm.engine.step()
+        counts.append(sum(counter.calls.values()))
+    return counts
+
+
+@pytest.mark.parametrize("mode, extra", MODES)
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_host_transfers_do_not_grow_with_the_number_of_requests(engine_fp32, mode, extra, temperature):
+    one = transfers_per_step(engine_fp32, mode, extra, 1, temperature)
+    many = transfers_per_step(engine_fp32, mode, extra, 12, temperature)
+    assert one == many, f"{mode}: host transfers per step grow with the batch: {one} vs {many}"
+    assert max(many) <= 3  # the builder's two staging views and the decisions' one copy
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_decisions_stay_on_the_logits_device(engine_fp32, temperature):
+    """Every kind of decision, for every mode and phase, computed on `meta` logits: any tensor a
+    strategy or the decider made on another device (a CPU generator's noise, draft distributions
+    kept on the host) would raise a device-mismatch error here."""
+    llm = LLM(engine_fp32, device="cpu")
+    vocab = llm.config.model.vocab_size
+    params = {mode: SamplingParams(max_new_tokens=50, temperature=temperature, top_k=5, top_p=0.9, mode=mode, **extra)
+              for mode, extra in MODES}
+    params["diffusion-none"] = SamplingParams(max_new_tokens=50, temperature=temperature, mode="diffusion",
+                                              threshold=None, block_length=8)
+    strategies = {}
+    for name, p in params.items():
+        request = llm.engine.add_request([1, 50, 51, 52], p)
+        strategies[name] = llm.engine._sequences[request.request_id].strategy
+    phases = [("ar", None), ("diffusion", "prefill"), ("diffusion", "denoise"), ("diffusion-none", "denoise"),
+              ("diffusion", "commit"), ("linear-spec", "prefill"), ("linear-spec", "draft"),
+              ("linear-spec", "verify"), ("quadratic-spec", "first"), ("quadratic-spec", "cycle")]
+    decider = Decider(torch.device("meta"), llm.config.model.mask_token_id)
+    for name, phase in phases:
+        strategy = strategies[name]
+        if phase is not None:
+            strategy.phase = phase
+        if phase == "denoise":
+            strategy.masked[1:] = True
+            strategy.steps = strategy.B - 1  # the last step also picks the best non-mask candidates
+        if name == "linear-spec" and phase == "draft":
+            strategy.draft_masked[1:] = True
+        segment = strategy.next_segments()[0]
+        decider.begin()
+        strategy.register(decider, 0, 0)
+        rows = len(segment.rows())
+        logits = torch.empty(rows, vocab, device="meta")
+        ids = torch.empty(len(segment), dtype=torch.int64, device="meta")
+        decider.run(logits, ids)
+        assert decider._packed.device.type == "meta"
+        if strategy.draft_probs is not None:
+            assert strategy.draft_probs.device.type == "meta"
