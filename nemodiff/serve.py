@@ -214,7 +214,8 @@ def serve(engine_dir: Path, http_port: int, grpc_port: int, metrics_port: int, h
             "default_mode": default_mode, "device": device or "", "instance_kind": f"KIND_{instance_kind.upper()}",
             "max_queue": str(max_queue), "request_timeout_s": str(request_timeout or ""),
             "max_request_bytes": str(sizes["--max-request-bytes"]), "python_site_dirs": json.dumps(site_dirs()),
-            "python_path": json.dumps(import_path()), "control_dir": str(control), "supervisor_pid": str(os.getpid()),
+            "python_path": json.dumps(import_path()),
+            "python_env_path": json.dumps([p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]), "control_dir": str(control), "supervisor_pid": str(os.getpid()),
         })
         backends = prepare_backends(wheel_root, scratch / "backends") if wheel_root else CONTAINER_BACKENDS
         env = dict(os.environ)

@@ -4,15 +4,18 @@ checkpoint ──builder──▶ engine dir ──runtime──▶ [Triton: mod
 
 Triton's Python backend embeds an interpreter whose `sys.path` is that of the base Python
 it was built against, not of the venv (or user site) nemodiff was installed in, and which
-may start in any working directory. `nemodiff serve` therefore writes the site directories
-and import path of the interpreter it runs under into the `python_site_dirs` and
-`python_path` parameters; they are added here (site directories with their `.pth` files,
-which editable installs rely on) before nemodiff is imported, and the working directory is
-dropped from the import path so that a source checkout cannot shadow the installed package.
+may start in any working directory; it also ignores PYTHONPATH. `nemodiff serve` therefore
+writes the PYTHONPATH, site directories and import path of the interpreter it runs under
+into the `python_env_path`, `python_site_dirs` and `python_path` parameters; they are
+applied here in that order (site directories with their `.pth` files, which editable
+installs rely on, and a `sitecustomize` found on PYTHONPATH, as `python` itself would run
+it) before nemodiff is imported. The working directory is dropped from the import path so
+that a source checkout cannot shadow the installed package.
 Inside NVIDIA's Triton container the parameters may be empty: nemodiff is then installed
 for the container's own Python.
 """
 
+import importlib.util
 import json
 import os
 import site
@@ -28,6 +31,8 @@ def _use_installation(parameters: dict) -> None:
 
     cwd = os.getcwd()
     sys.path[:] = [p for p in sys.path if p not in ("", ".", cwd)]
+    env_path = [p for p in listed("python_env_path") if p not in sys.path]
+    sys.path[:0] = env_path
     for directory in listed("python_site_dirs"):
         if os.path.isdir(directory) and directory not in sys.path:
             site.addsitedir(directory)
@@ -36,6 +41,14 @@ def _use_installation(parameters: dict) -> None:
             sys.path.append(directory)
     for name in [m for m in sys.modules if m == "nemodiff" or m.startswith("nemodiff.")]:
         del sys.modules[name]  # anything imported from elsewhere before this point
+    for directory in env_path:
+        path = os.path.join(directory, "sitecustomize.py")
+        if os.path.isfile(path):
+            spec = importlib.util.spec_from_file_location("sitecustomize", path)
+            module = importlib.util.module_from_spec(spec)
+            sys.modules["sitecustomize"] = module
+            spec.loader.exec_module(module)
+            break
 
 
 class TritonPythonModel:
