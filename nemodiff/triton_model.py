@@ -97,7 +97,8 @@ class NemodiffModel:
         self._live: dict[int, _RequestState] = {}
         self._live_lock = threading.Lock()
         self.metrics = ModelMetrics()
-        self.engine = AsyncEngine(self.llm, max_queue=number("max_queue"),
+        max_queue = params.get("max_queue", "").strip()
+        self.engine = AsyncEngine(self.llm, max_queue=int(max_queue) if max_queue else None,
                                   request_timeout_s=number("request_timeout_s", float), on_failure=self._on_failure)
         self.metrics.refresh(self.engine.metrics())
         self._stop = threading.Event()

@@ -278,7 +278,7 @@ def test_sigterm_answers_every_open_stream_and_leaves_nothing_behind(engine_dir,
             stream.close()
     returncode = served.wait_exit(60)
     assert returncode == 0, served.log()[-3000:]
-    for ids, error in outcomes:
+    for _ids, error in outcomes:
         assert error is not None and "shutting down" in error.message()
     assert b"shutting down" in http_events[-1]  # the HTTP stream ended with an error event, not a cut connection
     assert alive(tree) == set()

@@ -50,6 +50,7 @@ class Server:
         self.command = [str(NEMODIFF), "serve", str(engine_dir), "--host", "127.0.0.1",
                         "--http-port", str(self.http_port), "--grpc-port", str(self.grpc_port),
                         "--metrics-port", str(self.metrics_port), "--instance-kind", "cpu", *extra]
+        self.openai = openai
         if openai:
             self.command += ["--openai-port", str(self.openai_port)]
         self.process: subprocess.Popen | None = None
@@ -81,7 +82,10 @@ class Server:
 
     def ready(self) -> bool:
         """HTTP says ready and the metrics endpoint (which Triton starts last) answers."""
-        for url in (f"{self.http}/v2/health/ready", f"http://127.0.0.1:{self.metrics_port}/metrics"):
+        urls = [f"{self.http}/v2/health/ready", f"http://127.0.0.1:{self.metrics_port}/metrics"]
+        if self.openai:
+            urls.append(f"http://127.0.0.1:{self.openai_port}/health")
+        for url in urls:
             try:
                 with urllib.request.urlopen(url, timeout=2) as reply:
                     if reply.status != 200:
