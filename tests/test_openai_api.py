@@ -143,8 +143,11 @@ def test_overload_is_503_and_disconnect_cancels(client, server):
     with pytest.raises(openai.APIStatusError) as busy:
         client.completions.create(model="nemodiff", prompt="hi", max_tokens=2)
     assert busy.value.status_code == 503 and "at capacity" in busy.value.body["message"]
-    stream.close()  # the client goes away: the request is cancelled and its pages freed
     deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and server.metrics()["nemodiff_requests_in_flight"] != 1:
+        time.sleep(0.05)  # the gauges have caught up with the running request
+    assert server.metrics()["nemodiff_kv_cache_pages_used"] > 0
+    stream.close()  # the client goes away: the request is cancelled and its pages freed
     while time.monotonic() < deadline and (server.metrics()["nemodiff_kv_cache_pages_used"]
                                            or server.metrics()["nemodiff_requests_in_flight"]):
         time.sleep(0.05)
