@@ -86,13 +86,20 @@ def _compile_for(device: torch.device):
 @click.option("--hf/--no-hf", "with_hf", default=True, help="Also time transformers' AR decoding (--shape).")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=Path("bench.json"), help="JSON output.")
 @click.option("--plot", "plot_path", type=click.Path(path_type=Path), default=Path("bench.png"), help="PNG output.")
+@click.option("--serve", "serve_url", type=str, default=None,
+              help="Load a running `nemodiff serve` at this gRPC URL (grpc://host:8001) instead; --concurrency "
+                   "defaults to 1,8,32,64 there.")
+@click.option("--duration", type=float, default=30.0, help="With --serve: seconds per concurrency level.")
 def bench(engine_dir: Path | None, shape: str | None, dtype: str, device: str | None, modes: str, batch_sizes: str,
           concurrency: str, context: int, iters: int, max_new_tokens: int, with_hf: bool, json_path: Path,
-          plot_path: Path) -> None:
-    """Benchmark an engine (end to end per mode + step latencies) or a random model at --shape."""
+          plot_path: Path, serve_url: str | None, duration: float) -> None:
+    """Benchmark an engine (end to end per mode + step latencies), a random model at --shape, or a server."""
     from nemodiff.runtime import bench as b
     from nemodiff.runtime.loader import default_device
 
+    if serve_url is not None:
+        _bench_server(serve_url, concurrency, duration, modes, max_new_tokens, json_path)
+        return
     if (engine_dir is None) == (shape is None):
         raise click.UsageError("give an ENGINE_DIR or --shape, not both")
     dev = torch.device(device) if device else default_device()
@@ -170,3 +177,20 @@ def _print_table(report: dict) -> None:
                    f"{r['tokens_per_s']:8.1f} tok/s  TTFT {r['ttft_ms'] or 0:7.1f} ms  ITL {r['itl_ms'] or 0:6.2f} ms")
     for mode, value in report.get("projected_tokens_per_s_at_published_tpf", {}).items():
         click.echo(f"projected {mode}: {value:.1f} tokens/s at the published tokens/forward")
+
+
+def _bench_server(url: str, concurrency: str, duration: float, modes: str, max_tokens: int, json_path: Path) -> None:
+    import asyncio
+
+    from nemodiff.bench_serve import bench_server, format_rows
+
+    source = click.get_current_context().get_parameter_source("concurrency")
+    levels = [1, 8, 32, 64] if source == click.core.ParameterSource.DEFAULT else _ints(concurrency)
+    try:
+        rows = asyncio.run(bench_server(url, levels, duration, modes.split(","), max_tokens))
+    except RuntimeError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(format_rows(rows))
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "server": url, "levels": rows}, indent=2))
+    click.echo(f"wrote {json_path}")

@@ -2,30 +2,27 @@
 
 checkpoint ──builder──▶ engine dir ──runtime──▶ [Triton: nemodiff serve]
 
-Lays out a model repository (the `model_repo/nemodiff` model with its config filled in),
-finds a tritonserver (NVIDIA's container first, else the one in the nvidia-pytriton
-wheel), starts it in the foreground, waits until it is ready, prints the endpoints and
-forwards SIGINT/SIGTERM to it. Exits with the server's status (0 after a clean,
-signal-triggered shutdown).
+Lays out a model repository (the `model_repo/nemodiff` model with its config filled in,
+including where this interpreter finds its packages, so the Python backend runs the
+installation `nemodiff` runs from however it was started), finds a tritonserver (NVIDIA's
+container first, else the one in the nvidia-pytriton wheel), starts it in a scratch
+directory, optionally starts the OpenAI-compatible frontend, and supervises both
+(`nemodiff.serve_process`). Exits 0 after a clean SIGINT/SIGTERM shutdown, 3 when the
+engine failed (so a supervisor restarts it), else the server's status.
 """
 
 from __future__ import annotations
 
-import collections
+import json
 import os
 import re
 import shutil
-import signal
+import site
 import socket
 import string
-import subprocess
 import sys
 import sysconfig
 import tempfile
-import threading
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import click
@@ -135,24 +132,6 @@ def prepare_backends(wheel_root: Path, into: Path) -> Path:
     return into
 
 
-def _set_parent_death_signal() -> None:
-    """Child side (Linux): if `nemodiff serve` dies without forwarding a signal, the server still stops."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except Exception:
-        pass
-
-
-def _ready(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as reply:
-            return reply.status == 200
-    except (urllib.error.URLError, OSError):
-        return False
-
-
 @click.command(context_settings=CONTEXT)
 @click.argument("engine_dir", type=click.Path(path_type=Path))
 @click.option("--http-port", type=int, default=8000, help="HTTP/REST port.")
@@ -173,111 +152,123 @@ def _ready(url: str) -> bool:
               help="Where to lay out the model repository [default: a temporary folder removed on exit].")
 @click.option("--tritonserver", "server_path", type=click.Path(path_type=Path), default=None,
               help="tritonserver binary [default: /opt/tritonserver, else the nvidia-pytriton wheel's].")
+@click.option("--max-queue", type=int, default=256,
+              help="Requests that may wait beyond the running batch; past it a request is refused at once "
+                   "with UNAVAILABLE (HTTP 503).")
+@click.option("--request-timeout", type=float, default=None,
+              help="Seconds a request may take from arrival to its last token; past it, it ends with an error "
+                   "and frees its pages [default: no limit]. A request's own `timeout` can only shorten it.")
+@click.option("--max-request-bytes", type=str, default="8MiB",
+              help="Largest prompt (text_input / input_ids / stop words) a request may carry, and the largest "
+                   "OpenAI request body.")
+@click.option("--openai-port", type=int, default=None,
+              help="Also serve the OpenAI-compatible API (/v1/completions, /v1/chat/completions, /v1/models) "
+                   "on this port, in front of the same engine.")
+@click.option("--served-model-name", type=str, default="nemodiff", help="Model name of the OpenAI API.")
+@click.option("--exit-timeout", type=float, default=10.0,
+              help="Seconds Triton waits for in-flight requests when stopping (open requests are answered "
+                   "before it stops).")
 @click.option("--startup-timeout", type=float, default=600.0, help="Seconds to wait for the server to be ready.")
 @click.option("--log-verbose", type=int, default=0, help="Triton's --log-verbose level.")
 def serve(engine_dir: Path, http_port: int, grpc_port: int, metrics_port: int, host: str, default_mode: str,
           kv_cache_memory: str | None, max_batch_size: int | None, max_num_batched_tokens: int | None,
           instance_kind: str | None, device: str | None, model_repo: Path | None, server_path: Path | None,
-          startup_timeout: float, log_verbose: int) -> None:
-    """Serve an engine with Triton Inference Server (HTTP, gRPC, metrics)."""
+          max_queue: int, request_timeout: float | None, max_request_bytes: str, openai_port: int | None,
+          served_model_name: str, exit_timeout: float, startup_timeout: float, log_verbose: int) -> None:
+    """Serve an engine with Triton Inference Server (HTTP, gRPC, metrics; optionally the OpenAI API)."""
+    from nemodiff.serve_process import ServerRun, run_server
+
     try:
         config = EngineConfig.load(engine_dir)
     except (EngineFormatError, OSError) as exc:
         raise click.ClickException(str(exc)) from None
-    try:
-        kv_bytes = parse_bytes(kv_cache_memory) if kv_cache_memory is not None else 0
-    except ValueError as exc:
-        raise click.BadParameter(str(exc), param_hint="--kv-cache-memory") from None
+    sizes = {}
+    for name, text in (("--kv-cache-memory", kv_cache_memory), ("--max-request-bytes", max_request_bytes)):
+        try:
+            sizes[name] = parse_bytes(text) if text is not None else 0
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint=name) from None
     for name, value in (("--max-batch-size", max_batch_size), ("--max-num-batched-tokens", max_num_batched_tokens)):
         if value is not None and value < 1:
             raise click.BadParameter("must be at least 1", param_hint=name)
+    if max_queue < 0:
+        raise click.BadParameter("must be at least 0", param_hint="--max-queue")
+    if request_timeout is not None and not request_timeout > 0:
+        raise click.BadParameter("must be a positive number of seconds", param_hint="--request-timeout")
     if instance_kind is None:
         import torch
 
         instance_kind = "gpu" if torch.cuda.is_available() else "cpu"
     binary, wheel_root, libs = find_tritonserver(server_path)
+    if wheel_root is None:
+        _check_container_python()
 
     scratch = Path(tempfile.mkdtemp(prefix="nemodiff-serve-"))
     try:
-        repo = model_repo or scratch / "model_repo"
+        repo = (model_repo or scratch / "model_repo").resolve()
+        control = scratch / "control"
+        control.mkdir()
         write_model_repository(repo, {
-            "engine_dir": str(engine_dir.resolve()), "kv_cache_memory_bytes": str(kv_bytes),
+            "engine_dir": str(engine_dir.resolve()), "kv_cache_memory_bytes": str(sizes["--kv-cache-memory"]),
             "max_batch_size": str(max_batch_size or 0), "max_num_batched_tokens": str(max_num_batched_tokens or 0),
             "default_mode": default_mode, "device": device or "", "instance_kind": f"KIND_{instance_kind.upper()}",
+            "max_queue": str(max_queue), "request_timeout_s": str(request_timeout or ""),
+            "max_request_bytes": str(sizes["--max-request-bytes"]), "python_site_dirs": json.dumps(site_dirs()),
+            "python_path": json.dumps(import_path()),
+            "python_env_path": json.dumps([p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]), "control_dir": str(control), "supervisor_pid": str(os.getpid()),
         })
         backends = prepare_backends(wheel_root, scratch / "backends") if wheel_root else CONTAINER_BACKENDS
         env = dict(os.environ)
         if wheel_root is not None:  # the stub loads this interpreter's libpython and the wheel's bundled libs
             paths = [sysconfig.get_config_var("LIBDIR"), str(libs) if libs else None, env.get("LD_LIBRARY_PATH")]
             env["LD_LIBRARY_PATH"] = ":".join(p for p in paths if p)
+            # The embedded interpreter finds its standard library (and a venv's pyvenv.cfg) by looking up
+            # `python3` on PATH: put this interpreter first, whatever PATH the caller had.
+            env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", os.defpath)])
+        shm_prefix = f"nemodiff_{os.getpid()}_"
         command = [str(binary), "--model-repository", str(repo), "--backend-directory", str(backends),
                    "--http-port", str(http_port), "--grpc-port", str(grpc_port), "--metrics-port", str(metrics_port),
                    "--http-address", host, "--grpc-address", host, "--metrics-address", host,
                    "--log-verbose", str(log_verbose), "--exit-on-error", "true", "--disable-auto-complete-config",
-                   "--exit-timeout-secs", "10"]
+                   "--model-control-mode", "explicit", "--load-model", MODEL_NAME,
+                   "--backend-config", f"python,shm-region-prefix-name={shm_prefix}",
+                   "--exit-timeout-secs", str(max(1, round(exit_timeout)))]
+        local = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host  # where to reach it from here
+        local = f"[{local}]" if ":" in local else local
+        frontend = None
+        if openai_port is not None:
+            def frontend():
+                from nemodiff.openai_backend import FrontendThread
+
+                return FrontendThread(engine_dir.resolve(), f"{local}:{grpc_port}", host, openai_port,
+                                      served_model_name, sizes["--max-request-bytes"], MODEL_NAME)
         click.echo(f"nemodiff serve: engine {engine_dir} ({config.build.dtype}, max seq {config.build.max_seq_len}, "
                    f"block {config.build.block_length}), {instance_kind} instance, tritonserver {binary}", err=True)
-        sys.exit(_run_server(command, env, host, http_port, grpc_port, metrics_port, startup_timeout))
+        sys.exit(run_server(ServerRun(
+            command=command, env=env, cwd=scratch, control_dir=control, shm_prefix=shm_prefix, local_host=local,
+            http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port, model_name=MODEL_NAME,
+            exit_timeout_s=exit_timeout, startup_timeout_s=startup_timeout, frontend_factory=frontend)))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def _run_server(command: list[str], env: dict, host: str, http_port: int, grpc_port: int, metrics_port: int,
-                startup_timeout: float) -> int:
-    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               start_new_session=True, preexec_fn=_set_parent_death_signal)
-    tail: collections.deque[str] = collections.deque(maxlen=40)
+def site_dirs() -> list[str]:
+    """This interpreter's site directories (a venv's, or the system's, and the user site when enabled)."""
+    dirs = list(site.getsitepackages())
+    if site.ENABLE_USER_SITE and os.path.isdir(site.getusersitepackages()):
+        dirs.append(site.getusersitepackages())
+    return dirs
 
-    def pump() -> None:  # the server's log goes to our stderr; the last lines are kept for failures
-        for raw in iter(process.stdout.readline, b""):
-            line = raw.decode("utf-8", "replace")
-            tail.append(line.rstrip("\n"))
-            sys.stderr.write(line)
-            sys.stderr.flush()
 
-    reader = threading.Thread(target=pump, name="tritonserver-log", daemon=True)
-    reader.start()
-    forwarded: list[int] = []
+def import_path() -> list[str]:
+    """This interpreter's import path, less the working directory (which must not shadow the package)."""
+    cwd = os.getcwd()
+    return [p for p in sys.path if p and p not in (".", cwd)]
 
-    def forward(signum, _frame) -> None:
-        forwarded.append(signum)
-        if process.poll() is None:
-            process.send_signal(signum)
 
-    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        local = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host  # where to reach it from here
-        local = f"[{local}]" if ":" in local else local
-        deadline = time.monotonic() + startup_timeout
-        while not forwarded:
-            if process.poll() is not None:
-                reader.join(timeout=2)
-                click.echo("nemodiff serve: tritonserver exited during startup; its last log lines:", err=True)
-                click.echo("\n".join(tail), err=True)
-                return process.returncode or 1
-            if _ready(f"http://{local}:{http_port}/v2/health/ready") and _ready(f"http://{local}:{metrics_port}/metrics"):
-                click.echo(f"nemodiff serve: ready\n"
-                           f"  HTTP     http://{local}:{http_port}\n"
-                           f"  gRPC     {local}:{grpc_port}\n"
-                           f"  metrics  http://{local}:{metrics_port}/metrics\n"
-                           f"  generate http://{local}:{http_port}/v2/models/{MODEL_NAME}/generate "
-                           f"(streaming: /generate_stream)", err=True)
-                break
-            if time.monotonic() > deadline:
-                click.echo(f"nemodiff serve: not ready after {startup_timeout:.0f} s; stopping it", err=True)
-                process.terminate()
-                process.wait()
-                return 1
-            time.sleep(0.25)
-        returncode = process.wait()
-        reader.join(timeout=5)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    if forwarded and returncode in (0, -signal.SIGINT, -signal.SIGTERM):
-        click.echo("nemodiff serve: server stopped", err=True)
-        return 0
-    return returncode if returncode >= 0 else 128 - returncode
+def _check_container_python() -> None:
+    """In NVIDIA's container the Python backend runs the container's own python3."""
+    if sys.base_prefix != "/usr":
+        click.echo(f"nemodiff serve: warning: Triton's Python backend in this container runs /usr/bin/python3, but "
+                   f"nemodiff runs under {sys.executable} (Python {sys.version.split()[0]}); install nemodiff for "
+                   "the container's Python (as docker/Dockerfile does), or a venv made from it", err=True)

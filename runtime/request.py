@@ -9,6 +9,7 @@ incrementally decoded text, so a step costs O(new tokens) whatever the output le
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -49,6 +50,18 @@ class SamplingParams:
 
     def validate(self) -> "SamplingParams":
         self.mode = normalize_mode(self.mode)
+        for name in ("temperature", "top_p", "threshold", "draft_threshold"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise ValueError(f"{name} must be a number (got {value!r})")
+            if value is not None and not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number (got {value})")
+        for name in ("max_new_tokens", "top_k", "block_length", "max_thinking_tokens", "seed"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+                raise ValueError(f"{name} must be an integer (got {value!r})")
+        if self.seed is not None and not 0 <= self.seed < 2**64:
+            raise ValueError(f"seed must be in [0, 2**64) (got {self.seed})")
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be at least 1 (got {self.max_new_tokens})")
         if self.temperature < 0:

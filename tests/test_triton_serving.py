@@ -128,7 +128,10 @@ def test_http_stream_deltas(server, llm, mode, block):
     assert all("error" not in e for e in events)
     assert "".join(e["text_output"] for e in events) == want.text
     assert [i for e in events for i in ids_of(e.get("output_ids"))] == want.output_ids
-    assert events[-1]["num_output_tokens"] == len(want.output_ids)
+    # per-response counts, as Triton's OpenAI frontend sums them
+    assert sum(e["num_output_tokens"] for e in events) == len(want.output_ids)
+    assert [e["num_input_tokens"] for e in events] == [len(llm.tokenizer.encode(prompt))] + [0] * (len(events) - 1)
+    assert events[-1]["finish_reason"] == want.finish_reason
     assert all(e["text_output"] for e in events[:-1])  # only the final response may carry no text
 
 
@@ -138,16 +141,17 @@ def test_grpc_stream_deltas(server, llm):
     stream = GrpcStream(server.grpc)
     try:
         stream.send("r1", prompt, max_tokens=48, decode_mode="diffusion", block_length=8, stream=True)
-        texts, ids, finals = [], [], 0
+        texts, ids, finals, counted = [], [], 0, 0
         for _ in range(200):
             request_id, result, error, final = stream.next()
             assert error is None, error
             assert request_id == "r1"
             texts.append(result.as_numpy("text_output").reshape(-1)[0].decode())
             ids += result.as_numpy("output_ids").reshape(-1).tolist()
+            counted += int(result.as_numpy("num_output_tokens").reshape(-1)[0])
             if final:
                 finals += 1
-                assert result.as_numpy("num_output_tokens").reshape(-1)[0] == len(ids)
+                assert counted == len(ids)
                 break
     finally:
         stream.close()

@@ -6,6 +6,7 @@ checkpoint ──builder──▶ engine dir ──runtime──▶ [Triton: ser
 from __future__ import annotations
 
 import json
+import os
 import queue
 import signal
 import subprocess
@@ -21,17 +22,37 @@ from nemodiff.serve import free_ports
 
 MODEL = "nemodiff"
 NEMODIFF = Path(sys.executable).parent / "nemodiff"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def plain_env(**extra: str) -> dict:
+    """The environment of a systemd unit or a cron job: no activated venv, and its bin not on PATH."""
+    env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH", "PYTHONHOME")}
+    venv_bin = str(Path(sys.executable).parent)
+    env["PATH"] = os.pathsep.join(p for p in env.get("PATH", "/usr/bin:/bin").split(os.pathsep)
+                                  if p and Path(p).resolve() != Path(venv_bin).resolve()) or "/usr/bin:/bin"
+    return env | extra
 
 
 class Server:
-    """`nemodiff serve ENGINE_DIR` on loopback ports, its log in a file."""
+    """`nemodiff serve ENGINE_DIR` started by the console script's path, on loopback ports, its log in a file.
 
-    def __init__(self, engine_dir: Path, log_path: Path, *extra: str):
-        self.http_port, self.grpc_port, self.metrics_port = free_ports(3)
+    cwd: where it is started (default: a neutral folder); env: its environment (default: `plain_env()`).
+    """
+
+    def __init__(self, engine_dir: Path, log_path: Path, *extra: str, cwd: Path | None = None,
+                 env: dict | None = None, openai: bool = False):
+        ports = free_ports(4)
+        self.http_port, self.grpc_port, self.metrics_port, self.openai_port = ports
         self.log_path = log_path
+        self.cwd = cwd or log_path.parent
+        self.env = env or plain_env()
         self.command = [str(NEMODIFF), "serve", str(engine_dir), "--host", "127.0.0.1",
                         "--http-port", str(self.http_port), "--grpc-port", str(self.grpc_port),
                         "--metrics-port", str(self.metrics_port), "--instance-kind", "cpu", *extra]
+        self.openai = openai
+        if openai:
+            self.command += ["--openai-port", str(self.openai_port)]
         self.process: subprocess.Popen | None = None
 
     @property
@@ -47,7 +68,8 @@ class Server:
 
     def start(self, timeout: float = 120.0) -> "Server":
         self._log_file = open(self.log_path, "wb")
-        self.process = subprocess.Popen(self.command, stdout=self._log_file, stderr=subprocess.STDOUT)
+        self.process = subprocess.Popen(self.command, stdout=self._log_file, stderr=subprocess.STDOUT, cwd=self.cwd,
+                                        env=self.env, start_new_session=True)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -60,7 +82,10 @@ class Server:
 
     def ready(self) -> bool:
         """HTTP says ready and the metrics endpoint (which Triton starts last) answers."""
-        for url in (f"{self.http}/v2/health/ready", f"http://127.0.0.1:{self.metrics_port}/metrics"):
+        urls = [f"{self.http}/v2/health/ready", f"http://127.0.0.1:{self.metrics_port}/metrics"]
+        if self.openai:
+            urls.append(f"http://127.0.0.1:{self.openai_port}/health")
+        for url in urls:
             try:
                 with urllib.request.urlopen(url, timeout=2) as reply:
                     if reply.status != 200:
@@ -69,10 +94,33 @@ class Server:
                 return False
         return True
 
-    def stop(self, timeout: float = 60.0) -> int:
-        """SIGINT, as a terminal's Ctrl-C would; returns the exit status."""
+    @property
+    def openai_url(self) -> str:
+        return f"http://127.0.0.1:{self.openai_port}/v1"
+
+    def model_ready(self) -> int | None:
+        """HTTP status of /v2/models/nemodiff/ready, None when nothing answers."""
+        try:
+            with urllib.request.urlopen(f"{self.http}/v2/models/{MODEL}/ready", timeout=2) as reply:
+                return reply.status
+        except urllib.error.HTTPError as exc:
+            return exc.code
+        except (urllib.error.URLError, OSError):
+            return None
+
+    def wait_exit(self, timeout: float = 60.0) -> int:
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self._log_file.close()
+        return self.process.returncode
+
+    def stop(self, timeout: float = 60.0, sig: int = signal.SIGINT) -> int:
+        """SIGINT, as a terminal's Ctrl-C would (or `sig`); returns the exit status."""
         if self.process.poll() is None:
-            self.process.send_signal(signal.SIGINT)
+            self.process.send_signal(sig)
             try:
                 self.process.wait(timeout)
             except subprocess.TimeoutExpired:
@@ -129,7 +177,7 @@ def grpc_inputs(prompt: str, **fields) -> list:
     types = {"max_tokens": np.int32, "top_k": np.int32, "end_id": np.int32, "pad_id": np.int32,
              "block_length": np.int32, "max_thinking_tokens": np.int32, "input_ids": np.int32,
              "temperature": np.float32, "top_p": np.float32, "threshold": np.float32, "random_seed": np.uint64,
-             "stream": np.bool_}
+             "stream": np.bool_, "ignore_eos": np.bool_, "timeout": np.float32}
     arrays = {"text_input": np.array([[prompt.encode()]], dtype=np.object_)}
     for name, value in fields.items():
         if name in types:
@@ -176,3 +224,39 @@ class GrpcStream:
     def close(self, cancel: bool = False) -> None:
         self.client.stop_stream(cancel_requests=cancel)
         self.client.close()
+
+
+# -- processes and shared memory -------------------------------------------------------------
+def descendants(pid: int) -> set[int]:
+    """Every live process below pid (from /proc)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+def alive(pids: set[int]) -> set[int]:
+    live = set()
+    for pid in pids:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state != "Z":
+            live.add(pid)
+    return live
+
+
+def shm_regions(serve_pid: int) -> list[str]:
+    """The Python backend's shared-memory regions of one `nemodiff serve` run."""
+    return sorted(p.name for p in Path("/dev/shm").glob(f"nemodiff_{serve_pid}_*"))

@@ -1,0 +1,201 @@
+"""Reading one Triton request's inputs into prompt ids and SamplingParams.
+
+checkpoint ──builder──▶ engine dir ──runtime──▶ [Triton: the nemodiff model's request parser]
+
+The inputs are those of TensorRT-LLM's `tensorrt_llm_bls` model plus nemodiff's own
+(`decode_mode`, `block_length`, `threshold`, `max_thinking_tokens`, `input_ids`, `timeout`).
+Inputs that Triton's OpenAI frontend and genai-perf send for features nemodiff does not
+have are declared so those tools work, and refused only when they ask for something
+(a non-empty guide, a penalty other than the neutral value, beam width > 1, ...).
+Everything here raises `BadRequest` (answered with INVALID_ARG) and never touches the engine.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from nemodiff.runtime.request import SamplingParams, normalize_mode
+
+DEFAULT_MAX_TOKENS = 64  # when a request has no max_tokens (capped by what the context has room for)
+DEFAULT_THRESHOLD = 0.9
+INT32_MAX = 2**31 - 1
+
+
+class BadRequest(ValueError):
+    """The request cannot run as given; answered with INVALID_ARG."""
+
+
+@dataclass
+class ParsedRequest:
+    prompt_ids: list[int]
+    params: SamplingParams
+    stream: bool
+    timeout_s: float | None
+    echo_prefix: str  # prepended to the first response's text (exclude_input_in_output = false)
+
+
+def _text(value) -> str:
+    if isinstance(value, bytes):
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError:
+            raise BadRequest("string inputs must be UTF-8") from None
+    return str(value)
+
+
+def _float(value) -> float:
+    # FP32 inputs: take the shortest decimal that round-trips (0.9, not 0.8999999761581421)
+    value = np.float32(value)
+    if not np.isfinite(value):
+        return float(value)
+    return float(np.format_float_positional(value, unique=True))
+
+
+class RequestInputs:
+    """Typed access to one request's input tensors (`get_tensor(name)` returns a numpy array or None)."""
+
+    def __init__(self, get_tensor):
+        self._get = get_tensor
+
+    def array(self, name: str) -> np.ndarray | None:
+        return self._get(name)
+
+    def scalar(self, name: str, cast):
+        array = self.array(name)
+        if array is None or array.size == 0:
+            return None
+        if array.size != 1:
+            raise BadRequest(f"{name} takes one value per request (got {array.size})")
+        return cast(array.reshape(-1)[0])
+
+    def strings(self, name: str) -> list[str]:
+        array = self.array(name)
+        return [] if array is None else [_text(v) for v in array.reshape(-1)]
+
+    def nbytes(self, name: str) -> int:
+        array = self.array(name)
+        if array is None:
+            return 0
+        if array.dtype == np.object_:
+            return sum(len(v) if isinstance(v, (bytes, str)) else 8 for v in array.reshape(-1))
+        return int(array.nbytes)
+
+
+class PromptTokenizer:
+    """Tokenizes a prompt only as far as needed to know whether it fits.
+
+    A token never covers more than `max_token_chars` characters, so a text longer than
+    max_seq_len × max_token_chars cannot fit: only that much of it is tokenized to prove it.
+    """
+
+    def __init__(self, encode, vocab_tokens, max_seq_len: int):
+        self.encode = encode
+        self.max_seq_len = max_seq_len
+        self.max_token_chars = max((len(t) for t in vocab_tokens), default=1) or 1
+
+    def ids(self, text: str) -> list[int]:
+        limit = self.max_seq_len * self.max_token_chars
+        if len(text) > limit:
+            head = self.encode(text[:limit])
+            if len(head) >= self.max_seq_len:
+                raise BadRequest(f"the prompt has more than {len(head)} tokens ({len(text)} characters); the "
+                                 f"engine's max_seq_len is {self.max_seq_len} (prompt + max_tokens must fit)")
+        return self.encode(text)
+
+
+def _refuse_unsupported(inputs: RequestInputs) -> None:
+    if any(inputs.strings("bad_words")):
+        raise BadRequest("bad_words is not supported by nemodiff; leave it empty")
+    for name in ("frequency_penalty", "presence_penalty"):
+        value = inputs.scalar(name, _float)
+        if value:
+            raise BadRequest(f"{name} is not supported by nemodiff (got {value}); leave it 0 or unset")
+    for name in ("repetition_penalty",):
+        value = inputs.scalar(name, _float)
+        if value is not None and value != 1.0:
+            raise BadRequest(f"{name} is not supported by nemodiff (got {value}); leave it 1 or unset")
+    for name in ("beam_width", "num_return_sequences"):
+        value = inputs.scalar(name, int)
+        if value is not None and value != 1:
+            raise BadRequest(f"{name} must be 1: nemodiff returns one sequence per request (got {value})")
+    for name in ("return_log_probs", "return_context_logits", "return_generation_logits"):
+        if inputs.scalar(name, bool):
+            raise BadRequest(f"{name} is not supported by nemodiff; leave it false")
+    for name in ("guided_decoding_guide", "embedding_bias_words"):
+        if any(inputs.strings(name)):
+            raise BadRequest(f"{name} is not supported by nemodiff; leave it empty")
+    if inputs.scalar("lora_task_id", int):
+        raise BadRequest("LoRA adapters per request are not supported by nemodiff (lora_task_id)")
+
+
+def parse_request(inputs: RequestInputs, tokenizer: PromptTokenizer, decode, default_mode: str, vocab_size: int,
+                  max_request_bytes: int) -> ParsedRequest:
+    size = sum(inputs.nbytes(name) for name in ("text_input", "input_ids", "stop_words", "bad_words"))
+    if size > max_request_bytes:
+        raise BadRequest(f"the request is too large ({size} bytes of prompt and word lists; the limit is "
+                         f"{max_request_bytes})")
+    max_seq_len = tokenizer.max_seq_len
+    texts = inputs.strings("text_input")
+    ids = inputs.array("input_ids")
+    if ids is not None and ids.size:
+        if ids.size >= max_seq_len:
+            raise BadRequest(f"the prompt has {ids.size} tokens; the engine's max_seq_len is {max_seq_len} "
+                             "(prompt + max_tokens must fit)")
+        prompt_ids = [int(i) for i in ids.reshape(-1)]
+    else:
+        if len(texts) != 1:
+            raise BadRequest(f"text_input takes one prompt per request (got {len(texts)})")
+        prompt_ids = tokenizer.ids(texts[0])
+    if len(prompt_ids) >= max_seq_len:
+        raise BadRequest(f"the prompt has {len(prompt_ids)} tokens; the engine's max_seq_len is "
+                         f"{max_seq_len} (prompt + max_tokens must fit)")
+    max_tokens = inputs.scalar("max_tokens", int)
+    if max_tokens is None:
+        max_tokens = min(DEFAULT_MAX_TOKENS, max_seq_len - len(prompt_ids))
+    elif max_tokens < 1:
+        raise BadRequest(f"max_tokens must be at least 1 (got {max_tokens})")
+    _refuse_unsupported(inputs)
+    ignore_eos = bool(inputs.scalar("ignore_eos", bool))
+    min_length = inputs.scalar("min_length", int)
+    if min_length is not None and min_length > 1:
+        if min_length < max_tokens:
+            raise BadRequest(f"min_length {min_length} is supported only as min_length >= max_tokens (generate "
+                             f"exactly max_tokens, ignoring EOS); got max_tokens {max_tokens}")
+        ignore_eos = True
+    stop_token_ids = []
+    end_id = inputs.scalar("end_id", int)
+    if end_id is not None:
+        if not 0 <= end_id < vocab_size:
+            raise BadRequest(f"end_id {end_id} is outside the vocabulary [0, {vocab_size})")
+        stop_token_ids.append(end_id)
+    modes = inputs.strings("decode_mode")
+    try:
+        mode = normalize_mode(modes[0]) if modes and modes[0].strip() else default_mode
+    except ValueError as exc:
+        raise BadRequest(str(exc)) from None
+    threshold = inputs.scalar("threshold", _float)
+    if threshold is None:
+        threshold = DEFAULT_THRESHOLD
+    elif not 0 < threshold <= 1:
+        raise BadRequest(f"threshold must be in (0, 1] (got {threshold})")
+    seed = inputs.scalar("random_seed", int)
+    if seed is None:
+        seed = inputs.scalar("seed", int)
+    temperature, top_p, top_k = (inputs.scalar("temperature", _float), inputs.scalar("top_p", _float),
+                                 inputs.scalar("top_k", int))
+    timeout_s = inputs.scalar("timeout", _float)
+    if timeout_s is not None and not (math.isfinite(timeout_s) and timeout_s > 0):
+        raise BadRequest(f"timeout must be a positive number of seconds (got {timeout_s})")
+    params = SamplingParams(
+        max_new_tokens=max_tokens, temperature=0.0 if temperature is None else temperature,
+        top_p=1.0 if top_p is None else top_p, top_k=0 if top_k is None else top_k, seed=seed,
+        stop=[s for s in inputs.strings("stop_words") if s], stop_token_ids=stop_token_ids, mode=mode,
+        block_length=inputs.scalar("block_length", int), threshold=threshold, ignore_eos=ignore_eos,
+        max_thinking_tokens=inputs.scalar("max_thinking_tokens", int),
+    )
+    echo = inputs.scalar("exclude_input_in_output", bool) is False
+    prefix = (texts[0] if texts and not (ids is not None and ids.size) else decode(prompt_ids)) if echo else ""
+    return ParsedRequest(prompt_ids, params, bool(inputs.scalar("stream", bool)), timeout_s, prefix)

@@ -1,0 +1,125 @@
+"""Prometheus metrics of the nemodiff Triton model (served on Triton's metrics port).
+
+checkpoint ──builder──▶ engine dir ──runtime──▶ [Triton: the nemodiff model's metrics]
+
+Gauges and counters are refreshed from `AsyncEngine.metrics()` snapshots; histograms are
+observed per request. Every method is safe to call from any thread and never raises:
+a metrics failure must not cost a response.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import triton_python_backend_utils as pb_utils
+
+from nemodiff.runtime.request import MODES
+
+SPEC_MODES = ("linear-spec", "quadratic-spec")
+TTFT_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0]
+ACCEPTED_BUCKETS = [0, 1, 2, 3, 4, 5, 6, 8, 12, 16, 24, 32, 48, 64]
+GAUGES = {
+    "kv_cache_pages_used": "KV-cache pages in use",
+    "kv_cache_pages_total": "KV-cache pages in the pool",
+    "requests_running": "requests scheduled in the engine",
+    "requests_waiting": "requests queued or preempted in the engine",
+    "requests_in_flight": "requests accepted and not yet answered",
+    "engine_healthy": "1 while the engine loop runs, 0 once it has failed",
+}
+COUNTERS = {  # snapshot key -> (metric name, help)
+    "requests_refused": ("nemodiff_requests_refused_total",
+                         "requests refused at once: queue full, draining or engine failed"),
+    "requests_timed_out": ("nemodiff_requests_timed_out_total", "requests ended by their deadline"),
+}
+
+
+class ModelMetrics:
+    def __init__(self):
+        gauge, counter, histogram = (pb_utils.MetricFamily.GAUGE, pb_utils.MetricFamily.COUNTER,
+                                     pb_utils.MetricFamily.HISTOGRAM)
+        self._families = {}  # families must stay referenced or Triton drops them
+        self._gauges = {}
+        for key, text in GAUGES.items():
+            family = pb_utils.MetricFamily(name=f"nemodiff_{key}", description=text, kind=gauge)
+            self._families[key] = family
+            self._gauges[key] = family.Metric(labels={})
+        self._counters = {}
+        for key, (name, text) in COUNTERS.items():
+            family = pb_utils.MetricFamily(name=name, description=text, kind=counter)
+            self._families[key] = family
+            self._counters[key] = family.Metric(labels={})
+        self._by_mode = {}
+        for key, text in (("output_tokens", "generated tokens"), ("forward_passes", "request-forwards")):
+            family = pb_utils.MetricFamily(name=f"nemodiff_{key}_total", description=f"{text}, by mode", kind=counter)
+            self._families[key] = family
+            self._by_mode[key] = {mode: family.Metric(labels={"mode": mode}) for mode in MODES}
+        family = pb_utils.MetricFamily(name="nemodiff_request_errors_total", kind=counter,
+                                       description="requests that ended with an error, by kind")
+        self._families["errors"] = family
+        self._errors = {kind: family.Metric(labels={"kind": kind})
+                        for kind in ("invalid", "internal", "unavailable", "timeout")}
+        family = pb_utils.MetricFamily(name="nemodiff_preemptions_total", kind=counter,
+                                       description="preemptions (the KV pool ran dry), counted when the request finishes")
+        self._families["preemptions"] = family
+        self._preemptions = family.Metric(labels={})
+        family = pb_utils.MetricFamily(name="nemodiff_time_to_first_token_seconds", kind=histogram,
+                                       description="from request arrival to its first generated token, by mode")
+        self._families["ttft"] = family
+        self._ttft = {mode: family.Metric(labels={"mode": mode}, buckets=TTFT_BUCKETS) for mode in MODES}
+        family = pb_utils.MetricFamily(name="nemodiff_accepted_length", kind=histogram,
+                                       description="tokens accepted per speculation cycle, by mode")
+        self._families["accepted"] = family
+        self._accepted = {mode: family.Metric(labels={"mode": mode}, buckets=ACCEPTED_BUCKETS) for mode in SPEC_MODES}
+        self._last: dict = {}
+        self._lock = threading.Lock()
+
+    def _safely(self, what: str, action) -> None:
+        try:
+            with self._lock:
+                action()
+        except Exception as exc:
+            pb_utils.Logger.log_warn(f"nemodiff: metrics ({what}) failed: {exc}")
+
+    def refresh(self, snapshot: dict) -> None:
+        def apply():
+            for key, metric in self._gauges.items():
+                if key in snapshot and self._last.get(key) != snapshot[key]:
+                    metric.set(snapshot[key])
+                    self._last[key] = snapshot[key]
+            for key, metric in self._counters.items():
+                previous = self._last.get(key, 0)
+                if snapshot.get(key, 0) > previous:
+                    metric.increment(snapshot[key] - previous)
+                    self._last[key] = snapshot[key]
+            for key, by_mode in self._by_mode.items():
+                for mode, count in snapshot[key].items():
+                    previous = self._last.get((key, mode), 0)
+                    if count > previous and mode in by_mode:
+                        by_mode[mode].increment(count - previous)
+                        self._last[key, mode] = count
+
+        self._safely("refresh", apply)
+
+    def set_healthy(self, healthy: bool) -> None:
+        def apply():
+            self._gauges["engine_healthy"].set(int(healthy))
+            self._last["engine_healthy"] = int(healthy)
+
+        self._safely("health", apply)
+
+    def observe_ttft(self, mode: str, seconds: float) -> None:
+        self._safely("ttft", lambda: self._ttft[mode].observe(seconds))
+
+    def observe_final(self, mode: str, update) -> None:
+        def apply():
+            if update.error_kind in self._errors:
+                self._errors[update.error_kind].increment(1)
+            stats = (update.output.stats if update.output is not None else None) or {}
+            if mode in self._accepted:
+                for length, count in (stats.get("accepted_length_histogram") or {}).items():
+                    for _ in range(int(count)):
+                        self._accepted[mode].observe(float(length))
+            if stats.get("preemptions"):
+                self._preemptions.increment(int(stats["preemptions"]))
+
+        self._safely("final", apply)

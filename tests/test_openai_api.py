@@ -1,0 +1,157 @@
+"""The OpenAI-compatible API of `nemodiff serve --openai-port`, driven by the official `openai` client.
+
+checkpoint ──builder──▶ engine dir ──runtime──▶ Triton ──[OpenAI frontend: tested here]
+
+Outputs are checked token for token (as text) against `LLM(engine).generate` in this process;
+the chat prompt against the engine tokenizer's own chat template.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+from triton_helpers import Server
+
+from helpers import make_checkpoint, make_engine
+from nemodiff import LLM, SamplingParams
+
+openai = pytest.importorskip("openai")
+
+
+@pytest.fixture(scope="module")
+def engine_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("openai")
+    return make_engine(make_checkpoint(root / "ckpt", lora_rank=4), root / "engine", kv_page_size=4,
+                       max_seq_len=256)
+
+
+@pytest.fixture(scope="module")
+def llm(engine_dir):
+    return LLM(engine_dir, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def server(engine_dir, tmp_path_factory):
+    served = Server(engine_dir, tmp_path_factory.mktemp("logs") / "serve.log", "--max-batch-size", "1",
+                    "--max-queue", "0", openai=True).start()
+    yield served
+    status = served.stop()
+    # known open problem (see test_soak.py): after cancelled gRPC streams Triton may keep the model at shutdown
+    assert status == 0 or "Exit timeout expired" in served.log(), served.log()[-3000:]
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.openai_url, api_key="unused", max_retries=0, timeout=120)
+
+
+def test_models_lists_the_served_model(client):
+    assert [m.id for m in client.models.list().data] == ["nemodiff"]
+
+
+def test_completion_equals_llm(client, llm):
+    reply = client.completions.create(model="nemodiff", prompt="the cat sat", max_tokens=12, temperature=0,
+                                      extra_body={"decode_mode": "linear-spec", "block_length": 4, "ignore_eos": True})
+    want = llm.generate("the cat sat", SamplingParams(max_new_tokens=12, mode="linear-spec", block_length=4,
+                                                      ignore_eos=True))[0]
+    assert reply.choices[0].text == want.text
+    assert reply.choices[0].finish_reason == "length"
+    assert reply.usage.completion_tokens == 12
+    assert reply.usage.prompt_tokens == len(llm.tokenizer.encode("the cat sat"))
+
+
+def test_streamed_completion_with_stop_and_seed(client, llm):
+    free = llm.generate("the dog", SamplingParams(max_new_tokens=16, ignore_eos=True))[0]
+    stop = free.text[4:7]
+    chunks = list(client.completions.create(model="nemodiff", prompt="the dog", max_tokens=16, stream=True, stop=[stop],
+                                            seed=7, stream_options={"include_usage": True},
+                                            extra_body={"ignore_eos": True}))
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert text == free.text[: free.text.index(stop)]
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens >= 1
+    sampled = client.completions.create(model="nemodiff", prompt="the dog", max_tokens=10, temperature=0.8, top_p=0.9,
+                                        seed=11, extra_body={"ignore_eos": True})
+    want = llm.generate("the dog", SamplingParams(max_new_tokens=10, temperature=0.8, top_p=0.9, seed=11,
+                                                  ignore_eos=True))[0]
+    assert sampled.choices[0].text == want.text
+
+
+def test_chat_uses_the_engine_chat_template(client, llm):
+    messages = [{"role": "user", "content": "hello there"}]
+    ids = llm.tokenizer.encode(llm.tokenizer.apply_chat_template(messages), add_special_tokens=False)
+    want = llm.generate([ids], SamplingParams(max_new_tokens=10, ignore_eos=True, mode="quadratic-spec",
+                                              block_length=4))[0]
+    reply = client.chat.completions.create(model="nemodiff", messages=messages, max_completion_tokens=10,
+                                           extra_body={"decode_mode": "quadratic-spec", "block_length": 4,
+                                                       "ignore_eos": True})
+    assert reply.choices[0].message.role == "assistant"
+    assert reply.choices[0].message.content == want.text
+    assert reply.usage.prompt_tokens == len(ids) and reply.usage.completion_tokens == 10
+    stream = client.chat.completions.create(model="nemodiff", messages=messages, max_tokens=10, stream=True,
+                                            extra_body={"ignore_eos": True})
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == \
+        llm.generate([ids], SamplingParams(max_new_tokens=10, ignore_eos=True))[0].text
+    assert chunks[-1].choices[0].finish_reason == "length"
+
+
+def test_errors_have_openai_shape_and_status(client, server):
+    with pytest.raises(openai.BadRequestError) as bad:
+        client.completions.create(model="nemodiff", prompt="hi", max_tokens=4, extra_body={"decode_mode": "bogus"})
+    assert "unknown decode mode" in bad.value.body["message"] and bad.value.status_code == 400
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model="nemodiff", prompt="hi", max_tokens=4, n=2)
+    for field in ("temperature", "top_p", "threshold"):  # the openai client cannot send NaN; JSON parsers can
+        status, body = raw_post(server, b'{"prompt": "hi", "max_tokens": 4, "%s": NaN}' % field.encode())
+        assert status == 400 and body["error"]["type"] == "invalid_request_error", (field, body)
+    with socket.create_connection(("127.0.0.1", server.openai_port), timeout=60) as sock:  # refused from its header
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n" % (9 * 2**20))
+        reply = b""
+        while b"larger than" not in reply:
+            chunk = sock.recv(65536)
+            assert chunk, reply
+            reply += chunk
+    assert reply.startswith(b"HTTP/1.1 413") and b"larger than" in reply
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="gpt-4", prompt="hi", max_tokens=4)
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model="nemodiff", prompt="hi", max_tokens=2**32 + 8)
+
+
+def raw_post(server, data: bytes) -> tuple[int, dict]:
+    request = urllib.request.Request(f"{server.openai_url}/completions", data=data, method="POST",
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as reply:
+            return reply.status, json.loads(reply.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def test_overload_is_503_and_disconnect_cancels(client, server):
+    # --max-batch-size 1 --max-queue 0: one request at a time, the next is refused at once
+    stream = client.completions.create(model="nemodiff", prompt="the cat", max_tokens=240, stream=True,
+                                       extra_body={"decode_mode": "quadratic-spec", "block_length": 32,
+                                                   "ignore_eos": True})
+    next(iter(stream))
+    with pytest.raises(openai.APIStatusError) as busy:
+        client.completions.create(model="nemodiff", prompt="hi", max_tokens=2)
+    assert busy.value.status_code == 503 and "at capacity" in busy.value.body["message"]
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and server.metrics()["nemodiff_requests_in_flight"] != 1:
+        time.sleep(0.05)  # the gauges have caught up with the running request
+    assert server.metrics()["nemodiff_kv_cache_pages_used"] > 0
+    stream.close()  # the client goes away: the request is cancelled and its pages freed
+    while time.monotonic() < deadline and (server.metrics()["nemodiff_kv_cache_pages_used"]
+                                           or server.metrics()["nemodiff_requests_in_flight"]):
+        time.sleep(0.05)
+    assert server.metrics()["nemodiff_kv_cache_pages_used"] == 0
+    assert client.completions.create(model="nemodiff", prompt="hi", max_tokens=2).usage.completion_tokens == 2

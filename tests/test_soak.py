@@ -1,0 +1,110 @@
+"""Bounded soak of a real server on the bundled model: 64 concurrent mixed-mode streams, clients that
+hang up mid-stream, bad requests; then `nemodiff bench --serve` against the same server.
+
+checkpoint (models/nld-tiny) ──builder──▶ engine dir ──runtime──▶ Triton ──[soak clients: here]
+
+Expected: no error for a good request, every completed output equal to `LLM.generate`, the KV pool
+back to empty. The figures (requests, errors, TTFT percentiles, tokens/s) are printed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from triton_helpers import NEMODIFF, Server
+
+from nemodiff import LLM, SamplingParams
+from nemodiff.bench_serve import PROMPTS, stream_request, summarize
+from nemodiff.builder.build import BuildOptions, build_engine
+from nemodiff.openai_backend import TritonBackend
+
+pytest.importorskip("tritonclient.grpc")
+
+BUNDLED = Path(__file__).resolve().parent.parent / "models" / "nld-tiny"
+MODES = {"ar": None, "diffusion": 8, "linear-spec": 8, "quadratic-spec": 8}
+CLIENTS = 64
+ROUNDS = 2
+MAX_TOKENS = 32
+
+
+@pytest.fixture(scope="module")
+def engine_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("soak") / "engine"
+    build_engine(BUNDLED, out, BuildOptions(dtype="fp32", kernels=False, kv_page_size=16))
+    return out
+
+
+def case(i: int) -> tuple[str, str, dict]:
+    mode = list(MODES)[i % len(MODES)]
+    prompt = PROMPTS[(i // len(MODES)) % len(PROMPTS)]
+    fields = {"text_input": prompt, "max_tokens": MAX_TOKENS, "decode_mode": mode}
+    if MODES[mode]:
+        fields["block_length"] = MODES[mode]
+    return prompt, mode, fields
+
+
+async def soak(server) -> tuple[list, list, list, float]:
+    backend = TritonBackend(server.grpc, "nemodiff")
+    good, hung_up, bad = [], [], []
+
+    async def client(c: int) -> None:
+        for r in range(ROUNDS):
+            i = c * ROUNDS + r
+            _, _, fields = case(i)
+            if i % 9 == 4:  # a client that goes away after a few tokens
+                hung_up.append(await stream_request(backend, fields, stop_after_tokens=3))
+            else:
+                good.append((i, await stream_request(backend, fields)))
+        if c % 16 == 0:
+            bad.append(await stream_request(backend, {"text_input": "hi", "max_tokens": 4, "decode_mode": "bogus"}))
+
+    start = time.perf_counter()
+    await asyncio.gather(*(client(c) for c in range(CLIENTS)))
+    return good, hung_up, bad, time.perf_counter() - start
+
+
+def test_soak_64_concurrent_streams(engine_dir, tmp_path):
+    server = Server(engine_dir, tmp_path / "serve.log", "--max-batch-size", "32", "--max-queue", "256").start()
+    try:
+        good, hung_up, bad, seconds = asyncio.run(soak(server))
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            metrics = server.metrics()
+            if metrics["nemodiff_kv_cache_pages_used"] == 0 and metrics["nemodiff_requests_in_flight"] == 0:
+                break
+            time.sleep(0.1)
+        bench = subprocess.run([str(NEMODIFF), "bench", "--serve", f"grpc://{server.grpc}", "--concurrency", "1,8",
+                                "--duration", "2", "--max-new-tokens", "16", "--json", str(tmp_path / "bench.json")],
+                               capture_output=True, text=True, timeout=120)
+    finally:
+        status = server.stop()
+    # Known open problem: after many gRPC streams were cancelled mid-flight, this Triton build sometimes keeps
+    # the model loaded at shutdown ("HandleCancellation called even when the context was not cancelled") and
+    # exits 1 after its exit timeout; every request was still answered and nothing is left behind.
+    assert status == 0 or "Exit timeout expired" in server.log(), server.log()[-3000:]
+    llm = LLM(engine_dir, device="cpu")
+    unique = sorted({case(i)[:2] for i, _ in good})
+    outputs = llm.generate([p for p, _ in unique], [SamplingParams(max_new_tokens=MAX_TOKENS, mode=m,
+                                                                   block_length=MODES[m]) for _, m in unique])
+    want = dict(zip(unique, outputs))
+    errors = [r.error for _, r in good if not r.ok]
+    assert errors == []
+    for i, result in good:
+        assert result.text == want[case(i)[:2]].text, case(i)
+    assert all(r.status == 400 and "unknown decode mode" in r.error for r in bad) and bad
+    assert hung_up and all(not r.ok and r.error is None for r in hung_up)
+    assert metrics["nemodiff_kv_cache_pages_used"] == 0 and metrics["nemodiff_requests_in_flight"] == 0
+    figures = summarize([r for _, r in good], seconds)
+    print(f"\nsoak: {len(good)} good requests, {len(errors)} errors, {len(hung_up)} clients hung up, {len(bad)} bad "
+          f"requests refused; TTFT p50 {figures['ttft_ms']['p50']} ms, p99 {figures['ttft_ms']['p99']} ms; "
+          f"{figures['tokens_per_s']} tokens/s over {seconds:.1f} s")
+    assert bench.returncode == 0, bench.stderr[-3000:]
+    rows = json.loads((tmp_path / "bench.json").read_text())["levels"]
+    assert [r["concurrency"] for r in rows] == [1, 8]
+    assert all(r["completed"] > 0 and r["errors"] == 0 and r["ttft_ms"]["p50"] is not None for r in rows)
+    print(bench.stdout)
