@@ -262,8 +262,11 @@ def test_sigterm_answers_every_open_stream_and_leaves_nothing_behind(engine_dir,
         body = json.dumps({"text_input": "", "input_ids": [1, 25, 26]} | slow(3000 // 16)).encode()
         sock.sendall(b"POST /v2/models/nemodiff/generate_stream HTTP/1.1\r\nHost: x\r\n"
                      b"Content-Type: application/json\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
-        first = sock.recv(65536)
-        assert b"data:" in first
+        first = b""
+        while b"data:" not in first:  # the headers may arrive before the first event
+            chunk = sock.recv(65536)
+            assert chunk, "the HTTP stream closed before its first event"
+            first += chunk
         os.killpg(served.process.pid, signal.SIGTERM)  # as `kill -TERM -PGID` would
         outcomes = [collect(stream, timeout=30) for stream in grpc_streams]
         received = first

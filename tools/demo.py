@@ -79,9 +79,10 @@ def stream_one(url: str, prompt: str, mode: str, max_tokens: int) -> dict:
             if result.as_numpy("text_output") is not None:
                 text += result.as_numpy("text_output").reshape(-1)[0].decode()
                 deltas += 1
+            if result.as_numpy("num_output_tokens") is not None:  # per response: they add up over a stream
+                tokens += int(result.as_numpy("num_output_tokens").reshape(-1)[0])
             if result.as_numpy("num_forward_passes") is not None:
                 forwards = int(result.as_numpy("num_forward_passes").reshape(-1)[0])
-                tokens = int(result.as_numpy("num_output_tokens").reshape(-1)[0])
             if result.get_response().parameters["triton_final_response"].bool_param:
                 break
     finally:
