@@ -90,15 +90,23 @@ def _compile_for(device: torch.device):
               help="Load a running `nemodiff serve` at this gRPC URL (grpc://host:8001) instead; --concurrency "
                    "defaults to 1,8,32,64 there.")
 @click.option("--duration", type=float, default=30.0, help="With --serve: seconds per concurrency level.")
+@click.option("--host-overhead", is_flag=True,
+              help="Measure the host work per engine step of ENGINE_DIR (wall time minus the model forward) per "
+                   "mode at 1, 8 and 32 running requests; use a tiny checkpoint to see the host alone.")
 def bench(engine_dir: Path | None, shape: str | None, dtype: str, device: str | None, modes: str, batch_sizes: str,
           concurrency: str, context: int, iters: int, max_new_tokens: int, with_hf: bool, json_path: Path,
-          plot_path: Path, serve_url: str | None, duration: float) -> None:
+          plot_path: Path, serve_url: str | None, duration: float, host_overhead: bool) -> None:
     """Benchmark an engine (end to end per mode + step latencies), a random model at --shape, or a server."""
     from nemodiff.runtime import bench as b
     from nemodiff.runtime.loader import default_device
 
     if serve_url is not None:
         _bench_server(serve_url, concurrency, duration, modes, max_new_tokens, json_path)
+        return
+    if host_overhead:
+        if engine_dir is None:
+            raise click.UsageError("--host-overhead needs an ENGINE_DIR")
+        _bench_host(engine_dir, device, modes, batch_sizes, iters, json_path)
         return
     if (engine_dir is None) == (shape is None):
         raise click.UsageError("give an ENGINE_DIR or --shape, not both")
@@ -177,6 +185,24 @@ def _print_table(report: dict) -> None:
                    f"{r['tokens_per_s']:8.1f} tok/s  TTFT {r['ttft_ms'] or 0:7.1f} ms  ITL {r['itl_ms'] or 0:6.2f} ms")
     for mode, value in report.get("projected_tokens_per_s_at_published_tpf", {}).items():
         click.echo(f"projected {mode}: {value:.1f} tokens/s at the published tokens/forward")
+
+
+def _bench_host(engine_dir: Path, device: str | None, modes: str, batch_sizes: str, iters: int,
+                json_path: Path) -> None:
+    from nemodiff import LLM
+    from nemodiff.runtime.bench_host import format_table, host_overhead
+
+    levels = _ints(batch_sizes)
+    llm = LLM(engine_dir, device=device, max_batch_size=max(levels))
+    click.echo(f"host overhead of {engine_dir} ({llm.config.build.dtype}) on {llm.model.device}, "
+               f"{max(iters, 20)} steady steps per row")
+    rows = host_overhead(llm, modes.split(","), levels, steps=max(iters, 20))
+    click.echo(format_table(rows))
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "engine": str(engine_dir),
+                                     "device": str(llm.model.device), "torch": torch.__version__,
+                                     "host_overhead": rows}, indent=2))
+    click.echo(f"wrote {json_path}")
 
 
 def _bench_server(url: str, concurrency: str, duration: float, modes: str, max_tokens: int, json_path: Path) -> None:

@@ -154,6 +154,8 @@ class Engine:
         finished = []
         for index, item in enumerate(pending.work):
             request = item.sequence.request
+            if request.request_id not in self._sequences:  # aborted while its step was in flight
+                continue
             request.num_forwards += 1
             self.forward_passes[request.params.mode] += 1
             error = pending.failed.get(request.request_id)

@@ -223,14 +223,23 @@ class AsyncEngine:
                     log.exception("on_failure callback failed")
 
     def _iterate(self) -> None:
-        self._drain_commands(block=not self.engine.has_unfinished())
+        idle = not self.engine.has_unfinished()
+        if idle:
+            self._publish()  # the last step's results, before waiting for work
+        self._drain_commands(block=idle)
         self._poll_cancellations()
         self._expire_deadlines()
         if not self.engine.has_unfinished():
             return
         with self._lock:
-            self.engine.step()
+            pending = self.engine.launch()
+        # While the device runs step n, the host publishes step n-1 (detokenization, responses) and
+        # takes new commands (admission into the waiting queue, cancellations).
         self._publish()
+        self._drain_commands(block=False)
+        if pending is not None:
+            with self._lock:
+                self.engine.complete(pending)
 
     def _drain_commands(self, block: bool) -> None:
         try:
