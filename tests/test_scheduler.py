@@ -111,3 +111,32 @@ def test_request_larger_than_the_whole_cache_is_rejected(engine_fp32):
     with pytest.raises(ValueError, match="more than the whole cache"):
         llm.generate(prompts(1)[0], SamplingParams(max_new_tokens=100))
     assert llm.generate(prompts(1)[0], SamplingParams(max_new_tokens=3))[0].finish_reason in ("length", "eos")
+
+
+def test_requests_too_big_to_share_a_step_take_turns(engine_fp32):
+    """Two QuadraticSpec k = 32 requests (1056 tokens per forward each) cannot share the default token
+    budget; they must alternate rather than one waiting for the other to finish."""
+    llm = LLM(engine_fp32, device="cpu")
+    engine = llm.engine
+    budget = engine.scheduler.config.max_num_batched_tokens
+    assert 1056 <= budget < 2 * 1056
+    params = SamplingParams(max_new_tokens=120, ignore_eos=True, mode="quadratic-spec", block_length=32)
+    first, second = (engine.add_request(p, params) for p in prompts(2))
+    schedule, served = engine.scheduler.schedule, []
+
+    def recording_schedule():
+        work = schedule()
+        served.append({item.sequence.request_id for item in work})
+        return work
+
+    engine.scheduler.schedule = recording_schedule
+    while not (first.finished or second.finished):
+        engine.step()
+    for rid in (first.request_id, second.request_id):
+        gaps, last = [], None
+        for step, ids in enumerate(served):
+            if rid in ids:
+                if last is not None:
+                    gaps.append(step - last)
+                last = step
+        assert gaps and max(gaps) <= 2, f"request {rid} waited {max(gaps)} steps between forwards"
