@@ -38,23 +38,43 @@ def median_seconds(fn: Callable[[], object], device: torch.device, iters: int, w
     return statistics.median(times)
 
 
+def _event_seconds(fn: Callable[[], object], iters: int) -> list[float]:
+    """Per-call GPU time from CUDA events (host launch overhead excluded)."""
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return times
+
+
 def machine_ceilings(device: torch.device) -> dict:
-    """Measured copy bandwidth (bytes read + written) and bf16 (CPU: fp32) matmul rate."""
-    big = (1 << 28) if device.type == "cuda" else (1 << 24)
-    src = torch.randn(big // 4, device=device)
+    """Measured copy bandwidth (bytes read + written) and bf16 (CPU: fp32) matmul rate.
+
+    On a GPU the copy moves 2 GiB (1 GiB read + 1 GiB written, far past any cache), timed with
+    CUDA events over 10 repetitions; the median is reported."""
+    big = (1 << 30) if device.type == "cuda" else (1 << 24)
+    src = torch.empty(big // 4, device=device).normal_()
     dst = torch.empty_like(src)
-    t_copy = median_seconds(lambda: dst.copy_(src), device, 5)
+    if device.type == "cuda":
+        dst.copy_(src)
+        t_copy = statistics.median(_event_seconds(lambda: dst.copy_(src), 10))
+    else:
+        t_copy = median_seconds(lambda: dst.copy_(src), device, 5)
     n = 8192 if device.type == "cuda" else 1024
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     t_mm = median_seconds(lambda: a @ b, device, 5)
-    return {"copy_bytes_per_s": 2 * big / t_copy, "matmul_flops_per_s": 2 * n ** 3 / t_mm,
+    return {"copy_bytes_per_s": 2 * big / t_copy, "copy_bytes": 2 * big, "matmul_flops_per_s": 2 * n ** 3 / t_mm,
             "matmul_dtype": str(dtype).replace("torch.", "")}
 
 
 def weight_bytes(model: Model) -> int:
-    """Bytes of every weight (embedding included, as in the DESIGN roofline)."""
-    tensors, linears = [model.embed, model.final_norm], [model.head]
+    """Bytes a decode step reads: every weight except the embedding table (a step reads a few rows of it)."""
+    tensors, linears = [model.final_norm], [model.head]
     for layer in model.layers:
         tensors += [layer.attn_norm, layer.mlp_norm]
         linears += [layer.qkv, layer.o, layer.gate_up, layer.down]
@@ -63,48 +83,52 @@ def weight_bytes(model: Model) -> int:
 
 
 STEP_KINDS = {
-    # name: (tokens per segment, pattern, writes) -- QuadraticSpec k gives k * (k + 1) tokens
-    "ar": (1, Pattern.CAUSAL, True),
-    "verify-32": (32, Pattern.CAUSAL, True),
-    "draft-32": (32, Pattern.FULL, False),
-    "quad-k8": (72, Pattern.MASK, None),
-    "quad-k32": (1056, Pattern.MASK, None),
+    # name: (tokens per segment, pattern, writes, steady shape) -- QuadraticSpec k gives k * (k + 1) tokens
+    "ar": (1, Pattern.CAUSAL, True, ("ar",)),
+    "verify-32": (32, Pattern.CAUSAL, True, ("verify", 32)),
+    "draft-32": (32, Pattern.FULL, False, ("draft", 32, False)),
+    "quad-k8": (72, Pattern.MASK, None, ("quad", 8)),
+    "quad-k32": (1056, Pattern.MASK, None, ("quad", 32)),
 }
 
 
 def _segments(kind: str, batch: int, context: int) -> list[Segment]:
-    from .strategies.quadratic_spec import quadratic_mask
+    """The segments of one step of `kind` for `batch` requests, as the strategies build them."""
+    from .strategies.quadratic_spec import cycle_layout
 
-    n, pattern, writes = STEP_KINDS[kind]
+    n, pattern, writes, shape = STEP_KINDS[kind]
     out = []
     for rid in range(batch):
         if pattern is Pattern.MASK:
-            k = {72: 8, 1056: 32}[n]
-            positions = list(range(context, context + k))
-            for i in range(k):
-                positions += range(context + i + 1, context + i + 1 + k)
-            out.append(Segment(rid, [100] * n, positions, context, Pattern.MASK,
-                               write_kv=[True] * k + [False] * (k * k), mask=quadratic_mask(k),
-                               logit_rows=list(range(k))))
+            k = shape[1]
+            mask, offsets, write_flags, rows = cycle_layout(k)
+            out.append(Segment(rid, [100] * n, offsets + context, context, Pattern.MASK, write_flags, rows, mask,
+                               shape_key=shape))
         else:
-            out.append(Segment(rid, [5] * n, list(range(context, context + n)), context, pattern, write_kv=writes,
-                               logit_rows=[n - 1]))
+            rows = [0] if n == 1 else (list(range(n)) if writes else list(range(1, n)))
+            out.append(Segment(rid, [5] * n, list(range(context, context + n)), context, pattern, writes, rows,
+                               shape_key=shape))
     return out
 
 
 def step_latencies(model: Model, kinds: list[str], batch_sizes: list[int], context: int, page_size: int,
-                   iters: int) -> list[dict]:
-    """Median forward time for each step kind and batch size at a `context`-token committed prefix."""
+                   iters: int, on_result: Callable[[dict], None] | None = None) -> list[dict]:
+    """Median forward time for each step kind and batch size at a `context`-token committed prefix.
+
+    On the GPU kernel path the shapes are captured as CUDA graphs first, as the engine does; a
+    result is labelled "graph" only when its forwards really replayed one."""
     cfg, device = model.config, model.device
     results, engine_graphs = [], model.graphs
     for batch in batch_sizes:
         per_seq = -(-(context + 1100) // page_size)
         cache = PagedKVCache(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, page_size,
-                             batch * per_seq + 1, model.dtype, device)
+                             batch * per_seq + 1, model.dtype, device, max_pages_per_request=per_seq)
+        runner = None
         if model.uses_kernels(cache) and device.type == "cuda":  # time what serving runs: graph replays
             from .cuda_graphs import GraphRunner
 
-            model.graphs = GraphRunner(model, cache, context + 1100, buckets=(batch,))
+            runner = model.graphs = GraphRunner(model, cache, context + 1100, buckets=(batch,))
+            runner.capture_steady_shapes([STEP_KINDS[k][3] for k in kinds if k != "quad-k32" or batch == 1])
         cache.k.normal_()
         cache.v.normal_()
         for rid in range(batch):
@@ -116,9 +140,15 @@ def step_latencies(model: Model, kinds: list[str], batch_sizes: list[int], conte
             if kind == "quad-k32" and batch > 1:
                 continue
             segments = _segments(kind, batch, context)
+            replays = runner.replays if runner is not None else 0
             seconds = median_seconds(lambda s=segments, c=cache: model.forward(s, c), device, iters)
-            results.append({"kind": kind, "batch": batch, "tokens": sum(len(s) for s in segments),
-                            "ms": seconds * 1e3, "graph": model.graphs is not None and model.graphs.cache is cache})
+            row = {"kind": kind, "batch": batch, "tokens": sum(len(s) for s in segments), "ms": seconds * 1e3,
+                   "graph": runner is not None and runner.replays > replays}
+            results.append(row)
+            if on_result is not None:
+                on_result(row)
+        model.graphs = None
+        del cache
     model.graphs = engine_graphs
     return results
 
