@@ -9,8 +9,27 @@ Grouped-query attention with scale 1/sqrt(head_dim).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
+
+
+@dataclass
+class AttentionMeta:
+    """Device-side description of a ragged batch, shared by every layer of one forward
+    (what a paged attention kernel reads; built by runtime/model.py::kernel_meta)."""
+
+    token_seg: torch.Tensor  # [T] int32
+    seg_start: torch.Tensor  # [S+1] int32
+    prefix_len: torch.Tensor  # [S] int32
+    block_tables: torch.Tensor  # [S, max_pages] int32
+    pattern: torch.Tensor  # [S] int32
+    mask_offset: torch.Tensor  # [S] int64
+    masks: torch.Tensor  # [bytes] uint8 (at least one byte)
+    page_size: int
+    num_splits: int
+    workspace: torch.Tensor | None
 
 
 def segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

@@ -17,8 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from nemodiff.plugins.kernels import AttentionMeta
-
+from .attention import AttentionMeta
 from .kv_cache import PagedKVCache
 from .segments import Pattern, Segment
 

@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as F
 
 from nemodiff.engine_format import ModelConfig
-from nemodiff.plugins.kernels import AttentionMeta, KernelLibrary
+from nemodiff.plugins.library import KernelLibrary
 
-from .attention import segment_attention
+from .attention import AttentionMeta, segment_attention
 from .kv_cache import PagedKVCache
 from .layers import make_linear, rms_norm
 from .rope import RotaryEmbedding, apply_rotary
@@ -135,7 +135,9 @@ class Model:
         return list(self._run(batch, cache, meta).split(batch.logit_counts))
 
     def uses_kernels(self, cache: PagedKVCache | None) -> bool:
-        return self.kernels is not None and cache is not None and self.dtype in (torch.bfloat16, torch.float16)
+        # the fused path needs the paged attention kernel, which KernelLibrary does not carry yet
+        return (self.kernels is not None and cache is not None and self.dtype in (torch.bfloat16, torch.float16)
+                and hasattr(self.kernels, "segment_attention"))
 
     def _add_norm(self, residual: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor,
                   meta: AttentionMeta | None) -> torch.Tensor:
