@@ -54,15 +54,14 @@ def fp8_gemm_kernel(x_ptr, w_ptr, scale_ptr, out_ptr, partial_ptr, M, N, K, stri
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
     k_start = pid_k * k_per_split
-    k_end = tl.minimum(k_start + k_per_split, K)
     x_rows = x_ptr + rm.to(tl.int64)[:, None] * stride_xm
     w_rows = w_ptr + rn.to(tl.int64)[:, None] * K
     m_mask = rm[:, None] < M
     n_mask = rn[:, None] < N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(k_start, k_end, BLOCK_K):
+    for k0 in range(k_start, k_start + k_per_split, BLOCK_K):  # splits cover K in whole tiles
         cols = k0 + rk[None, :]
-        k_mask = cols < k_end
+        k_mask = cols < K
         x = tl.load(x_rows + cols, mask=m_mask & k_mask, other=0.0)
         w = tl.load(w_rows + cols, mask=n_mask & k_mask, other=0.0)
         if INTERPRET:  # the interpreter's dot is wrong on bf16 operands

@@ -44,39 +44,39 @@ def rotary_kv_write_kernel(qkv_ptr, positions_ptr, slots_ptr, inv_freq_ptr, q_pt
 
     row = qkv_ptr + token * ((NUM_Q_HEADS + 2 * NUM_KV_HEADS) * HEAD_DIM)
     if tl.program_id(1) == 0:  # every query head of the token
-        h = tl.arange(0, Q_BLOCK)[:, None]
-        mask = (h < NUM_Q_HEADS) & (j < HALF)
-        x1 = tl.load(row + h * HEAD_DIM + j, mask=mask, other=0.0).to(tl.float32)
-        x2 = tl.load(row + h * HEAD_DIM + HALF + j, mask=mask, other=0.0).to(tl.float32)
+        qh = tl.arange(0, Q_BLOCK)[:, None]
+        q_mask = (qh < NUM_Q_HEADS) & (j < HALF)
+        q1 = tl.load(row + qh * HEAD_DIM + j, mask=q_mask, other=0.0).to(tl.float32)
+        q2 = tl.load(row + qh * HEAD_DIM + HALF + j, mask=q_mask, other=0.0).to(tl.float32)
         # rotate-half: [x1, x2] * cos + [-x2, x1] * sin, each product rounded like the PyTorch path
-        out1 = ((x1 * cos).to(dtype).to(tl.float32) - (x2 * sin).to(dtype).to(tl.float32)).to(dtype)
-        out2 = ((x2 * cos).to(dtype).to(tl.float32) + (x1 * sin).to(dtype).to(tl.float32)).to(dtype)
+        q_out1 = ((q1 * cos).to(dtype).to(tl.float32) - (q2 * sin).to(dtype).to(tl.float32)).to(dtype)
+        q_out2 = ((q2 * cos).to(dtype).to(tl.float32) + (q1 * sin).to(dtype).to(tl.float32)).to(dtype)
         scale = 1.0 + beta * tl.log(1.0 + tl.floor(position.to(tl.float32) / original_max))
         scale = scale.to(dtype).to(tl.float32)
-        q_row = q_ptr + token * (NUM_Q_HEADS * HEAD_DIM) + h * HEAD_DIM
-        tl.store(q_row + j, (out1.to(tl.float32) * scale).to(dtype), mask=mask)
-        tl.store(q_row + HALF + j, (out2.to(tl.float32) * scale).to(dtype), mask=mask)
+        q_row = q_ptr + token * (NUM_Q_HEADS * HEAD_DIM) + qh * HEAD_DIM
+        tl.store(q_row + j, (q_out1.to(tl.float32) * scale).to(dtype), mask=q_mask)
+        tl.store(q_row + HALF + j, (q_out2.to(tl.float32) * scale).to(dtype), mask=q_mask)
     else:  # every key and value head of the token, and their cache slots
-        h = tl.arange(0, KV_BLOCK)[:, None]
-        mask = (h < NUM_KV_HEADS) & (j < HALF)
-        k_src = row + (NUM_Q_HEADS + h) * HEAD_DIM
-        x1 = tl.load(k_src + j, mask=mask, other=0.0).to(tl.float32)
-        x2 = tl.load(k_src + HALF + j, mask=mask, other=0.0).to(tl.float32)
-        out1 = ((x1 * cos).to(dtype).to(tl.float32) - (x2 * sin).to(dtype).to(tl.float32)).to(dtype)
-        out2 = ((x2 * cos).to(dtype).to(tl.float32) + (x1 * sin).to(dtype).to(tl.float32)).to(dtype)
-        v_src = row + (NUM_Q_HEADS + NUM_KV_HEADS + h) * HEAD_DIM
-        v1 = tl.load(v_src + j, mask=mask, other=0.0)
-        v2 = tl.load(v_src + HALF + j, mask=mask, other=0.0)
-        kv_offset = token * (NUM_KV_HEADS * HEAD_DIM) + h * HEAD_DIM
-        tl.store(k_ptr + kv_offset + j, out1, mask=mask)
-        tl.store(k_ptr + kv_offset + HALF + j, out2, mask=mask)
-        tl.store(v_ptr + kv_offset + j, v1, mask=mask)
-        tl.store(v_ptr + kv_offset + HALF + j, v2, mask=mask)
+        kh = tl.arange(0, KV_BLOCK)[:, None]
+        kv_mask = (kh < NUM_KV_HEADS) & (j < HALF)
+        k_src = row + (NUM_Q_HEADS + kh) * HEAD_DIM
+        k1 = tl.load(k_src + j, mask=kv_mask, other=0.0).to(tl.float32)
+        k2 = tl.load(k_src + HALF + j, mask=kv_mask, other=0.0).to(tl.float32)
+        k_out1 = ((k1 * cos).to(dtype).to(tl.float32) - (k2 * sin).to(dtype).to(tl.float32)).to(dtype)
+        k_out2 = ((k2 * cos).to(dtype).to(tl.float32) + (k1 * sin).to(dtype).to(tl.float32)).to(dtype)
+        v_src = row + (NUM_Q_HEADS + NUM_KV_HEADS + kh) * HEAD_DIM
+        v1 = tl.load(v_src + j, mask=kv_mask, other=0.0)
+        v2 = tl.load(v_src + HALF + j, mask=kv_mask, other=0.0)
+        kv_offset = token * (NUM_KV_HEADS * HEAD_DIM) + kh * HEAD_DIM
+        tl.store(k_ptr + kv_offset + j, k_out1, mask=kv_mask)
+        tl.store(k_ptr + kv_offset + HALF + j, k_out2, mask=kv_mask)
+        tl.store(v_ptr + kv_offset + j, v1, mask=kv_mask)
+        tl.store(v_ptr + kv_offset + HALF + j, v2, mask=kv_mask)
         slot = tl.load(slots_ptr + token).to(tl.int64)
-        write = mask & ((h.to(tl.int64) * 0 + slot) >= 0)
-        cache = slot * (NUM_KV_HEADS * HEAD_DIM) + h * HEAD_DIM
-        tl.store(k_cache_ptr + cache + j, out1, mask=write)
-        tl.store(k_cache_ptr + cache + HALF + j, out2, mask=write)
+        write = kv_mask & ((kh.to(tl.int64) * 0 + slot) >= 0)
+        cache = slot * (NUM_KV_HEADS * HEAD_DIM) + kh * HEAD_DIM
+        tl.store(k_cache_ptr + cache + j, k_out1, mask=write)
+        tl.store(k_cache_ptr + cache + HALF + j, k_out2, mask=write)
         tl.store(v_cache_ptr + cache + j, v1, mask=write)
         tl.store(v_cache_ptr + cache + HALF + j, v2, mask=write)
 
