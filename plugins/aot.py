@@ -257,16 +257,17 @@ class AotLauncher:
             raise KernelLaunchError(f"{what} failed: {err!r}")
         return rest[0] if len(rest) == 1 else rest
 
-    def _ensure_context(self) -> None:
+    def _ensure_context(self, device: torch.device | None) -> None:
         """Make torch's primary context current on this thread (the driver API needs one)."""
         cu = self._cu
         context = self._check(cu.cuCtxGetCurrent(), "cuCtxGetCurrent")
         if int(context) == 0:
-            device = self._check(cu.cuDeviceGet(torch.cuda.current_device()), "cuDeviceGet")
+            index = device.index if device is not None and device.index is not None else torch.cuda.current_device()
+            device = self._check(cu.cuDeviceGet(index), "cuDeviceGet")
             primary = self._check(cu.cuDevicePrimaryCtxRetain(device), "cuDevicePrimaryCtxRetain")
             self._check(cu.cuCtxSetCurrent(primary), "cuCtxSetCurrent")
 
-    def _function(self, variant: KernelVariant):
+    def _function(self, variant: KernelVariant, device: torch.device | None):
         fn = self._functions.get(variant.key)
         if fn is not None:
             return fn
@@ -277,7 +278,7 @@ class AotLauncher:
                 f"{self.kernel_dir / INDEX_FILE}; rebuild the engine with this nemodiff version")
         if self._cu is None:
             self._cu = cuda_driver()
-        self._ensure_context()
+        self._ensure_context(device)
         cu = self._cu
         module = self._check(cu.cuModuleLoadData((self.kernel_dir / entry["file"]).read_bytes()),
                              f"loading {entry['file']}")
@@ -291,12 +292,12 @@ class AotLauncher:
         return fn
 
     def launch(self, variant: KernelVariant, grid: tuple[int, ...], args: tuple) -> None:
-        fn = self._function(variant)
+        device = next((a.device for a in args if isinstance(a, torch.Tensor)), None)
+        fn = self._function(variant, device)
         entry = self.entries[variant.key]
         grid = tuple(grid) + (1,) * (3 - len(grid))
         values = pack_arguments(entry["params"], args, entry["pointer_alignment"])
         scratch = []
-        device = next((a.device for a in args if isinstance(a, torch.Tensor)), None)
         for item in entry["scratch"]:
             if item["size"]:
                 buffer = torch.empty(grid[0] * grid[1] * grid[2] * item["size"] + item["align"], dtype=torch.uint8,
@@ -308,8 +309,17 @@ class AotLauncher:
                 values.append(ctypes.c_uint64(0))
         params = parameter_array(values)
         stream = torch.cuda.current_stream(device).cuda_stream
-        self._check(self._cu.cuLaunchKernel(fn, *grid, 32 * entry["num_warps"], 1, 1, entry["shared"], stream,
-                                            ctypes.addressof(params), 0), f"launching {entry['name']}")
+        cu = self._cu
+
+        def launch():
+            return cu.cuLaunchKernel(fn, *grid, 32 * entry["num_warps"], 1, 1, entry["shared"], stream,
+                                     ctypes.addressof(params), 0)
+
+        result = launch()
+        if result[0] == cu.CUresult.CUDA_ERROR_INVALID_CONTEXT:  # a thread that has not touched CUDA yet
+            self._ensure_context(device)
+            result = launch()
+        self._check(result, f"launching {entry['name']}")
 
 
 if __name__ == "__main__":

@@ -72,29 +72,31 @@ class KernelLibrary:
 
 def _aot_library(engine_dir: Path | None, build: BuildSettings | None, device: torch.device,
                  strict: bool) -> KernelLibrary | None:
-    """The engine's compiled kernels on this GPU. strict: raise instead of warning and returning None."""
-    def refuse(reason: str) -> None:
-        if strict:
-            raise RuntimeError(reason)
-        log.warning("nemodiff: %s; using the PyTorch reference path", reason)
-
+    """The engine's compiled kernels on this GPU, or the reason they cannot run here (raised when strict,
+    else logged as one warning line, with None returned)."""
+    reason = None
     if device.type != "cuda":
-        return refuse(f"ahead-of-time kernels need a CUDA device, not {device}") if strict else None
-    if engine_dir is None or build is None or not build.sm or not build.kernels:
-        return refuse("the engine carries no compiled kernels (built for cpu or with --no-kernels)")
-    here = gpu_sm(device)
-    if here != build.sm:
-        return refuse(f"engine kernels are for {build.sm} but this GPU is {here}")
-    from .aot import AotLauncher, KernelLaunchError, cuda_driver
+        if not strict:
+            return None  # CPU: the reference path is the plan, not a fallback
+        reason = f"ahead-of-time kernels need a CUDA device, not {device}"
+    elif engine_dir is None or build is None or not build.sm or not build.kernels:
+        reason = "the engine carries no compiled kernels (built for cpu or with --no-kernels)"
+    elif gpu_sm(device) != build.sm:
+        reason = f"engine kernels are for {build.sm} but this GPU is {gpu_sm(device)}"
+    else:
+        from .aot import AotLauncher, KernelLaunchError, cuda_driver
 
-    try:
-        cuda_driver()
-    except ImportError:
-        return refuse("cuda-python is not installed (pip install 'nemodiff[gpu]')")
-    try:
-        return KernelLibrary(AotLauncher(Path(engine_dir) / "kernels" / build.sm))
-    except KernelLaunchError as exc:
-        return refuse(str(exc))
+        try:
+            cuda_driver()
+            return KernelLibrary(AotLauncher(Path(engine_dir) / "kernels" / build.sm))
+        except ImportError:
+            reason = "cuda-python is not installed (pip install 'nemodiff[gpu]')"
+        except KernelLaunchError as exc:
+            reason = str(exc)
+    if strict:
+        raise RuntimeError(reason)
+    log.warning("nemodiff: %s; using the PyTorch reference path", reason)
+    return None
 
 
 def load_kernels(engine_dir: Path | None, build: BuildSettings | None, device: torch.device | str,
