@@ -13,6 +13,13 @@ capture records the launches like any other kernel.
 
 Every pointer argument is compiled as 16-byte aligned (the divisibility hint Triton's JIT
 gives aligned tensors); the launcher checks that before it launches.
+
+Triton versions: 3.6 and 3.9 (the range this is checked against) take the same
+`ASTSource(fn, signature, constexprs, attrs)`: the signature maps every argument name to its
+type, constexprs included as "constexpr"; constexpr values and attributes are keyed by
+`(argument index,)`. Both append two pointer parameters to every kernel (global and profile
+scratch), which the index records from the PTX entry itself. Each cubin's PTX is checked to
+target the requested architecture (`sm_90a`/`sm_100a` need their arch-specific features).
 """
 
 from __future__ import annotations
