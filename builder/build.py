@@ -29,7 +29,8 @@ from nemodiff.engine_format import (
     EngineConfig,
     write_manifest,
 )
-from nemodiff.plugins.compile import KERNELS, compile_kernels
+from nemodiff.plugins.aot import compile_variants
+from nemodiff.plugins.registry import engine_variants
 
 from .checkpoint import CheckpointError, num_parameters, open_checkpoint, read_lora
 from .convert import convert_lora, convert_vision_weights, convert_weights
@@ -50,7 +51,7 @@ class BuildOptions:
     max_seq_len: int | None = None
     max_batch_size: int = 8
     kv_page_size: int = 16
-    kernels: bool = True  # compile the CUDA kernels for GPU archs
+    kernels: bool = True  # compile the Triton kernels ahead of time for GPU archs
     overwrite: bool = False
 
 
@@ -76,8 +77,10 @@ def _validate(options: BuildOptions) -> None:
             raise BuildError(f"--{name.replace('_', '-')} must be at least 1")
 
 
-def build_engine(hf_dir: Path, out_dir: Path, options: BuildOptions, progress=None) -> BuildResult:
-    """progress: optional callable(total_layers) returning an object with update(n) and close()."""
+def build_engine(hf_dir: Path, out_dir: Path, options: BuildOptions, progress=None,
+                 kernel_progress=None) -> BuildResult:
+    """progress, kernel_progress: optional callables(total) returning an object with update(n) and close(),
+    for the layers converted and the kernel variants compiled."""
     _validate(options)
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
     checkpoint = open_checkpoint(hf_dir)
@@ -116,9 +119,11 @@ def build_engine(hf_dir: Path, out_dir: Path, options: BuildOptions, progress=No
         if checkpoint.vision:
             save_file(convert_vision_weights(checkpoint, options.dtype), str(staging / VISION_WEIGHTS_FILE))
         if settings.sm and options.kernels:
-            library = compile_kernels(settings.sm, staging / "kernels" / settings.sm)
-            settings.kernels = list(KERNELS)
-            settings.kernel_library = library.relative_to(staging).as_posix()
+            kernel_dir = staging / "kernels" / settings.sm
+            entries = compile_variants(engine_variants(config, options.dtype), settings.sm, kernel_dir,
+                                       progress=kernel_progress)
+            settings.kernels = [{"kernel": e["kernel"], "key": e["key"],
+                                 "file": (kernel_dir / e["file"]).relative_to(staging).as_posix()} for e in entries]
         for name in TOKENIZER_FILES:
             if (hf_dir / name).is_file():
                 shutil.copy2(hf_dir / name, staging / name)

@@ -11,7 +11,7 @@ import click
 from tqdm import tqdm
 
 from nemodiff.engine_format import ARCH_TO_SM, DTYPES
-from nemodiff.plugins.compile import KernelBuildError
+from nemodiff.plugins.aot import KernelBuildError
 
 from .build import BuildError, BuildOptions, build_engine
 from .checkpoint import CheckpointError
@@ -37,7 +37,8 @@ def _human_bytes(n: float) -> str:
               help="Longest prompt + generation [default: min(max_position_embeddings, 8192)].")
 @click.option("--max-batch-size", type=int, default=8, help="Most requests running at once.")
 @click.option("--kv-page-size", type=int, default=16, help="Tokens per KV-cache page.")
-@click.option("--kernels/--no-kernels", default=True, help="Compile the CUDA kernels (GPU archs; needs nvcc).")
+@click.option("--kernels/--no-kernels", default=True,
+              help="Compile the Triton kernels for the GPU arch (no GPU needed).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing engine directory.")
 def main(hf_dir: Path, output: Path, dtype: str, arch: str, block_length: int | None, max_seq_len: int | None,
          max_batch_size: int, kv_page_size: int, kernels: bool, overwrite: bool) -> None:
@@ -49,8 +50,11 @@ def main(hf_dir: Path, output: Path, dtype: str, arch: str, block_length: int | 
     def progress(total: int):
         return tqdm(total=total, desc="converting layers", unit="layer", disable=None)
 
+    def kernel_progress(total: int):
+        return tqdm(total=total, desc="compiling kernels", unit="kernel", disable=None)
+
     try:
-        result = build_engine(hf_dir, output, options, progress=progress)
+        result = build_engine(hf_dir, output, options, progress=progress, kernel_progress=kernel_progress)
     except (CheckpointError, BuildError, KernelBuildError) as exc:
         raise click.ClickException(str(exc)) from None
     cfg = result.config
@@ -62,12 +66,18 @@ def main(hf_dir: Path, output: Path, dtype: str, arch: str, block_length: int | 
     click.echo(f"  block length {cfg.build.block_length}, max seq len {cfg.build.max_seq_len}, "
                f"max batch {cfg.build.max_batch_size}, KV page {cfg.build.kv_page_size}")
     click.echo(f"  draft LoRA   {'yes (r=%d)' % cfg.build.lora.rank if cfg.build.lora else 'none'}")
+<<<<<<< HEAD
     if cfg.vision:
         v = cfg.vision
         click.echo(f"  vision       Pixtral {v.num_hidden_layers} layers, hidden {v.hidden_size}, patch {v.patch_size}, "
                    f"merge {v.spatial_merge_size} -> {v.text_hidden_size} (vision.safetensors)")
     if cfg.build.kernel_library:
         click.echo(f"  kernels      {', '.join(cfg.build.kernels)} -> {cfg.build.kernel_library}")
+=======
+    if cfg.build.kernels:
+        names = sorted({k["kernel"] for k in cfg.build.kernels})
+        click.echo(f"  kernels      {len(cfg.build.kernels)} compiled for {cfg.build.sm} ({', '.join(names)})")
+>>>>>>> kernels
 
 
 if __name__ == "__main__":

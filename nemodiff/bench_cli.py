@@ -56,19 +56,12 @@ def _plot(report: dict, path: Path) -> bool:
 
 
 def _compile_for(device: torch.device):
-    """The CUDA kernels for this GPU (compiled now), or None on CPU or without nvcc."""
+    """The Triton kernels for this GPU (Triton's JIT compiles them on first use), or None on CPU."""
     if device.type != "cuda":
         return None
-    import tempfile
+    from nemodiff.plugins.library import load_kernels
 
-    from nemodiff.plugins.compile import KernelBuildError, compile_kernels
-    from nemodiff.plugins.kernels import KernelLibrary, gpu_sm
-
-    try:
-        return KernelLibrary(compile_kernels(gpu_sm(device), Path(tempfile.mkdtemp()) / "kernels"))
-    except KernelBuildError as exc:
-        click.echo(f"kernels unavailable ({exc}); timing the PyTorch reference path", err=True)
-        return None
+    return load_kernels(None, None, device, mode="jit")
 
 
 @click.command(context_settings={"show_default": True, "help_option_names": ["-h", "--help"]})

@@ -109,8 +109,6 @@ def inspect(engine_dir: Path, as_json: bool, verify: bool) -> None:
     except (EngineFormatError, OSError) as exc:
         raise click.ClickException(str(exc)) from None
     info = config.to_dict() | {"files": manifest["files"], "verified": verify}
-    info["kernels"] = [{"name": name, "sm": config.build.sm, "file": config.build.kernel_library}
-                       for name in config.build.kernels]
     if as_json:
         click.echo(json.dumps(info, indent=2))
         return
@@ -124,7 +122,10 @@ def inspect(engine_dir: Path, as_json: bool, verify: bool) -> None:
     if config.vision:
         click.echo(f"  vision  {describe_vision(config.vision)}")
     if build.kernels:
-        click.echo(f"  kernels {', '.join(build.kernels)} ({build.sm}, {build.kernel_library})")
+        names = sorted({k["kernel"] for k in build.kernels})
+        click.echo(f"  kernels {len(build.kernels)} compiled for {build.sm} ({', '.join(names)})")
+    else:
+        click.echo("  kernels none (PyTorch reference path)")
     click.echo(f"  files   ({'hashes verified' if verify else 'not verified'})")
     for name, entry in manifest["files"].items():
         click.echo(f"    {name:32s} {entry['bytes']:>12,d} B  sha256 {entry['sha256'][:16]}")

@@ -7,8 +7,14 @@ An engine directory holds:
   weights.safetensors    tensors in the runtime layout (see WEIGHT NAMES below)
   tokenizer.json, tokenizer_config.json (+ any other tokenizer files of the checkpoint)
   draft_lora.safetensors the draft adapter in runtime names (optional)
+<<<<<<< HEAD
   vision.safetensors     the vision tower and projector of a VLM, in runtime names (VLM engines only)
   kernels/<sm>/libnemodiff_kernels.so   CUDA kernels compiled for the target arch (GPU builds)
+=======
+  kernels/<sm>/<key>.cubin, kernels/<sm>/kernels.json
+                         Triton kernels compiled ahead of time for the target arch (GPU builds):
+                         one cubin per kernel variant and the index the launcher reads
+>>>>>>> kernels
   manifest.json          {"files": {relative path: {"sha256", "bytes"}}}, checked at load
 
 Runtime weight names: embed, final_norm, head, and per layer i
@@ -31,7 +37,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "weights.safetensors"
 MANIFEST_FILE = "manifest.json"
@@ -160,8 +166,8 @@ class BuildSettings:
     sm: str | None = None
     num_parameters: int = 0
     lora: LoraConfig | None = None
-    kernels: list[str] = field(default_factory=list)  # compiled kernel names (kernels/<sm>/...)
-    kernel_library: str | None = None  # path inside the engine dir
+    # compiled kernels, one {"kernel", "key", "file"} per variant; files are relative to the engine dir
+    kernels: list[dict] = field(default_factory=list)
     source: str = ""
     nemodiff_version: str = ""
 

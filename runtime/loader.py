@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from nemodiff.engine_format import DRAFT_LORA_FILE, WEIGHTS_FILE, EngineConfig, EngineFormatError, verify_manifest
-from nemodiff.plugins.kernels import load_for_engine
+from nemodiff.plugins.library import load_kernels
 
 from .model import TORCH_DTYPES, Model
 
@@ -44,7 +44,7 @@ def load_engine(engine_dir: Path, device: str | torch.device | None = None, veri
     dtype = TORCH_DTYPES[config.build.dtype]
     if device.type == "cpu" and dtype == torch.float16:
         dtype = torch.float32  # fp16 matmuls are slow and partly unsupported on CPU
-    kernels = load_for_engine(engine_dir, config.build.sm if config.build.kernel_library else None, device)
+    library = load_kernels(engine_dir, config.build, device, mode=kernels)
     model = Model(config.model, weights, dtype, device, lora=lora,
-                  lora_scale=config.build.lora.scale if config.build.lora else 1.0, kernels=kernels)
+                  lora_scale=config.build.lora.scale if config.build.lora else 1.0, kernels=library)
     return LoadedEngine(engine_dir, config, model)

@@ -1,3 +1,9 @@
+import os
+
+# Triton kernels run their real code under Triton's interpreter on CPU; this must be set before
+# anything imports triton.
+os.environ["TRITON_INTERPRET"] = "1"
+
 import sys
 from pathlib import Path
 

@@ -125,14 +125,15 @@ def test_engine_layout_and_summary(tmp_path):
     result = run_build([ckpt, "-o", out, "--dtype", "bf16", "--arch", "h200", "--block-length", "16",
                         "--max-seq-len", "512", "--kv-page-size", "8"])
     assert result.exit_code == 0, result.output
-    for word in ("parameters", "bf16", "h200 (sm_90a)", "block length 16", "draft LoRA   yes (r=4)"):
+    for word in ("parameters", "bf16", "h200 (sm_90a)", "block length 16", "draft LoRA   yes (r=4)",
+                 "compiled for sm_90a"):
         assert word in result.output
     names = sorted(p.name for p in out.iterdir())
     assert names == ["config.json", "draft_lora.safetensors", "kernels", "manifest.json", "tokenizer.json",
                      "tokenizer_config.json", "weights.safetensors"]
-    assert (out / "kernels" / "sm_90a" / "libnemodiff_kernels.so").is_file()  # compiled for the H200 target
+    assert (out / "kernels" / "sm_90a" / "kernels.json").is_file()  # compiled for the H200 target
     manifest = json.loads((out / "manifest.json").read_text())
-    assert "kernels/sm_90a/libnemodiff_kernels.so" in manifest["files"]
+    assert "kernels/sm_90a/kernels.json" in manifest["files"]
     config = json.loads((out / "config.json").read_text())
     assert config["build"]["arch"] == "h200" and config["build"]["sm"] == "sm_90a"
     assert config["build"]["block_length"] == 16 and config["build"]["lora"]["rank"] == 4

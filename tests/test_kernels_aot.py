@@ -1,0 +1,110 @@
+"""Ahead-of-time kernels: GPU engine builds on a machine without a GPU carry a cubin for every
+kernel variant and the index the launcher reads; such an engine still runs on CPU; the launcher's
+argument packing is right byte for byte."""
+
+import ctypes
+import json
+import logging
+import struct
+
+import pytest
+import torch
+import triton
+from click.testing import CliRunner
+
+from helpers import make_engine
+from nemodiff import LLM, SamplingParams
+from nemodiff.cli import main as nemodiff_cli
+from nemodiff.engine_format import EngineConfig
+from nemodiff.plugins import aot
+from nemodiff.plugins.norm import norm_variant
+from nemodiff.plugins.registry import engine_variants
+
+
+def inspect_json(engine) -> dict:
+    result = CliRunner().invoke(nemodiff_cli, ["inspect", str(engine), "--json"])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.output)
+
+
+def check_engine_kernels(engine, dtype: str, sm: str) -> dict:
+    config = EngineConfig.load(engine)
+    variants = engine_variants(config.model, dtype)
+    kernel_dir = engine / "kernels" / sm
+    index = json.loads((kernel_dir / "kernels.json").read_text())
+    assert index["sm"] == sm and index["triton_version"] == triton.__version__
+    assert set(index["kernels"]) == {v.key for v in variants}
+    for variant in variants:
+        entry = index["kernels"][variant.key]
+        assert (kernel_dir / entry["file"]).read_bytes()[:4] == b"\x7fELF"
+        assert entry["kernel"] == variant.kernel and entry["name"].endswith("_kernel")
+        assert entry["params"] == [list(p) for p in variant.signature]
+        assert entry["num_warps"] == variant.num_warps and entry["shared"] >= 0
+        assert [s["name"] for s in entry["scratch"]] == ["global_scratch", "profile_scratch"]
+    info = inspect_json(engine)
+    assert info["build"]["sm"] == sm and info["format_version"] == 2
+    listed = info["build"]["kernels"]
+    assert sorted(k["key"] for k in listed) == sorted(v.key for v in variants)
+    assert all(k["file"] in info["files"] for k in listed)  # the manifest covers every cubin
+    return index
+
+
+@pytest.fixture(scope="module")
+def h200_engine(checkpoint, tmp_path_factory):
+    return make_engine(checkpoint, tmp_path_factory.mktemp("aot") / "h200", arch="h200", kernels=True)
+
+
+def test_h200_engine_carries_every_variant_and_runs_on_cpu(h200_engine, engine_fp32, caplog):
+    engine = h200_engine
+    check_engine_kernels(engine, "fp32", "sm_90a")
+    plain = CliRunner().invoke(nemodiff_cli, ["inspect", str(engine)])
+    assert "kernels 5 compiled for sm_90a" in plain.output
+
+    with caplog.at_level(logging.WARNING):
+        llm = LLM(engine, device="cpu")
+    assert llm.model.kernels is None  # no GPU here: the PyTorch reference path runs
+    assert len([r for r in caplog.records if r.levelno >= logging.WARNING]) <= 1
+    params = SamplingParams(max_new_tokens=12, ignore_eos=True)
+    assert llm.generate([1, 5, 6], params)[0].output_ids == LLM(engine_fp32, device="cpu").generate(
+        [1, 5, 6], params)[0].output_ids
+
+
+def test_b200_fp8_engine_compiles_the_gemm_for_sm_100a(tmp_path, checkpoint):
+    engine = make_engine(checkpoint, tmp_path / "b200", arch="b200", dtype="fp8", kernels=True)
+    index = check_engine_kernels(engine, "fp8", "sm_100a")
+    assert index["capability"] == 100
+    assert {e["kernel"] for e in index["kernels"].values()} >= {"fp8_gemm", "fp8_splitk_reduce", "add_rmsnorm"}
+
+
+def test_compile_refuses_unknown_targets(tmp_path):
+    with pytest.raises(ValueError, match="no Triton target for 'sm_75'"):
+        aot.compile_variants([norm_variant(torch.float16, 64, True)], "sm_75", tmp_path)
+
+
+def test_missing_variant_is_named(h200_engine):
+    launcher = aot.AotLauncher(h200_engine / "kernels" / "sm_90a")
+    other = norm_variant(torch.float32, 96, True)  # this model's hidden size is 64
+    with pytest.raises(aot.KernelLaunchError, match=f"kernel variant {other.key} \\(add_rmsnorm"):
+        launcher.launch(other, (1,), ())
+
+
+def test_argument_packing():
+    signature = [["x_ptr", "*bf16"], ["n", "i32"], ["eps", "fp32"], ["offset", "i64"], ["unused_ptr", "*fp32"]]
+    x = torch.zeros(64, dtype=torch.bfloat16)
+    values = aot.pack_arguments(signature, (x, 4096, 1e-5, -(2 ** 40), None))
+    assert [type(v) for v in values] == [ctypes.c_uint64, ctypes.c_int32, ctypes.c_float, ctypes.c_int64,
+                                         ctypes.c_uint64]
+    assert bytes(values[0]) == struct.pack("<Q", x.data_ptr())
+    assert bytes(values[1]) == struct.pack("<i", 4096)
+    assert bytes(values[2]) == struct.pack("<f", 1e-5)
+    assert bytes(values[3]) == struct.pack("<q", -(2 ** 40))
+    assert bytes(values[4]) == bytes(8)  # None is a NULL pointer
+    array = aot.parameter_array(values)
+    assert [array[i] for i in range(5)] == [ctypes.addressof(v) for v in values]
+
+    with pytest.raises(aot.KernelLaunchError, match="argument x_ptr: address .* is not 16-byte aligned"):
+        aot.pack_arguments(signature, (x[1:], 1, 1.0, 1, None))
+    with pytest.raises(aot.KernelLaunchError, match="expected 5 arguments"):
+        aot.pack_arguments(signature, (x, 1))
+    with pytest.raises(aot.KernelLaunchError, match="argument n: expected a i32 scalar"):
+        aot.pack_arguments(signature, (x, x, 1.0, 1, None))
