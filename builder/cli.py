@@ -66,18 +66,13 @@ def main(hf_dir: Path, output: Path, dtype: str, arch: str, block_length: int | 
     click.echo(f"  block length {cfg.build.block_length}, max seq len {cfg.build.max_seq_len}, "
                f"max batch {cfg.build.max_batch_size}, KV page {cfg.build.kv_page_size}")
     click.echo(f"  draft LoRA   {'yes (r=%d)' % cfg.build.lora.rank if cfg.build.lora else 'none'}")
-<<<<<<< HEAD
     if cfg.vision:
         v = cfg.vision
         click.echo(f"  vision       Pixtral {v.num_hidden_layers} layers, hidden {v.hidden_size}, patch {v.patch_size}, "
                    f"merge {v.spatial_merge_size} -> {v.text_hidden_size} (vision.safetensors)")
-    if cfg.build.kernel_library:
-        click.echo(f"  kernels      {', '.join(cfg.build.kernels)} -> {cfg.build.kernel_library}")
-=======
     if cfg.build.kernels:
         names = sorted({k["kernel"] for k in cfg.build.kernels})
         click.echo(f"  kernels      {len(cfg.build.kernels)} compiled for {cfg.build.sm} ({', '.join(names)})")
->>>>>>> kernels
 
 
 if __name__ == "__main__":

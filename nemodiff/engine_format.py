@@ -7,14 +7,10 @@ An engine directory holds:
   weights.safetensors    tensors in the runtime layout (see WEIGHT NAMES below)
   tokenizer.json, tokenizer_config.json (+ any other tokenizer files of the checkpoint)
   draft_lora.safetensors the draft adapter in runtime names (optional)
-<<<<<<< HEAD
   vision.safetensors     the vision tower and projector of a VLM, in runtime names (VLM engines only)
-  kernels/<sm>/libnemodiff_kernels.so   CUDA kernels compiled for the target arch (GPU builds)
-=======
   kernels/<sm>/<key>.cubin, kernels/<sm>/kernels.json
                          Triton kernels compiled ahead of time for the target arch (GPU builds):
                          one cubin per kernel variant and the index the launcher reads
->>>>>>> kernels
   manifest.json          {"files": {relative path: {"sha256", "bytes"}}}, checked at load
 
 Runtime weight names: embed, final_norm, head, and per layer i
