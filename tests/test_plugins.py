@@ -13,8 +13,6 @@ from nemodiff.engine_format import ARCH_TO_SM, EngineConfig, EngineFormatError
 from nemodiff.plugins import aot, fp8_gemm, registry
 from nemodiff.plugins.launch import InterpretLauncher
 from nemodiff.plugins.library import KernelLibrary, load_kernels
-from nemodiff.runtime.cuda_graphs import StepShape
-from nemodiff.runtime.segments import Pattern, Segment
 
 TORCH = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp8": torch.bfloat16}
 
@@ -112,10 +110,3 @@ def test_engines_of_the_old_format_are_refused(engine_fp32):
     data = EngineConfig.load(engine_fp32).to_dict() | {"format_version": 1}
     with pytest.raises(EngineFormatError, match="version 1 is not supported.*rebuild the engine"):
         EngineConfig.from_dict(data)
-
-
-def test_graph_step_shapes_group_uniform_steps_only():
-    ar = [Segment(i, [5], [10 + i], 10 + i, Pattern.CAUSAL, write_kv=True) for i in range(3)]
-    assert StepShape.of(ar) is not None and StepShape.of(ar).length == 1
-    mixed = ar + [Segment(9, [1, 2], [4, 5], 4, Pattern.FULL)]
-    assert StepShape.of(mixed) is None
