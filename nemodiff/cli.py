@@ -57,12 +57,16 @@ def _parse_threshold(value: str) -> float | None:
               help="linear-spec: redraft until every slot is this confident (iterative drafting).")
 @click.option("--max-thinking-tokens", type=int, default=None, help="Force end-of-thinking after this many tokens.")
 @click.option("--device", type=str, default=None, help="torch device [default: cuda if available, else cpu].")
+@click.option("--kernels", type=click.Choice(["auto", "off", "interpret", "jit", "aot"]), default="auto",
+              help="auto: the engine's compiled kernels on a matching GPU, else the PyTorch reference path; "
+                   "interpret: the kernels' real code under Triton's interpreter on the CPU (slow; for verification); "
+                   "jit: Triton's compiler on a GPU; aot: the compiled kernels or an error; off: reference path.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def generate(engine_dir: Path, prompt: str | None, prompt_ids: str | None, mode: str, max_new_tokens: int,
              temperature: float, top_p: float, top_k: int, seed: int | None, stop: tuple[str, ...], chat: bool,
              block_length: int | None, threshold: str, draft_lora: bool, draft_threshold: float | None,
              max_thinking_tokens: int | None,
-             device: str | None, as_json: bool) -> None:
+             device: str | None, kernels: str, as_json: bool) -> None:
     """Generate a completion for one prompt."""
     from nemodiff import LLM, SamplingParams
 
@@ -75,7 +79,7 @@ def generate(engine_dir: Path, prompt: str | None, prompt_ids: str | None, mode:
     )
     try:
         params.validate()
-        llm = LLM(engine_dir, device=device)
+        llm = LLM(engine_dir, device=device, kernels=kernels)
         source = prompt if prompt is not None else _parse_ids(prompt_ids)
         output = llm.generate(source, params, chat=chat)[0]
     except (EngineFormatError, ValueError) as exc:
