@@ -17,7 +17,7 @@ from nemodiff.engine_format import ModelConfig
 
 from .spec import KernelVariant
 
-KERNEL_MODULES: tuple[str, ...] = ()  # module names inside nemodiff.plugins
+KERNEL_MODULES: tuple[str, ...] = ("attention",)  # module names inside nemodiff.plugins
 
 
 def _module(name: str):
