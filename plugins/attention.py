@@ -185,24 +185,25 @@ def reference_segment_attention(q, k, v, k_cache, v_cache, seg_start, prefix_len
     keys, apply the visibility, softmax. masks: one bool [n, n] (or None) per segment. -> [T, Hq, D]."""
     num_tokens, num_heads, head_dim = q.shape
     group = num_heads // k.shape[1]
-    out = torch.empty(num_tokens, num_heads, head_dim, dtype=torch.float32)
+    device = q.device
+    out = torch.empty(num_tokens, num_heads, head_dim, dtype=torch.float32, device=device)
     for s in range(len(prefix_len)):
         a, b = int(seg_start[s]), int(seg_start[s + 1])
         n, prefix = b - a, int(prefix_len[s])
         if n == 0:
             continue
-        positions = torch.arange(prefix)
-        pages = block_tables[int(table_row[s])].long()[positions // page_size]
+        positions = torch.arange(prefix, device=device)
+        pages = block_tables[int(table_row[s])].to(device).long()[positions // page_size]
         slots = pages * page_size + positions % page_size
         keys = torch.cat([k_cache[slots].float(), k[a:b].float()]).repeat_interleave(group, dim=1)
         values = torch.cat([v_cache[slots].float(), v[a:b].float()]).repeat_interleave(group, dim=1)
         if int(pattern[s]) == CAUSAL:
-            own = torch.ones(n, n, dtype=torch.bool).tril()
+            own = torch.ones(n, n, dtype=torch.bool, device=device).tril()
         elif int(pattern[s]) == FULL:
-            own = torch.ones(n, n, dtype=torch.bool)
+            own = torch.ones(n, n, dtype=torch.bool, device=device)
         else:
-            own = masks[s].bool()
-        visible = torch.cat([torch.ones(n, prefix, dtype=torch.bool), own], dim=1)
+            own = masks[s].to(device).bool()
+        visible = torch.cat([torch.ones(n, prefix, dtype=torch.bool, device=device), own], dim=1)
         scores = torch.einsum("qhd,khd->hqk", q[a:b].float(), keys) * head_dim ** -0.5
         weights = scores.masked_fill(~visible, float("-inf")).softmax(-1)
         out[a:b] = torch.einsum("hqk,khd->qhd", weights, values)

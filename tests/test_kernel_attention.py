@@ -10,6 +10,7 @@ os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported anywhere in th
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from attention_cases import make_case  # noqa: E402
 
 from nemodiff.engine_format import ModelConfig  # noqa: E402
 from nemodiff.plugins import registry  # noqa: E402
@@ -18,7 +19,6 @@ from nemodiff.plugins.attention import (  # noqa: E402
     FULL,
     KERNELS,
     MASK,
-    AttentionMeta,
     block_m_choices,
     choose_splits,
     pack_bitmask,
@@ -39,63 +39,19 @@ from nemodiff.runtime.strategies.quadratic_spec import first_cycle_mask, quadrat
 TOLERANCES = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (2 ** -7, 1e-5), torch.float16: (2 ** -10, 1e-5)}
 
 
-def _i32(values) -> torch.Tensor:
-    return torch.as_tensor(np.asarray(values), dtype=torch.int32)
-
-
 def run_case(segments, *, heads=4, kv_heads=1, head_dim=64, page_size=4, dtype=torch.float32, splits=(1,), seed=0):
-    """segments: (tokens, prefix, pattern, mask or None) each. Returns the kernel's output for each
-    split count and the reference. Cache slots nobody's prefix owns, and page-table entries past
-    each prefix, point at NaN, so reading them poisons the output."""
-    gen = torch.Generator().manual_seed(seed)
-    lengths = [s[0] for s in segments]
-    prefixes = [s[1] for s in segments]
-    patterns = [s[2] for s in segments]
-    masks = [s[3] for s in segments]
-    total = sum(lengths)
-    max_pages = max(1, max(-(-p // page_size) for p in prefixes))
-    rows = len(segments) + 2  # the page table holds rows of other requests too
-    num_pages = rows * max_pages + 1
-    nan_page = num_pages - 1
-    table_row = torch.randperm(rows, generator=gen)[: len(segments)].int()
-    block_tables = torch.full((rows, max_pages), nan_page, dtype=torch.int32)
-    k_cache = torch.full((num_pages * page_size, kv_heads, head_dim), float("nan"))
-    v_cache = torch.full_like(k_cache, float("nan"))
-    free_pages = torch.randperm(nan_page, generator=gen).int().tolist()
-    for row, prefix in zip(table_row.tolist(), prefixes):
-        for page in range(-(-prefix // page_size)):
-            block_tables[row, page] = free_pages.pop()
-            slots = block_tables[row, page] * page_size + torch.arange(min(page_size, prefix - page * page_size))
-            k_cache[slots] = torch.randn(len(slots), kv_heads, head_dim, generator=gen)
-            v_cache[slots] = torch.randn(len(slots), kv_heads, head_dim, generator=gen)
-    q = torch.randn(total, heads, head_dim, generator=gen).to(dtype)
-    k = torch.randn(total, kv_heads, head_dim, generator=gen).to(dtype)
-    v = torch.randn(total, kv_heads, head_dim, generator=gen).to(dtype)
-    k_cache, v_cache = k_cache.to(dtype), v_cache.to(dtype)
-
-    words, mask_offset = [torch.zeros(1, dtype=torch.int32)], []
-    for mask in masks:
-        mask_offset.append(sum(w.numel() for w in words))
-        if mask is not None:
-            words.append(pack_bitmask(mask))
-    seg_start = np.concatenate([[0], np.cumsum(lengths)])
-    block_m, tile_seg, tile_start = plan_tiles(np.array(lengths), heads // kv_heads)
-
+    """The kernel's output (under the interpreter, into NaN-poisoned buffers) for each split count,
+    and the reference."""
+    case = make_case(segments, heads=heads, kv_heads=kv_heads, head_dim=head_dim, page_size=page_size, dtype=dtype,
+                     seed=seed)
     outputs = {}
     for num_splits in splits:
-        workspace = None
-        if num_splits > 1:
-            workspace = torch.full((workspace_elems(total, heads, head_dim, num_splits),), float("nan"))
-        meta = AttentionMeta(_i32(seg_start), _i32(prefixes), table_row, block_tables, _i32(patterns),
-                             _i32(mask_offset), torch.cat(words), _i32(tile_seg), _i32(tile_start), page_size,
-                             block_m, num_splits, workspace)
-        out = torch.full_like(q, float("nan"))
-        result = segment_attention(InterpretLauncher(), q, k, v, k_cache, v_cache, meta, head_dim ** -0.5, out=out)
+        out = torch.full_like(case.q, float("nan"))
+        result = segment_attention(InterpretLauncher(), case.q, case.k, case.v, case.k_cache, case.v_cache,
+                                   case.meta(num_splits), head_dim ** -0.5, out=out)
         assert result is out
         outputs[num_splits] = out
-    reference = reference_segment_attention(q, k, v, k_cache, v_cache, _i32(seg_start), _i32(prefixes), table_row,
-                                            block_tables, page_size, patterns, masks)
-    return outputs, reference
+    return outputs, reference_segment_attention(*case.reference_args())
 
 
 def check(outputs, reference, dtype):
