@@ -31,6 +31,7 @@ KERNELS = {
 CAUSAL, FULL, MASK = 0, 1, 2
 MAX_SPLITS = 32
 MIN_KEYS_PER_SPLIT = 128  # two key blocks: fewer keys per program cost more in merging than they save
+LARGE_TILE_TOKENS = 256  # a segment this long takes the biggest tiles (prefill, QuadraticSpec k >= 16)
 ENGINE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp8": torch.bfloat16}
 INDEX_ARGUMENTS = ("seg_start_ptr", "prefix_len_ptr", "table_row_ptr", "block_tables_ptr", "pattern_ptr",
                    "mask_offset_ptr", "masks_ptr", "tile_seg_ptr", "tile_start_ptr")
@@ -57,6 +58,7 @@ class AttentionMeta:
 
 def pack_bitmask(mask: torch.Tensor) -> torch.Tensor:
     """bool [n, n] -> int32 [n * ceil(n/32)]: row i is words [i*W, (i+1)*W), bit j%32 of word j//32."""
+    mask = mask.cpu()
     n = mask.shape[0]
     words = (n + 31) // 32
     bits = torch.zeros(n, words * 32, dtype=torch.int64)
@@ -72,13 +74,16 @@ def block_m_choices(group: int) -> tuple[int, ...]:
 
 
 def plan_tiles(seg_lengths: np.ndarray, group: int) -> tuple[int, np.ndarray, np.ndarray]:
-    """-> (block_m, tile_seg, tile_start): one tile per block_m query tokens of each segment."""
+    """-> (block_m, tile_seg, tile_start): one tile per block_m query tokens of each segment.
+
+    One block_m serves the whole forward (one launch): 1 when every segment is a single token
+    (decode), about 64 rows when the longest is shorter than LARGE_TILE_TOKENS, else about 128."""
     lengths = np.asarray(seg_lengths, dtype=np.int64)
     longest = int(lengths.max()) if lengths.size else 0
     choices = block_m_choices(group)
     if longest <= 1:
         block_m = choices[0]
-    elif longest < 256:
+    elif longest < LARGE_TILE_TOKENS:
         block_m = choices[min(1, len(choices) - 1)]
     else:
         block_m = choices[-1]
@@ -105,9 +110,10 @@ def workspace_elems(num_tokens: int, num_heads: int, head_dim: int, num_splits: 
 
 
 def _tile_shape(block_m: int, group: int, dtype: torch.dtype) -> dict:
-    """Rows padded for tensor cores; float32 dots run on FMA units and keep both operands in
-    registers, so float32 takes narrow key blocks. Chosen to compile without register spills on
-    sm_90a (and at most a few bytes on sm_80) for head_dim 128."""
+    """Rows padded for tensor cores; float32 (IEEE) dots run on FMA units and keep both operands
+    in registers, so float32 takes narrow key blocks. At head_dim 128 the 16-bit variants compile
+    without register spills for sm_90a and sm_100a (a few bytes at most on sm_80); float32 ones
+    spill a little, which only the exact-reference fp32 engines pay."""
     rows = max(16, 1 << (block_m * group - 1).bit_length())
     block_n = 16 if dtype == torch.float32 else 64
     return {"ROWS": rows, "BLOCK_N": block_n, "num_warps": 4 if rows <= 32 else 8}

@@ -79,7 +79,7 @@ def test_decode_batch_of_33_across_page_edges_with_splits():
     check(outputs, reference, torch.float32)
 
 
-@pytest.mark.parametrize("heads, kv_heads, head_dim", [(4, 4, 64), (8, 2, 128), (8, 1, 64)])
+@pytest.mark.parametrize("heads, kv_heads, head_dim", [(4, 4, 64), (8, 2, 128), (8, 1, 64), (6, 2, 64)])
 def test_every_pattern_for_each_gqa_ratio(heads, kv_heads, head_dim):
     gen = torch.Generator().manual_seed(heads * kv_heads + head_dim)
     segments = [(5, 16, CAUSAL, None), (3, 15, FULL, None), (6, 17, MASK, random_mask(6, gen)),
@@ -120,11 +120,16 @@ def test_splits_beyond_the_context_leave_empty_programs():
     check(outputs, reference, torch.float32)
 
 
+def test_a_lone_segment_without_prefix():
+    outputs, reference = run_case([(20, 0, CAUSAL, None)], heads=8, kv_heads=1, head_dim=128, splits=(1, 2))
+    check(outputs, reference, torch.float32)
+
+
 def test_pack_bitmask_matches_bit_by_bit():
     gen = torch.Generator().manual_seed(3)
     for n in (1, 31, 32, 33, 70):
         mask = torch.rand(n, n, generator=gen) > 0.5
-        mask[:, n - 1] = True
+        mask[:, n - 1] = True  # with n = 32, the sign bit of every word
         words = pack_bitmask(mask)
         width = -(-n // 32)
         assert words.dtype == torch.int32 and words.shape == (n * width,)
