@@ -1,10 +1,10 @@
 import os
 
-# Triton kernels run their real code under Triton's interpreter on CPU; this must be set before
-# anything imports triton.
+# Kernels run under Triton's interpreter on CPU. Triton reads this when it is first imported (its own
+# helpers such as tl.sum are wrapped then), so it is set here, before any test module imports it.
 os.environ["TRITON_INTERPRET"] = "1"
 
-import sys
+import sys  # noqa: E402
 from pathlib import Path
 
 import pytest

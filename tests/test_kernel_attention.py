@@ -1,0 +1,220 @@
+"""The paged segment-attention kernels: their real code under Triton's interpreter against an
+independent PyTorch reference, their planning helpers, and a GPU compile of their variants."""
+
+import os
+import subprocess
+import sys
+
+os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported anywhere in this process
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from attention_cases import make_case  # noqa: E402
+
+from nemodiff.engine_format import ModelConfig  # noqa: E402
+from nemodiff.plugins import registry  # noqa: E402
+from nemodiff.plugins.attention import (  # noqa: E402
+    CAUSAL,
+    FULL,
+    KERNELS,
+    MASK,
+    block_m_choices,
+    choose_splits,
+    pack_bitmask,
+    plan_tiles,
+    reference_segment_attention,
+    segment_attention,
+    variants,
+    workspace_elems,
+)
+from nemodiff.plugins.launch import InterpretLauncher  # noqa: E402
+from nemodiff.runtime.strategies.quadratic_spec import first_cycle_mask, quadratic_mask  # noqa: E402
+
+# Tolerances against the float32 reference. fp32: the kernel does the same float32 math in
+# another order. bf16/fp16: the reference reads the very same rounded inputs and the interpreter
+# runs the dots on float32 operands, so the only added error is the final cast of the output:
+# at most one unit in the last place, 2^-7 relative for bfloat16 (the interpreter truncates)
+# and 2^-10 for float16, plus float32 noise.
+TOLERANCES = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (2 ** -7, 1e-5), torch.float16: (2 ** -10, 1e-5)}
+
+
+def run_case(segments, *, heads=4, kv_heads=1, head_dim=64, page_size=4, dtype=torch.float32, splits=(1,), seed=0):
+    """The kernel's output (under the interpreter, into NaN-poisoned buffers) for each split count,
+    and the reference."""
+    case = make_case(segments, heads=heads, kv_heads=kv_heads, head_dim=head_dim, page_size=page_size, dtype=dtype,
+                     seed=seed)
+    outputs = {}
+    for num_splits in splits:
+        out = torch.full_like(case.q, float("nan"))
+        result = segment_attention(InterpretLauncher(), case.q, case.k, case.v, case.k_cache, case.v_cache,
+                                   case.meta(num_splits), head_dim ** -0.5, out=out)
+        assert result is out
+        outputs[num_splits] = out
+    return outputs, reference_segment_attention(*case.reference_args())
+
+
+def check(outputs, reference, dtype):
+    rtol, atol = TOLERANCES[dtype]
+    first = next(iter(outputs.values()))
+    for splits, out in outputs.items():
+        assert not out.isnan().any(), f"unwritten or poisoned output with {splits} splits"
+        torch.testing.assert_close(out.float(), reference, rtol=rtol, atol=atol)
+        # any split count computes the same function, up to float32 rounding before the final cast
+        torch.testing.assert_close(out.float(), first.float(), rtol=rtol, atol=atol)
+
+
+def random_mask(n, gen):
+    mask = torch.rand(n, n, generator=gen) > 0.6
+    mask[torch.arange(n), torch.randint(0, n, (n,), generator=gen)] = True  # every row sees a key
+    return mask
+
+
+def test_decode_batch_of_33_across_page_edges_with_splits():
+    # one token per segment; prefixes end before, on and after page edges, and one is empty
+    prefixes = [0, 1, 3, 4, 5, 7, 8, 9, 15, 16, 17, 31, 32, 33, 40, 47, 48, 49, 63, 64, 65, 70, 71, 72, 80,
+                90, 95, 96, 97, 100, 110, 127, 128]
+    outputs, reference = run_case([(1, p, CAUSAL, None) for p in prefixes], heads=4, kv_heads=1, head_dim=64,
+                                  page_size=4, splits=(1, 2, 3, 7))
+    check(outputs, reference, torch.float32)
+
+
+@pytest.mark.parametrize("heads, kv_heads, head_dim", [(4, 4, 64), (8, 2, 128), (8, 1, 64), (6, 2, 64)])
+def test_every_pattern_for_each_gqa_ratio(heads, kv_heads, head_dim):
+    gen = torch.Generator().manual_seed(heads * kv_heads + head_dim)
+    segments = [(5, 16, CAUSAL, None), (3, 15, FULL, None), (6, 17, MASK, random_mask(6, gen)),
+                (12, 0, MASK, quadratic_mask(3)), (1, 0, CAUSAL, None), (0, 4, CAUSAL, None)]
+    outputs, reference = run_case(segments, heads=heads, kv_heads=kv_heads, head_dim=head_dim, page_size=16,
+                                  splits=(1, 3))
+    check(outputs, reference, torch.float32)
+
+
+def test_quadratic_spec_forward_of_72_tokens_with_a_long_prefix():
+    # k = 8: 72 tokens, mask rows of three words, several query tiles and key blocks, splits
+    segments = [(72, 150, MASK, quadratic_mask(8)), (1, 37, CAUSAL, None)]
+    outputs, reference = run_case(segments, heads=4, kv_heads=1, head_dim=64, page_size=16, splits=(1, 2, 7))
+    check(outputs, reference, torch.float32)
+
+
+def test_prefill_spanning_tiles_and_first_cycle_mask():
+    # group 1 takes 64-token tiles: the 70-token causal prefill has two tiles and two own-key blocks
+    segments = [(70, 0, CAUSAL, None), (9, 6, MASK, first_cycle_mask(5, 4)), (33, 21, FULL, None)]
+    outputs, reference = run_case(segments, heads=2, kv_heads=2, head_dim=64, page_size=16, splits=(1, 2))
+    check(outputs, reference, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_half_precision(dtype, head_dim):
+    gen = torch.Generator().manual_seed(head_dim)
+    segments = [(1, 23, CAUSAL, None), (8, 9, CAUSAL, None), (7, 4, MASK, random_mask(7, gen)), (4, 0, FULL, None)]
+    outputs, reference = run_case(segments, heads=8, kv_heads=1, head_dim=head_dim, page_size=4, dtype=dtype,
+                                  splits=(1, 3))
+    check(outputs, reference, dtype)
+
+
+def test_splits_beyond_the_context_leave_empty_programs():
+    # 7 splits of 3 key blocks: several programs get no keys and must not disturb the merge
+    outputs, reference = run_case([(1, 70, CAUSAL, None), (2, 0, FULL, None)], heads=4, kv_heads=1, head_dim=64,
+                                  page_size=16, splits=(1, 7))
+    check(outputs, reference, torch.float32)
+
+
+def test_a_lone_segment_without_prefix():
+    outputs, reference = run_case([(20, 0, CAUSAL, None)], heads=8, kv_heads=1, head_dim=128, splits=(1, 2))
+    check(outputs, reference, torch.float32)
+
+
+def test_pack_bitmask_matches_bit_by_bit():
+    gen = torch.Generator().manual_seed(3)
+    for n in (1, 31, 32, 33, 70):
+        mask = torch.rand(n, n, generator=gen) > 0.5
+        mask[:, n - 1] = True  # with n = 32, the sign bit of every word
+        words = pack_bitmask(mask)
+        width = -(-n // 32)
+        assert words.dtype == torch.int32 and words.shape == (n * width,)
+        unpacked = [[bool((int(words[i * width + j // 32]) >> (j % 32)) & 1) for j in range(n)] for i in range(n)]
+        assert torch.equal(torch.tensor(unpacked), mask)
+
+
+def test_plan_tiles_covers_every_token_once():
+    lengths = np.array([5, 0, 1, 40, 17])
+    for group in (1, 4, 8):
+        block_m, tile_seg, tile_start = plan_tiles(lengths, group)
+        assert block_m in block_m_choices(group) and tile_seg.dtype == tile_start.dtype == np.int32
+        covered = sorted((s, t + i) for s, t in zip(tile_seg, tile_start) for i in range(block_m) if t + i < lengths[s])
+        assert covered == [(s, i) for s in range(len(lengths)) for i in range(lengths[s])]
+        assert all(t % block_m == 0 and t < lengths[s] for s, t in zip(tile_seg, tile_start))
+    assert plan_tiles(np.ones(32, dtype=np.int64), 4)[0] == 1  # decode: one token per tile
+    assert plan_tiles(np.array([1, 1056]), 4)[0] == max(block_m_choices(4))  # long segments: biggest tiles
+
+
+def test_choose_splits_fills_the_gpu_only_for_long_contexts():
+    decode_8b = choose_splits(num_tiles=1, num_kv_heads=8, longest_context=8192, sm_count=132)
+    assert 1 < decode_8b <= 32 and decode_8b * 8 >= 132
+    assert choose_splits(1, 8, 100, 132) == 1  # short context
+    assert choose_splits(32, 8, 8192, 132) == 1  # the grid already fills the GPU
+    assert choose_splits(4, 8, 1024, 132) == choose_splits(4, 8, 1024, 132) <= 1024 // 128
+    assert all(1 <= choose_splits(t, 8, c, 132) <= 32 for t in (1, 2, 8) for c in (0, 1, 300, 10 ** 6))
+    assert workspace_elems(3, 4, 64, 1) == 0 and workspace_elems(3, 4, 64, 5) >= 5 * 3 * 4 * 65
+
+
+def _config(heads, kv_heads, head_dim):
+    return ModelConfig(vocab_size=128, hidden_size=heads * head_dim, intermediate_size=128, num_hidden_layers=1,
+                       num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim, rms_norm_eps=1e-5,
+                       max_position_embeddings=4096, block_size=32, mask_token_id=3, bos_token_id=1,
+                       eos_token_ids=[2])
+
+
+def test_variants_cover_every_plan_and_are_registered():
+    assert "attention" in registry.KERNEL_MODULES
+    config = _config(32, 8, 128)
+    for dtype in ("fp32", "bf16", "fp16", "fp8"):
+        found = variants(config, dtype)
+        main = [dict(v.constexprs) for v in found if v.kernel == "segment_attention"]
+        assert {(c["BLOCK_M"], c["SPLIT"]) for c in main} == {(b, s) for b in block_m_choices(4) for s in (False, True)}
+        assert not any(c["INTERPRET"] for c in main) and any(v.kernel == "segment_attention_reduce" for v in found)
+        assert all(registry.kernel_function(v.kernel) is KERNELS[v.kernel] for v in found)
+    assert dict(variants(config, "fp8")[0].signature)["q_ptr"] == "*bf16"  # fp8 engines keep bf16 activations
+
+
+# Compiling needs Triton's real compiler, which this process (under the interpreter) cannot use:
+# the check runs in a fresh interpreter without TRITON_INTERPRET.
+COMPILE_SCRIPT = """
+import sys
+from triton import compile
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from nemodiff.engine_format import ModelConfig
+from nemodiff.plugins.attention import KERNELS, variants
+
+def config(heads, kv_heads, head_dim):
+    return ModelConfig(vocab_size=128, hidden_size=heads * head_dim, intermediate_size=128, num_hidden_layers=1,
+                       num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim,
+                       rms_norm_eps=1e-5, max_position_embeddings=4096, block_size=32, mask_token_id=3,
+                       bos_token_id=1, eos_token_ids=[2])
+
+bf16, fp32 = variants(config(32, 8, 128), "bf16"), variants(config(8, 8, 64), "fp32")
+# decode with splits, the biggest prefill tiles, the reduce, and float32 (IEEE) dots
+for variant in (bf16[1], bf16[4], bf16[-1], fp32[2]):
+    jitted = KERNELS[variant.kernel]
+    constexprs = variant.constexpr_dict()
+    signature = dict(variant.signature) | {name: "constexpr" for name in constexprs}
+    aligned = {(jitted.arg_names.index(name),): [["tt.divisibility", 16]]
+               for name, kind in variant.signature if kind.startswith("*")}
+    for arch in map(int, sys.argv[1:]):
+        compiled = compile(ASTSource(jitted, signature, constexprs=constexprs, attrs=aligned),
+                           target=GPUTarget("cuda", arch, 32),
+                           options={"num_warps": variant.num_warps, "num_stages": variant.num_stages})
+        assert compiled.asm["cubin"], variant
+        print("compiled", variant.key, "for sm", arch)
+"""
+
+
+def test_variants_compile_for_hopper_and_blackwell(tmp_path):
+    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path)
+    result = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT, "90", "100"], env=env, capture_output=True,
+                            text=True)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert result.stdout.count("compiled") == 8
