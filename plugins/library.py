@@ -17,7 +17,7 @@ import torch
 
 from nemodiff.engine_format import BuildSettings
 
-from . import activation, fp8_gemm, norm, rotary
+from . import activation, attention, fp8_gemm, norm, rotary
 from .launch import InterpretLauncher, JitLauncher, Launcher
 
 log = logging.getLogger(__name__)
@@ -61,6 +61,11 @@ class KernelLibrary:
         """(q, k, v) from the fused projection output; k/v stored at write_slots >= 0 (see plugins/rotary.py)."""
         return rotary.rotary_kv_write(self.launcher, qkv, positions, write_slots, inv_freq, attention_factor, beta,
                                       original_max, k_cache, v_cache, num_heads, num_kv_heads, head_dim)
+
+    def segment_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                          v_cache: torch.Tensor, meta: attention.AttentionMeta, scale: float) -> torch.Tensor:
+        """Paged attention of a ragged batch of segments (see plugins/attention.py) -> [T, Hq, D]."""
+        return attention.segment_attention(self.launcher, q, k, v, k_cache, v_cache, meta, scale)
 
     def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
         return activation.silu_mul(self.launcher, gate_up)

@@ -176,8 +176,12 @@ class Model:
                 gate, up = gate_up.chunk(2, dim=-1)
                 act = F.silu(gate) * up
             pending = layer.down(act, kernels)
-        residual.add_(pending)
-        x = rms_norm(residual[batch.logit_rows], self.final_norm, cfg.rms_norm_eps)
+        rows = residual[batch.logit_rows]
+        rows.add_(pending[batch.logit_rows])  # the last MLP output matters only where logits are asked
+        if meta is not None:
+            x = self.kernels.rms_norm(rows, self.final_norm, cfg.rms_norm_eps)
+        else:
+            x = rms_norm(rows, self.final_norm, cfg.rms_norm_eps)
         return self.head(x).float()
 
 
