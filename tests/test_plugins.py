@@ -110,3 +110,20 @@ def test_engines_of_the_old_format_are_refused(engine_fp32):
     data = EngineConfig.load(engine_fp32).to_dict() | {"format_version": 1}
     with pytest.raises(EngineFormatError, match="version 1 is not supported.*rebuild the engine"):
         EngineConfig.from_dict(data)
+
+
+def test_kernels_call_no_other_jit_function():
+    """The interpreter launcher wraps each kernel's Python function alone: a kernel calling another
+    @triton.jit function would run on the GPU and break under the interpreter."""
+    import triton
+
+    from nemodiff.plugins import attention_kernels
+
+    kernels = {name: registry.kernel_function(name) for module in registry.KERNEL_MODULES
+               for name in registry._module(module).KERNELS}
+    assert attention_kernels.segment_attention_kernel in kernels.values()
+    for name, kernel in kernels.items():
+        fn = kernel.fn
+        called = [n for n in fn.__code__.co_names  # jit functions are KernelInterfaces, interpreted or not
+                  if isinstance(fn.__globals__.get(n), triton.runtime.jit.KernelInterface)]
+        assert not called, f"{name} calls jit functions {called}"

@@ -4,10 +4,10 @@ checkpoint ──builder──▶ engine dir ──runtime──▶ [Triton: fau
 
 `nemodiff serve` runs with PYTHONPATH pointing here; the Triton model applies PYTHONPATH and
 runs this file before it imports nemodiff (see model_repo/nemodiff/1/model.py). When
-`nemodiff.runtime.engine` is imported, `Engine.step` is wrapped:
+`nemodiff.runtime.engine` is imported, `Engine.launch` is wrapped:
 
-- a request whose prompt starts with FAIL_ONE fails alone inside the step, the way the
-  engine reports a per-request failure: `finish_reason == "error"` and `request.error`;
+- a request whose prompt starts with FAIL_ONE gets a strategy that raises once it has output:
+  the engine must end that request alone with its error while its step goes on for the others;
 - a request whose prompt starts with FAIL_LOOP makes the step itself raise (the engine loop dies).
 """
 
@@ -21,22 +21,21 @@ TARGET = "nemodiff.runtime.engine"
 
 
 def _wrap(engine_class) -> None:
-    real_step = engine_class.step
+    real_launch = engine_class.launch
 
-    def step(self):
-        prompts = [seq.request for seq in list(self.scheduler.running) + list(self.scheduler.waiting)]
-        if any(r.prompt_ids[:4] == FAIL_LOOP for r in prompts):
+    def broken_consume(decider):
+        raise RuntimeError("injected failure in this request's decoding")
+
+    def launch(self):
+        sequences = list(self.scheduler.running) + list(self.scheduler.waiting)
+        if any(seq.request.prompt_ids[:4] == FAIL_LOOP for seq in sequences):
             raise RuntimeError("injected engine failure")
-        finished = real_step(self)
-        for request in prompts:
-            if request.prompt_ids[:4] == FAIL_ONE and request.output_ids and not request.finished:
-                request.error = "injected failure in this request's decoding"
-                request._finish("error")
-                self.abort(request, "error")
-                finished.append(request)
-        return finished
+        for seq in sequences:
+            if seq.request.prompt_ids[:4] == FAIL_ONE and seq.request.output_ids:
+                seq.strategy.consume = broken_consume
+        return real_launch(self)
 
-    engine_class.step = step
+    engine_class.launch = launch
 
 
 class _Finder(importlib.abc.MetaPathFinder):
