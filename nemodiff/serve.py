@@ -7,6 +7,11 @@ finds a tritonserver (NVIDIA's container first, else the one in the nvidia-pytri
 wheel), starts it in the foreground, waits until it is ready, prints the endpoints and
 forwards SIGINT/SIGTERM to it. Exits with the server's status (0 after a clean,
 signal-triggered shutdown).
+
+Replicas are Triton model instances: `--gpus 0,1,2,3` gives one engine per GPU (with
+`--tp 2`, one per pair of GPUs: 0,1 and 2,3), `--instances N` N engines on the CPU; Triton
+spreads requests over them. A tensor-parallel instance is rank 0 of its group and starts
+the other ranks itself (see `instance_groups`).
 """
 
 from __future__ import annotations
@@ -97,6 +102,37 @@ def write_model_repository(repo: Path, values: dict[str, str]) -> Path:
     return model_dir
 
 
+def instance_groups(kind: str, tp: int, gpus: list[int] | None, instances: int) -> tuple[str, str]:
+    """The model's instance_group entries and its `tp_gpu_groups` parameter.
+
+    GPU: one instance per tensor-parallel group of `tp` consecutive GPUs of `gpus`, placed on the
+    group's first GPU (the instance starts the group's other ranks on the others). CPU: `instances`
+    instances. Returns (instance_group text, "0,1;2,3" or "").
+    """
+    if instances < 1:
+        raise ValueError("--instances must be at least 1")
+    if kind == "cpu":
+        return f"{{ count: {instances}, kind: KIND_CPU }}", ""
+    if not gpus:
+        return f"{{ count: {instances}, kind: KIND_GPU }}", ""
+    if len(set(gpus)) != len(gpus) or min(gpus) < 0:
+        raise ValueError(f"--gpus {','.join(map(str, gpus))}: give distinct GPU indices")
+    if len(gpus) % tp:
+        raise ValueError(f"--gpus names {len(gpus)} GPUs, not a multiple of --tp {tp}")
+    groups = [gpus[i: i + tp] for i in range(0, len(gpus), tp)]
+    entries = ", ".join(f"{{ count: 1, kind: KIND_GPU, gpus: [ {group[0]} ] }}" for group in groups)
+    return entries, ";".join(",".join(map(str, group)) for group in groups)
+
+
+def _parse_gpus(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        return [int(g) for g in text.split(",") if g.strip()]
+    except ValueError:
+        raise click.BadParameter("wants comma-separated GPU indices, e.g. 0,1,2,3", param_hint="--gpus") from None
+
+
 def find_tritonserver(explicit: Path | None) -> tuple[Path, Path | None, Path | None]:
     """(server binary, python backend folder or None for the container layout, libs folder or None)."""
     if explicit is not None:
@@ -169,6 +205,11 @@ def _ready(url: str) -> bool:
 @click.option("--instance-kind", type=click.Choice(["cpu", "gpu"]), default=None,
               help="Triton instance kind [default: gpu if CUDA is available, else cpu].")
 @click.option("--device", type=str, default=None, help="torch device for the engine [default: from the instance].")
+@click.option("--tp", type=int, default=None,
+              help="Tensor-parallel ranks per engine; must match nemodiff-build --tp [default: the engine's].")
+@click.option("--gpus", "gpus_text", type=str, default=None,
+              help="GPUs to use, e.g. 0,1,2,3: one engine (Triton model instance) per GPU, or per --tp GPUs.")
+@click.option("--instances", type=int, default=1, help="Engines (model instances) per GPU group, or on the CPU.")
 @click.option("--model-repo", type=click.Path(path_type=Path), default=None,
               help="Where to lay out the model repository [default: a temporary folder removed on exit].")
 @click.option("--tritonserver", "server_path", type=click.Path(path_type=Path), default=None,
@@ -177,8 +218,8 @@ def _ready(url: str) -> bool:
 @click.option("--log-verbose", type=int, default=0, help="Triton's --log-verbose level.")
 def serve(engine_dir: Path, http_port: int, grpc_port: int, metrics_port: int, host: str, default_mode: str,
           kv_cache_memory: str | None, max_batch_size: int | None, max_num_batched_tokens: int | None,
-          instance_kind: str | None, device: str | None, model_repo: Path | None, server_path: Path | None,
-          startup_timeout: float, log_verbose: int) -> None:
+          instance_kind: str | None, device: str | None, tp: int | None, gpus_text: str | None, instances: int,
+          model_repo: Path | None, server_path: Path | None, startup_timeout: float, log_verbose: int) -> None:
     """Serve an engine with Triton Inference Server (HTTP, gRPC, metrics)."""
     try:
         config = EngineConfig.load(engine_dir)
@@ -191,10 +232,22 @@ def serve(engine_dir: Path, http_port: int, grpc_port: int, metrics_port: int, h
     for name, value in (("--max-batch-size", max_batch_size), ("--max-num-batched-tokens", max_num_batched_tokens)):
         if value is not None and value < 1:
             raise click.BadParameter("must be at least 1", param_hint=name)
+    if tp is not None and tp != config.build.tp:
+        raise click.BadParameter(f"the engine was built for {config.build.tp} tensor-parallel rank(s); rebuild it "
+                                 f"with nemodiff-build --tp {tp}", param_hint="--tp")
+    gpus = _parse_gpus(gpus_text)
     if instance_kind is None:
         import torch
 
-        instance_kind = "gpu" if torch.cuda.is_available() else "cpu"
+        instance_kind = "gpu" if gpus or torch.cuda.is_available() else "cpu"
+    if gpus and instance_kind == "cpu":
+        raise click.BadParameter("--gpus needs GPU instances (drop --instance-kind cpu)", param_hint="--gpus")
+    if instance_kind == "gpu" and config.build.tp > 1 and not gpus:
+        gpus = list(range(config.build.tp))
+    try:
+        groups, tp_gpu_groups = instance_groups(instance_kind, config.build.tp, gpus, instances if not gpus else 1)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
     binary, wheel_root, libs = find_tritonserver(server_path)
 
     scratch = Path(tempfile.mkdtemp(prefix="nemodiff-serve-"))
@@ -203,7 +256,8 @@ def serve(engine_dir: Path, http_port: int, grpc_port: int, metrics_port: int, h
         write_model_repository(repo, {
             "engine_dir": str(engine_dir.resolve()), "kv_cache_memory_bytes": str(kv_bytes),
             "max_batch_size": str(max_batch_size or 0), "max_num_batched_tokens": str(max_num_batched_tokens or 0),
-            "default_mode": default_mode, "device": device or "", "instance_kind": f"KIND_{instance_kind.upper()}",
+            "default_mode": default_mode, "device": device or "", "instance_groups": groups,
+            "tp": str(config.build.tp), "tp_gpu_groups": tp_gpu_groups,
         })
         backends = prepare_backends(wheel_root, scratch / "backends") if wheel_root else CONTAINER_BACKENDS
         env = dict(os.environ)
@@ -215,8 +269,10 @@ def serve(engine_dir: Path, http_port: int, grpc_port: int, metrics_port: int, h
                    "--http-address", host, "--grpc-address", host, "--metrics-address", host,
                    "--log-verbose", str(log_verbose), "--exit-on-error", "true", "--disable-auto-complete-config",
                    "--exit-timeout-secs", "10"]
+        placement = f"GPU groups {tp_gpu_groups}" if tp_gpu_groups else f"{instances} {instance_kind} instance(s)"
         click.echo(f"nemodiff serve: engine {engine_dir} ({config.build.dtype}, max seq {config.build.max_seq_len}, "
-                   f"block {config.build.block_length}), {instance_kind} instance, tritonserver {binary}", err=True)
+                   f"block {config.build.block_length}, tp {config.build.tp}), {placement}, tritonserver {binary}",
+                   err=True)
         sys.exit(_run_server(command, env, host, http_port, grpc_port, metrics_port, startup_timeout))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

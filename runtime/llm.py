@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from nemodiff.engine_format import EngineConfig
+from nemodiff.engine_format import EngineConfig, EngineFormatError
 
 from .engine import Engine
 from .kv_cache import PagedKVCache
@@ -71,6 +71,8 @@ class LLM:
                  cuda_graphs: bool = True, tp: int | None = None, devices: list[str | torch.device] | None = None,
                  tp_step_timeout_s: float = 300.0):
         self.engine_dir = Path(engine_dir)
+        if not self.engine_dir.is_dir():
+            raise EngineFormatError(f"{engine_dir}: not a directory")
         self.config = EngineConfig.load(self.engine_dir)
         self.tp = _check_tp(self.config, tp)
         device = torch.device(device) if device is not None else default_device()

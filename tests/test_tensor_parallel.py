@@ -270,3 +270,31 @@ def test_close_stops_the_workers(engines):
     with pytest.raises(TensorParallelError, match="closed"):
         llm.generate(PROMPTS[0], SamplingParams(max_new_tokens=2))
     assert np.all([w.returncode == 0 for w in workers])
+
+
+# -- command line ------------------------------------------------------------------------------
+def test_build_and_generate_with_tp_from_the_command_line(tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    bin_dir = Path(sys.executable).parent
+    ckpt = make_checkpoint(tmp_path / "ckpt", lora_rank=4)
+    bad = subprocess.run([bin_dir / "nemodiff-build", ckpt, "-o", tmp_path / "bad", "--tp", "4"],
+                         capture_output=True, text=True)
+    assert bad.returncode != 0 and "--tp 4 must divide the model's 2 KV heads" in bad.stderr
+    outputs = {}
+    for tp in (1, 2):
+        engine = tmp_path / f"tp{tp}"
+        built = subprocess.run([bin_dir / "nemodiff-build", ckpt, "-o", engine, "--dtype", "fp32", "--tp", str(tp)],
+                               capture_output=True, text=True, check=True)
+        assert ("tensor par.  2 ranks" in built.stdout) == (tp == 2)
+        generated = subprocess.run([bin_dir / "nemodiff", "generate", engine, "--tp", str(tp), "--prompt",
+                                    "the red cat", "--mode", "linear-spec", "--block-length", "4",
+                                    "--max-new-tokens", "12", "--json"], capture_output=True, text=True, check=True)
+        outputs[tp] = json.loads(generated.stdout)["output_ids"]
+    assert outputs[2] == outputs[1] and len(outputs[1]) > 0
+    wrong = subprocess.run([bin_dir / "nemodiff", "generate", tmp_path / "tp2", "--tp", "1", "--prompt", "x"],
+                           capture_output=True, text=True)
+    assert wrong.returncode != 0 and "rebuild it with --tp 1" in wrong.stderr

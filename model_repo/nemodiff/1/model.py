@@ -39,6 +39,17 @@ GAUGE_HELP = {"kv_cache_pages_used": "KV-cache pages in use", "kv_cache_pages_to
               "requests_running": "requests scheduled in the engine", "requests_waiting": "requests queued or preempted"}
 
 
+def _tp_devices(groups: str, device_id, device: str | None) -> list[str] | None:
+    """This instance's tensor-parallel GPUs: the group of `tp_gpu_groups` ("0,1;2,3") that starts at its GPU."""
+    if not groups.strip() or device_id is None:
+        return None
+    for group in groups.split(";"):
+        ids = [int(g) for g in group.split(",")]
+        if ids[0] == int(device_id):
+            return [f"cuda:{g}" for g in ids]
+    raise ValueError(f"no tensor-parallel GPU group of {groups!r} starts at this instance's GPU {device_id}")
+
+
 class BadRequest(ValueError):
     """The request cannot run as given; answered with INVALID_ARG."""
 
@@ -128,10 +139,12 @@ class TritonPythonModel:
         device = params.get("device", "").strip() or None
         if device is None and args.get("model_instance_kind") == "GPU":
             device = f"cuda:{args.get('model_instance_device_id', 0)}"
+        devices = _tp_devices(params.get("tp_gpu_groups", ""), args.get("model_instance_device_id"), device)
+        self.instance = args.get("model_instance_name", "")
         self.default_mode = normalize_mode(params.get("default_mode", "").strip() or "ar")
         self.llm = LLM(params["engine_dir"], device=device, kv_cache_memory_bytes=number("kv_cache_memory_bytes"),
                        max_batch_size=number("max_batch_size"),
-                       max_num_batched_tokens=number("max_num_batched_tokens"))
+                       max_num_batched_tokens=number("max_num_batched_tokens"), tp=number("tp"), devices=devices)
         self.max_seq_len = self.llm.config.build.max_seq_len
         self.vocab_size = self.llm.config.model.vocab_size
         self._live: dict[int, _RequestState] = {}
@@ -143,11 +156,16 @@ class TritonPythonModel:
         self._metrics_thread = threading.Thread(target=self._metrics_loop, name="nemodiff-metrics", daemon=True)
         self._metrics_thread.start()
         pb_utils.Logger.log_info(
-            f"nemodiff: engine {params['engine_dir']} on {self.llm.model.device}, "
+            f"nemodiff: instance {self.instance}: engine {params['engine_dir']} on "
+            f"{', '.join(map(str, devices)) if devices else self.llm.model.device} (tp {self.llm.tp}), "
             f"{self.llm.cache.num_pages} KV pages of {self.llm.cache.page_size} tokens, "
             f"max batch {self.llm.max_batch_size}, default mode {self.default_mode}")
 
     # -- metrics -----------------------------------------------------------------------------
+    def _labels(self, **labels: str) -> dict[str, str]:
+        """Every series names its model instance: replicas (instance groups) report side by side."""
+        return {"instance": self.instance, **labels}
+
     def _init_metrics(self) -> None:
         gauge, counter, histogram = (pb_utils.MetricFamily.GAUGE, pb_utils.MetricFamily.COUNTER,
                                      pb_utils.MetricFamily.HISTOGRAM)
@@ -156,24 +174,25 @@ class TritonPythonModel:
         for key in GAUGES:
             family = pb_utils.MetricFamily(name=f"nemodiff_{key}", description=GAUGE_HELP[key], kind=gauge)
             self._families[key] = family
-            self._gauges[key] = family.Metric(labels={})
+            self._gauges[key] = family.Metric(labels=self._labels())
         self._counters = {}
         for key, text in (("output_tokens", "generated tokens"), ("forward_passes", "request-forwards")):
             family = pb_utils.MetricFamily(name=f"nemodiff_{key}_total", description=f"{text}, by mode", kind=counter)
             self._families[key] = family
-            self._counters[key] = {mode: family.Metric(labels={"mode": mode}) for mode in MODES}
+            self._counters[key] = {mode: family.Metric(labels=self._labels(mode=mode)) for mode in MODES}
         family = pb_utils.MetricFamily(name="nemodiff_preemptions_total", kind=counter,
                                        description="preemptions (the KV pool ran dry), counted when the request finishes")
         self._families["preemptions"] = family
-        self._preemptions = family.Metric(labels={})
+        self._preemptions = family.Metric(labels=self._labels())
         family = pb_utils.MetricFamily(name="nemodiff_time_to_first_token_seconds", kind=histogram,
                                        description="from request arrival to its first generated token, by mode")
         self._families["ttft"] = family
-        self._ttft = {mode: family.Metric(labels={"mode": mode}, buckets=TTFT_BUCKETS) for mode in MODES}
+        self._ttft = {mode: family.Metric(labels=self._labels(mode=mode), buckets=TTFT_BUCKETS) for mode in MODES}
         family = pb_utils.MetricFamily(name="nemodiff_accepted_length", kind=histogram,
                                        description="tokens accepted per speculation cycle, by mode")
         self._families["accepted"] = family
-        self._accepted = {mode: family.Metric(labels={"mode": mode}, buckets=ACCEPTED_BUCKETS) for mode in SPEC_MODES}
+        self._accepted = {mode: family.Metric(labels=self._labels(mode=mode), buckets=ACCEPTED_BUCKETS)
+                          for mode in SPEC_MODES}
         self._last_gauges: dict[str, int] = {}
         self._last_counts: dict[tuple[str, str], int] = {}
         self._metrics_lock = threading.Lock()
@@ -333,6 +352,7 @@ class TritonPythonModel:
     def finalize(self):
         self._stop.set()
         self.engine.shutdown()
+        self.llm.close()
         self._metrics_thread.join(timeout=2.0)
         with self._live_lock:
             left, self._live = list(self._live.values()), {}
