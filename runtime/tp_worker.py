@@ -35,8 +35,13 @@ def _load_model(spec: WorkerSpec, device: torch.device):
     from .bench_shapes import random_model, shape_config
 
     shape = spec.shape
-    return random_model(shape_config(shape["name"]), shape["dtype"], device, seed=shape.get("seed", 0),
-                        tp_rank=spec.rank, tp_size=spec.size)[0]
+    model = random_model(shape_config(shape["name"]), shape["dtype"], device, seed=shape.get("seed", 0),
+                         tp_rank=spec.rank, tp_size=spec.size)[0]
+    if shape.get("kernels"):
+        from nemodiff.bench_cli import kernels_for_device
+
+        model.kernels = kernels_for_device(device)
+    return model
 
 
 def _exit_when_orphaned(parent: int) -> None:

@@ -298,3 +298,21 @@ def test_build_and_generate_with_tp_from_the_command_line(tmp_path):
     wrong = subprocess.run([bin_dir / "nemodiff", "generate", tmp_path / "tp2", "--tp", "1", "--prompt", "x"],
                            capture_output=True, text=True)
     assert wrong.returncode != 0 and "rebuild it with --tp 1" in wrong.stderr
+
+
+def test_bench_reports_the_tensor_parallel_ratio(tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    report_path = tmp_path / "bench.json"
+    proc = subprocess.run([Path(sys.executable).parent / "nemodiff", "bench", "--shape", "tiny", "--device", "cpu",
+                           "--tp", "2", "--batch-sizes", "1", "--context", "32", "--iters", "1", "--no-hf",
+                           "--json", report_path, "--plot", tmp_path / "bench.png"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    tp = json.loads(report_path.read_text())["tp"]
+    assert tp["size"] == 2 and {r["kind"] for r in tp["steps"]} == {"ar", "verify-32", "draft-32"}
+    assert tp["ratio_to_tp1"] == pytest.approx(tp["ar_batch1_ms"] / tp["ar_batch1_ms_one_rank"])
+    assert "tensor parallel x2" in proc.stdout
