@@ -72,7 +72,7 @@ class _Graph:
                 if shape.mask is not None else zeros(1, torch.uint8))
         longest = max_pages * cache.page_size
         splits = 1 if longest <= 1024 else min(32, -(-longest // 1024))
-        heads = model.config.num_attention_heads
+        heads = model.num_heads  # this rank's query heads under tensor parallelism
         self.meta = AttentionMeta(
             token_seg=torch.arange(bucket, device=dev, dtype=torch.int32).repeat_interleave(n),
             seg_start=torch.arange(0, tokens + 1, n, device=dev, dtype=torch.int32),

@@ -262,6 +262,20 @@ def test_worker_killed_mid_generation_ends_streams_with_errors(engines):
         llm.close()
 
 
+def test_hung_worker_times_out_into_errors(engines):
+    llm = LLM(engines["random", 2], device="cpu", tp_step_timeout_s=3.0)
+    worker = llm._driver.workers[0]
+    try:
+        worker.send_signal(signal.SIGSTOP)
+        start = time.monotonic()
+        with pytest.raises(TensorParallelError, match="tensor-parallel step failed"):
+            llm.generate(PROMPTS[0], SamplingParams(max_new_tokens=4))
+        assert time.monotonic() - start < 30
+        assert worker.wait(timeout=10) is not None  # the stuck worker was stopped, not left behind
+    finally:
+        llm.close()
+
+
 def test_close_stops_the_workers(engines):
     llm = LLM(engines["random", 2], device="cpu")
     workers = list(llm._driver.workers)
