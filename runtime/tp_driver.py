@@ -68,16 +68,15 @@ def default_devices(device: torch.device, size: int) -> list[torch.device]:
 
 class TensorParallelDriver:
     def __init__(self, store, workers: list[subprocess.Popen], devices: list[torch.device],
-                 step_timeout_s: float):
+                 step_timeout_s: float, startup_timeout_s: float):
         self.store, self.workers, self.devices = store, workers, devices
-        self.step_timeout_s = step_timeout_s
+        self.step_timeout_s, self.startup_timeout_s = step_timeout_s, startup_timeout_s
         self.size = len(devices)
         self.tp: TensorParallel | None = None
         self.broken: str | None = None
         self._cache: PagedKVCache | None = None
         self._closed = False
-        self._startup_timeout_s = 600.0
-        self.builder = self.dtype = None
+        self.builder = self.dtype = None  # rank 0's batch builder and model dtype, once connected
 
     # -- start -------------------------------------------------------------------------------
     @classmethod
@@ -99,29 +98,30 @@ class TensorParallelDriver:
             for worker in workers:
                 worker.kill()
             raise
-        driver = cls(store, workers, devices, step_timeout_s)
-        driver._startup_timeout_s = startup_timeout_s
-        return driver
+        return cls(store, workers, devices, step_timeout_s, startup_timeout_s)
 
     def connect(self, model) -> None:
         """Wait until every worker has loaded its shard, then join the group; `model` is rank 0's."""
-        deadline = time.monotonic() + self._startup_timeout_s
+        deadline = time.monotonic() + self.startup_timeout_s
         waiting = set(range(1, self.size))
         while waiting:
             for rank in sorted(waiting):
+                exited = self.workers[rank - 1].poll() is not None  # before the check: its reason is stored first
                 if self.store.check([f"failed/{rank}"]):
                     reason = self.store.get(f"failed/{rank}").decode(errors="replace")
                     self.close()
                     raise TensorParallelError(f"tensor-parallel rank {rank} failed to start: {reason}")
                 if self.store.check([f"ready/{rank}"]):
                     waiting.discard(rank)
-            self._check_workers(starting=True)
+                elif exited:
+                    self._check_workers(starting=True)
             if waiting and time.monotonic() > deadline:
                 self.close()
                 raise TensorParallelError(f"tensor-parallel ranks {sorted(waiting)} not ready after "
-                                          f"{self._startup_timeout_s:.0f} s")
+                                          f"{self.startup_timeout_s:.0f} s")
             if waiting:
                 time.sleep(0.05)
+        self._check_workers(starting=True)
         self.tp = TensorParallel.connect(self.store, 0, self.size, self.devices[0], model.config.vocab_size,
                                          self.step_timeout_s)
         self.builder, self.dtype = model.builder, model.dtype
