@@ -34,7 +34,7 @@ fi
 echo
 echo "=== summary ==="
 grep -hE "^\[(PASS|FAIL)\]|passed, .* failed" "$OUT/device_checks.log" "$OUT"/tp_checks.log 2>/dev/null | tail -40 || true
-[ -f "$OUT/bench_tp2.log" ] && grep -E "tensor parallel" "$OUT/bench_tp2.log"
+[ -f "$OUT/bench_tp2.log" ] && grep -E "tensor parallel" "$OUT/bench_tp2.log" || true
 for f in "$OUT"/bench_bf16.log "$OUT"/bench_fp8.log; do
   [ -f "$f" ] && grep -E "^(ar|verify|draft|quad)|roofline|transformers|projected" "$f"
 done
