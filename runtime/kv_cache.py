@@ -185,11 +185,12 @@ class PagedKVCache:
         self._dirty.update(range(self.tables_host.shape[0]))
 
     def mirror_rows(self, num_rows: int, rows: np.ndarray, values: np.ndarray) -> None:
-        """Take page-table rows from another cache (a tensor-parallel worker follows rank 0's tables)."""
+        """Take page-table rows from another cache (a tensor-parallel worker follows rank 0's tables);
+        `values` may cover only the first pages of each row."""
         while self.tables_host.shape[0] < num_rows:
             self._grow_rows()
         if len(rows):
-            self.tables_host[rows] = values
+            self.tables_host[rows, : values.shape[1]] = values
             self._dirty.update(rows.tolist())
 
     def _grow_rows(self) -> None:

@@ -149,11 +149,15 @@ def control_message(op: int, *values: int) -> np.ndarray:
 
 
 def step_message(sizes: PackedSizes, flat64: np.ndarray, flat32: np.ndarray, image_rows: np.ndarray | None,
-                 table_rows: list[int], tables: np.ndarray | None, has_cache: bool,
-                 shape_key: tuple | None) -> np.ndarray:
-    """One step: the packed batch, the page-table rows changed since the last step, image rows."""
+                 table_rows: list[int], cache, shape_key: tuple | None) -> np.ndarray:
+    """One step: the packed batch, the page-table rows changed since the last step, image rows.
+
+    A changed row is sent up to the longest reserved length among them: entries past a row's
+    reserved pages are never read."""
     rows = np.asarray(table_rows, dtype=np.int64)
-    values = tables[rows] if len(rows) else np.zeros(0, np.int32)
+    tables = cache.tables_host if cache is not None else None
+    width = int(cache.pages_per_row[rows].max()) if len(rows) else 0
+    values = tables[rows, :width] if len(rows) else np.zeros(0, np.int32)
     extra = np.frombuffer(pickle.dumps(shape_key), dtype=np.uint8) if shape_key is not None else np.zeros(0, np.uint8)
     parts = [flat64, _words(flat32), rows, _words(values),
              image_rows if image_rows is not None else np.zeros(0, np.int64), _words(extra)]
@@ -162,10 +166,10 @@ def step_message(sizes: PackedSizes, flat64: np.ndarray, flat32: np.ndarray, ima
     header[1] = sum(len(p) for p in parts)
     header[2:8] = (sizes.tokens, sizes.writes, sizes.logits, sizes.lora, sizes.segments, sizes.mask_words)
     header[8] = len(rows)
-    header[9:11] = tables.shape if tables is not None else (0, 0)
+    header[9:11] = (tables.shape[0], width) if tables is not None else (0, 0)
     header[11] = -1 if image_rows is None else len(image_rows)
     header[12] = len(extra)
-    header[13] = int(has_cache)
+    header[13] = int(cache is not None)
     return np.concatenate([header] + parts)
 
 
@@ -176,7 +180,7 @@ class StepPlan:
     flat32: np.ndarray
     table_rows: np.ndarray
     table_values: np.ndarray
-    table_shape: tuple[int, int]
+    table_shape: tuple[int, int]  # rank 0's rows, and the width of the rows sent
     image_rows: np.ndarray | None
     has_cache: bool
     shape_key: tuple | None

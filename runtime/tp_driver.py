@@ -138,9 +138,7 @@ class TensorParallelDriver:
                 self._send_cache(cache)
             rows = cache.sync_tables() if cache is not None else []
             sizes, flat64, flat32, image_rows = self.builder.packed()
-            self.tp.send(step_message(sizes, flat64, flat32, image_rows, rows,
-                                      cache.tables_host if cache is not None else None, cache is not None,
-                                      batch.shape_key))
+            self.tp.send(step_message(sizes, flat64, flat32, image_rows, rows, cache, batch.shape_key))
             if batch.image_embeds is not None:
                 self.tp.broadcast_tensor(batch.image_embeds.to(self.dtype).contiguous())
             return run_local(batch, cache)
