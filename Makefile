@@ -1,6 +1,8 @@
 PYTHON ?= python3
 # The CPU build of torch; GPU images keep their own torch and skip this pin.
 TORCH_SPEC ?= torch==2.13.0
+# The Kubernetes API the deploy/ manifests are checked against (schemas ship with kubernetes-validate).
+KUBERNETES_VERSION ?= 1.30.0
 
 .PHONY: install test lint demo clean
 
@@ -17,6 +19,7 @@ demo: install
 lint:
 	$(PYTHON) -m ruff check .
 	hadolint docker/Dockerfile
+	kubernetes-validate --kubernetes-version $(KUBERNETES_VERSION) --strict --quiet deploy/*.yaml
 	bash -n docker/entrypoint.sh tests/gpu/run_device_checks.sh .ci/run
 
 clean:

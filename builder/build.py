@@ -3,11 +3,13 @@
 checkpoint ──[builder: build]──▶ engine dir ──runtime──▶ Triton
 
 The engine is assembled in a temporary sibling directory and renamed into place only
-when complete, so a failed build leaves nothing at the output path.
+when complete, so a failed build leaves nothing at the output path. With `tp` > 1 the
+weights and the draft adapter are written as one shard per tensor-parallel rank.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import tempfile
@@ -20,13 +22,13 @@ from nemodiff import __version__
 from nemodiff.engine_format import (
     ARCH_TO_SM,
     CONFIG_FILE,
-    DRAFT_LORA_FILE,
     DTYPES,
     FP8_ARCHES,
     VISION_WEIGHTS_FILE,
-    WEIGHTS_FILE,
     BuildSettings,
     EngineConfig,
+    draft_lora_file,
+    weights_file,
     write_manifest,
 )
 from nemodiff.plugins.aot import compile_variants
@@ -34,6 +36,7 @@ from nemodiff.plugins.registry import engine_variants
 
 from .checkpoint import CheckpointError, num_parameters, open_checkpoint, read_lora
 from .convert import convert_lora, convert_vision_weights, convert_weights
+from .shard import Sharder, ShardError
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "generation_config.json", "chat_template.jinja")
@@ -53,6 +56,7 @@ class BuildOptions:
     kv_page_size: int = 16
     kernels: bool = True  # compile the Triton kernels ahead of time for GPU archs
     overwrite: bool = False
+    tp: int = 1  # tensor-parallel ranks: one weight shard each
 
 
 @dataclass
@@ -72,9 +76,25 @@ def _validate(options: BuildOptions) -> None:
             f"--dtype fp8 is not supported on --arch {options.arch} ({ARCH_TO_SM[options.arch]} has no fp8 "
             "tensor cores); use --dtype bf16, or an fp8 arch: " + ", ".join(a for a in FP8_ARCHES if a != "cpu")
         )
-    for name in ("max_batch_size", "kv_page_size"):
+    for name in ("max_batch_size", "kv_page_size", "tp"):
         if getattr(options, name) < 1:
             raise BuildError(f"--{name.replace('_', '-')} must be at least 1")
+
+
+def rank_config(config, tp: int):
+    """The geometry one tensor-parallel rank runs (its heads and MLP slice): what its kernels are built for."""
+    if tp == 1:
+        return config
+    return dataclasses.replace(config, num_attention_heads=config.num_attention_heads // tp,
+                               num_key_value_heads=config.num_key_value_heads // tp,
+                               intermediate_size=config.intermediate_size // tp)
+
+
+def _save_shards(sharder: Sharder, tensors: dict, staging: Path, file_name) -> None:
+    """One file per tensor-parallel rank (the tensors as they are when tp is 1)."""
+    shards = [tensors] if sharder.tp == 1 else sharder.split_all(tensors)
+    for rank, shard in enumerate(shards):
+        save_file(shard, str(staging / file_name(rank, sharder.tp)), metadata={"format": "nemodiff"})
 
 
 def build_engine(hf_dir: Path, out_dir: Path, options: BuildOptions, progress=None,
@@ -90,6 +110,10 @@ def build_engine(hf_dir: Path, out_dir: Path, options: BuildOptions, progress=No
     max_seq_len = options.max_seq_len or min(config.max_position_embeddings, 8192)
     if not 1 <= max_seq_len <= config.max_position_embeddings:
         raise BuildError(f"--max-seq-len {max_seq_len} must be in [1, {config.max_position_embeddings}]")
+    try:
+        sharder = Sharder(config, options.tp)
+    except ShardError as exc:
+        raise BuildError(str(exc)) from None
     block_length = options.block_length or config.block_size
     if block_length < 1:
         raise BuildError("--block-length must be at least 1")
@@ -101,7 +125,7 @@ def build_engine(hf_dir: Path, out_dir: Path, options: BuildOptions, progress=No
         dtype=options.dtype, arch=options.arch, sm=ARCH_TO_SM[options.arch], block_length=block_length,
         max_seq_len=max_seq_len, max_batch_size=options.max_batch_size, kv_page_size=options.kv_page_size,
         num_parameters=num_parameters(config, checkpoint.vision), lora=lora[0] if lora else None,
-        source=str(hf_dir.resolve()), nemodiff_version=__version__,
+        source=str(hf_dir.resolve()), nemodiff_version=__version__, tp=options.tp,
     )
     engine_config = EngineConfig(model=config, build=settings, vision=checkpoint.vision)
 
@@ -112,15 +136,16 @@ def build_engine(hf_dir: Path, out_dir: Path, options: BuildOptions, progress=No
         tensors = {}
         for group in convert_weights(checkpoint, options.dtype, on_layer=lambda _: bar and bar.update(1)):
             tensors |= group
-        save_file(tensors, str(staging / WEIGHTS_FILE), metadata={"format": "nemodiff"})
+        _save_shards(sharder, tensors, staging, weights_file)
         del tensors
         if lora:
-            save_file(convert_lora(lora[1], options.dtype), str(staging / DRAFT_LORA_FILE))
+            _save_shards(sharder, convert_lora(lora[1], options.dtype), staging, draft_lora_file)
         if checkpoint.vision:
             save_file(convert_vision_weights(checkpoint, options.dtype), str(staging / VISION_WEIGHTS_FILE))
         if settings.sm and options.kernels:
             kernel_dir = staging / "kernels" / settings.sm
-            entries = compile_variants(engine_variants(config, options.dtype), settings.sm, kernel_dir,
+            entries = compile_variants(engine_variants(rank_config(config, options.tp), options.dtype), settings.sm,
+                                       kernel_dir,
                                        progress=kernel_progress)
             settings.kernels = [{"kernel": e["kernel"], "key": e["key"],
                                  "file": (kernel_dir / e["file"]).relative_to(staging).as_posix()} for e in entries]

@@ -39,13 +39,15 @@ def _human_bytes(n: float) -> str:
 @click.option("--kv-page-size", type=int, default=16, help="Tokens per KV-cache page.")
 @click.option("--kernels/--no-kernels", default=True,
               help="Compile the Triton kernels for the GPU arch (no GPU needed).")
+@click.option("--tp", type=int, default=1,
+              help="Tensor-parallel ranks (GPUs per engine): one weight shard each; must divide the KV heads.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing engine directory.")
 def main(hf_dir: Path, output: Path, dtype: str, arch: str, block_length: int | None, max_seq_len: int | None,
-         max_batch_size: int, kv_page_size: int, kernels: bool, overwrite: bool) -> None:
+         max_batch_size: int, kv_page_size: int, kernels: bool, tp: int, overwrite: bool) -> None:
     """Build a nemodiff engine from a Hugging Face Nemotron-Labs-Diffusion checkpoint in HF_DIR."""
     options = BuildOptions(dtype=dtype, arch=arch, block_length=block_length, max_seq_len=max_seq_len,
                            max_batch_size=max_batch_size, kv_page_size=kv_page_size, kernels=kernels,
-                           overwrite=overwrite)
+                           overwrite=overwrite, tp=tp)
 
     def progress(total: int):
         return tqdm(total=total, desc="converting layers", unit="layer", disable=None)
@@ -66,6 +68,8 @@ def main(hf_dir: Path, output: Path, dtype: str, arch: str, block_length: int | 
     click.echo(f"  block length {cfg.build.block_length}, max seq len {cfg.build.max_seq_len}, "
                f"max batch {cfg.build.max_batch_size}, KV page {cfg.build.kv_page_size}")
     click.echo(f"  draft LoRA   {'yes (r=%d)' % cfg.build.lora.rank if cfg.build.lora else 'none'}")
+    if cfg.build.tp > 1:
+        click.echo(f"  tensor par.  {cfg.build.tp} ranks (weights.rank*.safetensors)")
     if cfg.vision:
         v = cfg.vision
         click.echo(f"  vision       Pixtral {v.num_hidden_layers} layers, hidden {v.hidden_size}, patch {v.patch_size}, "

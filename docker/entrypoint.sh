@@ -5,6 +5,8 @@
 #   NEMODIFF_ENGINE      engine directory (a volume, so the build happens once)
 #   NEMODIFF_DTYPE       bf16 | fp8 | fp16
 #   NEMODIFF_DEFAULT_MODE  ar | diffusion | linear-spec | quadratic-spec
+#   NEMODIFF_TP          GPUs per engine (tensor parallelism; default 1)
+#   NEMODIFF_GPUS        GPUs to serve on, e.g. 0,1,2,3: one engine per NEMODIFF_TP of them
 # Extra arguments are passed to `nemodiff serve`.
 set -euo pipefail
 checkpoint=${NEMODIFF_CHECKPOINT:-/models/checkpoint}
@@ -27,8 +29,10 @@ if [ ! -f "$engine/manifest.json" ]; then
   echo "nemodiff: building $engine from $checkpoint (dtype ${NEMODIFF_DTYPE:-bf16}, arch $arch)"
   dtype=${NEMODIFF_DTYPE:-bf16}
   if [ "$arch" = "a100" ] && [ "$dtype" = "fp8" ]; then dtype=bf16; fi
-  nemodiff-build "$checkpoint" -o "$engine" --dtype "$dtype" --arch "$arch" --overwrite
+  nemodiff-build "$checkpoint" -o "$engine" --dtype "$dtype" --arch "$arch" --tp "${NEMODIFF_TP:-1}" --overwrite
 fi
 
+placement=()
+if [ -n "${NEMODIFF_GPUS:-}" ]; then placement=(--gpus "$NEMODIFF_GPUS"); fi
 exec nemodiff serve "$engine" --http-port 8000 --grpc-port 8001 --metrics-port 8002 \
-  --default-mode "${NEMODIFF_DEFAULT_MODE:-linear-spec}" "$@"
+  --default-mode "${NEMODIFF_DEFAULT_MODE:-linear-spec}" "${placement[@]}" "$@"

@@ -55,7 +55,7 @@ def _plot(report: dict, path: Path) -> bool:
     return True
 
 
-def _compile_for(device: torch.device):
+def kernels_for_device(device: torch.device):
     """The Triton kernels for this GPU (Triton's JIT compiles them on first use), or None on CPU."""
     if device.type != "cuda":
         return None
@@ -77,6 +77,8 @@ def _compile_for(device: torch.device):
 @click.option("--iters", type=int, default=10, help="Timed repetitions per step shape (median reported).")
 @click.option("--max-new-tokens", type=int, default=64, help="Tokens per end-to-end request.")
 @click.option("--hf/--no-hf", "with_hf", default=True, help="Also time transformers' AR decoding (--shape).")
+@click.option("--tp", type=int, default=1, help="With --shape: also time the model split over this many "
+              "tensor-parallel ranks (GPUs) and report the ratio to one rank.")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=Path("bench.json"), help="JSON output.")
 @click.option("--plot", "plot_path", type=click.Path(path_type=Path), default=Path("bench.png"), help="PNG output.")
 @click.option("--serve", "serve_url", type=str, default=None,
@@ -87,7 +89,7 @@ def _compile_for(device: torch.device):
               help="Measure the host work per engine step of ENGINE_DIR (wall time minus the model forward) per "
                    "mode at 1, 8 and 32 running requests; use a tiny checkpoint to see the host alone.")
 def bench(engine_dir: Path | None, shape: str | None, dtype: str, device: str | None, modes: str, batch_sizes: str,
-          concurrency: str, context: int, iters: int, max_new_tokens: int, with_hf: bool, json_path: Path,
+          concurrency: str, context: int, iters: int, max_new_tokens: int, with_hf: bool, tp: int, json_path: Path,
           plot_path: Path, serve_url: str | None, duration: float, host_overhead: bool) -> None:
     """Benchmark an engine (end to end per mode + step latencies), a random model at --shape, or a server."""
     from nemodiff.runtime import bench as b
@@ -103,6 +105,9 @@ def bench(engine_dir: Path | None, shape: str | None, dtype: str, device: str | 
         return
     if (engine_dir is None) == (shape is None):
         raise click.UsageError("give an ENGINE_DIR or --shape, not both")
+    if tp > 1 and not shape:
+        raise click.UsageError("--tp needs --shape (an engine runs with the --tp it was built for: time it with "
+                               "`nemodiff bench ENGINE_DIR`)")
     dev = torch.device(device) if device else default_device()
     report = {"date": time.strftime("%Y-%m-%d"), "device": torch.cuda.get_device_name(dev) if dev.type == "cuda"
               else platform.processor() or "cpu", "torch": torch.__version__, "context": context}
@@ -117,7 +122,7 @@ def bench(engine_dir: Path | None, shape: str | None, dtype: str, device: str | 
 
         config = shape_config(shape)
         model, weights = random_model(config, dtype, dev)
-        model.kernels = _compile_for(dev)
+        model.kernels = kernels_for_device(dev)
         page_size, title = 16, f"{shape} ({dtype}, random weights) on {report['device']}"
     else:
         from nemodiff import LLM
@@ -144,6 +149,12 @@ def bench(engine_dir: Path | None, shape: str | None, dtype: str, device: str | 
             report["speedup_vs_transformers"] = report["ar_batch1"]["tokens_per_s"] / \
                 report["transformers_ar_tokens_per_s"]
             del hf
+    if tp > 1:
+        del model, weights  # room for the shards
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+        report["tp"] = b.tensor_parallel_steps(shape, dtype, dev, tp, kernels_for_device, _ints(batch_sizes),
+                                               context, page_size, iters, report["steps"])
     if server is not None:
         prompts = [[1] + llm.tokenizer.encode(text, add_special_tokens=False) for text in
                    ("The cat sat on the", "Once upon a time", "1, 2, 3, 4,", "The weather today is")]
@@ -176,6 +187,10 @@ def _print_table(report: dict) -> None:
     for r in report.get("end_to_end", []):
         click.echo(f"{r['mode']:15s} x{r['concurrency']:<3d} {r['tokens_per_forward']:5.2f} tok/fwd "
                    f"{r['tokens_per_s']:8.1f} tok/s  TTFT {r['ttft_ms'] or 0:7.1f} ms  ITL {r['itl_ms'] or 0:6.2f} ms")
+    if "tp" in report:
+        tp = report["tp"]
+        click.echo(f"tensor parallel x{tp['size']}: AR batch 1 {tp['ar_batch1_ms']:.3f} ms per token, "
+                   f"{tp['ratio_to_tp1']:.3f} of one rank's (ideal {1 / tp['size']:.3f})")
     for mode, value in report.get("projected_tokens_per_s_at_published_tpf", {}).items():
         click.echo(f"projected {mode}: {value:.1f} tokens/s at the published tokens/forward")
 

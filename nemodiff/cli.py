@@ -61,12 +61,14 @@ def _parse_threshold(value: str) -> float | None:
               help="auto: the engine's compiled kernels on a matching GPU, else the PyTorch reference path; "
                    "interpret: the kernels' real code under Triton's interpreter on the CPU (slow; for verification); "
                    "jit: Triton's compiler on a GPU; aot: the compiled kernels or an error; off: reference path.")
+@click.option("--tp", type=int, default=None,
+              help="Tensor-parallel ranks; must match the engine's nemodiff-build --tp [default: the engine's].")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def generate(engine_dir: Path, prompt: str | None, prompt_ids: str | None, mode: str, max_new_tokens: int,
              temperature: float, top_p: float, top_k: int, seed: int | None, stop: tuple[str, ...], chat: bool,
              block_length: int | None, threshold: str, draft_lora: bool, draft_threshold: float | None,
              max_thinking_tokens: int | None,
-             device: str | None, kernels: str, as_json: bool) -> None:
+             device: str | None, kernels: str, tp: int | None, as_json: bool) -> None:
     """Generate a completion for one prompt."""
     from nemodiff import LLM, SamplingParams
 
@@ -77,12 +79,14 @@ def generate(engine_dir: Path, prompt: str | None, prompt_ids: str | None, mode:
         stop=list(stop), mode=mode, block_length=block_length, threshold=_parse_threshold(threshold),
         draft_lora=draft_lora, draft_threshold=draft_threshold, max_thinking_tokens=max_thinking_tokens,
     )
+    from nemodiff.runtime.tp_comm import TensorParallelError
+
     try:
         params.validate()
-        llm = LLM(engine_dir, device=device, kernels=kernels)
-        source = prompt if prompt is not None else _parse_ids(prompt_ids)
-        output = llm.generate(source, params, chat=chat)[0]
-    except (EngineFormatError, ValueError) as exc:
+        with LLM(engine_dir, device=device, kernels=kernels, tp=tp) as llm:
+            source = prompt if prompt is not None else _parse_ids(prompt_ids)
+            output = llm.generate(source, params, chat=chat)[0]
+    except (EngineFormatError, ValueError, TensorParallelError) as exc:
         raise click.ClickException(str(exc)) from None
     if as_json:
         click.echo(json.dumps(output.to_dict()))
@@ -122,7 +126,8 @@ def inspect(engine_dir: Path, as_json: bool, verify: bool) -> None:
                f"{model.num_attention_heads}/{model.num_key_value_heads} x {model.head_dim}, vocab {model.vocab_size}")
     click.echo(f"  build   dtype {build.dtype}, arch {build.arch} ({build.sm or 'reference path'}), block "
                f"{build.block_length}, max seq {build.max_seq_len}, max batch {build.max_batch_size}, "
-               f"KV page {build.kv_page_size}, draft LoRA {'r=%d' % build.lora.rank if build.lora else 'none'}")
+               f"KV page {build.kv_page_size}, draft LoRA {'r=%d' % build.lora.rank if build.lora else 'none'}"
+               + (f", tensor parallel {build.tp} ranks" if build.tp > 1 else ""))
     if config.vision:
         click.echo(f"  vision  {describe_vision(config.vision)}")
     if build.kernels:

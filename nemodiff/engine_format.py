@@ -13,6 +13,14 @@ An engine directory holds:
                          one cubin per kernel variant and the index the launcher reads
   manifest.json          {"files": {relative path: {"sha256", "bytes"}}}, checked at load
 
+A tensor-parallel engine (`build.tp` = N > 1) holds one weight file per rank instead of
+weights.safetensors / draft_lora.safetensors: weights.rank{r}.safetensors and
+draft_lora.rank{r}.safetensors (see `weights_file`, `draft_lora_file`). In rank r's file,
+qkv holds its query heads and KV heads ([q_r; k_r; v_r]), gate_up its slice of the
+intermediate size ([gate_r; up_r]), o and down the matching input columns, head its slice
+of the vocabulary (rows), lora_a the columns of its query heads; embed, norms and lora_b are
+whole. fp8 scales follow their rows (o and down keep every row, so they keep every scale).
+
 Runtime weight names: embed, final_norm, head, and per layer i
   layers.{i}.attn_norm, layers.{i}.qkv (fused [q; k; v]), layers.{i}.o,
   layers.{i}.mlp_norm, layers.{i}.gate_up (fused [gate; up]), layers.{i}.down.
@@ -53,6 +61,19 @@ ARCH_TO_SM = {
     "gb200": "sm_100a",
 }
 FP8_ARCHES = ("cpu", "l40s", "h100", "h200", "b200", "gb200")
+
+
+def weights_file(rank: int, tp: int) -> str:
+    """The weight file of one tensor-parallel rank."""
+    return WEIGHTS_FILE if tp == 1 else f"weights.rank{rank}.safetensors"
+
+
+def draft_lora_file(rank: int, tp: int) -> str:
+    return DRAFT_LORA_FILE if tp == 1 else f"draft_lora.rank{rank}.safetensors"
+
+
+def rank_files(rank: int, tp: int) -> set[str]:
+    return {weights_file(rank, tp), draft_lora_file(rank, tp)}
 
 
 class EngineFormatError(Exception):
@@ -166,6 +187,7 @@ class BuildSettings:
     kernels: list[dict] = field(default_factory=list)
     source: str = ""
     nemodiff_version: str = ""
+    tp: int = 1  # tensor-parallel ranks the weights are sharded for
 
 
 @dataclass
@@ -220,14 +242,20 @@ def write_manifest(engine_dir: Path) -> dict:
     return manifest
 
 
-def verify_manifest(engine_dir: Path) -> dict:
-    """Check every file listed in the manifest exists with its recorded hash."""
+def verify_manifest(engine_dir: Path, skip: set[str] | frozenset[str] = frozenset(),
+                    only: set[str] | None = None) -> dict:
+    """Check every file listed in the manifest exists with its recorded hash.
+
+    `skip` / `only` narrow the check to some files (each tensor-parallel rank hashes its own shards).
+    """
     engine_dir = Path(engine_dir)
     path = engine_dir / MANIFEST_FILE
     if not path.is_file():
         raise EngineFormatError(f"{path}: not found; the engine directory is incomplete")
     manifest = json.loads(path.read_text())
     for rel, entry in manifest["files"].items():
+        if rel in skip or (only is not None and rel not in only):
+            continue
         file = engine_dir / rel
         if not file.is_file():
             raise EngineFormatError(f"{file}: listed in {MANIFEST_FILE} but missing")

@@ -9,6 +9,11 @@ container first, else the one in the nvidia-pytriton wheel), starts it in a scra
 directory, optionally starts the OpenAI-compatible frontend, and supervises both
 (`nemodiff.serve_process`). Exits 0 after a clean SIGINT/SIGTERM shutdown, 3 when the
 engine failed (so a supervisor restarts it), else the server's status.
+
+Replicas are Triton model instances: `--gpus 0,1,2,3` gives one engine per GPU (with
+`--tp 2`, one per pair of GPUs: 0,1 and 2,3), `--instances N` N engines on the CPU; Triton
+spreads requests over them. A tensor-parallel instance is rank 0 of its group and starts
+the other ranks itself (see `instance_groups`).
 """
 
 from __future__ import annotations
@@ -94,6 +99,37 @@ def write_model_repository(repo: Path, values: dict[str, str]) -> Path:
     return model_dir
 
 
+def instance_groups(kind: str, tp: int, gpus: list[int] | None, instances: int) -> tuple[str, str]:
+    """The model's instance_group entries and its `tp_gpu_groups` parameter.
+
+    GPU: one instance per tensor-parallel group of `tp` consecutive GPUs of `gpus`, placed on the
+    group's first GPU (the instance starts the group's other ranks on the others). CPU: `instances`
+    instances. Returns (instance_group text, "0,1;2,3" or "").
+    """
+    if instances < 1:
+        raise ValueError("--instances must be at least 1")
+    if kind == "cpu":
+        return f"{{ count: {instances}, kind: KIND_CPU }}", ""
+    if not gpus:
+        return f"{{ count: {instances}, kind: KIND_GPU }}", ""
+    if len(set(gpus)) != len(gpus) or min(gpus) < 0:
+        raise ValueError(f"--gpus {','.join(map(str, gpus))}: give distinct GPU indices")
+    if len(gpus) % tp:
+        raise ValueError(f"--gpus names {len(gpus)} GPUs, not a multiple of --tp {tp}")
+    groups = [gpus[i: i + tp] for i in range(0, len(gpus), tp)]
+    entries = ", ".join(f"{{ count: 1, kind: KIND_GPU, gpus: [ {group[0]} ] }}" for group in groups)
+    return entries, ";".join(",".join(map(str, group)) for group in groups)
+
+
+def _parse_gpus(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        return [int(g) for g in text.split(",") if g.strip()]
+    except ValueError:
+        raise click.BadParameter("wants comma-separated GPU indices, e.g. 0,1,2,3", param_hint="--gpus") from None
+
+
 def find_tritonserver(explicit: Path | None) -> tuple[Path, Path | None, Path | None]:
     """(server binary, python backend folder or None for the container layout, libs folder or None)."""
     if explicit is not None:
@@ -148,6 +184,11 @@ def prepare_backends(wheel_root: Path, into: Path) -> Path:
 @click.option("--instance-kind", type=click.Choice(["cpu", "gpu"]), default=None,
               help="Triton instance kind [default: gpu if CUDA is available, else cpu].")
 @click.option("--device", type=str, default=None, help="torch device for the engine [default: from the instance].")
+@click.option("--tp", type=int, default=None,
+              help="Tensor-parallel ranks per engine; must match nemodiff-build --tp [default: the engine's].")
+@click.option("--gpus", "gpus_text", type=str, default=None,
+              help="GPUs to use, e.g. 0,1,2,3: one engine (Triton model instance) per GPU, or per --tp GPUs.")
+@click.option("--instances", type=int, default=1, help="Engines (model instances) per GPU group, or on the CPU.")
 @click.option("--model-repo", type=click.Path(path_type=Path), default=None,
               help="Where to lay out the model repository [default: a temporary folder removed on exit].")
 @click.option("--tritonserver", "server_path", type=click.Path(path_type=Path), default=None,
@@ -172,9 +213,10 @@ def prepare_backends(wheel_root: Path, into: Path) -> Path:
 @click.option("--log-verbose", type=int, default=0, help="Triton's --log-verbose level.")
 def serve(engine_dir: Path, http_port: int, grpc_port: int, metrics_port: int, host: str, default_mode: str,
           kv_cache_memory: str | None, max_batch_size: int | None, max_num_batched_tokens: int | None,
-          instance_kind: str | None, device: str | None, model_repo: Path | None, server_path: Path | None,
-          max_queue: int, request_timeout: float | None, max_request_bytes: str, openai_port: int | None,
-          served_model_name: str, exit_timeout: float, startup_timeout: float, log_verbose: int) -> None:
+          instance_kind: str | None, device: str | None, tp: int | None, gpus_text: str | None, instances: int,
+          model_repo: Path | None, server_path: Path | None, max_queue: int, request_timeout: float | None,
+          max_request_bytes: str, openai_port: int | None, served_model_name: str, exit_timeout: float,
+          startup_timeout: float, log_verbose: int) -> None:
     """Serve an engine with Triton Inference Server (HTTP, gRPC, metrics; optionally the OpenAI API)."""
     from nemodiff.serve_process import ServerRun, run_server
 
@@ -195,10 +237,22 @@ def serve(engine_dir: Path, http_port: int, grpc_port: int, metrics_port: int, h
         raise click.BadParameter("must be at least 0", param_hint="--max-queue")
     if request_timeout is not None and not request_timeout > 0:
         raise click.BadParameter("must be a positive number of seconds", param_hint="--request-timeout")
+    if tp is not None and tp != config.build.tp:
+        raise click.BadParameter(f"the engine was built for {config.build.tp} tensor-parallel rank(s); rebuild it "
+                                 f"with nemodiff-build --tp {tp}", param_hint="--tp")
+    gpus = _parse_gpus(gpus_text)
     if instance_kind is None:
         import torch
 
-        instance_kind = "gpu" if torch.cuda.is_available() else "cpu"
+        instance_kind = "gpu" if gpus or torch.cuda.is_available() else "cpu"
+    if gpus and instance_kind == "cpu":
+        raise click.BadParameter("--gpus needs GPU instances (drop --instance-kind cpu)", param_hint="--gpus")
+    if instance_kind == "gpu" and config.build.tp > 1 and not gpus:
+        gpus = list(range(config.build.tp))
+    try:
+        groups, tp_gpu_groups = instance_groups(instance_kind, config.build.tp, gpus, instances if not gpus else 1)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
     binary, wheel_root, libs = find_tritonserver(server_path)
     if wheel_root is None:
         _check_container_python()
@@ -211,11 +265,13 @@ def serve(engine_dir: Path, http_port: int, grpc_port: int, metrics_port: int, h
         write_model_repository(repo, {
             "engine_dir": str(engine_dir.resolve()), "kv_cache_memory_bytes": str(sizes["--kv-cache-memory"]),
             "max_batch_size": str(max_batch_size or 0), "max_num_batched_tokens": str(max_num_batched_tokens or 0),
-            "default_mode": default_mode, "device": device or "", "instance_kind": f"KIND_{instance_kind.upper()}",
+            "default_mode": default_mode, "device": device or "", "instance_groups": groups,
+            "tp": str(config.build.tp), "tp_gpu_groups": tp_gpu_groups,
             "max_queue": str(max_queue), "request_timeout_s": str(request_timeout or ""),
             "max_request_bytes": str(sizes["--max-request-bytes"]), "python_site_dirs": json.dumps(site_dirs()),
             "python_path": json.dumps(import_path()),
-            "python_env_path": json.dumps([p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]), "control_dir": str(control), "supervisor_pid": str(os.getpid()),
+            "python_env_path": json.dumps([p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]),
+            "control_dir": str(control), "supervisor_pid": str(os.getpid()),
         })
         backends = prepare_backends(wheel_root, scratch / "backends") if wheel_root else CONTAINER_BACKENDS
         env = dict(os.environ)
@@ -242,8 +298,10 @@ def serve(engine_dir: Path, http_port: int, grpc_port: int, metrics_port: int, h
 
                 return FrontendThread(engine_dir.resolve(), f"{local}:{grpc_port}", host, openai_port,
                                       served_model_name, sizes["--max-request-bytes"], MODEL_NAME)
+        placement = f"GPU groups {tp_gpu_groups}" if tp_gpu_groups else f"{instances} {instance_kind} instance(s)"
         click.echo(f"nemodiff serve: engine {engine_dir} ({config.build.dtype}, max seq {config.build.max_seq_len}, "
-                   f"block {config.build.block_length}), {instance_kind} instance, tritonserver {binary}", err=True)
+                   f"block {config.build.block_length}, tp {config.build.tp}), {placement}, tritonserver {binary}",
+                   err=True)
         sys.exit(run_server(ServerRun(
             command=command, env=env, cwd=scratch, control_dir=control, shm_prefix=shm_prefix, local_host=local,
             http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port, model_name=MODEL_NAME,

@@ -34,7 +34,10 @@ COUNTERS = {  # snapshot key -> (metric name, help)
 
 
 class ModelMetrics:
-    def __init__(self):
+    """Every series carries an `instance` label: replicas (instance groups) report side by side."""
+
+    def __init__(self, instance: str = ""):
+        self.instance = instance
         gauge, counter, histogram = (pb_utils.MetricFamily.GAUGE, pb_utils.MetricFamily.COUNTER,
                                      pb_utils.MetricFamily.HISTOGRAM)
         self._families = {}  # families must stay referenced or Triton drops them
@@ -42,34 +45,34 @@ class ModelMetrics:
         for key, text in GAUGES.items():
             family = pb_utils.MetricFamily(name=f"nemodiff_{key}", description=text, kind=gauge)
             self._families[key] = family
-            self._gauges[key] = family.Metric(labels={})
+            self._gauges[key] = family.Metric(labels=self._labels())
         self._counters = {}
         for key, (name, text) in COUNTERS.items():
             family = pb_utils.MetricFamily(name=name, description=text, kind=counter)
             self._families[key] = family
-            self._counters[key] = family.Metric(labels={})
+            self._counters[key] = family.Metric(labels=self._labels())
         self._by_mode = {}
         for key, text in (("output_tokens", "generated tokens"), ("forward_passes", "request-forwards")):
             family = pb_utils.MetricFamily(name=f"nemodiff_{key}_total", description=f"{text}, by mode", kind=counter)
             self._families[key] = family
-            self._by_mode[key] = {mode: family.Metric(labels={"mode": mode}) for mode in MODES}
+            self._by_mode[key] = {mode: family.Metric(labels=self._labels(mode=mode)) for mode in MODES}
         family = pb_utils.MetricFamily(name="nemodiff_request_errors_total", kind=counter,
                                        description="requests that ended with an error, by kind")
         self._families["errors"] = family
-        self._errors = {kind: family.Metric(labels={"kind": kind})
+        self._errors = {kind: family.Metric(labels=self._labels(kind=kind))
                         for kind in ("invalid", "internal", "unavailable", "timeout")}
         family = pb_utils.MetricFamily(name="nemodiff_preemptions_total", kind=counter,
                                        description="preemptions (the KV pool ran dry), counted when the request finishes")
         self._families["preemptions"] = family
-        self._preemptions = family.Metric(labels={})
+        self._preemptions = family.Metric(labels=self._labels())
         family = pb_utils.MetricFamily(name="nemodiff_time_to_first_token_seconds", kind=histogram,
                                        description="from request arrival to its first generated token, by mode")
         self._families["ttft"] = family
-        self._ttft = {mode: family.Metric(labels={"mode": mode}, buckets=TTFT_BUCKETS) for mode in MODES}
+        self._ttft = {mode: family.Metric(labels=self._labels(mode=mode), buckets=TTFT_BUCKETS) for mode in MODES}
         family = pb_utils.MetricFamily(name="nemodiff_accepted_length", kind=histogram,
                                        description="tokens accepted per speculation cycle, by mode")
         self._families["accepted"] = family
-        self._accepted = {mode: family.Metric(labels={"mode": mode}, buckets=ACCEPTED_BUCKETS) for mode in SPEC_MODES}
+        self._accepted = {mode: family.Metric(labels=self._labels(mode=mode), buckets=ACCEPTED_BUCKETS) for mode in SPEC_MODES}
         self._last: dict = {}
         self._lock = threading.Lock()
 
@@ -123,3 +126,6 @@ class ModelMetrics:
                 self._preemptions.increment(int(stats["preemptions"]))
 
         self._safely("final", apply)
+
+    def _labels(self, **labels: str) -> dict[str, str]:
+        return {"instance": self.instance, **labels}

@@ -60,6 +60,17 @@ class _RequestState:
         self.done = False  # the final response was sent (or its sending was attempted)
 
 
+def _tp_devices(groups: str, device_id) -> list[str] | None:
+    """This instance's tensor-parallel GPUs: the group of `tp_gpu_groups` ("0,1;2,3") that starts at its GPU."""
+    if not groups.strip() or device_id is None:
+        return None
+    for group in groups.split(";"):
+        ids = [int(g) for g in group.split(",")]
+        if ids[0] == int(device_id):
+            return [f"cuda:{g}" for g in ids]
+    raise ValueError(f"no tensor-parallel GPU group of {groups!r} starts at this instance's GPU {device_id}")
+
+
 def _tensor(name: str, values, dtype) -> pb_utils.Tensor:
     return pb_utils.Tensor(name, np.array(values, dtype=dtype).reshape(1, -1))
 
@@ -80,6 +91,8 @@ class NemodiffModel:
         device = params.get("device", "").strip() or None
         if device is None and args.get("model_instance_kind") == "GPU":
             device = f"cuda:{args.get('model_instance_device_id', 0)}"
+        devices = _tp_devices(params.get("tp_gpu_groups", ""), args.get("model_instance_device_id"))
+        self.instance = args.get("model_instance_name", "")
         self.default_mode = normalize_mode(params.get("default_mode", "").strip() or "ar")
         self.max_request_bytes = number("max_request_bytes") or 8 * 2**20
         control = params.get("control_dir", "").strip()
@@ -87,7 +100,7 @@ class NemodiffModel:
         self.supervisor_pid = number("supervisor_pid")
         self.llm = LLM(params["engine_dir"], device=device, kv_cache_memory_bytes=number("kv_cache_memory_bytes"),
                        max_batch_size=number("max_batch_size"),
-                       max_num_batched_tokens=number("max_num_batched_tokens"))
+                       max_num_batched_tokens=number("max_num_batched_tokens"), tp=number("tp"), devices=devices)
         self.max_seq_len = self.llm.config.build.max_seq_len
         self.vocab_size = self.llm.config.model.vocab_size
         from tokenizers import Tokenizer
@@ -96,7 +109,7 @@ class NemodiffModel:
         self.prompt_tokenizer = PromptTokenizer(self.llm.tokenizer.encode, vocab, self.max_seq_len)
         self._live: dict[int, _RequestState] = {}
         self._live_lock = threading.Lock()
-        self.metrics = ModelMetrics()
+        self.metrics = ModelMetrics(self.instance)
         max_queue = params.get("max_queue", "").strip()
         self.engine = AsyncEngine(self.llm, max_queue=int(max_queue) if max_queue else None,
                                   request_timeout_s=number("request_timeout_s", float), on_failure=self._on_failure)
@@ -106,7 +119,8 @@ class NemodiffModel:
         self._watcher = threading.Thread(target=self._watch, name="nemodiff-watch", daemon=True)
         self._watcher.start()
         pb_utils.Logger.log_info(
-            f"nemodiff: engine {params['engine_dir']} on {self.llm.model.device}, "
+            f"nemodiff: instance {self.instance}: engine {params['engine_dir']} on "
+            f"{', '.join(map(str, devices)) if devices else self.llm.model.device} (tp {self.llm.tp}), "
             f"{self.llm.cache.num_pages} KV pages of {self.llm.cache.page_size} tokens, "
             f"max batch {self.llm.max_batch_size}, max queue {self.engine.max_queue}, "
             f"default mode {self.default_mode}")
@@ -266,6 +280,7 @@ class NemodiffModel:
             left, self._live = list(self._live.values()), {}
         for state in left:  # only if the engine thread could not be stopped
             self._send_final(state, _error("the server is shutting down", pb_utils.TritonError.UNAVAILABLE))
+        self.llm.close()  # stops tensor-parallel workers, if any
 
 
 def _write_atomically(path: Path, text: str) -> None:

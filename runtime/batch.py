@@ -8,6 +8,9 @@ slots through the cache's persistent page table, and moves everything to the dev
 copy from a reused (pinned, on a GPU) staging buffer. Per-segment metadata the attention
 kernels read (`seg_start`, `prefix_len`, `table_row`, `pattern`, masks) comes along; the
 PyTorch reference path gathers its prefix keys from the device page table itself.
+
+Under tensor parallelism the workers receive the packed host arrays of rank 0's step
+(`BatchBuilder.packed()`) and rebuild the same batch on their device with `unpack()`.
 """
 
 from __future__ import annotations
@@ -85,12 +88,72 @@ class _Staging:
         return out
 
 
+@dataclass
+class PackedSizes:
+    """Part lengths of a packed step: int64 [ids, positions, token_slots (T each), write_rows,
+    write_slots (W each), logit_rows (R), lora_rows (L)]; int32 [seg_start (S + 1), prefix, table row,
+    pattern, mask offset (S each), mask words (B)]."""
+
+    tokens: int
+    writes: int
+    logits: int
+    lora: int
+    segments: int
+    mask_words: int
+
+    def int64_parts(self) -> list[int]:
+        t, w = self.tokens, self.writes
+        return [t, t, t, w, w, self.logits, self.lora]
+
+    def int32_parts(self) -> list[int]:
+        s = self.segments
+        return [s + 1, s, s, s, s, self.mask_words]
+
+
 class BatchBuilder:
     def __init__(self, device: torch.device, image_token_id: int | None = None):
         self.device = torch.device(device)
         self.image_token_id = image_token_id
         self._int64 = _Staging(self.device, torch.int64)
         self._int32 = _Staging(self.device, torch.int32)
+        self._last_sizes: PackedSizes | None = None
+        self._last_image_rows: np.ndarray | None = None
+        self._masks: dict[bytes, torch.Tensor] = {}  # unpack(): dense masks by their packed bits
+
+    def packed(self) -> tuple[PackedSizes, np.ndarray, np.ndarray, np.ndarray | None]:
+        """The host arrays behind the last built batch: sizes, int64 parts, int32 parts, image rows."""
+        sizes = self._last_sizes
+        return (sizes, self._int64.host.numpy()[: sum(sizes.int64_parts())],
+                self._int32.host.numpy()[: sum(sizes.int32_parts())], self._last_image_rows)
+
+    def unpack(self, sizes: PackedSizes, flat64: np.ndarray, flat32: np.ndarray, image_rows: np.ndarray | None,
+               image_embeds: torch.Tensor | None, shape_key: tuple | None) -> ForwardBatch:
+        """The batch `packed()` described, rebuilt on this builder's device (one upload per dtype)."""
+        parts64 = np.split(flat64, np.cumsum(sizes.int64_parts())[:-1])
+        parts32 = np.split(flat32, np.cumsum(sizes.int32_parts())[:-1])
+        starts, prefix, rows, patterns, offsets, bits = parts32
+        logit_rows = parts64[5]
+        owners = np.searchsorted(starts, logit_rows, side="right") - 1
+        counts = np.bincount(owners, minlength=sizes.segments).tolist()
+        segment_rows = np.split(logit_rows - starts[owners], np.cumsum(counts)[:-1])
+        masks = [self._dense_mask(int(b - a), bits, int(o)) if p == 2 else None
+                 for a, b, p, o in zip(starts[:-1], starts[1:], patterns, offsets)]
+        device_rows = None
+        if image_rows is not None:
+            device_rows = torch.from_numpy(image_rows).to(self.device)
+        return self._assemble(parts64, parts32, counts, segment_rows, masks, device_rows, image_embeds, shape_key)
+
+    def _dense_mask(self, n: int, bits: np.ndarray, offset: int) -> torch.Tensor:
+        words = bits[offset: offset + n * -(-n // 32)]
+        key = words.tobytes()
+        dense = self._masks.get(key)
+        if dense is None:
+            unpacked = np.unpackbits(words.view(np.uint8), bitorder="little").reshape(n, -1)[:, :n]
+            dense = torch.from_numpy(unpacked.astype(bool))
+            if len(self._masks) >= 64:
+                self._masks.clear()
+            self._masks[key] = dense
+        return dense
 
     def build(self, segments: list[Segment], cache: PagedKVCache | None) -> ForwardBatch:
         lengths = np.fromiter((len(s) for s in segments), dtype=np.int64, count=len(segments))
@@ -139,24 +202,36 @@ class BatchBuilder:
                 used += len(s.mask.bits)
         if not bits:
             bits = [np.zeros(1, dtype=np.int32)]
-        (d_ids, d_pos, d_slots, d_wrows, d_wslots, d_logits, d_lora) = self._int64.upload(
-            [ids, positions, token_slots, write_rows, token_slots[write_rows], logit_rows, lora_rows])
-        (d_start, d_prefix, d_trow, d_pattern, d_moff, d_bits) = self._int32.upload(
-            [starts, np.asarray(prefix), np.asarray(rows), np.asarray(patterns), np.asarray(mask_offsets),
-             np.concatenate(bits)])
+        bits = np.concatenate(bits)
+        self._last_sizes = PackedSizes(total, len(write_rows), len(logit_rows), len(lora_rows), len(segments),
+                                       len(bits))
+        parts64 = [ids, positions, token_slots, write_rows, token_slots[write_rows], logit_rows, lora_rows]
+        parts32 = [starts, np.asarray(prefix), np.asarray(rows), np.asarray(patterns), np.asarray(mask_offsets),
+                   bits]
         image_rows = image_embeds = None
+        self._last_image_rows = None
         embeds = [s.image_embeds for s in segments if s.image_embeds is not None]
         if embeds:
             image_rows, image_embeds = self._image_rows(segments, ids, starts, embeds)
         keys = {s.shape_key for s in segments}
+        masks = [s.mask.dense if s.pattern is Pattern.MASK else None for s in segments]
+        return self._assemble(parts64, parts32, counts, local_rows, masks, image_rows, image_embeds,
+                              keys.pop() if len(keys) == 1 else None)
+
+    def _assemble(self, parts64: list[np.ndarray], parts32: list[np.ndarray], counts: list[int],
+                  segment_rows: list[np.ndarray], masks: list[torch.Tensor | None], image_rows, image_embeds,
+                  shape_key) -> ForwardBatch:
+        (d_ids, d_pos, d_slots, d_wrows, d_wslots, d_logits, d_lora) = self._int64.upload(parts64)
+        (d_start, d_prefix, d_trow, d_pattern, d_moff, d_bits) = self._int32.upload(parts32)
+        starts, prefix, rows, patterns = parts32[:4]
         return ForwardBatch(
-            num_tokens=total, ids=d_ids, positions=d_pos, token_slots=d_slots, write_rows=d_wrows,
-            write_slots=d_wslots, logit_rows=d_logits, lora_rows=d_lora, logit_counts=counts, segment_rows=local_rows,
-            bounds=[(int(a), int(b)) for a, b in zip(starts[:-1], starts[1:])], table_rows=rows, prefix_lens=prefix,
-            patterns=patterns, masks=[s.mask.dense if s.pattern is Pattern.MASK else None for s in segments],
+            num_tokens=int(starts[-1]), ids=d_ids, positions=d_pos, token_slots=d_slots, write_rows=d_wrows,
+            write_slots=d_wslots, logit_rows=d_logits, lora_rows=d_lora, logit_counts=counts,
+            segment_rows=segment_rows, bounds=[(int(a), int(b)) for a, b in zip(starts[:-1], starts[1:])],
+            table_rows=rows.tolist(), prefix_lens=prefix.tolist(), patterns=patterns.tolist(), masks=masks,
             seg_start=d_start, seg_prefix=d_prefix, seg_table_row=d_trow, seg_pattern=d_pattern,
             mask_offset=d_moff, mask_bits=d_bits, image_rows=image_rows, image_embeds=image_embeds,
-            shape_key=keys.pop() if len(keys) == 1 else None,
+            shape_key=shape_key,
         )
 
     def _image_rows(self, segments, ids, starts, embeds) -> tuple[torch.Tensor, torch.Tensor]:
@@ -171,5 +246,6 @@ class BatchBuilder:
                 raise ValueError(f"request {seg.request_id}: {seg.image_embeds.shape[0]} image embeddings for "
                                  f"{len(local)} image tokens (image token id {self.image_token_id})")
             rows.append(local + start)
-        index = torch.from_numpy(np.concatenate(rows)).to(self.device)
+        self._last_image_rows = np.concatenate(rows)
+        index = torch.from_numpy(self._last_image_rows).to(self.device)
         return index, torch.cat([e.to(self.device) for e in embeds])

@@ -121,10 +121,12 @@ def step_latencies(model: Model, kinds: list[str], batch_sizes: list[int], conte
     results, engine_graphs = [], model.graphs
     for batch in batch_sizes:
         per_seq = -(-(context + 1100) // page_size)
-        cache = PagedKVCache(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, page_size,
+        cache = PagedKVCache(cfg.num_hidden_layers, model.num_kv_heads, cfg.head_dim, page_size,
                              batch * per_seq + 1, model.dtype, device, max_pages_per_request=per_seq)
         runner = None
-        if model.uses_kernels(cache) and device.type == "cuda":  # time what serving runs: graph replays
+        # time what serving runs: graph replays (tensor-parallel steps run eagerly here: the workers capture
+        # graphs only with an engine)
+        if model.uses_kernels(cache) and device.type == "cuda" and model.driver is None:
             from .cuda_graphs import GraphRunner
 
             runner = model.graphs = GraphRunner(model, cache, context + 1100, buckets=(batch,))
@@ -151,6 +153,29 @@ def step_latencies(model: Model, kinds: list[str], batch_sizes: list[int], conte
         del cache
     model.graphs = engine_graphs
     return results
+
+
+def tensor_parallel_steps(shape: str, dtype: str, device: torch.device, tp: int, kernels_for, batch_sizes: list[int],
+                          context: int, page_size: int, iters: int, single: list[dict]) -> dict:
+    """Step latencies of the random `shape` model split over `tp` ranks, and AR batch 1 against one rank."""
+    from .bench_shapes import random_model, shape_config
+    from .tp_driver import TensorParallelDriver, default_devices
+
+    devices = default_devices(device, tp)
+    driver = TensorParallelDriver.launch(devices, {"shape": {"name": shape, "dtype": dtype, "seed": 0,
+                                                             "kernels": device.type == "cuda"}})
+    try:
+        model = random_model(shape_config(shape), dtype, devices[0], tp_rank=0, tp_size=tp)[0]
+        model.kernels = kernels_for(devices[0])
+        driver.connect(model)
+        steps = step_latencies(model, ["ar", "verify-32", "draft-32"], batch_sizes, context, page_size, iters)
+    finally:
+        driver.close()
+    batch = min(batch_sizes)
+    one = next(r["ms"] for r in single if r["kind"] == "ar" and r["batch"] == batch)
+    many = next(r["ms"] for r in steps if r["kind"] == "ar" and r["batch"] == batch)
+    return {"size": tp, "devices": [str(d) for d in devices], "steps": steps, "ar_batch1_ms": many,
+            "ar_batch1_ms_one_rank": one, "ratio_to_tp1": many / one}
 
 
 def transformers_ar_tokens_per_s(hf_model, context: int, new_tokens: int, device: torch.device) -> float:

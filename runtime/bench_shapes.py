@@ -37,19 +37,31 @@ def shape_config(name: str) -> ModelConfig:
                        bos_token_id=1, eos_token_ids=[11], rope=rope, **values)
 
 
-def random_model(config: ModelConfig, dtype: str, device: torch.device, seed: int = 0) -> tuple[Model, dict]:
-    """A Model with random weights of `config`; returns it and the plain (unquantized) tensors."""
-    from nemodiff.builder.convert import quantize_fp8
+def random_model(config: ModelConfig, dtype: str, device: torch.device, seed: int = 0, tp_rank: int = 0,
+                 tp_size: int = 1) -> tuple[Model, dict]:
+    """A Model with random weights of `config`; returns it and the plain (unquantized) tensors.
 
-    gen = torch.Generator(device=device).manual_seed(seed)
+    With tp_size > 1 the weights have the shapes of rank tp_rank's tensor-parallel shard (their
+    values are not slices of one model: the benchmark times shapes, not outputs)."""
+    from nemodiff.builder.convert import quantize_fp8
+    from nemodiff.builder.shard import check_tp, shard_bounds
+
+    check_tp(config, tp_size)
+    gen = torch.Generator(device=device).manual_seed(seed + tp_rank)
     plain = TORCH_DTYPES[dtype]
-    h, i, v = config.hidden_size, config.intermediate_size, config.vocab_size
-    q_out, kv_out = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
+
+    def share(total: int) -> int:
+        a, b = shard_bounds(total, tp_rank, tp_size)
+        return b - a
+
+    h, i, v = config.hidden_size, share(config.intermediate_size), share(config.vocab_size)
+    q_out = config.num_attention_heads // tp_size * config.head_dim
+    kv_out = config.num_key_value_heads // tp_size * config.head_dim
 
     def rand(*shape, std):
         return (torch.randn(*shape, generator=gen, device=device, dtype=torch.float32) * std).to(plain)
 
-    weights = {"embed": rand(v, h, std=1.0), "final_norm": 1 + rand(h, std=0.05), "head": rand(v, h, std=h ** -0.5)}
+    weights = {"embed": rand(config.vocab_size, h, std=1.0), "final_norm": 1 + rand(h, std=0.05), "head": rand(v, h, std=h ** -0.5)}
     for layer in range(config.num_hidden_layers):
         p = f"layers.{layer}."
         weights |= {p + "attn_norm": 1 + rand(h, std=0.05), p + "mlp_norm": 1 + rand(h, std=0.05),
@@ -59,7 +71,7 @@ def random_model(config: ModelConfig, dtype: str, device: torch.device, seed: in
     if dtype == "fp8":
         for name in [n for n in weights if n.endswith(("qkv", ".o", "gate_up", "down"))]:
             runtime[name], runtime[name + ".scale"] = quantize_fp8(weights[name])
-    return Model(config, runtime, plain, device), weights
+    return Model(config, runtime, plain, device, tp_size=tp_size), weights
 
 
 def transformers_baseline(config: ModelConfig, weights: dict, device: torch.device):

@@ -110,7 +110,7 @@ class _Graph:
             mask_offset=const(np.zeros(bucket), torch.int32), mask_bits=const(bits, torch.int32),
         )
         # sized for the longest context, with a workspace of its own (a shared one could move)
-        self.meta = attention_meta(self.batch, cache, model.config, Workspace(dev), num_splits=runner.splits_for(
+        self.meta = attention_meta(self.batch, cache, model.rank_config, Workspace(dev), num_splits=runner.splits_for(
             self.batch))
         self.runner = runner
         self.graph = None
@@ -166,7 +166,7 @@ class GraphRunner:
         """The split-KV factor of a graph: chosen for the longest context the engine allows."""
         from nemodiff.plugins.attention import choose_splits
 
-        cfg, device = self.model.config, self.model.device
+        cfg, device = self.model.rank_config, self.model.device
         _, tile_seg, _ = tile_plan(batch, cfg, device)
         return choose_splits(len(tile_seg), cfg.num_key_value_heads, self.longest, sm_count(device))
 

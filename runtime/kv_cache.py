@@ -166,19 +166,32 @@ class PagedKVCache:
         pages = pages[positions // self.page_size] if table else positions
         return pages * self.page_size + positions % self.page_size
 
-    def sync_tables(self) -> None:
-        """Copy the rows changed since the last call to the device table."""
+    def sync_tables(self) -> list[int]:
+        """Copy the rows changed since the last call to the device table; returns those rows."""
         if not self._dirty:
-            return
-        if self.device.type == "cpu":
-            self._dirty.clear()  # the host mirror is the table
-            return
+            return []
         rows = sorted(self._dirty)
         self._dirty.clear()
+        if self.device.type == "cpu":
+            return rows  # the host mirror is the table
         index = torch.tensor(rows, dtype=torch.long)
         staged = torch.from_numpy(self.tables_host[rows]).pin_memory()
         self.block_tables.index_copy_(0, index.to(self.device, non_blocking=True),
                                       staged.to(self.device, non_blocking=True))
+        return rows
+
+    def mark_tables_changed(self) -> None:
+        """Treat every row as changed: the next `sync_tables()` returns (and copies) them all."""
+        self._dirty.update(range(self.tables_host.shape[0]))
+
+    def mirror_rows(self, num_rows: int, rows: np.ndarray, values: np.ndarray) -> None:
+        """Take page-table rows from another cache (a tensor-parallel worker follows rank 0's tables);
+        `values` may cover only the first pages of each row."""
+        while self.tables_host.shape[0] < num_rows:
+            self._grow_rows()
+        if len(rows):
+            self.tables_host[rows, : values.shape[1]] = values
+            self._dirty.update(rows.tolist())
 
     def _grow_rows(self) -> None:
         old = self.tables_host.shape[0]

@@ -1,23 +1,31 @@
 """The Python API: `LLM(engine_dir).generate(prompts, params)`.
 
 checkpoint ──builder──▶ engine dir ──[runtime: Python API]──▶ Triton
+
+An engine built with `--tp N` runs on N ranks: this process is rank 0 (scheduler,
+strategies, decisions and its own shard) and starts N-1 worker processes that live until
+`close()` (or until the LLM is garbage-collected, or the interpreter exits).
 """
 
 from __future__ import annotations
 
 import time
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from nemodiff.engine_format import EngineConfig, EngineFormatError
+
 from .engine import Engine
 from .kv_cache import PagedKVCache
-from .loader import load_engine
+from .loader import default_device, load_engine, runtime_dtype
 from .request import Request, SamplingParams
 from .scheduler import SchedulerConfig
 from .strategies.base import StrategyContext
 from .tokenizer import EngineTokenizer
+from .tp_driver import TensorParallelDriver, default_devices
 
 
 @dataclass
@@ -47,41 +55,80 @@ class LLM:
     """A loaded engine with its tokenizer and KV cache.
 
     kv_cache_memory_bytes / num_kv_pages size the page pool; by default it holds
-    max_batch_size full-length sequences. max_num_batched_tokens caps the tokens of one
-    forward (longer prompts are prefilled in chunks). kernels: "auto" (the engine's compiled
-    kernels on a matching GPU, else the PyTorch reference path), "off", "interpret" (the
-    kernels' real code under Triton's interpreter, on the CPU: slow, for verification) or
-    "jit" (Triton's compiler on a GPU, for development). cuda_graphs: capture the steady step
+    max_batch_size full-length sequences (kv_cache_memory_bytes is per rank under tensor
+    parallelism, where each rank caches its share of the KV heads). max_num_batched_tokens
+    caps the tokens of one forward (longer prompts are prefilled in chunks).
+
+    kernels: "auto" (the engine's compiled kernels on a matching GPU, else the PyTorch
+    reference path), "off", "interpret" (the kernels' real code under Triton's interpreter, on
+    the CPU: slow, for verification), "jit" (Triton's compiler on a GPU, for development) or
+    "aot" (the compiled kernels, or an error). cuda_graphs: capture the declared steady step
     shapes at start (GPU kernel path only).
+
+    tp must equal the engine's `--tp` when given. devices: one torch device per rank
+    [default: cuda:i, cuda:i+1, ... from `device`, or the CPU for every rank]. A rank that
+    fails or stops answering within tp_step_timeout_s fails the engine: every later step
+    raises `TensorParallelError`.
     """
 
     def __init__(self, engine_dir: str | Path, device: str | torch.device | None = None,
                  kv_cache_memory_bytes: int | None = None, num_kv_pages: int | None = None,
                  max_batch_size: int | None = None, max_num_batched_tokens: int | None = None, verify: bool = True,
-                 cuda_graphs: bool = True, kernels: str = "auto"):
-        loaded = load_engine(Path(engine_dir), device=device, verify=verify, kernels=kernels)
-        self.engine_dir = loaded.path
-        self.config = loaded.config
-        self.model = loaded.model
-        self.tokenizer = EngineTokenizer(self.engine_dir)
+                 cuda_graphs: bool = True, kernels: str = "auto", tp: int | None = None,
+                 devices: list[str | torch.device] | None = None, tp_step_timeout_s: float = 300.0):
+        self.engine_dir = Path(engine_dir)
+        if not self.engine_dir.is_dir():
+            raise EngineFormatError(f"{engine_dir}: not a directory")
+        self.config = EngineConfig.load(self.engine_dir)
+        self.tp = _check_tp(self.config, tp)
+        device = torch.device(device) if device is not None else default_device()
+        self._driver = None
+        if self.tp > 1:
+            ranks = [torch.device(d) for d in devices] if devices else default_devices(device, self.tp)
+            if len(ranks) != self.tp:
+                raise ValueError(f"devices names {len(ranks)} devices for {self.tp} tensor-parallel ranks")
+            device = ranks[0]
+            self._driver = TensorParallelDriver.launch(ranks, {"engine_dir": str(self.engine_dir.resolve()),
+                                                               "verify": verify, "kernels": kernels},
+                                                       tp_step_timeout_s)
+        try:
+            self._setup(device, kv_cache_memory_bytes, num_kv_pages, max_batch_size, max_num_batched_tokens,
+                        verify, cuda_graphs, kernels)
+        except BaseException:
+            if self._driver is not None:
+                self._driver.close()
+            raise
+        self._finalizer = weakref.finalize(self, self._driver.close) if self._driver is not None else None
+
+    def _setup(self, device, kv_cache_memory_bytes, num_kv_pages, max_batch_size, max_num_batched_tokens, verify,
+               cuda_graphs, kernels) -> None:
         build, mcfg = self.config.build, self.config.model
+        kv_heads = mcfg.num_key_value_heads // self.tp
         self.max_batch_size = max_batch_size or build.max_batch_size
         if num_kv_pages is None:
             if kv_cache_memory_bytes is not None:
                 num_kv_pages = PagedKVCache.pages_for_budget(
-                    kv_cache_memory_bytes, mcfg.num_hidden_layers, mcfg.num_key_value_heads, mcfg.head_dim,
-                    build.kv_page_size, self.model.dtype)
+                    kv_cache_memory_bytes, mcfg.num_hidden_layers, kv_heads, mcfg.head_dim,
+                    build.kv_page_size, runtime_dtype(self.config, device))
             else:
                 # room for the longest sequence per slot, plus a block of speculative scratch
                 per_seq = -(-(build.max_seq_len + 2 * build.block_length) // build.kv_page_size)
                 num_kv_pages = self.max_batch_size * per_seq
+        self.model = load_engine(self.engine_dir, device=device, verify=verify, kernels=kernels).model
+        self.tokenizer = EngineTokenizer(self.engine_dir)
+        if self._driver is not None:
+            self._driver.connect(self.model)
         pages_per_request = -(-(build.max_seq_len + 2 * build.block_length) // build.kv_page_size)
-        self.cache = PagedKVCache(mcfg.num_hidden_layers, mcfg.num_key_value_heads, mcfg.head_dim,
-                                  build.kv_page_size, num_kv_pages, self.model.dtype, self.model.device,
-                                  max_pages_per_request=pages_per_request, max_requests=2 * self.max_batch_size + 8)
+        self.cache = PagedKVCache(mcfg.num_hidden_layers, kv_heads, mcfg.head_dim, build.kv_page_size, num_kv_pages,
+                                  self.model.dtype, self.model.device, max_pages_per_request=pages_per_request,
+                                  max_requests=2 * self.max_batch_size + 8)
+        if self._driver is not None:
+            self._driver.mirror_cache(self.cache)
         if cuda_graphs and self.model.uses_kernels(self.cache) and self.model.device.type == "cuda":
             from .cuda_graphs import GraphRunner, declared_shapes
 
+            if self._driver is not None:
+                self._driver.capture_graphs(build.max_seq_len, build.block_length, self.model.has_lora)
             self.model.graphs = GraphRunner(self.model, self.cache, build.max_seq_len)
             self.model.graphs.capture_steady_shapes(declared_shapes(build.block_length, self.model.has_lora))
         eos_ids = list(mcfg.eos_token_ids)
@@ -92,6 +139,17 @@ class LLM:
         scheduler = SchedulerConfig(max_num_seqs=self.max_batch_size, max_num_batched_tokens=budget)
         self.engine = Engine(self.model, self.cache, ctx, scheduler, build.max_seq_len, eos_ids,
                              decode=self.tokenizer.decode)
+
+    def close(self) -> None:
+        """Stop the tensor-parallel workers (nothing to do for a single-rank engine)."""
+        if self._finalizer is not None:
+            self._finalizer()
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def encode_prompt(self, prompt: str | list[int], chat: bool = False) -> list[int]:
         if isinstance(prompt, str):
@@ -128,3 +186,11 @@ class LLM:
             finish_reason=request.finish_reason, num_forward_passes=request.num_forwards,
             seconds=(request.end_time or time.perf_counter()) - request.start_time, stats=dict(request.stats),
         )
+
+
+def _check_tp(config: EngineConfig, tp: int | None) -> int:
+    built = config.build.tp
+    if tp is not None and tp != built:
+        raise ValueError(f"this engine was built for {built} tensor-parallel rank(s) (nemodiff-build --tp {built}); "
+                         f"it cannot run with tp={tp}: rebuild it with --tp {tp}")
+    return built

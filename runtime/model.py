@@ -12,10 +12,17 @@ Two paths compute the same function: the PyTorch reference path (any device) and
 path (`plugins/`: fused norms, fused rotary + KV write, paged attention, SiLU-gate, weight-only
 fp8), used when the model holds a `KernelLibrary` — compiled kernels on a GPU, or the Triton
 interpreter on the CPU for verification.
+
+Tensor parallelism (`tp_size` > 1): the model holds one rank's shard (builder/shard.py) — its
+query and KV heads, its slice of the MLP and of the vocabulary. Each row-parallel product
+(o with the draft adapter, down) is a partial sum followed by one all-reduce; the head's
+vocabulary slices are gathered on rank 0, the only rank that returns logits. `driver` is
+set on rank 0 only: it sends each step to the other ranks before rank 0 runs it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -49,8 +56,15 @@ class LayerWeights:
 class Model:
     def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor], dtype: torch.dtype,
                  device: torch.device | str = "cpu", lora: dict[str, torch.Tensor] | None = None,
-                 lora_scale: float = 1.0, kernels=None):
+                 lora_scale: float = 1.0, kernels=None, tp_size: int = 1):
         self.config = config
+        self.tp_size = tp_size
+        self.num_heads = config.num_attention_heads // tp_size  # this rank's query / KV heads
+        self.num_kv_heads = config.num_key_value_heads // tp_size
+        self.rank_config = config if tp_size == 1 else dataclasses.replace(  # the geometry this rank runs
+            config, num_attention_heads=self.num_heads, num_key_value_heads=self.num_kv_heads)
+        self.tp = None  # a TensorParallel (the collectives) once the ranks are connected
+        self.driver = None  # rank 0 of a tensor-parallel group: sends each step to the workers
         self.kernels = kernels  # a plugins.library.KernelLibrary, or None for the reference path
         self.graphs = None  # a GraphRunner once CUDA graphs are captured
         self.dtype = dtype
@@ -58,6 +72,9 @@ class Model:
         self.embed = weights["embed"].to(self.device, dtype)
         self.final_norm = weights["final_norm"].to(self.device, dtype)
         self.head = make_linear(weights, "head", dtype, self.device)
+        if tp_size > 1:  # vocabulary slices padded to one size, so that they gather as one tensor
+            padded = -(-config.vocab_size // tp_size)
+            self.head.weight = F.pad(self.head.weight, (0, 0, 0, padded - self.head.weight.shape[0]))
         self.rotary = RotaryEmbedding(config.rope, config.head_dim, self.device)
         self.layers = []
         for i in range(config.num_hidden_layers):
@@ -87,7 +104,15 @@ class Model:
 
     @torch.inference_mode()
     def run(self, batch: ForwardBatch, cache: PagedKVCache | None) -> torch.Tensor:
-        """Float32 logits of the batch's logit rows, [R, vocab]: a graph replay when one fits."""
+        """Float32 logits of the batch's logit rows, [R, vocab]: a graph replay when one fits.
+
+        Under tensor parallelism rank 0 first sends the step to the other ranks (which run it
+        with this same method) and returns the logits; the other ranks return None."""
+        if self.driver is not None:
+            return self.driver.run_step(batch, cache, self._run_shard)
+        return self._run_shard(batch, cache)
+
+    def _run_shard(self, batch: ForwardBatch, cache: PagedKVCache | None) -> torch.Tensor | None:
         if cache is not None:
             cache.sync_tables()
         if self.graphs is not None and cache is self.graphs.cache:
@@ -101,7 +126,7 @@ class Model:
         return self.kernels is not None and cache is not None
 
     def attention_meta(self, batch: ForwardBatch, cache: PagedKVCache, num_splits: int | None = None):
-        return attention_meta(batch, cache, self.config, self.workspace, num_splits)
+        return attention_meta(batch, cache, self.rank_config, self.workspace, num_splits)
 
     # -- layers ------------------------------------------------------------------------------
     def _add_norm(self, residual: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor,
@@ -114,8 +139,7 @@ class Model:
         return rms_norm(residual, weight, self.config.rms_norm_eps)
 
     def _qkv_rotary(self, index: int, qkv: torch.Tensor, batch: ForwardBatch, cache, meta, rope):
-        cfg = self.config
-        hq, hkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        hq, hkv, hd = self.num_heads, self.num_kv_heads, self.config.head_dim
         if meta is not None:
             return self.kernels.rotary_kv_write(
                 qkv, batch.positions, batch.token_slots, self.rotary.inv_freq, self.rotary.attention_factor,
@@ -168,6 +192,8 @@ class Model:
             if batch.lora_rows.numel():
                 rows = attn[batch.lora_rows]
                 out[batch.lora_rows] += (rows @ layer.lora_a.T) @ layer.lora_b.T
+            if self.tp is not None:  # row-parallel o (and adapter): sum the ranks' partial products
+                self.tp.all_reduce(out)
             h = self._add_norm(residual, out, layer.mlp_norm, meta)
             gate_up = layer.gate_up(h, kernels)
             if meta is not None:
@@ -176,13 +202,20 @@ class Model:
                 gate, up = gate_up.chunk(2, dim=-1)
                 act = F.silu(gate) * up
             pending = layer.down(act, kernels)
+            if self.tp is not None:  # row-parallel down: sum the ranks' partial products
+                self.tp.all_reduce(pending)
         rows = residual[batch.logit_rows]
         rows.add_(pending[batch.logit_rows])  # the last MLP output matters only where logits are asked
         if meta is not None:
             x = self.kernels.rms_norm(rows, self.final_norm, cfg.rms_norm_eps)
         else:
             x = rms_norm(rows, self.final_norm, cfg.rms_norm_eps)
-        return self.head(x).float()
+        logits = self.head(x)
+        if self.tp is not None:  # vocab-parallel head: rank 0 gathers the slices, the others return None
+            logits = self.tp.gather_vocab(logits)
+            if logits is None:
+                return None
+        return logits.float()
 
 
 def _intra_mask(batch: ForwardBatch, s: int, device: torch.device) -> torch.Tensor:

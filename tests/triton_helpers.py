@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import re
 import signal
 import subprocess
 import sys
@@ -151,14 +152,33 @@ class Server:
         return status, events
 
     def metrics(self) -> dict[str, float]:
-        """Prometheus text as {'name{labels}': value} for the nemodiff_* series."""
+        """Prometheus text as {'name{labels}': value} for the nemodiff_* series, summed over model instances."""
+        totals: dict[str, float] = {}
+        for (name, labels, _instance), value in self.series().items():
+            key = name + ("{" + ",".join(f'{k}="{v}"' for k, v in labels) + "}" if labels else "")
+            totals[key] = totals.get(key, 0.0) + value
+        return totals
+
+    def metrics_by_instance(self) -> dict[str, dict[str, float]]:
+        """{instance: {'name{labels}': value}} for the nemodiff_* series."""
+        out: dict[str, dict[str, float]] = {}
+        for (name, labels, instance), value in self.series().items():
+            key = name + ("{" + ",".join(f'{k}="{v}"' for k, v in labels) + "}" if labels else "")
+            out.setdefault(instance, {})[key] = value
+        return out
+
+    def series(self) -> dict[tuple[str, tuple, str], float]:
+        """(name, labels other than instance, instance) -> value."""
         with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10) as reply:
             text = reply.read().decode()
         values = {}
         for line in text.splitlines():
             if line.startswith("nemodiff_"):
-                name, value = line.rsplit(" ", 1)
-                values[name] = float(value)
+                series, value = line.rsplit(" ", 1)
+                name, _, rest = series.partition("{")
+                labels = dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', rest))
+                instance = labels.pop("instance", "")
+                values[name, tuple(sorted(labels.items())), instance] = float(value)
         return values
 
 

@@ -28,10 +28,18 @@ timeout 150 "$PY" -m nemodiff.cli bench --shape nld-8b --dtype bf16 --batch-size
 timeout 90 "$PY" -m nemodiff.cli bench --shape nld-8b --dtype fp8 --batch-sizes 1,8 --context 1024 --iters 10 \
   --no-hf --json "$OUT/bench_nld8b_fp8.json" --plot "$OUT/bench_nld8b_fp8.png" 2>&1 \
   | tee "$OUT/bench_fp8.log" || status=1
+gpus=$(nvidia-smi --list-gpus 2>/dev/null | wc -l || echo 0)
+if [ "$gpus" -ge 2 ]; then  # tensor parallelism: NCCL, kernels and graphs per rank, the ratio to one GPU
+  timeout 200 "$PY" "$repo/tests/gpu/tp_checks.py" 2>&1 | tee "$OUT/tp_checks.log" || status=1
+  timeout 150 "$PY" -m nemodiff.cli bench --shape nld-8b --dtype bf16 --tp 2 --batch-sizes 1,8 --context 1024 \
+    --iters 10 --no-hf --json "$OUT/bench_nld8b_tp2.json" --plot "$OUT/bench_nld8b_tp2.png" 2>&1 \
+    | tee "$OUT/bench_tp2.log" || status=1
+fi
 
 echo
 echo "=== summary ==="
-grep -E "^\[FAIL\]|passed, .* failed|fp8 speed" "$OUT/device_checks.log" | tail -60 || true
+grep -hE "^\[FAIL\]|passed, .* failed|fp8 speed" "$OUT/device_checks.log" "$OUT"/tp_checks.log 2>/dev/null | tail -60 || true
+[ -f "$OUT/bench_tp2.log" ] && grep -E "tensor parallel" "$OUT/bench_tp2.log" || true
 for f in "$OUT"/bench_bf16.log "$OUT"/bench_fp8.log; do
   [ -f "$f" ] && grep -E "^(ar|verify|draft|quad)|roofline|transformers|projected" "$f"
 done
