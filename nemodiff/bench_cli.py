@@ -135,26 +135,41 @@ def bench(engine_dir: Path | None, shape: str | None, dtype: str, device: str | 
         server = AsyncEngine(llm)
         title = f"{engine_dir.name} ({llm.config.build.dtype}) on {report['device']}"
     report["title"] = title
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+
+    def save() -> None:  # after every result: a later failure (or a kill) loses nothing measured
+        json_path.write_text(json.dumps(report, indent=2))
+
     report["weight_bytes"] = b.weight_bytes(model)
     roofline_ms = 1e3 * report["weight_bytes"] / report["ceilings"]["copy_bytes_per_s"]
     report["roofline"] = {"forward_ms": roofline_ms, "ar_tokens_per_s": 1e3 / roofline_ms}
     kinds = [k for k in b.STEP_KINDS if k != "quad-k32" or dev.type == "cuda"]
-    report["steps"] = b.step_latencies(model, kinds, _ints(batch_sizes), context, page_size, iters)
+    report["steps"] = []
+    save()
+    b.step_latencies(model, kinds, _ints(batch_sizes), context, page_size, iters,
+                     on_result=lambda row: (report["steps"].append(row), save()))
     ar1 = next(r["ms"] for r in report["steps"] if r["kind"] == "ar" and r["batch"] == min(_ints(batch_sizes)))
     report["ar_batch1"] = {"ms": ar1, "tokens_per_s": 1e3 / ar1, "fraction_of_roofline": roofline_ms / ar1}
+    save()
     if shape and with_hf:
-        hf = transformers_baseline(config, weights, dev)
-        if hf is not None:
-            report["transformers_ar_tokens_per_s"] = b.transformers_ar_tokens_per_s(hf, context, 16, dev)
-            report["speedup_vs_transformers"] = report["ar_batch1"]["tokens_per_s"] / \
-                report["transformers_ar_tokens_per_s"]
-            del hf
+        try:
+            hf = transformers_baseline(config, weights, dev)
+            if hf is not None:
+                report["transformers_ar_tokens_per_s"] = b.transformers_ar_tokens_per_s(hf, context, 16, dev)
+                report["speedup_vs_transformers"] = report["ar_batch1"]["tokens_per_s"] / \
+                    report["transformers_ar_tokens_per_s"]
+                del hf
+        except Exception as exc:  # the baseline is optional: keep everything else
+            report["transformers_error"] = f"{type(exc).__name__}: {exc}"
+            click.echo(f"transformers baseline failed: {report['transformers_error']}", err=True)
+        save()
     if tp > 1:
         del model, weights  # room for the shards
         if dev.type == "cuda":
             torch.cuda.empty_cache()
         report["tp"] = b.tensor_parallel_steps(shape, dtype, dev, tp, kernels_for_device, _ints(batch_sizes),
                                                context, page_size, iters, report["steps"])
+        save()
     if server is not None:
         prompts = [[1] + llm.tokenizer.encode(text, add_special_tokens=False) for text in
                    ("The cat sat on the", "Once upon a time", "1, 2, 3, 4,", "The weather today is")]
@@ -166,8 +181,7 @@ def bench(engine_dir: Path | None, shape: str | None, dtype: str, device: str | 
             "ar": 1e3 / step["ar"], "linear-spec": 1e3 * PUBLISHED_TPF["linear-spec"] / (step["draft-32"] + step["verify-32"]),
             "quadratic-spec (k=8)": 1e3 * min(PUBLISHED_TPF["quadratic-spec"], 8) / step["quad-k8"]}
     _print_table(report)
-    json_path.parent.mkdir(parents=True, exist_ok=True)
-    json_path.write_text(json.dumps(report, indent=2))
+    save()
     plotted = _plot(report, plot_path)
     click.echo(f"wrote {json_path}" + (f" and {plot_path}" if plotted else " (no matplotlib: no plot)"))
 
