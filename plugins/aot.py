@@ -146,55 +146,65 @@ def variant_from_json(data: dict) -> KernelVariant:
                          num_stages=data["num_stages"])
 
 
-def compile_variants(variants: list[KernelVariant], sm: str, out_dir: Path, progress=None) -> list[dict]:
+def compile_variants(variants: list[KernelVariant], sm: str, out_dir: Path, progress=None,
+                     jobs: int | None = None) -> list[dict]:
     """Compile every variant for `sm` into out_dir/<key>.cubin and write out_dir/kernels.json.
 
-    The compiler runs in a child Python process: Triton's interpreter mode (TRITON_INTERPRET=1,
-    as in the test suite) changes how `@triton.jit` library functions behave and breaks code
-    generation in the same process, and the child keeps the caller's Triton state untouched.
+    The compiler runs in child Python processes (`jobs` of them, default: one per CPU up to 8,
+    each taking a share of the variants): Triton's interpreter mode (TRITON_INTERPRET=1, as in
+    the test suite) changes how `@triton.jit` library functions behave and breaks code
+    generation in the same process, and the children keep the caller's Triton state untouched.
     progress: optional callable(total) returning an object with update(n) and close().
     Returns the index entries, in the order of `variants`."""
+    import triton
+
     if sm not in SM_TO_CAPABILITY:
         raise ValueError(f"no Triton target for {sm!r}; known: {', '.join(SM_TO_CAPABILITY)}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    child = subprocess.Popen([sys.executable, "-m", "nemodiff.plugins.aot", sm, str(out_dir)], env=env, text=True,
-                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    jobs = max(1, min(jobs or min(os.cpu_count() or 1, 8), len(variants)))
+    shares = [variants[i::jobs] for i in range(jobs)]
+    children = []
     bar = progress(len(variants)) if progress else None
-    entries = []
+    found: dict[str, dict] = {}
     try:
-        child.stdin.write(json.dumps([variant_to_json(v) for v in variants]))
-        child.stdin.close()
-        for line in child.stdout:
-            entries.append(json.loads(line))
-            if bar:
-                bar.update(1)
-        errors = child.stderr.read()
-        if child.wait() != 0 or len(entries) != len(variants):
-            raise KernelBuildError(f"compiling kernels for {sm} failed:\n{errors.strip()[-3000:]}")
+        for share in shares:
+            child = subprocess.Popen([sys.executable, "-m", "nemodiff.plugins.aot", sm, str(out_dir)], env=env,
+                                     text=True, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            child.stdin.write(json.dumps([variant_to_json(v) for v in share]))
+            child.stdin.close()
+            children.append(child)
+        for child, share in zip(children, shares):
+            count = 0
+            for line in child.stdout:
+                entry = json.loads(line)
+                found[entry["key"]] = entry
+                count += 1
+                if bar:
+                    bar.update(1)
+            errors = child.stderr.read()
+            if child.wait() != 0 or count != len(share):
+                raise KernelBuildError(f"compiling kernels for {sm} failed:\n{errors.strip()[-3000:]}")
     finally:
-        if child.poll() is None:
-            child.kill()
+        for child in children:
+            if child.poll() is None:
+                child.kill()
         if bar:
             bar.close()
+    entries = [found[v.key] for v in variants]
+    index = {"format": INDEX_FORMAT, "sm": sm, "capability": SM_TO_CAPABILITY[sm],
+             "triton_version": triton.__version__, "kernels": {e["key"]: e for e in entries}}
+    (out_dir / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
     return entries
 
 
 def _compile_worker(sm: str, out_dir: Path) -> None:
     """Child side of `compile_variants`: variants as JSON on stdin, one index entry per line on stdout."""
-    import triton
-
-    variants = [variant_from_json(v) for v in json.loads(sys.stdin.read())]
-    entries = []
-    for variant in variants:
+    for variant in [variant_from_json(v) for v in json.loads(sys.stdin.read())]:
         cubin, entry = compile_variant(variant, sm)
         (out_dir / entry["file"]).write_bytes(cubin)
-        entries.append(entry)
         print(json.dumps(entry), flush=True)
-    index = {"format": INDEX_FORMAT, "sm": sm, "capability": SM_TO_CAPABILITY[sm],
-             "triton_version": triton.__version__, "kernels": {e["key"]: e for e in entries}}
-    (out_dir / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
 
 
 # -- serve side ----------------------------------------------------------------------------------

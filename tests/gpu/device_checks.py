@@ -1,6 +1,8 @@
-"""GPU checks: every Triton kernel against its PyTorch reference through the ahead-of-time
-launcher (cubins compiled here for this GPU's sm) and through Triton's JIT, the fp8 GEMM's speed
-against a bf16 GEMM at decode sizes, and lossless decoding on the GPU. Run by run_device_checks.sh.
+"""GPU kernel checks: every Triton kernel against its PyTorch reference through the ahead-of-time
+launcher (cubins compiled here for this GPU's sm, as an engine build does) and, for the NLD-8B
+shape, through Triton's JIT; the fp8 GEMM's speed against a bf16 GEMM at decode sizes; the
+attention kernel's decode bandwidth. Run by run_device_checks.sh (model_checks.py does the
+engine-level checks).
 
 checkpoint ──builder (compiles kernels)──▶ engine dir ──runtime (AOT launcher)──▶ Triton
 
@@ -184,33 +186,41 @@ def check_kernels(launcher, tag: str, gen, num_sms: int) -> None:
         check_fp8(tag, launcher, cfg, gen, num_sms)
 
 
-# ---- attention kernel (plugins/attention.py): its checks go here, through the same two launchers ----
-def check_attention(launcher, tag: str, gen) -> None:
-    del launcher, tag, gen  # written with the attention kernel
+def check_attention(launcher, tag: str, shapes: list[str], dtypes) -> None:
+    """Mixed batches (decode, verify, draft, QuadraticSpec, prefill, explicit mask) over shuffled pages,
+    outputs, workspaces and unowned cache slots poisoned with NaN; several split counts."""
+    from attention_cases import make_case
+
+    from nemodiff.plugins.attention import CAUSAL, FULL, MASK, reference_segment_attention, segment_attention
+    from nemodiff.runtime.strategies.quadratic_spec import quadratic_mask
+
+    mask = torch.rand(40, 40) > 0.5
+    mask[:, 0] = True
+    segments = [(1, 1000, CAUSAL, None), (32, 517, CAUSAL, None), (32, 300, FULL, None),
+                (72, 64, MASK, quadratic_mask(8)), (300, 0, CAUSAL, None), (40, 33, MASK, mask), (1, 0, CAUSAL, None)]
+    for name in shapes:
+        cfg = config_of(name)
+        for dtype in dtypes:
+            case = make_case(segments, heads=cfg.num_attention_heads, kv_heads=cfg.num_key_value_heads,
+                             head_dim=cfg.head_dim, page_size=16, dtype=dtype, device="cuda",
+                             seed=int(torch.randint(0, 2**31, (1,))))
+            want = reference_segment_attention(*case.reference_args())
+            for splits in (1, 3, 8):
+                out = torch.full_like(case.q, float("nan"))
+                segment_attention(launcher, case.q, case.k, case.v, case.k_cache, case.v_cache, case.meta(splits),
+                                  cfg.head_dim ** -0.5, out=out)
+                torch.cuda.synchronize()
+                err = rel(out, want)
+                record(f"{tag} attention {str(dtype)[6:]} {name} splits {splits}", err <= LIMITS[dtype],
+                       f"rel {err:.1e}")
 
 
-def check_model_paths(arch: str) -> None:
-    """Engine kernels load through the AOT launcher; lossless decoding on the GPU. (Redone with the runtime.)"""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from helpers import make_checkpoint
-    from nemodiff import LLM, SamplingParams
-    from nemodiff.builder.build import BuildOptions, build_engine
+def attention_bandwidth() -> None:
+    """Decode attention at the NLD-8B shape against the copy bandwidth (informational)."""
+    from check_attention import benchmarks
 
-    root = Path(tempfile.mkdtemp())
-    ckpt = make_checkpoint(root / "ckpt", hidden_size=512, intermediate_size=1024, num_hidden_layers=4,
-                           num_attention_heads=8, num_key_value_heads=2, head_dim=64, lora_rank=16, seed=3)
-    engine = root / "engine"
-    build_engine(ckpt, engine, BuildOptions(dtype="bf16", arch=arch, kv_page_size=16, max_batch_size=8))
-    llm = LLM(engine, device="cuda")
-    record("engine kernels loaded", llm.model.kernels is not None and llm.model.kernels.name == "aot",
-           str(llm.model.kernels and llm.model.kernels.name))
-    prompts = [[1] + torch.randint(130, 380, (n,)).tolist() for n in (5, 40, 300, 17)]
-    ar = llm.generate(prompts, SamplingParams(max_new_tokens=48, ignore_eos=True))
-    for mode in ("linear-spec", "quadratic-spec"):
-        outs = llm.generate(prompts, SamplingParams(max_new_tokens=48, ignore_eos=True, mode=mode, block_length=8))
-        agree = [sum(int(x == y) for x, y in zip(o.output_ids, w.output_ids)) / 48 for o, w in zip(outs, ar)]
-        record(f"{mode} lossless vs ar on GPU", min(agree) >= 0.9,
-               f"token agreement {', '.join(f'{a:.2f}' for a in agree)}")
+    for row in benchmarks():
+        record("attention speed", True, row)
 
 
 def main() -> int:
@@ -219,7 +229,6 @@ def main() -> int:
         print("no CUDA device: nothing to check")
         return 2
     sm = gpu_sm(DEV)
-    arch = {"sm_90a": "h100", "sm_100a": "b200", "sm_89": "l40s", "sm_80": "a100"}.get(sm, "h100")
     num_sms = torch.cuda.get_device_properties(DEV).multi_processor_count
     import triton
 
@@ -228,12 +237,14 @@ def main() -> int:
     seed = int(time.time())
     print(f"seed {seed}", flush=True)
     gen = torch.Generator().manual_seed(seed)  # fresh inputs every run
-    steps = [("aot", lambda: check_kernels(compile_for_this_gpu(sm, out_dir / "kernels" / sm), "aot", gen, num_sms)),
-             ("jit", lambda: check_kernels(JitLauncher(), "jit", gen, num_sms)),
-             ("fp8 speed", lambda: check_fp8_speed(aot.AotLauncher(out_dir / "kernels" / sm), config_of("nld-8b"),
-                                                   gen, num_sms)),
-             ("attention", lambda: check_attention(JitLauncher(), "jit", gen)),
-             ("model", lambda: check_model_paths(arch))]
+    torch.manual_seed(seed)
+    half = (torch.bfloat16, torch.float16)
+    aot_dir = out_dir / "kernels" / sm
+    steps = [("aot", lambda: check_kernels(compile_for_this_gpu(sm, aot_dir), "aot", gen, num_sms)),
+             ("attention aot", lambda: check_attention(aot.AotLauncher(aot_dir), "aot", list(SHAPES), half)),
+             ("jit", lambda: check_attention(JitLauncher(), "jit", ["nld-8b"], (torch.bfloat16,))),
+             ("fp8 speed", lambda: check_fp8_speed(aot.AotLauncher(aot_dir), config_of("nld-8b"), gen, num_sms)),
+             ("attention speed", attention_bandwidth)]
     for name, fn in steps:
         try:
             fn()
