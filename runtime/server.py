@@ -15,8 +15,8 @@ Guarantees, whatever fails:
   submissions are refused, `failure` says why and `on_failure` is called once: the
   process is expected to be restarted by its supervisor (`nemodiff serve` exits non-zero).
 
-Images (VLM engines) are decoded and laid out in the submitting thread (a bad image is an
-"invalid" error there, before the request is queued); the vision tower runs on the loop.
+Images (VLM engines) are decoded in the submitting thread (a bad one is an "invalid" error
+before the request is queued); the vision tower runs on the loop.
 """
 
 from __future__ import annotations
@@ -107,8 +107,7 @@ class AsyncEngine:
                is_cancelled: Callable[[], bool] | None = None, timeout_s: float | None = None,
                images: list[ImageInput] | PreparedImages | None = None) -> Handle:
         """Queue a request; refused at once (a final error update) when the server cannot take it.
-        images: the prompt's images (paths, encoded bytes or PIL images), or `Engine.prepare_images`'
-        result for them."""
+        images: the prompt's images (paths, bytes, PIL images) or `Engine.prepare_images` of them."""
         if images is not None and not isinstance(images, PreparedImages):
             try:
                 images = self.engine.prepare_images(prompt_ids, images, params)
