@@ -107,8 +107,7 @@ class Engine:
                 raise ValueError("this engine has no vision tower (it was built from a text-only checkpoint); "
                                  "it cannot take images")
             return None
-        room = self.max_seq_len - params.max_new_tokens if isinstance(params.max_new_tokens, int) else None
-        return self.images.preprocess(list(prompt_ids), list(images or []), room)
+        return self.images.preprocess(list(prompt_ids), list(images or []), self.max_seq_len - params.max_new_tokens)
 
     def add_request(self, prompt_ids: list[int], params: SamplingParams,
                     images: list[ImageInput] | PreparedImages | None = None) -> Request:
