@@ -89,9 +89,23 @@ def test_chunked_prefill_and_preemption_with_images_are_exact(vlm, llm, mode, bl
     chunked = LLM(vlm[1], device="cpu", max_num_batched_tokens=budget)  # chunk borders inside the image rows
     assert [o.output_ids for o in chunked.generate(prompts, params, images=images)] == want
     tight = LLM(vlm[1], device="cpu", num_kv_pages=26, max_batch_size=3)  # the page pool runs dry
+    fills, schedule = [], tight.engine.scheduler.schedule
+
+    def recording_schedule():  # the real schedule; the re-fills it plans are kept for the checks below
+        work = schedule()
+        fills.extend((item.sequence.request, item.segments[0]) for item in work if item.is_fill)
+        return work
+
+    tight.engine.scheduler.schedule = recording_schedule
     outs = tight.generate(prompts, params, images=images)
     assert sum(o.stats.get("preemptions", 0) for o in outs) > 0
     assert [o.output_ids for o in outs] == want
+    assert any(int(seg.positions[0]) >= len(r.prompt_ids) for r, seg in fills)  # re-fills of generated tokens
+    for request, seg in fills:  # a re-fill never mixes prompt (image) tokens with generated ones
+        start, end, prompt_len = int(seg.positions[0]), int(seg.positions[-1]) + 1, len(request.prompt_ids)
+        assert end <= prompt_len or (start >= prompt_len and seg.image_embeds is None)
+        if start == 0:
+            assert seg.image_embeds is not None  # every prompt here holds an image
 
 
 def test_identical_images_reuse_the_vision_output(vlm, llm):
