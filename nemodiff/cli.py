@@ -50,6 +50,8 @@ def _parse_threshold(value: str) -> float | None:
 @click.option("--seed", type=int, default=None, help="Sampling seed.")
 @click.option("--stop", "stop", multiple=True, help="Stop string (repeatable).")
 @click.option("--chat", is_flag=True, help="Apply the chat template to --prompt.")
+@click.option("--image", "images", multiple=True, type=click.Path(path_type=Path),
+              help="Image file (repeatable; VLM engines). An [IMG] in the prompt marks where each goes, else first.")
 @click.option("--block-length", type=int, default=None, help="Block / draft length [default: engine's].")
 @click.option("--threshold", type=str, default="0.9", help="Diffusion confidence threshold, or 'none'.")
 @click.option("--draft-lora/--no-draft-lora", default=True, help="Use the draft adapter in linear-spec drafts.")
@@ -66,6 +68,7 @@ def _parse_threshold(value: str) -> float | None:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def generate(engine_dir: Path, prompt: str | None, prompt_ids: str | None, mode: str, max_new_tokens: int,
              temperature: float, top_p: float, top_k: int, seed: int | None, stop: tuple[str, ...], chat: bool,
+             images: tuple[Path, ...],
              block_length: int | None, threshold: str, draft_lora: bool, draft_threshold: float | None,
              max_thinking_tokens: int | None,
              device: str | None, kernels: str, tp: int | None, as_json: bool) -> None:
@@ -85,7 +88,7 @@ def generate(engine_dir: Path, prompt: str | None, prompt_ids: str | None, mode:
         params.validate()
         with LLM(engine_dir, device=device, kernels=kernels, tp=tp) as llm:
             source = prompt if prompt is not None else _parse_ids(prompt_ids)
-            output = llm.generate(source, params, chat=chat)[0]
+            output = llm.generate([source], params, chat=chat, images=[list(images)])[0]
     except (EngineFormatError, ValueError, TensorParallelError) as exc:
         raise click.ClickException(str(exc)) from None
     if as_json:

@@ -9,22 +9,32 @@ validation, limits, deadlines and the engine are those of the Triton endpoints. 
 template is the engine tokenizer's; nemodiff's `decode_mode`, `block_length`, `threshold`,
 `top_k`, `max_thinking_tokens`, `ignore_eos` and `timeout` are extra body fields. Errors
 have OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`, and status codes.
+
+On a VLM engine, chat messages may carry `image_url` content parts whose URL is a `data:` URL
+(base64); the server fetches nothing, so any other URL is refused. Each image part becomes an
+`[IMG]` placeholder where it stands in the message, and the image travels to the model in its
+`image_bytes_input` input.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import time
 import uuid
 from pathlib import Path
 
+from PIL import Image
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from nemodiff.engine_format import EngineConfig
 from nemodiff.openai_backend import BackendError, Piece, TritonBackend
+from nemodiff.runtime.image_processing import ImageProcessor
 from nemodiff.runtime.tokenizer import EngineTokenizer
+from nemodiff.triton_inputs import IMAGE_INPUT, data_url_bytes
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the context left
 EXTRA_FIELDS = ("decode_mode", "block_length", "threshold", "top_k", "max_thinking_tokens", "ignore_eos", "timeout")
@@ -50,7 +60,10 @@ def _finish_reason(reason: str | None) -> str:
 class OpenAIFrontend:
     def __init__(self, engine_dir: Path, backend: TritonBackend, served_model_name: str, max_body_bytes: int):
         self.tokenizer = EngineTokenizer(Path(engine_dir))
-        self.max_seq_len = json.loads((Path(engine_dir) / "config.json").read_text())["build"]["max_seq_len"]
+        config = EngineConfig.load(Path(engine_dir))
+        self.max_seq_len = config.build.max_seq_len
+        self.images = ImageProcessor(config.vision) if config.vision is not None else None
+        self.image_placeholder = self.tokenizer.token_text(config.vision.image_token_id) if self.images else None
         self.backend = backend
         self.model = served_model_name
         self.max_body_bytes = max_body_bytes
@@ -130,27 +143,61 @@ class OpenAIFrontend:
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
             raise InvalidRequest("messages must be a non-empty list", "messages")
-        rendered = []
+        rendered, images, image_tokens = [], [], 0
         for message in messages:
             if not isinstance(message, dict) or not isinstance(message.get("role"), str):
                 raise InvalidRequest("each message needs a role and content", "messages")
             content = message.get("content") or ""
             if isinstance(content, list):
-                if any(not isinstance(p, dict) or p.get("type") != "text" for p in content):
-                    raise InvalidRequest("only text content parts are supported", "messages")
-                content = "".join(str(p.get("text", "")) for p in content)
+                texts = []
+                for part in content:
+                    kind = part.get("type") if isinstance(part, dict) else None
+                    if kind == "text":
+                        texts.append(str(part.get("text", "")))
+                    elif kind == "image_url":
+                        image, tokens = self.image_part(part, len(images))
+                        images.append(image)
+                        image_tokens += tokens - 1  # the placeholder itself is one token
+                        texts.append(self.image_placeholder)
+                    else:
+                        raise InvalidRequest("content parts must be of type text or image_url", "messages")
+                content = "".join(texts)
             if not isinstance(content, str):
-                raise InvalidRequest("message content must be a string or a list of text parts", "messages")
+                raise InvalidRequest("message content must be a string or a list of content parts", "messages")
             rendered.append({"role": message["role"], "content": content})
         try:
             text = self.tokenizer.apply_chat_template(rendered, add_generation_prompt=True)
         except Exception as exc:
             raise InvalidRequest(f"the chat template could not be applied: {exc}", "messages") from None
         ids = self.tokenizer.encode(text, add_special_tokens=False)
-        if len(ids) >= self.max_seq_len:
-            raise InvalidRequest(f"the prompt has {len(ids)} tokens; the model's context is {self.max_seq_len}",
-                                 "messages")
-        return {"text_input": "", "input_ids": ids}, len(ids)
+        length = len(ids) + image_tokens
+        if length >= self.max_seq_len:
+            with_images = f" with its {len(images)} image(s)" if images else ""
+            raise InvalidRequest(f"the prompt{with_images} has {length} tokens; the model's context is "
+                                 f"{self.max_seq_len}", "messages")
+        return {"text_input": "", "input_ids": ids} | ({IMAGE_INPUT: images} if images else {}), length
+
+    def image_part(self, part: dict, index: int) -> tuple[bytes, int]:
+        """An image_url part -> (encoded image, the prompt tokens it will take)."""
+        if self.images is None:
+            raise InvalidRequest("this model takes no images (its engine has no vision tower)", "messages")
+        spec = part.get("image_url")
+        url = spec.get("url") if isinstance(spec, dict) else spec
+        if not isinstance(url, str) or not url:
+            raise InvalidRequest(f"image {index}: image_url needs a url", "messages")
+        if not url[:5].lower() == "data:":
+            raise InvalidRequest(f"image {index}: only data: URLs are accepted (data:image/png;base64,...); this "
+                                 "server does not fetch remote images", "messages")
+        try:
+            data = data_url_bytes(url)
+            with Image.open(io.BytesIO(data)) as image:  # reads the header only
+                width, height = image.size
+        except ValueError as exc:
+            raise InvalidRequest(f"image {index}: {exc}", "messages") from None
+        except Exception:
+            raise InvalidRequest(f"image {index}: not a decodable image", "messages") from None
+        rows, cols = self.images.grid(*self.images.resized_size(height, width))
+        return data, rows * (cols + 1)
 
     # -- endpoints ---------------------------------------------------------------------------
     async def models(self, request: Request) -> Response:

@@ -59,7 +59,8 @@ def triton_inputs(fields: dict) -> list:
             array = np.array(value if isinstance(value, list) else [value], dtype=dtype).reshape(1, -1)
         else:
             values = value if isinstance(value, list) else [value]
-            datatype, array = "BYTES", np.array([[v.encode("utf-8") for v in values]], dtype=np.object_)
+            datatype = "BYTES"
+            array = np.array([[v if isinstance(v, bytes) else v.encode("utf-8") for v in values]], dtype=np.object_)
         tensor = grpcclient.InferInput(name, list(array.shape), datatype)
         tensor.set_data_from_numpy(array)
         tensors.append(tensor)

@@ -8,12 +8,21 @@ Inputs that Triton's OpenAI frontend and genai-perf send for features nemodiff d
 have are declared so those tools work, and refused only when they ask for something
 (a non-empty guide, a penalty other than the neutral value, beam width > 1, ...).
 Everything here raises `BadRequest` (answered with INVALID_ARG) and never touches the engine.
+
+Images (VLM engines) come in the optional BYTES input `image_bytes_input`, one element per
+image, in prompt order: the encoded file (PNG, JPEG, ...), the same base64-encoded (what a
+JSON client of the HTTP generate endpoints can send), or a `data:` URL. The name is that of
+the image input of TensorRT-LLM's multimodal Triton models; theirs carries UINT8 pixel arrays,
+this one encoded images. Decoding and the image limits are the runtime's.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import math
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -22,6 +31,8 @@ from nemodiff.runtime.request import SamplingParams, normalize_mode
 DEFAULT_MAX_TOKENS = 64  # when a request has no max_tokens (capped by what the context has room for)
 DEFAULT_THRESHOLD = 0.9
 INT32_MAX = 2**31 - 1
+IMAGE_INPUT = "image_bytes_input"
+_BASE64 = re.compile(rb"[A-Za-z0-9+/]+={0,2}")
 
 
 class BadRequest(ValueError):
@@ -35,6 +46,8 @@ class ParsedRequest:
     stream: bool
     timeout_s: float | None
     echo_prefix: str  # prepended to the first response's text (exclude_input_in_output = false)
+    images: list[bytes] = field(default_factory=list)  # encoded images, in prompt order
+    max_tokens_given: bool = True  # False: max_tokens is the default, to be refitted once images expand the prompt
 
 
 def _text(value) -> str:
@@ -52,6 +65,31 @@ def _float(value) -> float:
     if not np.isfinite(value):
         return float(value)
     return float(np.format_float_positional(value, unique=True))
+
+
+def data_url_bytes(url: str) -> bytes:
+    """The payload of a base64 `data:` URL (`data:image/png;base64,...`)."""
+    header, comma, payload = url.partition(",")
+    if not comma or not header.lower().startswith("data:"):
+        raise BadRequest("an image URL must be a data: URL (data:image/png;base64,...); remote URLs are not fetched")
+    if not header.lower().endswith(";base64"):
+        raise BadRequest("an image data: URL must be base64-encoded (data:image/png;base64,...)")
+    try:
+        return base64.b64decode("".join(payload.split()), validate=True)
+    except (binascii.Error, ValueError):
+        raise BadRequest("an image data: URL has invalid base64 data") from None
+
+
+def image_bytes(value) -> bytes:
+    """One element of `image_bytes_input`: encoded image bytes, base64 text or a data: URL."""
+    raw = value if isinstance(value, (bytes, bytearray)) else str(value).encode("utf-8")
+    raw = bytes(raw)
+    if raw[:5].lower() == b"data:":
+        return data_url_bytes(raw.decode("ascii", "replace"))
+    compact = b"".join(raw.split())
+    if compact and len(compact) % 4 == 0 and _BASE64.fullmatch(compact):
+        return base64.b64decode(compact)
+    return raw
 
 
 class RequestInputs:
@@ -196,6 +234,9 @@ def parse_request(inputs: RequestInputs, tokenizer: PromptTokenizer, decode, def
         block_length=inputs.scalar("block_length", int), threshold=threshold, ignore_eos=ignore_eos,
         max_thinking_tokens=inputs.scalar("max_thinking_tokens", int),
     )
+    images = inputs.array(IMAGE_INPUT)
+    images = [image_bytes(v) for v in images.reshape(-1)] if images is not None else []
     echo = inputs.scalar("exclude_input_in_output", bool) is False
     prefix = (texts[0] if texts and not (ids is not None and ids.size) else decode(prompt_ids)) if echo else ""
-    return ParsedRequest(prompt_ids, params, bool(inputs.scalar("stream", bool)), timeout_s, prefix)
+    return ParsedRequest(prompt_ids, params, bool(inputs.scalar("stream", bool)), timeout_s, prefix, images,
+                         inputs.scalar("max_tokens", int) is not None)

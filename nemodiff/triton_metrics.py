@@ -30,6 +30,9 @@ COUNTERS = {  # snapshot key -> (metric name, help)
     "requests_refused": ("nemodiff_requests_refused_total",
                          "requests refused at once: queue full, draining or engine failed"),
     "requests_timed_out": ("nemodiff_requests_timed_out_total", "requests ended by their deadline"),
+    "vision_cache_hits": ("nemodiff_vision_cache_hits_total",
+                          "images whose vision-tower output was reused from the content-hash cache"),
+    "vision_cache_misses": ("nemodiff_vision_cache_misses_total", "images run through the vision tower"),
 }
 
 

@@ -30,7 +30,7 @@ import triton_python_backend_utils as pb_utils
 from nemodiff.runtime.llm import LLM
 from nemodiff.runtime.request import normalize_mode
 from nemodiff.runtime.server import AsyncEngine, Update
-from nemodiff.triton_inputs import BadRequest, PromptTokenizer, RequestInputs, parse_request
+from nemodiff.triton_inputs import DEFAULT_MAX_TOKENS, BadRequest, PromptTokenizer, RequestInputs, parse_request
 from nemodiff.triton_metrics import ModelMetrics
 
 WATCH_INTERVAL_S = 0.02
@@ -143,15 +143,33 @@ class NemodiffModel:
         parsed = parse_request(inputs, self.prompt_tokenizer, self.llm.tokenizer.decode, self.default_mode,
                                self.vocab_size, self.max_request_bytes)
         try:
-            self.llm.engine.validate(parsed.prompt_ids, parsed.params)
+            prompt_ids, images = self._lay_out_images(parsed)
+            self.llm.engine.validate(prompt_ids, parsed.params)
         except ValueError as exc:
             raise BadRequest(str(exc)) from None
-        state = _RequestState(sender, parsed.stream, parsed.params.mode, len(parsed.prompt_ids), parsed.echo_prefix)
+        state = _RequestState(sender, parsed.stream, parsed.params.mode, len(prompt_ids), parsed.echo_prefix)
         with self._live_lock:
             self._live[id(state)] = state
         state.handle = self.engine.submit(parsed.prompt_ids, parsed.params,
                                           lambda update, s=state: self._on_update(s, update),
-                                          timeout_s=parsed.timeout_s)
+                                          timeout_s=parsed.timeout_s, images=images)
+
+    def _lay_out_images(self, parsed):
+        """(expanded prompt ids, preprocessed images or None); a default max_tokens is refitted to what the
+        images leave of the context. Raises ValueError for bad or unusable images."""
+        engine, params = self.llm.engine, parsed.params
+        if engine.images is None and not parsed.images:
+            return parsed.prompt_ids, None
+        if not parsed.max_tokens_given:
+            params.max_new_tokens = 1  # the images may take what the default left
+        prepared = engine.prepare_images(parsed.prompt_ids, parsed.images, params)
+        if not parsed.max_tokens_given:
+            room = self.max_seq_len - len(prepared.token_ids)
+            if room < 1:
+                raise ValueError(f"the prompt with its images is {len(prepared.token_ids)} tokens, which leaves no "
+                                 f"room to generate (max_seq_len {self.max_seq_len}); send fewer or smaller images")
+            params.max_new_tokens = min(DEFAULT_MAX_TOKENS, room)
+        return prepared.token_ids, prepared
 
     def _on_update(self, state: _RequestState, update: Update) -> None:
         """Engine thread (or the submitting thread for a refusal): one update, zero or one responses."""

@@ -10,6 +10,12 @@ answers and applies them (tokens, stop rules, cache lengths, retirement).
 
 A failure inside one request (non-finite logits, an exception in its strategy) ends that
 request with an error; the others in its step go on.
+
+Images (VLM engines): `prepare_images` preprocesses a request's images and lays out its
+prompt (any thread; bad images fail there). Before scheduling, `launch()` encodes in one
+vision-tower call the images of every request that can be admitted this step; the features
+stay with the request (on the model's device) through preemptions and are dropped when it
+ends.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import numpy as np
 from .decide import Decider
 from .kv_cache import PagedKVCache
 from .model import Model
+from .multimodal import ImageInput, ImagePipeline, PreparedImages, RequestImages
 from .request import Request, SamplingParams
 from .scheduler import ScheduledWork, Scheduler, SchedulerConfig, Sequence
 from .strategies import STRATEGIES
@@ -42,7 +49,7 @@ class PendingStep:
 
 class Engine:
     def __init__(self, model: Model, cache: PagedKVCache, ctx: StrategyContext, scheduler_config: SchedulerConfig,
-                 max_seq_len: int, eos_ids: list[int], decode):
+                 max_seq_len: int, eos_ids: list[int], decode, images: ImagePipeline | None = None):
         self.model = model
         self.cache = cache
         self.ctx = ctx
@@ -50,6 +57,8 @@ class Engine:
         self.max_seq_len = max_seq_len
         self.eos_ids = frozenset(eos_ids)
         self.decode = decode
+        self.images = images  # the vision tower and preprocessing of a VLM engine, else None
+        self._awaiting_images: dict[int, RequestImages] = {}  # request id -> images not yet encoded
         self.decider = Decider(model.device, model.config.mask_token_id)
         self._ids = itertools.count()
         self._sequences: dict[int, Sequence] = {}
@@ -87,9 +96,31 @@ class Engine:
                 "or ask for fewer tokens"
             )
 
-    def add_request(self, prompt_ids: list[int], params: SamplingParams) -> Request:
+    def prepare_images(self, prompt_ids: list[int], images: list[ImageInput] | None,
+                       params: SamplingParams) -> PreparedImages | None:
+        """Preprocess a request's images and expand its prompt (thread-safe; the vision tower does not
+        run here). None for a text-only request on a text-only engine. Raises ValueError (ImageError
+        for a bad image) with a message for the caller."""
+        params.validate()
+        if self.images is None:
+            if images:
+                raise ValueError("this engine has no vision tower (it was built from a text-only checkpoint); "
+                                 "it cannot take images")
+            return None
+        return self.images.preprocess(list(prompt_ids), list(images or []), self.max_seq_len - params.max_new_tokens)
+
+    def add_request(self, prompt_ids: list[int], params: SamplingParams,
+                    images: list[ImageInput] | PreparedImages | None = None) -> Request:
+        """images: the prompt's images (paths, bytes, PIL images), or what `prepare_images` made of them."""
+        prepared = images if isinstance(images, PreparedImages) else self.prepare_images(prompt_ids, images, params)
+        if prepared is not None:
+            prompt_ids = prepared.token_ids
         self.validate(prompt_ids, params)
         request = Request(next(self._ids), list(prompt_ids), params, self.eos_ids, self.decode)
+        if prepared is not None and prepared.pixels:
+            request.images = RequestImages(request.prompt_ids, prepared.pixels, self.images.image_token_id,
+                                           self.images.encode)
+            self._awaiting_images[request.request_id] = request.images
         sequence = Sequence(request, STRATEGIES[params.mode](request, self.ctx))
         self._sequences[request.request_id] = sequence
         self.scheduler.add(sequence)
@@ -103,6 +134,7 @@ class Engine:
         if sequence is None:
             return
         self.scheduler.remove(sequence)
+        self._release_images(request)
         if not request.finished:
             request._finish(reason)
 
@@ -114,6 +146,8 @@ class Engine:
 
     def launch(self) -> PendingStep | None:
         """Schedule, build the batch, enqueue the forward and the batched decisions (no host sync)."""
+        if self.images is not None:
+            self._encode_admissible_images()
         work = self.scheduler.schedule()
         if not work:
             return None
@@ -179,7 +213,44 @@ class Engine:
             self._retire(request)
         return finished
 
+    def _encode_admissible_images(self) -> None:
+        """One vision-tower call for the images of the requests the scheduler may admit this step
+        (the running ones were encoded when they were admitted)."""
+        awaiting, scheduler = self._awaiting_images, self.scheduler
+        if not awaiting:
+            return
+        room = scheduler.config.max_num_seqs - len(scheduler.running)
+        chosen = [seq.request_id for seq in scheduler.running if seq.request_id in awaiting]
+        if room > 0:  # admission is FIFO: at most `room` waiting requests get in this step
+            chosen += [seq.request_id for seq in itertools.islice(scheduler.waiting, room)
+                       if seq.request_id in awaiting]
+        if not chosen:
+            return
+        try:
+            self.images.encode([awaiting[rid] for rid in chosen])
+        except Exception as exc:  # the encoder failed on these images: their requests fail, others go on
+            log.exception("vision encoder failed")
+            for rid in chosen:
+                request = self._sequences[rid].request
+                request.fail(f"internal error while encoding the images: {exc}")
+                self._retire(request)
+        for rid in chosen:
+            awaiting.pop(rid, None)
+
+    def image_stats(self) -> dict:
+        """Counters of the vision-feature cache (zeros on a text-only engine or with the cache off)."""
+        cache = self.images.cache if self.images is not None else None
+        stats = cache.stats() if cache is not None else {}
+        return {"vision_cache_hits": stats.get("hits", 0), "vision_cache_misses": stats.get("misses", 0),
+                "vision_cache_evictions": stats.get("evictions", 0), "vision_cache_bytes": stats.get("bytes", 0)}
+
+    def _release_images(self, request: Request) -> None:
+        self._awaiting_images.pop(request.request_id, None)
+        if request.images is not None:
+            request.images.release()
+
     def _retire(self, request: Request) -> None:
+        self._release_images(request)
         sequence = self._sequences.pop(request.request_id)
         request.stats |= getattr(sequence.strategy, "stats", dict)()
         if sequence.num_preemptions:

@@ -75,7 +75,9 @@ class ImageProcessor:
                 decoded.load()
         except ImageError:
             raise
-        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        except UnidentifiedImageError:
+            raise ImageError(f"{name}: not a decodable image (unknown or corrupt image format)") from None
+        except (OSError, ValueError, SyntaxError) as exc:
             raise ImageError(f"{name}: not a decodable image ({type(exc).__name__}: {exc})") from None
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
             raise ImageError(f"{name}: too large ({exc})") from None

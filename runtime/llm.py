@@ -19,13 +19,16 @@ import torch
 from nemodiff.engine_format import EngineConfig, EngineFormatError
 
 from .engine import Engine
+from .image_processing import ImageLimits
 from .kv_cache import PagedKVCache
 from .loader import default_device, load_engine, runtime_dtype
+from .multimodal import ImagePipeline
 from .request import Request, SamplingParams
 from .scheduler import SchedulerConfig
 from .strategies.base import StrategyContext
 from .tokenizer import EngineTokenizer
 from .tp_driver import TensorParallelDriver, default_devices
+from .vision_cache import VisionFeatureCache
 
 
 @dataclass
@@ -65,6 +68,11 @@ class LLM:
     "aot" (the compiled kernels, or an error). cuda_graphs: capture the declared steady step
     shapes at start (GPU kernel path only).
 
+    VLM engines also load the vision tower: `generate(..., images=...)` takes one list of
+    images (paths, encoded bytes or PIL images) per prompt. vision_cache_bytes bounds the
+    memory of reused vision-tower outputs (0 = no reuse); image_limits bounds what one request
+    may send (encoded size, pixels, images per prompt).
+
     tp must equal the engine's `--tp` when given. devices: one torch device per rank
     [default: cuda:i, cuda:i+1, ... from `device`, or the CPU for every rank]. A rank that
     fails or stops answering within tp_step_timeout_s fails the engine: every later step
@@ -74,7 +82,8 @@ class LLM:
     def __init__(self, engine_dir: str | Path, device: str | torch.device | None = None,
                  kv_cache_memory_bytes: int | None = None, num_kv_pages: int | None = None,
                  max_batch_size: int | None = None, max_num_batched_tokens: int | None = None, verify: bool = True,
-                 cuda_graphs: bool = True, kernels: str = "auto", tp: int | None = None,
+                 cuda_graphs: bool = True, kernels: str = "auto", vision_cache_bytes: int = 256 << 20,
+                 image_limits: ImageLimits | None = None, tp: int | None = None,
                  devices: list[str | torch.device] | None = None, tp_step_timeout_s: float = 300.0):
         self.engine_dir = Path(engine_dir)
         if not self.engine_dir.is_dir():
@@ -93,7 +102,7 @@ class LLM:
                                                        tp_step_timeout_s)
         try:
             self._setup(device, kv_cache_memory_bytes, num_kv_pages, max_batch_size, max_num_batched_tokens,
-                        verify, cuda_graphs, kernels)
+                        verify, cuda_graphs, kernels, vision_cache_bytes, image_limits)
         except BaseException:
             if self._driver is not None:
                 self._driver.close()
@@ -101,7 +110,7 @@ class LLM:
         self._finalizer = weakref.finalize(self, self._driver.close) if self._driver is not None else None
 
     def _setup(self, device, kv_cache_memory_bytes, num_kv_pages, max_batch_size, max_num_batched_tokens, verify,
-               cuda_graphs, kernels) -> None:
+               cuda_graphs, kernels, vision_cache_bytes, image_limits) -> None:
         build, mcfg = self.config.build, self.config.model
         kv_heads = mcfg.num_key_value_heads // self.tp
         self.max_batch_size = max_batch_size or build.max_batch_size
@@ -137,8 +146,12 @@ class LLM:
         # the default budget fits a full QuadraticSpec forward, k * (k + 1) tokens
         budget = max_num_batched_tokens or max(2048, build.block_length * (build.block_length + 1))
         scheduler = SchedulerConfig(max_num_seqs=self.max_batch_size, max_num_batched_tokens=budget)
+        images = None
+        if self.config.vision is not None:
+            images = ImagePipeline.from_engine(self.engine_dir, self.config, self.model.dtype, self.model.device,
+                                               cache_bytes=vision_cache_bytes, limits=image_limits)
         self.engine = Engine(self.model, self.cache, ctx, scheduler, build.max_seq_len, eos_ids,
-                             decode=self.tokenizer.decode)
+                             decode=self.tokenizer.decode, images=images)
 
     def close(self) -> None:
         """Stop the tensor-parallel workers (nothing to do for a single-rank engine)."""
@@ -160,18 +173,25 @@ class LLM:
 
     def generate(self, prompts: str | list[int] | list[str | list[int]],
                  params: SamplingParams | list[SamplingParams] | None = None,
-                 chat: bool = False) -> list[RequestOutput]:
-        """Generate for one or several prompts (text or token ids), all batched together."""
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+                 chat: bool = False, images: list | None = None) -> list[RequestOutput]:
+        """Generate for one or several prompts (text or token ids), all batched together.
+
+        images: one list of images per prompt (a path, encoded bytes or a PIL image each; an empty
+        list or None for a text-only prompt), or for a single prompt simply its list of images.
+        An `[IMG]` token in a prompt marks where each image goes; without one the images go first.
+        """
+        single = isinstance(prompts, str) or bool(prompts and isinstance(prompts[0], int))
+        if single:
             prompts = [prompts]
         params_list = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
         if len(params_list) != len(prompts):
             raise ValueError("give one SamplingParams, or one per prompt")
+        images_list = _images_per_prompt(images, len(prompts), single)
         requests: list[Request] = []
         try:
-            for prompt, p in zip(prompts, params_list):
+            for prompt, p, prompt_images in zip(prompts, params_list, images_list):
                 copy = SamplingParams(**vars(p))
-                requests.append(self.engine.add_request(self.encode_prompt(prompt, chat), copy))
+                requests.append(self.engine.add_request(self.encode_prompt(prompt, chat), copy, prompt_images))
             while any(not r.finished for r in requests):
                 self.engine.step()
         except BaseException:
@@ -179,6 +199,11 @@ class LLM:
                 self.engine.abort(request)
             raise
         return [self._output(r) for r in requests]
+
+    @property
+    def vision_cache(self) -> VisionFeatureCache | None:
+        """The cache of vision-tower outputs (None on a text-only engine or with the cache off)."""
+        return self.engine.images.cache if self.engine.images is not None else None
 
     def _output(self, request: Request) -> RequestOutput:
         return RequestOutput(
@@ -194,3 +219,16 @@ def _check_tp(config: EngineConfig, tp: int | None) -> int:
         raise ValueError(f"this engine was built for {built} tensor-parallel rank(s) (nemodiff-build --tp {built}); "
                          f"it cannot run with tp={tp}: rebuild it with --tp {tp}")
     return built
+
+
+def _images_per_prompt(images: list | None, num_prompts: int, single: bool) -> list[list | None]:
+    if images is None:
+        return [None] * num_prompts
+    if not isinstance(images, (list, tuple)):
+        raise ValueError("images must be a list: one list of images per prompt")
+    if single and not (len(images) == 1 and isinstance(images[0], (list, tuple))):
+        images = [images]  # one prompt, given its images directly
+    if len(images) != num_prompts or not all(i is None or isinstance(i, (list, tuple)) for i in images):
+        raise ValueError(f"images must hold one list of images per prompt ({num_prompts} prompts, got "
+                         f"{len(images)} entries)")
+    return [list(i) if i is not None else None for i in images]

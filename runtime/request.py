@@ -13,8 +13,12 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from .detokenizer import IncrementalDetokenizer
+
+if TYPE_CHECKING:
+    from .multimodal import RequestImages
 
 MODES = ("ar", "diffusion", "linear-spec", "quadratic-spec")
 MODE_ALIASES = {"fastdiffuser": "diffusion", "fast-diffuser": "diffusion", "linearspec": "linear-spec",
@@ -98,6 +102,7 @@ class Request:
     first_token_time: float | None = None
     end_time: float | None = None
     stats: dict = field(default_factory=dict)
+    images: RequestImages | None = None  # the prompt's images (VLM), until the request ends
 
     def __post_init__(self):
         self.detokenizer = IncrementalDetokenizer(self.decode, self.output_ids)
@@ -115,6 +120,10 @@ class Request:
             text = self.decode(self.output_ids)
             self._final_text = text[: self.stop_text_len] if self.stop_text_len is not None else text
         return self._final_text
+
+    def image_embeds_for(self, start: int, end: int):
+        """Image feature rows for the prompt positions [start, end) of a prefill or re-fill segment."""
+        return None if self.images is None else self.images.embeds_for(start, end)
 
     def stop_ids(self) -> frozenset[int]:
         """Token ids that end the request (end-of-sequence unless ignored, and stop_token_ids)."""

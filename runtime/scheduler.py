@@ -173,12 +173,18 @@ class Scheduler:
     def _plan(self, seq: Sequence, budget: int, first: bool) -> ScheduledWork | None:
         if seq.filling:
             size = min(seq.fill_target - seq.cache_len, budget)
+            start = seq.cache_len
+            prompt_len = len(seq.request.prompt_ids)
+            if seq.request.images is not None and start < prompt_len:
+                # a re-fill with images stops at the prompt's end: an image token the model generated
+                # later is text, and the batch splices features into every image token of a segment
+                size = min(size, prompt_len - start)
             if size <= 0:
                 return None
-            start = seq.cache_len
             tokens = seq.tokens()[start: start + size]
             segment = Segment(seq.request_id, tokens, np.arange(start, start + size), start, Pattern.CAUSAL,
-                              write_kv=True, logit_rows=[], kv_end=start + size)
+                              write_kv=True, logit_rows=[], kv_end=start + size,
+                              image_embeds=seq.request.image_embeds_for(start, start + size))
             return ScheduledWork(seq, [segment], True, size)
         segments = seq.strategy.next_segments()
         cost = sum(len(s) for s in segments)

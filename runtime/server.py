@@ -14,6 +14,9 @@ Guarantees, whatever fails:
 - if the loop itself fails, every pending request gets an "internal" error, later
   submissions are refused, `failure` says why and `on_failure` is called once: the
   process is expected to be restarted by its supervisor (`nemodiff serve` exits non-zero).
+
+Images (VLM engines) are decoded in the submitting thread (a bad one is an "invalid" error
+before the request is queued); the vision tower runs on the loop.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 
 from .llm import LLM, RequestOutput
+from .multimodal import ImageInput, PreparedImages
 from .request import Request, SamplingParams
 from .streaming import TextStream
 
@@ -100,8 +104,17 @@ class AsyncEngine:
 
     # -- public API (any thread) -------------------------------------------------------------
     def submit(self, prompt_ids: list[int], params: SamplingParams, on_update: Callable[[Update], None],
-               is_cancelled: Callable[[], bool] | None = None, timeout_s: float | None = None) -> Handle:
-        """Queue a request; refused at once (a final error update) when the server cannot take it."""
+               is_cancelled: Callable[[], bool] | None = None, timeout_s: float | None = None,
+               images: list[ImageInput] | PreparedImages | None = None) -> Handle:
+        """Queue a request; refused at once (a final error update) when the server cannot take it.
+        images: the prompt's images (paths, bytes, PIL images) or `Engine.prepare_images` of them."""
+        if images is not None and not isinstance(images, PreparedImages):
+            try:
+                images = self.engine.prepare_images(prompt_ids, images, params)
+            except ValueError as exc:
+                handle = Handle(on_update=on_update, is_cancelled=is_cancelled)
+                self._finish(handle, _error_update(str(exc), "invalid"), counted=False)
+                return handle
         timeouts = [t for t in (timeout_s, self.request_timeout_s) if t is not None]
         timeout = min(timeouts) if timeouts else None
         handle = Handle(on_update=on_update, is_cancelled=is_cancelled, timeout_s=timeout,
@@ -110,7 +123,7 @@ class AsyncEngine:
             refusal = self._refusal()
             if refusal is None:
                 self._in_flight += 1
-                self._commands.put(("submit", handle, list(prompt_ids), params))
+                self._commands.put(("submit", handle, list(prompt_ids), params, images))
             else:
                 self.refused += 1
         if refusal is not None:
@@ -150,9 +163,10 @@ class AsyncEngine:
     def healthy(self) -> bool:
         return self.failure is None and self._thread.is_alive()
 
-    def stream(self, prompt_ids: list[int], params: SamplingParams, timeout: float | None = None) -> Iterator[Update]:
+    def stream(self, prompt_ids: list[int], params: SamplingParams, timeout: float | None = None,
+               images: list[ImageInput] | PreparedImages | None = None) -> Iterator[Update]:
         updates: queue.Queue = queue.Queue()
-        handle = self.submit(prompt_ids, params, updates.put)
+        handle = self.submit(prompt_ids, params, updates.put, images=images)
         try:
             while True:
                 update = updates.get(timeout=timeout)
@@ -162,10 +176,12 @@ class AsyncEngine:
         finally:
             self.cancel(handle)  # a consumer that stops early frees the request
 
-    async def astream(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[Update]:
+    async def astream(self, prompt_ids: list[int], params: SamplingParams,
+                      images: list[ImageInput] | PreparedImages | None = None) -> AsyncIterator[Update]:
         loop = asyncio.get_running_loop()
         updates: asyncio.Queue = asyncio.Queue()
-        handle = self.submit(prompt_ids, params, lambda u: loop.call_soon_threadsafe(updates.put_nowait, u))
+        handle = self.submit(prompt_ids, params, lambda u: loop.call_soon_threadsafe(updates.put_nowait, u),
+                             images=images)
         try:
             while True:
                 update = await updates.get()
@@ -175,9 +191,10 @@ class AsyncEngine:
         finally:
             self.cancel(handle)
 
-    def generate(self, prompt_ids: list[int], params: SamplingParams, timeout: float | None = None) -> Update:
+    def generate(self, prompt_ids: list[int], params: SamplingParams, timeout: float | None = None,
+                 images: list[ImageInput] | PreparedImages | None = None) -> Update:
         """Block until the request ends; returns its final update."""
-        updates = list(self.stream(prompt_ids, params, timeout=timeout))
+        updates = list(self.stream(prompt_ids, params, timeout=timeout, images=images))
         return updates[-1]
 
     def metrics(self) -> dict:
@@ -190,7 +207,7 @@ class AsyncEngine:
                 "requests_waiting": len(scheduler.waiting),
                 "output_tokens": dict(self.engine.output_tokens),
                 "forward_passes": dict(self.engine.forward_passes),
-            }
+            } | self.engine.image_stats()
         with self._state_lock:
             snapshot |= {"requests_in_flight": self._in_flight, "requests_refused": self.refused,
                          "requests_timed_out": self.timed_out, "engine_healthy": int(self.healthy)}
@@ -256,7 +273,7 @@ class AsyncEngine:
     def _run(self, command: tuple) -> None:
         kind = command[0]
         if kind == "submit":
-            _, handle, prompt_ids, params = command
+            _, handle, prompt_ids, params, images = command
             if handle.cancel_requested:
                 self._finish(handle, Update(finished=True, finish_reason="cancelled"))
                 return
@@ -265,7 +282,7 @@ class AsyncEngine:
                 return
             try:
                 with self._lock:
-                    handle.request = self.engine.add_request(prompt_ids, params)
+                    handle.request = self.engine.add_request(prompt_ids, params, images)
             except ValueError as exc:
                 self._finish(handle, _error_update(str(exc), "invalid"))
                 return

@@ -39,6 +39,10 @@ class EngineTokenizer:
     def token_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
 
+    def token_text(self, token_id: int) -> str | None:
+        """The text of one token (e.g. "[IMG]" for the image placeholder), None if out of the vocabulary."""
+        return self._tok.id_to_token(token_id)
+
     def think_end_id(self) -> int | None:
         """Id of the end-of-thinking token, if the vocabulary has one."""
         for name in ("[/THINK]", "</think>"):

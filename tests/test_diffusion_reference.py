@@ -10,24 +10,26 @@ from nemodiff.runtime.segments import Pattern, Segment
 MASK = 100
 
 
-def dense_logits(model, tokens, block_start):
-    """Every row's logits: causal over tokens[:block_start], the block after it fully bidirectional."""
+def dense_logits(model, tokens, block_start, image_embeds=None):
+    """Every row's logits: causal over tokens[:block_start], the block after it fully bidirectional.
+    image_embeds: feature rows for the image tokens of tokens (VLM prompts)."""
     n = len(tokens)
     mask = torch.ones(n, n, dtype=torch.bool).tril()
     mask[block_start:, block_start:] = True
-    return model.forward([Segment(0, tokens, list(range(n)), 0, Pattern.MASK, mask=mask)])[0]
+    return model.forward([Segment(0, tokens, list(range(n)), 0, Pattern.MASK, mask=mask,
+                                  image_embeds=image_embeds)])[0]
 
 
-def reference_diffusion(model, prompt, block, tau, max_new, eos_ids):
+def reference_diffusion(model, prompt, block, tau, max_new, eos_ids, image_embeds=None):
     seq = list(prompt)
-    out = [int(dense_logits(model, seq, len(seq))[-1].argmax())]
+    out = [int(dense_logits(model, seq, len(seq), image_embeds)[-1].argmax())]
     while len(out) < max_new:
         x = [out[-1]] + [MASK] * (block - 1)
         masked = [False] + [True] * (block - 1)
         steps, num_masks = 0, block - 1
         per_step = [num_masks // block + (1 if s < num_masks % block else 0) for s in range(block)]
         while any(masked):
-            logits = dense_logits(model, seq + x, len(seq))[len(seq):]
+            logits = dense_logits(model, seq + x, len(seq), image_embeds)[len(seq):]
             probs = torch.softmax(logits.double(), dim=-1)
             conf, cand = probs.max(dim=-1)
             open_pos = [j for j in range(block) if masked[j]]
@@ -48,7 +50,7 @@ def reference_diffusion(model, prompt, block, tau, max_new, eos_ids):
         if len(out) >= max_new:
             break
         seq += x
-        out.append(int(dense_logits(model, seq, len(seq))[-1].argmax()))
+        out.append(int(dense_logits(model, seq, len(seq), image_embeds)[-1].argmax()))
     return out[:max_new]
 
 

@@ -103,7 +103,7 @@ def test_too_many_images_for_the_context(tmp_path):
     image = png_bytes(64, 64)  # 8 x 8 tokens + 8 breaks = 72 prompt tokens
     (fits,) = pipeline.prepare([([1, 5], [image])], max_prompt_len=74)
     assert len(fits.token_ids) == 74 and fits.num_image_tokens == 64
-    with pytest.raises(ImageError, match="the prompt with its images is 146 tokens, more than the context allows"):
+    with pytest.raises(ImageError, match="the prompt with its images is 146 tokens, more than the context leaves"):
         pipeline.prepare([([1, 5], [image, image])], max_prompt_len=100)
     with pytest.raises(ImageError, match="4 images in one prompt; the limit is 3"):
         pipeline.prepare([([1, 5], [image] * 4)])

@@ -120,6 +120,9 @@ def test_errors_have_openai_shape_and_status(client, server):
             assert chunk, reply
             reply += chunk
     assert reply.startswith(b"HTTP/1.1 413") and b"larger than" in reply
+    with pytest.raises(openai.BadRequestError, match="takes no images"):  # a text-only engine
+        client.chat.completions.create(model="nemodiff", max_tokens=4, messages=[{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}]}])
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="gpt-4", prompt="hi", max_tokens=4)
     with pytest.raises(openai.BadRequestError):

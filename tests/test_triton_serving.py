@@ -271,6 +271,7 @@ BAD_INPUTS = [
     ({"decode_mode": "quadratic-spec", "block_length": 64}, "exceeds the engine's block length"),
     ({"input_ids": [1, 99999]}, "prompt ids must be in"),
     ({"temperature": -1.0}, "temperature must be >= 0"),
+    ({"image_bytes_input": ["iVBORw0KGgo="]}, "no vision tower"),  # a text-only engine refuses images
 ]
 
 

@@ -204,7 +204,7 @@ def grpc_inputs(prompt: str, **fields) -> list:
             arrays[name] = np.array(value if isinstance(value, list) else [value], dtype=types[name]).reshape(1, -1)
         else:
             values = value if isinstance(value, list) else [value]
-            arrays[name] = np.array([[v.encode() for v in values]], dtype=np.object_)
+            arrays[name] = np.array([[v if isinstance(v, bytes) else v.encode() for v in values]], dtype=np.object_)
     inputs = []
     for name, array in arrays.items():
         tensor = grpcclient.InferInput(name, list(array.shape), _triton_type(array))

@@ -64,7 +64,8 @@ class DecodeStrategy(ABC):
         prompt, start = self.request.prompt_ids, self.committed
         n = len(prompt)
         return Segment(self.request.request_id, prompt[start:], np.arange(start, n), prefix_len=start,
-                       pattern=Pattern.CAUSAL, write_kv=True, logit_rows=[n - start - 1])
+                       pattern=Pattern.CAUSAL, write_kv=True, logit_rows=[n - start - 1],
+                       image_embeds=self.request.image_embeds_for(start, n))
 
     def tokens_until_forced(self) -> int | None:
         """How many tokens may still be emitted before the end-of-thinking token must be forced

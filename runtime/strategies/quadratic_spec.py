@@ -71,7 +71,8 @@ class QuadraticSpecStrategy(DecodeStrategy):
             n = len(prompt) - start
             return [Segment(rid, list(prompt[start:]) + [mask_id] * k, np.arange(start, len(prompt) + k), start,
                             Pattern.MASK, np.array([True] * n + [False] * k),
-                            [n - 1] + list(range(n + 1, n + k)), first_cycle_mask(n, k))]
+                            [n - 1] + list(range(n + 1, n + k)), first_cycle_mask(n, k),
+                            image_embeds=self.request.image_embeds_for(start, len(prompt)))]
         mask, offsets, writes, rows = cycle_layout(k)
         P = self.committed
         return [Segment(rid, self.tokens.copy(), offsets + P, P, Pattern.MASK, writes, rows, mask, False, None,
