@@ -16,12 +16,14 @@ Under tensor parallelism the workers receive the packed host arrays of rank 0's 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 import numpy as np
 import torch
 
 from .kv_cache import PagedKVCache
 from .segments import Pattern, Segment
+from .segments import arange as _arange
 
 
 @dataclass
@@ -52,6 +54,7 @@ class ForwardBatch:
     image_rows: torch.Tensor | None = None  # token rows whose embedding is replaced
     image_embeds: torch.Tensor | None = None
     shape_key: tuple | None = None  # every segment has this steady shape (CUDA graphs)
+    token_starts: np.ndarray | None = None  # host: first token row of each segment
     extras: dict = field(default_factory=dict)  # kernel-path metadata, filled by the model
 
     @property
@@ -110,6 +113,13 @@ class PackedSizes:
         return [s + 1, s, s, s, s, self.mask_words]
 
 
+@lru_cache(maxsize=512)
+def _flags(n: int, value: bool) -> np.ndarray:
+    flags = np.full(n, value)
+    flags.flags.writeable = False
+    return flags
+
+
 class BatchBuilder:
     def __init__(self, device: torch.device, image_token_id: int | None = None):
         self.device = torch.device(device)
@@ -156,20 +166,38 @@ class BatchBuilder:
         return dense
 
     def build(self, segments: list[Segment], cache: PagedKVCache | None) -> ForwardBatch:
-        lengths = np.fromiter((len(s) for s in segments), dtype=np.int64, count=len(segments))
-        starts = np.zeros(len(segments) + 1, dtype=np.int64)
+        count = len(segments)
+        lengths = np.empty(count, dtype=np.int64)
+        ids, positions, writes, prefix, rows, patterns, local_rows, masks, keys = ([] for _ in range(9))
+        lora_segments, masked = [], False
+        row_of = cache.row if cache is not None else None
+        for i, s in enumerate(segments):  # one pass: O(1) Python per segment, nothing per token
+            n = len(s.token_ids)
+            lengths[i] = n
+            ids.append(s.token_ids)
+            positions.append(s.positions)
+            w = s.write_kv
+            writes.append(_flags(n, bool(w)) if isinstance(w, (bool, np.bool_)) else w)
+            prefix.append(s.prefix_len)
+            rows.append(row_of(s.request_id) if row_of is not None else 0)
+            patterns.append(int(s.pattern))
+            local_rows.append(_arange(n) if s.logit_rows is None else np.asarray(s.logit_rows, dtype=np.int64))
+            if s.pattern is Pattern.MASK:
+                masks.append(s.mask)
+                masked = True
+            else:
+                masks.append(None)
+            if s.use_lora:
+                lora_segments.append(i)
+            keys.append(s.shape_key)
+        starts = np.zeros(count + 1, dtype=np.int64)
         np.cumsum(lengths, out=starts[1:])
         total = int(starts[-1])
-        ids = np.concatenate([np.asarray(s.token_ids, dtype=np.int64) for s in segments])
-        positions = np.concatenate([np.asarray(s.positions, dtype=np.int64) for s in segments])
-        writes = np.concatenate([s.write_flags() for s in segments])
-        prefix = [s.prefix_len for s in segments]
-        if cache is None:
-            if writes.any() or any(prefix):
-                raise ValueError("segments that read or write the KV cache need a cache")
-            rows = [0] * len(segments)
-        else:
-            rows = [cache.row(s.request_id) for s in segments]
+        ids = np.concatenate(ids).astype(np.int64, copy=False)
+        positions = np.concatenate(positions).astype(np.int64, copy=False)
+        writes = np.concatenate(writes).astype(bool, copy=False)
+        if cache is None and (writes.any() or any(prefix)):
+            raise ValueError("segments that read or write the KV cache need a cache")
         token_slots = np.full(total, -1, dtype=np.int64)
         write_rows = np.flatnonzero(writes)
         if len(write_rows):
@@ -183,26 +211,19 @@ class BatchBuilder:
                 raise IndexError(f"request {owner.request_id}: position {int(pos[first])} is beyond its reserved pages")
             pages = cache.tables_host[token_rows, page_index]
             token_slots[write_rows] = pages.astype(np.int64) * cache.page_size + pos % cache.page_size
-        logit_parts, counts, lora_parts, local_rows = [], [], [], []
-        for seg, start in zip(segments, starts[:-1]):
-            r = seg.rows()
-            local_rows.append(r)
-            logit_parts.append(r + start)
-            counts.append(len(r))
-            if seg.use_lora:
-                lora_parts.append(np.arange(start, start + len(seg)))
-        logit_rows = np.concatenate(logit_parts) if logit_parts else np.zeros(0, np.int64)
-        lora_rows = np.concatenate(lora_parts) if lora_parts else np.zeros(0, np.int64)
-        patterns = [int(s.pattern) for s in segments]
+        counts = [len(r) for r in local_rows]
+        logit_rows = (np.concatenate(local_rows) + np.repeat(starts[:-1], counts)) if count else np.zeros(0, np.int64)
+        lora_rows = (np.concatenate([np.arange(starts[i], starts[i + 1]) for i in lora_segments]) if lora_segments
+                     else np.zeros(0, np.int64))
         mask_offsets, bits, used = [], [], 0
-        for s in segments:
+        for mask in masks if masked else ():
             mask_offsets.append(used)
-            if s.pattern is Pattern.MASK:
-                bits.append(s.mask.bits)
-                used += len(s.mask.bits)
-        if not bits:
-            bits = [np.zeros(1, dtype=np.int32)]
-        bits = np.concatenate(bits)
+            if mask is not None:
+                bits.append(mask.bits)
+                used += len(mask.bits)
+        if not masked:
+            mask_offsets = np.zeros(count, dtype=np.int64)
+        bits = np.concatenate(bits) if bits else np.zeros(1, dtype=np.int32)
         self._last_sizes = PackedSizes(total, len(write_rows), len(logit_rows), len(lora_rows), len(segments),
                                        len(bits))
         parts64 = [ids, positions, token_slots, write_rows, token_slots[write_rows], logit_rows, lora_rows]
@@ -213,17 +234,16 @@ class BatchBuilder:
         embeds = [s.image_embeds for s in segments if s.image_embeds is not None]
         if embeds:
             image_rows, image_embeds = self._image_rows(segments, ids, starts, embeds)
-        keys = {s.shape_key for s in segments}
-        masks = [s.mask.dense if s.pattern is Pattern.MASK else None for s in segments]
-        return self._assemble(parts64, parts32, counts, local_rows, masks, image_rows, image_embeds,
-                              keys.pop() if len(keys) == 1 else None)
+        key = keys[0] if keys and keys.count(keys[0]) == count else None
+        dense = [m.dense if m is not None else None for m in masks]
+        return self._assemble(parts64, parts32, counts, local_rows, dense, image_rows, image_embeds, key)
 
     def _assemble(self, parts64: list[np.ndarray], parts32: list[np.ndarray], counts: list[int],
                   segment_rows: list[np.ndarray], masks: list[torch.Tensor | None], image_rows, image_embeds,
                   shape_key) -> ForwardBatch:
         (d_ids, d_pos, d_slots, d_wrows, d_wslots, d_logits, d_lora) = self._int64.upload(parts64)
         (d_start, d_prefix, d_trow, d_pattern, d_moff, d_bits) = self._int32.upload(parts32)
-        starts, prefix, rows, patterns = parts32[:4]
+        starts, prefix, rows, patterns = (np.asarray(p) for p in parts32[:4])
         return ForwardBatch(
             num_tokens=int(starts[-1]), ids=d_ids, positions=d_pos, token_slots=d_slots, write_rows=d_wrows,
             write_slots=d_wslots, logit_rows=d_logits, lora_rows=d_lora, logit_counts=counts,
@@ -231,7 +251,7 @@ class BatchBuilder:
             table_rows=rows.tolist(), prefix_lens=prefix.tolist(), patterns=patterns.tolist(), masks=masks,
             seg_start=d_start, seg_prefix=d_prefix, seg_table_row=d_trow, seg_pattern=d_pattern,
             mask_offset=d_moff, mask_bits=d_bits, image_rows=image_rows, image_embeds=image_embeds,
-            shape_key=shape_key,
+            shape_key=shape_key, token_starts=starts[:-1],
         )
 
     def _image_rows(self, segments, ids, starts, embeds) -> tuple[torch.Tensor, torch.Tensor]:

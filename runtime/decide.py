@@ -173,9 +173,9 @@ class Decider:
         """A token per row: argmax for greedy requests, a sample for the others (lane = row in request)."""
         greedy = np.array([s.params.temperature <= 0 for s in strategies])
         if greedy.all():
-            return logits.argmax(dim=-1)
+            return S.row_argmax(logits)
         row_greedy = np.repeat(greedy, counts)
-        tokens = logits.argmax(dim=-1)
+        tokens = S.row_argmax(logits)
         sampled = [s for s, g in zip(strategies, greedy) if not g]
         hot_counts = counts[~greedy]
         hot_rows = self.index(np.flatnonzero(~row_greedy))

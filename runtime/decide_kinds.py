@@ -14,6 +14,9 @@ import torch
 
 from . import sampling as S
 
+SMALL_FLOAT64 = 1 << 16  # logits elements below which float64 confidences are computed directly
+REFINE_MARGIN = 1e-4  # float32 confidences this close to a threshold or a block's best are recomputed
+
 
 def _group_starts(counts: np.ndarray) -> np.ndarray:
     return np.cumsum(counts) - counts
@@ -24,10 +27,14 @@ def run_candidates(d, needs, logits, ids, parts) -> None:
     counts = np.asarray(needs.counts, dtype=np.int64)
     n, total = len(counts), int(counts.sum())
     x = d.gather(logits, needs)
-    cand, conf = S.greedy_confidence(x, torch.float32)
+    # float64 decisions on the CPU (the exactness tests compare with float64 references): small batches
+    # directly, large ones in float32 with the rows that could flip a decision refined in float64
+    exact = S.probability_dtype(x.device) == torch.float64
+    direct = exact and x.numel() <= SMALL_FLOAT64
+    work_dtype = torch.float64 if direct else torch.float32
+    cand, conf = S.greedy_confidence(x, work_dtype)
     greedy = np.array([s.params.temperature <= 0 for s in needs.strategies])
     lanes = np.concatenate([e[0] for e in needs.extra]).astype(np.int64)
-    hot_rows = None
     if not greedy.all():
         hot = np.repeat(~greedy, counts)
         hot_rows = d.index(np.flatnonzero(hot))
@@ -36,13 +43,25 @@ def run_candidates(d, needs, logits, ids, parts) -> None:
         hot_lanes = d.index(lanes[hot])
         picked = S.gumbel_argmax(x[hot_rows], temps, seeds, counters, hot_lanes)
         cand[hot_rows] = picked
-        conf[hot_rows] = S.candidate_confidence(x[hot_rows], picked, torch.float32)
-    group = d.index(np.repeat(np.arange(n), counts))
-    row_id = torch.arange(total, device=x.device)
+        conf[hot_rows] = S.candidate_confidence(x[hot_rows], picked, work_dtype)
     thresholds = np.array([np.nan if e[1] is None else e[1] for e in needs.extra], dtype=np.float64)
     by_rank = np.isnan(thresholds)
+    if n == 1:  # one request: no grouping needed
+        if exact and not direct:
+            conf = _refine_rows(x, cand, conf, (conf - float(thresholds[0])).abs() <= REFINE_MARGIN
+                                | (conf >= conf.max() - REFINE_MARGIN) | bool(by_rank[0]))
+        top1 = torch.arange(total, device=x.device) == conf.argmax()  # (no host sync)
+        chosen = top1 | (conf >= float(thresholds[0])) if not by_rank[0] else top1
+        if by_rank[0]:
+            order = torch.sort(conf, descending=True, stable=True).indices
+            chosen = torch.zeros_like(top1)
+            chosen[order[: int(needs.extra[0][2])]] = True
+        _finish_candidates(d, needs, parts, x, cand, chosen, counts, greedy, lanes)
+        return
+    group = d.index(np.repeat(np.arange(n), counts))
+    row_id = torch.arange(total, device=x.device)
     row_threshold = torch.from_numpy(thresholds).to(x.device)[group]
-    if S.probability_dtype(x.device) == torch.float64:
+    if exact and not direct:
         conf = _refine(d, x, cand, conf, group, n, row_threshold, d.index(by_rank)[group].bool())
     best = torch.full((n,), float("-inf"), dtype=conf.dtype, device=x.device)
     best = best.scatter_reduce(0, group, conf, "amax")
@@ -58,6 +77,12 @@ def run_candidates(d, needs, logits, ids, parts) -> None:
         rank[order] = row_id - d.index(_group_starts(counts))[group[order]]
         topk = d.index([e[2] for e in needs.extra])
         chosen = torch.where(d.index(by_rank)[group].bool(), rank < topk[group], chosen)
+    _finish_candidates(d, needs, parts, x, cand, chosen, counts, greedy, lanes)
+
+
+def _finish_candidates(d, needs, parts, x, cand, chosen, counts, greedy, lanes) -> None:
+    """Best non-mask candidates for blocks at their last step, then the answers: (candidate, chosen, fallback)."""
+    total = len(lanes)
     fallback = torch.full((total,), -1, dtype=torch.int64, device=x.device)
     last = np.array([e[3] for e in needs.extra])
     if last.any():
@@ -65,7 +90,7 @@ def run_candidates(d, needs, logits, ids, parts) -> None:
         index = d.index(last_rows)
         masked = x[index].clone()
         masked[:, d.mask_id] = float("-inf")
-        fallback[index] = masked.argmax(dim=-1)
+        fallback[index] = S.row_argmax(masked)
         hot_last = last & ~greedy
         if hot_last.any():
             rows = np.flatnonzero(np.repeat(hot_last, counts))
@@ -81,9 +106,12 @@ def _refine(d, x, cand, conf, group, n, row_threshold, by_rank) -> torch.Tensor:
     """Confidences in float64 for every row whose float32 value could change a decision: near its
     threshold, near its block's best, or ranked (top-k schedule). Decisions then equal a float64
     computation of every row, at the cost of a float32 softmax plus a handful of float64 rows."""
-    margin = 1e-4
     best = torch.full((n,), float("-inf"), dtype=conf.dtype, device=x.device).scatter_reduce(0, group, conf, "amax")
-    near = ((conf.double() - row_threshold).abs() <= margin) | (conf >= best[group] - margin) | by_rank
+    near = ((conf.double() - row_threshold).abs() <= REFINE_MARGIN) | (conf >= best[group] - REFINE_MARGIN) | by_rank
+    return _refine_rows(x, cand, conf, near)
+
+
+def _refine_rows(x, cand, conf, near) -> torch.Tensor:
     rows = near.nonzero()[:, 0]
     exact = conf.double()
     exact[rows] = S.candidate_confidence(x[rows], cand[rows], torch.float64)
@@ -98,14 +126,14 @@ def _accept(d, strategies: list, x: torch.Tensor, counts: np.ndarray, drafts: to
     num = len(counts)
     if _uniform(counts) and all(s.params.temperature <= 0 for s in strategies):  # the steady greedy case
         m = int(counts[0])
-        tokens = x.argmax(dim=-1)
+        tokens = S.row_argmax(x)
         match = tokens.view(num, m)[:, :-1] == drafts.view(num, m - 1)
         return match.cumprod(dim=1).sum(dim=1) + 1, tokens
     m_draft = counts - 1
     target_of_draft = d.index(np.repeat(_group_starts(counts), m_draft) + _within(m_draft))
     draft_group = d.index(np.repeat(np.arange(num), m_draft))
     position = d.index(_within(m_draft))
-    tokens = x.argmax(dim=-1)
+    tokens = S.row_argmax(x)
     accepted = tokens[target_of_draft] == drafts
     greedy = np.array([s.params.temperature <= 0 for s in strategies])
     hot_probs = None

@@ -151,16 +151,12 @@ class Engine:
         work = self.scheduler.schedule()
         if not work:
             return None
-        segments = [seg for item in work for seg in item.segments]
+        segments = [item.segments[0] for item in work]  # a strategy's step is one segment
         batch = self.model.builder.build(segments, self.cache)
         logits = self.model.run(batch, self.cache)
-        seg_counts = np.asarray(batch.logit_counts, dtype=np.int64)
-        seg_tokens = np.asarray([b - a for a, b in batch.bounds], dtype=np.int64)
-        per_item = np.fromiter((len(item.segments) for item in work), dtype=np.int64, count=len(work))
-        item_of_seg = np.repeat(np.arange(len(work)), per_item)
-        counts = np.bincount(item_of_seg, weights=seg_counts, minlength=len(work)).astype(np.int64)
-        tokens = np.bincount(item_of_seg, weights=seg_tokens, minlength=len(work)).astype(np.int64)
-        starts, token_starts = np.cumsum(counts) - counts, np.cumsum(tokens) - tokens
+        counts = np.asarray(batch.logit_counts, dtype=np.int64)
+        starts = np.cumsum(counts) - counts
+        token_starts = batch.token_starts
         decider, failed = self.decider, {}
         decider.begin()
         for item, first_row, token_row in zip(work, starts.tolist(), token_starts.tolist()):

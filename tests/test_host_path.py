@@ -52,7 +52,9 @@ def test_host_transfers_do_not_grow_with_the_number_of_requests(engine_fp32, mod
     one = transfers_per_step(engine_fp32, mode, extra, 1, temperature)
     many = transfers_per_step(engine_fp32, mode, extra, 12, temperature)
     assert one == many, f"{mode}: host transfers per step grow with the batch: {one} vs {many}"
-    assert max(many) <= 3  # the builder's two staging views and the decisions' one copy
+    # a small constant: the builder's two staging views, the decisions' one copy and, on the CPU only,
+    # zero-copy numpy views for the row argmax (on a GPU those are device reductions)
+    assert max(many) <= 5
 
 
 @pytest.mark.parametrize("temperature", [0.0, 0.8])
