@@ -91,14 +91,10 @@ class Decider:
         if finite_rows:
             parts.append(logits.sum(dim=-1).isfinite().to(torch.int64))  # one pass: NaN or inf anywhere shows
         self._finite_len = logits.shape[0] if finite_rows else 0
-        from .decide_kinds import run_candidates, run_quad, run_verify
-
-        runners = {"sample": Decider._run_sample, "drafts": Decider._run_drafts, "candidates": run_candidates,
-                   "verify": run_verify, "quad": run_quad}
         for kind in KINDS:
             needs = self._needs[kind]
             if needs.strategies:
-                runners[kind](self, needs, logits, ids, parts)
+                RUNNERS[kind](self, needs, logits, ids, parts)
         self._packed = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int64, device=self.device)
 
     def fetch(self) -> None:
@@ -141,8 +137,8 @@ class Decider:
     def gather(self, logits: torch.Tensor, needs: _Needs) -> torch.Tensor:
         """The needs' logit rows, in order (no copy when they are all of the logits, in order)."""
         rows = self.rows(needs)
-        if len(rows) == logits.shape[0] and rows[0] == 0 and rows[-1] == len(rows) - 1 \
-                and (len(rows) < 2 or bool((np.diff(rows) == 1).all())):
+        # needs are registered in row order, so their rows strictly increase: first and last decide
+        if len(rows) == logits.shape[0] and rows[0] == 0 and rows[-1] == len(rows) - 1:
             return logits
         return logits[self.index(rows)]
 
@@ -150,6 +146,8 @@ class Decider:
     def rows(needs: _Needs) -> np.ndarray:
         """Every need's logit rows, concatenated."""
         starts = np.asarray(needs.rows, dtype=np.int64)
+        if all(c == 1 for c in needs.counts):
+            return starts
         counts = np.asarray(needs.counts, dtype=np.int64)
         return np.repeat(starts - np.cumsum(counts) + counts, counts) + np.arange(counts.sum())
 
@@ -202,3 +200,9 @@ class Decider:
         counts = np.asarray(needs.counts, dtype=np.int64)
         tokens = self.choose(self.gather(logits, needs), needs.strategies, counts, S.STREAM_DRAFT, keep_probs=True)
         self.place(parts, needs.handles, tokens, [(int(c),) for c in counts])
+
+
+from .decide_kinds import run_candidates, run_quad, run_verify  # noqa: E402  (they build on Decider's helpers)
+
+RUNNERS = {"sample": Decider._run_sample, "drafts": Decider._run_drafts, "candidates": run_candidates,
+           "verify": run_verify, "quad": run_quad}
