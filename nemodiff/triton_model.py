@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import threading
 import time
 from pathlib import Path
@@ -118,6 +119,11 @@ class NemodiffModel:
         self._drained = False
         self._watcher = threading.Thread(target=self._watch, name="nemodiff-watch", daemon=True)
         self._watcher.start()
+        # Responses leave from a thread of their own: sending is a round trip to the server process,
+        # and the engine loop goes on with the next step meanwhile (one thread keeps each request's order).
+        self._outbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._sender = threading.Thread(target=self._send_loop, name="nemodiff-send", daemon=True)
+        self._sender.start()
         pb_utils.Logger.log_info(
             f"nemodiff: instance {self.instance}: engine {params['engine_dir']} on "
             f"{', '.join(map(str, devices)) if devices else self.llm.model.device} (tp {self.llm.tp}), "
@@ -210,6 +216,24 @@ class NemodiffModel:
 
     # -- sending -----------------------------------------------------------------------------
     def _send(self, state: _RequestState, response, final: bool) -> None:
+        self._outbox.put((state, response, final))
+
+    def _send_loop(self) -> None:
+        while True:
+            item = self._outbox.get()
+            if item is None:
+                return
+            if isinstance(item, threading.Event):  # a flush marker: everything before it is sent
+                item.set()
+                continue
+            self._send_now(*item)
+
+    def _flush_outbox(self, timeout: float) -> None:
+        marker = threading.Event()
+        self._outbox.put(marker)
+        marker.wait(timeout)
+
+    def _send_now(self, state: _RequestState, response, final: bool) -> None:
         try:
             if response is None:
                 state.sender.send(flags=FINAL)
@@ -286,6 +310,7 @@ class NemodiffModel:
         self._drained = True
         pb_utils.Logger.log_info("nemodiff: draining: answering every open request, refusing new ones")
         self.engine.drain("the server is shutting down").wait(DRAIN_WAIT_S)
+        self._flush_outbox(DRAIN_WAIT_S)  # every answer has left before we report drained
         self.metrics.refresh(self.engine.metrics())
         if self.control_dir is not None:
             _write_atomically(self.control_dir / "drained", "")
@@ -298,6 +323,8 @@ class NemodiffModel:
             left, self._live = list(self._live.values()), {}
         for state in left:  # only if the engine thread could not be stopped
             self._send_final(state, _error("the server is shutting down", pb_utils.TritonError.UNAVAILABLE))
+        self._outbox.put(None)  # everything queued before this is sent first
+        self._sender.join(timeout=DRAIN_WAIT_S)
         self.llm.close()  # stops tensor-parallel workers, if any
 
 
