@@ -59,7 +59,7 @@ def kernels_for_device(device: torch.device):
     """The Triton kernels for this GPU (Triton's JIT compiles them on first use), or None on CPU."""
     if device.type != "cuda":
         return None
-    from nemodiff.plugins.library import load_kernels
+    from nemodiff.plugins.ops import load_kernels
 
     return load_kernels(None, None, device, mode="jit")
 

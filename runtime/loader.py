@@ -22,7 +22,7 @@ from nemodiff.engine_format import (
     verify_manifest,
     weights_file,
 )
-from nemodiff.plugins.library import load_kernels
+from nemodiff.plugins.ops import load_kernels
 
 from .model import TORCH_DTYPES, Model
 
@@ -57,7 +57,7 @@ def verify_rank_files(engine_dir: Path, rank: int, tp: int) -> None:
 def load_engine(engine_dir: Path, device: str | torch.device | None = None, verify: bool = True,
                 rank: int = 0, kernels: str = "auto") -> LoadedEngine:
     """The engine's model (rank `rank`'s shard of a tensor-parallel engine) on `device`; kernels is the
-    `plugins.library.load_kernels` mode."""
+    `plugins.ops.load_kernels` mode."""
     engine_dir = Path(engine_dir)
     if not engine_dir.is_dir():
         raise EngineFormatError(f"{engine_dir}: not a directory")

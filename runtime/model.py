@@ -65,7 +65,7 @@ class Model:
             config, num_attention_heads=self.num_heads, num_key_value_heads=self.num_kv_heads)
         self.tp = None  # a TensorParallel (the collectives) once the ranks are connected
         self.driver = None  # rank 0 of a tensor-parallel group: sends each step to the workers
-        self.kernels = kernels  # a plugins.library.KernelLibrary, or None for the reference path
+        self.kernels = kernels  # a plugins.ops.KernelLibrary, or None for the reference path
         self.graphs = None  # a GraphRunner once CUDA graphs are captured
         self.dtype = dtype
         self.device = torch.device(device)

@@ -14,7 +14,7 @@ import torch
 from nemodiff.engine_format import RopeConfig
 from nemodiff.plugins import activation, norm, rotary
 from nemodiff.plugins.launch import InterpretLauncher
-from nemodiff.plugins.library import KernelLibrary
+from nemodiff.plugins.ops import KernelLibrary
 from nemodiff.runtime.rope import inverse_frequencies
 
 LAUNCHER = InterpretLauncher()

@@ -14,13 +14,12 @@ import time
 import urllib.error
 import urllib.request
 
+import openai  # noqa: E402
 import pytest
 from triton_helpers import Server
 
 from helpers import make_checkpoint, make_engine
 from nemodiff import LLM, SamplingParams
-
-openai = pytest.importorskip("openai")
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from nemodiff.builder.convert import quantize_fp8
 from nemodiff.engine_format import ARCH_TO_SM, EngineConfig, EngineFormatError
 from nemodiff.plugins import aot, fp8_gemm, registry
 from nemodiff.plugins.launch import InterpretLauncher
-from nemodiff.plugins.library import KernelLibrary, load_kernels
+from nemodiff.plugins.ops import KernelLibrary, load_kernels
 
 TORCH = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp8": torch.bfloat16}
 

@@ -19,9 +19,6 @@ from nemodiff import LLM, SamplingParams
 from nemodiff.builder.build import BuildOptions, build_engine
 from nemodiff.serve import instance_groups
 
-pytest.importorskip("tritonclient.grpc")
-pytest.importorskip("pytriton")
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
 

@@ -25,8 +25,6 @@ from helpers import make_checkpoint, make_engine
 from nemodiff import LLM, SamplingParams
 from nemodiff.openai_backend import BackendError, TritonBackend
 
-pytest.importorskip("tritonclient.grpc")
-
 FAULTS = Path(__file__).parent / "faults"
 FAIL_ONE = [1, 13, 13, 13]
 FAIL_LOOP = [1, 17, 17, 17]

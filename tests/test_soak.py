@@ -23,8 +23,6 @@ from nemodiff.bench_serve import PROMPTS, stream_request, summarize
 from nemodiff.builder.build import BuildOptions, build_engine
 from nemodiff.openai_backend import TritonBackend
 
-pytest.importorskip("tritonclient.grpc")
-
 BUNDLED = Path(__file__).resolve().parent.parent / "models" / "nld-tiny"
 MODES = {"ar": None, "diffusion": 8, "linear-spec": 8, "quadratic-spec": 8}
 CLIENTS = 64

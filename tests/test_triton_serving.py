@@ -20,9 +20,6 @@ from helpers import make_checkpoint, make_engine
 from nemodiff import LLM, SamplingParams
 from nemodiff.serve import parse_bytes
 
-pytest.importorskip("tritonclient.grpc")
-pytest.importorskip("pytriton")
-
 MAX_SEQ_LEN = 256
 WORDS = "the model token block mask draft verify cache page fast red green blue cat dog tree river stone".split()
 

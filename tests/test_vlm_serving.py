@@ -13,15 +13,13 @@ import base64
 import json
 import subprocess
 
+import openai  # noqa: E402
 import pytest
 from test_serving_resilience import wait_metrics
 from triton_helpers import NEMODIFF, GrpcStream, Server, ids_of
 
 from helpers import make_engine, make_vlm_checkpoint, png_bytes
 from nemodiff import LLM, SamplingParams
-
-openai = pytest.importorskip("openai")
-pytest.importorskip("tritonclient.grpc")
 
 RED, BLUE, WIDE = png_bytes(40, 24, seed=1), png_bytes(100, 75, seed=2), png_bytes(9, 30, seed=3)
 PROMPT = "the cat [IMG] and the dog"

@@ -26,7 +26,7 @@ from nemodiff.builder.convert import quantize_fp8
 from nemodiff.engine_format import ModelConfig, RopeConfig
 from nemodiff.plugins import activation, aot, fp8_gemm, norm, registry, rotary
 from nemodiff.plugins.launch import JitLauncher
-from nemodiff.plugins.library import gpu_sm
+from nemodiff.plugins.ops import gpu_sm
 from nemodiff.runtime.rope import inverse_frequencies
 
 RESULTS: list[dict] = []

@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from helpers import make_checkpoint  # noqa: E402
 from nemodiff import LLM, SamplingParams  # noqa: E402
 from nemodiff.builder.build import BuildOptions, build_engine  # noqa: E402
-from nemodiff.plugins.library import gpu_sm  # noqa: E402
+from nemodiff.plugins.ops import gpu_sm  # noqa: E402
 
 RESULTS: list[dict] = []
 
