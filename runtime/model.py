@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from nemodiff.engine_format import ModelConfig
 
-from .attention import segment_attention
+from .attention import equal_segments_attention, segment_attention
 from .batch import BatchBuilder, ForwardBatch
 from .kernel_meta import Workspace, attention_meta
 from .kv_cache import PagedKVCache
@@ -160,6 +160,11 @@ class Model:
         if meta is not None:
             return self.kernels.segment_attention(q, k, v, cache.k[index], cache.v[index], meta,
                                                   hd ** -0.5).view(num_tokens, hq * hd)
+        padded = batch.extras.get("padded_prefix")
+        if padded is not None:  # segments of one shape: one batched call instead of a loop
+            slots, visible = padded
+            return equal_segments_attention(q, k, v, cache.k[index, slots], cache.v[index, slots], visible,
+                                            _intra_mask(batch, 0, self.device))
         attn = torch.empty(num_tokens, hq * hd, dtype=self.dtype, device=self.device)
         for s, (a, b) in enumerate(batch.bounds):
             prefix = batch.prefix_lens[s]
@@ -180,8 +185,10 @@ class Model:
             cos, sin = self.rotary.cos_sin(batch.positions, self.dtype)
             rope = (cos, sin, self.rotary.query_scale(batch.positions).to(self.dtype)[:, None, None])
             if cache is not None:
-                batch.extras["prefix_slots"] = [cache.prefix_slots(row, p) if p else None
-                                                for row, p in zip(batch.table_rows, batch.prefix_lens)]
+                batch.extras["padded_prefix"] = _padded_prefix(batch, cache)
+                if batch.extras["padded_prefix"] is None:
+                    batch.extras["prefix_slots"] = [cache.prefix_slots(row, p) if p else None
+                                                    for row, p in zip(batch.table_rows, batch.prefix_lens)]
         kernels = self.kernels if meta is not None else None
         pending = None  # the previous MLP output, added to the residual by the next norm
         for index, layer in enumerate(self.layers):
@@ -216,6 +223,31 @@ class Model:
             if logits is None:
                 return None
         return logits.float()
+
+
+def _padded_prefix(batch: ForwardBatch, cache: PagedKVCache):
+    """(slots [S, P], visible [S, P]) of every segment's prefix padded to the longest, when the reference
+    path can attend for all segments at once: more than one segment, all of one length and one intra
+    pattern, and prefixes close enough in length that padding wastes little. Else None."""
+    count = batch.num_segments
+    if count < 2:
+        return None
+    lengths = {b - a for a, b in batch.bounds}
+    masks = batch.masks
+    if len(lengths) != 1 or len(set(batch.patterns)) != 1 or (masks[0] is not None and any(
+            m is not masks[0] and not torch.equal(m, masks[0]) for m in masks)):
+        return None
+    longest = max(batch.prefix_lens)
+    if longest == 0 or sum(batch.prefix_lens) < 0.5 * count * longest:
+        return None
+    device = cache.block_tables.device
+    positions = torch.arange(longest, device=device)
+    prefix = torch.tensor(batch.prefix_lens, device=device)
+    visible = positions[None, :] < prefix[:, None]
+    rows = torch.tensor(batch.table_rows, device=device)
+    pages = cache.block_tables[rows[:, None], (positions // cache.page_size)[None, :]].long()
+    slots = torch.where(visible, pages * cache.page_size + positions % cache.page_size, 0)
+    return slots, visible
 
 
 def _intra_mask(batch: ForwardBatch, s: int, device: torch.device) -> torch.Tensor:
