@@ -160,16 +160,17 @@ class Model:
         if meta is not None:
             return self.kernels.segment_attention(q, k, v, cache.k[index], cache.v[index], meta,
                                                   hd ** -0.5).view(num_tokens, hq * hd)
-        padded = batch.extras.get("padded_prefix")
-        if padded is not None:  # segments of one shape: one batched call instead of a loop
-            slots, visible = padded
-            return equal_segments_attention(q, k, v, cache.k[index, slots], cache.v[index, slots], visible,
-                                            _intra_mask(batch, 0, self.device))
         attn = torch.empty(num_tokens, hq * hd, dtype=self.dtype, device=self.device)
-        for s, (a, b) in enumerate(batch.bounds):
-            prefix = batch.prefix_lens[s]
+        groups, alone = batch.extras["attention_groups"]
+        for rows, slots, visible, intra in groups:  # segments of one shape: one batched call each
+            if rows is None:  # the whole batch
+                return equal_segments_attention(q, k, v, cache.k[index, slots], cache.v[index, slots], visible, intra)
+            attn[rows] = equal_segments_attention(q[rows], k[rows], v[rows], cache.k[index, slots],
+                                                  cache.v[index, slots], visible, intra)
+        for s in alone:
+            a, b = batch.bounds[s]
             pk = pv = None
-            if prefix:
+            if batch.prefix_lens[s]:
                 slots = batch.extras["prefix_slots"][s]
                 pk, pv = cache.k[index, slots], cache.v[index, slots]
             attn[a:b] = segment_attention(q[a:b], k[a:b], v[a:b], pk, pv, _intra_mask(batch, s, self.device))
@@ -185,10 +186,12 @@ class Model:
             cos, sin = self.rotary.cos_sin(batch.positions, self.dtype)
             rope = (cos, sin, self.rotary.query_scale(batch.positions).to(self.dtype)[:, None, None])
             if cache is not None:
-                batch.extras["padded_prefix"] = _padded_prefix(batch, cache)
-                if batch.extras["padded_prefix"] is None:
-                    batch.extras["prefix_slots"] = [cache.prefix_slots(row, p) if p else None
-                                                    for row, p in zip(batch.table_rows, batch.prefix_lens)]
+                groups, alone = attention_groups(batch, cache)
+                batch.extras["attention_groups"] = (groups, alone)
+                batch.extras["prefix_slots"] = {s: cache.prefix_slots(batch.table_rows[s], batch.prefix_lens[s])
+                                                for s in alone if batch.prefix_lens[s]}
+            else:
+                batch.extras["attention_groups"] = ([], range(batch.num_segments))
         kernels = self.kernels if meta is not None else None
         pending = None  # the previous MLP output, added to the residual by the next norm
         for index, layer in enumerate(self.layers):
@@ -225,29 +228,33 @@ class Model:
         return logits.float()
 
 
-def _padded_prefix(batch: ForwardBatch, cache: PagedKVCache):
-    """(slots [S, P], visible [S, P]) of every segment's prefix padded to the longest, when the reference
-    path can attend for all segments at once: more than one segment, all of one length and one intra
-    pattern, and prefixes close enough in length that padding wastes little. Else None."""
-    count = batch.num_segments
-    if count < 2:
-        return None
-    lengths = {b - a for a, b in batch.bounds}
-    masks = batch.masks
-    if len(lengths) != 1 or len(set(batch.patterns)) != 1 or (masks[0] is not None and any(
-            m is not masks[0] and not torch.equal(m, masks[0]) for m in masks)):
-        return None
-    longest = max(batch.prefix_lens)
-    if longest == 0 or sum(batch.prefix_lens) < 0.5 * count * longest:
-        return None
+def attention_groups(batch: ForwardBatch, cache: PagedKVCache) -> tuple[list, list[int]]:
+    """The reference path's attention plan: groups of two or more segments of one shape (length,
+    pattern, mask) whose prefixes are close enough in length that padding them to the longest
+    wastes little, each as (token rows or None for the whole batch, prefix slots [S, P], visible
+    [S, P], intra mask); and the segments attended one by one."""
+    by_shape: dict[tuple, list[int]] = {}
+    for s, (a, b) in enumerate(batch.bounds):
+        mask = batch.masks[s]
+        by_shape.setdefault((b - a, batch.patterns[s], None if mask is None else id(mask)), []).append(s)
+    groups, alone = [], []
     device = cache.block_tables.device
-    positions = torch.arange(longest, device=device)
-    prefix = torch.tensor(batch.prefix_lens, device=device)
-    visible = positions[None, :] < prefix[:, None]
-    rows = torch.tensor(batch.table_rows, device=device)
-    pages = cache.block_tables[rows[:, None], (positions // cache.page_size)[None, :]].long()
-    slots = torch.where(visible, pages * cache.page_size + positions % cache.page_size, 0)
-    return slots, visible
+    for members in by_shape.values():
+        prefixes = [batch.prefix_lens[s] for s in members]
+        longest = max(prefixes)
+        if len(members) < 2 or longest == 0 or sum(prefixes) < 0.5 * len(members) * longest:
+            alone += members
+            continue
+        positions = torch.arange(longest, device=device)
+        visible = positions[None, :] < torch.tensor(prefixes, device=device)[:, None]
+        table_rows = torch.tensor([batch.table_rows[s] for s in members], device=device)
+        pages = cache.block_tables[table_rows[:, None], (positions // cache.page_size)[None, :]].long()
+        slots = torch.where(visible, pages * cache.page_size + positions % cache.page_size, 0)
+        rows = None
+        if len(members) < batch.num_segments:
+            rows = torch.cat([torch.arange(*batch.bounds[s], device=device) for s in members])
+        groups.append((rows, slots, visible, _intra_mask(batch, members[0], device)))
+    return groups, sorted(alone)
 
 
 def _intra_mask(batch: ForwardBatch, s: int, device: torch.device) -> torch.Tensor:
