@@ -168,3 +168,17 @@ def transformers_pixels(images: list[bytes], longest_edge: int, token_pixels: in
                                          patch_size={"height": token_pixels, "width": token_pixels})
     out = processor([Image.open(io.BytesIO(b)) for b in images], return_tensors="pt")
     return out["pixel_values"], out["image_sizes"]
+
+
+def edit_config(ckpt: Path, **changes) -> None:
+    """Change keys of a checkpoint's config.json in place (malformed-checkpoint tests)."""
+    config = json.loads((ckpt / "config.json").read_text())
+    config.update(changes)
+    (ckpt / "config.json").write_text(json.dumps(config))
+
+
+def edit_weights(ckpt: Path, fn) -> None:
+    """Let fn edit a single-file checkpoint's tensors in place."""
+    weights = load_file(str(ckpt / "model.safetensors"))
+    fn(weights)
+    save_file(weights, str(ckpt / "model.safetensors"))

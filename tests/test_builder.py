@@ -7,9 +7,9 @@ import sys
 import pytest
 import torch
 from click.testing import CliRunner
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from helpers import make_checkpoint
+from helpers import edit_config, edit_weights, make_checkpoint
 from nemodiff.builder.cli import main as build_cli
 from nemodiff.engine_format import EngineFormatError
 from nemodiff.runtime.loader import load_engine
@@ -18,18 +18,6 @@ from nemodiff.runtime.segments import Segment
 
 def run_build(args):
     return CliRunner().invoke(build_cli, [str(a) for a in args])
-
-
-def edit_config(ckpt, **changes):
-    config = json.loads((ckpt / "config.json").read_text())
-    config.update(changes)
-    (ckpt / "config.json").write_text(json.dumps(config))
-
-
-def edit_weights(ckpt, fn):
-    weights = load_file(str(ckpt / "model.safetensors"))
-    fn(weights)
-    save_file(weights, str(ckpt / "model.safetensors"))
 
 
 def _remove_head(w):

@@ -8,25 +8,13 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
-from helpers import make_vlm_checkpoint, read_hf_weights
+from helpers import edit_config, edit_weights, make_vlm_checkpoint, read_hf_weights
 from nemodiff.builder.cli import main as build_cli
 from nemodiff.cli import main as nemodiff_cli
 
 
 def build(ckpt, out, *args):
     return CliRunner().invoke(build_cli, [str(ckpt), "-o", str(out), *args])
-
-
-def edit_config(ckpt, **changes):
-    config = json.loads((ckpt / "config.json").read_text())
-    config.update(changes)
-    (ckpt / "config.json").write_text(json.dumps(config))
-
-
-def edit_weights(ckpt, fn):
-    weights = load_file(str(ckpt / "model.safetensors"))
-    fn(weights)
-    save_file(weights, str(ckpt / "model.safetensors"))
 
 
 def test_both_layouts_build_the_same_engine_with_its_vision_file(tmp_path):

@@ -122,13 +122,7 @@ class Server:
         """SIGINT, as a terminal's Ctrl-C would (or `sig`); returns the exit status."""
         if self.process.poll() is None:
             self.process.send_signal(sig)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self._log_file.close()
-        return self.process.returncode
+        return self.wait_exit(timeout)
 
     # -- HTTP --------------------------------------------------------------------------------
     def post(self, path: str, payload: dict | bytes) -> tuple[int, bytes]:
