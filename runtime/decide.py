@@ -85,12 +85,12 @@ class Decider:
         return self._register("quad", strategy, first_row, k, token_row)
 
     # -- device work -------------------------------------------------------------------------
-    def run(self, logits: torch.Tensor, ids: torch.Tensor, finite_rows: bool = True) -> None:
-        """Compute every registered need; the answers stay on the device until `fetch`."""
-        parts: list[torch.Tensor] = []
-        if finite_rows:
-            parts.append(logits.sum(dim=-1).isfinite().to(torch.int64))  # one pass: NaN or inf anywhere shows
-        self._finite_len = logits.shape[0] if finite_rows else 0
+    def run(self, logits: torch.Tensor, ids: torch.Tensor) -> None:
+        """Compute every registered need; the answers stay on the device until `fetch`. The packed
+        result starts with one finiteness flag per logit row (a NaN or inf anywhere in a row shows
+        in its sum)."""
+        parts: list[torch.Tensor] = [logits.sum(dim=-1).isfinite().to(torch.int64)]
+        self._finite_len = logits.shape[0]
         for kind in KINDS:
             needs = self._needs[kind]
             if needs.strategies:

@@ -94,11 +94,6 @@ class Segment:
     def __len__(self) -> int:
         return len(self.token_ids)
 
-    def write_flags(self) -> np.ndarray:
-        if isinstance(self.write_kv, (bool, np.bool_)):
-            return np.full(len(self), bool(self.write_kv))
-        return np.asarray(self.write_kv, dtype=bool)
-
     def write_end(self) -> int:
         """One past the highest position this segment writes to the cache (0 when it writes none)."""
         if self.kv_end >= 0:

@@ -19,14 +19,6 @@ from ..request import SamplingParams
 from ..sampler import distribution, draw
 
 
-def choose_drafts(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> list[int]:
-    """Draft tokens from draft logits [m, vocab]: argmax, or a sample per row at T > 0."""
-    if params.temperature <= 0:
-        return logits.argmax(dim=-1).tolist()
-    probs = distribution(logits, params.temperature, params.top_k, params.top_p)
-    return [draw(row, generator) for row in probs]
-
-
 def verify(target_logits: torch.Tensor, drafts: list[int], draft_logits: torch.Tensor | None,
            params: SamplingParams, generator: torch.Generator) -> list[int]:
     """target_logits [m, vocab] are the verifier's predictions a_0..a_{m-1}; drafts are d_1..d_{m-1}
