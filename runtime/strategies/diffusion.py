@@ -51,10 +51,10 @@ class DiffusionStrategy(DecodeStrategy):
         positions = arange(self.B) + P
         if self.phase == "denoise":
             self._rows = np.flatnonzero(self.masked)
-            return [Segment(rid, self.block.copy(), positions, P, Pattern.FULL, False, self._rows, None, False,
-                            None, self._denoise_shape, 0)]
-        return [Segment(rid, self.block.copy(), positions, P, Pattern.CAUSAL, True, [self.B - 1], None, False,
-                        None, self._commit_shape, P + self.B)]
+            return [Segment(rid, self.block.copy(), positions, P, Pattern.FULL, write_kv=False, logit_rows=self._rows,
+                            shape_key=self._denoise_shape, kv_end=0)]
+        return [Segment(rid, self.block.copy(), positions, P, Pattern.CAUSAL, write_kv=True, logit_rows=[self.B - 1],
+                        shape_key=self._commit_shape, kv_end=P + self.B)]
 
     # -- decisions ---------------------------------------------------------------------------
     def register(self, decider, first_row: int, token_row: int) -> None:

@@ -41,10 +41,10 @@ class LinearSpecStrategy(DecodeStrategy):
         positions = arange(self.B) + P
         if self.phase == "draft":
             self._rows = np.flatnonzero(self.draft_masked)
-            return [Segment(rid, self.tokens.copy(), positions, P, Pattern.FULL, False, self._rows, None,
-                            self.use_lora, None, self._draft_shape, 0)]
-        return [Segment(rid, self.tokens.copy(), positions, P, Pattern.CAUSAL, True, None, None, False, None,
-                        self._verify_shape, P + self.B)]
+            return [Segment(rid, self.tokens.copy(), positions, P, Pattern.FULL, write_kv=False, logit_rows=self._rows,
+                            use_lora=self.use_lora, shape_key=self._draft_shape, kv_end=0)]
+        return [Segment(rid, self.tokens.copy(), positions, P, Pattern.CAUSAL, write_kv=True,
+                        shape_key=self._verify_shape, kv_end=P + self.B)]
 
     def register(self, decider, first_row: int, token_row: int) -> None:
         if self.phase == "prefill":
