@@ -13,7 +13,6 @@ runs (NaN) so an unwritten element fails, and compares by relative error
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import tempfile
@@ -21,6 +20,7 @@ import time
 from pathlib import Path
 
 import torch
+from check_report import Report, rel
 
 from nemodiff.builder.convert import quantize_fp8
 from nemodiff.engine_format import ModelConfig, RopeConfig
@@ -29,7 +29,8 @@ from nemodiff.plugins.launch import JitLauncher
 from nemodiff.plugins.ops import gpu_sm
 from nemodiff.runtime.rope import inverse_frequencies
 
-RESULTS: list[dict] = []
+REPORT = Report("device_checks")
+record = REPORT.record
 DEV = torch.device("cuda")
 LIMITS = {torch.bfloat16: 1e-2, torch.float16: 2e-3}
 # NLD-8B, and a small odd shape (GQA ratio 8, head_dim 64, hidden not a power of two)
@@ -39,16 +40,6 @@ SHAPES = {"nld-8b": dict(hidden_size=4096, intermediate_size=14336, num_attentio
                       head_dim=64)}
 
 
-def record(name: str, ok: bool, detail: str) -> None:
-    RESULTS.append({"check": name, "ok": bool(ok), "detail": detail})
-    print(f"[{'PASS' if ok else 'FAIL'}] {name}: {detail}", flush=True)
-
-
-def rel(out: torch.Tensor, ref: torch.Tensor) -> float:
-    out, ref = out.double().cpu(), ref.double().cpu()
-    if not torch.isfinite(out).all():
-        return float("inf")
-    return float((out - ref).norm() / ref.norm().clamp(min=1e-30))
 
 
 def config_of(name: str) -> ModelConfig:
@@ -245,15 +236,8 @@ def main() -> int:
              ("jit", lambda: check_attention(JitLauncher(), "jit", ["nld-8b"], (torch.bfloat16,))),
              ("fp8 speed", lambda: check_fp8_speed(aot.AotLauncher(aot_dir), config_of("nld-8b"), gen, num_sms)),
              ("attention speed", attention_bandwidth)]
-    for name, fn in steps:
-        try:
-            fn()
-        except Exception as exc:  # report and go on: one broken part must not hide the others
-            record(f"{name} checks", False, f"{type(exc).__name__}: {exc}")
-    (out_dir / "device_checks.json").write_text(json.dumps(RESULTS, indent=2))
-    failed = [r for r in RESULTS if not r["ok"]]
-    print(f"{len(RESULTS) - len(failed)} passed, {len(failed)} failed")
-    return 1 if failed else 0
+    REPORT.run(steps)
+    return REPORT.finish()
 
 
 if __name__ == "__main__":

@@ -15,8 +15,6 @@ The seed is printed; results go to $OUT/model_checks.json.
 
 from __future__ import annotations
 
-import json
-import os
 import sys
 import tempfile
 import time
@@ -25,6 +23,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from check_report import Report, rel  # noqa: E402
 
 from helpers import make_checkpoint  # noqa: E402
 from nemodiff import LLM, SamplingParams  # noqa: E402
@@ -35,19 +35,12 @@ from nemodiff.runtime.loader import load_engine  # noqa: E402
 from nemodiff.runtime.segments import Pattern, Segment  # noqa: E402
 from nemodiff.runtime.strategies.quadratic_spec import quadratic_mask  # noqa: E402
 
-RESULTS: list[dict] = []
+REPORT = Report("model_checks")
+record = REPORT.record
 MODES = ("ar", "diffusion", "linear-spec", "quadratic-spec")
 ARCH = {"sm_90a": "h100", "sm_100a": "b200", "sm_89": "l40s", "sm_80": "a100"}
 
 
-def record(name: str, ok: bool, detail: str) -> None:
-    RESULTS.append({"check": name, "ok": bool(ok), "detail": detail})
-    print(f"[{'PASS' if ok else 'FAIL'}] {name}: {detail}", flush=True)
-
-
-def rel(got: torch.Tensor, want: torch.Tensor) -> float:
-    got, want = got.double().cpu(), want.double().cpu()
-    return float("inf") if not torch.isfinite(got).all() else float((got - want).norm() / want.norm())
 
 
 def agreement(outputs, wanted) -> float:
@@ -133,7 +126,6 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("no CUDA device: nothing to check")
         return 2
-    out_dir = Path(os.environ.get("OUT") or tempfile.mkdtemp())
     seed = int(time.time())
     print(f"seed {seed}", flush=True)
     torch.manual_seed(seed)
@@ -150,15 +142,8 @@ def main() -> int:
         steps.append((f"{dtype} teacher-forced", lambda e=engine, b=bound, d=dtype: check_teacher_forced(
             e, prompts, b, d)))
     steps.append(("decoding", lambda: check_decoding(root / "bf16", prompts)))
-    for name, fn in steps:
-        try:
-            fn()
-        except Exception as exc:  # report and go on: one broken part must not hide the others
-            record(name, False, f"{type(exc).__name__}: {exc}")
-    (out_dir / "model_checks.json").write_text(json.dumps(RESULTS, indent=2))
-    failed = [r for r in RESULTS if not r["ok"]]
-    print(f"{len(RESULTS) - len(failed)} passed, {len(failed)} failed")
-    return 1 if failed else 0
+    REPORT.run(steps)
+    return REPORT.finish()
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 checkpoint ──builder──▶ engine dir ──runtime (GPU)──▶ [this summary of $OUT/*.json]──▶ docs/performance.md
 
-Reads device_checks.json, model_checks.json and the nld-8b bench JSONs from the folder given
+Reads device_checks.json, model_checks.json, tp_checks.json (two-GPU machines) and the nld-8b bench JSONs from the folder given
 (default $OUT) and prints one markdown table of the targets (issue targets, DESIGN §7), ready
 to paste into docs/performance.md with the date and the card.
 """
@@ -53,7 +53,9 @@ def targets(bf16: dict | None, fp8: dict | None) -> list[tuple[str, str, str, st
 
 def main(out: Path) -> int:
     lines = []
-    for name in ("device_checks", "model_checks"):
+    for name in ("device_checks", "model_checks", "tp_checks"):
+        if name == "tp_checks" and not (out / f"{name}.json").is_file():
+            continue  # run only on machines with two GPUs
         results = load(out / f"{name}.json") or []
         failed = [r for r in results if not r["ok"]]
         lines.append(f"{name}: {len(results) - len(failed)} passed, {len(failed)} failed"

@@ -6,8 +6,6 @@ checkpoint ──builder (--tp 2, kernels)──▶ engine dir ──runtime (2 
 
 from __future__ import annotations
 
-import json
-import os
 import sys
 import tempfile
 import time
@@ -17,17 +15,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from check_report import Report  # noqa: E402
+
 from helpers import make_checkpoint  # noqa: E402
 from nemodiff import LLM, SamplingParams  # noqa: E402
 from nemodiff.builder.build import BuildOptions, build_engine  # noqa: E402
 from nemodiff.plugins.ops import gpu_sm  # noqa: E402
 
-RESULTS: list[dict] = []
+REPORT = Report("tp_checks")
+record = REPORT.record
 
-
-def record(name: str, ok: bool, detail: str) -> None:
-    RESULTS.append({"name": name, "ok": ok, "detail": detail})
-    print(f"[{'PASS' if ok else 'FAIL'}] {name}: {detail}", flush=True)
 
 
 def main() -> int:
@@ -55,11 +52,7 @@ def main() -> int:
             same = sum(x.output_ids == y.output_ids for x, y in zip(a, b))
             record(f"{mode}: 2 ranks vs 1 GPU", same >= len(prompts) - 1,
                    f"{same}/{len(prompts)} identical (bf16 all-reduce order may flip a near-tie)")
-    out = Path(os.environ.get("OUT") or tempfile.mkdtemp())
-    (out / "tp_checks.json").write_text(json.dumps(RESULTS, indent=2))
-    failed = [r for r in RESULTS if not r["ok"]]
-    print(f"{len(RESULTS) - len(failed)} passed, {len(failed)} failed")
-    return 1 if failed else 0
+    return REPORT.finish()
 
 
 if __name__ == "__main__":
