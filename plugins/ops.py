@@ -18,7 +18,7 @@ import torch
 from nemodiff.engine_format import BuildSettings
 
 from . import activation, attention, fp8_gemm, norm, rotary
-from .launch import InterpretLauncher, JitLauncher, Launcher
+from .launch import InterpretLauncher, JitLauncher, Launcher, sm_count
 
 log = logging.getLogger(__name__)
 MODES = ("auto", "aot", "jit", "interpret", "off")
@@ -33,18 +33,10 @@ def gpu_sm(device: torch.device) -> str:
 class KernelLibrary:
     def __init__(self, launcher: Launcher):
         self.launcher = launcher
-        self._num_sms: dict[torch.device, int] = {}
 
     @property
     def name(self) -> str:
         return self.launcher.name
-
-    def _sm_count(self, device: torch.device) -> int:
-        if device.type != "cuda":
-            return 1
-        if device not in self._num_sms:
-            self._num_sms[device] = torch.cuda.get_device_properties(device).multi_processor_count
-        return self._num_sms[device]
 
     def add_rmsnorm(self, residual: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor,
                     eps: float) -> torch.Tensor:
@@ -72,7 +64,7 @@ class KernelLibrary:
 
     def fp8_linear(self, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         """x @ (weight.float() * scale[:, None]).T in x's dtype; weight float8_e4m3fn [N, K], scale float32 [N]."""
-        return fp8_gemm.fp8_linear(self.launcher, x, weight, scale, num_sms=self._sm_count(x.device))
+        return fp8_gemm.fp8_linear(self.launcher, x, weight, scale, num_sms=sm_count(x.device, cpu_stand_in=1))
 
 
 def _aot_library(engine_dir: Path | None, build: BuildSettings | None, device: torch.device,

@@ -22,8 +22,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from nemodiff.plugins.launch import sm_count
+
 from .batch import ForwardBatch
-from .kernel_meta import Workspace, attention_meta, sm_count, tile_plan
+from .kernel_meta import CPU_SM_COUNT, Workspace, attention_meta, tile_plan
 from .kv_cache import PagedKVCache
 from .segments import Mask, Pattern
 
@@ -168,7 +170,7 @@ class GraphRunner:
 
         cfg, device = self.model.rank_config, self.model.device
         _, tile_seg, _ = tile_plan(batch, cfg, device)
-        return choose_splits(len(tile_seg), cfg.num_key_value_heads, self.longest, sm_count(device))
+        return choose_splits(len(tile_seg), cfg.num_key_value_heads, self.longest, sm_count(device, CPU_SM_COUNT))
 
     def capture_steady_shapes(self, shapes: list[tuple]) -> None:
         """Capture every declared shape at every bucket (at engine start; never while serving)."""

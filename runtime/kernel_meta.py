@@ -14,17 +14,12 @@ import numpy as np
 import torch
 
 from nemodiff.engine_format import ModelConfig
+from nemodiff.plugins.launch import sm_count
 
 from .batch import ForwardBatch
 from .kv_cache import PagedKVCache
 
 CPU_SM_COUNT = 8  # interpreter runs: enough "SMs" that long contexts exercise the split-KV path
-
-
-def sm_count(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return CPU_SM_COUNT
 
 
 class Workspace:
@@ -59,7 +54,7 @@ def attention_meta(batch: ForwardBatch, cache: PagedKVCache, config: ModelConfig
     block_m, tile_seg, tile_start = tile_plan(batch, config, device)
     if num_splits is None:
         longest = max(p + (b - a) for p, (a, b) in zip(batch.prefix_lens, batch.bounds))
-        num_splits = choose_splits(len(tile_seg), config.num_key_value_heads, longest, sm_count(device))
+        num_splits = choose_splits(len(tile_seg), config.num_key_value_heads, longest, sm_count(device, CPU_SM_COUNT))
     space = None
     if num_splits > 1:
         space = workspace.get(workspace_elems(batch.num_tokens, config.num_attention_heads, config.head_dim,
