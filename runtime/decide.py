@@ -72,9 +72,9 @@ class Decider:
         return self._register("drafts", strategy, first_row, count)
 
     def candidates(self, strategy, first_row: int, count: int, lanes: np.ndarray, threshold: float | None,
-                   topk: int, last_step: bool) -> int:
-        """Denoising: per row (candidate, chosen, best non-mask candidate or -1)."""
-        return self._register("candidates", strategy, first_row, count, (lanes, threshold, topk, last_step))
+                   topk: int, last_step: bool, skip_mask: bool) -> int:
+        """Denoising: per row the token to write now, or -1 (see `decide_kinds.run_candidates`)."""
+        return self._register("candidates", strategy, first_row, count, (lanes, threshold, topk, last_step, skip_mask))
 
     def verify(self, strategy, first_row: int, count: int, token_row: int) -> int:
         """Rows a_0..a_{m-1} against the drafts at batch token rows token_row+1..: (n, tokens...)."""

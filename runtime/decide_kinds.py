@@ -23,7 +23,12 @@ def _group_starts(counts: np.ndarray) -> np.ndarray:
 
 
 def run_candidates(d, needs, logits, ids, parts) -> None:
-    """Denoising (DESIGN §5.2): per row (candidate, chosen, best non-mask candidate or -1)."""
+    """Denoising (DESIGN §5.2): per row the token to write now, or -1 while the position stays masked.
+
+    A row is written when it is chosen (its block's most confident row, every row at or above the
+    threshold, or the top-k of a ranked schedule) and, for needs that skip the mask id, its candidate
+    is not the mask id. At a block's last step every row not written by choice gets its best
+    non-mask candidate."""
     counts = np.asarray(needs.counts, dtype=np.int64)
     n, total = len(counts), int(counts.sum())
     x = d.gather(logits, needs)
@@ -31,91 +36,113 @@ def run_candidates(d, needs, logits, ids, parts) -> None:
     # directly, large ones in float32 with the rows that could flip a decision refined in float64
     exact = S.probability_dtype(x.device) == torch.float64
     direct = exact and x.numel() <= SMALL_FLOAT64
-    work_dtype = torch.float64 if direct else torch.float32
-    cand, conf = S.greedy_confidence(x, work_dtype)
+    cand, conf = S.greedy_confidence(x, torch.float64 if direct else torch.float32)
+    extra = needs.extra
     greedy = np.array([s.params.temperature <= 0 for s in needs.strategies])
-    lanes = np.concatenate([e[0] for e in needs.extra]).astype(np.int64)
+    lanes = np.concatenate([e[0] for e in extra]) if n > 1 else extra[0][0]
     if not greedy.all():
         hot = np.repeat(~greedy, counts)
         hot_rows = d.index(np.flatnonzero(hot))
         strategies = [s for s, g in zip(needs.strategies, greedy) if not g]
         temps, _, _, seeds, counters, _, _ = d.params(strategies, counts[~greedy])
-        hot_lanes = d.index(lanes[hot])
-        picked = S.gumbel_argmax(x[hot_rows], temps, seeds, counters, hot_lanes)
+        picked = S.gumbel_argmax(x[hot_rows], temps, seeds, counters, d.index(lanes[hot]))
         cand[hot_rows] = picked
-        conf[hot_rows] = S.candidate_confidence(x[hot_rows], picked, work_dtype)
-    thresholds = np.array([np.nan if e[1] is None else e[1] for e in needs.extra], dtype=np.float64)
+        conf[hot_rows] = S.candidate_confidence(x[hot_rows], picked, conf.dtype)
+    thresholds = np.array([np.nan if e[1] is None else e[1] for e in extra], dtype=np.float64)
     by_rank = np.isnan(thresholds)
-    if n == 1:  # one request: no grouping needed
-        if exact and not direct:
-            conf = _refine_rows(x, cand, conf, (conf - float(thresholds[0])).abs() <= REFINE_MARGIN
-                                | (conf >= conf.max() - REFINE_MARGIN) | bool(by_rank[0]))
-        top1 = torch.arange(total, device=x.device) == conf.argmax()  # (no host sync)
-        chosen = top1 | (conf >= float(thresholds[0])) if not by_rank[0] else top1
-        if by_rank[0]:
-            order = torch.sort(conf, descending=True, stable=True).indices
-            chosen = torch.zeros_like(top1)
-            chosen[order[: int(needs.extra[0][2])]] = True
-        _finish_candidates(d, needs, parts, x, cand, chosen, counts, greedy, lanes)
-        return
-    group = d.index(np.repeat(np.arange(n), counts))
-    row_id = torch.arange(total, device=x.device)
-    row_threshold = torch.from_numpy(thresholds).to(x.device)[group]
-    if exact and not direct:
-        conf = _refine(d, x, cand, conf, group, n, row_threshold, d.index(by_rank)[group].bool())
-    best = torch.full((n,), float("-inf"), dtype=conf.dtype, device=x.device)
-    best = best.scatter_reduce(0, group, conf, "amax")
-    first = torch.full((n,), total, dtype=torch.int64, device=x.device)
-    first = first.scatter_reduce(0, group, torch.where(conf == best[group], row_id, total), "amin")
-    top1 = row_id == first[group]
-    chosen = top1 | (conf >= row_threshold.to(conf.dtype))
-    by_rank = np.isnan(thresholds)
+    groups = _Groups(d, counts, total)
+    row_threshold = groups.per_row(torch.from_numpy(np.nan_to_num(thresholds, nan=2.0)).to(x.device))
+    if exact and not direct:  # float64 for every row whose float32 value could change a decision
+        best, _ = groups.max(conf)
+        near = ((conf - row_threshold).abs() <= REFINE_MARGIN) | (conf >= groups.per_row(best) - REFINE_MARGIN)
+        if by_rank.any():
+            near |= groups.per_row(d.index(by_rank).bool())
+        rows = near.nonzero()[:, 0]
+        conf = conf.double()
+        conf[rows] = S.candidate_confidence(x[rows], cand[rows], torch.float64)
+    chosen = conf >= row_threshold.to(conf.dtype)
+    _, first = groups.max(conf)
+    chosen[groups.row(first)] = True
     if by_rank.any():
-        by_conf = torch.sort(conf, descending=True, stable=True).indices
-        order = by_conf[torch.sort(group[by_conf], stable=True).indices]
-        rank = torch.empty_like(row_id)
-        rank[order] = row_id - d.index(_group_starts(counts))[group[order]]
-        topk = d.index([e[2] for e in needs.extra])
-        chosen = torch.where(d.index(by_rank)[group].bool(), rank < topk[group], chosen)
-    _finish_candidates(d, needs, parts, x, cand, chosen, counts, greedy, lanes)
-
-
-def _finish_candidates(d, needs, parts, x, cand, chosen, counts, greedy, lanes) -> None:
-    """Best non-mask candidates for blocks at their last step, then the answers: (candidate, chosen, fallback)."""
-    total = len(lanes)
-    fallback = torch.full((total,), -1, dtype=torch.int64, device=x.device)
-    last = np.array([e[3] for e in needs.extra])
+        topk = np.array([e[2] for e in extra], dtype=np.int64)
+        chosen = torch.where(groups.per_row(d.index(by_rank).bool()), groups.rank_desc(conf) < groups.per_row(
+            d.index(topk)), chosen)
+    skip_mask = np.array([e[4] for e in extra])
+    if skip_mask.any():
+        keep = cand != d.mask_id
+        if not skip_mask.all():
+            keep |= groups.per_row(d.index(~skip_mask).bool())
+        chosen &= keep
+    write = torch.where(chosen, cand, -1)
+    last = np.array([e[3] for e in extra])
     if last.any():
-        last_rows = np.flatnonzero(np.repeat(last, counts))
-        index = d.index(last_rows)
-        masked = x[index].clone()
-        masked[:, d.mask_id] = float("-inf")
-        fallback[index] = S.row_argmax(masked)
-        hot_last = last & ~greedy
-        if hot_last.any():
-            rows = np.flatnonzero(np.repeat(hot_last, counts))
-            strategies = [s for s, h in zip(needs.strategies, hot_last) if h]
-            temps, _, _, seeds, counters, _, _ = d.params(strategies, counts[hot_last])
-            sub = masked[torch.from_numpy(np.searchsorted(last_rows, rows)).to(x.device)]
-            fallback[d.index(rows)] = S.gumbel_argmax(sub, temps, seeds, counters, d.index(lanes[rows]))
-    values = torch.stack([cand, chosen.to(torch.int64), fallback], dim=1)
-    d.place(parts, needs.handles, values, [(int(c), 3) for c in counts])
+        _fill_last_step(d, needs, x, write, counts, greedy, last, lanes)
+    d.place(parts, needs.handles, write, [(int(c),) for c in counts])
 
 
-def _refine(d, x, cand, conf, group, n, row_threshold, by_rank) -> torch.Tensor:
-    """Confidences in float64 for every row whose float32 value could change a decision: near its
-    threshold, near its block's best, or ranked (top-k schedule). Decisions then equal a float64
-    computation of every row, at the cost of a float32 softmax plus a handful of float64 rows."""
-    best = torch.full((n,), float("-inf"), dtype=conf.dtype, device=x.device).scatter_reduce(0, group, conf, "amax")
-    near = ((conf.double() - row_threshold).abs() <= REFINE_MARGIN) | (conf >= best[group] - REFINE_MARGIN) | by_rank
-    return _refine_rows(x, cand, conf, near)
+class _Groups:
+    """Ragged groups of rows (one per need, back to back) and the few reductions decisions need."""
+
+    def __init__(self, d, counts: np.ndarray, total: int):
+        self.d, self.counts, self.n, self.total = d, counts, len(counts), total
+        self.width = int(counts.max())
+        self.starts = _group_starts(counts)
+        self._group = self._slot = None
+
+    def group(self) -> torch.Tensor:
+        if self._group is None:
+            self._group = self.d.index(np.repeat(np.arange(self.n), self.counts))
+        return self._group
+
+    def per_row(self, values: torch.Tensor) -> torch.Tensor:
+        """Per-group values repeated over the group's rows."""
+        return values.expand(self.total) if self.n == 1 else values[self.group()]
+
+    def padded(self, values: torch.Tensor, fill: float) -> torch.Tensor:
+        """[n, width] with each group's rows first, then `fill`."""
+        if self.n == 1:
+            return values.view(1, -1)
+        if self._slot is None:
+            offsets = np.arange(self.n) * self.width - self.starts
+            self._slot = self.d.index(np.repeat(offsets, self.counts) + np.arange(self.total))
+        out = values.new_full((self.n * self.width,), fill)
+        out[self._slot] = values
+        return out.view(self.n, self.width)
+
+    def max(self, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per group: the largest value and the index (within the group) of its first row."""
+        return self.padded(values, float("-inf")).max(dim=1)
+
+    def row(self, within: torch.Tensor) -> torch.Tensor:
+        """Batch rows of per-group indices within the groups."""
+        return within if self.n == 1 else within + self.d.index(self.starts)
+
+    def rank_desc(self, values: torch.Tensor) -> torch.Tensor:
+        """Each row's rank within its group by descending value (ties: the earlier row first)."""
+        order = torch.sort(self.padded(values, float("-inf")), dim=1, descending=True, stable=True).indices
+        rank = torch.empty_like(order)
+        rank.scatter_(1, order, torch.arange(self.width, device=values.device).expand_as(order).contiguous())
+        if self.n == 1:
+            return rank.view(-1)
+        return rank.view(-1)[self._slot]
 
 
-def _refine_rows(x, cand, conf, near) -> torch.Tensor:
-    rows = near.nonzero()[:, 0]
-    exact = conf.double()
-    exact[rows] = S.candidate_confidence(x[rows], cand[rows], torch.float64)
-    return exact
+def _fill_last_step(d, needs, x, write, counts, greedy, last, lanes) -> None:
+    """Rows of blocks at their last step that were not written get their best non-mask candidate."""
+    last_rows = np.flatnonzero(np.repeat(last, counts))
+    index = d.index(last_rows)
+    masked = x[index].clone()
+    masked[:, d.mask_id] = float("-inf")
+    fallback = S.row_argmax(masked)
+    hot_last = last & ~greedy
+    if hot_last.any():
+        rows = np.flatnonzero(np.repeat(hot_last, counts))
+        strategies = [s for s, h in zip(needs.strategies, hot_last) if h]
+        temps, _, _, seeds, counters, _, _ = d.params(strategies, counts[hot_last])
+        sub = torch.from_numpy(np.searchsorted(last_rows, rows)).to(x.device)
+        fallback[sub] = S.gumbel_argmax(masked[sub], temps, seeds, counters, d.index(lanes[rows]))
+    current = write[index]
+    write[index] = torch.where(current >= 0, current, fallback)
 
 
 def _accept(d, strategies: list, x: torch.Tensor, counts: np.ndarray, drafts: torch.Tensor):

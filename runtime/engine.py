@@ -151,7 +151,7 @@ class Engine:
         work = self.scheduler.schedule()
         if not work:
             return None
-        segments = [item.segments[0] for item in work]  # a strategy's step is one segment
+        segments = [item.segment for item in work]
         batch = self.model.builder.build(segments, self.cache)
         logits = self.model.run(batch, self.cache)
         counts = np.asarray(batch.logit_counts, dtype=np.int64)

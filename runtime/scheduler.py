@@ -57,10 +57,10 @@ class Sequence:
         return self.request.prompt_ids + self.request.output_ids
 
 
-@dataclass
+@dataclass(slots=True)
 class ScheduledWork:
     sequence: Sequence
-    segments: list[Segment]
+    segment: Segment
     is_fill: bool
     num_tokens: int = 0
 
@@ -185,15 +185,15 @@ class Scheduler:
             segment = Segment(seq.request_id, tokens, np.arange(start, start + size), start, Pattern.CAUSAL,
                               write_kv=True, logit_rows=[], kv_end=start + size,
                               image_embeds=seq.request.image_embeds_for(start, start + size))
-            return ScheduledWork(seq, [segment], True, size)
-        segments = seq.strategy.next_segments()
-        cost = sum(len(s) for s in segments)
+            return ScheduledWork(seq, segment, True, size)
+        segment = seq.strategy.next_segment()
+        cost = len(segment.token_ids)
         if cost > budget and not first:
             return None  # waits for a step with room; an oversized step runs alone
-        return ScheduledWork(seq, segments, False, cost)
+        return ScheduledWork(seq, segment, False, cost)
 
     def _reserve_or_preempt(self, seq: Sequence, item: ScheduledWork, served: set[int]) -> bool:
-        need = max(s.write_end() for s in item.segments)
+        need = item.segment.write_end()
         while True:
             try:
                 self.cache.reserve(seq.request_id, need)
@@ -217,7 +217,7 @@ class Scheduler:
     def after_forward(self, item: ScheduledWork) -> None:
         seq = item.sequence
         if item.is_fill:
-            seq.cache_len += len(item.segments[0])
+            seq.cache_len += len(item.segment)
             self.cache.set_length(seq.request_id, seq.cache_len)
             if not seq.filling:
                 seq.strategy.committed = seq.fill_target

@@ -85,7 +85,7 @@ def test_decisions_stay_on_the_logits_device(engine_fp32, temperature):
             strategy.steps = strategy.B - 1  # the last step also picks the best non-mask candidates
         if name == "linear-spec" and phase == "draft":
             strategy.draft_masked[1:] = True
-        segment = strategy.next_segments()[0]
+        segment = strategy.next_segment()
         decider.begin()
         strategy.register(decider, 0, 0)
         rows = len(segment.rows())

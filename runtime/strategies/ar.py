@@ -19,12 +19,12 @@ class ARStrategy(DecodeStrategy):
         self.last_token: int | None = None
         self._handle = None
 
-    def next_segments(self) -> list[Segment]:
+    def next_segment(self) -> Segment:
         if self.last_token is None:
-            return [self.prefill_segment()]
+            return self.prefill_segment()
         pos = self.committed
-        return [Segment(self.request.request_id, np.array([self.last_token]), np.array([pos]), pos,
-                        Pattern.CAUSAL, write_kv=True, shape_key=AR_SHAPE, kv_end=pos + 1)]
+        return Segment(self.request.request_id, np.array([self.last_token]), np.array([pos]), pos,
+                        Pattern.CAUSAL, write_kv=True, shape_key=AR_SHAPE, kv_end=pos + 1)
 
     def register(self, decider, first_row: int, token_row: int) -> None:
         self._handle = decider.sample(self, first_row)

@@ -3,7 +3,7 @@
 checkpoint ──builder──▶ engine dir ──[runtime: strategies]──▶ Triton
 
 Each engine step asks every running strategy for the segments of its next forward
-(`next_segments`), runs them all in one model pass, lets every strategy say what it needs
+(`next_segment`), runs them all in one model pass, lets every strategy say what it needs
 from its logit rows (`register`, with the step's `Decider`), computes all of it in one
 batched pass on the device, copies the answers to the host once, and hands each strategy
 its answer (`consume`), which returns the output tokens it decided. Strategies keep only
@@ -46,8 +46,9 @@ class DecodeStrategy(ABC):
         self._think_seen = 0  # output tokens already searched for it
 
     @abstractmethod
-    def next_segments(self) -> list[Segment]:
-        """Segments for this request's part of the next forward (one segment)."""
+    def next_segment(self) -> Segment:
+        """This request's part of the next forward. The batch is packed before the step's answers
+        are consumed, so the segment may share arrays the strategy updates later."""
 
     @abstractmethod
     def register(self, decider, first_row: int, token_row: int) -> None:

@@ -44,17 +44,17 @@ class DiffusionStrategy(DecodeStrategy):
         self._commit_shape = ("commit", self.B)
 
     # -- segments ----------------------------------------------------------------------------
-    def next_segments(self) -> list[Segment]:
+    def next_segment(self) -> Segment:
         rid, P = self.request.request_id, self.committed
         if self.phase == "prefill":
-            return [self.prefill_segment()]
+            return self.prefill_segment()
         positions = arange(self.B) + P
         if self.phase == "denoise":
-            self._rows = np.flatnonzero(self.masked)
-            return [Segment(rid, self.block.copy(), positions, P, Pattern.FULL, write_kv=False, logit_rows=self._rows,
-                            shape_key=self._denoise_shape, kv_end=0)]
-        return [Segment(rid, self.block.copy(), positions, P, Pattern.CAUSAL, write_kv=True, logit_rows=[self.B - 1],
-                        shape_key=self._commit_shape, kv_end=P + self.B)]
+            self._rows = self.masked.nonzero()[0]
+            return Segment(rid, self.block, positions, P, Pattern.FULL, write_kv=False, logit_rows=self._rows,
+                            shape_key=self._denoise_shape, kv_end=0)
+        return Segment(rid, self.block, positions, P, Pattern.CAUSAL, write_kv=True, logit_rows=[self.B - 1],
+                        shape_key=self._commit_shape, kv_end=P + self.B)
 
     # -- decisions ---------------------------------------------------------------------------
     def register(self, decider, first_row: int, token_row: int) -> None:
@@ -67,7 +67,7 @@ class DiffusionStrategy(DecodeStrategy):
             k = self.schedule[self.steps] if self.steps < len(self.schedule) else 1
             k = min(max(k, 1), len(self._rows))
         self._handle = decider.candidates(self, first_row, len(self._rows), self._rows, tau, k,
-                                          last_step=self.steps + 1 >= self.B)
+                                          last_step=self.steps + 1 >= self.B, skip_mask=True)
 
     def consume(self, decider) -> list[int]:
         answer = decider.result(self._handle)
@@ -98,17 +98,14 @@ class DiffusionStrategy(DecodeStrategy):
         return [seed]
 
     def _denoised(self, answer: np.ndarray) -> list[int]:
-        candidates, chosen, fallback = answer[:, 0], answer[:, 1].astype(bool), answer[:, 2]
-        commit = chosen & (candidates != self.mask_id)
-        self.block[self._rows[commit]] = candidates[commit]
-        self.masked[self._rows[commit]] = False
+        """answer: per masked row the token to write, or -1 (still masked; never -1 at the last step)."""
+        written = answer >= 0
+        rows = self._rows[written]
+        self.block[rows] = answer[written]
+        self.masked[rows] = False
         self.steps += 1
-        if self.steps >= self.B and self.masked.any():
-            still = self.masked[self._rows]
-            self.block[self._rows[still]] = fallback[still]
-            self.masked[self._rows[still]] = False
         end = self._eos_end()
-        if self.masked.any() and end is None:
+        if end is None and self.masked.any():
             return []
         self.steps_per_block.append(self.steps)
         self.phase = "commit"

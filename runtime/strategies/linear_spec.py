@@ -34,17 +34,17 @@ class LinearSpecStrategy(DecodeStrategy):
         self._draft_shape = ("draft", self.B, self.use_lora)
         self._verify_shape = ("verify", self.B)
 
-    def next_segments(self) -> list[Segment]:
+    def next_segment(self) -> Segment:
         rid, P = self.request.request_id, self.committed
         if self.phase == "prefill":
-            return [self.prefill_segment()]
+            return self.prefill_segment()
         positions = arange(self.B) + P
         if self.phase == "draft":
-            self._rows = np.flatnonzero(self.draft_masked)
-            return [Segment(rid, self.tokens.copy(), positions, P, Pattern.FULL, write_kv=False, logit_rows=self._rows,
-                            use_lora=self.use_lora, shape_key=self._draft_shape, kv_end=0)]
-        return [Segment(rid, self.tokens.copy(), positions, P, Pattern.CAUSAL, write_kv=True,
-                        shape_key=self._verify_shape, kv_end=P + self.B)]
+            self._rows = self.draft_masked.nonzero()[0]
+            return Segment(rid, self.tokens, positions, P, Pattern.FULL, write_kv=False, logit_rows=self._rows,
+                            use_lora=self.use_lora, shape_key=self._draft_shape, kv_end=0)
+        return Segment(rid, self.tokens, positions, P, Pattern.CAUSAL, write_kv=True,
+                        shape_key=self._verify_shape, kv_end=P + self.B)
 
     def register(self, decider, first_row: int, token_row: int) -> None:
         if self.phase == "prefill":
@@ -55,7 +55,7 @@ class LinearSpecStrategy(DecodeStrategy):
             self._handle = decider.drafts(self, first_row, len(self._rows))
         else:
             self._handle = decider.candidates(self, first_row, len(self._rows), self._rows, self.draft_threshold,
-                                              0, last_step=False)
+                                              0, last_step=False, skip_mask=False)
 
     def consume(self, decider) -> list[int]:
         answer = decider.result(self._handle)
@@ -68,8 +68,8 @@ class LinearSpecStrategy(DecodeStrategy):
                 self.tokens[self._rows] = answer
                 self.draft_masked[self._rows] = False
             else:
-                chosen = answer[:, 1].astype(bool)
-                self.tokens[self._rows[chosen]] = answer[chosen, 0]
+                chosen = answer >= 0
+                self.tokens[self._rows[chosen]] = answer[chosen]
                 self.draft_masked[self._rows[chosen]] = False
             if not self.draft_masked.any():
                 self.phase = "verify"
