@@ -67,7 +67,7 @@ class _Staging:
 
     def __init__(self, device: torch.device, dtype: torch.dtype):
         self.device, self.dtype, self.size = device, dtype, 0
-        self.host = self.dev = None
+        self.host = self.dev = self.host_view = None
 
     def upload(self, parts: list[np.ndarray]) -> list[torch.Tensor]:
         sizes = [len(p) for p in parts]
@@ -79,16 +79,12 @@ class _Staging:
             else:
                 self.host = torch.empty(self.size, dtype=self.dtype, pin_memory=True)
                 self.dev = torch.empty(self.size, dtype=self.dtype, device=self.device)
-        view = self.host.numpy()
+            self.host_view = self.host.numpy()
         if total:
-            np.concatenate(parts, out=view[:total], casting="unsafe")
+            np.concatenate(parts, out=self.host_view[:total], casting="unsafe")
         if self.dev is not self.host and total:
             self.dev[:total].copy_(self.host[:total], non_blocking=True)
-        out, start = [], 0
-        for n in sizes:
-            out.append(self.dev[start: start + n])
-            start += n
-        return out
+        return list(self.dev[:total].split(sizes))
 
 
 @dataclass
@@ -133,8 +129,8 @@ class BatchBuilder:
     def packed(self) -> tuple[PackedSizes, np.ndarray, np.ndarray, np.ndarray | None]:
         """The host arrays behind the last built batch: sizes, int64 parts, int32 parts, image rows."""
         sizes = self._last_sizes
-        return (sizes, self._int64.host.numpy()[: sum(sizes.int64_parts())],
-                self._int32.host.numpy()[: sum(sizes.int32_parts())], self._last_image_rows)
+        return (sizes, self._int64.host_view[: sum(sizes.int64_parts())],
+                self._int32.host_view[: sum(sizes.int32_parts())], self._last_image_rows)
 
     def unpack(self, sizes: PackedSizes, flat64: np.ndarray, flat32: np.ndarray, image_rows: np.ndarray | None,
                image_embeds: torch.Tensor | None, shape_key: tuple | None) -> ForwardBatch:
@@ -166,30 +162,22 @@ class BatchBuilder:
         return dense
 
     def build(self, segments: list[Segment], cache: PagedKVCache | None) -> ForwardBatch:
+        # O(1) Python per segment (one comprehension per field), nothing per token
         count = len(segments)
-        lengths = np.empty(count, dtype=np.int64)
-        ids, positions, writes, prefix, rows, patterns, local_rows, masks, keys = ([] for _ in range(9))
-        lora_segments, masked = [], False
-        row_of = cache.row if cache is not None else None
-        for i, s in enumerate(segments):  # one pass: O(1) Python per segment, nothing per token
-            n = len(s.token_ids)
-            lengths[i] = n
-            ids.append(s.token_ids)
-            positions.append(s.positions)
-            w = s.write_kv
-            writes.append(_flags(n, bool(w)) if isinstance(w, (bool, np.bool_)) else w)
-            prefix.append(s.prefix_len)
-            rows.append(row_of(s.request_id) if row_of is not None else 0)
-            patterns.append(int(s.pattern))
-            local_rows.append(_arange(n) if s.logit_rows is None else np.asarray(s.logit_rows, dtype=np.int64))
-            if s.pattern is Pattern.MASK:
-                masks.append(s.mask)
-                masked = True
-            else:
-                masks.append(None)
-            if s.use_lora:
-                lora_segments.append(i)
-            keys.append(s.shape_key)
+        ids = [s.token_ids for s in segments]
+        lengths = np.array([len(t) for t in ids], dtype=np.int64)
+        positions = [s.positions for s in segments]
+        writes = [_flags(len(s.token_ids), bool(s.write_kv)) if isinstance(s.write_kv, (bool, np.bool_)) else s.write_kv
+                  for s in segments]
+        prefix = [s.prefix_len for s in segments]
+        rows = [cache.row(s.request_id) for s in segments] if cache is not None else [0] * count
+        patterns = [int(s.pattern) for s in segments]
+        local_rows = [_arange(len(s.token_ids)) if s.logit_rows is None else np.asarray(s.logit_rows, dtype=np.int64)
+                      for s in segments]
+        masks = [s.mask if s.pattern is Pattern.MASK else None for s in segments]
+        masked = Pattern.MASK in patterns
+        lora_segments = [i for i, s in enumerate(segments) if s.use_lora]
+        keys = [s.shape_key for s in segments]
         starts = np.zeros(count + 1, dtype=np.int64)
         np.cumsum(lengths, out=starts[1:])
         total = int(starts[-1])
@@ -215,10 +203,15 @@ class BatchBuilder:
         logit_rows = (np.concatenate(local_rows) + np.repeat(starts[:-1], counts)) if count else np.zeros(0, np.int64)
         lora_rows = (np.concatenate([np.arange(starts[i], starts[i + 1]) for i in lora_segments]) if lora_segments
                      else np.zeros(0, np.int64))
-        mask_offsets, bits, used = [], [], 0
-        for mask in masks if masked else ():
-            mask_offsets.append(used)
-            if mask is not None:
+        mask_offsets, bits, used, placed = [], [], 0, {}
+        for mask in masks if masked else ():  # segments sharing a Mask share its bits
+            if mask is None:
+                mask_offsets.append(used)
+            elif id(mask) in placed:
+                mask_offsets.append(placed[id(mask)])
+            else:
+                placed[id(mask)] = used
+                mask_offsets.append(used)
                 bits.append(mask.bits)
                 used += len(mask.bits)
         if not masked:
@@ -247,7 +240,7 @@ class BatchBuilder:
         return ForwardBatch(
             num_tokens=int(starts[-1]), ids=d_ids, positions=d_pos, token_slots=d_slots, write_rows=d_wrows,
             write_slots=d_wslots, logit_rows=d_logits, lora_rows=d_lora, logit_counts=counts,
-            segment_rows=segment_rows, bounds=[(int(a), int(b)) for a, b in zip(starts[:-1], starts[1:])],
+            segment_rows=segment_rows, bounds=list(zip(starts[:-1].tolist(), starts[1:].tolist())),
             table_rows=rows.tolist(), prefix_lens=prefix.tolist(), patterns=patterns.tolist(), masks=masks,
             seg_start=d_start, seg_prefix=d_prefix, seg_table_row=d_trow, seg_pattern=d_pattern,
             mask_offset=d_moff, mask_bits=d_bits, image_rows=image_rows, image_embeds=image_embeds,

@@ -14,8 +14,7 @@ import torch
 
 from . import sampling as S
 
-SMALL_FLOAT64 = 1 << 16  # logits elements below which float64 confidences are computed directly
-REFINE_MARGIN = 1e-4  # float32 confidences this close to a threshold or a block's best are recomputed
+REFINE_MARGIN = 1e-4  # float32 confidences this close to a threshold or to a rival for a block's best are recomputed
 
 
 def _group_starts(counts: np.ndarray) -> np.ndarray:
@@ -32,11 +31,10 @@ def run_candidates(d, needs, logits, ids, parts) -> None:
     counts = np.asarray(needs.counts, dtype=np.int64)
     n, total = len(counts), int(counts.sum())
     x = d.gather(logits, needs)
-    # float64 decisions on the CPU (the exactness tests compare with float64 references): small batches
-    # directly, large ones in float32 with the rows that could flip a decision refined in float64
+    # float32 confidences; on the CPU (where the exactness tests compare with float64 references) the
+    # rows whose float32 value could flip a decision are then recomputed in float64
     exact = S.probability_dtype(x.device) == torch.float64
-    direct = exact and x.numel() <= SMALL_FLOAT64
-    cand, conf = S.greedy_confidence(x, torch.float64 if direct else torch.float32)
+    cand, conf = S.greedy_confidence(x, torch.float32)
     extra = needs.extra
     greedy = np.array([s.params.temperature <= 0 for s in needs.strategies])
     lanes = np.concatenate([e[0] for e in extra]) if n > 1 else extra[0][0]
@@ -52,14 +50,8 @@ def run_candidates(d, needs, logits, ids, parts) -> None:
     by_rank = np.isnan(thresholds)
     groups = _Groups(d, counts, total)
     row_threshold = groups.per_row(torch.from_numpy(np.nan_to_num(thresholds, nan=2.0)).to(x.device))
-    if exact and not direct:  # float64 for every row whose float32 value could change a decision
-        best, _ = groups.max(conf)
-        near = ((conf - row_threshold).abs() <= REFINE_MARGIN) | (conf >= groups.per_row(best) - REFINE_MARGIN)
-        if by_rank.any():
-            near |= groups.per_row(d.index(by_rank).bool())
-        rows = near.nonzero()[:, 0]
-        conf = conf.double()
-        conf[rows] = S.candidate_confidence(x[rows], cand[rows], torch.float64)
+    if exact:
+        conf = _refine(d, groups, x, cand, conf, row_threshold, by_rank)
     chosen = conf >= row_threshold.to(conf.dtype)
     _, first = groups.max(conf)
     chosen[groups.row(first)] = True
@@ -125,6 +117,23 @@ class _Groups:
         if self.n == 1:
             return rank.view(-1)
         return rank.view(-1)[self._slot]
+
+
+def _refine(d, groups, x, cand, conf, row_threshold, by_rank) -> torch.Tensor:
+    """float64 confidences, recomputed from the logits for the rows whose float32 value could change a
+    decision: near the threshold, within the margin of a block's best when another row is too (a
+    possible tie for the top), or ranked (top-k schedule). Usually none or a handful."""
+    best, _ = groups.max(conf)
+    near_best = conf >= groups.per_row(best) - REFINE_MARGIN
+    rivals = groups.padded(near_best.to(conf.dtype), 0.0).sum(dim=1) >= 2
+    near = ((conf - row_threshold).abs() <= REFINE_MARGIN) | (near_best & groups.per_row(rivals))
+    if by_rank.any():
+        near |= groups.per_row(d.index(by_rank).bool())
+    rows = near.nonzero()[:, 0]
+    conf = conf.double()
+    if len(rows):
+        conf[rows] = S.candidate_confidence(x[rows], cand[rows], torch.float64)
+    return conf
 
 
 def _fill_last_step(d, needs, x, write, counts, greedy, last, lanes) -> None:

@@ -106,8 +106,7 @@ def greedy_confidence(logits: torch.Tensor, dtype: torch.dtype | None = None) ->
 def candidate_confidence(logits: torch.Tensor, candidates: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Softmax probability of the given candidate per row."""
     dtype = dtype or probability_dtype(logits.device)
-    x = logits.to(dtype)
-    return torch.exp(x.gather(1, candidates[:, None])[:, 0] - torch.logsumexp(x, dim=-1))
+    return torch.softmax(logits.to(dtype), dim=-1).gather(1, candidates[:, None])[:, 0]
 
 
 def gumbel_argmax(logits: torch.Tensor, temperature: torch.Tensor, seeds: torch.Tensor, counters: torch.Tensor,

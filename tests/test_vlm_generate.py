@@ -93,7 +93,7 @@ def test_chunked_prefill_and_preemption_with_images_are_exact(vlm, llm, mode, bl
 
     def recording_schedule():  # the real schedule; the re-fills it plans are kept for the checks below
         work = schedule()
-        fills.extend((item.sequence.request, item.segments[0]) for item in work if item.is_fill)
+        fills.extend((item.sequence.request, item.segment) for item in work if item.is_fill)
         return work
 
     tight.engine.scheduler.schedule = recording_schedule
