@@ -50,7 +50,7 @@ class Decider:
         self.begin()
 
     def begin(self) -> None:
-        self._needs = {kind: _Needs() for kind in KINDS}
+        self._needs: dict[str, _Needs] = {}  # by kind, made on first use
         self._shapes: list[tuple[int, ...]] = []
         self._offsets: list[int] = []
         self._host: np.ndarray | None = None
@@ -59,7 +59,10 @@ class Decider:
     def _register(self, kind: str, strategy, first_row: int, count: int, extra=None) -> int:
         handle = len(self._shapes)
         self._shapes.append(())
-        self._needs[kind].add(strategy, first_row, count, extra, handle)
+        needs = self._needs.get(kind)
+        if needs is None:
+            needs = self._needs[kind] = _Needs()
+        needs.add(strategy, first_row, count, extra, handle)
         strategy.draw_counter += 1
         return handle
 
@@ -92,8 +95,8 @@ class Decider:
         parts: list[torch.Tensor] = [logits.sum(dim=-1).isfinite().to(torch.int64)]
         self._finite_len = logits.shape[0]
         for kind in KINDS:
-            needs = self._needs[kind]
-            if needs.strategies:
+            needs = self._needs.get(kind)
+            if needs is not None:
                 RUNNERS[kind](self, needs, logits, ids, parts)
         self._packed = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int64, device=self.device)
 
@@ -136,11 +139,11 @@ class Decider:
 
     def gather(self, logits: torch.Tensor, needs: _Needs) -> torch.Tensor:
         """The needs' logit rows, in order (no copy when they are all of the logits, in order)."""
-        rows = self.rows(needs)
-        # needs are registered in row order, so their rows strictly increase: first and last decide
-        if len(rows) == logits.shape[0] and rows[0] == 0 and rows[-1] == len(rows) - 1:
+        # needs hold disjoint row ranges registered in row order: starting at row 0 and counting every
+        # row, they are all of the logits, in order
+        if needs.rows[0] == 0 and sum(needs.counts) == logits.shape[0]:
             return logits
-        return logits[self.index(rows)]
+        return logits[self.index(self.rows(needs))]
 
     @staticmethod
     def rows(needs: _Needs) -> np.ndarray:

@@ -46,13 +46,16 @@ def run_candidates(d, needs, logits, ids, parts) -> None:
         picked = S.gumbel_argmax(x[hot_rows], temps, seeds, counters, d.index(lanes[hot]))
         cand[hot_rows] = picked
         conf[hot_rows] = S.candidate_confidence(x[hot_rows], picked, conf.dtype)
-    thresholds = np.array([np.nan if e[1] is None else e[1] for e in extra], dtype=np.float64)
-    by_rank = np.isnan(thresholds)
+    # ranked needs (no threshold) get one no confidence reaches
+    thresholds = np.array([2.0 if e[1] is None else e[1] for e in extra], dtype=np.float64)
+    by_rank = thresholds > 1
     groups = _Groups(d, counts, total)
-    row_threshold = groups.per_row(torch.from_numpy(np.nan_to_num(thresholds, nan=2.0)).to(x.device))
     if exact:
-        conf = _refine(d, groups, x, cand, conf, row_threshold, by_rank)
-    chosen = conf >= row_threshold.to(conf.dtype)
+        conf = _refine(groups, x, cand, conf, thresholds, by_rank)
+    if (thresholds == thresholds[0]).all():  # one threshold for every row: a scalar, no upload
+        chosen = conf >= float(thresholds[0])
+    else:
+        chosen = conf >= groups.per_row(torch.from_numpy(thresholds).to(x.device)).to(conf.dtype)
     _, first = groups.max(conf)
     chosen[groups.row(first)] = True
     if by_rank.any():
@@ -119,20 +122,24 @@ class _Groups:
         return rank.view(-1)[self._slot]
 
 
-def _refine(d, groups, x, cand, conf, row_threshold, by_rank) -> torch.Tensor:
-    """float64 confidences, recomputed from the logits for the rows whose float32 value could change a
-    decision: near the threshold, within the margin of a block's best when another row is too (a
-    possible tie for the top), or ranked (top-k schedule). Usually none or a handful."""
-    best, _ = groups.max(conf)
-    near_best = conf >= groups.per_row(best) - REFINE_MARGIN
-    rivals = groups.padded(near_best.to(conf.dtype), 0.0).sum(dim=1) >= 2
-    near = ((conf - row_threshold).abs() <= REFINE_MARGIN) | (near_best & groups.per_row(rivals))
+def _refine(groups, x, cand, conf, thresholds: np.ndarray, by_rank: np.ndarray) -> torch.Tensor:
+    """float64 confidences (CPU only), recomputed from the logits for the rows whose float32 value
+    could change a decision: near their threshold, within the margin of their block's best when
+    another row of the block is too (a possible tie for the top), or ranked (top-k schedule).
+    Usually none or a handful. The selection runs in numpy on a view of the CPU tensor."""
+    c = conf.numpy()
+    counts, starts = groups.counts, groups.starts
+    best = np.maximum.reduceat(c, starts)
+    near_best = c >= np.repeat(best, counts) - REFINE_MARGIN
+    rivals = np.add.reduceat(near_best, starts) >= 2
+    near = (np.abs(c - np.repeat(thresholds, counts)) <= REFINE_MARGIN) | (near_best & np.repeat(rivals, counts))
     if by_rank.any():
-        near |= groups.per_row(d.index(by_rank).bool())
-    rows = near.nonzero()[:, 0]
+        near |= np.repeat(by_rank, counts)
+    rows = np.flatnonzero(near)
     conf = conf.double()
     if len(rows):
-        conf[rows] = S.candidate_confidence(x[rows], cand[rows], torch.float64)
+        index = torch.from_numpy(rows)
+        conf[index] = S.candidate_confidence(x[index], cand[index], torch.float64)
     return conf
 
 

@@ -26,6 +26,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from .decide import Decider
 from .kv_cache import PagedKVCache
@@ -144,6 +145,7 @@ class Engine:
         pending = self.launch()
         return self.complete(pending) if pending is not None else []
 
+    @torch.inference_mode()  # cheaper tensor operations; the staging buffers are made and reused in it
     def launch(self) -> PendingStep | None:
         """Schedule, build the batch, enqueue the forward and the batched decisions (no host sync)."""
         if self.images is not None:
@@ -172,6 +174,7 @@ class Engine:
         self.num_steps += 1
         return PendingStep(work, starts, counts, failed)
 
+    @torch.inference_mode()
     def complete(self, pending: PendingStep) -> list[Request]:
         """Wait for the step's answers and apply them."""
         decider = self.decider

@@ -84,6 +84,7 @@ class Worker:
             else:
                 raise RuntimeError(f"unknown tensor-parallel message {op}")
 
+    @torch.inference_mode()
     def _step(self, message) -> None:
         plan = read_step(message)
         cache = self.cache if plan.has_cache else None
