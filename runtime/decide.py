@@ -51,14 +51,14 @@ class Decider:
 
     def begin(self) -> None:
         self._needs: dict[str, _Needs] = {}  # by kind, made on first use
-        self._shapes: list[tuple[int, ...]] = []
-        self._offsets: list[int] = []
+        self._num_handles = 0
+        self._offsets = self._sizes = None  # per handle: where its answer lies in the packed result
         self._host: np.ndarray | None = None
 
     # -- registration (host, O(1) per request) -----------------------------------------------
     def _register(self, kind: str, strategy, first_row: int, count: int, extra=None) -> int:
-        handle = len(self._shapes)
-        self._shapes.append(())
+        handle = self._num_handles
+        self._num_handles += 1
         needs = self._needs.get(kind)
         if needs is None:
             needs = self._needs[kind] = _Needs()
@@ -94,6 +94,9 @@ class Decider:
         in its sum)."""
         parts: list[torch.Tensor] = [logits.sum(dim=-1).isfinite().to(torch.int64)]
         self._finite_len = logits.shape[0]
+        self._offsets = np.zeros(self._num_handles, dtype=np.int64)
+        self._sizes = np.zeros(self._num_handles, dtype=np.int64)
+        self._placed = self._finite_len
         for kind in KINDS:
             needs = self._needs.get(kind)
             if needs is not None:
@@ -111,27 +114,25 @@ class Decider:
             torch.cuda.current_stream(packed.device).synchronize()
             self._host = host.numpy()
 
-    def finite(self) -> np.ndarray:
-        return self._host[: self._finite_len].astype(bool)
+    def bad_rows(self) -> np.ndarray:
+        """Logit rows holding a NaN or an infinity."""
+        return np.flatnonzero(self._host[: self._finite_len] == 0)
 
     def result(self, handle: int) -> np.ndarray:
         start = self._offsets[handle]
-        shape = self._shapes[handle]
-        size = shape[0] * shape[1] if len(shape) == 2 else shape[0]
-        answer = self._host[start: start + size]
-        return answer.reshape(shape) if len(shape) == 2 else answer
+        return self._host[start: start + self._sizes[handle]]
 
     # -- helpers -----------------------------------------------------------------------------
-    def place(self, parts: list[torch.Tensor], handles: list[int], values: torch.Tensor,
-              shapes: list[tuple[int, ...]]) -> None:
-        """Append `values` (the handles' answers, flattened in order) and record each answer's shape."""
-        offset = sum(p.numel() for p in parts)
-        if len(self._offsets) < len(self._shapes):
-            self._offsets.extend([0] * (len(self._shapes) - len(self._offsets)))
-        for handle, shape in zip(handles, shapes):
-            self._offsets[handle] = offset
-            self._shapes[handle] = shape
-            offset += shape[0] * shape[1] if len(shape) == 2 else shape[0]
+    def place(self, parts: list[torch.Tensor], handles: list[int], values: torch.Tensor, sizes) -> None:
+        """Append `values` (the handles' answers, flattened in order); sizes: each answer's length
+        (an int when they are all equal)."""
+        handles = np.asarray(handles, dtype=np.int64)
+        self._sizes[handles] = sizes
+        if isinstance(sizes, int):
+            self._offsets[handles] = self._placed + sizes * np.arange(len(handles))
+        else:
+            self._offsets[handles] = self._placed + np.cumsum(sizes) - sizes
+        self._placed += values.numel()
         parts.append(values.reshape(-1).to(torch.int64))
 
     def index(self, values) -> torch.Tensor:
@@ -197,12 +198,12 @@ class Decider:
         count = len(needs.rows)
         tokens = self.choose(self.gather(logits, needs), needs.strategies, np.ones(count, dtype=np.int64),
                              S.STREAM_SAMPLE)
-        self.place(parts, needs.handles, tokens, [(1,)] * count)
+        self.place(parts, needs.handles, tokens, 1)
 
     def _run_drafts(self, needs: _Needs, logits, ids, parts) -> None:
         counts = np.asarray(needs.counts, dtype=np.int64)
         tokens = self.choose(self.gather(logits, needs), needs.strategies, counts, S.STREAM_DRAFT, keep_probs=True)
-        self.place(parts, needs.handles, tokens, [(int(c),) for c in counts])
+        self.place(parts, needs.handles, tokens, counts)
 
 
 from .decide_kinds import run_candidates, run_quad, run_verify  # noqa: E402  (they build on Decider's helpers)

@@ -72,7 +72,7 @@ def run_candidates(d, needs, logits, ids, parts) -> None:
     last = np.array([e[3] for e in extra])
     if last.any():
         _fill_last_step(d, needs, x, write, counts, greedy, last, lanes)
-    d.place(parts, needs.handles, write, [(int(c),) for c in counts])
+    d.place(parts, needs.handles, write, counts)
 
 
 class _Groups:
@@ -163,15 +163,17 @@ def _fill_last_step(d, needs, x, write, counts, greedy, last, lanes) -> None:
 
 def _accept(d, strategies: list, x: torch.Tensor, counts: np.ndarray, drafts: torch.Tensor):
     """Speculative acceptance for many requests. x: target rows a_0..a_{m-1} of each request,
-    concatenated; drafts: d_1..d_{m-1} of each request, concatenated. Returns (n [N], tokens [sum m]):
+    concatenated ([rows, vocab], or [requests, m, vocab] when m is the same for all); drafts:
+    d_1..d_{m-1} of each request, concatenated. Returns (n [N], tokens [sum m]):
     tokens[:n] of a request are its output (accepted drafts and one bonus or resampled token)."""
     dev = x.device
     num = len(counts)
     if _uniform(counts) and all(s.params.temperature <= 0 for s in strategies):  # the steady greedy case
         m = int(counts[0])
-        tokens = S.row_argmax(x)
+        tokens = S.row_argmax(x).reshape(-1)
         match = tokens.view(num, m)[:, :-1] == drafts.view(num, m - 1)
         return match.cumprod(dim=1).sum(dim=1) + 1, tokens
+    x = x.reshape(-1, x.shape[-1])
     m_draft = counts - 1
     target_of_draft = d.index(np.repeat(_group_starts(counts), m_draft) + _within(m_draft))
     draft_group = d.index(np.repeat(np.arange(num), m_draft))
@@ -252,7 +254,7 @@ def _pack(d, parts, needs, n: torch.Tensor, tokens: torch.Tensor, counts: np.nda
         if extra is not None:
             columns.append(extra.view(num, int(extra_counts[0])))
         out = torch.cat(columns, dim=1)
-        d.place(parts, needs.handles, out, [(out.shape[1],)] * num)
+        d.place(parts, needs.handles, out, out.shape[1])
         return
     widths = 1 + counts + (extra_counts if extra_counts is not None else 0)
     starts = _group_starts(widths)
@@ -261,7 +263,7 @@ def _pack(d, parts, needs, n: torch.Tensor, tokens: torch.Tensor, counts: np.nda
     out[d.index(np.repeat(starts + 1, counts) + _within(counts))] = tokens
     if extra is not None:
         out[d.index(np.repeat(starts + 1 + counts, extra_counts) + _within(extra_counts))] = extra
-    d.place(parts, needs.handles, out, [(int(w),) for w in widths])
+    d.place(parts, needs.handles, out, widths)
 
 
 def _uniform(counts: np.ndarray) -> bool:
@@ -272,18 +274,19 @@ def _evenly_spaced(starts: np.ndarray, step: int) -> bool:
     return bool((starts == starts[0] + step * np.arange(len(starts))).all())
 
 
-def _drafts(d, ids, token_rows: np.ndarray, counts: np.ndarray) -> torch.Tensor:
-    """d_1..d_{m-1} of each request: the tokens after each segment's first token."""
-    if _uniform(counts) and _evenly_spaced(token_rows, int(counts[0])):
-        m, start = int(counts[0]), int(token_rows[0])
-        return ids[start: start + m * len(counts)].view(len(counts), m)[:, 1:].reshape(-1)
+def _drafts(d, ids, token_rows: np.ndarray, counts: np.ndarray, segment_length: int) -> torch.Tensor:
+    """d_1..d_{m-1} of each request: the tokens after each segment's first token (segments of
+    `segment_length` tokens back to back take one strided view)."""
+    if _uniform(counts) and _evenly_spaced(token_rows, segment_length):
+        m, start, num = int(counts[0]), int(token_rows[0]), len(counts)
+        return ids[start: start + segment_length * num].view(num, segment_length)[:, 1:m].reshape(-1)
     return ids[d.index(np.repeat(token_rows + 1, counts - 1) + _within(counts - 1))]
 
 
 def run_verify(d, needs, logits, ids, parts) -> None:
     counts = np.asarray(needs.counts, dtype=np.int64)
     x = d.gather(logits, needs)
-    drafts = _drafts(d, ids, np.asarray(needs.extra, dtype=np.int64), counts)
+    drafts = _drafts(d, ids, np.asarray(needs.extra, dtype=np.int64), counts, int(counts[0]))
     n, tokens = _accept(d, needs.strategies, x, counts, drafts)
     _pack(d, parts, needs, n, tokens, counts)
 
@@ -293,14 +296,14 @@ def run_quad(d, needs, logits, ids, parts) -> None:
     k = np.asarray(needs.counts, dtype=np.int64)
     first = np.asarray(needs.rows, dtype=np.int64)
     num = len(k)
-    drafts = _drafts(d, ids, np.asarray(needs.extra, dtype=np.int64), k)
+    drafts = _drafts(d, ids, np.asarray(needs.extra, dtype=np.int64), k, int(k[0]) * (int(k[0]) + 1))
     if _uniform(k) and _evenly_spaced(first, int(k[0]) ** 2):  # steady: equal k, segments back to back
         kk, start = int(k[0]), int(first[0])
         block = logits[start: start + num * kk * kk].view(num, kk * kk, -1)
-        x = block[:, :kk].reshape(num * kk, -1)
-        n, tokens = _accept(d, needs.strategies, x, k, drafts)
-        base = torch.arange(num, device=x.device) * (kk * kk) + kk + (n - 1) * (kk - 1) + start
-        group_rows = (base[:, None] + torch.arange(kk - 1, device=x.device)[None, :]).reshape(-1)
+        n, tokens = _accept(d, needs.strategies, block[:, :kk], k, drafts)
+        # group n-1 of request i starts at logit row start + i*k^2 + k + (n-1)(k-1)
+        first_slot = d.index((start + kk - (kk - 1)) + kk * kk * np.arange(num)[:, None] + np.arange(kk - 1))
+        group_rows = (first_slot + (n * (kk - 1))[:, None]).reshape(-1)
     else:
         x = logits[d.index(np.repeat(first, k) + _within(k))]
         n, tokens = _accept(d, needs.strategies, x, k, drafts)

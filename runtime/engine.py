@@ -179,7 +179,7 @@ class Engine:
         """Wait for the step's answers and apply them."""
         decider = self.decider
         decider.fetch()
-        bad_rows = np.flatnonzero(~decider.finite())
+        bad_rows = decider.bad_rows()
         broken = set()
         if len(bad_rows):  # rows -> the work items that own them
             ends = pending.logit_starts + pending.logit_counts

@@ -5,7 +5,7 @@ checkpoint ──builder──▶ engine dir ──[runtime: KV cache]──▶ 
 Slot s of the pool holds the key/value of one token for every layer; slot = page * page_size
 + offset. A request's committed length says how many of its positions are valid; writes
 past it are scratch until a strategy commits them. Rejected speculative tokens are dropped
-by shortening the length, which frees any page no longer needed.
+by shortening the length, which frees every page beyond what the request's next step writes.
 
 Page tables live in one persistent int32 table (a row per request), mirrored on the host and
 on the device. Allocating or freeing a page edits one host element and marks the row dirty;
@@ -121,14 +121,16 @@ class PagedKVCache:
         self._lengths[request_id] = start + num_tokens
         return self.slots(request_id, torch.arange(start, start + num_tokens))
 
-    def set_length(self, request_id: int, length: int) -> None:
-        """Commit `length` positions (written earlier within the reserved capacity); frees surplus pages."""
-        if length > self.capacity(request_id):
+    def set_length(self, request_id: int, length: int, retain: int = 0) -> None:
+        """Commit `length` positions (written earlier within the reserved capacity); frees the pages
+        beyond the first `length + retain` positions (`retain`: what the request writes past its
+        length next step, kept so that speculative steps do not free and re-take a page each time)."""
+        table = self._tables[request_id]
+        if length > len(table) * self.page_size:
             raise ValueError(f"request {request_id}: length {length} exceeds reserved capacity "
                              f"{self.capacity(request_id)}")
         self._lengths[request_id] = length
-        table = self._tables[request_id]
-        keep = self.pages_needed(length)
+        keep = -(-(length + retain) // self.page_size)
         if len(table) > keep:
             while len(table) > keep:
                 self._free.append(table.pop())

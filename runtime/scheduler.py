@@ -222,8 +222,9 @@ class Scheduler:
             if not seq.filling:
                 seq.strategy.committed = seq.fill_target
         else:
-            seq.cache_len = seq.strategy.committed
-            self.cache.set_length(seq.request_id, seq.strategy.committed)
+            strategy = seq.strategy
+            seq.cache_len = strategy.committed
+            self.cache.set_length(seq.request_id, strategy.committed, strategy.write_ahead)
 
     def remove(self, seq: Sequence) -> None:
         if seq in self.running:

@@ -17,6 +17,7 @@ class ARStrategy(DecodeStrategy):
     def __init__(self, request, ctx):
         super().__init__(request, ctx)
         self.last_token: int | None = None
+        self.write_ahead = 1
         self._handle = None
 
     def next_segment(self) -> Segment:

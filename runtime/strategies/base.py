@@ -22,7 +22,7 @@ import numpy as np
 from nemodiff.engine_format import ModelConfig
 
 from ..request import Request
-from ..segments import Pattern, Segment
+from ..segments import Pattern, Segment, arange
 
 
 @dataclass
@@ -42,6 +42,8 @@ class DecodeStrategy(ABC):
         self.draw_counter = 0  # advanced by every decision that may draw random numbers
         self.draft_probs = None  # device distributions of sampled drafts (temperature > 0)
         self.committed = 0  # valid KV positions of this request
+        self.write_ahead = self.block_length()  # most positions a decode step writes past `committed`
+        self._block_positions = (-1, None)  # (start, positions start..start+block-1), reused while start stays
         self._think_closed = False  # the end-of-thinking token has been emitted
         self._think_seen = 0  # output tokens already searched for it
 
@@ -95,3 +97,9 @@ class DecodeStrategy(ABC):
 
     def block_length(self) -> int:
         return self.params.block_length or self.ctx.block_length
+
+    def block_positions(self, start: int) -> np.ndarray:
+        """Positions start..start+block-1 (the same array for as long as the block starts there)."""
+        if self._block_positions[0] != start:
+            self._block_positions = (start, arange(self.block_length()) + start)
+        return self._block_positions[1]

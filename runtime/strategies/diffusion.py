@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..segments import Pattern, Segment, arange
+from ..segments import Pattern, Segment
 from .base import DecodeStrategy
 
 
@@ -48,7 +48,7 @@ class DiffusionStrategy(DecodeStrategy):
         rid, P = self.request.request_id, self.committed
         if self.phase == "prefill":
             return self.prefill_segment()
-        positions = arange(self.B) + P
+        positions = self.block_positions(P)
         if self.phase == "denoise":
             self._rows = self.masked.nonzero()[0]
             return Segment(rid, self.block, positions, P, Pattern.FULL, write_kv=False, logit_rows=self._rows,

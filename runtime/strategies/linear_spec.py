@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..segments import Pattern, Segment, arange
+from ..segments import Pattern, Segment
 from .base import DecodeStrategy
 
 
@@ -38,7 +38,7 @@ class LinearSpecStrategy(DecodeStrategy):
         rid, P = self.request.request_id, self.committed
         if self.phase == "prefill":
             return self.prefill_segment()
-        positions = arange(self.B) + P
+        positions = self.block_positions(P)
         if self.phase == "draft":
             self._rows = self.draft_masked.nonzero()[0]
             return Segment(rid, self.tokens, positions, P, Pattern.FULL, write_kv=False, logit_rows=self._rows,
@@ -64,13 +64,14 @@ class LinearSpecStrategy(DecodeStrategy):
             forced = self.forced_token()
             return self._start_cycle(forced if forced is not None else int(answer[0]))
         if self.phase == "draft":
-            if self.draft_threshold is None:
+            if self.draft_threshold is None:  # every masked slot gets a draft
                 self.tokens[self._rows] = answer
                 self.draft_masked[self._rows] = False
-            else:
-                chosen = answer >= 0
-                self.tokens[self._rows[chosen]] = answer[chosen]
-                self.draft_masked[self._rows[chosen]] = False
+                self.phase = "verify"
+                return []
+            chosen = answer >= 0
+            self.tokens[self._rows[chosen]] = answer[chosen]
+            self.draft_masked[self._rows[chosen]] = False
             if not self.draft_masked.any():
                 self.phase = "verify"
             return []
