@@ -63,26 +63,35 @@ class ForwardBatch:
 
 
 class _Staging:
-    """A growable host buffer (pinned on CUDA) and its device twin, reused every step."""
+    """A growable host buffer (pinned on CUDA) and its device twin, reused every step. On the CPU
+    the parts (fresh arrays every step) become tensors as they are, with no copy."""
 
     def __init__(self, device: torch.device, dtype: torch.dtype):
         self.device, self.dtype, self.size = device, dtype, 0
         self.host = self.dev = self.host_view = None
+        self.numpy_dtype = torch.empty(0, dtype=dtype).numpy().dtype
+        self._parts: list[np.ndarray] = []
+        self._total = 0
+
+    def flat(self) -> np.ndarray:
+        """The last upload's parts, concatenated (host memory)."""
+        if self.device.type == "cpu":
+            return np.concatenate(self._parts).astype(self.numpy_dtype, copy=False)
+        return self.host_view[: self._total]
 
     def upload(self, parts: list[np.ndarray]) -> list[torch.Tensor]:
+        if self.device.type == "cpu":
+            self._parts = parts
+            return [torch.from_numpy(np.ascontiguousarray(p, dtype=self.numpy_dtype)) for p in parts]
         sizes = [len(p) for p in parts]
-        total = sum(sizes)
+        total = self._total = sum(sizes)
         if total > self.size:
             self.size = max(total, 2 * self.size, 1024)
-            if self.device.type == "cpu":
-                self.host = self.dev = torch.empty(self.size, dtype=self.dtype)
-            else:
-                self.host = torch.empty(self.size, dtype=self.dtype, pin_memory=True)
-                self.dev = torch.empty(self.size, dtype=self.dtype, device=self.device)
+            self.host = torch.empty(self.size, dtype=self.dtype, pin_memory=True)
+            self.dev = torch.empty(self.size, dtype=self.dtype, device=self.device)
             self.host_view = self.host.numpy()
         if total:
             np.concatenate(parts, out=self.host_view[:total], casting="unsafe")
-        if self.dev is not self.host and total:
             self.dev[:total].copy_(self.host[:total], non_blocking=True)
         return list(self.dev[:total].split(sizes))
 
@@ -129,8 +138,7 @@ class BatchBuilder:
     def packed(self) -> tuple[PackedSizes, np.ndarray, np.ndarray, np.ndarray | None]:
         """The host arrays behind the last built batch: sizes, int64 parts, int32 parts, image rows."""
         sizes = self._last_sizes
-        return (sizes, self._int64.host_view[: sum(sizes.int64_parts())],
-                self._int32.host_view[: sum(sizes.int32_parts())], self._last_image_rows)
+        return sizes, self._int64.flat(), self._int32.flat(), self._last_image_rows
 
     def unpack(self, sizes: PackedSizes, flat64: np.ndarray, flat32: np.ndarray, image_rows: np.ndarray | None,
                image_embeds: torch.Tensor | None, shape_key: tuple | None) -> ForwardBatch:

@@ -19,6 +19,7 @@ import torch
 from nemodiff.engine_format import EngineConfig, EngineFormatError
 
 from .engine import Engine
+from .host_memory import keep_freed_memory
 from .image_processing import ImageLimits
 from .kv_cache import PagedKVCache
 from .loader import default_device, load_engine, runtime_dtype
@@ -112,6 +113,8 @@ class LLM:
     def _setup(self, device, kv_cache_memory_bytes, num_kv_pages, max_batch_size, max_num_batched_tokens, verify,
                cuda_graphs, kernels, vision_cache_bytes, image_limits) -> None:
         build, mcfg = self.config.build, self.config.model
+        if device.type == "cpu":  # steps reuse the memory earlier steps freed (see host_memory)
+            keep_freed_memory()
         kv_heads = mcfg.num_key_value_heads // self.tp
         self.max_batch_size = max_batch_size or build.max_batch_size
         if num_kv_pages is None:

@@ -20,6 +20,7 @@ import time
 
 import torch
 
+from .host_memory import keep_freed_memory
 from .kv_cache import PagedKVCache
 from .tp_comm import Op, TensorParallel, open_store, read_step
 from .tp_driver import WorkerSpec
@@ -57,6 +58,8 @@ class Worker:
     def __init__(self, spec: WorkerSpec):
         self.spec = spec
         self.device = torch.device(spec.device)
+        if self.device.type == "cpu":
+            keep_freed_memory()
         self.store = open_store(spec.store_port, spec.step_timeout_s)
         try:
             self.model = _load_model(spec, self.device)
