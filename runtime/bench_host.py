@@ -6,7 +6,10 @@ For each mode and each number of running requests, the engine runs steady decode
 (prefills done, every request in its decode loop) and the benchmark records the wall time of
 `Engine.step` and the time spent inside the model forward (`Model._run`, synchronised on a
 GPU). Their difference is the host work a faster forward cannot hide. Run it with a tiny
-checkpoint, where the forward costs almost nothing, to see the host work alone.
+checkpoint, where the forward costs almost nothing, to see the host work alone. It also
+reports the part of that host time spent enqueuing the batched decisions (`Decider.run`):
+on a GPU that is launch overhead, on the CPU it includes the decisions' arithmetic (softmax
+and argmax over every decided logit row), which a GPU would do on the device.
 """
 
 from __future__ import annotations
@@ -24,18 +27,15 @@ MODE_SETTINGS = {
 }
 
 
-def _timed_forward(model, totals: list[float]):
-    inner = model._run
-    sync = torch.cuda.synchronize if model.device.type == "cuda" else (lambda: None)
-
+def _timed(inner, totals: list[float], index: int, sync=lambda: None):
     def run(*args, **kwargs):
         start = time.perf_counter()
         out = inner(*args, **kwargs)
         sync()
-        totals[0] += time.perf_counter() - start
+        totals[index] += time.perf_counter() - start
         return out
 
-    return inner, run
+    return run
 
 
 def host_overhead(llm, modes: list[str], concurrency: list[int], steps: int = 40, warmup: int = 8,
@@ -55,19 +55,22 @@ def host_overhead(llm, modes: list[str], concurrency: list[int], steps: int = 40
             requests = [engine.add_request(p, params) for p in prompts]
             for _ in range(warmup):  # prefills and first cycles
                 engine.step()
-            walls, forwards = [], []
-            totals = [0.0]
-            inner, timed = _timed_forward(llm.model, totals)
-            llm.model._run = timed
+            walls, forwards, decides = [], [], []
+            totals = [0.0, 0.0]
+            sync = torch.cuda.synchronize if llm.model.device.type == "cuda" else (lambda: None)
+            run_forward, run_decisions = llm.model._run, engine.decider.run
+            llm.model._run = _timed(run_forward, totals, 0, sync)
+            engine.decider.run = _timed(run_decisions, totals, 1)
             try:
                 for _ in range(steps):
-                    totals[0] = 0.0
+                    totals[:] = [0.0, 0.0]
                     start = time.perf_counter()
                     engine.step()
                     walls.append(time.perf_counter() - start)
                     forwards.append(totals[0])
+                    decides.append(totals[1])
             finally:
-                llm.model._run = inner
+                llm.model._run, engine.decider.run = run_forward, run_decisions
                 for request in requests:
                     engine.abort(request)
             running = sum(1 for r in requests if not r.finished or r.finish_reason == "cancelled")
@@ -76,13 +79,15 @@ def host_overhead(llm, modes: list[str], concurrency: list[int], steps: int = 40
                 "mode": mode, "requests": n, "steps": steps, "running_at_end": running,
                 "step_ms": statistics.median(walls) * 1e3, "forward_ms": statistics.median(forwards) * 1e3,
                 "host_ms": statistics.median(host) * 1e3, "host_ms_p90": sorted(host)[int(0.9 * len(host))] * 1e3,
+                "decide_ms": statistics.median(decides) * 1e3,
             })
     return results
 
 
 def format_table(rows: list[dict]) -> str:
-    lines = [f"{'mode':16s} {'requests':>8s} {'step ms':>9s} {'forward ms':>11s} {'host ms':>9s} {'host p90':>9s}"]
+    lines = [f"{'mode':16s} {'requests':>8s} {'step ms':>9s} {'forward ms':>11s} {'host ms':>9s} {'host p90':>9s} "
+             f"{'of which decide':>16s}"]
     for r in rows:
         lines.append(f"{r['mode']:16s} {r['requests']:8d} {r['step_ms']:9.3f} {r['forward_ms']:11.3f} "
-                     f"{r['host_ms']:9.3f} {r['host_ms_p90']:9.3f}")
+                     f"{r['host_ms']:9.3f} {r['host_ms_p90']:9.3f} {r['decide_ms']:16.3f}")
     return "\n".join(lines)

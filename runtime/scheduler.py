@@ -221,7 +221,7 @@ class Scheduler:
             self.cache.set_length(seq.request_id, seq.cache_len)
             if not seq.filling:
                 seq.strategy.committed = seq.fill_target
-        else:
+        elif seq.cache_len != seq.strategy.committed:  # unchanged: no page to free (reserve stayed in write_ahead)
             strategy = seq.strategy
             seq.cache_len = strategy.committed
             self.cache.set_length(seq.request_id, strategy.committed, strategy.write_ahead)

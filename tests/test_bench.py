@@ -38,3 +38,16 @@ def test_bench_engine_end_to_end_per_mode(tmp_path, engine_fp32):
     assert rows[("ar", 3)]["tokens"] == 36 and rows[("ar", 1)]["tokens_per_forward"] <= 1.0
     assert all(r["tokens_per_s"] > 0 and r["ttft_ms"] > 0 for r in rows.values())
     assert (tmp_path / "e.png").stat().st_size > 1000
+
+
+def test_bench_host_overhead_per_mode(tmp_path, engine_fp32):
+    out = run_bench(engine_fp32, "--host-overhead", "--device", "cpu", "--modes", "ar,diffusion,linear-spec,quadratic-spec",
+                    "--batch-sizes", "1,3", "--iters", "20", "--json", tmp_path / "h.json")
+    report = json.loads((tmp_path / "h.json").read_text())
+    rows = {(r["mode"], r["requests"]): r for r in report["host_overhead"]}
+    assert set(rows) == {(m, n) for m in ("ar", "diffusion", "linear-spec", "quadratic-spec") for n in (1, 3)}
+    for row in rows.values():
+        assert row["running_at_end"] == row["requests"]  # steady decode steps, nobody finished
+        # per step the decisions are part of the host time (outside the forward), so their medians are too
+        assert 0 < row["decide_ms"] <= row["host_ms"] < row["step_ms"] and row["forward_ms"] > 0
+    assert "of which decide" in out and str(tmp_path / "h.json") in out
