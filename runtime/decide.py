@@ -89,10 +89,13 @@ class Decider:
 
     # -- device work -------------------------------------------------------------------------
     def run(self, logits: torch.Tensor, ids: torch.Tensor) -> None:
-        """Compute every registered need; the answers stay on the device until `fetch`. The packed
-        result starts with one finiteness flag per logit row (a NaN or inf anywhere in a row shows
-        in its sum)."""
-        parts: list[torch.Tensor] = [logits.sum(dim=-1).isfinite().to(torch.int64)]
+        """Compute every registered need; the answers stay on the device until `fetch`.
+
+        Every logit row's greedy token is found once, in one pass, and the kinds share it. The
+        packed result starts with one finiteness flag per logit row: whether the row's largest
+        value is finite (a NaN or +inf anywhere in a row, or a row of -inf, shows there)."""
+        self.greedy = S.row_argmax(logits)
+        parts: list[torch.Tensor] = [logits.gather(1, self.greedy[:, None])[:, 0].isfinite().to(torch.int64)]
         self._finite_len = logits.shape[0]
         self._offsets = np.zeros(self._num_handles, dtype=np.int64)
         self._sizes = np.zeros(self._num_handles, dtype=np.int64)
@@ -138,13 +141,15 @@ class Decider:
     def index(self, values) -> torch.Tensor:
         return torch.as_tensor(np.asarray(values, dtype=np.int64)).to(self.device, non_blocking=True)
 
-    def gather(self, logits: torch.Tensor, needs: _Needs) -> torch.Tensor:
-        """The needs' logit rows, in order (no copy when they are all of the logits, in order)."""
+    def gather(self, logits: torch.Tensor, needs: _Needs) -> tuple[torch.Tensor, torch.Tensor]:
+        """The needs' logit rows, in order, and their greedy tokens (no copy when they are all of
+        the logits, in order)."""
         # needs hold disjoint row ranges registered in row order: starting at row 0 and counting every
         # row, they are all of the logits, in order
         if needs.rows[0] == 0 and sum(needs.counts) == logits.shape[0]:
-            return logits
-        return logits[self.index(self.rows(needs))]
+            return logits, self.greedy
+        index = self.index(self.rows(needs))
+        return logits[index], self.greedy[index]
 
     @staticmethod
     def rows(needs: _Needs) -> np.ndarray:
@@ -170,14 +175,16 @@ class Decider:
         return (torch.from_numpy(temps).to(dev), torch.from_numpy(top_k).to(dev), torch.from_numpy(top_p).to(dev),
                 torch.from_numpy(seeds).to(dev), torch.from_numpy(counters).to(dev), use_k, use_p)
 
-    def choose(self, logits: torch.Tensor, strategies: list, counts: np.ndarray, stream: int,
-                keep_probs: bool = False) -> torch.Tensor:
-        """A token per row: argmax for greedy requests, a sample for the others (lane = row in request)."""
+    def choose(self, rows, greedy_tokens: torch.Tensor, strategies: list, counts: np.ndarray, stream: int,
+               keep_probs: bool = False) -> torch.Tensor:
+        """A token per row: the greedy token for greedy requests, a sample for the others (lane = row
+        in request). rows: a callable giving the logit rows, asked for only when someone samples."""
         greedy = np.array([s.params.temperature <= 0 for s in strategies])
         if greedy.all():
-            return S.row_argmax(logits)
+            return greedy_tokens
+        logits = rows()
         row_greedy = np.repeat(greedy, counts)
-        tokens = S.row_argmax(logits)
+        tokens = greedy_tokens.clone()
         sampled = [s for s, g in zip(strategies, greedy) if not g]
         hot_counts = counts[~greedy]
         hot_rows = self.index(np.flatnonzero(~row_greedy))
@@ -196,13 +203,14 @@ class Decider:
     # -- the kinds ---------------------------------------------------------------------------
     def _run_sample(self, needs: _Needs, logits, ids, parts) -> None:
         count = len(needs.rows)
-        tokens = self.choose(self.gather(logits, needs), needs.strategies, np.ones(count, dtype=np.int64),
-                             S.STREAM_SAMPLE)
+        x, greedy = self.gather(logits, needs)
+        tokens = self.choose(lambda: x, greedy, needs.strategies, np.ones(count, dtype=np.int64), S.STREAM_SAMPLE)
         self.place(parts, needs.handles, tokens, 1)
 
     def _run_drafts(self, needs: _Needs, logits, ids, parts) -> None:
         counts = np.asarray(needs.counts, dtype=np.int64)
-        tokens = self.choose(self.gather(logits, needs), needs.strategies, counts, S.STREAM_DRAFT, keep_probs=True)
+        x, greedy = self.gather(logits, needs)
+        tokens = self.choose(lambda: x, greedy, needs.strategies, counts, S.STREAM_DRAFT, keep_probs=True)
         self.place(parts, needs.handles, tokens, counts)
 
 

@@ -30,15 +30,16 @@ def run_candidates(d, needs, logits, ids, parts) -> None:
     non-mask candidate."""
     counts = np.asarray(needs.counts, dtype=np.int64)
     n, total = len(counts), int(counts.sum())
-    x = d.gather(logits, needs)
+    x, cand = d.gather(logits, needs)
     # float32 confidences; on the CPU (where the exactness tests compare with float64 references) the
     # rows whose float32 value could flip a decision are then recomputed in float64
     exact = S.probability_dtype(x.device) == torch.float64
-    cand, conf = S.greedy_confidence(x, torch.float32)
+    conf = S.candidate_confidence(x, cand, torch.float32)
     extra = needs.extra
     greedy = np.array([s.params.temperature <= 0 for s in needs.strategies])
     lanes = np.concatenate([e[0] for e in extra]) if n > 1 else extra[0][0]
     if not greedy.all():
+        cand = cand.clone()  # the greedy tokens are shared with the other kinds
         hot = np.repeat(~greedy, counts)
         hot_rows = d.index(np.flatnonzero(hot))
         strategies = [s for s, g in zip(needs.strategies, greedy) if not g]
@@ -161,24 +162,23 @@ def _fill_last_step(d, needs, x, write, counts, greedy, last, lanes) -> None:
     write[index] = torch.where(current >= 0, current, fallback)
 
 
-def _accept(d, strategies: list, x: torch.Tensor, counts: np.ndarray, drafts: torch.Tensor):
+def _accept(d, strategies: list, x: torch.Tensor, tokens: torch.Tensor, counts: np.ndarray, drafts: torch.Tensor):
     """Speculative acceptance for many requests. x: target rows a_0..a_{m-1} of each request,
-    concatenated ([rows, vocab], or [requests, m, vocab] when m is the same for all); drafts:
-    d_1..d_{m-1} of each request, concatenated. Returns (n [N], tokens [sum m]):
+    concatenated ([rows, vocab], or [requests, m, vocab] when m is the same for all), tokens
+    their greedy tokens (same leading shape); drafts: d_1..d_{m-1} of each request, concatenated. Returns (n [N], tokens [sum m]):
     tokens[:n] of a request are its output (accepted drafts and one bonus or resampled token)."""
     dev = x.device
     num = len(counts)
     if _uniform(counts) and all(s.params.temperature <= 0 for s in strategies):  # the steady greedy case
         m = int(counts[0])
-        tokens = S.row_argmax(x).reshape(-1)
+        tokens = tokens.reshape(-1)
         match = tokens.view(num, m)[:, :-1] == drafts.view(num, m - 1)
         return match.cumprod(dim=1).sum(dim=1) + 1, tokens
-    x = x.reshape(-1, x.shape[-1])
+    x, tokens = x.reshape(-1, x.shape[-1]), tokens.reshape(-1)
     m_draft = counts - 1
     target_of_draft = d.index(np.repeat(_group_starts(counts), m_draft) + _within(m_draft))
     draft_group = d.index(np.repeat(np.arange(num), m_draft))
     position = d.index(_within(m_draft))
-    tokens = S.row_argmax(x)
     accepted = tokens[target_of_draft] == drafts
     greedy = np.array([s.params.temperature <= 0 for s in strategies])
     hot_probs = None
@@ -285,9 +285,9 @@ def _drafts(d, ids, token_rows: np.ndarray, counts: np.ndarray, segment_length: 
 
 def run_verify(d, needs, logits, ids, parts) -> None:
     counts = np.asarray(needs.counts, dtype=np.int64)
-    x = d.gather(logits, needs)
+    x, greedy = d.gather(logits, needs)
     drafts = _drafts(d, ids, np.asarray(needs.extra, dtype=np.int64), counts, int(counts[0]))
-    n, tokens = _accept(d, needs.strategies, x, counts, drafts)
+    n, tokens = _accept(d, needs.strategies, x, greedy, counts, drafts)
     _pack(d, parts, needs, n, tokens, counts)
 
 
@@ -300,15 +300,17 @@ def run_quad(d, needs, logits, ids, parts) -> None:
     if _uniform(k) and _evenly_spaced(first, int(k[0]) ** 2):  # steady: equal k, segments back to back
         kk, start = int(k[0]), int(first[0])
         block = logits[start: start + num * kk * kk].view(num, kk * kk, -1)
-        n, tokens = _accept(d, needs.strategies, block[:, :kk], k, drafts)
+        block_greedy = d.greedy[start: start + num * kk * kk].view(num, kk * kk)
+        n, tokens = _accept(d, needs.strategies, block[:, :kk], block_greedy[:, :kk], k, drafts)
         # group n-1 of request i starts at logit row start + i*k^2 + k + (n-1)(k-1)
         first_slot = d.index((start + kk - (kk - 1)) + kk * kk * np.arange(num)[:, None] + np.arange(kk - 1))
         group_rows = (first_slot + (n * (kk - 1))[:, None]).reshape(-1)
     else:
-        x = logits[d.index(np.repeat(first, k) + _within(k))]
-        n, tokens = _accept(d, needs.strategies, x, k, drafts)
+        index = d.index(np.repeat(first, k) + _within(k))
+        n, tokens = _accept(d, needs.strategies, logits[index], d.greedy[index], k, drafts)
         group_base = d.index(first + k) + (n - 1) * d.index(k - 1)
         need_of_row = d.index(np.repeat(np.arange(num), k - 1))
         group_rows = group_base[need_of_row] + d.index(_within(k - 1))
-    next_drafts = d.choose(logits[group_rows], needs.strategies, k - 1, S.STREAM_DRAFT, keep_probs=True)
+    next_drafts = d.choose(lambda: logits[group_rows], d.greedy[group_rows], needs.strategies, k - 1, S.STREAM_DRAFT,
+                           keep_probs=True)
     _pack(d, parts, needs, n, tokens, k, next_drafts, k - 1)

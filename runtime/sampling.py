@@ -96,13 +96,6 @@ def row_argmax(x: torch.Tensor) -> torch.Tensor:
     return x.argmax(dim=-1)
 
 
-def greedy_confidence(logits: torch.Tensor, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(argmax, its softmax probability) per row."""
-    index = row_argmax(logits)
-    dtype = dtype or probability_dtype(logits.device)
-    return index, torch.softmax(logits.to(dtype), dim=-1).gather(1, index[:, None])[:, 0]
-
-
 def candidate_confidence(logits: torch.Tensor, candidates: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Softmax probability of the given candidate per row."""
     dtype = dtype or probability_dtype(logits.device)

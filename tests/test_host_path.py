@@ -95,3 +95,30 @@ def test_decisions_stay_on_the_logits_device(engine_fp32, temperature):
         assert decider._packed.device.type == "meta"
         if strategy.draft_probs is not None:
             assert strategy.draft_probs.device.type == "meta"
+
+
+@pytest.mark.parametrize("mode, extra", MODES)
+@pytest.mark.parametrize("poison", [float("nan"), float("inf")])
+def test_non_finite_logits_fail_only_their_request(engine_fp32, mode, extra, poison):
+    """One request's logits turn non-finite in one element of one row: it ends with a numerical
+    error, and the requests sharing its steps finish exactly as they do without it."""
+    llm = LLM(engine_fp32, device="cpu", max_batch_size=8)
+    params = SamplingParams(max_new_tokens=24, ignore_eos=True, mode=mode, **extra)
+    prompts = [[1, 40 + i, 41, 42, 43] for i in range(3)]
+    want = [out.output_ids for out in llm.generate(prompts, params)]
+    requests = [llm.engine.add_request(prompt, params) for prompt in prompts]
+    victim, forward, steps = requests[1], llm.model._run, [0]
+
+    def poisoned(batch, cache, meta):
+        logits = forward(batch, cache, meta)
+        steps[0] += 1
+        if steps[0] == 4:  # every request is decoding: its segment has logit rows
+            segment = batch.table_rows.index(llm.cache.row(victim.request_id))
+            logits[sum(batch.logit_counts[:segment]), 7] = poison
+        return logits
+
+    llm.model._run = poisoned
+    while llm.engine.has_unfinished():
+        llm.engine.step()
+    assert victim.finish_reason == "error" and "non-finite logits" in victim.error
+    assert [requests[0].output_ids, requests[2].output_ids] == [want[0], want[2]]
