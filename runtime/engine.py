@@ -184,30 +184,35 @@ class Engine:
         if len(bad_rows):  # rows -> the work items that own them
             ends = pending.logit_starts + pending.logit_counts
             broken = set(np.searchsorted(ends, bad_rows, side="right").tolist())
-        finished = []
+        finished, modes, sequences, failed = [], [], self._sequences, pending.failed
+        after_forward = self.scheduler.after_forward
         for index, item in enumerate(pending.work):
-            request = item.sequence.request
-            if request.request_id not in self._sequences:  # aborted while its step was in flight
+            sequence = item.sequence
+            request = sequence.request
+            if sequence.request_id not in sequences:  # aborted while its step was in flight
                 continue
             request.num_forwards += 1
-            self.forward_passes[request.params.mode] += 1
-            error = pending.failed.get(request.request_id)
+            mode = request.params.mode
+            modes.append(mode)
+            error = failed.get(sequence.request_id) if failed else None
             if error is None and index in broken:
                 error = "numerical error: the model produced non-finite logits for this request"
             if error is None and not item.is_fill:
                 try:
-                    kept = request.append(item.sequence.strategy.consume(decider))
-                    self.output_tokens[request.params.mode] += len(kept)
+                    tokens = sequence.strategy.consume(decider)
+                    if tokens:
+                        self.output_tokens[mode] += len(request.append(tokens))
                 except Exception as exc:
                     log.exception("request %d: strategy failed", request.request_id)
-                    error = f"internal error in the {request.params.mode} strategy: {exc}"
+                    error = f"internal error in the {mode} strategy: {exc}"
             if error is not None:
                 request.fail(error)
                 finished.append(request)
                 continue
-            self.scheduler.after_forward(item)
+            after_forward(item)
             if request.finished:
                 finished.append(request)
+        self.forward_passes.update(modes)
         for request in finished:
             self._retire(request)
         return finished

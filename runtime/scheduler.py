@@ -41,10 +41,10 @@ class Sequence:
     fill_target: int = 0  # positions the engine fills in chunks before the strategy takes over
     num_preemptions: int = 0
     last_served: int = -1  # the step that last ran it
+    request_id: int = field(init=False)
 
-    @property
-    def request_id(self) -> int:
-        return self.request.request_id
+    def __post_init__(self):
+        self.request_id = self.request.request_id
 
     def __lt__(self, other: "Sequence") -> bool:
         return self.request_id < other.request_id
@@ -171,7 +171,7 @@ class Scheduler:
         self.running.append(seq)
 
     def _plan(self, seq: Sequence, budget: int, first: bool) -> ScheduledWork | None:
-        if seq.filling:
+        if seq.cache_len < seq.fill_target:  # seq.filling
             size = min(seq.fill_target - seq.cache_len, budget)
             start = seq.cache_len
             prompt_len = len(seq.request.prompt_ids)
