@@ -118,7 +118,7 @@ class Decider:
             self._host = host.numpy()
 
     def bad_rows(self) -> np.ndarray:
-        """Logit rows holding a NaN or an infinity."""
+        """Logit rows whose largest value is not finite (a NaN or +inf in the row, or only -inf)."""
         return np.flatnonzero(self._host[: self._finite_len] == 0)
 
     def result(self, handle: int) -> np.ndarray:
