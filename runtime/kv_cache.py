@@ -125,12 +125,12 @@ class PagedKVCache:
         """Commit `length` positions (written earlier within the reserved capacity); frees the pages
         beyond the first `length + retain` positions (`retain`: what the request writes past its
         length next step, kept so that speculative steps do not free and re-take a page each time)."""
-        table = self._tables[request_id]
-        if length > len(table) * self.page_size:
+        if length > self.capacity(request_id):
             raise ValueError(f"request {request_id}: length {length} exceeds reserved capacity "
                              f"{self.capacity(request_id)}")
         self._lengths[request_id] = length
-        keep = -(-(length + retain) // self.page_size)
+        table = self._tables[request_id]
+        keep = self.pages_needed(length + retain)
         if len(table) > keep:
             while len(table) > keep:
                 self._free.append(table.pop())

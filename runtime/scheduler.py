@@ -171,7 +171,7 @@ class Scheduler:
         self.running.append(seq)
 
     def _plan(self, seq: Sequence, budget: int, first: bool) -> ScheduledWork | None:
-        if seq.cache_len < seq.fill_target:  # seq.filling
+        if seq.filling:
             size = min(seq.fill_target - seq.cache_len, budget)
             start = seq.cache_len
             prompt_len = len(seq.request.prompt_ids)

@@ -25,7 +25,7 @@ class ARStrategy(DecodeStrategy):
             return self.prefill_segment()
         pos = self.committed
         return Segment(self.request.request_id, np.array([self.last_token]), np.array([pos]), pos,
-                        Pattern.CAUSAL, write_kv=True, shape_key=AR_SHAPE, kv_end=pos + 1)
+                       Pattern.CAUSAL, write_kv=True, shape_key=AR_SHAPE, kv_end=pos + 1)
 
     def register(self, decider, first_row: int, token_row: int) -> None:
         self._handle = decider.sample(self, first_row)

@@ -52,9 +52,9 @@ class DiffusionStrategy(DecodeStrategy):
         if self.phase == "denoise":
             self._rows = self.masked.nonzero()[0]
             return Segment(rid, self.block, positions, P, Pattern.FULL, write_kv=False, logit_rows=self._rows,
-                            shape_key=self._denoise_shape, kv_end=0)
+                           shape_key=self._denoise_shape, kv_end=0)
         return Segment(rid, self.block, positions, P, Pattern.CAUSAL, write_kv=True, logit_rows=[self.B - 1],
-                        shape_key=self._commit_shape, kv_end=P + self.B)
+                       shape_key=self._commit_shape, kv_end=P + self.B)
 
     # -- decisions ---------------------------------------------------------------------------
     def register(self, decider, first_row: int, token_row: int) -> None:

@@ -42,9 +42,9 @@ class LinearSpecStrategy(DecodeStrategy):
         if self.phase == "draft":
             self._rows = self.draft_masked.nonzero()[0]
             return Segment(rid, self.tokens, positions, P, Pattern.FULL, write_kv=False, logit_rows=self._rows,
-                            use_lora=self.use_lora, shape_key=self._draft_shape, kv_end=0)
+                           use_lora=self.use_lora, shape_key=self._draft_shape, kv_end=0)
         return Segment(rid, self.tokens, positions, P, Pattern.CAUSAL, write_kv=True,
-                        shape_key=self._verify_shape, kv_end=P + self.B)
+                       shape_key=self._verify_shape, kv_end=P + self.B)
 
     def register(self, decider, first_row: int, token_row: int) -> None:
         if self.phase == "prefill":

@@ -70,13 +70,13 @@ class QuadraticSpecStrategy(DecodeStrategy):
             prompt, start = self.request.prompt_ids, self.committed  # start > 0 after chunked prefill
             n = len(prompt) - start
             return Segment(rid, list(prompt[start:]) + [mask_id] * k, np.arange(start, len(prompt) + k), start,
-                            Pattern.MASK, write_kv=np.array([True] * n + [False] * k),
-                            logit_rows=[n - 1] + list(range(n + 1, n + k)), mask=first_cycle_mask(n, k),
-                            image_embeds=self.request.image_embeds_for(start, len(prompt)))
+                           Pattern.MASK, write_kv=np.array([True] * n + [False] * k),
+                           logit_rows=[n - 1] + list(range(n + 1, n + k)), mask=first_cycle_mask(n, k),
+                           image_embeds=self.request.image_embeds_for(start, len(prompt)))
         mask, offsets, writes, rows = cycle_layout(k)
         P = self.committed
         return Segment(rid, self.tokens, offsets + P, P, Pattern.MASK, write_kv=writes, logit_rows=rows,
-                        mask=mask, shape_key=self._shape, kv_end=P + k)
+                       mask=mask, shape_key=self._shape, kv_end=P + k)
 
     def register(self, decider, first_row: int, token_row: int) -> None:
         if self.phase == "first":
