@@ -7,6 +7,9 @@ token, draft tokens, denoising candidates, a speculative verification, a Quadrat
 cycle). `Decider.run` then computes each kind of need for all requests at once with a few
 tensor operations, packs every answer into one int64 tensor and copies it to the host once:
 the only device-to-host transfer of a step. Strategies read their answers as numpy slices.
+On a CPU device the logits already are host memory: needs whose requests all decode greedily
+are then decided in numpy on views of them (`decide_host.py`), which costs a fraction of the
+tensor operations' dispatch, and the answers are packed into one numpy array.
 
 Drafts sampled at temperature > 0 keep their distributions (`strategy.draft_probs`) on the
 device for the rejection sampling of the next verification.
@@ -31,8 +34,11 @@ class _Needs:
     counts: list = field(default_factory=list)  # per need: number of logit rows
     extra: list = field(default_factory=list)  # per need: kind-specific values
     handles: list = field(default_factory=list)
+    sampled: bool = False  # some request samples (temperature > 0)
 
     def add(self, strategy, first_row: int, count: int, extra, handle: int) -> None:
+        if strategy.params.temperature > 0:
+            self.sampled = True
         self.strategies.append(strategy)
         self.rows.append(first_row)
         self.counts.append(count)
@@ -44,9 +50,11 @@ KINDS = ("sample", "drafts", "candidates", "verify", "quad")
 
 
 class Decider:
-    def __init__(self, device: torch.device, mask_token_id: int):
+    def __init__(self, device: torch.device, mask_token_id: int, host_arrays: bool = True):
+        """host_arrays: on a CPU device, decide greedy needs in numpy (False: always with tensors)."""
         self.device = torch.device(device)
         self.mask_id = mask_token_id
+        self.host_arrays = host_arrays and self.device.type == "cpu"
         self.begin()
 
     def begin(self) -> None:
@@ -94,22 +102,36 @@ class Decider:
         Every logit row's greedy token is found once, in one pass, and the kinds share it. The
         packed result starts with one finiteness flag per logit row: whether the row's largest
         value is finite (a NaN or +inf anywhere in a row, or a row of -inf, shows there)."""
-        self.greedy = S.row_argmax(logits)
-        parts: list[torch.Tensor] = [logits.gather(1, self.greedy[:, None])[:, 0].isfinite().to(torch.int64)]
+        host = self.host_arrays and logits.dtype in (torch.float32, torch.float64)
+        if host:  # numpy views of the CPU tensors
+            x, host_ids = logits.numpy(), ids.numpy()
+            self.greedy_host = x.argmax(axis=-1).astype(np.int64, copy=False)
+            self.greedy = torch.from_numpy(self.greedy_host)
+            parts: list = [np.isfinite(x[np.arange(len(x)), self.greedy_host]).astype(np.int64)]
+        else:
+            self.greedy = S.row_argmax(logits)
+            parts = [logits.gather(1, self.greedy[:, None])[:, 0].isfinite().to(torch.int64)]
+        self._host_parts = host
         self._finite_len = logits.shape[0]
         self._offsets = np.zeros(self._num_handles, dtype=np.int64)
         self._sizes = np.zeros(self._num_handles, dtype=np.int64)
         self._placed = self._finite_len
         for kind in KINDS:
             needs = self._needs.get(kind)
-            if needs is not None:
+            if needs is None:
+                continue
+            if host and not needs.sampled:
+                HOST_RUNNERS[kind](self, needs, x, host_ids, parts)
+            else:
                 RUNNERS[kind](self, needs, logits, ids, parts)
-        self._packed = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int64, device=self.device)
+        self._packed = np.concatenate(parts) if host else torch.cat(parts)
 
     def fetch(self) -> None:
         """The step's one device-to-host copy."""
         packed = self._packed
-        if packed.device.type == "cpu":
+        if isinstance(packed, np.ndarray):
+            self._host = packed
+        elif packed.device.type == "cpu":
             self._host = packed.numpy()
         else:
             host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
@@ -126,17 +148,23 @@ class Decider:
         return self._host[start: start + self._sizes[handle]]
 
     # -- helpers -----------------------------------------------------------------------------
-    def place(self, parts: list[torch.Tensor], handles: list[int], values: torch.Tensor, sizes) -> None:
-        """Append `values` (the handles' answers, flattened in order); sizes: each answer's length
-        (an int when they are all equal)."""
+    def place(self, parts: list, handles: list[int], values, sizes) -> None:
+        """Append `values` (the handles' answers, flattened in order; a tensor, or a numpy array on
+        the host path); sizes: each answer's length (an int when they are all equal)."""
         handles = np.asarray(handles, dtype=np.int64)
         self._sizes[handles] = sizes
         if isinstance(sizes, int):
             self._offsets[handles] = self._placed + sizes * np.arange(len(handles))
         else:
             self._offsets[handles] = self._placed + np.cumsum(sizes) - sizes
-        self._placed += values.numel()
-        parts.append(values.reshape(-1).to(torch.int64))
+        if self._host_parts:
+            if isinstance(values, torch.Tensor):
+                values = values.numpy()
+            values = values.reshape(-1).astype(np.int64, copy=False)
+        else:
+            values = values.reshape(-1).to(torch.int64)
+        self._placed += len(values)
+        parts.append(values)
 
     def index(self, values) -> torch.Tensor:
         return torch.as_tensor(np.asarray(values, dtype=np.int64)).to(self.device, non_blocking=True)
@@ -214,7 +242,8 @@ class Decider:
         self.place(parts, needs.handles, tokens, counts)
 
 
-from .decide_kinds import run_candidates, run_quad, run_verify  # noqa: E402  (they build on Decider's helpers)
+from .decide_host import HOST_RUNNERS  # noqa: E402  (they build on Decider's helpers)
+from .decide_kinds import run_candidates, run_quad, run_verify  # noqa: E402
 
 RUNNERS = {"sample": Decider._run_sample, "drafts": Decider._run_drafts, "candidates": run_candidates,
            "verify": run_verify, "quad": run_quad}

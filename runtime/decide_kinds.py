@@ -123,20 +123,24 @@ class _Groups:
         return rank.view(-1)[self._slot]
 
 
-def _refine(groups, x, cand, conf, thresholds: np.ndarray, by_rank: np.ndarray) -> torch.Tensor:
-    """float64 confidences (CPU only), recomputed from the logits for the rows whose float32 value
-    could change a decision: near their threshold, within the margin of their block's best when
-    another row of the block is too (a possible tie for the top), or ranked (top-k schedule).
-    Usually none or a handful. The selection runs in numpy on a view of the CPU tensor."""
-    c = conf.numpy()
-    counts, starts = groups.counts, groups.starts
+def rows_to_refine(c: np.ndarray, counts: np.ndarray, starts: np.ndarray, thresholds: np.ndarray,
+                   by_rank: np.ndarray) -> np.ndarray:
+    """Rows whose float32 confidence c could change a decision: near their threshold, within the
+    margin of their block's best when another row of the block is too (a possible tie for the top),
+    or ranked (top-k schedule). Usually none or a handful."""
     best = np.maximum.reduceat(c, starts)
     near_best = c >= np.repeat(best, counts) - REFINE_MARGIN
     rivals = np.add.reduceat(near_best, starts) >= 2
     near = (np.abs(c - np.repeat(thresholds, counts)) <= REFINE_MARGIN) | (near_best & np.repeat(rivals, counts))
     if by_rank.any():
         near |= np.repeat(by_rank, counts)
-    rows = np.flatnonzero(near)
+    return np.flatnonzero(near)
+
+
+def _refine(groups, x, cand, conf, thresholds: np.ndarray, by_rank: np.ndarray) -> torch.Tensor:
+    """float64 confidences (CPU only), recomputed from the logits for the `rows_to_refine` (chosen
+    in numpy on a view of the CPU tensor)."""
+    rows = rows_to_refine(conf.numpy(), groups.counts, groups.starts, thresholds, by_rank)
     conf = conf.double()
     if len(rows):
         index = torch.from_numpy(rows)

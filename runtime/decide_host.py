@@ -1,0 +1,122 @@
+"""Greedy decisions on a CPU device, in numpy: the same answers as the tensor kinds, cheaper to run.
+
+checkpoint ──builder──▶ engine dir ──[runtime: decide (CPU, greedy kinds)]──▶ strategies ──▶ Triton
+
+When the logits live on the CPU the "device" is the host itself, and a PyTorch operation
+costs several microseconds of dispatch whatever its size: the tensor version of a step's
+decisions is dozens of them. For needs whose requests all decode greedily (temperature 0),
+these functions compute the same answers with numpy on zero-copy views of the logits, laid
+out the same way in the packed result (`Decider.place`). Sampled needs, and every need on a
+GPU, go through the tensor kinds (`decide.py`, `decide_kinds.py`); a test runs both on the
+same logits and requires equal answers.
+
+Ragged groups (requests with different row counts) are padded to the widest group.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from . import sampling as S
+from .decide_kinds import rows_to_refine
+
+
+def sample_or_drafts(d, needs, x: np.ndarray, ids: np.ndarray, parts: list) -> None:
+    """A greedy token per row (kinds "sample" and "drafts")."""
+    counts = np.asarray(needs.counts, dtype=np.int64)
+    d.place(parts, needs.handles, d.greedy_host[d.rows(needs)], counts)
+
+
+def candidates(d, needs, x: np.ndarray, ids: np.ndarray, parts: list) -> None:
+    """Denoising selection (see `decide_kinds.run_candidates`), greedy requests only."""
+    counts = np.asarray(needs.counts, dtype=np.int64)
+    n, total = len(counts), int(counts.sum())
+    rows = d.rows(needs)
+    whole = rows[0] == 0 and total == len(x)
+    xs = x if whole else x[rows]
+    cand = d.greedy_host if whole else d.greedy_host[rows]
+    xt, ct = torch.from_numpy(xs), torch.from_numpy(cand)
+    conf32 = S.candidate_confidence(xt, ct, torch.float32).numpy()
+    extra = needs.extra
+    thresholds = np.array([2.0 if e[1] is None else e[1] for e in extra], dtype=np.float64)
+    by_rank = thresholds > 1
+    starts = np.cumsum(counts) - counts
+    refine = rows_to_refine(conf32, counts, starts, thresholds, by_rank)
+    conf = conf32.astype(np.float64)
+    if len(refine):
+        index = torch.from_numpy(refine)
+        conf[refine] = S.candidate_confidence(xt[index], ct[index], torch.float64).numpy()
+    chosen = conf >= (thresholds[0] if (thresholds == thresholds[0]).all() else np.repeat(thresholds, counts))
+    width = int(counts.max())
+    slot = np.repeat(np.arange(n) * width - starts, counts) + np.arange(total)
+    padded = np.full(n * width, -np.inf)
+    padded[slot] = conf
+    padded = padded.reshape(n, width)
+    chosen[starts + padded.argmax(axis=1)] = True
+    if by_rank.any():
+        order = np.argsort(-padded, axis=1, kind="stable")
+        rank = np.empty_like(order)
+        np.put_along_axis(rank, order, np.broadcast_to(np.arange(width), order.shape), axis=1)
+        topk = np.array([e[2] for e in extra], dtype=np.int64)
+        chosen = np.where(np.repeat(by_rank, counts), rank.reshape(-1)[slot] < np.repeat(topk, counts), chosen)
+    skip_mask = np.array([e[4] for e in extra])
+    if skip_mask.any():
+        keep = cand != d.mask_id
+        if not skip_mask.all():
+            keep |= np.repeat(~skip_mask, counts)
+        chosen &= keep
+    write = np.where(chosen, cand, -1)
+    last = np.array([e[3] for e in extra])
+    if last.any():
+        last_rows = np.flatnonzero(np.repeat(last, counts))
+        masked = xs[last_rows]  # a copy (fancy indexing)
+        masked[:, d.mask_id] = -np.inf
+        current = write[last_rows]
+        write[last_rows] = np.where(current >= 0, current, masked.argmax(axis=1))
+    d.place(parts, needs.handles, write, counts)
+
+
+def _accept(d, ids: np.ndarray, first: np.ndarray, counts: np.ndarray, token_rows: np.ndarray):
+    """Greedy speculative acceptance: targets are the greedy tokens of logit rows first..first+m-1,
+    drafts the batch tokens after each segment's first. Returns (n, targets [N, M], valid [N, M])."""
+    lane = np.arange(int(counts.max()))
+    valid = lane < counts[:, None]
+    targets = d.greedy_host[np.where(valid, first[:, None] + lane, 0)]
+    draft_valid = valid[:, 1:]
+    drafts = ids[np.where(draft_valid, token_rows[:, None] + lane[1:], 0)]
+    match = draft_valid & (targets[:, :-1] == drafts)
+    return np.logical_and.accumulate(match, axis=1).sum(axis=1) + 1, targets, valid
+
+
+def _pack(d, parts, needs, columns: list[np.ndarray], keep: list[np.ndarray], sizes: np.ndarray) -> None:
+    """Per request the kept entries of each [N, w] column block, in order, flattened."""
+    out = np.concatenate(columns, axis=1)
+    kept = np.concatenate(keep, axis=1)
+    d.place(parts, needs.handles, out.reshape(-1) if kept.all() else out[kept], sizes)
+
+
+def verify(d, needs, x: np.ndarray, ids: np.ndarray, parts: list) -> None:
+    """Per request [n, tokens(m)]: the first n tokens are the output (see `decide_kinds.run_verify`)."""
+    counts = np.asarray(needs.counts, dtype=np.int64)
+    n, targets, valid = _accept(d, ids, np.asarray(needs.rows, dtype=np.int64), counts,
+                                np.asarray(needs.extra, dtype=np.int64))
+    ones = np.ones((len(counts), 1), dtype=bool)
+    _pack(d, parts, needs, [n[:, None], targets], [ones, valid], 1 + counts)
+
+
+def quad(d, needs, x: np.ndarray, ids: np.ndarray, parts: list) -> None:
+    """Per request [n, tokens(k), next drafts(k-1)] (see `decide_kinds.run_quad`)."""
+    k = np.asarray(needs.counts, dtype=np.int64)
+    first = np.asarray(needs.rows, dtype=np.int64)
+    n, targets, valid = _accept(d, ids, first, k, np.asarray(needs.extra, dtype=np.int64))
+    # the next drafts: the k-1 decided rows of group n-1 (its mask slots 1..k-1), from row first + k + (n-1)(k-1)
+    group = first + k + (n - 1) * (k - 1)
+    next_valid = valid[:, 1:]
+    next_drafts = d.greedy_host[np.where(next_valid, group[:, None] + np.arange(int(k.max()) - 1), 0)]
+    ones = np.ones((len(k), 1), dtype=bool)
+    _pack(d, parts, needs, [n[:, None], targets, next_drafts], [ones, valid, next_valid], 1 + k + k - 1)
+
+
+HOST_RUNNERS = {"sample": sample_or_drafts, "drafts": sample_or_drafts, "candidates": candidates,
+                "verify": verify, "quad": quad}

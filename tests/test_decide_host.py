@@ -1,0 +1,103 @@
+"""On a CPU device greedy needs are decided in numpy (`runtime/decide_host.py`); a GPU runs the
+tensor kinds. Both must give the same answers: here one step's worth of every kind of need, with
+ragged groups, ties, mask-id candidates, ranked schedules and partial acceptances, is decided
+both ways on the same logits and the packed answers are compared entry for entry."""
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from nemodiff import SamplingParams
+from nemodiff.runtime.decide import Decider
+
+VOCAB, MASK = 50, 7
+
+
+def strategy():
+    return SimpleNamespace(params=SamplingParams(temperature=0.0), draw_counter=0, seed=1, draft_probs=None)
+
+
+def register_step(decider: Decider, rng: np.random.Generator, logits: torch.Tensor, ids: torch.Tensor):
+    """Registers needs of every kind over consecutive logit rows and fills `ids` with drafts that
+    agree with the greedy tokens for a random number of positions. Returns (handles, rows used)."""
+    greedy = logits.argmax(dim=-1)
+    handles, row, token = [], 0, 0
+    ids[0] = greedy[0]  # a seed token, never compared: padding lanes that read it must not count as matches
+
+    def drafts_matching(first_row: int, token_row: int, m: int) -> None:
+        agree = int(rng.integers(0, m))  # drafts d_1..d_agree match their targets
+        for j in range(1, m):
+            target = int(greedy[first_row + j - 1])
+            ids[token_row + j] = target if j <= agree else (target + 1) % VOCAB
+
+    for count in (1, 1, 3):
+        handles.append(decider.sample(strategy(), row))
+        row += 1
+        handles.append(decider.drafts(strategy(), row, count))
+        row += count
+    for count, threshold, topk, last, skip in [(5, 0.9, 0, False, True), (1, 0.9, 0, False, True),
+                                               (8, None, 3, False, True), (6, 0.05, 0, True, True),
+                                               (4, 0.3, 0, False, False), (7, None, 2, True, True)]:
+        lanes = np.sort(rng.choice(32, size=count, replace=False))
+        handles.append(decider.candidates(strategy(), row, count, lanes, threshold, topk, last, skip))
+        row += count
+    # two rows whose confidences differ only in float64: the second is the more confident one
+    logits[row] = logits[row + 1] = torch.linspace(0, 4, VOCAB)
+    logits[row + 1, 5] = float(np.nextafter(np.float32(logits[row + 1, 5]), np.float32(-np.inf)))
+    handles.append(decider.candidates(strategy(), row, 2, np.arange(2), None, 1, False, True))
+    row += 2
+    for m in (4, 4, 2, 1):
+        drafts_matching(row, token, m)
+        handles.append(decider.verify(strategy(), row, m, token))
+        row, token = row + m, token + m
+    for k in (3, 3, 2):
+        drafts_matching(row, token, k)
+        handles.append(decider.quad(strategy(), row, k, token))
+        row, token = row + k + k * (k - 1), token + k * (k + 1)
+    return handles, row
+
+
+def make_logits(rng: np.random.Generator, rows: int) -> torch.Tensor:
+    logits = torch.from_numpy(rng.normal(size=(rows, VOCAB)).astype(np.float32) * 3)
+    logits[rng.integers(0, rows, size=rows // 4), MASK] = 30.0  # the mask id is some rows' best candidate
+    logits[2::9] = logits[1::9][: len(logits[2::9])]  # identical rows: ties for a block's best
+    sharp = rng.integers(0, rows, size=rows // 3)
+    logits[sharp, 0] = 40.0  # confident rows, above any threshold
+    return logits
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_numpy_and_tensor_decisions_agree(seed):
+    rng = np.random.default_rng(seed)
+    logits = make_logits(rng, 200)
+    ids = torch.from_numpy(rng.integers(0, VOCAB, size=200))
+    answers = []
+    for host_arrays in (True, False):
+        decider = Decider(torch.device("cpu"), MASK, host_arrays=host_arrays)
+        decider.begin()
+        step_rng = np.random.default_rng(seed)
+        handles, rows = register_step(decider, step_rng, logits, ids)
+        decider.run(logits[:rows], ids)
+        decider.fetch()
+        assert isinstance(decider._packed, np.ndarray) == host_arrays
+        answers.append([decider.result(h).tolist() for h in handles] + [decider.bad_rows().tolist()])
+    host, tensor = answers
+    assert host == tensor
+    verify_lengths = [a[0] for a in host[-8:-4]]
+    assert len(set(verify_lengths)) > 1  # the acceptances differ between requests
+    assert host[-9] == [-1, VOCAB - 1]  # the float64 tie-break
+
+
+def test_host_decisions_fall_back_to_tensors_for_sampled_needs():
+    decider = Decider(torch.device("cpu"), MASK)
+    decider.begin()
+    hot = SimpleNamespace(params=SamplingParams(temperature=1.0, seed=5), draw_counter=0, seed=5, draft_probs=None)
+    greedy, sampled = decider.sample(strategy(), 0), decider.sample(hot, 1)
+    logits = torch.zeros(2, VOCAB)
+    logits[:, 3] = 1.0
+    decider.run(logits, torch.zeros(2, dtype=torch.int64))
+    decider.fetch()
+    assert decider.result(greedy).tolist() == [3]
+    assert 0 <= int(decider.result(sampled)[0]) < VOCAB
