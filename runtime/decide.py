@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from . import sampling as S
+from .segments import arange
 
 
 @dataclass
@@ -47,6 +48,7 @@ class _Needs:
 
 
 KINDS = ("sample", "drafts", "candidates", "verify", "quad")
+NO_ROWS = np.zeros(0, dtype=np.int64)
 
 
 class Decider:
@@ -99,20 +101,22 @@ class Decider:
     def run(self, logits: torch.Tensor, ids: torch.Tensor) -> None:
         """Compute every registered need; the answers stay on the device until `fetch`.
 
-        Every logit row's greedy token is found once, in one pass, and the kinds share it. The
-        packed result starts with one finiteness flag per logit row: whether the row's largest
-        value is finite (a NaN or +inf anywhere in a row, or a row of -inf, shows there)."""
+        Every logit row's greedy token is found once, in one pass, and the kinds share it. Each
+        row is also flagged by whether its largest value is finite (a NaN or +inf anywhere in a
+        row, or a row of -inf, shows there): the packed result starts with the flags on a device;
+        on the host path the rows that fail are kept apart."""
         host = self.host_arrays and logits.dtype in (torch.float32, torch.float64)
-        if host:  # numpy views of the CPU tensors
+        if host:  # numpy views of the CPU tensors; the flags are kept apart, not packed
             x, host_ids = logits.numpy(), ids.numpy()
             self.greedy_host = x.argmax(axis=-1).astype(np.int64, copy=False)
-            self.greedy = torch.from_numpy(self.greedy_host)
-            parts: list = [np.isfinite(x[np.arange(len(x)), self.greedy_host]).astype(np.int64)]
+            finite = np.isfinite(x[arange(len(x)), self.greedy_host])
+            self._bad = NO_ROWS if finite.all() else np.flatnonzero(~finite)
+            parts: list = []
         else:
             self.greedy = S.row_argmax(logits)
             parts = [logits.gather(1, self.greedy[:, None])[:, 0].isfinite().to(torch.int64)]
         self._host_parts = host
-        self._finite_len = logits.shape[0]
+        self._finite_len = 0 if host else logits.shape[0]
         self._offsets = np.zeros(self._num_handles, dtype=np.int64)
         self._sizes = np.zeros(self._num_handles, dtype=np.int64)
         self._placed = self._finite_len
@@ -123,8 +127,13 @@ class Decider:
             if host and not needs.sampled:
                 HOST_RUNNERS[kind](self, needs, x, host_ids, parts)
             else:
+                if host:
+                    self.greedy = torch.from_numpy(self.greedy_host)
                 RUNNERS[kind](self, needs, logits, ids, parts)
-        self._packed = np.concatenate(parts) if host else torch.cat(parts)
+        if host:
+            self._packed = parts[0] if len(parts) == 1 else np.concatenate(parts) if parts else NO_ROWS
+        else:
+            self._packed = torch.cat(parts)
 
     def fetch(self) -> None:
         """The step's one device-to-host copy."""
@@ -138,14 +147,16 @@ class Decider:
             host.copy_(packed, non_blocking=True)
             torch.cuda.current_stream(packed.device).synchronize()
             self._host = host.numpy()
+        self._starts, self._ends = self._offsets.tolist(), (self._offsets + self._sizes).tolist()
 
     def bad_rows(self) -> np.ndarray:
         """Logit rows whose largest value is not finite (a NaN or +inf in the row, or only -inf)."""
+        if self._host_parts:
+            return self._bad
         return np.flatnonzero(self._host[: self._finite_len] == 0)
 
     def result(self, handle: int) -> np.ndarray:
-        start = self._offsets[handle]
-        return self._host[start: start + self._sizes[handle]]
+        return self._host[self._starts[handle]: self._ends[handle]]
 
     # -- helpers -----------------------------------------------------------------------------
     def place(self, parts: list, handles: list[int], values, sizes) -> None:

@@ -20,6 +20,7 @@ import torch
 
 from . import sampling as S
 from .decide_kinds import rows_to_refine
+from .segments import arange
 
 
 def sample_or_drafts(d, needs, x: np.ndarray, ids: np.ndarray, parts: list) -> None:
@@ -77,45 +78,65 @@ def candidates(d, needs, x: np.ndarray, ids: np.ndarray, parts: list) -> None:
     d.place(parts, needs.handles, write, counts)
 
 
-def _accept(d, ids: np.ndarray, first: np.ndarray, counts: np.ndarray, token_rows: np.ndarray):
-    """Greedy speculative acceptance: targets are the greedy tokens of logit rows first..first+m-1,
-    drafts the batch tokens after each segment's first. Returns (n, targets [N, M], valid [N, M])."""
+def _steady(starts: list[int], count: int, span: int) -> bool:
+    """Whether needs of `count` rows each, starting at `starts` (increasing, each need at least
+    `span` apart from the next), are exactly `span` apart: back-to-back segments of one shape."""
+    return starts[-1] - starts[0] == span * (len(starts) - 1)
+
+
+def _accepted(targets: np.ndarray, drafts: np.ndarray) -> np.ndarray:
+    """n per request: the matching prefix of drafts [N, m-1] against targets [N, m] (padding
+    lanes must not match), plus one."""
+    return np.logical_and.accumulate(targets[:, :-1] == drafts, axis=1).sum(axis=1) + 1
+
+
+def _ragged(d, ids: np.ndarray, first: np.ndarray, counts: np.ndarray, token_rows: np.ndarray):
+    """(n, targets [N, M], valid [N, M]) for requests with different row counts, padded to the widest."""
     lane = np.arange(int(counts.max()))
     valid = lane < counts[:, None]
     targets = d.greedy_host[np.where(valid, first[:, None] + lane, 0)]
-    draft_valid = valid[:, 1:]
-    drafts = ids[np.where(draft_valid, token_rows[:, None] + lane[1:], 0)]
-    match = draft_valid & (targets[:, :-1] == drafts)
-    return np.logical_and.accumulate(match, axis=1).sum(axis=1) + 1, targets, valid
-
-
-def _pack(d, parts, needs, columns: list[np.ndarray], keep: list[np.ndarray], sizes: np.ndarray) -> None:
-    """Per request the kept entries of each [N, w] column block, in order, flattened."""
-    out = np.concatenate(columns, axis=1)
-    kept = np.concatenate(keep, axis=1)
-    d.place(parts, needs.handles, out.reshape(-1) if kept.all() else out[kept], sizes)
+    drafts = np.where(valid[:, 1:], ids[np.where(valid[:, 1:], token_rows[:, None] + lane[1:], 0)], -1)
+    return _accepted(targets, drafts), targets, valid
 
 
 def verify(d, needs, x: np.ndarray, ids: np.ndarray, parts: list) -> None:
     """Per request [n, tokens(m)]: the first n tokens are the output (see `decide_kinds.run_verify`)."""
-    counts = np.asarray(needs.counts, dtype=np.int64)
-    n, targets, valid = _accept(d, ids, np.asarray(needs.rows, dtype=np.int64), counts,
-                                np.asarray(needs.extra, dtype=np.int64))
-    ones = np.ones((len(counts), 1), dtype=bool)
-    _pack(d, parts, needs, [n[:, None], targets], [ones, valid], 1 + counts)
+    counts, rows, token_rows = needs.counts, needs.rows, needs.extra
+    m, num = counts[0], len(counts)
+    if counts.count(m) == num and _steady(rows, m, m) and _steady(token_rows, m, m):
+        targets = d.greedy_host[rows[0]: rows[0] + num * m].reshape(num, m)
+        drafts = ids[token_rows[0]: token_rows[0] + num * m].reshape(num, m)[:, 1:]
+        n = _accepted(targets, drafts)
+        d.place(parts, needs.handles, np.concatenate((n[:, None], targets), axis=1), 1 + m)
+        return
+    counts = np.asarray(counts, dtype=np.int64)
+    n, targets, valid = _ragged(d, ids, np.asarray(rows, dtype=np.int64), counts, np.asarray(token_rows, np.int64))
+    out = np.concatenate((n[:, None], targets), axis=1)
+    d.place(parts, needs.handles, out[np.concatenate((valid[:, :1], valid), axis=1)], 1 + counts)
 
 
 def quad(d, needs, x: np.ndarray, ids: np.ndarray, parts: list) -> None:
-    """Per request [n, tokens(k), next drafts(k-1)] (see `decide_kinds.run_quad`)."""
-    k = np.asarray(needs.counts, dtype=np.int64)
-    first = np.asarray(needs.rows, dtype=np.int64)
-    n, targets, valid = _accept(d, ids, first, k, np.asarray(needs.extra, dtype=np.int64))
-    # the next drafts: the k-1 decided rows of group n-1 (its mask slots 1..k-1), from row first + k + (n-1)(k-1)
-    group = first + k + (n - 1) * (k - 1)
+    """Per request [n, tokens(k), next drafts(k-1)] (see `decide_kinds.run_quad`). A request's logit
+    rows are its k drafts' then k - 1 per group; the next drafts are group n-1's."""
+    counts, rows, token_rows = needs.counts, needs.rows, needs.extra
+    k, num = counts[0], len(counts)
+    if counts.count(k) == num and _steady(rows, k, k * k) and _steady(token_rows, k, k * (k + 1)):
+        block = d.greedy_host[rows[0]: rows[0] + num * k * k].reshape(num, k * k)
+        targets = block[:, :k]
+        drafts = ids[token_rows[0]: token_rows[0] + num * k * (k + 1)].reshape(num, k * (k + 1))[:, 1:k]
+        n = _accepted(targets, drafts)
+        group = (k + (n - 1) * (k - 1))[:, None] + arange(k - 1)
+        next_drafts = np.take_along_axis(block, group, axis=1)
+        d.place(parts, needs.handles, np.concatenate((n[:, None], targets, next_drafts), axis=1), 2 * k)
+        return
+    counts = np.asarray(counts, dtype=np.int64)
+    first = np.asarray(rows, dtype=np.int64)
+    n, targets, valid = _ragged(d, ids, first, counts, np.asarray(token_rows, dtype=np.int64))
+    group = first + counts + (n - 1) * (counts - 1)
     next_valid = valid[:, 1:]
-    next_drafts = d.greedy_host[np.where(next_valid, group[:, None] + np.arange(int(k.max()) - 1), 0)]
-    ones = np.ones((len(k), 1), dtype=bool)
-    _pack(d, parts, needs, [n[:, None], targets, next_drafts], [ones, valid, next_valid], 1 + k + k - 1)
+    next_drafts = d.greedy_host[np.where(next_valid, group[:, None] + np.arange(next_valid.shape[1]), 0)]
+    out = np.concatenate((n[:, None], targets, next_drafts), axis=1)
+    d.place(parts, needs.handles, out[np.concatenate((valid[:, :1], valid, next_valid), axis=1)], 2 * counts)
 
 
 HOST_RUNNERS = {"sample": sample_or_drafts, "drafts": sample_or_drafts, "candidates": candidates,

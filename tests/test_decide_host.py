@@ -19,17 +19,22 @@ def strategy():
     return SimpleNamespace(params=SamplingParams(temperature=0.0), draw_counter=0, seed=1, draft_probs=None)
 
 
-def register_step(decider: Decider, rng: np.random.Generator, logits: torch.Tensor, ids: torch.Tensor):
+def register_step(decider: Decider, rng: np.random.Generator, logits: torch.Tensor, ids: torch.Tensor,
+                  verify_lengths: tuple, quad_lengths: tuple):
     """Registers needs of every kind over consecutive logit rows and fills `ids` with drafts that
-    agree with the greedy tokens for a random number of positions. Returns (handles, rows used)."""
-    greedy = logits.argmax(dim=-1)
+    agree with the greedy tokens for a different number of positions per request. Returns (handles, rows used)."""
     handles, row, token = [], 0, 0
-    ids[0] = greedy[0]  # a seed token, never compared: padding lanes that read it must not count as matches
+    ids[0] = logits[0].argmax()  # a seed token, never compared as a draft
+    offset = int(rng.integers(0, 4))
 
-    def drafts_matching(first_row: int, token_row: int, m: int) -> None:
-        agree = int(rng.integers(0, m))  # drafts d_1..d_agree match their targets
+    def drafts_matching(first_row: int, token_row: int, m: int, longest: int) -> None:
+        if m < longest:  # padded to the longest: every target is row 0's token and every draft matches, so
+            logits[first_row: first_row + m] = logits[0]  # a padding lane compared like a draft would match too
+            agree = m - 1
+        else:
+            agree = (len(handles) + offset) % m  # drafts d_1..d_agree match their targets
         for j in range(1, m):
-            target = int(greedy[first_row + j - 1])
+            target = int(logits[first_row + j - 1].argmax())
             ids[token_row + j] = target if j <= agree else (target + 1) % VOCAB
 
     for count in (1, 1, 3):
@@ -48,12 +53,12 @@ def register_step(decider: Decider, rng: np.random.Generator, logits: torch.Tens
     logits[row + 1, 5] = float(np.nextafter(np.float32(logits[row + 1, 5]), np.float32(-np.inf)))
     handles.append(decider.candidates(strategy(), row, 2, np.arange(2), None, 1, False, True))
     row += 2
-    for m in (4, 4, 2, 1):
-        drafts_matching(row, token, m)
+    for m in verify_lengths:
+        drafts_matching(row, token, m, max(verify_lengths))
         handles.append(decider.verify(strategy(), row, m, token))
         row, token = row + m, token + m
-    for k in (3, 3, 2):
-        drafts_matching(row, token, k)
+    for k in quad_lengths:
+        drafts_matching(row, token, k, max(quad_lengths))
         handles.append(decider.quad(strategy(), row, k, token))
         row, token = row + k + k * (k - 1), token + k * (k + 1)
     return handles, row
@@ -68,8 +73,10 @@ def make_logits(rng: np.random.Generator, rows: int) -> torch.Tensor:
     return logits
 
 
+@pytest.mark.parametrize("verify_lengths, quad_lengths", [((4, 4, 2, 1), (3, 3, 2)), ((4, 4, 4, 4), (3, 3, 3))],
+                         ids=["ragged", "steady"])
 @pytest.mark.parametrize("seed", range(6))
-def test_numpy_and_tensor_decisions_agree(seed):
+def test_numpy_and_tensor_decisions_agree(seed, verify_lengths, quad_lengths):
     rng = np.random.default_rng(seed)
     logits = make_logits(rng, 200)
     ids = torch.from_numpy(rng.integers(0, VOCAB, size=200))
@@ -78,16 +85,16 @@ def test_numpy_and_tensor_decisions_agree(seed):
         decider = Decider(torch.device("cpu"), MASK, host_arrays=host_arrays)
         decider.begin()
         step_rng = np.random.default_rng(seed)
-        handles, rows = register_step(decider, step_rng, logits, ids)
+        handles, rows = register_step(decider, step_rng, logits, ids, verify_lengths, quad_lengths)
         decider.run(logits[:rows], ids)
         decider.fetch()
         assert isinstance(decider._packed, np.ndarray) == host_arrays
         answers.append([decider.result(h).tolist() for h in handles] + [decider.bad_rows().tolist()])
     host, tensor = answers
     assert host == tensor
-    verify_lengths = [a[0] for a in host[-8:-4]]
-    assert len(set(verify_lengths)) > 1  # the acceptances differ between requests
-    assert host[-9] == [-1, VOCAB - 1]  # the float64 tie-break
+    verify, quad = host[-1 - len(quad_lengths) - len(verify_lengths): -1 - len(quad_lengths)], host[-4:-1]
+    assert len({a[0] for a in verify}) > 1 and len({a[0] for a in quad}) > 1  # acceptances differ
+    assert host[-2 - len(quad_lengths) - len(verify_lengths)] == [-1, VOCAB - 1]  # the float64 tie-break
 
 
 def test_host_decisions_fall_back_to_tensors_for_sampled_needs():
