@@ -64,26 +64,26 @@ class ForwardBatch:
 
 class _Staging:
     """A growable host buffer (pinned on CUDA) and its device twin, reused every step. On the CPU
-    the parts are concatenated into one fresh array whose tensor views are the step's tensors."""
+    the parts (fresh arrays every step) become tensors as they are, with no copy."""
 
     def __init__(self, device: torch.device, dtype: torch.dtype):
         self.device, self.dtype, self.size = device, dtype, 0
         self.host = self.dev = self.host_view = None
         self.numpy_dtype = torch.empty(0, dtype=dtype).numpy().dtype
-        self._flat: np.ndarray | None = None
+        self._parts: list[np.ndarray] = []
         self._total = 0
 
     def flat(self) -> np.ndarray:
         """The last upload's parts, concatenated (host memory)."""
         if self.device.type == "cpu":
-            return self._flat
+            return np.concatenate(self._parts).astype(self.numpy_dtype, copy=False)
         return self.host_view[: self._total]
 
     def upload(self, parts: list[np.ndarray]) -> list[torch.Tensor]:
+        if self.device.type == "cpu":
+            self._parts = parts
+            return [torch.from_numpy(np.ascontiguousarray(p, dtype=self.numpy_dtype)) for p in parts]
         sizes = [len(p) for p in parts]
-        if self.device.type == "cpu":  # a few calls whatever the number of parts
-            self._flat = np.concatenate(parts, dtype=self.numpy_dtype, casting="unsafe")
-            return torch.from_numpy(self._flat).split(sizes)
         total = self._total = sum(sizes)
         if total > self.size:
             self.size = max(total, 2 * self.size, 1024)

@@ -86,7 +86,8 @@ class Decider:
 
     def candidates(self, strategy, first_row: int, count: int, lanes: np.ndarray, threshold: float | None,
                    topk: int, last_step: bool, skip_mask: bool) -> int:
-        """Denoising: per row the token to write now, or -1 (see `decide_kinds.run_candidates`)."""
+        """Denoising: per row the token to write now, or what marks it still masked: the mask id
+        when skip_mask (the mask id is never written), else -1 (see `decide_kinds.run_candidates`)."""
         return self._register("candidates", strategy, first_row, count, (lanes, threshold, topk, last_step, skip_mask))
 
     def verify(self, strategy, first_row: int, count: int, token_row: int) -> int:

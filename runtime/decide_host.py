@@ -62,19 +62,21 @@ def candidates(d, needs, x: np.ndarray, ids: np.ndarray, parts: list) -> None:
         topk = np.array([e[2] for e in extra], dtype=np.int64)
         chosen = np.where(np.repeat(by_rank, counts), rank.reshape(-1)[slot] < np.repeat(topk, counts), chosen)
     skip_mask = np.array([e[4] for e in extra])
-    if skip_mask.any():
-        keep = cand != d.mask_id
-        if not skip_mask.all():
-            keep |= np.repeat(~skip_mask, counts)
-        chosen &= keep
-    write = np.where(chosen, cand, -1)
+    if skip_mask.all():
+        chosen &= cand != d.mask_id
+        write = np.where(chosen, cand, d.mask_id)
+    elif skip_mask.any():
+        skip = np.repeat(skip_mask, counts)
+        chosen &= (cand != d.mask_id) | ~skip
+        write = np.where(chosen, cand, np.where(skip, d.mask_id, -1))
+    else:
+        write = np.where(chosen, cand, -1)
     last = np.array([e[3] for e in extra])
     if last.any():
         last_rows = np.flatnonzero(np.repeat(last, counts))
         masked = xs[last_rows]  # a copy (fancy indexing)
         masked[:, d.mask_id] = -np.inf
-        current = write[last_rows]
-        write[last_rows] = np.where(current >= 0, current, masked.argmax(axis=1))
+        write[last_rows] = np.where(chosen[last_rows], write[last_rows], masked.argmax(axis=1))
     d.place(parts, needs.handles, write, counts)
 
 

@@ -22,7 +22,9 @@ def _group_starts(counts: np.ndarray) -> np.ndarray:
 
 
 def run_candidates(d, needs, logits, ids, parts) -> None:
-    """Denoising (DESIGN §5.2): per row the token to write now, or -1 while the position stays masked.
+    """Denoising (DESIGN §5.2): per row the token to write now, or, while the position stays masked,
+    the mask id (needs that skip the mask id: the position keeps it) or -1 (the others, for which
+    the mask id is a token like any other).
 
     A row is written when it is chosen (its block's most confident row, every row at or above the
     threshold, or the top-k of a ranked schedule) and, for needs that skip the mask id, its candidate
@@ -64,15 +66,18 @@ def run_candidates(d, needs, logits, ids, parts) -> None:
         chosen = torch.where(groups.per_row(d.index(by_rank).bool()), groups.rank_desc(conf) < groups.per_row(
             d.index(topk)), chosen)
     skip_mask = np.array([e[4] for e in extra])
-    if skip_mask.any():
-        keep = cand != d.mask_id
-        if not skip_mask.all():
-            keep |= groups.per_row(d.index(~skip_mask).bool())
-        chosen &= keep
-    write = torch.where(chosen, cand, -1)
+    if skip_mask.all():
+        chosen &= cand != d.mask_id
+        write = torch.where(chosen, cand, d.mask_id)
+    elif skip_mask.any():
+        skip = groups.per_row(d.index(skip_mask).bool())
+        chosen &= (cand != d.mask_id) | ~skip
+        write = torch.where(chosen, cand, torch.where(skip, d.mask_id, -1))
+    else:
+        write = torch.where(chosen, cand, -1)
     last = np.array([e[3] for e in extra])
     if last.any():
-        _fill_last_step(d, needs, x, write, counts, greedy, last, lanes)
+        _fill_last_step(d, needs, x, write, chosen, counts, greedy, last, lanes)
     d.place(parts, needs.handles, write, counts)
 
 
@@ -148,7 +153,7 @@ def _refine(groups, x, cand, conf, thresholds: np.ndarray, by_rank: np.ndarray) 
     return conf
 
 
-def _fill_last_step(d, needs, x, write, counts, greedy, last, lanes) -> None:
+def _fill_last_step(d, needs, x, write, chosen, counts, greedy, last, lanes) -> None:
     """Rows of blocks at their last step that were not written get their best non-mask candidate."""
     last_rows = np.flatnonzero(np.repeat(last, counts))
     index = d.index(last_rows)
@@ -162,8 +167,7 @@ def _fill_last_step(d, needs, x, write, counts, greedy, last, lanes) -> None:
         temps, _, _, seeds, counters, _, _ = d.params(strategies, counts[hot_last])
         sub = torch.from_numpy(np.searchsorted(last_rows, rows)).to(x.device)
         fallback[sub] = S.gumbel_argmax(masked[sub], temps, seeds, counters, d.index(lanes[rows]))
-    current = write[index]
-    write[index] = torch.where(current >= 0, current, fallback)
+    write[index] = torch.where(chosen[index], write[index], fallback)
 
 
 def _accept(d, strategies: list, x: torch.Tensor, tokens: torch.Tensor, counts: np.ndarray, drafts: torch.Tensor):

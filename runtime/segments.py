@@ -94,6 +94,13 @@ class Segment:
     def __len__(self) -> int:
         return len(self.token_ids)
 
+    def moved(self, prefix_len: int, positions: list[int] | np.ndarray, kv_end: int) -> Segment:
+        """This segment at another committed length, changed in place and returned: a strategy keeps
+        one segment per steady shape (same length, pattern and mask, so nothing to check again) and
+        moves it each step instead of building a new one."""
+        self.prefix_len, self.positions, self.kv_end = prefix_len, positions, kv_end
+        return self
+
     def write_end(self) -> int:
         """One past the highest position this segment writes to the cache (0 when it writes none)."""
         if self.kv_end >= 0:

@@ -20,7 +20,7 @@ def strategy():
 
 
 def register_step(decider: Decider, rng: np.random.Generator, logits: torch.Tensor, ids: torch.Tensor,
-                  verify_lengths: tuple, quad_lengths: tuple):
+                  verify_lengths: tuple, quad_lengths: tuple, all_skip_mask: bool):
     """Registers needs of every kind over consecutive logit rows and fills `ids` with drafts that
     agree with the greedy tokens for a different number of positions per request. Returns (handles, rows used)."""
     handles, row, token = [], 0, 0
@@ -46,7 +46,7 @@ def register_step(decider: Decider, rng: np.random.Generator, logits: torch.Tens
                                                (8, None, 3, False, True), (6, 0.05, 0, True, True),
                                                (4, 0.3, 0, False, False), (7, None, 2, True, True)]:
         lanes = np.sort(rng.choice(32, size=count, replace=False))
-        handles.append(decider.candidates(strategy(), row, count, lanes, threshold, topk, last, skip))
+        handles.append(decider.candidates(strategy(), row, count, lanes, threshold, topk, last, skip or all_skip_mask))
         row += count
     # two rows whose confidences differ only in float64: the second is the more confident one
     logits[row] = logits[row + 1] = torch.linspace(0, 4, VOCAB)
@@ -73,10 +73,10 @@ def make_logits(rng: np.random.Generator, rows: int) -> torch.Tensor:
     return logits
 
 
-@pytest.mark.parametrize("verify_lengths, quad_lengths", [((4, 4, 2, 1), (3, 3, 2)), ((4, 4, 4, 4), (3, 3, 3))],
-                         ids=["ragged", "steady"])
+@pytest.mark.parametrize("verify_lengths, quad_lengths, all_skip_mask",
+                         [((4, 4, 2, 1), (3, 3, 2), False), ((4, 4, 4, 4), (3, 3, 3), True)], ids=["ragged", "steady"])
 @pytest.mark.parametrize("seed", range(6))
-def test_numpy_and_tensor_decisions_agree(seed, verify_lengths, quad_lengths):
+def test_numpy_and_tensor_decisions_agree(seed, verify_lengths, quad_lengths, all_skip_mask):
     rng = np.random.default_rng(seed)
     logits = make_logits(rng, 200)
     ids = torch.from_numpy(rng.integers(0, VOCAB, size=200))
@@ -85,7 +85,7 @@ def test_numpy_and_tensor_decisions_agree(seed, verify_lengths, quad_lengths):
         decider = Decider(torch.device("cpu"), MASK, host_arrays=host_arrays)
         decider.begin()
         step_rng = np.random.default_rng(seed)
-        handles, rows = register_step(decider, step_rng, logits, ids, verify_lengths, quad_lengths)
+        handles, rows = register_step(decider, step_rng, logits, ids, verify_lengths, quad_lengths, all_skip_mask)
         decider.run(logits[:rows], ids)
         decider.fetch()
         assert isinstance(decider._packed, np.ndarray) == host_arrays
@@ -94,7 +94,7 @@ def test_numpy_and_tensor_decisions_agree(seed, verify_lengths, quad_lengths):
     assert host == tensor
     verify, quad = host[-1 - len(quad_lengths) - len(verify_lengths): -1 - len(quad_lengths)], host[-4:-1]
     assert len({a[0] for a in verify}) > 1 and len({a[0] for a in quad}) > 1  # acceptances differ
-    assert host[-2 - len(quad_lengths) - len(verify_lengths)] == [-1, VOCAB - 1]  # the float64 tie-break
+    assert host[-2 - len(quad_lengths) - len(verify_lengths)] == [MASK, VOCAB - 1]  # the float64 tie-break
 
 
 def test_host_decisions_fall_back_to_tensors_for_sampled_needs():

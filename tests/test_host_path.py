@@ -78,13 +78,13 @@ def test_decisions_stay_on_the_logits_device(engine_fp32, temperature):
     decider = Decider(torch.device("meta"), llm.config.model.mask_token_id)
     for name, phase in phases:
         strategy = strategies[name]
+        if phase in ("denoise", "commit"):
+            strategy._new_block(50)  # every position after the seed masked
+            strategy.steps = strategy.B - 1  # the last step also picks the best non-mask candidates
+        if name == "linear-spec" and phase in ("draft", "verify"):
+            strategy._start_cycle(50)
         if phase is not None:
             strategy.phase = phase
-        if phase == "denoise":
-            strategy.masked[1:] = True
-            strategy.steps = strategy.B - 1  # the last step also picks the best non-mask candidates
-        if name == "linear-spec" and phase == "draft":
-            strategy.draft_masked[1:] = True
         segment = strategy.next_segment()
         decider.begin()
         strategy.register(decider, 0, 0)

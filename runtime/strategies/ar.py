@@ -19,13 +19,16 @@ class ARStrategy(DecodeStrategy):
         self.last_token: int | None = None
         self.write_ahead = 1
         self._handle = None
+        self._token, self._position = np.zeros(1, dtype=np.int64), np.zeros(1, dtype=np.int64)
+        self._decode = Segment(request.request_id, self._token, self._position, 0, Pattern.CAUSAL, write_kv=True,
+                               shape_key=AR_SHAPE, kv_end=1)
 
     def next_segment(self) -> Segment:
         if self.last_token is None:
             return self.prefill_segment()
         pos = self.committed
-        return Segment(self.request.request_id, np.array([self.last_token]), np.array([pos]), pos,
-                       Pattern.CAUSAL, write_kv=True, shape_key=AR_SHAPE, kv_end=pos + 1)
+        self._token[0], self._position[0] = self.last_token, pos
+        return self._decode.moved(pos, self._position, pos + 1)
 
     def register(self, decider, first_row: int, token_row: int) -> None:
         self._handle = decider.sample(self, first_row)

@@ -10,6 +10,10 @@ id: a chosen candidate equal to the mask id leaves it masked, and a block that s
 masks after B denoising steps fills them with their best non-mask candidates of the last
 denoising forward, so no denoised position ever outputs the mask token. (The seed is the
 causal prediction, as in AR decoding, and is output as predicted.)
+
+The still-masked positions after the seed are exactly those holding the mask id; the
+decisions answer the mask id for a position that stays masked, so a denoising step is one
+write of the answers into the block.
 """
 
 from __future__ import annotations
@@ -33,28 +37,24 @@ class DiffusionStrategy(DecodeStrategy):
         self.phase = "prefill"
         self.mask_id = ctx.model.mask_token_id
         self.block = np.full(self.B, self.mask_id, dtype=np.int64)
-        self.masked = np.zeros(self.B, dtype=bool)
         self.schedule: list[int] = []
         self.steps = 0
         self.steps_per_block: list[int] = []
-        self.stop_array = np.array(sorted(request.stop_ids()), dtype=np.int64)
-        self._rows = None
+        self.stop_ids = request.stop_ids() - {self.mask_id}  # a masked position is no stop
+        self.stop_array = np.array(sorted(self.stop_ids), dtype=np.int64)
+        self._stop_written = False  # a stop token stands in the current block
+        self._rows = np.zeros(0, dtype=np.int64)  # the masked positions (after the seed), in order
         self._handle = None
-        self._denoise_shape = ("denoise", self.B)
-        self._commit_shape = ("commit", self.B)
+        self._denoise = self._commit = None  # this block's segments
 
     # -- segments ----------------------------------------------------------------------------
     def next_segment(self) -> Segment:
-        rid, P = self.request.request_id, self.committed
         if self.phase == "prefill":
             return self.prefill_segment()
-        positions = self.block_positions(P)
         if self.phase == "denoise":
-            self._rows = self.masked.nonzero()[0]
-            return Segment(rid, self.block, positions, P, Pattern.FULL, write_kv=False, logit_rows=self._rows,
-                           shape_key=self._denoise_shape, kv_end=0)
-        return Segment(rid, self.block, positions, P, Pattern.CAUSAL, write_kv=True, logit_rows=[self.B - 1],
-                       shape_key=self._commit_shape, kv_end=P + self.B)
+            self._denoise.logit_rows = self._rows
+            return self._denoise
+        return self._commit
 
     # -- decisions ---------------------------------------------------------------------------
     def register(self, decider, first_row: int, token_row: int) -> None:
@@ -82,30 +82,35 @@ class DiffusionStrategy(DecodeStrategy):
     def _new_block(self, sampled: int) -> list[int]:
         forced = self.forced_token()
         seed = forced if forced is not None else sampled
-        self.block[:] = self.mask_id
-        self.block[0] = seed
-        self.masked[:] = True
-        self.masked[0] = False  # the seed is the causal prediction, already output
+        block, B, P = self.block, self.B, self.committed
+        block[:] = self.mask_id
+        block[0] = seed  # the causal prediction, already output; never masked, whatever its value
         room = self.tokens_until_forced()  # > 0 here: at 0 the seed itself was forced
-        if room is not None and seed != self.ctx.think_end_id and room < self.B:
-            self.block[room] = self.ctx.think_end_id  # thinking budget: pre-placed after `room` outputs
-            self.masked[room] = False
-        self.schedule = even_split(int(self.masked.sum()), self.B)
+        if room is not None and seed != self.ctx.think_end_id and room < B:
+            block[room] = self.ctx.think_end_id  # thinking budget: pre-placed after `room` outputs
+        self._rows = np.flatnonzero(block[1:] == self.mask_id) + 1
+        self._stop_written = bool(len(self.stop_array)) and bool(np.isin(block[1:], self.stop_array).any())
+        self.schedule = even_split(len(self._rows), B)
         self.steps = 0
-        self.phase = "denoise" if self.masked.any() else "commit"
+        positions = self.block_positions(P)
+        self._denoise = Segment(self.request.request_id, block, positions, P, Pattern.FULL, write_kv=False,
+                                logit_rows=self._rows, shape_key=("denoise", B), kv_end=0)
+        self._commit = Segment(self.request.request_id, block, positions, P, Pattern.CAUSAL, write_kv=True,
+                               logit_rows=[B - 1], shape_key=("commit", B), kv_end=P + B)
+        self.phase = "denoise" if len(self._rows) else "commit"
         if self.phase == "commit":
             self.steps_per_block.append(0)
         return [seed]
 
     def _denoised(self, answer: np.ndarray) -> list[int]:
-        """answer: per masked row the token to write, or -1 (still masked; never -1 at the last step)."""
-        written = answer >= 0
-        rows = self._rows[written]
-        self.block[rows] = answer[written]
-        self.masked[rows] = False
+        """answer: per masked row the token to write, or the mask id (still masked; never at the last step)."""
+        self.block[self._rows] = answer
         self.steps += 1
-        end = self._eos_end()
-        if end is None and self.masked.any():
+        if self.stop_ids and not self._stop_written:
+            self._stop_written = not self.stop_ids.isdisjoint(answer.tolist())
+        self._rows = self._rows[answer == self.mask_id]
+        end = self._eos_end() if self._stop_written else None
+        if end is None and len(self._rows):
             return []
         self.steps_per_block.append(self.steps)
         self.phase = "commit"
@@ -113,13 +118,8 @@ class DiffusionStrategy(DecodeStrategy):
 
     def _eos_end(self) -> int | None:
         """Index of an EOS with no mask before it (the block can stop there), else None."""
-        if not len(self.stop_array):
-            return None
-        hits = np.flatnonzero(np.isin(self.block[1:], self.stop_array) & ~self.masked[1:])
-        if not len(hits):
-            return None
-        end = int(hits[0]) + 1
-        return None if self.masked[1:end].any() else end
+        end = int(np.flatnonzero(np.isin(self.block[1:], self.stop_array))[0]) + 1
+        return None if len(self._rows) and self._rows[0] < end else end
 
     def stats(self) -> dict:
         steps = self.steps_per_block

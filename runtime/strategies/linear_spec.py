@@ -12,39 +12,38 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..segments import Pattern, Segment
+from ..segments import Pattern, Segment, arange
 from .base import DecodeStrategy
 
 
 class LinearSpecStrategy(DecodeStrategy):
     def __init__(self, request, ctx):
         super().__init__(request, ctx)
-        self.B = self.block_length()
+        self.B = B = self.block_length()
         self.use_lora = bool(self.params.draft_lora and ctx.has_lora)
         # Iterative drafting conditions drafts on later drafts, which breaks the exactness of
         # rejection sampling; it is used at temperature 0 only.
         self.draft_threshold = self.params.draft_threshold if self.params.temperature <= 0 else None
         self.phase = "prefill"
         self.mask_id = ctx.model.mask_token_id
-        self.tokens = np.full(self.B, self.mask_id, dtype=np.int64)  # [seed, d_1..d_{B-1}]
-        self.draft_masked = np.zeros(self.B, dtype=bool)  # over tokens; slot 0 (the seed) never masked
+        self.tokens = np.full(B, self.mask_id, dtype=np.int64)  # [seed, d_1..d_{B-1}]
         self.accepted: list[int] = []
-        self._rows = None
+        self._rows = arange(B)[1:]  # the slots still to draft (the seed, slot 0, never is)
         self._handle = None
-        self._draft_shape = ("draft", self.B, self.use_lora)
-        self._verify_shape = ("verify", self.B)
+        rid, positions = request.request_id, self.block_positions(0)
+        self._draft = Segment(rid, self.tokens, positions, 0, Pattern.FULL, write_kv=False, logit_rows=self._rows,
+                              use_lora=self.use_lora, shape_key=("draft", B, self.use_lora), kv_end=0)
+        self._verify = Segment(rid, self.tokens, positions, 0, Pattern.CAUSAL, write_kv=True,
+                               shape_key=("verify", B), kv_end=B)
 
     def next_segment(self) -> Segment:
-        rid, P = self.request.request_id, self.committed
+        P = self.committed
         if self.phase == "prefill":
             return self.prefill_segment()
-        positions = self.block_positions(P)
         if self.phase == "draft":
-            self._rows = self.draft_masked.nonzero()[0]
-            return Segment(rid, self.tokens, positions, P, Pattern.FULL, write_kv=False, logit_rows=self._rows,
-                           use_lora=self.use_lora, shape_key=self._draft_shape, kv_end=0)
-        return Segment(rid, self.tokens, positions, P, Pattern.CAUSAL, write_kv=True,
-                       shape_key=self._verify_shape, kv_end=P + self.B)
+            self._draft.logit_rows = self._rows
+            return self._draft.moved(P, self.block_positions(P), 0)
+        return self._verify.moved(P, self.block_positions(P), P + self.B)
 
     def register(self, decider, first_row: int, token_row: int) -> None:
         if self.phase == "prefill":
@@ -66,13 +65,12 @@ class LinearSpecStrategy(DecodeStrategy):
         if self.phase == "draft":
             if self.draft_threshold is None:  # every masked slot gets a draft
                 self.tokens[self._rows] = answer
-                self.draft_masked[self._rows] = False
                 self.phase = "verify"
                 return []
-            chosen = answer >= 0
+            chosen = answer >= 0  # iterative drafting: -1 marks a slot still masked
             self.tokens[self._rows[chosen]] = answer[chosen]
-            self.draft_masked[self._rows[chosen]] = False
-            if not self.draft_masked.any():
+            self._rows = self._rows[~chosen]
+            if not len(self._rows):
                 self.phase = "verify"
             return []
         n = int(answer[0])
@@ -85,8 +83,7 @@ class LinearSpecStrategy(DecodeStrategy):
     def _start_cycle(self, seed: int) -> list[int]:
         self.tokens[:] = self.mask_id
         self.tokens[0] = seed
-        self.draft_masked[:] = True
-        self.draft_masked[0] = False
+        self._rows = arange(self.B)[1:]
         self.phase = "draft" if self.B > 1 else "verify"
         return [seed]
 

@@ -63,6 +63,7 @@ class QuadraticSpecStrategy(DecodeStrategy):
         self.accepted: list[int] = []
         self._handles = None
         self._shape = ("quad", self.k)
+        self._cycle: Segment | None = None  # the cycle segment, moved along every step
 
     def next_segment(self) -> Segment:
         rid, mask_id, k = self.request.request_id, self.mask_id, self.k
@@ -75,8 +76,11 @@ class QuadraticSpecStrategy(DecodeStrategy):
                            image_embeds=self.request.image_embeds_for(start, len(prompt)))
         mask, offsets, writes, rows = cycle_layout(k)
         P = self.committed
-        return Segment(rid, self.tokens, offsets + P, P, Pattern.MASK, write_kv=writes, logit_rows=rows,
-                       mask=mask, shape_key=self._shape, kv_end=P + k)
+        if self._cycle is None:
+            self._cycle = Segment(rid, self.tokens, offsets + P, P, Pattern.MASK, write_kv=writes, logit_rows=rows,
+                                  mask=mask, shape_key=self._shape, kv_end=P + k)
+            return self._cycle
+        return self._cycle.moved(P, offsets + P, P + k)
 
     def register(self, decider, first_row: int, token_row: int) -> None:
         if self.phase == "first":
