@@ -30,54 +30,64 @@ def sample_or_drafts(d, needs, x: np.ndarray, ids: np.ndarray, parts: list) -> N
 
 
 def candidates(d, needs, x: np.ndarray, ids: np.ndarray, parts: list) -> None:
-    """Denoising selection (see `decide_kinds.run_candidates`), greedy requests only."""
-    counts = np.asarray(needs.counts, dtype=np.int64)
-    n, total = len(counts), int(counts.sum())
-    rows = d.rows(needs)
-    whole = rows[0] == 0 and total == len(x)
-    xs = x if whole else x[rows]
-    cand = d.greedy_host if whole else d.greedy_host[rows]
+    """Denoising selection (see `decide_kinds.run_candidates`), greedy requests only. The per-need
+    settings are read as Python values, and one block (one request) takes scalar reductions."""
+    extra, n = needs.extra, len(needs.counts)
+    total = sum(needs.counts)
+    if needs.rows[0] == 0 and total == len(x):  # every logit row, in order
+        xs, cand = x, d.greedy_host
+    else:
+        rows = d.rows(needs)
+        xs, cand = x[rows], d.greedy_host[rows]
     xt, ct = torch.from_numpy(xs), torch.from_numpy(cand)
     conf32 = S.candidate_confidence(xt, ct, torch.float32).numpy()
-    extra = needs.extra
-    thresholds = np.array([2.0 if e[1] is None else e[1] for e in extra], dtype=np.float64)
-    by_rank = thresholds > 1
-    starts = np.cumsum(counts) - counts
-    refine = rows_to_refine(conf32, counts, starts, thresholds, by_rank)
+    thresholds = [2.0 if e[1] is None else e[1] for e in extra]  # ranked needs get one no confidence reaches
+    ranked = [t > 1 for t in thresholds]
+    counts = np.asarray(needs.counts, dtype=np.int64)
+    starts = np.cumsum(counts) - counts if n > 1 else None
+    refine = rows_to_refine(conf32, counts, starts, np.asarray(thresholds), np.asarray(ranked))
     conf = conf32.astype(np.float64)
     if len(refine):
         index = torch.from_numpy(refine)
         conf[refine] = S.candidate_confidence(xt[index], ct[index], torch.float64).numpy()
-    chosen = conf >= (thresholds[0] if (thresholds == thresholds[0]).all() else np.repeat(thresholds, counts))
-    width = int(counts.max())
-    slot = np.repeat(np.arange(n) * width - starts, counts) + np.arange(total)
-    padded = np.full(n * width, -np.inf)
-    padded[slot] = conf
-    padded = padded.reshape(n, width)
-    chosen[starts + padded.argmax(axis=1)] = True
-    if by_rank.any():
-        order = np.argsort(-padded, axis=1, kind="stable")
-        rank = np.empty_like(order)
-        np.put_along_axis(rank, order, np.broadcast_to(np.arange(width), order.shape), axis=1)
-        topk = np.array([e[2] for e in extra], dtype=np.int64)
-        chosen = np.where(np.repeat(by_rank, counts), rank.reshape(-1)[slot] < np.repeat(topk, counts), chosen)
-    skip_mask = np.array([e[4] for e in extra])
-    if skip_mask.all():
+    one_threshold = thresholds.count(thresholds[0]) == n
+    chosen = conf >= (thresholds[0] if one_threshold else np.repeat(thresholds, counts))
+    if n == 1:
+        chosen[conf.argmax()] = True
+        if ranked[0]:
+            rank = np.empty(total, dtype=np.int64)
+            rank[np.argsort(-conf, kind="stable")] = np.arange(total)
+            chosen = rank < extra[0][2]
+    else:
+        width = int(counts.max())
+        slot = np.repeat(np.arange(n) * width - starts, counts) + np.arange(total)
+        padded = np.full(n * width, -np.inf)
+        padded[slot] = conf
+        padded = padded.reshape(n, width)
+        chosen[starts + padded.argmax(axis=1)] = True
+        if any(ranked):
+            order = np.argsort(-padded, axis=1, kind="stable")
+            rank = np.empty_like(order)
+            np.put_along_axis(rank, order, np.broadcast_to(np.arange(width), order.shape), axis=1)
+            topk = np.array([e[2] for e in extra], dtype=np.int64)
+            chosen = np.where(np.repeat(ranked, counts), rank.reshape(-1)[slot] < np.repeat(topk, counts), chosen)
+    skip_mask = [e[4] for e in extra]
+    if all(skip_mask):
         chosen &= cand != d.mask_id
         write = np.where(chosen, cand, d.mask_id)
-    elif skip_mask.any():
+    elif any(skip_mask):
         skip = np.repeat(skip_mask, counts)
         chosen &= (cand != d.mask_id) | ~skip
         write = np.where(chosen, cand, np.where(skip, d.mask_id, -1))
     else:
         write = np.where(chosen, cand, -1)
-    last = np.array([e[3] for e in extra])
-    if last.any():
+    last = [e[3] for e in extra]
+    if any(last):
         last_rows = np.flatnonzero(np.repeat(last, counts))
         masked = xs[last_rows]  # a copy (fancy indexing)
         masked[:, d.mask_id] = -np.inf
         write[last_rows] = np.where(chosen[last_rows], write[last_rows], masked.argmax(axis=1))
-    d.place(parts, needs.handles, write, counts)
+    d.place(parts, needs.handles, write, total if n == 1 else counts)
 
 
 def _steady(starts: list[int], count: int, span: int) -> bool:

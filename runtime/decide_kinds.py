@@ -133,6 +133,12 @@ def rows_to_refine(c: np.ndarray, counts: np.ndarray, starts: np.ndarray, thresh
     """Rows whose float32 confidence c could change a decision: near their threshold, within the
     margin of their block's best when another row of the block is too (a possible tie for the top),
     or ranked (top-k schedule). Usually none or a handful."""
+    if len(counts) == 1:  # one block: scalar reductions
+        if by_rank[0]:
+            return np.arange(len(c))
+        near = np.abs(c - thresholds[0]) <= REFINE_MARGIN
+        near_best = c >= c.max() - REFINE_MARGIN
+        return np.flatnonzero(near | near_best) if np.count_nonzero(near_best) >= 2 else np.flatnonzero(near)
     best = np.maximum.reduceat(c, starts)
     near_best = c >= np.repeat(best, counts) - REFINE_MARGIN
     rivals = np.add.reduceat(near_best, starts) >= 2

@@ -108,3 +108,23 @@ def test_host_decisions_fall_back_to_tensors_for_sampled_needs():
     decider.fetch()
     assert decider.result(greedy).tolist() == [3]
     assert 0 <= int(decider.result(sampled)[0]) < VOCAB
+
+
+@pytest.mark.parametrize("threshold, topk, last, skip", [(0.9, 0, False, True), (0.1, 0, True, True),
+                                                         (None, 3, False, True), (0.5, 0, False, False)])
+@pytest.mark.parametrize("seed", range(4))
+def test_one_block_decisions_agree(seed, threshold, topk, last, skip):
+    """A step with one denoising request takes the host path's one-block reductions."""
+    rng = np.random.default_rng(seed)
+    logits = torch.from_numpy(rng.normal(size=(12, VOCAB)).astype(np.float32))  # no row is confident
+    logits[4, 3] = logits[9, 3] = 2.5  # the two best rows, tied, below every threshold but 0.1
+    logits[6, MASK] = 2.0
+    answers = []
+    for host_arrays in (True, False):
+        decider = Decider(torch.device("cpu"), MASK, host_arrays=host_arrays)
+        decider.begin()
+        handle = decider.candidates(strategy(), 0, 12, np.arange(1, 13), threshold, topk, last, skip)
+        decider.run(logits, torch.zeros(12, dtype=torch.int64))
+        decider.fetch()
+        answers.append(decider.result(handle).tolist())
+    assert answers[0] == answers[1]
