@@ -45,7 +45,7 @@ def candidates(d, needs, x: np.ndarray, ids: np.ndarray, parts: list) -> None:
     ranked = [t > 1 for t in thresholds]
     counts = np.asarray(needs.counts, dtype=np.int64)
     starts = np.cumsum(counts) - counts if n > 1 else None
-    refine = rows_to_refine(conf32, counts, starts, np.asarray(thresholds), np.asarray(ranked))
+    refine = rows_to_refine(conf32, counts, starts, thresholds, ranked)
     conf = conf32.astype(np.float64)
     if len(refine):
         index = torch.from_numpy(refine)

@@ -14,7 +14,10 @@ import torch
 
 from . import sampling as S
 
-REFINE_MARGIN = 1e-4  # float32 confidences this close to a threshold or to a rival for a block's best are recomputed
+# float32 confidences within this of a threshold, or within this fraction of their block's best when
+# another row is too, are recomputed in float64 (a float32 softmax over a vocabulary is off by a few
+# 1e-5 of the value at most, so rows outside these margins keep their float64 order)
+REFINE_MARGIN = 1e-4
 
 
 def _group_starts(counts: np.ndarray) -> np.ndarray:
@@ -128,30 +131,31 @@ class _Groups:
         return rank.view(-1)[self._slot]
 
 
-def rows_to_refine(c: np.ndarray, counts: np.ndarray, starts: np.ndarray, thresholds: np.ndarray,
-                   by_rank: np.ndarray) -> np.ndarray:
-    """Rows whose float32 confidence c could change a decision: near their threshold, within the
-    margin of their block's best when another row of the block is too (a possible tie for the top),
-    or ranked (top-k schedule). Usually none or a handful."""
-    if len(counts) == 1:  # one block: scalar reductions
-        if by_rank[0]:
-            return np.arange(len(c))
-        near = np.abs(c - thresholds[0]) <= REFINE_MARGIN
-        near_best = c >= c.max() - REFINE_MARGIN
-        return np.flatnonzero(near | near_best) if np.count_nonzero(near_best) >= 2 else np.flatnonzero(near)
-    best = np.maximum.reduceat(c, starts)
-    near_best = c >= np.repeat(best, counts) - REFINE_MARGIN
-    rivals = np.add.reduceat(near_best, starts) >= 2
-    near = (np.abs(c - np.repeat(thresholds, counts)) <= REFINE_MARGIN) | (near_best & np.repeat(rivals, counts))
-    if by_rank.any():
-        near |= np.repeat(by_rank, counts)
+def rows_to_refine(c: np.ndarray, counts: np.ndarray, starts: np.ndarray | None, thresholds: list[float],
+                   ranked: list[bool]) -> np.ndarray:
+    """Rows whose float32 confidence c could change a decision: near their threshold, near their
+    block's best when another row of the block is too (a possible tie for the top), or ranked
+    (top-k schedule). Usually none or a handful. Per block: thresholds and ranked (lists)."""
+    one = len(counts) == 1
+    if one and ranked[0]:
+        return np.arange(len(c))
+    best = c.max() if one else np.repeat(np.maximum.reduceat(c, starts), counts)
+    near_best = c >= best * (1 - REFINE_MARGIN)
+    rivals = np.count_nonzero(near_best) >= 2 if one else np.repeat(np.add.reduceat(near_best, starts) >= 2, counts)
+    threshold = thresholds[0] if thresholds.count(thresholds[0]) == len(thresholds) else np.repeat(thresholds, counts)
+    near = np.abs(c - threshold) <= REFINE_MARGIN
+    if one:
+        return np.flatnonzero(near | near_best) if rivals else np.flatnonzero(near)
+    near |= near_best & rivals
+    if any(ranked):
+        near |= np.repeat(ranked, counts)
     return np.flatnonzero(near)
 
 
 def _refine(groups, x, cand, conf, thresholds: np.ndarray, by_rank: np.ndarray) -> torch.Tensor:
     """float64 confidences (CPU only), recomputed from the logits for the `rows_to_refine` (chosen
     in numpy on a view of the CPU tensor)."""
-    rows = rows_to_refine(conf.numpy(), groups.counts, groups.starts, thresholds, by_rank)
+    rows = rows_to_refine(conf.numpy(), groups.counts, groups.starts, thresholds.tolist(), by_rank.tolist())
     conf = conf.double()
     if len(rows):
         index = torch.from_numpy(rows)
