@@ -17,7 +17,6 @@ device for the rejection sampling of the next verification.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -26,25 +25,17 @@ from . import sampling as S
 from .segments import arange
 
 
-@dataclass
 class _Needs:
-    """Host-side lists for one kind of need, filled during registration."""
+    """The needs of one kind, in registration order. Registration appends one tuple per need;
+    `unpack` then gives the columns: strategies, rows (first logit row), counts (logit rows),
+    extra (kind-specific values) and handles."""
 
-    strategies: list = field(default_factory=list)
-    rows: list = field(default_factory=list)  # per need: first logit row
-    counts: list = field(default_factory=list)  # per need: number of logit rows
-    extra: list = field(default_factory=list)  # per need: kind-specific values
-    handles: list = field(default_factory=list)
-    sampled: bool = False  # some request samples (temperature > 0)
+    def __init__(self):
+        self.items: list[tuple] = []
+        self.sampled = False  # some request samples (temperature > 0)
 
-    def add(self, strategy, first_row: int, count: int, extra, handle: int) -> None:
-        if strategy.params.temperature > 0:
-            self.sampled = True
-        self.strategies.append(strategy)
-        self.rows.append(first_row)
-        self.counts.append(count)
-        self.extra.append(extra)
-        self.handles.append(handle)
+    def unpack(self) -> None:
+        self.strategies, self.rows, self.counts, self.extra, self.handles = zip(*self.items)
 
 
 KINDS = ("sample", "drafts", "candidates", "verify", "quad")
@@ -72,7 +63,9 @@ class Decider:
         needs = self._needs.get(kind)
         if needs is None:
             needs = self._needs[kind] = _Needs()
-        needs.add(strategy, first_row, count, extra, handle)
+        needs.items.append((strategy, first_row, count, extra, handle))
+        if strategy.params.temperature > 0:
+            needs.sampled = True
         strategy.draw_counter += 1
         return handle
 
@@ -125,6 +118,7 @@ class Decider:
             needs = self._needs.get(kind)
             if needs is None:
                 continue
+            needs.unpack()
             if host and not needs.sampled:
                 HOST_RUNNERS[kind](self, needs, x, host_ids, parts)
             else:

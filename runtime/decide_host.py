@@ -137,8 +137,8 @@ def quad(d, needs, x: np.ndarray, ids: np.ndarray, parts: list) -> None:
         targets = block[:, :k]
         drafts = ids[token_rows[0]: token_rows[0] + num * k * (k + 1)].reshape(num, k * (k + 1))[:, 1:k]
         n = _accepted(targets, drafts)
-        group = (k + (n - 1) * (k - 1))[:, None] + arange(k - 1)
-        next_drafts = np.take_along_axis(block, group, axis=1)
+        group = (arange(num) * (k * k) + k + (n - 1) * (k - 1))[:, None] + arange(k - 1)
+        next_drafts = block.reshape(-1)[group]
         d.place(parts, needs.handles, np.concatenate((n[:, None], targets, next_drafts), axis=1), 2 * k)
         return
     counts = np.asarray(counts, dtype=np.int64)

@@ -194,6 +194,8 @@ class Scheduler:
 
     def _reserve_or_preempt(self, seq: Sequence, item: ScheduledWork, served: set[int]) -> bool:
         need = item.segment.write_end()
+        if not need:  # writes nothing (a draft or denoising step)
+            return True
         while True:
             try:
                 self.cache.reserve(seq.request_id, need)
