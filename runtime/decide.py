@@ -17,7 +17,6 @@ device for the rejection sampling of the next verification.
 
 from __future__ import annotations
 
-
 import numpy as np
 import torch
 
