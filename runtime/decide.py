@@ -96,14 +96,14 @@ class Decider:
 
         Every logit row's greedy token is found once, in one pass, and the kinds share it. Each
         row is also flagged by whether its largest value is finite (a NaN or +inf anywhere in a
-        row, or a row of -inf, shows there): the packed result starts with the flags on a device;
-        on the host path the rows that fail are kept apart."""
+        row, or a row of -inf, shows there): the packed result starts with the flags on a device.
+        On the host path the rows that fail are kept apart, and the pass over every row runs on
+        first use (`all_greedy`): steady QuadraticSpec steps read only their target rows and the
+        accepted group's, and check those."""
         host = self.host_arrays and logits.dtype in (torch.float32, torch.float64)
-        if host:  # numpy views of the CPU tensors; the flags are kept apart, not packed
+        if host:  # numpy views of the CPU tensors
             x, host_ids = logits.numpy(), ids.numpy()
-            self.greedy_host = x.argmax(axis=-1).astype(np.int64, copy=False)
-            finite = np.isfinite(x[arange(len(x)), self.greedy_host])
-            self._bad = NO_ROWS if finite.all() else np.flatnonzero(~finite)
+            self._x, self.greedy_host, self._bad_parts = x, None, []
             parts: list = []
         else:
             self.greedy = S.row_argmax(logits)
@@ -122,12 +122,27 @@ class Decider:
                 HOST_RUNNERS[kind](self, needs, x, host_ids, parts)
             else:
                 if host:
-                    self.greedy = torch.from_numpy(self.greedy_host)
+                    self.greedy = torch.from_numpy(self.all_greedy())
                 RUNNERS[kind](self, needs, logits, ids, parts)
         if host:
             self._packed = parts[0] if len(parts) == 1 else np.concatenate(parts) if parts else NO_ROWS
         else:
             self._packed = torch.cat(parts)
+
+    def all_greedy(self) -> np.ndarray:
+        """Host path: every logit row's greedy token, found in one pass on first use, which also
+        checks every row's largest value."""
+        if self.greedy_host is None:
+            x = self._x
+            self.greedy_host = x.argmax(axis=-1).astype(np.int64, copy=False)
+            self.check_rows(arange(len(x)), self.greedy_host)
+        return self.greedy_host
+
+    def check_rows(self, rows: np.ndarray, greedy: np.ndarray) -> None:
+        """Host path: remember the rows (flat int64) whose value at their greedy token is not finite."""
+        finite = np.isfinite(self._x.reshape(-1)[rows * self._x.shape[1] + greedy])
+        if not finite.all():
+            self._bad_parts.append(rows[~finite])
 
     def fetch(self) -> None:
         """The step's one device-to-host copy."""
@@ -146,7 +161,7 @@ class Decider:
     def bad_rows(self) -> np.ndarray:
         """Logit rows whose largest value is not finite (a NaN or +inf in the row, or only -inf)."""
         if self._host_parts:
-            return self._bad
+            return np.concatenate(self._bad_parts) if self._bad_parts else NO_ROWS
         return np.flatnonzero(self._host[: self._finite_len] == 0)
 
     def result(self, handle: int) -> np.ndarray:

@@ -26,7 +26,7 @@ from .segments import arange
 def sample_or_drafts(d, needs, x: np.ndarray, ids: np.ndarray, parts: list) -> None:
     """A greedy token per row (kinds "sample" and "drafts")."""
     counts = np.asarray(needs.counts, dtype=np.int64)
-    d.place(parts, needs.handles, d.greedy_host[d.rows(needs)], counts)
+    d.place(parts, needs.handles, d.all_greedy()[d.rows(needs)], counts)
 
 
 def candidates(d, needs, x: np.ndarray, ids: np.ndarray, parts: list) -> None:
@@ -35,10 +35,10 @@ def candidates(d, needs, x: np.ndarray, ids: np.ndarray, parts: list) -> None:
     extra, n = needs.extra, len(needs.counts)
     total = sum(needs.counts)
     if needs.rows[0] == 0 and total == len(x):  # every logit row, in order
-        xs, cand = x, d.greedy_host
+        xs, cand = x, d.all_greedy()
     else:
         rows = d.rows(needs)
-        xs, cand = x[rows], d.greedy_host[rows]
+        xs, cand = x[rows], d.all_greedy()[rows]
     xt, ct = torch.from_numpy(xs), torch.from_numpy(cand)
     conf32 = S.candidate_confidence(xt, ct, torch.float32).numpy()
     thresholds = [2.0 if e[1] is None else e[1] for e in extra]  # ranked needs get one no confidence reaches
@@ -106,7 +106,7 @@ def _ragged(d, ids: np.ndarray, first: np.ndarray, counts: np.ndarray, token_row
     """(n, targets [N, M], valid [N, M]) for requests with different row counts, padded to the widest."""
     lane = np.arange(int(counts.max()))
     valid = lane < counts[:, None]
-    targets = d.greedy_host[np.where(valid, first[:, None] + lane, 0)]
+    targets = d.all_greedy()[np.where(valid, first[:, None] + lane, 0)]
     drafts = np.where(valid[:, 1:], ids[np.where(valid[:, 1:], token_rows[:, None] + lane[1:], 0)], -1)
     return _accepted(targets, drafts), targets, valid
 
@@ -116,7 +116,7 @@ def verify(d, needs, x: np.ndarray, ids: np.ndarray, parts: list) -> None:
     counts, rows, token_rows = needs.counts, needs.rows, needs.extra
     m, num = counts[0], len(counts)
     if counts.count(m) == num and _steady(rows, m, m) and _steady(token_rows, m, m):
-        targets = d.greedy_host[rows[0]: rows[0] + num * m].reshape(num, m)
+        targets = d.all_greedy()[rows[0]: rows[0] + num * m].reshape(num, m)
         drafts = ids[token_rows[0]: token_rows[0] + num * m].reshape(num, m)[:, 1:]
         n = _accepted(targets, drafts)
         d.place(parts, needs.handles, np.concatenate((n[:, None], targets), axis=1), 1 + m)
@@ -133,20 +133,27 @@ def quad(d, needs, x: np.ndarray, ids: np.ndarray, parts: list) -> None:
     counts, rows, token_rows = needs.counts, needs.rows, needs.extra
     k, num = counts[0], len(counts)
     if counts.count(k) == num and _steady(rows, k, k * k) and _steady(token_rows, k, k * (k + 1)):
-        block = d.greedy_host[rows[0]: rows[0] + num * k * k].reshape(num, k * k)
-        targets = block[:, :k]
+        # back to back: the k targets of request i are rows r0 + i*k*k + 0..k-1 and its group n-1 the k-1
+        # rows from r0 + i*k*k + k + (n-1)(k-1); only these rows are read (and checked)
+        r0, vocab = rows[0], x.shape[1]
+        block = x[r0: r0 + num * k * k].reshape(num, k * k, vocab)
+        targets = block[:, :k].argmax(axis=-1)
         drafts = ids[token_rows[0]: token_rows[0] + num * k * (k + 1)].reshape(num, k * (k + 1))[:, 1:k]
         n = _accepted(targets, drafts)
-        group = (arange(num) * (k * k) + k + (n - 1) * (k - 1))[:, None] + arange(k - 1)
-        next_drafts = block.reshape(-1)[group]
-        d.place(parts, needs.handles, np.concatenate((n[:, None], targets, next_drafts), axis=1), 2 * k)
+        base = arange(num) * (k * k) + r0
+        target_rows = (base[:, None] + arange(k)).reshape(-1)
+        group_rows = ((base + k + (n - 1) * (k - 1))[:, None] + arange(k - 1)).reshape(-1)
+        next_drafts = x[group_rows].argmax(axis=-1)
+        d.check_rows(np.concatenate((target_rows, group_rows)), np.concatenate((targets.reshape(-1), next_drafts)))
+        out = np.concatenate((n[:, None], targets, next_drafts.reshape(num, k - 1)), axis=1)
+        d.place(parts, needs.handles, out, 2 * k)
         return
     counts = np.asarray(counts, dtype=np.int64)
     first = np.asarray(rows, dtype=np.int64)
     n, targets, valid = _ragged(d, ids, first, counts, np.asarray(token_rows, dtype=np.int64))
     group = first + counts + (n - 1) * (counts - 1)
     next_valid = valid[:, 1:]
-    next_drafts = d.greedy_host[np.where(next_valid, group[:, None] + np.arange(next_valid.shape[1]), 0)]
+    next_drafts = d.all_greedy()[np.where(next_valid, group[:, None] + np.arange(next_valid.shape[1]), 0)]
     out = np.concatenate((n[:, None], targets, next_drafts), axis=1)
     d.place(parts, needs.handles, out[np.concatenate((valid[:, :1], valid, next_valid), axis=1)], 2 * counts)
 

@@ -128,3 +128,28 @@ def test_one_block_decisions_agree(seed, threshold, topk, last, skip):
         decider.fetch()
         answers.append(decider.result(handle).tolist())
     assert answers[0] == answers[1]
+
+
+def test_steady_quadratic_checks_the_rows_it_reads():
+    """Back-to-back QuadraticSpec needs read only their k target rows and the k-1 rows of the
+    accepted group: a non-finite value there is reported, one in a group nobody reads is not."""
+    k, rng = 3, np.random.default_rng(0)
+    logits = torch.from_numpy(rng.normal(size=(2 * k * k, VOCAB)).astype(np.float32))
+    ids = torch.full((2 * k * (k + 1),), VOCAB - 1)  # drafts no target matches: each request accepts n = 1
+    logits[:, VOCAB - 1] = -100.0
+
+    def bad_rows(poisoned: int) -> list[int]:
+        decider = Decider(torch.device("cpu"), MASK)
+        decider.begin()
+        for i in range(2):
+            decider.quad(strategy(), i * k * k, k, i * k * (k + 1))
+        x = logits.clone()
+        x[poisoned, 5] = float("nan")
+        decider.run(x, ids)
+        decider.fetch()
+        return decider.bad_rows().tolist()
+
+    # request 1's rows: targets 9..11, group 0 (read at n = 1) 12..13, groups 1-2 14..17
+    assert bad_rows(10) == [10]
+    assert bad_rows(12) == [12]
+    assert bad_rows(15) == []
