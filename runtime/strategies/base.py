@@ -44,6 +44,8 @@ class DecodeStrategy(ABC):
         self.committed = 0  # valid KV positions of this request
         self.write_ahead = self.block_length()  # most positions a decode step writes past `committed`
         self._block_positions = (-1, None)  # (start, positions start..start+block-1), reused while start stays
+        # a thinking budget applies (DESIGN §5.6); without one the budget helpers return at once
+        self._budgeted = self.params.max_thinking_tokens is not None and ctx.think_end_id is not None
         self._think_closed = False  # the end-of-thinking token has been emitted
         self._think_seen = 0  # output tokens already searched for it
 
@@ -73,10 +75,9 @@ class DecodeStrategy(ABC):
     def tokens_until_forced(self) -> int | None:
         """How many tokens may still be emitted before the end-of-thinking token must be forced
         (thinking budget, DESIGN §5.6); None when nothing is to be forced."""
-        budget, end = self.params.max_thinking_tokens, self.ctx.think_end_id
-        if budget is None or end is None or self._thinking_done():
+        if not self._budgeted or self._thinking_done():
             return None
-        return max(budget - len(self.request.output_ids), 0)
+        return max(self.params.max_thinking_tokens - len(self.request.output_ids), 0)
 
     def _thinking_done(self) -> bool:
         if not self._think_closed:
@@ -90,6 +91,8 @@ class DecodeStrategy(ABC):
 
     def apply_thinking_budget(self, tokens: list[int]) -> list[int]:
         """Cut a run of new tokens where the budget forces end-of-thinking, and place it there."""
+        if not self._budgeted:
+            return tokens
         room, end = self.tokens_until_forced(), self.ctx.think_end_id
         if room is None or room >= len(tokens) or end in tokens[:room]:
             return tokens
