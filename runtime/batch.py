@@ -213,19 +213,22 @@ class BatchBuilder:
         logit_rows = (np.concatenate(local_rows) + np.repeat(starts[:-1], counts)) if count else np.zeros(0, np.int64)
         lora_rows = (np.concatenate([np.arange(starts[i], starts[i + 1]) for i in lora_segments]) if lora_segments
                      else np.zeros(0, np.int64))
-        mask_offsets, bits, used, placed = [], [], 0, {}
-        for mask in masks if masked else ():  # segments sharing a Mask share its bits
-            if mask is None:
-                mask_offsets.append(used)
-            elif id(mask) in placed:
-                mask_offsets.append(placed[id(mask)])
-            else:
-                placed[id(mask)] = used
-                mask_offsets.append(used)
-                bits.append(mask.bits)
-                used += len(mask.bits)
         if not masked:
-            mask_offsets = np.zeros(count, dtype=np.int64)
+            mask_offsets, bits = np.zeros(count, dtype=np.int64), []
+        elif masks.count(masks[0]) == count:  # one Mask for every segment (steady QuadraticSpec)
+            mask_offsets, bits = np.zeros(count, dtype=np.int64), [masks[0].bits]
+        else:
+            mask_offsets, bits, used, placed = [], [], 0, {}
+            for mask in masks:  # segments sharing a Mask share its bits
+                if mask is None:
+                    mask_offsets.append(used)
+                elif id(mask) in placed:
+                    mask_offsets.append(placed[id(mask)])
+                else:
+                    placed[id(mask)] = used
+                    mask_offsets.append(used)
+                    bits.append(mask.bits)
+                    used += len(mask.bits)
         bits = np.concatenate(bits) if bits else np.zeros(1, dtype=np.int32)
         self._last_sizes = PackedSizes(total, len(write_rows), len(logit_rows), len(lora_rows), len(segments),
                                        len(bits))

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import heapq
 from dataclasses import dataclass, field
+from operator import attrgetter
 
 import numpy as np
 
@@ -102,8 +103,7 @@ class WaitingQueue:
         return (s for s in sorted(self._heap) if s.request_id not in self._removed)
 
 
-def _service_order(seq: Sequence) -> tuple[int, int]:
-    return seq.last_served, seq.request_id
+_service_order = attrgetter("last_served", "request_id")  # least recently served first, then oldest
 
 
 @dataclass
