@@ -159,7 +159,8 @@ class Decider:
         self._starts, self._ends = self._offsets.tolist(), (self._offsets + self._sizes).tolist()
 
     def bad_rows(self) -> np.ndarray:
-        """Logit rows whose largest value is not finite (a NaN or +inf in the row, or only -inf)."""
+        """Logit rows whose largest value is not finite (a NaN or +inf in the row, or only -inf): every
+        row on a device; on the host path, every row the decisions read."""
         if self._host_parts:
             return np.concatenate(self._bad_parts) if self._bad_parts else NO_ROWS
         return np.flatnonzero(self._host[: self._finite_len] == 0)
