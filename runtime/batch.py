@@ -119,6 +119,7 @@ class PackedSizes:
         return [s + 1, s, s, s, s, self.mask_words]
 
 
+_FLAG_TYPES = (bool, np.bool_)  # a segment's write_kv given as one flag
 _SEGMENT_FIELDS = attrgetter("token_ids", "positions", "write_kv", "prefix_len", "request_id", "pattern",
                              "logit_rows", "mask", "use_lora", "shape_key")
 
@@ -180,7 +181,11 @@ class BatchBuilder:
         (ids, positions, write_kv, prefix, request_ids, patterns, logit_rows_of, masks, use_lora,
          keys) = zip(*map(_SEGMENT_FIELDS, segments))
         lengths = np.fromiter(map(len, ids), dtype=np.int64, count=count)
-        writes = [_flags(n, bool(w)) if isinstance(w, (bool, np.bool_)) else w for n, w in zip(lengths.tolist(), write_kv)]
+        if set(map(type, write_kv)).issubset(_FLAG_TYPES):  # one flag per segment
+            writes = np.repeat(np.array(write_kv, dtype=bool), lengths)
+        else:
+            writes = np.concatenate([_flags(n, bool(w)) if isinstance(w, _FLAG_TYPES) else w
+                                     for n, w in zip(lengths.tolist(), write_kv)]).astype(bool, copy=False)
         rows = list(map(cache.row, request_ids)) if cache is not None else [0] * count
         masked = Pattern.MASK in patterns
         patterns = list(map(int, patterns))
@@ -193,7 +198,6 @@ class BatchBuilder:
         total = int(starts[-1])
         ids = np.concatenate(ids).astype(np.int64, copy=False)
         positions = np.concatenate(positions).astype(np.int64, copy=False)
-        writes = np.concatenate(writes).astype(bool, copy=False)
         if cache is None and (writes.any() or any(prefix)):
             raise ValueError("segments that read or write the KV cache need a cache")
         token_slots = np.full(total, -1, dtype=np.int64)

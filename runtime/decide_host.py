@@ -26,7 +26,8 @@ from .segments import arange
 def sample_or_drafts(d, needs, x: np.ndarray, ids: np.ndarray, parts: list) -> None:
     """A greedy token per row (kinds "sample" and "drafts")."""
     counts = np.asarray(needs.counts, dtype=np.int64)
-    d.place(parts, needs.handles, d.all_greedy()[d.rows(needs)], counts)
+    whole = needs.rows[0] == 0 and sum(needs.counts) == len(x)  # every logit row, in order
+    d.place(parts, needs.handles, d.all_greedy() if whole else d.all_greedy()[d.rows(needs)], counts)
 
 
 def candidates(d, needs, x: np.ndarray, ids: np.ndarray, parts: list) -> None:

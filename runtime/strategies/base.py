@@ -43,7 +43,7 @@ class DecodeStrategy(ABC):
         self.draft_probs = None  # device distributions of sampled drafts (temperature > 0)
         self.committed = 0  # valid KV positions of this request
         self.write_ahead = self.block_length()  # most positions a decode step writes past `committed`
-        self._block_positions = (-1, None)  # (start, positions start..start+block-1), reused while start stays
+        self._block_start, self._block_positions = -1, None  # positions start..start+block-1, reused while start stays
         # a thinking budget applies (DESIGN §5.6); without one the budget helpers return at once
         self._budgeted = self.params.max_thinking_tokens is not None and ctx.think_end_id is not None
         self._think_closed = False  # the end-of-thinking token has been emitted
@@ -103,6 +103,6 @@ class DecodeStrategy(ABC):
 
     def block_positions(self, start: int) -> np.ndarray:
         """Positions start..start+block-1 (the same array for as long as the block starts there)."""
-        if self._block_positions[0] != start:
-            self._block_positions = (start, arange(self.block_length()) + start)
-        return self._block_positions[1]
+        if self._block_start != start:
+            self._block_start, self._block_positions = start, arange(self.block_length()) + start
+        return self._block_positions

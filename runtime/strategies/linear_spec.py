@@ -28,7 +28,8 @@ class LinearSpecStrategy(DecodeStrategy):
         self.mask_id = ctx.model.mask_token_id
         self.tokens = np.full(B, self.mask_id, dtype=np.int64)  # [seed, d_1..d_{B-1}]
         self.accepted: list[int] = []
-        self._rows = arange(B)[1:]  # the slots still to draft (the seed, slot 0, never is)
+        self._all_drafts = arange(B)[1:]  # the slots after the seed
+        self._rows = self._all_drafts  # the slots still to draft (the seed, slot 0, never is)
         self._handle = None
         rid, positions = request.request_id, self.block_positions(0)
         self._draft = Segment(rid, self.tokens, positions, 0, Pattern.FULL, write_kv=False, logit_rows=self._rows,
@@ -83,7 +84,7 @@ class LinearSpecStrategy(DecodeStrategy):
     def _start_cycle(self, seed: int) -> list[int]:
         self.tokens[:] = self.mask_id
         self.tokens[0] = seed
-        self._rows = arange(self.B)[1:]
+        self._rows = self._all_drafts
         self.phase = "draft" if self.B > 1 else "verify"
         return [seed]
 
