@@ -36,6 +36,12 @@ class _Needs:
     def unpack(self) -> None:
         self.strategies, self.rows, self.counts, self.extra, self.handles = zip(*self.items)
 
+    def cover(self, num_rows: int) -> bool:
+        """Whether the needs' rows are all of the step's `num_rows` logit rows, in order. (Needs hold
+        disjoint row ranges registered in row order: starting at row 0 and counting every row, they
+        are all of them.)"""
+        return self.rows[0] == 0 and sum(self.counts) == num_rows
+
 
 KINDS = ("sample", "drafts", "candidates", "verify", "quad")
 NO_ROWS = np.zeros(0, dtype=np.int64)
@@ -193,9 +199,7 @@ class Decider:
     def gather(self, logits: torch.Tensor, needs: _Needs) -> tuple[torch.Tensor, torch.Tensor]:
         """The needs' logit rows, in order, and their greedy tokens (no copy when they are all of
         the logits, in order)."""
-        # needs hold disjoint row ranges registered in row order: starting at row 0 and counting every
-        # row, they are all of the logits, in order
-        if needs.rows[0] == 0 and sum(needs.counts) == logits.shape[0]:
+        if needs.cover(logits.shape[0]):
             return logits, self.greedy
         index = self.index(self.rows(needs))
         return logits[index], self.greedy[index]
@@ -207,7 +211,7 @@ class Decider:
         if all(c == 1 for c in needs.counts):
             return starts
         counts = np.asarray(needs.counts, dtype=np.int64)
-        return np.repeat(starts - np.cumsum(counts) + counts, counts) + np.arange(counts.sum())
+        return np.repeat(starts, counts) + within(counts)
 
     def params(self, strategies: list, per_row: np.ndarray | None = None):
         """temperature, top_k, top_p, seed, counter tensors for these strategies (repeated per row)."""
@@ -264,7 +268,7 @@ class Decider:
 
 
 from .decide_host import HOST_RUNNERS  # noqa: E402  (they build on Decider's helpers)
-from .decide_kinds import run_candidates, run_quad, run_verify  # noqa: E402
+from .decide_kinds import run_candidates, run_quad, run_verify, within  # noqa: E402
 
 RUNNERS = {"sample": Decider._run_sample, "drafts": Decider._run_drafts, "candidates": run_candidates,
            "verify": run_verify, "quad": run_quad}

@@ -19,15 +19,14 @@ import numpy as np
 import torch
 
 from . import sampling as S
-from .decide_kinds import rows_to_refine
+from .decide_kinds import evenly_spaced, group_starts, padded_slots, rows_to_refine
 from .segments import arange
 
 
 def sample_or_drafts(d, needs, x: np.ndarray, ids: np.ndarray, parts: list) -> None:
     """A greedy token per row (kinds "sample" and "drafts")."""
     counts = np.asarray(needs.counts, dtype=np.int64)
-    whole = needs.rows[0] == 0 and sum(needs.counts) == len(x)  # every logit row, in order
-    d.place(parts, needs.handles, d.all_greedy() if whole else d.all_greedy()[d.rows(needs)], counts)
+    d.place(parts, needs.handles, d.all_greedy() if needs.cover(len(x)) else d.all_greedy()[d.rows(needs)], counts)
 
 
 def candidates(d, needs, x: np.ndarray, ids: np.ndarray, parts: list) -> None:
@@ -35,7 +34,7 @@ def candidates(d, needs, x: np.ndarray, ids: np.ndarray, parts: list) -> None:
     settings are read as Python values, and one block (one request) takes scalar reductions."""
     extra, n = needs.extra, len(needs.counts)
     total = sum(needs.counts)
-    if needs.rows[0] == 0 and total == len(x):  # every logit row, in order
+    if needs.cover(len(x)):
         xs, cand = x, d.all_greedy()
     else:
         rows = d.rows(needs)
@@ -45,7 +44,7 @@ def candidates(d, needs, x: np.ndarray, ids: np.ndarray, parts: list) -> None:
     thresholds = [2.0 if e[1] is None else e[1] for e in extra]  # ranked needs get one no confidence reaches
     ranked = [t > 1 for t in thresholds]
     counts = np.asarray(needs.counts, dtype=np.int64)
-    starts = np.cumsum(counts) - counts if n > 1 else None
+    starts = group_starts(counts) if n > 1 else None
     refine = rows_to_refine(conf32, counts, starts, thresholds, ranked)
     conf = conf32.astype(np.float64)
     if len(refine):
@@ -61,7 +60,7 @@ def candidates(d, needs, x: np.ndarray, ids: np.ndarray, parts: list) -> None:
             chosen = rank < extra[0][2]
     else:
         width = int(counts.max())
-        slot = np.repeat(np.arange(n) * width - starts, counts) + np.arange(total)
+        slot = padded_slots(counts, starts, width)
         padded = np.full(n * width, -np.inf)
         padded[slot] = conf
         padded = padded.reshape(n, width)
@@ -91,12 +90,6 @@ def candidates(d, needs, x: np.ndarray, ids: np.ndarray, parts: list) -> None:
     d.place(parts, needs.handles, write, total if n == 1 else counts)
 
 
-def _steady(starts: list[int], count: int, span: int) -> bool:
-    """Whether needs of `count` rows each, starting at `starts` (increasing, each need at least
-    `span` apart from the next), are exactly `span` apart: back-to-back segments of one shape."""
-    return starts[-1] - starts[0] == span * (len(starts) - 1)
-
-
 def _accepted(targets: np.ndarray, drafts: np.ndarray) -> np.ndarray:
     """n per request: the matching prefix of drafts [N, m-1] against targets [N, m] (padding
     lanes must not match), plus one."""
@@ -116,7 +109,7 @@ def verify(d, needs, x: np.ndarray, ids: np.ndarray, parts: list) -> None:
     """Per request [n, tokens(m)]: the first n tokens are the output (see `decide_kinds.run_verify`)."""
     counts, rows, token_rows = needs.counts, needs.rows, needs.extra
     m, num = counts[0], len(counts)
-    if counts.count(m) == num and _steady(rows, m, m) and _steady(token_rows, m, m):
+    if counts.count(m) == num and evenly_spaced(rows, m) and evenly_spaced(token_rows, m):
         targets = d.all_greedy()[rows[0]: rows[0] + num * m].reshape(num, m)
         drafts = ids[token_rows[0]: token_rows[0] + num * m].reshape(num, m)[:, 1:]
         n = _accepted(targets, drafts)
@@ -133,7 +126,7 @@ def quad(d, needs, x: np.ndarray, ids: np.ndarray, parts: list) -> None:
     rows are its k drafts' then k - 1 per group; the next drafts are group n-1's."""
     counts, rows, token_rows = needs.counts, needs.rows, needs.extra
     k, num = counts[0], len(counts)
-    if counts.count(k) == num and _steady(rows, k, k * k) and _steady(token_rows, k, k * (k + 1)):
+    if counts.count(k) == num and evenly_spaced(rows, k * k) and evenly_spaced(token_rows, k * (k + 1)):
         # back to back: the k targets of request i are rows r0 + i*k*k + 0..k-1 and its group n-1 the k-1
         # rows from r0 + i*k*k + k + (n-1)(k-1); only these rows are read (and checked)
         r0, vocab = rows[0], x.shape[1]

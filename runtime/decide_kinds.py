@@ -20,8 +20,13 @@ from . import sampling as S
 REFINE_MARGIN = 1e-4
 
 
-def _group_starts(counts: np.ndarray) -> np.ndarray:
+def group_starts(counts: np.ndarray) -> np.ndarray:
     return np.cumsum(counts) - counts
+
+
+def padded_slots(counts: np.ndarray, starts: np.ndarray, width: int) -> np.ndarray:
+    """Where each row of ragged groups (back to back) lands in a [groups, width] layout, flattened."""
+    return np.repeat(np.arange(len(counts)) * width - starts, counts) + np.arange(int(counts.sum()))
 
 
 def run_candidates(d, needs, logits, ids, parts) -> None:
@@ -90,7 +95,7 @@ class _Groups:
     def __init__(self, d, counts: np.ndarray, total: int):
         self.d, self.counts, self.n, self.total = d, counts, len(counts), total
         self.width = int(counts.max())
-        self.starts = _group_starts(counts)
+        self.starts = group_starts(counts)
         self._group = self._slot = None
 
     def group(self) -> torch.Tensor:
@@ -107,8 +112,7 @@ class _Groups:
         if self.n == 1:
             return values.view(1, -1)
         if self._slot is None:
-            offsets = np.arange(self.n) * self.width - self.starts
-            self._slot = self.d.index(np.repeat(offsets, self.counts) + np.arange(self.total))
+            self._slot = self.d.index(padded_slots(self.counts, self.starts, self.width))
         out = values.new_full((self.n * self.width,), fill)
         out[self._slot] = values
         return out.view(self.n, self.width)
@@ -183,8 +187,9 @@ def _fill_last_step(d, needs, x, write, chosen, counts, greedy, last, lanes) -> 
 def _accept(d, strategies: list, x: torch.Tensor, tokens: torch.Tensor, counts: np.ndarray, drafts: torch.Tensor):
     """Speculative acceptance for many requests. x: target rows a_0..a_{m-1} of each request,
     concatenated ([rows, vocab], or [requests, m, vocab] when m is the same for all), tokens
-    their greedy tokens (same leading shape); drafts: d_1..d_{m-1} of each request, concatenated. Returns (n [N], tokens [sum m]):
-    tokens[:n] of a request are its output (accepted drafts and one bonus or resampled token)."""
+    their greedy tokens (same leading shape); drafts: d_1..d_{m-1} of each request, concatenated.
+    Returns (n [N], tokens [sum m]): tokens[:n] of a request are its output (accepted drafts and
+    one bonus or resampled token)."""
     dev = x.device
     num = len(counts)
     if _uniform(counts) and all(s.params.temperature <= 0 for s in strategies):  # the steady greedy case
@@ -194,9 +199,9 @@ def _accept(d, strategies: list, x: torch.Tensor, tokens: torch.Tensor, counts: 
         return match.cumprod(dim=1).sum(dim=1) + 1, tokens
     x, tokens = x.reshape(-1, x.shape[-1]), tokens.reshape(-1)
     m_draft = counts - 1
-    target_of_draft = d.index(np.repeat(_group_starts(counts), m_draft) + _within(m_draft))
+    target_of_draft = d.index(np.repeat(group_starts(counts), m_draft) + within(m_draft))
     draft_group = d.index(np.repeat(np.arange(num), m_draft))
-    position = d.index(_within(m_draft))
+    position = d.index(within(m_draft))
     accepted = tokens[target_of_draft] == drafts
     greedy = np.array([s.params.temperature <= 0 for s in strategies])
     hot_probs = None
@@ -208,7 +213,7 @@ def _accept(d, strategies: list, x: torch.Tensor, tokens: torch.Tensor, counts: 
         hot_index = d.index(hot_rows)
         p[hot_index] = S.distribution_rows(x[hot_index], temps, top_k, top_p, use_k, use_p)
         q = torch.zeros((int(m_draft.sum()),) + x.shape[1:], dtype=p.dtype, device=dev)
-        draft_starts = _group_starts(m_draft)
+        draft_starts = group_starts(m_draft)
         for s, g, start, m in zip(strategies, greedy, draft_starts, m_draft):
             if not g and m:
                 q[start: start + m] = s.draft_probs[:m].to(p.dtype)
@@ -228,10 +233,10 @@ def _accept(d, strategies: list, x: torch.Tensor, tokens: torch.Tensor, counts: 
     return n, tokens
 
 
-def _within(counts: np.ndarray) -> np.ndarray:
+def within(counts: np.ndarray) -> np.ndarray:
     """0..c-1 for each count, concatenated."""
     total = int(counts.sum())
-    return np.arange(total) - np.repeat(_group_starts(counts), counts)
+    return np.arange(total) - np.repeat(group_starts(counts), counts)
 
 
 def _resample(d, hot_probs, counts, greedy, n, drafts, tokens) -> torch.Tensor:
@@ -241,7 +246,7 @@ def _resample(d, hot_probs, counts, greedy, n, drafts, tokens) -> torch.Tensor:
     dev = p.device
     m_draft = counts - 1
     hot = ~greedy
-    starts, draft_starts = _group_starts(counts), _group_starts(m_draft)
+    starts, draft_starts = group_starts(counts), group_starts(m_draft)
     j = n[d.index(np.flatnonzero(hot))] - 1  # the output position that is drawn, per hot request
     prow = p[d.index(starts[hot]) + j]
     q_index = (d.index(draft_starts[hot]) + j).clamp(max=max(q.shape[0] - 1, 0))
@@ -256,7 +261,7 @@ def _resample(d, hot_probs, counts, greedy, n, drafts, tokens) -> torch.Tensor:
     out = tokens.clone()
     hot_rows_of_drafts = np.flatnonzero(np.repeat(hot, m_draft))
     if len(hot_rows_of_drafts):  # accepted drafts are the output at T > 0
-        target = d.index(np.repeat(starts, m_draft) + _within(m_draft))[d.index(hot_rows_of_drafts)]
+        target = d.index(np.repeat(starts, m_draft) + within(m_draft))[d.index(hot_rows_of_drafts)]
         out[target] = drafts[d.index(hot_rows_of_drafts)]
     out[d.index(starts[hot]) + j] = drawn
     return out
@@ -275,12 +280,12 @@ def _pack(d, parts, needs, n: torch.Tensor, tokens: torch.Tensor, counts: np.nda
         d.place(parts, needs.handles, out, out.shape[1])
         return
     widths = 1 + counts + (extra_counts if extra_counts is not None else 0)
-    starts = _group_starts(widths)
+    starts = group_starts(widths)
     out = torch.empty(int(widths.sum()), dtype=torch.int64, device=tokens.device)
     out[d.index(starts)] = n
-    out[d.index(np.repeat(starts + 1, counts) + _within(counts))] = tokens
+    out[d.index(np.repeat(starts + 1, counts) + within(counts))] = tokens
     if extra is not None:
-        out[d.index(np.repeat(starts + 1 + counts, extra_counts) + _within(extra_counts))] = extra
+        out[d.index(np.repeat(starts + 1 + counts, extra_counts) + within(extra_counts))] = extra
     d.place(parts, needs.handles, out, widths)
 
 
@@ -288,17 +293,20 @@ def _uniform(counts: np.ndarray) -> bool:
     return bool((counts == counts[0]).all())
 
 
-def _evenly_spaced(starts: np.ndarray, step: int) -> bool:
-    return bool((starts == starts[0] + step * np.arange(len(starts))).all())
+def evenly_spaced(starts, step: int) -> bool:
+    """Whether needs starting at `starts` (rows or tokens, increasing, each need spanning at least
+    `step` of them) are exactly `step` apart: back-to-back segments of one shape. Under that
+    invariant the first and last start tell."""
+    return starts[-1] - starts[0] == step * (len(starts) - 1)
 
 
 def _drafts(d, ids, token_rows: np.ndarray, counts: np.ndarray, segment_length: int) -> torch.Tensor:
     """d_1..d_{m-1} of each request: the tokens after each segment's first token (segments of
     `segment_length` tokens back to back take one strided view)."""
-    if _uniform(counts) and _evenly_spaced(token_rows, segment_length):
+    if _uniform(counts) and evenly_spaced(token_rows, segment_length):
         m, start, num = int(counts[0]), int(token_rows[0]), len(counts)
         return ids[start: start + segment_length * num].view(num, segment_length)[:, 1:m].reshape(-1)
-    return ids[d.index(np.repeat(token_rows + 1, counts - 1) + _within(counts - 1))]
+    return ids[d.index(np.repeat(token_rows + 1, counts - 1) + within(counts - 1))]
 
 
 def run_verify(d, needs, logits, ids, parts) -> None:
@@ -315,7 +323,7 @@ def run_quad(d, needs, logits, ids, parts) -> None:
     first = np.asarray(needs.rows, dtype=np.int64)
     num = len(k)
     drafts = _drafts(d, ids, np.asarray(needs.extra, dtype=np.int64), k, int(k[0]) * (int(k[0]) + 1))
-    if _uniform(k) and _evenly_spaced(first, int(k[0]) ** 2):  # steady: equal k, segments back to back
+    if _uniform(k) and evenly_spaced(first, int(k[0]) ** 2):  # steady: equal k, segments back to back
         kk, start = int(k[0]), int(first[0])
         block = logits[start: start + num * kk * kk].view(num, kk * kk, -1)
         block_greedy = d.greedy[start: start + num * kk * kk].view(num, kk * kk)
@@ -324,11 +332,11 @@ def run_quad(d, needs, logits, ids, parts) -> None:
         first_slot = d.index((start + kk - (kk - 1)) + kk * kk * np.arange(num)[:, None] + np.arange(kk - 1))
         group_rows = (first_slot + (n * (kk - 1))[:, None]).reshape(-1)
     else:
-        index = d.index(np.repeat(first, k) + _within(k))
+        index = d.index(np.repeat(first, k) + within(k))
         n, tokens = _accept(d, needs.strategies, logits[index], d.greedy[index], k, drafts)
         group_base = d.index(first + k) + (n - 1) * d.index(k - 1)
         need_of_row = d.index(np.repeat(np.arange(num), k - 1))
-        group_rows = group_base[need_of_row] + d.index(_within(k - 1))
+        group_rows = group_base[need_of_row] + d.index(within(k - 1))
     next_drafts = d.choose(lambda: logits[group_rows], d.greedy[group_rows], needs.strategies, k - 1, S.STREAM_DRAFT,
                            keep_probs=True)
     _pack(d, parts, needs, n, tokens, k, next_drafts, k - 1)
