@@ -142,12 +142,22 @@ class Engine:
     # -- one step ----------------------------------------------------------------------------
     def step(self) -> list[Request]:
         """One forward for the scheduled requests; returns the requests that finished."""
-        pending = self.launch()
-        return self.complete(pending) if pending is not None else []
+        with torch.inference_mode():  # one context for both halves (entering one costs a few microseconds)
+            pending = self._launch()
+            return self._complete(pending) if pending is not None else []
 
-    @torch.inference_mode()  # cheaper tensor operations; the staging buffers are made and reused in it
+    @torch.inference_mode()
     def launch(self) -> PendingStep | None:
         """Schedule, build the batch, enqueue the forward and the batched decisions (no host sync)."""
+        return self._launch()
+
+    @torch.inference_mode()
+    def complete(self, pending: PendingStep) -> list[Request]:
+        """Wait for the step's answers and apply them."""
+        return self._complete(pending)
+
+    # inference mode: cheaper tensor operations; the staging buffers are made and reused in it
+    def _launch(self) -> PendingStep | None:
         if self.images is not None:
             self._encode_admissible_images()
         work = self.scheduler.schedule()
@@ -174,9 +184,7 @@ class Engine:
         self.num_steps += 1
         return PendingStep(work, starts, counts, failed)
 
-    @torch.inference_mode()
-    def complete(self, pending: PendingStep) -> list[Request]:
-        """Wait for the step's answers and apply them."""
+    def _complete(self, pending: PendingStep) -> list[Request]:
         decider = self.decider
         decider.fetch()
         bad_rows = decider.bad_rows()

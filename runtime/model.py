@@ -102,12 +102,14 @@ class Model:
         batch = self.builder.build(segments, cache)
         return list(self.run(batch, cache).split(batch.logit_counts))
 
-    @torch.inference_mode()
     def run(self, batch: ForwardBatch, cache: PagedKVCache | None) -> torch.Tensor:
         """Float32 logits of the batch's logit rows, [R, vocab]: a graph replay when one fits.
 
         Under tensor parallelism rank 0 first sends the step to the other ranks (which run it
         with this same method) and returns the logits; the other ranks return None."""
+        if not torch.is_inference_mode_enabled():  # the engine's step is already in it: no second context
+            with torch.inference_mode():
+                return self.run(batch, cache)
         if self.driver is not None:
             return self.driver.run_step(batch, cache, self._run_shard)
         return self._run_shard(batch, cache)
