@@ -121,7 +121,7 @@ class PackedSizes:
 
 _FLAG_TYPES = (bool, np.bool_)  # a segment's write_kv given as one flag
 _SEGMENT_FIELDS = attrgetter("token_ids", "positions", "write_kv", "prefix_len", "request_id", "pattern",
-                             "logit_rows", "mask", "use_lora", "shape_key")
+                             "logit_rows", "mask", "use_lora", "shape_key", "image_embeds")
 
 
 @lru_cache(maxsize=512)
@@ -179,48 +179,41 @@ class BatchBuilder:
         # O(1) Python per segment, nothing per token: the fields are read in one C-level pass
         count = len(segments)
         (ids, positions, write_kv, prefix, request_ids, patterns, logit_rows_of, masks, use_lora,
-         keys) = zip(*map(_SEGMENT_FIELDS, segments))
-        lengths = np.fromiter(map(len, ids), dtype=np.int64, count=count)
-        if set(map(type, write_kv)).issubset(_FLAG_TYPES):  # one flag per segment
-            writes = np.repeat(np.array(write_kv, dtype=bool), lengths)
-        else:
-            writes = np.concatenate([_flags(n, bool(w)) if isinstance(w, _FLAG_TYPES) else w
-                                     for n, w in zip(lengths.tolist(), write_kv)]).astype(bool, copy=False)
+         keys, image_embeds) = zip(*map(_SEGMENT_FIELDS, segments))
         rows = list(map(cache.row, request_ids)) if cache is not None else [0] * count
         masked = Pattern.MASK in patterns
         patterns = list(map(int, patterns))
-        local_rows = [_arange(len(t)) if r is None else np.asarray(r, dtype=np.int64)
-                      for t, r in zip(ids, logit_rows_of)]
-        masks = [m if p == Pattern.MASK else None for m, p in zip(masks, patterns)] if masked else [None] * count
-        lora_segments = [i for i, lora in enumerate(use_lora) if lora] if any(use_lora) else []
-        starts = np.zeros(count + 1, dtype=np.int64)
-        np.cumsum(lengths, out=starts[1:])
+        if masked:
+            masks = [m if p == Pattern.MASK else None for m, p in zip(masks, patterns)]
+        if count > 1 and len(set(map(len, ids))) == 1 and len(set(map(id, write_kv))) == 1:
+            # steady steps: every segment has one length and the same write flags
+            starts, write_rows, table_row_of_write, counts, local_rows, logit_rows = self._one_shape(
+                count, len(ids[0]), write_kv[0], logit_rows_of, rows)
+        else:
+            starts, write_rows, table_row_of_write, counts, local_rows, logit_rows = self._any_layout(
+                ids, write_kv, logit_rows_of, rows)
         total = int(starts[-1])
         ids = np.concatenate(ids).astype(np.int64, copy=False)
         positions = np.concatenate(positions).astype(np.int64, copy=False)
-        if cache is None and (writes.any() or any(prefix)):
+        if cache is None and (len(write_rows) or any(prefix)):
             raise ValueError("segments that read or write the KV cache need a cache")
         token_slots = np.full(total, -1, dtype=np.int64)
-        write_rows = np.flatnonzero(writes)
         if len(write_rows):
-            token_rows = np.repeat(np.asarray(rows, dtype=np.int64), lengths)[write_rows]
             pos = positions[write_rows]
             page_index = pos // cache.page_size
-            beyond = page_index >= cache.pages_per_row[token_rows]
+            beyond = page_index >= cache.pages_per_row[table_row_of_write]
             if beyond.any():
                 first = int(np.flatnonzero(beyond)[0])
                 owner = segments[int(np.searchsorted(starts, write_rows[first], side="right")) - 1]
                 raise IndexError(f"request {owner.request_id}: position {int(pos[first])} is beyond its reserved pages")
-            pages = cache.tables_host[token_rows, page_index]
+            pages = cache.tables_host[table_row_of_write, page_index]
             token_slots[write_rows] = pages.astype(np.int64) * cache.page_size + pos % cache.page_size
-        counts = [len(r) for r in local_rows]
-        logit_rows = (np.concatenate(local_rows) + np.repeat(starts[:-1], counts)) if count else np.zeros(0, np.int64)
-        lora_rows = (np.concatenate([np.arange(starts[i], starts[i + 1]) for i in lora_segments]) if lora_segments
-                     else np.zeros(0, np.int64))
+        lora_rows = (np.concatenate([np.arange(starts[i], starts[i + 1]) for i, lora in enumerate(use_lora) if lora])
+                     if any(use_lora) else np.zeros(0, np.int64))
         if not masked:
-            mask_offsets, bits = np.zeros(count, dtype=np.int64), []
+            mask_offsets, bits, dense = np.zeros(count, dtype=np.int64), [], [None] * count
         elif masks.count(masks[0]) == count:  # one Mask for every segment (steady QuadraticSpec)
-            mask_offsets, bits = np.zeros(count, dtype=np.int64), [masks[0].bits]
+            mask_offsets, bits, dense = np.zeros(count, dtype=np.int64), [masks[0].bits], [masks[0].dense] * count
         else:
             mask_offsets, bits, used, placed = [], [], 0, {}
             for mask in masks:  # segments sharing a Mask share its bits
@@ -233,20 +226,60 @@ class BatchBuilder:
                     mask_offsets.append(used)
                     bits.append(mask.bits)
                     used += len(mask.bits)
+            dense = [m.dense if m is not None else None for m in masks]
         bits = np.concatenate(bits) if bits else np.zeros(1, dtype=np.int32)
         self._last_sizes = PackedSizes(total, len(write_rows), len(logit_rows), len(lora_rows), len(segments),
                                        len(bits))
         parts64 = [ids, positions, token_slots, write_rows, token_slots[write_rows], logit_rows, lora_rows]
         parts32 = [starts, np.asarray(prefix), np.asarray(rows), np.asarray(patterns), np.asarray(mask_offsets),
                    bits]
-        image_rows = image_embeds = None
+        image_rows = embeds = None
         self._last_image_rows = None
-        embeds = [s.image_embeds for s in segments if s.image_embeds is not None]
-        if embeds:
-            image_rows, image_embeds = self._image_rows(segments, ids, starts, embeds)
+        if not all(e is None for e in image_embeds):
+            embeds = [e for e in image_embeds if e is not None]
+            image_rows, embeds = self._image_rows(segments, ids, starts, embeds)
         key = keys[0] if keys and keys.count(keys[0]) == count else None
-        dense = [m.dense if m is not None else None for m in masks]
-        return self._assemble(parts64, parts32, counts, local_rows, dense, image_rows, image_embeds, key)
+        return self._assemble(parts64, parts32, counts, local_rows, dense, image_rows, embeds, key)
+
+    @staticmethod
+    def _one_shape(count: int, length: int, write_kv, logit_rows_of: tuple, table_rows: list[int]):
+        """(segment starts, write rows, their table rows, logit counts, local and batch logit rows) of
+        `count` segments of one length and write flags, by broadcasting."""
+        starts = _arange(count + 1) * length
+        if isinstance(write_kv, _FLAG_TYPES):
+            local_writes = _arange(length) if write_kv else _arange(0)
+        else:
+            local_writes = np.flatnonzero(write_kv)
+        write_rows = (starts[:-1, None] + local_writes).reshape(-1)
+        table_row_of_write = np.repeat(np.asarray(table_rows, dtype=np.int64), len(local_writes))
+        if len(set(map(id, logit_rows_of))) == 1:  # the same logit rows for all
+            local = _arange(length) if logit_rows_of[0] is None else np.asarray(logit_rows_of[0], dtype=np.int64)
+            return (starts, write_rows, table_row_of_write, [len(local)] * count, [local] * count,
+                    (starts[:-1, None] + local).reshape(-1))
+        local_rows = [_arange(length) if r is None else np.asarray(r, dtype=np.int64) for r in logit_rows_of]
+        counts = list(map(len, local_rows))
+        return (starts, write_rows, table_row_of_write, counts, local_rows,
+                np.concatenate(local_rows) + np.repeat(starts[:-1], counts))
+
+    @staticmethod
+    def _any_layout(ids, write_kv, logit_rows_of, table_rows: list[int]):
+        """What `_one_shape` gives, for segments of any lengths, write flags and logit rows."""
+        count = len(ids)
+        lengths = np.fromiter(map(len, ids), dtype=np.int64, count=count)
+        if set(map(type, write_kv)).issubset(_FLAG_TYPES):  # one flag per segment
+            writes = np.repeat(np.array(write_kv, dtype=bool), lengths)
+        else:
+            writes = np.concatenate([_flags(n, bool(w)) if isinstance(w, _FLAG_TYPES) else w
+                                     for n, w in zip(lengths.tolist(), write_kv)]).astype(bool, copy=False)
+        starts = np.zeros(count + 1, dtype=np.int64)
+        np.cumsum(lengths, out=starts[1:])
+        write_rows = np.flatnonzero(writes)
+        table_row_of_write = np.repeat(np.asarray(table_rows, dtype=np.int64), lengths)[write_rows]
+        local_rows = [_arange(n) if r is None else np.asarray(r, dtype=np.int64)
+                      for n, r in zip(lengths.tolist(), logit_rows_of)]
+        counts = [len(r) for r in local_rows]
+        logit_rows = (np.concatenate(local_rows) + np.repeat(starts[:-1], counts)) if count else np.zeros(0, np.int64)
+        return starts, write_rows, table_row_of_write, counts, local_rows, logit_rows
 
     def _assemble(self, parts64: list[np.ndarray], parts32: list[np.ndarray], counts: list[int],
                   segment_rows: list[np.ndarray], masks: list[torch.Tensor | None], image_rows, image_embeds,
