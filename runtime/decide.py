@@ -109,7 +109,7 @@ class Decider:
         host = self.host_arrays and logits.dtype in (torch.float32, torch.float64)
         if host:  # numpy views of the CPU tensors
             x, host_ids = logits.numpy(), ids.numpy()
-            self._x, self.greedy_host, self._bad_parts = x, None, []
+            self._x, self.greedy_host, self.greedy_flat, self._bad_parts = x, None, None, []
             parts: list = []
         else:
             self.greedy = S.row_argmax(logits)
@@ -141,14 +141,17 @@ class Decider:
         if self.greedy_host is None:
             x = self._x
             self.greedy_host = x.argmax(axis=-1).astype(np.int64, copy=False)
-            self.check_rows(arange(len(x)), self.greedy_host)
+            self.greedy_flat = self.check_rows(arange(len(x)), self.greedy_host)
         return self.greedy_host
 
-    def check_rows(self, rows: np.ndarray, greedy: np.ndarray) -> None:
-        """Host path: remember the rows (flat int64) whose value at their greedy token is not finite."""
-        finite = np.isfinite(self._x.reshape(-1)[rows * self._x.shape[1] + greedy])
+    def check_rows(self, rows: np.ndarray, greedy: np.ndarray) -> np.ndarray:
+        """Host path: remember the rows (flat int64) whose value at their greedy token is not finite.
+        Returns where those values lie in the flattened logits."""
+        flat = rows * self._x.shape[1] + greedy
+        finite = np.isfinite(self._x.reshape(-1)[flat])
         if not finite.all():
             self._bad_parts.append(rows[~finite])
+        return flat
 
     def fetch(self) -> None:
         """The step's one device-to-host copy."""

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from . import sampling as S
-from .decide_kinds import evenly_spaced, group_starts, padded_slots, rows_to_refine
+from .decide_kinds import REFINE_MARGIN, evenly_spaced, group_starts, padded_slots, rows_to_refine
 from .segments import arange
 
 
@@ -34,17 +34,25 @@ def candidates(d, needs, x: np.ndarray, ids: np.ndarray, parts: list) -> None:
     settings are read as Python values, and one block (one request) takes scalar reductions."""
     extra, n = needs.extra, len(needs.counts)
     total = sum(needs.counts)
-    if needs.cover(len(x)):
+    cover = needs.cover(len(x))
+    if cover:
         xs, cand = x, d.all_greedy()
     else:
         rows = d.rows(needs)
         xs, cand = x[rows], d.all_greedy()[rows]
     xt, ct = torch.from_numpy(xs), torch.from_numpy(cand)
-    conf32 = S.candidate_confidence(xt, ct, torch.float32).numpy()
+    probs = torch.softmax(xt, dim=-1).numpy()  # float32
+    conf32 = probs.reshape(-1)[d.greedy_flat if cover else arange(total) * xs.shape[1] + cand]
+    counts = np.asarray(needs.counts, dtype=np.int64)
+    starts = None if n == 1 else np.asarray(needs.rows, dtype=np.int64) if cover else group_starts(counts)
+    if n > 1:
+        write = _usual_denoising(conf32, cand, counts, starts, extra, d.mask_id)
+        if write is not None:
+            _fill_last_step(d, xs, write, None, counts, [e[3] for e in extra])
+            d.place(parts, needs.handles, write, counts)
+            return
     thresholds = [2.0 if e[1] is None else e[1] for e in extra]  # ranked needs get one no confidence reaches
     ranked = [t > 1 for t in thresholds]
-    counts = np.asarray(needs.counts, dtype=np.int64)
-    starts = group_starts(counts) if n > 1 else None
     refine = rows_to_refine(conf32, counts, starts, thresholds, ranked)
     conf = conf32.astype(np.float64)
     if len(refine):
@@ -81,13 +89,47 @@ def candidates(d, needs, x: np.ndarray, ids: np.ndarray, parts: list) -> None:
         write = np.where(chosen, cand, np.where(skip, d.mask_id, -1))
     else:
         write = np.where(chosen, cand, -1)
-    last = [e[3] for e in extra]
-    if any(last):
-        last_rows = np.flatnonzero(np.repeat(last, counts))
-        masked = xs[last_rows]  # a copy (fancy indexing)
-        masked[:, d.mask_id] = -np.inf
-        write[last_rows] = np.where(chosen[last_rows], write[last_rows], masked.argmax(axis=1))
+    _fill_last_step(d, xs, write, chosen, counts, [e[3] for e in extra])
     d.place(parts, needs.handles, write, total if n == 1 else counts)
+
+
+def _usual_denoising(conf32: np.ndarray, cand: np.ndarray, counts: np.ndarray, starts: np.ndarray, extra: tuple,
+                     mask_id: int) -> np.ndarray | None:
+    """The usual denoising step of many blocks, decided on float32 confidences with a handful of array
+    operations: one threshold for every block, no ranked schedule, the mask id never written, and no
+    confidence whose float64 value could decide otherwise (none within `REFINE_MARGIN` of the threshold,
+    no rival of the best in a block whose best is below it). Returns what `candidates` writes, or None when the step is not
+    such a step (the general path then decides it)."""
+    thresholds = {e[1] for e in extra}
+    if len(thresholds) != 1 or not all(e[4] for e in extra):
+        return None
+    threshold = thresholds.pop()
+    if threshold is None:
+        return None
+    above = conf32 >= threshold  # comparisons alone (one ufunc loop, warm after the first)
+    if np.count_nonzero(conf32 >= threshold - REFINE_MARGIN) != np.count_nonzero(conf32 >= threshold + REFINE_MARGIN):
+        return None  # a confidence within the margin of the threshold
+    best = np.maximum.reduceat(conf32, starts)
+    top = conf32 >= np.repeat(best * (1 - REFINE_MARGIN), counts)  # the best of each block, and its rivals
+    # rivals above the threshold are written anyway; a block whose best is below it writes that row alone
+    if np.count_nonzero(top & ~above) != np.count_nonzero(best < threshold):
+        return None
+    chosen = above | top
+    chosen &= cand != mask_id
+    return np.where(chosen, cand, mask_id)
+
+
+def _fill_last_step(d, xs: np.ndarray, write: np.ndarray, chosen: np.ndarray | None, counts: np.ndarray,
+                    last: list[bool]) -> None:
+    """Rows of blocks at their last step that were not written by choice get their best non-mask
+    candidate (chosen None: every row holding the mask id was not written by choice)."""
+    if not any(last):
+        return
+    last_rows = np.flatnonzero(np.repeat(last, counts))
+    masked = xs[last_rows]  # a copy (fancy indexing)
+    masked[:, d.mask_id] = -np.inf
+    kept = write[last_rows] != d.mask_id if chosen is None else chosen[last_rows]
+    write[last_rows] = np.where(kept, write[last_rows], masked.argmax(axis=1))
 
 
 def _accepted(targets: np.ndarray, drafts: np.ndarray) -> np.ndarray:

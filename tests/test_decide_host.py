@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from nemodiff import SamplingParams
+from nemodiff.runtime import decide_host
 from nemodiff.runtime.decide import Decider
 
 VOCAB, MASK = 50, 7
@@ -153,3 +154,48 @@ def test_steady_quadratic_checks_the_rows_it_reads():
     assert bad_rows(10) == [10]
     assert bad_rows(12) == [12]
     assert bad_rows(15) == []
+
+
+@pytest.mark.parametrize("case", ["usual", "last step", "near threshold", "rival", "mask id best"])
+@pytest.mark.parametrize("seed", range(3))
+def test_usual_denoising_steps_agree(seed, case, monkeypatch):
+    """Many blocks under one threshold (the usual diffusion step) take the host path's few array
+    operations; a confidence near the threshold or a rival of a block's best sends the step to the
+    general path. Either way the answers are the tensor kinds'."""
+    usual = decide_host._usual_denoising
+    took = []
+    monkeypatch.setattr(decide_host, "_usual_denoising", lambda *a: took.append(usual(*a) is not None) or usual(*a))
+    rng = np.random.default_rng(seed)
+    counts = [5, 3, 8, 1, 6]
+    rows = sum(counts)
+    logits = torch.from_numpy(rng.normal(size=(rows, VOCAB)).astype(np.float32) * 2)
+    logits[[0, 3, 20], 0] = 40.0  # confident rows, above the threshold (block 0 has two: rivals, both written)
+    threshold = 0.9
+    if case == "near threshold":  # softmax(row)[0] = 0.9 + 1e-6: float32 cannot tell which side it is on
+        logits[2] = 0.0
+        logits[2, 0] = float(np.log(0.900001 * (VOCAB - 1) / 0.099999))
+    if case == "rival":  # block 2's two best rows, below the threshold, are one float32 step apart
+        logits[8:16] = 0.0
+        logits[8, 5] = 4.0
+        logits[9, 5] = float(np.nextafter(np.float32(4.0), np.float32(-np.inf)))
+    if case == "mask id best":
+        logits[[0, 5, 10], MASK] = 50.0
+    answers = []
+    for host_arrays in (True, False):
+        decider = Decider(torch.device("cpu"), MASK, host_arrays=host_arrays)
+        decider.begin()
+        handles, row = [], 0
+        for i, count in enumerate(counts):
+            last = case == "last step" and i % 2 == 0
+            handles.append(decider.candidates(strategy(), row, count, np.arange(1, count + 1), threshold, 0, last,
+                                              True))
+            row += count
+        decider.run(logits, torch.zeros(rows, dtype=torch.int64))
+        decider.fetch()
+        answers.append([decider.result(h).tolist() for h in handles])
+    assert answers[0] == answers[1]
+    assert took == [case not in ("near threshold", "rival")]
+    written = [t for block in answers[0] for t in block]
+    assert any(t != MASK for t in written)
+    if case == "last step":
+        assert all(t != MASK for block in answers[0][0::2] for t in block)
