@@ -45,13 +45,13 @@ class ForwardBatch:
     prefix_lens: list[int]
     patterns: list[int]
     masks: list[torch.Tensor | None]  # explicit masks (Pattern.MASK) as dense bool, else None
-    # per segment, device side (kernel path): int32
-    seg_start: torch.Tensor
-    seg_prefix: torch.Tensor
-    seg_table_row: torch.Tensor
-    seg_pattern: torch.Tensor
-    mask_offset: torch.Tensor
-    mask_bits: torch.Tensor
+    # per segment, device side (kernel path; None when the batch was built for the reference path): int32
+    seg_start: torch.Tensor | None
+    seg_prefix: torch.Tensor | None
+    seg_table_row: torch.Tensor | None
+    seg_pattern: torch.Tensor | None
+    mask_offset: torch.Tensor | None
+    mask_bits: torch.Tensor | None
     image_rows: torch.Tensor | None = None  # token rows whose embedding is replaced
     image_embeds: torch.Tensor | None = None
     shape_key: tuple | None = None  # every segment has this steady shape (CUDA graphs)
@@ -79,6 +79,13 @@ class _Staging:
         if self.device.type == "cpu":
             return np.concatenate(self._parts).astype(self.numpy_dtype, copy=False)
         return self.host_view[: self._total]
+
+    def keep(self, parts: list[np.ndarray]) -> None:
+        """Hold the parts for `flat()` without putting them on the device."""
+        if self.device.type == "cpu":
+            self._parts = parts
+        else:
+            self.upload(parts)
 
     def upload(self, parts: list[np.ndarray]) -> list[torch.Tensor]:
         if self.device.type == "cpu":
@@ -175,7 +182,9 @@ class BatchBuilder:
             self._masks[key] = dense
         return dense
 
-    def build(self, segments: list[Segment], cache: PagedKVCache | None) -> ForwardBatch:
+    def build(self, segments: list[Segment], cache: PagedKVCache | None, kernel_meta: bool = True) -> ForwardBatch:
+        """kernel_meta: also put the attention kernels' per-segment metadata on the device (False for
+        a model on the reference path, which never reads it)."""
         # O(1) Python per segment, nothing per token: the fields are read in one C-level pass
         count = len(segments)
         (ids, positions, write_kv, prefix, request_ids, patterns, logit_rows_of, masks, use_lora,
@@ -239,7 +248,7 @@ class BatchBuilder:
             embeds = [e for e in image_embeds if e is not None]
             image_rows, embeds = self._image_rows(segments, ids, starts, embeds)
         key = keys[0] if keys and keys.count(keys[0]) == count else None
-        return self._assemble(parts64, parts32, counts, local_rows, dense, image_rows, embeds, key)
+        return self._assemble(parts64, parts32, counts, local_rows, dense, image_rows, embeds, key, kernel_meta)
 
     @staticmethod
     def _one_shape(count: int, length: int, write_kv, logit_rows_of: tuple, table_rows: list[int]):
@@ -283,9 +292,13 @@ class BatchBuilder:
 
     def _assemble(self, parts64: list[np.ndarray], parts32: list[np.ndarray], counts: list[int],
                   segment_rows: list[np.ndarray], masks: list[torch.Tensor | None], image_rows, image_embeds,
-                  shape_key) -> ForwardBatch:
+                  shape_key, kernel_meta: bool = True) -> ForwardBatch:
         (d_ids, d_pos, d_slots, d_wrows, d_wslots, d_logits, d_lora) = self._int64.upload(parts64)
-        (d_start, d_prefix, d_trow, d_pattern, d_moff, d_bits) = self._int32.upload(parts32)
+        if kernel_meta:
+            (d_start, d_prefix, d_trow, d_pattern, d_moff, d_bits) = self._int32.upload(parts32)
+        else:
+            self._int32.keep(parts32)
+            d_start = d_prefix = d_trow = d_pattern = d_moff = d_bits = None
         starts, prefix, rows, patterns = (np.asarray(p) for p in parts32[:4])
         return ForwardBatch(
             num_tokens=int(starts[-1]), ids=d_ids, positions=d_pos, token_slots=d_slots, write_rows=d_wrows,

@@ -164,7 +164,7 @@ class Engine:
         if not work:
             return None
         segments = [item.segment for item in work]
-        batch = self.model.builder.build(segments, self.cache)
+        batch = self.model.build_batch(segments, self.cache)
         logits = self.model.run(batch, self.cache)
         counts = np.asarray(batch.logit_counts, dtype=np.int64)
         starts = np.cumsum(counts) - counts

@@ -99,8 +99,14 @@ class Model:
     @torch.inference_mode()
     def forward(self, segments: list[Segment], cache: PagedKVCache | None = None) -> list[torch.Tensor]:
         """Run all segments in one pass; returns per segment float32 logits [rows, vocab]."""
-        batch = self.builder.build(segments, cache)
+        batch = self.build_batch(segments, cache)
         return list(self.run(batch, cache).split(batch.logit_counts))
+
+    def build_batch(self, segments: list[Segment], cache: PagedKVCache | None) -> ForwardBatch:
+        """The segments packed for one forward; the attention kernels' metadata on the device only when
+        they will read it (this model runs kernels or replays graphs)."""
+        kernel_meta = self.uses_kernels(cache) or self.graphs is not None
+        return self.builder.build(segments, cache, kernel_meta)
 
     def run(self, batch: ForwardBatch, cache: PagedKVCache | None) -> torch.Tensor:
         """Float32 logits of the batch's logit rows, [R, vocab]: a graph replay when one fits.
