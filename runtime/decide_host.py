@@ -40,7 +40,7 @@ def candidates(d, needs, x: np.ndarray, ids: np.ndarray, parts: list) -> None:
     else:
         rows = d.rows(needs)
         xs, cand = x[rows], d.all_greedy()[rows]
-    xt, ct = torch.from_numpy(xs), torch.from_numpy(cand)
+    xt = torch.from_numpy(xs)
     probs = torch.softmax(xt, dim=-1).numpy()  # float32
     conf32 = probs.reshape(-1)[d.greedy_flat if cover else arange(total) * xs.shape[1] + cand]
     counts = np.asarray(needs.counts, dtype=np.int64)
@@ -57,7 +57,7 @@ def candidates(d, needs, x: np.ndarray, ids: np.ndarray, parts: list) -> None:
     conf = conf32.astype(np.float64)
     if len(refine):
         index = torch.from_numpy(refine)
-        conf[refine] = S.candidate_confidence(xt[index], ct[index], torch.float64).numpy()
+        conf[refine] = S.candidate_confidence(xt[index], torch.from_numpy(cand)[index], torch.float64).numpy()
     one_threshold = thresholds.count(thresholds[0]) == n
     chosen = conf >= (thresholds[0] if one_threshold else np.repeat(thresholds, counts))
     if n == 1:
@@ -98,8 +98,8 @@ def _usual_denoising(conf32: np.ndarray, cand: np.ndarray, counts: np.ndarray, s
     """The usual denoising step of many blocks, decided on float32 confidences with a handful of array
     operations: one threshold for every block, no ranked schedule, the mask id never written, and no
     confidence whose float64 value could decide otherwise (none within `REFINE_MARGIN` of the threshold,
-    no rival of the best in a block whose best is below it). Returns what `candidates` writes, or None when the step is not
-    such a step (the general path then decides it)."""
+    no rival of the best in a block whose best is below it). Returns what `candidates` writes, or None
+    when the step is not such a step (the general path then decides it)."""
     thresholds = {e[1] for e in extra}
     if len(thresholds) != 1 or not all(e[4] for e in extra):
         return None
@@ -112,7 +112,7 @@ def _usual_denoising(conf32: np.ndarray, cand: np.ndarray, counts: np.ndarray, s
     best = np.maximum.reduceat(conf32, starts)
     top = conf32 >= np.repeat(best * (1 - REFINE_MARGIN), counts)  # the best of each block, and its rivals
     # rivals above the threshold are written anyway; a block whose best is below it writes that row alone
-    if np.count_nonzero(top & ~above) != np.count_nonzero(best < threshold):
+    if np.count_nonzero(top > above) != np.count_nonzero(best < threshold):  # top > above: top and not above
         return None
     chosen = above | top
     chosen &= cand != mask_id
