@@ -172,14 +172,15 @@ def quad(d, needs, x: np.ndarray, ids: np.ndarray, parts: list) -> None:
         # back to back: the k targets of request i are rows r0 + i*k*k + 0..k-1 and its group n-1 the k-1
         # rows from r0 + i*k*k + k + (n-1)(k-1); only these rows are read (and checked)
         r0, vocab = rows[0], x.shape[1]
-        block = x[r0: r0 + num * k * k].reshape(num, k * k, vocab)
-        targets = block[:, :k].argmax(axis=-1)
+        # the target rows, copied contiguous first (numpy's argmax over a strided view is slower than both)
+        heads = np.ascontiguousarray(x[r0: r0 + num * k * k].reshape(num, k * k * vocab)[:, : k * vocab])
+        targets = heads.reshape(num * k, vocab).argmax(axis=-1).reshape(num, k)
         drafts = ids[token_rows[0]: token_rows[0] + num * k * (k + 1)].reshape(num, k * (k + 1))[:, 1:k]
         n = _accepted(targets, drafts)
         base = arange(num) * (k * k) + r0
         target_rows = (base[:, None] + arange(k)).reshape(-1)
         group_rows = ((base + k + (n - 1) * (k - 1))[:, None] + arange(k - 1)).reshape(-1)
-        next_drafts = x[group_rows].argmax(axis=-1)
+        next_drafts = x.take(group_rows, axis=0).argmax(axis=-1)
         d.check_rows(np.concatenate((target_rows, group_rows)), np.concatenate((targets.reshape(-1), next_drafts)))
         out = np.concatenate((n[:, None], targets, next_drafts.reshape(num, k - 1)), axis=1)
         d.place(parts, needs.handles, out, 2 * k)
