@@ -128,7 +128,7 @@ class PackedSizes:
 
 _FLAG_TYPES = (bool, np.bool_)  # a segment's write_kv given as one flag
 _SEGMENT_FIELDS = attrgetter("token_ids", "positions", "write_kv", "prefix_len", "request_id", "pattern",
-                             "logit_rows", "mask", "use_lora", "shape_key", "image_embeds")
+                             "logit_rows", "mask", "use_lora", "shape_key", "image_embeds", "position_offsets")
 
 
 @lru_cache(maxsize=512)
@@ -188,7 +188,7 @@ class BatchBuilder:
         # O(1) Python per segment, nothing per token: the fields are read in one C-level pass
         count = len(segments)
         (ids, positions, write_kv, prefix, request_ids, patterns, logit_rows_of, masks, use_lora,
-         keys, image_embeds) = zip(*map(_SEGMENT_FIELDS, segments))
+         keys, image_embeds, offsets) = zip(*map(_SEGMENT_FIELDS, segments))
         rows = list(map(cache.row, request_ids)) if cache is not None else [0] * count
         masked = Pattern.MASK in patterns
         patterns = list(map(int, patterns))
@@ -203,7 +203,7 @@ class BatchBuilder:
                 ids, write_kv, logit_rows_of, rows)
         total = int(starts[-1])
         ids = np.concatenate(ids).astype(np.int64, copy=False)
-        positions = np.concatenate(positions).astype(np.int64, copy=False)
+        positions = self._positions(positions, offsets, prefix)
         if cache is None and (len(write_rows) or any(prefix)):
             raise ValueError("segments that read or write the KV cache need a cache")
         token_slots = np.full(total, -1, dtype=np.int64)
@@ -249,6 +249,15 @@ class BatchBuilder:
             image_rows, embeds = self._image_rows(segments, ids, starts, embeds)
         key = keys[0] if keys and keys.count(keys[0]) == count else None
         return self._assemble(parts64, parts32, counts, local_rows, dense, image_rows, embeds, key, kernel_meta)
+
+    @staticmethod
+    def _positions(positions: tuple, offsets: tuple, prefix: tuple) -> np.ndarray:
+        """Every segment's positions, concatenated: given ones as they are, the others prefix_len +
+        position_offsets (one broadcast when all segments share their offsets)."""
+        if positions[0] is None and len(set(map(id, positions))) == 1 and len(set(map(id, offsets))) == 1:
+            return (np.asarray(prefix, dtype=np.int64)[:, None] + offsets[0]).reshape(-1)
+        return np.concatenate([p if p is not None else o + n
+                               for p, o, n in zip(positions, offsets, prefix)]).astype(np.int64, copy=False)
 
     @staticmethod
     def _one_shape(count: int, length: int, write_kv, logit_rows_of: tuple, table_rows: list[int]):

@@ -68,7 +68,7 @@ def arange(n: int) -> np.ndarray:
 class Segment:
     request_id: int
     token_ids: list[int] | np.ndarray
-    positions: list[int] | np.ndarray
+    positions: list[int] | np.ndarray | None  # None: prefix_len + position_offsets
     prefix_len: int  # committed cache entries, all visible to every query
     pattern: Pattern = Pattern.CAUSAL
     write_kv: list[bool] | np.ndarray | bool = False  # per token, or one flag for all
@@ -78,10 +78,15 @@ class Segment:
     image_embeds: torch.Tensor | None = None  # [image-token positions, hidden]: replace those embeddings
     shape_key: tuple | None = None  # set by strategies for steady shapes that CUDA graphs may replay
     kv_end: int = -1  # one past the highest position written (strategies that know it save the search)
+    # positions relative to prefix_len, kept by a strategy for its steady shape instead of positions: the
+    # batch builder then places the positions of all such segments in one operation
+    position_offsets: np.ndarray | None = None
 
     def __post_init__(self):
         n = len(self.token_ids)
-        if n != len(self.positions):
+        if self.positions is None and self.position_offsets is None:
+            raise ValueError("a segment needs positions or position offsets")
+        if n != len(self.positions if self.positions is not None else self.position_offsets):
             raise ValueError("segment token_ids and positions differ in length")
         if not n:
             raise ValueError("empty segment")
@@ -94,10 +99,10 @@ class Segment:
     def __len__(self) -> int:
         return len(self.token_ids)
 
-    def moved(self, prefix_len: int, positions: list[int] | np.ndarray, kv_end: int) -> Segment:
+    def moved(self, prefix_len: int, positions: list[int] | np.ndarray | None, kv_end: int) -> Segment:
         """This segment at another committed length, changed in place and returned: a strategy keeps
         one segment per steady shape (same length, pattern and mask, so nothing to check again) and
-        moves it each step instead of building a new one."""
+        moves it each step instead of building a new one (positions None: it has position offsets)."""
         self.prefix_len, self.positions, self.kv_end = prefix_len, positions, kv_end
         return self
 
@@ -106,9 +111,14 @@ class Segment:
         if self.kv_end >= 0:
             return self.kv_end
         if isinstance(self.write_kv, (bool, np.bool_)):
-            return int(np.max(self.positions)) + 1 if self.write_kv else 0
+            return int(np.max(self.absolute_positions())) + 1 if self.write_kv else 0
         writes = np.asarray(self.write_kv, dtype=bool)
-        return int(np.asarray(self.positions)[writes].max()) + 1 if writes.any() else 0
+        return int(self.absolute_positions()[writes].max()) + 1 if writes.any() else 0
+
+    def absolute_positions(self) -> np.ndarray:
+        if self.positions is None:
+            return self.position_offsets + self.prefix_len
+        return np.asarray(self.positions)
 
     def rows(self) -> np.ndarray:
         return arange(len(self)) if self.logit_rows is None else np.asarray(self.logit_rows, dtype=np.int64)

@@ -3,6 +3,7 @@ and decisions that never mix devices (the strategies run here on logits that liv
 
 from collections import Counter
 
+import numpy as np
 import pytest
 import torch
 from torch.overrides import TorchFunctionMode
@@ -122,3 +123,36 @@ def test_non_finite_logits_fail_only_their_request(engine_fp32, mode, extra, poi
         llm.engine.step()
     assert victim.finish_reason == "error" and "non-finite logits" in victim.error
     assert [requests[0].output_ids, requests[2].output_ids] == [want[0], want[2]]
+
+
+def test_positions_from_offsets_match_explicit_positions():
+    """Segments that keep position offsets (steady QuadraticSpec) are packed with the positions and
+    KV slots explicit segments would give: alone, all alike, or mixed with others."""
+    from nemodiff.runtime.batch import BatchBuilder
+    from nemodiff.runtime.kv_cache import PagedKVCache
+    from nemodiff.runtime.segments import Pattern, Segment
+
+    offsets = np.array([0, 1, 2, 1, 2, 3])
+    writes = np.array([True, True, True, False, False, False])
+    for array in (offsets, writes):
+        array.flags.writeable = False
+
+    def segment(rid: int, prefix: int, relative: bool) -> Segment:
+        positions = None if relative else offsets + prefix
+        return Segment(rid, np.zeros(6, dtype=np.int64), positions, prefix, Pattern.FULL, write_kv=writes,
+                       position_offsets=offsets if relative else None)
+
+    cache = PagedKVCache(1, 1, 4, 4, 32, torch.float32)
+    for rid in range(3):
+        cache.add_request(rid)
+        cache.reserve(rid, 24)
+    builder = BatchBuilder(torch.device("cpu"))
+    for prefixes, kinds in [((0,), "r"), ((3, 10, 7), "rrr"), ((3, 10, 7), "rer"), ((5, 2), "er")]:
+        batch = builder.build([segment(rid, p, k == "r") for rid, (p, k) in enumerate(zip(prefixes, kinds))], cache)
+        same = builder.build([segment(rid, p, False) for rid, p in enumerate(prefixes)], cache)
+        assert batch.positions.tolist() == np.concatenate([offsets + p for p in prefixes]).tolist()
+        assert batch.token_slots.tolist() == same.token_slots.tolist()
+        assert batch.write_slots.tolist() == same.write_slots.tolist()
+    with pytest.raises(ValueError, match="positions or position offsets"):
+        Segment(0, [1, 2], None, 0)
+    assert segment(0, 4, True).write_end() == 7

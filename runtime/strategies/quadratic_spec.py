@@ -49,8 +49,10 @@ def cycle_layout(k: int) -> tuple[Mask, np.ndarray, np.ndarray, np.ndarray]:
     for i in range(k):
         offsets += range(i + 1, i + 1 + k)
     rows = list(range(k)) + [k + g * k + j for g in range(k) for j in range(1, k)]
-    writes = np.array([True] * k + [False] * (k * k))
-    return Mask(quadratic_mask(k)), np.array(offsets, dtype=np.int64), writes, np.array(rows, dtype=np.int64)
+    shared = np.array(offsets, dtype=np.int64), np.array([True] * k + [False] * (k * k)), np.array(rows, dtype=np.int64)
+    for array in shared:
+        array.flags.writeable = False  # one copy for every request
+    return (Mask(quadratic_mask(k)),) + shared
 
 
 class QuadraticSpecStrategy(DecodeStrategy):
@@ -77,10 +79,10 @@ class QuadraticSpecStrategy(DecodeStrategy):
         mask, offsets, writes, rows = cycle_layout(k)
         P = self.committed
         if self._cycle is None:
-            self._cycle = Segment(rid, self.tokens, offsets + P, P, Pattern.MASK, write_kv=writes, logit_rows=rows,
-                                  mask=mask, shape_key=self._shape, kv_end=P + k)
+            self._cycle = Segment(rid, self.tokens, None, P, Pattern.MASK, write_kv=writes, logit_rows=rows,
+                                  mask=mask, shape_key=self._shape, kv_end=P + k, position_offsets=offsets)
             return self._cycle
-        return self._cycle.moved(P, offsets + P, P + k)
+        return self._cycle.moved(P, None, P + k)
 
     def register(self, decider, first_row: int, token_row: int) -> None:
         if self.phase == "first":
