@@ -58,7 +58,7 @@ class Decider:
     def begin(self) -> None:
         self._needs: dict[str, _Needs] = {}  # by kind, made on first use
         self._num_handles = 0
-        self._offsets = self._sizes = None  # per handle: where its answer lies in the packed result
+        self._starts = self._ends = None  # per handle: where its answer lies in the packed result
         self._host: np.ndarray | None = None
 
     # -- registration (host, O(1) per request) -----------------------------------------------
@@ -116,8 +116,7 @@ class Decider:
             parts = [logits.gather(1, self.greedy[:, None])[:, 0].isfinite().to(torch.int64)]
         self._host_parts = host
         self._finite_len = 0 if host else logits.shape[0]
-        self._offsets = np.zeros(self._num_handles, dtype=np.int64)
-        self._sizes = np.zeros(self._num_handles, dtype=np.int64)
+        self._starts, self._ends = [0] * self._num_handles, [0] * self._num_handles
         self._placed = self._finite_len
         for kind in KINDS:
             needs = self._needs.get(kind)
@@ -165,7 +164,7 @@ class Decider:
             host.copy_(packed, non_blocking=True)
             torch.cuda.current_stream(packed.device).synchronize()
             self._host = host.numpy()
-        self._starts, self._ends = self._offsets.tolist(), (self._offsets + self._sizes).tolist()
+        self._mask_flags = None
 
     def bad_rows(self) -> np.ndarray:
         """Logit rows whose largest value is not finite (a NaN or +inf in the row, or only -inf): every
@@ -177,16 +176,25 @@ class Decider:
     def result(self, handle: int) -> np.ndarray:
         return self._host[self._starts[handle]: self._ends[handle]]
 
+    def is_mask(self, handle: int) -> np.ndarray:
+        """Which entries of the handle's answer are the mask id (one comparison for the whole step)."""
+        if self._mask_flags is None:
+            self._mask_flags = self._host == self.mask_id
+        return self._mask_flags[self._starts[handle]: self._ends[handle]]
+
     # -- helpers -----------------------------------------------------------------------------
     def place(self, parts: list, handles: list[int], values, sizes) -> None:
         """Append `values` (the handles' answers, flattened in order; a tensor, or a numpy array on
         the host path); sizes: each answer's length (an int when they are all equal)."""
-        handles = np.asarray(handles, dtype=np.int64)
-        self._sizes[handles] = sizes
-        if isinstance(sizes, int):
-            self._offsets[handles] = self._placed + sizes * np.arange(len(handles))
+        placed, starts, ends = self._placed, self._starts, self._ends
+        if isinstance(sizes, (int, np.integer)):
+            for i, handle in enumerate(handles):
+                starts[handle] = placed + i * sizes
+                ends[handle] = placed + (i + 1) * sizes
         else:
-            self._offsets[handles] = self._placed + np.cumsum(sizes) - sizes
+            for handle, end in zip(handles, (np.cumsum(sizes) + placed).tolist()):
+                starts[handle], ends[handle] = placed, end
+                placed = end
         if self._host_parts:
             if isinstance(values, torch.Tensor):
                 values = values.numpy()

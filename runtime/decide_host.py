@@ -106,9 +106,9 @@ def _usual_denoising(conf32: np.ndarray, cand: np.ndarray, counts: np.ndarray, s
     threshold = thresholds.pop()
     if threshold is None:
         return None
-    above = conf32 >= threshold  # comparisons alone (one ufunc loop, warm after the first)
-    if np.count_nonzero(conf32 >= threshold - REFINE_MARGIN) != np.count_nonzero(conf32 >= threshold + REFINE_MARGIN):
-        return None  # a confidence within the margin of the threshold
+    above = conf32 >= threshold + REFINE_MARGIN  # comparisons alone (one ufunc loop, warm after the first)
+    if np.count_nonzero(conf32 >= threshold - REFINE_MARGIN) != np.count_nonzero(above):
+        return None  # a confidence within the margin of the threshold; without one, `above` is `>= threshold`
     best = np.maximum.reduceat(conf32, starts)
     top = conf32 >= np.repeat(best * (1 - REFINE_MARGIN), counts)  # the best of each block, and its rivals
     # rivals above the threshold are written anyway; a block whose best is below it writes that row alone

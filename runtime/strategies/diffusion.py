@@ -77,7 +77,7 @@ class DiffusionStrategy(DecodeStrategy):
         if self.phase == "commit":
             self.committed += self.B
             return self._new_block(int(answer[0]))
-        return self._denoised(answer)
+        return self._denoised(answer, decider.is_mask(self._handle))
 
     def _new_block(self, sampled: int) -> list[int]:
         forced = self.forced_token()
@@ -102,13 +102,14 @@ class DiffusionStrategy(DecodeStrategy):
             self.steps_per_block.append(0)
         return [seed]
 
-    def _denoised(self, answer: np.ndarray) -> list[int]:
-        """answer: per masked row the token to write, or the mask id (still masked; never at the last step)."""
+    def _denoised(self, answer: np.ndarray, still_masked: np.ndarray) -> list[int]:
+        """answer: per masked row the token to write, or the mask id (still masked; never at the last step);
+        still_masked: answer == mask id."""
         self.block[self._rows] = answer
         self.steps += 1
         if self.stop_ids and not self._stop_written:
             self._stop_written = not self.stop_ids.isdisjoint(answer.tolist())
-        self._rows = self._rows[answer == self.mask_id]
+        self._rows = self._rows[still_masked]
         end = self._eos_end() if self._stop_written else None
         if end is None and len(self._rows):
             return []
