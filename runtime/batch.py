@@ -194,7 +194,7 @@ class BatchBuilder:
         patterns = list(map(int, patterns))
         if masked:
             masks = [m if p == Pattern.MASK else None for m, p in zip(masks, patterns)]
-        if count > 1 and len(set(map(len, ids))) == 1 and len(set(map(id, write_kv))) == 1:
+        if count and len(set(map(len, ids))) == 1 and len(set(map(id, write_kv))) == 1:
             # steady steps: every segment has one length and the same write flags
             starts, write_rows, table_row_of_write, counts, local_rows, logit_rows = self._one_shape(
                 count, len(ids[0]), write_kv[0], logit_rows_of, rows)
