@@ -33,6 +33,7 @@ from nemodiff.runtime.request import normalize_mode
 from nemodiff.runtime.server import AsyncEngine, Update
 from nemodiff.triton_inputs import DEFAULT_MAX_TOKENS, BadRequest, PromptTokenizer, RequestInputs, parse_request
 from nemodiff.triton_metrics import ModelMetrics
+from nemodiff.triton_requests import RequestState
 
 WATCH_INTERVAL_S = 0.02
 CANCEL_POLL_S = 0.05  # asking Triton whether a request was cancelled is a round trip per request
@@ -41,24 +42,6 @@ DRAIN_WAIT_S = 5.0
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 ERROR_CODES = {"invalid": pb_utils.TritonError.INVALID_ARG, "internal": pb_utils.TritonError.INTERNAL,
                "unavailable": pb_utils.TritonError.UNAVAILABLE, "timeout": pb_utils.TritonError.UNAVAILABLE}
-
-
-class _RequestState:
-    """One request in flight: where its responses go and what is still to be sent."""
-
-    def __init__(self, sender, stream: bool, mode: str, num_input_tokens: int, echo_prefix: str):
-        self.sender = sender
-        self.stream = stream
-        self.mode = mode
-        self.num_input_tokens = num_input_tokens
-        self.prefix = echo_prefix  # sent with the first response, then cleared
-        self.arrived = time.perf_counter()
-        self.first_token_seen = False
-        self.first_response_sent = False
-        self.pending_ids: list[int] = []  # streamed ids whose text is still held back
-        self.handle = None
-        self.lock = threading.Lock()
-        self.done = False  # the final response was sent (or its sending was attempted)
 
 
 def _tp_devices(groups: str, device_id) -> list[str] | None:
@@ -108,7 +91,7 @@ class NemodiffModel:
 
         vocab = Tokenizer.from_file(str(Path(params["engine_dir"]) / "tokenizer.json")).get_vocab(True)
         self.prompt_tokenizer = PromptTokenizer(self.llm.tokenizer.encode, vocab, self.max_seq_len)
-        self._live: dict[int, _RequestState] = {}
+        self._live: dict[int, RequestState] = {}
         self._live_lock = threading.Lock()
         self.metrics = ModelMetrics(self.instance)
         max_queue = params.get("max_queue", "").strip()
@@ -153,12 +136,18 @@ class NemodiffModel:
             self.llm.engine.validate(prompt_ids, parsed.params)
         except ValueError as exc:
             raise BadRequest(str(exc)) from None
-        state = _RequestState(sender, parsed.stream, parsed.params.mode, len(prompt_ids), parsed.echo_prefix)
+        state = RequestState(sender, parsed.stream, parsed.params.mode, len(prompt_ids), parsed.echo_prefix)
         with self._live_lock:
             self._live[id(state)] = state
-        state.handle = self.engine.submit(parsed.prompt_ids, parsed.params,
-                                          lambda update, s=state: self._on_update(s, update),
-                                          timeout_s=parsed.timeout_s, images=images)
+        try:
+            state.handle = self.engine.submit(parsed.prompt_ids, parsed.params,
+                                              lambda update, s=state: self._on_update(s, update),
+                                              timeout_s=parsed.timeout_s, images=images)
+        except Exception:  # execute() sends the error: the state is no longer live
+            state.claim_final()
+            with self._live_lock:
+                self._live.pop(id(state), None)
+            raise
 
     def _lay_out_images(self, parsed):
         """(expanded prompt ids, preprocessed images or None); a default max_tokens is refitted to what the
@@ -177,7 +166,7 @@ class NemodiffModel:
             params.max_new_tokens = min(DEFAULT_MAX_TOKENS, room)
         return prepared.token_ids, prepared
 
-    def _on_update(self, state: _RequestState, update: Update) -> None:
+    def _on_update(self, state: RequestState, update: Update) -> None:
         """Engine thread (or the submitting thread for a refusal): one update, zero or one responses."""
         if update.token_ids and not state.first_token_seen:
             state.first_token_seen = True
@@ -201,7 +190,7 @@ class NemodiffModel:
         self._send_final(state, response)
         self.metrics.observe_final(state.mode, update)  # after the response: a metrics failure cannot lose it
 
-    def _response(self, state: _RequestState, text: str, ids: list[int], output=None) -> pb_utils.InferenceResponse:
+    def _response(self, state: RequestState, text: str, ids: list[int], output=None) -> pb_utils.InferenceResponse:
         if not state.first_response_sent:
             text, state.prefix = state.prefix + text, ""
         num_input = 0 if state.first_response_sent else state.num_input_tokens
@@ -215,7 +204,7 @@ class NemodiffModel:
         return pb_utils.InferenceResponse(output_tensors=tensors)
 
     # -- sending -----------------------------------------------------------------------------
-    def _send(self, state: _RequestState, response, final: bool) -> None:
+    def _send(self, state: RequestState, response, final: bool) -> None:
         self._outbox.put((state, response, final))
 
     def _send_loop(self) -> None:
@@ -233,7 +222,7 @@ class NemodiffModel:
         self._outbox.put(marker)
         marker.wait(timeout)
 
-    def _send_now(self, state: _RequestState, response, final: bool) -> None:
+    def _send_now(self, state: RequestState, response, final: bool) -> None:
         try:
             if response is None:
                 state.sender.send(flags=FINAL)
@@ -242,11 +231,9 @@ class NemodiffModel:
         except Exception as exc:  # the client went away; nothing else to do for it
             pb_utils.Logger.log_warn(f"nemodiff: could not send a response: {exc}")
 
-    def _send_final(self, state: _RequestState, response) -> None:
-        with state.lock:
-            if state.done:
-                return
-            state.done = True
+    def _send_final(self, state: RequestState, response) -> None:
+        if not state.claim_final():
+            return
         with self._live_lock:
             self._live.pop(id(state), None)
         self._send(state, response, final=True)
@@ -285,13 +272,7 @@ class NemodiffModel:
         with self._live_lock:
             states = list(self._live.values())
         for state in states:
-            if state.done or state.handle is None:
-                continue
-            try:
-                cancelled = bool(state.sender.is_cancelled())
-            except Exception:  # the request is gone on Triton's side
-                cancelled = True
-            if cancelled:
+            if state.cancelled():  # never asks once the final response is claimed (see triton_requests.py)
                 self.engine.cancel(state.handle)
 
     def _drain_requested(self) -> bool:

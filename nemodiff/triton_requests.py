@@ -1,0 +1,54 @@
+"""The Triton model's per-request state, and the rule that keeps asking about a request safe.
+
+checkpoint ──builder──▶ engine dir ──runtime──▶ [Triton: model's request state]
+
+Triton frees a request's response sender when its final response is sent, and asking a freed
+sender whether the request was cancelled crashes the whole server. The watcher thread asks
+(`cancelled`) and the engine thread claims the final response (`claim_final`) under one
+per-request lock: once the final is claimed nobody asks again, and a final cannot be claimed
+(so cannot be sent) while a question is under way. Kept free of Triton imports so it can be
+tested without a server.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+
+class RequestState:
+    """One request in flight: where its responses go and what is still to be sent."""
+
+    def __init__(self, sender, stream: bool, mode: str, num_input_tokens: int, echo_prefix: str):
+        self.sender = sender
+        self.stream = stream
+        self.mode = mode
+        self.num_input_tokens = num_input_tokens
+        self.prefix = echo_prefix  # sent with the first response, then cleared
+        self.arrived = time.perf_counter()
+        self.first_token_seen = False
+        self.first_response_sent = False
+        self.pending_ids: list[int] = []  # streamed ids whose text is still held back
+        self.handle = None
+        self.lock = threading.Lock()
+        self.done = False  # the final response was claimed (it is sent, or about to be)
+
+    def claim_final(self) -> bool:
+        """True for the one caller that may send the final response; waits for a cancellation question
+        under way to be answered first."""
+        with self.lock:
+            if self.done:
+                return False
+            self.done = True
+            return True
+
+    def cancelled(self) -> bool:
+        """Whether Triton reports the request cancelled (a closed stream or connection); False once
+        its final response is claimed, without asking."""
+        with self.lock:
+            if self.done or self.handle is None:
+                return False
+            try:
+                return bool(self.sender.is_cancelled())
+            except Exception:  # the request is gone on Triton's side
+                return True
