@@ -72,25 +72,24 @@ class _Staging:
         self.host = self.dev = self.host_view = None
         self.numpy_dtype = torch.empty(0, dtype=dtype).numpy().dtype
         self._parts: list[np.ndarray] = []
+        self._staged = False  # the last parts went through the pinned buffer (a GPU upload)
         self._total = 0
 
     def flat(self) -> np.ndarray:
-        """The last upload's parts, concatenated (host memory)."""
-        if self.device.type == "cpu":
-            return np.concatenate(self._parts).astype(self.numpy_dtype, copy=False)
-        return self.host_view[: self._total]
+        """The last parts uploaded or kept, concatenated (host memory)."""
+        if self._staged:
+            return self.host_view[: self._total]
+        return np.concatenate(self._parts).astype(self.numpy_dtype, copy=False)
 
     def keep(self, parts: list[np.ndarray]) -> None:
         """Hold the parts for `flat()` without putting them on the device."""
-        if self.device.type == "cpu":
-            self._parts = parts
-        else:
-            self.upload(parts)
+        self._parts, self._staged = parts, False
 
     def upload(self, parts: list[np.ndarray]) -> list[torch.Tensor]:
         if self.device.type == "cpu":
-            self._parts = parts
+            self.keep(parts)
             return [torch.from_numpy(np.ascontiguousarray(p, dtype=self.numpy_dtype)) for p in parts]
+        self._staged = True  # flat() reads the pinned buffer
         sizes = [len(p) for p in parts]
         total = self._total = sum(sizes)
         if total > self.size:
@@ -203,7 +202,7 @@ class BatchBuilder:
                 ids, write_kv, logit_rows_of, rows)
         total = int(starts[-1])
         ids = np.concatenate(ids).astype(np.int64, copy=False)
-        positions = self._positions(positions, offsets, prefix)
+        positions = self._positions(segments, positions, offsets, prefix)
         if cache is None and (len(write_rows) or any(prefix)):
             raise ValueError("segments that read or write the KV cache need a cache")
         token_slots = np.full(total, -1, dtype=np.int64)
@@ -251,13 +250,12 @@ class BatchBuilder:
         return self._assemble(parts64, parts32, counts, local_rows, dense, image_rows, embeds, key, kernel_meta)
 
     @staticmethod
-    def _positions(positions: tuple, offsets: tuple, prefix: tuple) -> np.ndarray:
-        """Every segment's positions, concatenated: given ones as they are, the others prefix_len +
-        position_offsets (one broadcast when all segments share their offsets)."""
+    def _positions(segments: list[Segment], positions: tuple, offsets: tuple, prefix: tuple) -> np.ndarray:
+        """Every segment's positions, concatenated (one broadcast when all segments share their
+        position offsets)."""
         if positions[0] is None and len(set(map(id, positions))) == 1 and len(set(map(id, offsets))) == 1:
             return (np.asarray(prefix, dtype=np.int64)[:, None] + offsets[0]).reshape(-1)
-        return np.concatenate([p if p is not None else o + n
-                               for p, o, n in zip(positions, offsets, prefix)]).astype(np.int64, copy=False)
+        return np.concatenate([s.absolute_positions() for s in segments]).astype(np.int64, copy=False)
 
     @staticmethod
     def _one_shape(count: int, length: int, write_kv, logit_rows_of: tuple, table_rows: list[int]):

@@ -76,9 +76,9 @@ class QuadraticSpecStrategy(DecodeStrategy):
                            Pattern.MASK, write_kv=np.array([True] * n + [False] * k),
                            logit_rows=[n - 1] + list(range(n + 1, n + k)), mask=first_cycle_mask(n, k),
                            image_embeds=self.request.image_embeds_for(start, len(prompt)))
-        mask, offsets, writes, rows = cycle_layout(k)
         P = self.committed
         if self._cycle is None:
+            mask, offsets, writes, rows = cycle_layout(k)
             self._cycle = Segment(rid, self.tokens, None, P, Pattern.MASK, write_kv=writes, logit_rows=rows,
                                   mask=mask, shape_key=self._shape, kv_end=P + k, position_offsets=offsets)
             return self._cycle
