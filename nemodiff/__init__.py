@@ -1,8 +1,8 @@
-"""nemodiff: build and serve Nemotron-Labs-Diffusion models.
+"""Place: [checkpoint → builder → engine dir → runtime → serving]: the ground and the top of the flow.
 
-checkpoint ──nemodiff-build──▶ engine dir ──nemodiff.LLM / nemodiff serve──▶ clients
-
-Public Python API: `LLM`, `SamplingParams`, `RequestOutput`.
+nemodiff builds and serves Nemotron-Labs-Diffusion models. This package holds the public Python
+API (`LLM`, `SamplingParams`, `RequestOutput`), the `nemodiff` command line (cli.py) and the
+engine-directory contract every stage shares (engine_format.py). Map: docs/architecture.md.
 """
 
 __version__ = "0.1.0"

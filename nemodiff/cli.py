@@ -82,7 +82,7 @@ def generate(engine_dir: Path, prompt: str | None, prompt_ids: str | None, mode:
         stop=list(stop), mode=mode, block_length=block_length, threshold=_parse_threshold(threshold),
         draft_lora=draft_lora, draft_threshold=draft_threshold, max_thinking_tokens=max_thinking_tokens,
     )
-    from nemodiff.runtime.tp_comm import TensorParallelError
+    from nemodiff.runtime.parallel.comm import TensorParallelError
 
     try:
         params.validate()
@@ -143,8 +143,8 @@ def inspect(engine_dir: Path, as_json: bool, verify: bool) -> None:
         click.echo(f"    {name:32s} {entry['bytes']:>12,d} B  sha256 {entry['sha256'][:16]}")
 
 
-from nemodiff.bench_cli import bench  # noqa: E402
-from nemodiff.serve import serve  # noqa: E402
+from nemodiff.bench.cli import bench  # noqa: E402
+from nemodiff.serving.cli import serve  # noqa: E402
 
 main.add_command(serve)
 main.add_command(bench)

@@ -1,8 +1,9 @@
-"""GPU kernels written in Triton, each with its PyTorch reference, and how they are compiled and launched.
+"""Place: checkpoint → builder → engine dir → runtime → serving, [plugins] beside them. GPU kernels written in Triton.
 
-checkpoint ──builder (compiles kernel variants per arch)──▶ engine dir ──runtime (launches them)──▶ Triton
+Each kernel comes with its PyTorch reference; the builder compiles kernel variants per arch and
+the runtime launches them. Imports: engine_format (and, lazily, the runtime's reference math).
 
 spec.py: what a kernel variant is. registry.py: the kernel modules (norm, rotary, activation,
 fp8_gemm). launch.py: interpreter and JIT launchers. aot.py: ahead-of-time compilation and the
-cubin launcher. library.py: `KernelLibrary`, the operations the model calls, and `load_kernels`.
+cubin launcher. ops.py: `KernelLibrary`, the operations the model calls, and `load_kernels`.
 """

@@ -2,7 +2,7 @@
 
 checkpoint ──builder (compiles `variants`)──▶ engine dir ──[runtime: segment_attention]──▶ Triton
 
-A forward is a ragged batch of segments (DESIGN §4). Each query of segment s sees the request's
+A forward is a ragged batch of segments (docs/design.md §4). Each query of segment s sees the request's
 committed prefix (`prefix_len[s]` keys in the paged cache, all visible) and the segment's own
 keys under its pattern: 0 causal, 1 full, 2 explicit mask (a bitmask, see `pack_bitmask`).
 `plan_tiles` cuts segments into query tiles of `block_m` tokens, `choose_splits` picks how many

@@ -4,7 +4,7 @@ with one float32 scale per output channel, fp32 accumulation, output in x's dtyp
 checkpoint ──builder (quantizes weights, compiles `variants`)──▶ engine dir ──runtime (every linear)──▶ Triton
 
 At decode sizes a forward reads every weight once, so time is weight bytes over memory
-bandwidth (DESIGN §7): the kernel streams the e4m3 bytes (half of bf16) and converts each tile
+bandwidth (docs/design.md §7): the kernel streams the e4m3 bytes (half of bf16) and converts each tile
 to the activation dtype in registers (exact: every e4m3 value is a bf16 and an fp16 value), feeds
 the tensor cores, and applies the channel scale to the fp32 accumulator once at the end
 (`sum_k x[m,k] * w[n,k] * s[n] = s[n] * sum_k x[m,k] * w[n,k]`). No dequantised weight is ever

@@ -3,7 +3,7 @@
 checkpoint ──builder (compiles `variants`)──▶ engine dir ──runtime (norms of every layer)──▶ Triton
 
 `add_rmsnorm` does `residual += delta` in place (delta may be None) and returns
-`weight * rmsnorm(residual)`. The rounding is the runtime's (`runtime/layers.py::rms_norm`):
+`weight * rmsnorm(residual)`. The rounding is the runtime's (`runtime/model/layers.py::rms_norm`):
 the add rounds to the activation dtype, the normalisation runs in float32 and is cast to the
 dtype, and the weight multiplies in the dtype. One program normalises one row; the hidden size
 is a compile-time constant, so every load and store is a full, aligned vector.
@@ -95,7 +95,7 @@ def rms_norm(launcher, x: torch.Tensor, weight: torch.Tensor, eps: float,
 def reference_add_rmsnorm(residual: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor,
                           eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """The PyTorch semantics: (residual + delta, weight * rmsnorm(residual + delta)), inputs untouched."""
-    from nemodiff.runtime.layers import rms_norm as runtime_rms_norm
+    from nemodiff.runtime.model.layers import rms_norm as runtime_rms_norm
 
     summed = residual + delta if delta is not None else residual.clone()
     return summed, runtime_rms_norm(summed, weight, eps)

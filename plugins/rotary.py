@@ -4,12 +4,12 @@ as one Triton kernel.
 checkpoint ──builder (compiles `variants`)──▶ engine dir ──runtime (attention input of every layer)──▶ Triton
 
 Input: `qkv [T, (Hq + 2 Hkv) * D]` (the fused q/k/v projection). Output: q `[T, Hq, D]` rotated
-(YaRN rotate-half, DESIGN §3) and multiplied by `1 + beta * ln(1 + floor(pos / original_max))`,
+(YaRN rotate-half, docs/design.md §3) and multiplied by `1 + beta * ln(1 + floor(pos / original_max))`,
 k `[T, Hkv, D]` rotated, v `[T, Hkv, D]` copied, all contiguous; k and v are also stored into one
 layer's paged cache (`[num_slots, Hkv, D]`) at `write_slots[t]` for every token whose slot is
 >= 0 (-1: not written). cos/sin come from `positions * inv_freq` in float32 times the attention
 factor, and every product is rounded to the activation dtype where the runtime's PyTorch path
-(`runtime/rope.py`, `runtime/model.py`) rounds it.
+(`runtime/model/rope.py`, `runtime/model/transformer.py`) rounds it.
 
 Two programs per token: one rotates and scales every query head, the other rotates every key
 head, copies every value head and writes both into the cache.
@@ -146,8 +146,8 @@ def rotary_kv_write(launcher, qkv: torch.Tensor, positions: torch.Tensor, write_
 
 def reference_rotary_kv_write(qkv, positions, write_slots, inv_freq, attention_factor, beta, original_max,
                               k_cache, v_cache, num_heads, num_kv_heads, head_dim):
-    """The runtime's PyTorch path (runtime/rope.py + the cache write of runtime/model.py), in place on the caches."""
-    from nemodiff.runtime.rope import apply_rotary
+    """The runtime's PyTorch path (runtime/model/rope.py + the cache write of runtime/model/transformer.py), in place on the caches."""
+    from nemodiff.runtime.model.rope import apply_rotary
 
     dtype, tokens = qkv.dtype, qkv.shape[0]
     freqs = positions.float()[:, None] * inv_freq[None, :]

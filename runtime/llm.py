@@ -17,19 +17,19 @@ from pathlib import Path
 import torch
 
 from nemodiff.engine_format import EngineConfig, EngineFormatError
+from nemodiff.runtime.decoding.strategies.base import StrategyContext
+from nemodiff.runtime.engine.host_memory import keep_freed_memory
+from nemodiff.runtime.engine.loop import Engine
+from nemodiff.runtime.engine.scheduler import SchedulerConfig
+from nemodiff.runtime.images.feature_cache import VisionFeatureCache
+from nemodiff.runtime.images.pipeline import ImagePipeline
+from nemodiff.runtime.images.preprocess import ImageLimits
+from nemodiff.runtime.model.kv_cache import PagedKVCache
+from nemodiff.runtime.model.loader import default_device, load_engine, runtime_dtype
+from nemodiff.runtime.parallel.driver import TensorParallelDriver, default_devices
+from nemodiff.runtime.text.tokenizer import EngineTokenizer
 
-from .engine import Engine
-from .host_memory import keep_freed_memory
-from .image_processing import ImageLimits
-from .kv_cache import PagedKVCache
-from .loader import default_device, load_engine, runtime_dtype
-from .multimodal import ImagePipeline
 from .request import Request, SamplingParams
-from .scheduler import SchedulerConfig
-from .strategies.base import StrategyContext
-from .tokenizer import EngineTokenizer
-from .tp_driver import TensorParallelDriver, default_devices
-from .vision_cache import VisionFeatureCache
 
 
 @dataclass
@@ -137,7 +137,7 @@ class LLM:
         if self._driver is not None:
             self._driver.mirror_cache(self.cache)
         if cuda_graphs and self.model.uses_kernels(self.cache) and self.model.device.type == "cuda":
-            from .cuda_graphs import GraphRunner, declared_shapes
+            from nemodiff.runtime.model.graphs import GraphRunner, declared_shapes
 
             if self._driver is not None:
                 self._driver.capture_graphs(build.max_seq_len, build.block_length, self.model.has_lora)

@@ -15,10 +15,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from .detokenizer import IncrementalDetokenizer
+from nemodiff.runtime.text.detokenizer import IncrementalDetokenizer
 
 if TYPE_CHECKING:
-    from .multimodal import RequestImages
+    from nemodiff.runtime.images.pipeline import RequestImages
 
 MODES = ("ar", "diffusion", "linear-spec", "quadratic-spec")
 MODE_ALIASES = {"fastdiffuser": "diffusion", "fast-diffuser": "diffusion", "linearspec": "linear-spec",

@@ -4,9 +4,9 @@ import torch
 
 from helpers import transformers_model
 from nemodiff import LLM, SamplingParams
-from nemodiff.runtime.kv_cache import PagedKVCache
-from nemodiff.runtime.loader import load_engine
-from nemodiff.runtime.segments import Pattern, Segment
+from nemodiff.runtime.model.kv_cache import PagedKVCache
+from nemodiff.runtime.model.loader import load_engine
+from nemodiff.runtime.model.segments import Pattern, Segment
 
 PROMPTS = [[1, 200, 201, 202], [1, 150, 151, 152, 153, 154, 155, 156, 157, 158, 300], [1, 17]]
 
@@ -94,7 +94,7 @@ def test_cached_segment_equals_no_cache_recompute_for_every_pattern(engine_fp32)
 
 
 def test_quadratic_layout_cached_equals_no_cache_recompute(engine_fp32):
-    from nemodiff.runtime.strategies.quadratic_spec import first_cycle_mask, quadratic_mask
+    from nemodiff.runtime.model.segments import first_cycle_mask, quadratic_mask
 
     engine = load_engine(engine_fp32, device="cpu")
     model, cfg = engine.model, engine.config.model

@@ -7,7 +7,7 @@ import time
 import pytest
 
 from nemodiff import LLM, SamplingParams
-from nemodiff.runtime.server import AsyncEngine
+from nemodiff.serving.async_engine import AsyncEngine
 
 
 @pytest.fixture()

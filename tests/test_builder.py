@@ -12,8 +12,8 @@ from safetensors.torch import load_file
 from helpers import edit_config, edit_weights, make_checkpoint
 from nemodiff.builder.cli import main as build_cli
 from nemodiff.engine_format import EngineFormatError
-from nemodiff.runtime.loader import load_engine
-from nemodiff.runtime.segments import Segment
+from nemodiff.runtime.model.loader import load_engine
+from nemodiff.runtime.model.segments import Segment
 
 
 def run_build(args):

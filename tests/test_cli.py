@@ -54,7 +54,7 @@ def test_chat_template_is_applied(tmp_path):
     ckpt = make_checkpoint(tmp_path / "ckpt")
     engine = tmp_path / "engine"
     run("nemodiff-build", ckpt, "-o", engine)
-    from nemodiff.runtime.tokenizer import EngineTokenizer
+    from nemodiff.runtime.text.tokenizer import EngineTokenizer
 
     tok = EngineTokenizer(engine)
     ids = tok.encode_chat("hello there")

@@ -10,7 +10,7 @@ import pytest
 
 from helpers import make_engine
 from nemodiff import LLM, SamplingParams
-from nemodiff.runtime.cuda_graphs import GraphRunner, declared_shapes
+from nemodiff.runtime.model.graphs import GraphRunner, declared_shapes
 
 PROMPTS = [[1, 200, 201, 202], [1, 150, 151, 152, 153], [1, 30, 31]]
 

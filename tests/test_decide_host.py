@@ -1,4 +1,4 @@
-"""On a CPU device greedy needs are decided in numpy (`runtime/decide_host.py`); a GPU runs the
+"""On a CPU device greedy needs are decided in numpy (`runtime/decoding/decide_host.py`); a GPU runs the
 tensor kinds. Both must give the same answers: here one step's worth of every kind of need, with
 ragged groups, ties, mask-id candidates, ranked schedules and partial acceptances, is decided
 both ways on the same logits and the packed answers are compared entry for entry."""
@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from nemodiff import SamplingParams
-from nemodiff.runtime import decide_host
-from nemodiff.runtime.decide import Decider
+from nemodiff.runtime.decoding import decide_host
+from nemodiff.runtime.decoding.decide import Decider
 
 VOCAB, MASK = 50, 7
 

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 from tokenizers import Tokenizer, decoders, models
 
-from nemodiff.runtime.detokenizer import IncrementalDetokenizer
 from nemodiff.runtime.request import Request, SamplingParams
-from nemodiff.runtime.streaming import TextStream
-from nemodiff.runtime.tokenizer import EngineTokenizer
+from nemodiff.runtime.text.detokenizer import IncrementalDetokenizer
+from nemodiff.runtime.text.streaming import TextStream
+from nemodiff.runtime.text.tokenizer import EngineTokenizer
 
 EOS = 2
 

@@ -1,4 +1,4 @@
-"""Diffusion never outputs the mask token from a denoised position (DESIGN §5.2).
+"""Diffusion never outputs the mask token from a denoised position (docs/design.md §5.2).
 
 The checkpoint's head favours the mask id at masked positions, so the best candidate is often
 the mask id itself. Such a position stays masked and is predicted again; a block still masked
@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from helpers import make_checkpoint, make_engine
 from nemodiff import LLM, SamplingParams
-from nemodiff.runtime.segments import Pattern, Segment
+from nemodiff.runtime.model.segments import Pattern, Segment
 
 MASK = 100
 PROMPTS = [[1, 30, 31, 32], [1, 200, 201], [1, 17, 18, 19, 20, 21]]

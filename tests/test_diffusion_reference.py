@@ -1,11 +1,11 @@
-"""Diffusion mode against a straightforward, dense, no-cache implementation of DESIGN §5.2."""
+"""Diffusion mode against a straightforward, dense, no-cache implementation of docs/design.md §5.2."""
 
 import pytest
 import torch
 
 from helpers import make_engine, make_sticky_checkpoint
 from nemodiff import LLM, SamplingParams
-from nemodiff.runtime.segments import Pattern, Segment
+from nemodiff.runtime.model.segments import Pattern, Segment
 
 MASK = 100
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from helpers import make_engine, relative_error
-from nemodiff.runtime.loader import load_engine
-from nemodiff.runtime.segments import Segment
+from nemodiff.runtime.model.loader import load_engine
+from nemodiff.runtime.model.segments import Segment
 
 BOUNDS = {"bf16": 3e-2, "fp8": 1e-1}
 

@@ -10,10 +10,10 @@ from safetensors.torch import load_file, save_file
 
 from helpers import NLD_ROPE, make_checkpoint, make_engine, relative_error, transformers_model
 from nemodiff import LLM, SamplingParams
+from nemodiff.bench.shapes import shape_config
 from nemodiff.builder.checkpoint import CheckpointError
-from nemodiff.runtime.bench_shapes import shape_config
-from nemodiff.runtime.loader import load_engine
-from nemodiff.runtime.segments import Pattern, Segment
+from nemodiff.runtime.model.loader import load_engine
+from nemodiff.runtime.model.segments import Pattern, Segment
 
 # hidden / 32 of the released models; 8 heads x 16 = 128 keeps each class's ratio of heads x head_dim to hidden
 # (3B: 4096 / 3072, 8B: 4096 / 4096, 14B: 4096 / 5120) and of intermediate to hidden

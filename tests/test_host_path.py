@@ -9,7 +9,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from nemodiff import LLM, SamplingParams
-from nemodiff.runtime.decide import Decider
+from nemodiff.runtime.decoding.decide import Decider
 
 HOST_TRANSFERS = {"item", "tolist", "numpy", "cpu", "__int__", "__float__", "__bool__", "__index__", "__iter__",
                   "unbind"}
@@ -128,9 +128,9 @@ def test_non_finite_logits_fail_only_their_request(engine_fp32, mode, extra, poi
 def test_positions_from_offsets_match_explicit_positions():
     """Segments that keep position offsets (steady QuadraticSpec) are packed with the positions and
     KV slots explicit segments would give: alone, all alike, or mixed with others."""
-    from nemodiff.runtime.batch import BatchBuilder
-    from nemodiff.runtime.kv_cache import PagedKVCache
-    from nemodiff.runtime.segments import Pattern, Segment
+    from nemodiff.runtime.model.batch import BatchBuilder
+    from nemodiff.runtime.model.kv_cache import PagedKVCache
+    from nemodiff.runtime.model.segments import Pattern, Segment
 
     offsets = np.array([0, 1, 2, 1, 2, 3])
     writes = np.array([True, True, True, False, False, False])

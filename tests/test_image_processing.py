@@ -10,8 +10,8 @@ from PIL import Image
 
 from helpers import make_engine, make_vlm_checkpoint, png_bytes, transformers_pixels
 from nemodiff.engine_format import EngineConfig, VisionConfig
-from nemodiff.runtime.image_processing import ImageError, ImageLimits, ImageProcessor, expand_image_placeholders
-from nemodiff.runtime.multimodal import ImagePipeline
+from nemodiff.runtime.images.pipeline import ImagePipeline
+from nemodiff.runtime.images.preprocess import ImageError, ImageLimits, ImageProcessor, expand_image_placeholders
 
 IMG, BREAK, END = 10, 12, 13
 

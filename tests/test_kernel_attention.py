@@ -29,7 +29,7 @@ from nemodiff.plugins.attention import (  # noqa: E402
     workspace_elems,
 )
 from nemodiff.plugins.launch import InterpretLauncher  # noqa: E402
-from nemodiff.runtime.strategies.quadratic_spec import first_cycle_mask, quadratic_mask  # noqa: E402
+from nemodiff.runtime.model.segments import first_cycle_mask, quadratic_mask  # noqa: E402
 
 # Tolerances against the float32 reference. fp32: the kernel does the same float32 math in
 # another order. bf16/fp16: the reference reads the very same rounded inputs and the interpreter

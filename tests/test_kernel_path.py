@@ -9,10 +9,9 @@ import torch
 
 from helpers import make_engine, relative_error, transformers_model
 from nemodiff import LLM, SamplingParams
-from nemodiff.runtime.kv_cache import PagedKVCache
-from nemodiff.runtime.loader import load_engine
-from nemodiff.runtime.segments import Pattern, Segment
-from nemodiff.runtime.strategies.quadratic_spec import quadratic_mask
+from nemodiff.runtime.model.kv_cache import PagedKVCache
+from nemodiff.runtime.model.loader import load_engine
+from nemodiff.runtime.model.segments import Pattern, Segment, quadratic_mask
 
 PROMPTS = [[1, 200, 201, 202], [1, 150, 151, 152, 153, 154, 155, 156, 157]]
 

@@ -15,7 +15,7 @@ from nemodiff.engine_format import RopeConfig
 from nemodiff.plugins import activation, norm, rotary
 from nemodiff.plugins.launch import InterpretLauncher
 from nemodiff.plugins.ops import KernelLibrary
-from nemodiff.runtime.rope import inverse_frequencies
+from nemodiff.runtime.model.rope import inverse_frequencies
 
 LAUNCHER = InterpretLauncher()
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from nemodiff.runtime.kv_cache import KVCacheFullError, PagedKVCache
+from nemodiff.runtime.model.kv_cache import KVCacheFullError, PagedKVCache
 
 
 def make_cache(num_pages=6, page_size=4):
@@ -78,8 +78,8 @@ def test_no_page_is_shared_by_two_live_requests():
 
 
 def test_written_values_land_in_their_slots(engine_fp32):
-    from nemodiff.runtime.loader import load_engine
-    from nemodiff.runtime.segments import Pattern, Segment
+    from nemodiff.runtime.model.loader import load_engine
+    from nemodiff.runtime.model.segments import Pattern, Segment
 
     engine = load_engine(engine_fp32, device="cpu")
     cfg = engine.config.model

@@ -17,7 +17,7 @@ from triton_helpers import Server, ids_of
 
 from nemodiff import LLM, SamplingParams
 from nemodiff.builder.build import BuildOptions, build_engine
-from nemodiff.serve import instance_groups
+from nemodiff.serving.cli import instance_groups
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))

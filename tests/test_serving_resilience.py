@@ -23,7 +23,7 @@ from triton_helpers import REPO_ROOT, GrpcStream, Server, alive, descendants, id
 
 from helpers import make_checkpoint, make_engine
 from nemodiff import LLM, SamplingParams
-from nemodiff.openai_backend import BackendError, TritonBackend
+from nemodiff.serving.openai.backend import BackendError, TritonBackend
 
 FAULTS = Path(__file__).parent / "faults"
 FAIL_ONE = [1, 13, 13, 13]

@@ -19,9 +19,9 @@ import pytest
 from triton_helpers import NEMODIFF, Server
 
 from nemodiff import LLM, SamplingParams
-from nemodiff.bench_serve import PROMPTS, stream_request, summarize
+from nemodiff.bench.serve import PROMPTS, stream_request, summarize
 from nemodiff.builder.build import BuildOptions, build_engine
-from nemodiff.openai_backend import TritonBackend
+from nemodiff.serving.openai.backend import TritonBackend
 
 BUNDLED = Path(__file__).resolve().parent.parent / "models" / "nld-tiny"
 MODES = {"ar": None, "diffusion": 8, "linear-spec": 8, "quadratic-spec": 8}

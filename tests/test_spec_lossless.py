@@ -5,7 +5,7 @@ import torch
 
 from helpers import make_checkpoint, make_engine, make_sticky_checkpoint
 from nemodiff import LLM, SamplingParams
-from nemodiff.runtime.strategies.speculative import verify
+from nemodiff.runtime.decoding.strategies.speculative import verify
 
 PROMPTS = [
     [1, 200, 201, 202],

@@ -13,7 +13,7 @@ import torch
 
 from helpers import make_checkpoint, make_engine
 from nemodiff import LLM, SamplingParams
-from nemodiff.runtime.segments import Segment
+from nemodiff.runtime.model.segments import Segment
 
 TOP_K, TEMPERATURE, SAMPLES = 3, 1.0, 2000
 PROMPT = [1, 200, 37, 41]

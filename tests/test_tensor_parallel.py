@@ -21,10 +21,9 @@ from helpers import make_checkpoint, make_engine, make_sticky_checkpoint
 from nemodiff import LLM, SamplingParams
 from nemodiff.builder.build import BuildError
 from nemodiff.engine_format import EngineConfig, EngineFormatError
-from nemodiff.runtime.segments import Pattern, Segment
-from nemodiff.runtime.server import AsyncEngine
-from nemodiff.runtime.strategies.quadratic_spec import quadratic_mask
-from nemodiff.runtime.tp_comm import TensorParallelError
+from nemodiff.runtime.model.segments import Pattern, Segment, quadratic_mask
+from nemodiff.runtime.parallel.comm import TensorParallelError
+from nemodiff.serving.async_engine import AsyncEngine
 
 PROMPTS = [[1, 200, 201, 202], [1] + list(range(130, 150)), [1, 300, 300, 301, 302]]
 MODES = ("ar", "diffusion", "linear-spec", "quadratic-spec")
@@ -129,7 +128,7 @@ def test_each_rank_checks_its_own_shards(engines, tmp_path):
     with pytest.raises(TensorParallelError, match=r"rank 1 failed to start.*weights.rank1.safetensors.*manifest"):
         LLM(broken, device="cpu")
     with pytest.raises(EngineFormatError):
-        from nemodiff.runtime.loader import load_engine
+        from nemodiff.runtime.model.loader import load_engine
 
         load_engine(broken, device="cpu", rank=1)
 

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from helpers import make_checkpoint, make_engine, relative_error, transformers_model
-from nemodiff.runtime.loader import load_engine
-from nemodiff.runtime.segments import Pattern, Segment
+from nemodiff.runtime.model.loader import load_engine
+from nemodiff.runtime.model.segments import Pattern, Segment
 
 ROPE_CASES = {
     # the published NLD parameters (factor 0.25 -> attention factor 1)
@@ -38,7 +38,7 @@ def test_causal_logits_match_transformers(case, tmp_path):
 
 def test_query_scale_is_active_beyond_original_length():
     from nemodiff.engine_format import RopeConfig
-    from nemodiff.runtime.rope import RotaryEmbedding
+    from nemodiff.runtime.model.rope import RotaryEmbedding
 
     rope = RotaryEmbedding(RopeConfig(original_max_position_embeddings=8, llama_4_scaling_beta=0.1), 16, "cpu")
     scale = rope.query_scale(torch.tensor([0, 7, 8, 23, 24]))

@@ -6,7 +6,7 @@ TRITONBACKEND_ResponseFactoryIsCancelled). The sender here records the order of 
 
 import threading
 
-from nemodiff.triton_requests import RequestState
+from nemodiff.serving.triton.requests import RequestState
 
 
 class Sender:

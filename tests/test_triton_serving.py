@@ -18,7 +18,7 @@ from triton_helpers import NEMODIFF, GrpcStream, Server, grpc_inputs, ids_of
 
 from helpers import make_checkpoint, make_engine
 from nemodiff import LLM, SamplingParams
-from nemodiff.serve import parse_bytes
+from nemodiff.serving.cli import parse_bytes
 
 MAX_SEQ_LEN = 256
 WORDS = "the model token block mask draft verify cache page fast red green blue cat dog tree river stone".split()

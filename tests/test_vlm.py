@@ -6,12 +6,12 @@ import torch
 
 from helpers import make_engine, make_vlm_checkpoint, png_bytes, relative_error, transformers_pixels, transformers_vlm
 from nemodiff.engine_format import EngineConfig
-from nemodiff.runtime.kv_cache import PagedKVCache
-from nemodiff.runtime.loader import load_engine
-from nemodiff.runtime.multimodal import ImagePipeline, MultimodalPrompt
-from nemodiff.runtime.segments import Pattern, Segment
-from nemodiff.runtime.vision import VisionEncoder
-from nemodiff.runtime.vision_cache import VisionFeatureCache
+from nemodiff.runtime.images.encoder import VisionEncoder
+from nemodiff.runtime.images.feature_cache import VisionFeatureCache
+from nemodiff.runtime.images.pipeline import ImagePipeline, MultimodalPrompt
+from nemodiff.runtime.model.kv_cache import PagedKVCache
+from nemodiff.runtime.model.loader import load_engine
+from nemodiff.runtime.model.segments import Pattern, Segment
 
 IMAGES = [png_bytes(40, 24, seed=1), png_bytes(100, 75, seed=2), png_bytes(9, 30, seed=3)]  # the middle one shrinks
 

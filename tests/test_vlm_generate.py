@@ -2,7 +2,7 @@
 prefill, preemption, the vision-feature cache and bad images, on a random NLD VLM checkpoint.
 
 References: transformers' Mistral3ForConditionalGeneration (greedy AR), the engine's own AR
-output (the spec modes are lossless) and the dense diffusion reference of DESIGN §5.2.
+output (the spec modes are lossless) and the dense diffusion reference of docs/design.md §5.2.
 """
 
 import pytest
@@ -12,9 +12,9 @@ from test_diffusion_reference import reference_diffusion
 from helpers import make_engine, make_vlm_checkpoint, png_bytes, transformers_pixels, transformers_vlm
 from nemodiff import LLM, SamplingParams
 from nemodiff.engine_format import EngineConfig
-from nemodiff.runtime.image_processing import ImageError, ImageLimits
-from nemodiff.runtime.multimodal import ImagePipeline
-from nemodiff.runtime.server import AsyncEngine
+from nemodiff.runtime.images.pipeline import ImagePipeline
+from nemodiff.runtime.images.preprocess import ImageError, ImageLimits
+from nemodiff.serving.async_engine import AsyncEngine
 
 IMAGES = [png_bytes(40, 24, seed=1), png_bytes(100, 75, seed=2), png_bytes(9, 30, seed=3)]
 # (prompt ids, images): one placeholder, two placeholders, no placeholder (the image goes first)

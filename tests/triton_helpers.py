@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from nemodiff.serve import free_ports
+from nemodiff.serving.cli import free_ports
 
 MODEL = "nemodiff"
 NEMODIFF = Path(sys.executable).parent / "nemodiff"

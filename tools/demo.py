@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from nemodiff.runtime.request import MODES
-from nemodiff.serve import free_ports
+from nemodiff.serving.cli import free_ports
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_PROMPT = "Once upon a time there was a little fox named Max."

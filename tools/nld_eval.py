@@ -15,9 +15,9 @@ import torch
 
 from nemodiff import LLM, SamplingParams
 from nemodiff.builder.build import BuildOptions, build_engine
-from nemodiff.runtime.loader import load_engine
+from nemodiff.runtime.model.loader import load_engine
+from nemodiff.runtime.model.segments import Segment
 from nemodiff.runtime.request import MODES
-from nemodiff.runtime.segments import Segment
 
 
 def build_fp32_engine(checkpoint: Path, engine_dir: Path) -> Path:

@@ -1,4 +1,4 @@
-"""A trainable NLD model (autograd) and the joint AR + block-diffusion objective (DESIGN §2, §3, §6).
+"""A trainable NLD model (autograd) and the joint AR + block-diffusion objective (docs/design.md §2, §3, §6).
 
 [checkpoint: trained here, written by tools/train_default_model.py] ──builder──▶ engine dir ──runtime──▶ Triton
 
@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from nemodiff.engine_format import RopeConfig
-from nemodiff.runtime.rope import inverse_frequencies
+from nemodiff.runtime.model.rope import inverse_frequencies
 
 
 class RMSNorm(nn.Module):
@@ -143,7 +143,7 @@ class TinyNLD(nn.Module):
 
 
 def joint_mask(length: int, block: int) -> torch.Tensor:
-    """[2L, 2L] mask for the input [noisy x | clean x] (DESIGN §6).
+    """[2L, 2L] mask for the input [noisy x | clean x] (docs/design.md §6).
 
     A noisy token sees its own noisy block (bidirectional) and the clean tokens of earlier
     blocks; a clean token sees the clean tokens up to itself (causal).

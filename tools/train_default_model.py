@@ -7,7 +7,7 @@
 
 Steps: generate the templated corpus (tools/default_corpus.py), train the byte-level BPE
 tokenizer on it (the NLD special-token block, mask id 100), train `TinyNLD` with the joint
-AR + block-diffusion objective of DESIGN §6, write the checkpoint in the upstream Hugging
+AR + block-diffusion objective of docs/design.md §6, write the checkpoint in the upstream Hugging
 Face layout (config.json, model.safetensors, tokenizer.json, tokenizer_config.json), then
 build an fp32 engine, check the runtime's causal logits against the training module, and
 measure tokens per forward of every decoding mode on held-out prompts

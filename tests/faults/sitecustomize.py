@@ -4,7 +4,7 @@ checkpoint ──builder──▶ engine dir ──runtime──▶ [Triton: fau
 
 `nemodiff serve` runs with PYTHONPATH pointing here; the Triton model applies PYTHONPATH and
 runs this file before it imports nemodiff (see model_repo/nemodiff/1/model.py). When
-`nemodiff.runtime.engine` is imported, `Engine.launch` is wrapped:
+`nemodiff.runtime.engine.loop` is imported, `Engine.launch` is wrapped:
 
 - a request whose prompt starts with FAIL_ONE gets a strategy that raises once it has output:
   the engine must end that request alone with its error while its step goes on for the others;
@@ -17,7 +17,7 @@ import sys
 
 FAIL_ONE = [1, 13, 13, 13]
 FAIL_LOOP = [1, 17, 17, 17]
-TARGET = "nemodiff.runtime.engine"
+TARGET = "nemodiff.runtime.engine.loop"
 
 
 def _wrap(engine_class) -> None:

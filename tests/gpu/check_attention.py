@@ -34,7 +34,7 @@ from nemodiff.plugins.attention import (  # noqa: E402
     workspace_elems,
 )
 from nemodiff.plugins.launch import JitLauncher  # noqa: E402
-from nemodiff.runtime.strategies.quadratic_spec import quadratic_mask  # noqa: E402
+from nemodiff.runtime.model.segments import quadratic_mask  # noqa: E402
 
 LAUNCHER = JitLauncher()
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 3e-3}  # relative Frobenius error

@@ -27,7 +27,7 @@ from nemodiff.engine_format import ModelConfig, RopeConfig
 from nemodiff.plugins import activation, aot, fp8_gemm, norm, registry, rotary
 from nemodiff.plugins.launch import JitLauncher
 from nemodiff.plugins.ops import gpu_sm
-from nemodiff.runtime.rope import inverse_frequencies
+from nemodiff.runtime.model.rope import inverse_frequencies
 
 REPORT = Report("device_checks")
 record = REPORT.record
@@ -141,7 +141,7 @@ def time_ms(fn, *args, iters: int = 50) -> float:
 
 
 def check_fp8_speed(launcher, cfg: ModelConfig, gen, num_sms: int) -> None:
-    """Weight-only fp8 must beat a bf16 GEMM at decode sizes by reading half the bytes (DESIGN §7)."""
+    """Weight-only fp8 must beat a bf16 GEMM at decode sizes by reading half the bytes (docs/design.md §7)."""
     for n, k in fp8_gemm.linear_shapes(cfg):
         weight, scale = quantize_fp8(torch.randn(n, k, generator=gen).to(DEV))
         dense = (weight.float() * scale[:, None]).to(torch.bfloat16)
@@ -183,7 +183,7 @@ def check_attention(launcher, tag: str, shapes: list[str], dtypes) -> None:
     from attention_cases import make_case
 
     from nemodiff.plugins.attention import CAUSAL, FULL, MASK, reference_segment_attention, segment_attention
-    from nemodiff.runtime.strategies.quadratic_spec import quadratic_mask
+    from nemodiff.runtime.model.segments import quadratic_mask
 
     mask = torch.rand(40, 40) > 0.5
     mask[:, 0] = True

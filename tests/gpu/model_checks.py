@@ -30,10 +30,13 @@ from helpers import make_checkpoint  # noqa: E402
 from nemodiff import LLM, SamplingParams  # noqa: E402
 from nemodiff.builder.build import BuildOptions, build_engine  # noqa: E402
 from nemodiff.plugins.ops import gpu_sm  # noqa: E402
-from nemodiff.runtime.kv_cache import PagedKVCache  # noqa: E402
-from nemodiff.runtime.loader import load_engine  # noqa: E402
-from nemodiff.runtime.segments import Pattern, Segment  # noqa: E402
-from nemodiff.runtime.strategies.quadratic_spec import quadratic_mask  # noqa: E402
+from nemodiff.runtime.model.kv_cache import PagedKVCache  # noqa: E402
+from nemodiff.runtime.model.loader import load_engine  # noqa: E402
+from nemodiff.runtime.model.segments import (  # noqa: E402
+    Pattern,
+    Segment,
+    quadratic_mask,  # noqa: E402
+)
 
 REPORT = Report("model_checks")
 record = REPORT.record

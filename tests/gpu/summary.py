@@ -3,7 +3,7 @@
 checkpoint ──builder──▶ engine dir ──runtime (GPU)──▶ [this summary of $OUT/*.json]──▶ docs/performance.md
 
 Reads device_checks.json, model_checks.json, tp_checks.json (two-GPU machines) and the nld-8b bench JSONs from the folder given
-(default $OUT) and prints one markdown table of the targets (issue targets, DESIGN §7), ready
+(default $OUT) and prints one markdown table of the targets (issue targets, docs/design.md §7), ready
 to paste into docs/performance.md with the date and the card.
 """
 

@@ -1,4 +1,4 @@
-"""nemodiff's Triton model: finds the nemodiff installation, then runs `nemodiff.triton_model`.
+"""nemodiff's Triton model: finds the nemodiff installation, then runs `nemodiff.serving.triton.model`.
 
 checkpoint ──builder──▶ engine dir ──runtime──▶ [Triton: model_repo/nemodiff]
 
@@ -54,7 +54,7 @@ def _use_installation(parameters: dict) -> None:
 class TritonPythonModel:
     def initialize(self, args):
         _use_installation(json.loads(args["model_config"]).get("parameters", {}))
-        from nemodiff.triton_model import NemodiffModel
+        from nemodiff.serving.triton.model import NemodiffModel
 
         self.model = NemodiffModel(args)
 

@@ -1,0 +1,235 @@
+"""`nemodiff bench`: measure an engine, or a random model at a named shape, and write JSON + PNG.
+
+checkpoint ──builder──▶ engine dir ──runtime──▶ serving ──[bench: the `nemodiff bench` command]
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from pathlib import Path
+
+import click
+import torch
+
+PUBLISHED_TPF = {"ar": 1.0, "diffusion": 2.6, "linear-spec": 6.0, "quadratic-spec": 6.4}  # docs/design.md §1, NLD-8B
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def _plot(report: dict, path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    panels = [p for p in ("steps", "end_to_end") if report.get(p)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.2), squeeze=False)
+    for ax, panel in zip(axes[0], panels):
+        rows = report[panel]
+        if panel == "steps":
+            for kind in dict.fromkeys(r["kind"] for r in rows):
+                pts = [(r["batch"], r["ms"]) for r in rows if r["kind"] == kind]
+                ax.plot(*zip(*pts), marker="o", label=kind)
+            batches = sorted({r["batch"] for r in rows})
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(batches, [str(b) for b in batches])
+            ax.set(xlabel="batch size", ylabel="forward latency (ms)", title="step latency")
+        else:
+            for mode in dict.fromkeys(r["mode"] for r in rows):
+                pts = [(r["concurrency"], r["tokens_per_s"]) for r in rows if r["mode"] == mode]
+                tpf = [r["tokens_per_forward"] for r in rows if r["mode"] == mode][0]
+                ax.plot(*zip(*pts), marker="o", label=f"{mode} ({tpf:.2f} tok/fwd)")
+            ax.set(xlabel="concurrent requests", ylabel="output tokens/s", title="end to end")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(report["title"], fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+@click.command(context_settings={"show_default": True, "help_option_names": ["-h", "--help"]})
+@click.argument("engine_dir", type=click.Path(path_type=Path), required=False)
+@click.option("--shape", type=str, default=None, help="Benchmark a random model of this shape (nld-3b, nld-8b, "
+              "nld-14b, tiny) instead of an engine.")
+@click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp8", "fp32"]), default="bf16", help="With --shape.")
+@click.option("--device", type=str, default=None, help="torch device [default: cuda if available, else cpu].")
+@click.option("--modes", type=str, default="ar,diffusion,linear-spec,quadratic-spec", help="End-to-end modes.")
+@click.option("--batch-sizes", type=str, default="1,8,32", help="Batch sizes for step latencies.")
+@click.option("--concurrency", type=str, default="1,4", help="Concurrent requests for end-to-end runs.")
+@click.option("--context", type=int, default=1024, help="Committed tokens per request for step latencies.")
+@click.option("--iters", type=int, default=10, help="Timed repetitions per step shape (median reported).")
+@click.option("--max-new-tokens", type=int, default=64, help="Tokens per end-to-end request.")
+@click.option("--hf/--no-hf", "with_hf", default=True, help="Also time transformers' AR decoding (--shape).")
+@click.option("--tp", type=int, default=1, help="With --shape: also time the model split over this many "
+              "tensor-parallel ranks (GPUs) and report the ratio to one rank.")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), default=Path("bench.json"), help="JSON output.")
+@click.option("--plot", "plot_path", type=click.Path(path_type=Path), default=Path("bench.png"), help="PNG output.")
+@click.option("--serve", "serve_url", type=str, default=None,
+              help="Load a running `nemodiff serve` at this gRPC URL (grpc://host:8001) instead; --concurrency "
+                   "defaults to 1,8,32,64 there.")
+@click.option("--duration", type=float, default=30.0, help="With --serve: seconds per concurrency level.")
+@click.option("--host-overhead", is_flag=True,
+              help="Measure the host work per engine step of ENGINE_DIR (wall time minus the model forward) per "
+                   "mode at 1, 8 and 32 running requests; use a tiny checkpoint to see the host alone.")
+def bench(engine_dir: Path | None, shape: str | None, dtype: str, device: str | None, modes: str, batch_sizes: str,
+          concurrency: str, context: int, iters: int, max_new_tokens: int, with_hf: bool, tp: int, json_path: Path,
+          plot_path: Path, serve_url: str | None, duration: float, host_overhead: bool) -> None:
+    """Benchmark an engine (end to end per mode + step latencies), a random model at --shape, or a server."""
+    from nemodiff.bench import steps as b
+    from nemodiff.runtime.model.loader import default_device
+
+    if serve_url is not None:
+        _bench_server(serve_url, concurrency, duration, modes, max_new_tokens, json_path)
+        return
+    if host_overhead:
+        if engine_dir is None:
+            raise click.UsageError("--host-overhead needs an ENGINE_DIR")
+        _bench_host(engine_dir, device, modes, batch_sizes, iters, json_path)
+        return
+    if (engine_dir is None) == (shape is None):
+        raise click.UsageError("give an ENGINE_DIR or --shape, not both")
+    if tp > 1 and not shape:
+        raise click.UsageError("--tp needs --shape (an engine runs with the --tp it was built for: time it with "
+                               "`nemodiff bench ENGINE_DIR`)")
+    dev = torch.device(device) if device else default_device()
+    report = {"date": time.strftime("%Y-%m-%d"), "device": torch.cuda.get_device_name(dev) if dev.type == "cuda"
+              else platform.processor() or "cpu", "torch": torch.__version__, "context": context}
+    click.echo(f"device: {report['device']} (torch {torch.__version__})")
+    report["ceilings"] = b.machine_ceilings(dev)
+    click.echo("copy bandwidth {:.1f} GB/s, matmul {:.2f} TFLOP/s ({})".format(
+        report["ceilings"]["copy_bytes_per_s"] / 1e9, report["ceilings"]["matmul_flops_per_s"] / 1e12,
+        report["ceilings"]["matmul_dtype"]))
+    server = None
+    if shape:
+        from nemodiff.bench.shapes import jit_kernels, random_model, shape_config, transformers_baseline
+
+        config = shape_config(shape)
+        model, weights = random_model(config, dtype, dev)
+        model.kernels = jit_kernels(dev)
+        page_size, title = 16, f"{shape} ({dtype}, random weights) on {report['device']}"
+    else:
+        from nemodiff import LLM
+        from nemodiff.serving.async_engine import AsyncEngine
+
+        llm = LLM(engine_dir, device=dev)
+        model, config, page_size = llm.model, llm.config.model, llm.config.build.kv_page_size
+        context = min(context, max(llm.config.build.max_seq_len - 1100, 16))
+        report["context"] = context
+        server = AsyncEngine(llm)
+        title = f"{engine_dir.name} ({llm.config.build.dtype}) on {report['device']}"
+    report["title"] = title
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+
+    def save() -> None:  # after every result: a later failure (or a kill) loses nothing measured
+        json_path.write_text(json.dumps(report, indent=2))
+
+    report["weight_bytes"] = b.weight_bytes(model)
+    roofline_ms = 1e3 * report["weight_bytes"] / report["ceilings"]["copy_bytes_per_s"]
+    report["roofline"] = {"forward_ms": roofline_ms, "ar_tokens_per_s": 1e3 / roofline_ms}
+    kinds = [k for k in b.STEP_KINDS if k != "quad-k32" or dev.type == "cuda"]
+    report["steps"] = []
+    save()
+    b.step_latencies(model, kinds, _ints(batch_sizes), context, page_size, iters,
+                     on_result=lambda row: (report["steps"].append(row), save()))
+    ar1 = next(r["ms"] for r in report["steps"] if r["kind"] == "ar" and r["batch"] == min(_ints(batch_sizes)))
+    report["ar_batch1"] = {"ms": ar1, "tokens_per_s": 1e3 / ar1, "fraction_of_roofline": roofline_ms / ar1}
+    save()
+    if shape and with_hf:
+        try:
+            hf = transformers_baseline(config, weights, dev)
+            if hf is not None:
+                report["transformers_ar_tokens_per_s"] = b.transformers_ar_tokens_per_s(hf, context, 16, dev)
+                report["speedup_vs_transformers"] = report["ar_batch1"]["tokens_per_s"] / \
+                    report["transformers_ar_tokens_per_s"]
+                del hf
+        except Exception as exc:  # the baseline is optional: keep everything else
+            report["transformers_error"] = f"{type(exc).__name__}: {exc}"
+            click.echo(f"transformers baseline failed: {report['transformers_error']}", err=True)
+        save()
+    if tp > 1:
+        del model, weights  # room for the shards
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+        report["tp"] = b.tensor_parallel_steps(shape, dtype, dev, tp, _ints(batch_sizes),
+                                               context, page_size, iters, report["steps"])
+        save()
+    if server is not None:
+        prompts = [[1] + llm.tokenizer.encode(text, add_special_tokens=False) for text in
+                   ("The cat sat on the", "Once upon a time", "1, 2, 3, 4,", "The weather today is")]
+        report["end_to_end"] = b.end_to_end(server, prompts, modes.split(","), _ints(concurrency), max_new_tokens)
+        server.shutdown()
+    else:
+        step = {r["kind"]: r["ms"] for r in report["steps"] if r["batch"] == min(_ints(batch_sizes))}
+        report["projected_tokens_per_s_at_published_tpf"] = {
+            "ar": 1e3 / step["ar"], "linear-spec": 1e3 * PUBLISHED_TPF["linear-spec"] / (step["draft-32"] + step["verify-32"]),
+            "quadratic-spec (k=8)": 1e3 * min(PUBLISHED_TPF["quadratic-spec"], 8) / step["quad-k8"]}
+    _print_table(report)
+    save()
+    plotted = _plot(report, plot_path)
+    click.echo(f"wrote {json_path}" + (f" and {plot_path}" if plotted else " (no matplotlib: no plot)"))
+
+
+def _print_table(report: dict) -> None:
+    click.echo(f"\n{'step':12s} {'batch':>5s} {'tokens':>7s} {'ms':>9s}  path")
+    for r in report["steps"]:
+        path = "cuda graph" if r.get("graph") else "eager"
+        click.echo(f"{r['kind']:12s} {r['batch']:5d} {r['tokens']:7d} {r['ms']:9.3f}  {path}")
+    roof = report["roofline"]
+    click.echo(f"roofline: {roof['forward_ms']:.3f} ms/forward ({roof['ar_tokens_per_s']:.1f} AR tokens/s); "
+               f"AR batch 1: {report['ar_batch1']['tokens_per_s']:.1f} tokens/s "
+               f"({100 * report['ar_batch1']['fraction_of_roofline']:.0f}% of roofline)")
+    if "transformers_ar_tokens_per_s" in report:
+        click.echo(f"transformers AR: {report['transformers_ar_tokens_per_s']:.1f} tokens/s "
+                   f"(nemodiff {report['speedup_vs_transformers']:.1f}x)")
+    for r in report.get("end_to_end", []):
+        click.echo(f"{r['mode']:15s} x{r['concurrency']:<3d} {r['tokens_per_forward']:5.2f} tok/fwd "
+                   f"{r['tokens_per_s']:8.1f} tok/s  TTFT {r['ttft_ms'] or 0:7.1f} ms  ITL {r['itl_ms'] or 0:6.2f} ms")
+    if "tp" in report:
+        tp = report["tp"]
+        click.echo(f"tensor parallel x{tp['size']}: AR batch 1 {tp['ar_batch1_ms']:.3f} ms per token, "
+                   f"{tp['ratio_to_tp1']:.3f} of one rank's (ideal {1 / tp['size']:.3f})")
+    for mode, value in report.get("projected_tokens_per_s_at_published_tpf", {}).items():
+        click.echo(f"projected {mode}: {value:.1f} tokens/s at the published tokens/forward")
+
+
+def _bench_host(engine_dir: Path, device: str | None, modes: str, batch_sizes: str, iters: int,
+                json_path: Path) -> None:
+    from nemodiff import LLM
+    from nemodiff.bench.host import format_table, host_overhead
+
+    levels = _ints(batch_sizes)
+    llm = LLM(engine_dir, device=device, max_batch_size=max(levels))
+    click.echo(f"host overhead of {engine_dir} ({llm.config.build.dtype}) on {llm.model.device}, "
+               f"{max(iters, 20)} steady steps per row")
+    rows = host_overhead(llm, modes.split(","), levels, steps=max(iters, 20))
+    click.echo(format_table(rows))
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "engine": str(engine_dir),
+                                     "device": str(llm.model.device), "torch": torch.__version__,
+                                     "host_overhead": rows}, indent=2))
+    click.echo(f"wrote {json_path}")
+
+
+def _bench_server(url: str, concurrency: str, duration: float, modes: str, max_tokens: int, json_path: Path) -> None:
+    import asyncio
+
+    from nemodiff.bench.serve import bench_server, format_rows
+
+    source = click.get_current_context().get_parameter_source("concurrency")
+    levels = [1, 8, 32, 64] if source == click.core.ParameterSource.DEFAULT else _ints(concurrency)
+    try:
+        rows = asyncio.run(bench_server(url, levels, duration, modes.split(","), max_tokens))
+    except RuntimeError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(format_rows(rows))
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "server": url, "levels": rows}, indent=2))
+    click.echo(f"wrote {json_path}")

@@ -1,0 +1,107 @@
+"""The decoding-strategy contract: a strategy owns one request's decode state.
+
+checkpoint ──builder──▶ engine dir ──[runtime: strategies]──▶ Triton
+
+Each engine step asks every running strategy for the segments of its next forward
+(`next_segment`), runs them all in one model pass, lets every strategy say what it needs
+from its logit rows (`register`, with the step's `Decider`), computes all of it in one
+batched pass on the device, copies the answers to the host once, and hands each strategy
+its answer (`consume`), which returns the output tokens it decided. Strategies keep only
+small host state and do O(1) Python per step; `committed` is the number of cache
+positions that are now valid (the engine shrinks the cache to it).
+"""
+
+from __future__ import annotations
+
+import secrets
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import numpy as np
+
+from nemodiff.engine_format import ModelConfig
+from nemodiff.runtime.model.segments import Pattern, Segment, arange
+from nemodiff.runtime.request import Request
+
+
+@dataclass
+class StrategyContext:
+    model: ModelConfig
+    block_length: int
+    has_lora: bool
+    think_end_id: int | None = None
+
+
+class DecodeStrategy(ABC):
+    def __init__(self, request: Request, ctx: StrategyContext):
+        self.request = request
+        self.ctx = ctx
+        self.params = request.params
+        self.seed = self.params.seed if self.params.seed is not None else secrets.randbits(62)
+        self.draw_counter = 0  # advanced by every decision that may draw random numbers
+        self.draft_probs = None  # device distributions of sampled drafts (temperature > 0)
+        self.committed = 0  # valid KV positions of this request
+        self.write_ahead = self.block_length()  # most positions a decode step writes past `committed`
+        self._block_start, self._block_positions = -1, None  # positions start..start+block-1, reused while start stays
+        # a thinking budget applies (docs/design.md §5.6); without one the budget helpers return at once
+        self._budgeted = self.params.max_thinking_tokens is not None and ctx.think_end_id is not None
+        self._think_closed = False  # the end-of-thinking token has been emitted
+        self._think_seen = 0  # output tokens already searched for it
+
+    @abstractmethod
+    def next_segment(self) -> Segment:
+        """This request's part of the next forward. The batch is packed before the step's answers
+        are consumed, so the segment may share arrays the strategy updates later."""
+
+    @abstractmethod
+    def register(self, decider, first_row: int, token_row: int) -> None:
+        """Ask the decider for what this step's logits must give (rows from first_row; the
+        segment's tokens start at batch token row token_row)."""
+
+    @abstractmethod
+    def consume(self, decider) -> list[int]:
+        """Read the decider's answers; returns the newly decided output tokens."""
+
+    # helpers shared by the strategies ------------------------------------------------------
+    def prefill_segment(self) -> Segment:
+        """The rest of the prompt after what the engine already cached (chunked prefill)."""
+        prompt, start = self.request.prompt_ids, self.committed
+        n = len(prompt)
+        return Segment(self.request.request_id, prompt[start:], np.arange(start, n), prefix_len=start,
+                       pattern=Pattern.CAUSAL, write_kv=True, logit_rows=[n - start - 1],
+                       image_embeds=self.request.image_embeds_for(start, n))
+
+    def tokens_until_forced(self) -> int | None:
+        """How many tokens may still be emitted before the end-of-thinking token must be forced
+        (thinking budget, docs/design.md §5.6); None when nothing is to be forced."""
+        if not self._budgeted or self._thinking_done():
+            return None
+        return max(self.params.max_thinking_tokens - len(self.request.output_ids), 0)
+
+    def _thinking_done(self) -> bool:
+        if not self._think_closed:
+            self._think_closed = self.ctx.think_end_id in self.request.output_ids[self._think_seen:]
+            self._think_seen = len(self.request.output_ids)
+        return self._think_closed
+
+    def forced_token(self) -> int | None:
+        """The end-of-thinking token when it is due as the very next token, else None."""
+        return self.ctx.think_end_id if self.tokens_until_forced() == 0 else None
+
+    def apply_thinking_budget(self, tokens: list[int]) -> list[int]:
+        """Cut a run of new tokens where the budget forces end-of-thinking, and place it there."""
+        if not self._budgeted:
+            return tokens
+        room, end = self.tokens_until_forced(), self.ctx.think_end_id
+        if room is None or room >= len(tokens) or end in tokens[:room]:
+            return tokens
+        return tokens[:room] + [end]
+
+    def block_length(self) -> int:
+        return self.params.block_length or self.ctx.block_length
+
+    def block_positions(self, start: int) -> np.ndarray:
+        """Positions start..start+block-1 (the same array for as long as the block starts there)."""
+        if self._block_start != start:
+            self._block_start, self._block_positions = start, arange(self.block_length()) + start
+        return self._block_positions

@@ -1,0 +1,83 @@
+"""QuadraticSpec self-speculation (docs/design.md §5.4): one forward verifies and pre-drafts.
+
+checkpoint ──builder──▶ engine dir ──[runtime: quadratic-spec strategy]──▶ Triton
+
+A cycle carries k drafts d_0..d_{k-1} at positions P..P+k-1 (d_0 is already verified).
+The segment is [d_0..d_{k-1}, group_0, ..., group_{k-1}] with group i = k MASK tokens at
+positions P+i+1..P+i+k. Drafts attend causally among themselves; group i sees d_0..d_i and
+its own group. Only the drafts write K/V; accepting n keeps d_0..d_{n-1}. The next drafts
+are group (n-1): slot 0 is the bonus token (the AR prediction for that position) and
+slots 1..k-1 its diffusion predictions, chosen on the device in the same decision pass.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from nemodiff.runtime.model.segments import Pattern, Segment, cycle_layout, first_cycle_mask
+
+from .base import DecodeStrategy
+from .linear_spec import acceptance_stats
+
+
+class QuadraticSpecStrategy(DecodeStrategy):
+    def __init__(self, request, ctx):
+        super().__init__(request, ctx)
+        self.k = self.block_length()
+        self.mask_id = ctx.model.mask_token_id
+        self.phase = "first"
+        self.tokens = np.full(self.k * (self.k + 1), self.mask_id, dtype=np.int64)  # drafts then groups
+        self.accepted: list[int] = []
+        self._handles = None
+        self._shape = ("quad", self.k)
+        self._cycle: Segment | None = None  # the cycle segment, moved along every step
+
+    def next_segment(self) -> Segment:
+        rid, mask_id, k = self.request.request_id, self.mask_id, self.k
+        if self.phase == "first":
+            prompt, start = self.request.prompt_ids, self.committed  # start > 0 after chunked prefill
+            n = len(prompt) - start
+            return Segment(rid, list(prompt[start:]) + [mask_id] * k, np.arange(start, len(prompt) + k), start,
+                           Pattern.MASK, write_kv=np.array([True] * n + [False] * k),
+                           logit_rows=[n - 1] + list(range(n + 1, n + k)), mask=first_cycle_mask(n, k),
+                           image_embeds=self.request.image_embeds_for(start, len(prompt)))
+        P = self.committed
+        if self._cycle is None:
+            mask, offsets, writes, rows = cycle_layout(k)
+            self._cycle = Segment(rid, self.tokens, None, P, Pattern.MASK, write_kv=writes, logit_rows=rows,
+                                  mask=mask, shape_key=self._shape, kv_end=P + k, position_offsets=offsets)
+            return self._cycle
+        return self._cycle.moved(P, None, P + k)
+
+    def register(self, decider, first_row: int, token_row: int) -> None:
+        if self.phase == "first":
+            seed = decider.sample(self, first_row)
+            drafts = decider.drafts(self, first_row + 1, self.k - 1) if self.k > 1 else None
+            self._handles = (seed, drafts)
+        else:
+            self._handles = decider.quad(self, first_row, self.k, token_row)
+
+    def consume(self, decider) -> list[int]:
+        k = self.k
+        if self.phase == "first":
+            seed_handle, drafts_handle = self._handles
+            self.committed = len(self.request.prompt_ids)
+            self.phase = "cycle"
+            forced = self.forced_token()
+            seed = forced if forced is not None else int(decider.result(seed_handle)[0])
+            self.tokens[0] = seed
+            if drafts_handle is not None:
+                self.tokens[1:k] = decider.result(drafts_handle)
+            return [seed]
+        answer = decider.result(self._handles)
+        n = int(answer[0])
+        tokens = answer[1: 1 + n].tolist()
+        self.accepted.append(len(tokens))
+        tokens = self.apply_thinking_budget(tokens)
+        self.committed += len(tokens)  # d_0..d_{m-1} stay cached; tokens[-1] is the next d_0
+        self.tokens[0] = tokens[-1]
+        self.tokens[1:k] = answer[1 + k: 2 * k]
+        return tokens
+
+    def stats(self) -> dict:
+        return acceptance_stats(self.accepted)

@@ -1,0 +1,236 @@
+"""Scheduling: who runs in the next forward, admission, chunked prefill and preemption.
+
+checkpoint ──builder──▶ engine dir ──[runtime: scheduler]──▶ Triton
+
+Admission is FIFO by arrival. Each step first serves the running requests, least recently
+served first (so when the token budget cannot fit everyone, those left out go first next
+step: nobody waits more than a step behind others of its size), then admits waiting ones
+while the sequence limit, the per-step token budget and the free KV pages allow. Prompts
+longer than the token budget are prefilled in chunks. When the page pool runs dry the newest
+request not yet served this step is preempted: its pages are freed and it goes back to the
+waiting queue, keeping its decode state; on readmission its cached tokens (prompt + output
+so far) are recomputed and it resumes exactly where it was.
+"""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass, field
+from operator import attrgetter
+
+import numpy as np
+
+from nemodiff.runtime.decoding.strategies.base import DecodeStrategy
+from nemodiff.runtime.model.kv_cache import KVCacheFullError, PagedKVCache
+from nemodiff.runtime.model.segments import Pattern, Segment
+from nemodiff.runtime.request import Request
+
+
+@dataclass
+class SchedulerConfig:
+    max_num_seqs: int = 8
+    max_num_batched_tokens: int = 2048
+
+
+@dataclass(eq=False)
+class Sequence:
+    """A request as the scheduler sees it."""
+
+    request: Request
+    strategy: DecodeStrategy
+    cache_len: int = 0  # positions recomputed/prefilled by the engine so far
+    fill_target: int = 0  # positions the engine fills in chunks before the strategy takes over
+    num_preemptions: int = 0
+    last_served: int = -1  # the step that last ran it
+    request_id: int = field(init=False)
+
+    def __post_init__(self):
+        self.request_id = self.request.request_id
+
+    def __lt__(self, other: "Sequence") -> bool:
+        return self.request_id < other.request_id
+
+    @property
+    def filling(self) -> bool:
+        return self.cache_len < self.fill_target
+
+    def tokens(self) -> list[int]:
+        return self.request.prompt_ids + self.request.output_ids
+
+
+@dataclass(slots=True)
+class ScheduledWork:
+    sequence: Sequence
+    segment: Segment
+    is_fill: bool
+    num_tokens: int = 0
+
+
+class WaitingQueue:
+    """Sequences ordered by arrival (preempted ones go back to their place); O(log n) per change."""
+
+    def __init__(self):
+        self._heap: list[Sequence] = []
+        self._removed: set[int] = set()
+
+    def push(self, seq: Sequence) -> None:
+        self._removed.discard(seq.request_id)
+        heapq.heappush(self._heap, seq)
+
+    def peek(self) -> Sequence | None:
+        while self._heap and self._heap[0].request_id in self._removed:
+            self._removed.discard(heapq.heappop(self._heap).request_id)
+        return self._heap[0] if self._heap else None
+
+    def pop(self) -> Sequence:
+        seq = self.peek()
+        heapq.heappop(self._heap)
+        return seq
+
+    def remove(self, seq: Sequence) -> bool:
+        if seq.request_id in self._removed or seq not in self._heap:
+            return False
+        self._removed.add(seq.request_id)
+        return True
+
+    def __contains__(self, seq: Sequence) -> bool:
+        return seq.request_id not in self._removed and seq in self._heap
+
+    def __len__(self) -> int:
+        return len(self._heap) - len(self._removed)
+
+    def __iter__(self):
+        return (s for s in sorted(self._heap) if s.request_id not in self._removed)
+
+
+_service_order = attrgetter("last_served", "request_id")  # least recently served first, then oldest
+
+
+@dataclass
+class Scheduler:
+    config: SchedulerConfig
+    cache: PagedKVCache
+    waiting: WaitingQueue = field(default_factory=WaitingQueue)
+    running: list[Sequence] = field(default_factory=list)
+    step_index: int = 0
+    num_preemptions: int = 0
+
+    def add(self, sequence: Sequence) -> None:
+        self.waiting.push(sequence)
+
+    def has_work(self) -> bool:
+        return bool(len(self.waiting) or self.running)
+
+    # -- one step ----------------------------------------------------------------------------
+    def schedule(self) -> list[ScheduledWork]:
+        self.step_index += 1
+        budget = self.config.max_num_batched_tokens
+        work: list[ScheduledWork] = []
+        served: set[int] = set()
+        order = sorted(self.running, key=_service_order)
+        preempted_before = self.num_preemptions
+        for seq in order:
+            if self.num_preemptions != preempted_before and seq not in self.running:  # preempted in this loop
+                continue
+            item = self._plan(seq, budget, first=not work)
+            if item is None or not self._reserve_or_preempt(seq, item, served):
+                continue
+            work.append(item)
+            served.add(seq.request_id)
+            budget -= item.num_tokens
+        while len(self.waiting) and len(self.running) < self.config.max_num_seqs and budget > 0:
+            seq = self.waiting.peek()
+            if self.cache.pages_needed(self._admission_tokens(seq, budget)) > self.cache.num_free_pages:
+                break  # strict FIFO: nobody overtakes the head of the queue
+            self.waiting.pop()
+            self._admit(seq)
+            item = self._plan(seq, budget, first=not work)
+            if item is None or not self._reserve_or_preempt(seq, item, served):
+                continue
+            work.append(item)
+            served.add(seq.request_id)
+            budget -= item.num_tokens
+        for item in work:
+            item.sequence.last_served = self.step_index
+        return work
+
+    def _admission_tokens(self, seq: Sequence, budget: int) -> int:
+        resume = seq.strategy.committed
+        if resume:
+            return min(resume, budget) + 1
+        return min(len(seq.request.prompt_ids), budget) + 1
+
+    def _admit(self, seq: Sequence) -> None:
+        self.cache.add_request(seq.request_id)
+        seq.cache_len = 0
+        if seq.strategy.committed:  # resuming after preemption: recompute what was cached
+            seq.fill_target = seq.strategy.committed
+        else:
+            prompt_len = len(seq.request.prompt_ids)
+            seq.fill_target = prompt_len - 1 if prompt_len > self.config.max_num_batched_tokens else 0
+        self.running.append(seq)
+
+    def _plan(self, seq: Sequence, budget: int, first: bool) -> ScheduledWork | None:
+        if seq.filling:
+            size = min(seq.fill_target - seq.cache_len, budget)
+            start = seq.cache_len
+            prompt_len = len(seq.request.prompt_ids)
+            if seq.request.images is not None and start < prompt_len:
+                # a re-fill with images stops at the prompt's end: an image token the model generated
+                # later is text, and the batch splices features into every image token of a segment
+                size = min(size, prompt_len - start)
+            if size <= 0:
+                return None
+            tokens = seq.tokens()[start: start + size]
+            segment = Segment(seq.request_id, tokens, np.arange(start, start + size), start, Pattern.CAUSAL,
+                              write_kv=True, logit_rows=[], kv_end=start + size,
+                              image_embeds=seq.request.image_embeds_for(start, start + size))
+            return ScheduledWork(seq, segment, True, size)
+        segment = seq.strategy.next_segment()
+        cost = len(segment.token_ids)
+        if cost > budget and not first:
+            return None  # waits for a step with room; an oversized step runs alone
+        return ScheduledWork(seq, segment, False, cost)
+
+    def _reserve_or_preempt(self, seq: Sequence, item: ScheduledWork, served: set[int]) -> bool:
+        need = item.segment.write_end()
+        if not need:  # writes nothing (a draft or denoising step)
+            return True
+        while True:
+            try:
+                self.cache.reserve(seq.request_id, need)
+                return True
+            except KVCacheFullError:
+                victims = [s for s in self.running if s.request_id not in served and s.request_id > seq.request_id]
+                if not victims:
+                    self.preempt(seq)
+                    return False
+                self.preempt(max(victims, key=lambda s: s.request_id))
+
+    # -- state changes -----------------------------------------------------------------------
+    def preempt(self, seq: Sequence) -> None:
+        self.num_preemptions += 1
+        self.cache.free(seq.request_id)
+        self.running.remove(seq)
+        seq.cache_len = 0
+        seq.num_preemptions += 1
+        self.waiting.push(seq)
+
+    def after_forward(self, item: ScheduledWork) -> None:
+        seq = item.sequence
+        if item.is_fill:
+            seq.cache_len += len(item.segment)
+            self.cache.set_length(seq.request_id, seq.cache_len)
+            if not seq.filling:
+                seq.strategy.committed = seq.fill_target
+        elif seq.cache_len != seq.strategy.committed:  # unchanged: no page to free (reserve stayed in write_ahead)
+            strategy = seq.strategy
+            seq.cache_len = strategy.committed
+            self.cache.set_length(seq.request_id, strategy.committed, strategy.write_ahead)
+
+    def remove(self, seq: Sequence) -> None:
+        if seq in self.running:
+            self.running.remove(seq)
+            self.cache.free(seq.request_id)
+        else:
+            self.waiting.remove(seq)

@@ -1,0 +1,7 @@
+"""Place: checkpoint → builder → engine dir → runtime → [serving]. The engine behind network fronts.
+
+async_engine.py puts an engine on a thread of its own (submit, stream, cancel), triton/ is the
+Triton Inference Server model and its request parsing and metrics, openai/ the OpenAI-compatible
+API, cli.py and process.py `nemodiff serve` and the tritonserver process it supervises.
+Imports: the runtime and engine_format; the runtime never imports serving.
+"""

@@ -1,0 +1,315 @@
+"""nemodiff's Triton model: a decoupled Python-backend model over the runtime's `AsyncEngine`.
+
+checkpoint ──builder──▶ engine dir ──runtime──▶ [Triton: model_repo/nemodiff runs this]
+
+`model_repo/nemodiff/1/model.py` finds the nemodiff installation and delegates to
+`NemodiffModel`. `execute()` only parses and validates; generation runs on the engine
+thread, which calls back with `Update`s that become responses (text deltas when streaming,
+one response otherwise). Every request gets exactly one final response: its output, or an
+error (INVALID_ARG for bad input, UNAVAILABLE when the server is full, draining or past the
+request's deadline, INTERNAL when generation failed).
+
+A watcher thread polls Triton for cancelled requests (closed HTTP streams, cancelled gRPC
+streams), refreshes the metrics, and follows the control folder shared with `nemodiff
+serve`: `drain` asks to answer every open request and refuse new ones (before SIGTERM
+reaches Triton); the model writes `drained` when done, and `failed` when the engine loop
+died (the supervisor then takes the model down and exits non-zero).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from nemodiff.runtime.llm import LLM
+from nemodiff.runtime.request import normalize_mode
+from nemodiff.serving.async_engine import AsyncEngine, Update
+from nemodiff.serving.triton.inputs import DEFAULT_MAX_TOKENS, BadRequest, PromptTokenizer, RequestInputs, parse_request
+from nemodiff.serving.triton.metrics import ModelMetrics
+from nemodiff.serving.triton.requests import RequestState
+
+WATCH_INTERVAL_S = 0.02
+CANCEL_POLL_S = 0.05  # asking Triton whether a request was cancelled is a round trip per request
+METRICS_INTERVAL_S = 0.2
+DRAIN_WAIT_S = 5.0
+FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+ERROR_CODES = {"invalid": pb_utils.TritonError.INVALID_ARG, "internal": pb_utils.TritonError.INTERNAL,
+               "unavailable": pb_utils.TritonError.UNAVAILABLE, "timeout": pb_utils.TritonError.UNAVAILABLE}
+
+
+def _tp_devices(groups: str, device_id) -> list[str] | None:
+    """This instance's tensor-parallel GPUs: the group of `tp_gpu_groups` ("0,1;2,3") that starts at its GPU."""
+    if not groups.strip() or device_id is None:
+        return None
+    for group in groups.split(";"):
+        ids = [int(g) for g in group.split(",")]
+        if ids[0] == int(device_id):
+            return [f"cuda:{g}" for g in ids]
+    raise ValueError(f"no tensor-parallel GPU group of {groups!r} starts at this instance's GPU {device_id}")
+
+
+def _tensor(name: str, values, dtype) -> pb_utils.Tensor:
+    return pb_utils.Tensor(name, np.array(values, dtype=dtype).reshape(1, -1))
+
+
+def _error(message: str, code) -> pb_utils.InferenceResponse:
+    return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(message, code))
+
+
+class NemodiffModel:
+    def __init__(self, args):
+        config = json.loads(args["model_config"])
+        params = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
+
+        def number(key: str, cast=int):
+            value = params.get(key, "").strip()
+            return cast(value) or None if value else None
+
+        device = params.get("device", "").strip() or None
+        if device is None and args.get("model_instance_kind") == "GPU":
+            device = f"cuda:{args.get('model_instance_device_id', 0)}"
+        devices = _tp_devices(params.get("tp_gpu_groups", ""), args.get("model_instance_device_id"))
+        self.instance = args.get("model_instance_name", "")
+        self.default_mode = normalize_mode(params.get("default_mode", "").strip() or "ar")
+        self.max_request_bytes = number("max_request_bytes") or 8 * 2**20
+        control = params.get("control_dir", "").strip()
+        self.control_dir = Path(control) if control else None
+        self.supervisor_pid = number("supervisor_pid")
+        self.llm = LLM(params["engine_dir"], device=device, kv_cache_memory_bytes=number("kv_cache_memory_bytes"),
+                       max_batch_size=number("max_batch_size"),
+                       max_num_batched_tokens=number("max_num_batched_tokens"), tp=number("tp"), devices=devices)
+        self.max_seq_len = self.llm.config.build.max_seq_len
+        self.vocab_size = self.llm.config.model.vocab_size
+        from tokenizers import Tokenizer
+
+        vocab = Tokenizer.from_file(str(Path(params["engine_dir"]) / "tokenizer.json")).get_vocab(True)
+        self.prompt_tokenizer = PromptTokenizer(self.llm.tokenizer.encode, vocab, self.max_seq_len)
+        self._live: dict[int, RequestState] = {}
+        self._live_lock = threading.Lock()
+        self.metrics = ModelMetrics(self.instance)
+        max_queue = params.get("max_queue", "").strip()
+        self.engine = AsyncEngine(self.llm, max_queue=int(max_queue) if max_queue else None,
+                                  request_timeout_s=number("request_timeout_s", float), on_failure=self._on_failure)
+        self.metrics.refresh(self.engine.metrics())
+        self._stop = threading.Event()
+        self._drained = False
+        self._watcher = threading.Thread(target=self._watch, name="nemodiff-watch", daemon=True)
+        self._watcher.start()
+        # Responses leave from a thread of their own: sending is a round trip to the server process,
+        # and the engine loop goes on with the next step meanwhile (one thread keeps each request's order).
+        self._outbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._sender = threading.Thread(target=self._send_loop, name="nemodiff-send", daemon=True)
+        self._sender.start()
+        pb_utils.Logger.log_info(
+            f"nemodiff: instance {self.instance}: engine {params['engine_dir']} on "
+            f"{', '.join(map(str, devices)) if devices else self.llm.model.device} (tp {self.llm.tp}), "
+            f"{self.llm.cache.num_pages} KV pages of {self.llm.cache.page_size} tokens, "
+            f"max batch {self.llm.max_batch_size}, max queue {self.engine.max_queue}, "
+            f"default mode {self.default_mode}")
+
+    # -- requests ----------------------------------------------------------------------------
+    def execute(self, requests):
+        for request in requests:
+            sender = request.get_response_sender()
+            try:
+                self._start(request, sender)
+            except BadRequest as exc:
+                self._send_error_once(sender, str(exc), pb_utils.TritonError.INVALID_ARG)
+            except Exception as exc:  # unreadable input: still this request's problem, not the server's
+                self._send_error_once(sender, f"could not read the request: {exc}", pb_utils.TritonError.INVALID_ARG)
+        return None
+
+    def _start(self, request, sender) -> None:
+        inputs = RequestInputs(lambda name: (lambda t: None if t is None else t.as_numpy())(
+            pb_utils.get_input_tensor_by_name(request, name)))
+        parsed = parse_request(inputs, self.prompt_tokenizer, self.llm.tokenizer.decode, self.default_mode,
+                               self.vocab_size, self.max_request_bytes)
+        try:
+            prompt_ids, images = self._lay_out_images(parsed)
+            self.llm.engine.validate(prompt_ids, parsed.params)
+        except ValueError as exc:
+            raise BadRequest(str(exc)) from None
+        state = RequestState(sender, parsed.stream, parsed.params.mode, len(prompt_ids), parsed.echo_prefix)
+        with self._live_lock:
+            self._live[id(state)] = state
+        try:
+            state.handle = self.engine.submit(parsed.prompt_ids, parsed.params,
+                                              lambda update, s=state: self._on_update(s, update),
+                                              timeout_s=parsed.timeout_s, images=images)
+        except Exception:  # execute() sends the error: the state is no longer live
+            state.claim_final()
+            with self._live_lock:
+                self._live.pop(id(state), None)
+            raise
+
+    def _lay_out_images(self, parsed):
+        """(expanded prompt ids, preprocessed images or None); a default max_tokens is refitted to what the
+        images leave of the context. Raises ValueError for bad or unusable images."""
+        engine, params = self.llm.engine, parsed.params
+        if engine.images is None and not parsed.images:
+            return parsed.prompt_ids, None
+        if not parsed.max_tokens_given:
+            params.max_new_tokens = 1  # the images may take what the default left
+        prepared = engine.prepare_images(parsed.prompt_ids, parsed.images, params)
+        if not parsed.max_tokens_given:
+            room = self.max_seq_len - len(prepared.token_ids)
+            if room < 1:
+                raise ValueError(f"the prompt with its images is {len(prepared.token_ids)} tokens, which leaves no "
+                                 f"room to generate (max_seq_len {self.max_seq_len}); send fewer or smaller images")
+            params.max_new_tokens = min(DEFAULT_MAX_TOKENS, room)
+        return prepared.token_ids, prepared
+
+    def _on_update(self, state: RequestState, update: Update) -> None:
+        """Engine thread (or the submitting thread for a refusal): one update, zero or one responses."""
+        if update.token_ids and not state.first_token_seen:
+            state.first_token_seen = True
+            self.metrics.observe_ttft(state.mode, time.perf_counter() - state.arrived)
+        if not update.finished:
+            if state.stream:
+                state.pending_ids += update.token_ids
+                if update.text_delta:
+                    response = self._response(state, update.text_delta, state.pending_ids)
+                    state.pending_ids = []
+                    self._send(state, response, final=False)
+            return
+        if update.error:
+            response = _error(update.error, ERROR_CODES.get(update.error_kind, pb_utils.TritonError.INTERNAL))
+        elif update.finish_reason == "cancelled":
+            response = None
+        elif state.stream:
+            response = self._response(state, update.text_delta, state.pending_ids + update.token_ids, update.output)
+        else:
+            response = self._response(state, update.output.text, update.output.output_ids, update.output)
+        self._send_final(state, response)
+        self.metrics.observe_final(state.mode, update)  # after the response: a metrics failure cannot lose it
+
+    def _response(self, state: RequestState, text: str, ids: list[int], output=None) -> pb_utils.InferenceResponse:
+        if not state.first_response_sent:
+            text, state.prefix = state.prefix + text, ""
+        num_input = 0 if state.first_response_sent else state.num_input_tokens
+        state.first_response_sent = True
+        tensors = [pb_utils.Tensor("text_output", np.array([[text.encode("utf-8")]], dtype=np.object_)),
+                   _tensor("output_ids", ids, np.int32), _tensor("num_input_tokens", [num_input], np.int32),
+                   _tensor("num_output_tokens", [len(ids)], np.int32)]
+        if output is not None:
+            tensors += [_tensor("num_forward_passes", [output.num_forward_passes], np.int32),
+                        pb_utils.Tensor("finish_reason", np.array([[output.finish_reason.encode()]], dtype=np.object_))]
+        return pb_utils.InferenceResponse(output_tensors=tensors)
+
+    # -- sending -----------------------------------------------------------------------------
+    def _send(self, state: RequestState, response, final: bool) -> None:
+        self._outbox.put((state, response, final))
+
+    def _send_loop(self) -> None:
+        while True:
+            item = self._outbox.get()
+            if item is None:
+                return
+            if isinstance(item, threading.Event):  # a flush marker: everything before it is sent
+                item.set()
+                continue
+            self._send_now(*item)
+
+    def _flush_outbox(self, timeout: float) -> None:
+        marker = threading.Event()
+        self._outbox.put(marker)
+        marker.wait(timeout)
+
+    def _send_now(self, state: RequestState, response, final: bool) -> None:
+        try:
+            if response is None:
+                state.sender.send(flags=FINAL)
+            else:
+                state.sender.send(response, flags=FINAL if final else 0)
+        except Exception as exc:  # the client went away; nothing else to do for it
+            pb_utils.Logger.log_warn(f"nemodiff: could not send a response: {exc}")
+
+    def _send_final(self, state: RequestState, response) -> None:
+        if not state.claim_final():
+            return
+        with self._live_lock:
+            self._live.pop(id(state), None)
+        self._send(state, response, final=True)
+
+    def _send_error_once(self, sender, message: str, code) -> None:
+        try:
+            sender.send(_error(message, code), flags=FINAL)
+        except Exception as exc:
+            pb_utils.Logger.log_warn(f"nemodiff: could not send an error response: {exc}")
+
+    # -- supervision -------------------------------------------------------------------------
+    def _on_failure(self, message: str) -> None:
+        """Engine thread, after every pending request got its error: report, so the supervisor restarts us."""
+        pb_utils.Logger.log_error(f"nemodiff: the engine loop failed; the model is no longer serving: {message}")
+        self.metrics.set_healthy(False)
+        if self.control_dir is not None:
+            _write_atomically(self.control_dir / "failed", message)
+
+    def _watch(self) -> None:
+        last_cancel_poll = last_metrics = 0.0
+        while not self._stop.wait(WATCH_INTERVAL_S):
+            now = time.monotonic()
+            try:
+                if now - last_cancel_poll >= CANCEL_POLL_S:
+                    last_cancel_poll = now
+                    self._poll_cancellations()
+                if not self._drained and self._drain_requested():
+                    self._drain()
+                if now - last_metrics >= METRICS_INTERVAL_S:
+                    last_metrics = now
+                    self.metrics.refresh(self.engine.metrics())
+            except Exception as exc:
+                pb_utils.Logger.log_warn(f"nemodiff: watcher: {exc}")
+
+    def _poll_cancellations(self) -> None:
+        with self._live_lock:
+            states = list(self._live.values())
+        for state in states:
+            if state.cancelled():  # never asks once the final response is claimed (see requests.py)
+                self.engine.cancel(state.handle)
+
+    def _drain_requested(self) -> bool:
+        if self.control_dir is not None and (self.control_dir / "drain").exists():
+            return True
+        if self.supervisor_pid:  # `nemodiff serve` died without draining us: drain on our own
+            try:
+                os.kill(self.supervisor_pid, 0)
+            except ProcessLookupError:
+                return True
+            except PermissionError:
+                pass
+        return False
+
+    def _drain(self) -> None:
+        self._drained = True
+        pb_utils.Logger.log_info("nemodiff: draining: answering every open request, refusing new ones")
+        self.engine.drain("the server is shutting down").wait(DRAIN_WAIT_S)
+        self._flush_outbox(DRAIN_WAIT_S)  # every answer has left before we report drained
+        self.metrics.refresh(self.engine.metrics())
+        if self.control_dir is not None:
+            _write_atomically(self.control_dir / "drained", "")
+
+    def finalize(self) -> None:
+        self._stop.set()
+        self.engine.shutdown()  # answers whatever is still open through _on_update
+        self._watcher.join(timeout=2.0)
+        with self._live_lock:
+            left, self._live = list(self._live.values()), {}
+        for state in left:  # only if the engine thread could not be stopped
+            self._send_final(state, _error("the server is shutting down", pb_utils.TritonError.UNAVAILABLE))
+        self._outbox.put(None)  # everything queued before this is sent first
+        self._sender.join(timeout=DRAIN_WAIT_S)
+        self.llm.close()  # stops tensor-parallel workers, if any
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
