@@ -14,6 +14,8 @@ Python function on its own, and nested jit calls do not survive that.
 
 from __future__ import annotations
 
+import os
+import sys
 from typing import Protocol
 
 import torch
@@ -36,12 +38,30 @@ class Launcher(Protocol):
         """Run `variant` over `grid` with the runtime arguments `args` (in signature order)."""
 
 
+def use_interpreter() -> None:
+    """Make Triton run kernels under its interpreter in this process.
+
+    Triton wraps its own library functions (`tl.sum`, ...) for the interpreter only when
+    TRITON_INTERPRET=1 is set at its first import. nemodiff imports Triton only when kernels are
+    loaded, so the variable is set here when Triton is not loaded yet; a process that already
+    imported Triton for its compiler gets a clear error instead of a failure inside a kernel."""
+    if "triton" not in sys.modules:
+        os.environ["TRITON_INTERPRET"] = "1"
+        return
+    from triton import language
+
+    if type(language.standard.sum).__name__ != "InterpretedFunction":
+        raise RuntimeError("Triton was imported in this process before the interpreter was chosen; set "
+                           "TRITON_INTERPRET=1 in the environment to run kernels under the interpreter")
+
+
 class InterpretLauncher:
     """Runs kernels through `triton.runtime.interpreter` on CPU tensors."""
 
     name = "interpret"
 
     def __init__(self):
+        use_interpreter()
         from triton.runtime.interpreter import InterpretedFunction
 
         self._wrap = InterpretedFunction

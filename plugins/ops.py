@@ -12,13 +12,16 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from nemodiff.engine_format import BuildSettings
 
-from . import activation, attention, fp8_gemm, norm, rotary
 from .launch import InterpretLauncher, JitLauncher, Launcher, sm_count
+
+if TYPE_CHECKING:
+    from .attention import AttentionMeta
 
 log = logging.getLogger(__name__)
 MODES = ("auto", "aot", "jit", "interpret", "off")
@@ -31,8 +34,15 @@ def gpu_sm(device: torch.device) -> str:
 
 
 class KernelLibrary:
+    """The kernel modules (and with them Triton) are imported here, not when nemodiff is: the
+    interpreter must be chosen before Triton's first import (see `launch.use_interpreter`)."""
+
     def __init__(self, launcher: Launcher):
+        from . import activation, attention, fp8_gemm, norm, rotary
+
         self.launcher = launcher
+        self._activation, self._attention, self._fp8_gemm, self._norm, self._rotary = (
+            activation, attention, fp8_gemm, norm, rotary)
 
     @property
     def name(self) -> str:
@@ -41,30 +51,30 @@ class KernelLibrary:
     def add_rmsnorm(self, residual: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor,
                     eps: float) -> torch.Tensor:
         """residual += delta (in place; delta may be None); returns weight * rmsnorm(residual)."""
-        return norm.add_rmsnorm(self.launcher, residual, delta, weight, eps)
+        return self._norm.add_rmsnorm(self.launcher, residual, delta, weight, eps)
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        return norm.rms_norm(self.launcher, x, weight, eps)
+        return self._norm.rms_norm(self.launcher, x, weight, eps)
 
     def rotary_kv_write(self, qkv: torch.Tensor, positions: torch.Tensor, write_slots: torch.Tensor,
                         inv_freq: torch.Tensor, attention_factor: float, beta: float, original_max: int,
                         k_cache: torch.Tensor, v_cache: torch.Tensor, num_heads: int, num_kv_heads: int,
                         head_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(q, k, v) from the fused projection output; k/v stored at write_slots >= 0 (see plugins/rotary.py)."""
-        return rotary.rotary_kv_write(self.launcher, qkv, positions, write_slots, inv_freq, attention_factor, beta,
+        return self._rotary.rotary_kv_write(self.launcher, qkv, positions, write_slots, inv_freq, attention_factor, beta,
                                       original_max, k_cache, v_cache, num_heads, num_kv_heads, head_dim)
 
     def segment_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-                          v_cache: torch.Tensor, meta: attention.AttentionMeta, scale: float) -> torch.Tensor:
+                          v_cache: torch.Tensor, meta: AttentionMeta, scale: float) -> torch.Tensor:
         """Paged attention of a ragged batch of segments (see plugins/attention.py) -> [T, Hq, D]."""
-        return attention.segment_attention(self.launcher, q, k, v, k_cache, v_cache, meta, scale)
+        return self._attention.segment_attention(self.launcher, q, k, v, k_cache, v_cache, meta, scale)
 
     def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
-        return activation.silu_mul(self.launcher, gate_up)
+        return self._activation.silu_mul(self.launcher, gate_up)
 
     def fp8_linear(self, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         """x @ (weight.float() * scale[:, None]).T in x's dtype; weight float8_e4m3fn [N, K], scale float32 [N]."""
-        return fp8_gemm.fp8_linear(self.launcher, x, weight, scale, num_sms=sm_count(x.device, cpu_stand_in=1))
+        return self._fp8_gemm.fp8_linear(self.launcher, x, weight, scale, num_sms=sm_count(x.device, cpu_stand_in=1))
 
 
 def _aot_library(engine_dir: Path | None, build: BuildSettings | None, device: torch.device,
