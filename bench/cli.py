@@ -6,7 +6,6 @@ checkpoint ──builder──▶ engine dir ──runtime──▶ serving ─�
 from __future__ import annotations
 
 import json
-import platform
 import time
 from pathlib import Path
 
@@ -70,21 +69,29 @@ def _plot(report: dict, path: Path) -> bool:
 @click.option("--hf/--no-hf", "with_hf", default=True, help="Also time transformers' AR decoding (--shape).")
 @click.option("--tp", type=int, default=1, help="With --shape: also time the model split over this many "
               "tensor-parallel ranks (GPUs) and report the ratio to one rank.")
-@click.option("--json", "json_path", type=click.Path(path_type=Path), default=Path("bench.json"), help="JSON output.")
-@click.option("--plot", "plot_path", type=click.Path(path_type=Path), default=Path("bench.png"), help="PNG output.")
+@click.option("--json", "json_path", type=str, default=None, is_flag=False, flag_value="-",
+              help="Write the results as JSON to this file (updated after every result), or print them with "
+                   "--json alone. Nothing is written unasked.")
+@click.option("--plot", "plot_path", type=click.Path(path_type=Path), default=None, help="Also draw a PNG plot here.")
 @click.option("--serve", "serve_url", type=str, default=None,
               help="Load a running `nemodiff serve` at this gRPC URL (grpc://host:8001) instead; --concurrency "
                    "defaults to 1,8,32,64 there.")
 @click.option("--duration", type=float, default=30.0, help="With --serve: seconds per concurrency level.")
+@click.option("--kernels", type=click.Choice(["auto", "off", "interpret", "aot-check", "jit", "aot"]), default="auto",
+              help="Kernel mode of ENGINE_DIR (see `nemodiff generate --help`).")
+@click.option("--launch-overhead", is_flag=True,
+              help="On the CPU, with ENGINE_DIR built for a GPU arch: host time per ahead-of-time kernel launch "
+                   "(the driver call left out) and launches per layer and per forward.")
 @click.option("--host-overhead", is_flag=True,
               help="Measure the host work per engine step of ENGINE_DIR (wall time minus the model forward) per "
                    "mode at 1, 8 and 32 running requests; use a tiny checkpoint to see the host alone.")
 def bench(engine_dir: Path | None, shape: str | None, dtype: str, device: str | None, modes: str, batch_sizes: str,
           concurrency: str, context: int, iters: int, max_new_tokens: int, with_hf: bool, tp: int, json_path: Path,
-          plot_path: Path, serve_url: str | None, duration: float, host_overhead: bool) -> None:
+          plot_path: Path | None, serve_url: str | None, duration: float, kernels: str, launch_overhead: bool,
+          host_overhead: bool) -> None:
     """Benchmark an engine (end to end per mode + step latencies), a random model at --shape, or a server."""
     from nemodiff.bench import steps as b
-    from nemodiff.runtime.model.loader import default_device
+    from nemodiff.device import device_name, empty_cache, resolve_device
 
     if serve_url is not None:
         _bench_server(serve_url, concurrency, duration, modes, max_new_tokens, json_path)
@@ -94,14 +101,17 @@ def bench(engine_dir: Path | None, shape: str | None, dtype: str, device: str | 
             raise click.UsageError("--host-overhead needs an ENGINE_DIR")
         _bench_host(engine_dir, device, modes, batch_sizes, iters, json_path)
         return
+    if launch_overhead:
+        _bench_launches(engine_dir, iters, json_path)
+        return
     if (engine_dir is None) == (shape is None):
         raise click.UsageError("give an ENGINE_DIR or --shape, not both")
     if tp > 1 and not shape:
         raise click.UsageError("--tp needs --shape (an engine runs with the --tp it was built for: time it with "
                                "`nemodiff bench ENGINE_DIR`)")
-    dev = torch.device(device) if device else default_device()
-    report = {"date": time.strftime("%Y-%m-%d"), "device": torch.cuda.get_device_name(dev) if dev.type == "cuda"
-              else platform.processor() or "cpu", "torch": torch.__version__, "context": context}
+    dev = resolve_device(device)
+    report = {"date": time.strftime("%Y-%m-%d"), "device": device_name(dev), "torch": torch.__version__,
+              "context": context}
     click.echo(f"device: {report['device']} (torch {torch.__version__})")
     report["ceilings"] = b.machine_ceilings(dev)
     click.echo("copy bandwidth {:.1f} GB/s, matmul {:.2f} TFLOP/s ({})".format(
@@ -119,17 +129,16 @@ def bench(engine_dir: Path | None, shape: str | None, dtype: str, device: str | 
         from nemodiff import LLM
         from nemodiff.serving.async_engine import AsyncEngine
 
-        llm = LLM(engine_dir, device=dev)
+        llm = LLM(engine_dir, device=dev, kernels=kernels)
         model, config, page_size = llm.model, llm.config.model, llm.config.build.kv_page_size
         context = min(context, max(llm.config.build.max_seq_len - 1100, 16))
         report["context"] = context
         server = AsyncEngine(llm)
         title = f"{engine_dir.name} ({llm.config.build.dtype}) on {report['device']}"
     report["title"] = title
-    json_path.parent.mkdir(parents=True, exist_ok=True)
-
     def save() -> None:  # after every result: a later failure (or a kill) loses nothing measured
-        json_path.write_text(json.dumps(report, indent=2))
+        if json_path not in (None, "-"):
+            _write_json(report, json_path, quiet=True)
 
     report["weight_bytes"] = b.weight_bytes(model)
     roofline_ms = 1e3 * report["weight_bytes"] / report["ceilings"]["copy_bytes_per_s"]
@@ -156,8 +165,7 @@ def bench(engine_dir: Path | None, shape: str | None, dtype: str, device: str | 
         save()
     if tp > 1:
         del model, weights  # room for the shards
-        if dev.type == "cuda":
-            torch.cuda.empty_cache()
+        empty_cache(dev)
         report["tp"] = b.tensor_parallel_steps(shape, dtype, dev, tp, _ints(batch_sizes),
                                                context, page_size, iters, report["steps"])
         save()
@@ -172,9 +180,9 @@ def bench(engine_dir: Path | None, shape: str | None, dtype: str, device: str | 
             "ar": 1e3 / step["ar"], "linear-spec": 1e3 * PUBLISHED_TPF["linear-spec"] / (step["draft-32"] + step["verify-32"]),
             "quadratic-spec (k=8)": 1e3 * min(PUBLISHED_TPF["quadratic-spec"], 8) / step["quad-k8"]}
     _print_table(report)
-    save()
-    plotted = _plot(report, plot_path)
-    click.echo(f"wrote {json_path}" + (f" and {plot_path}" if plotted else " (no matplotlib: no plot)"))
+    _write_json(report, json_path)
+    if plot_path is not None:
+        click.echo(f"wrote {plot_path}" if _plot(report, plot_path) else "no plot: matplotlib is not installed")
 
 
 def _print_table(report: dict) -> None:
@@ -211,11 +219,8 @@ def _bench_host(engine_dir: Path, device: str | None, modes: str, batch_sizes: s
                f"{max(iters, 20)} steady steps per row")
     rows = host_overhead(llm, modes.split(","), levels, steps=max(iters, 20))
     click.echo(format_table(rows))
-    json_path.parent.mkdir(parents=True, exist_ok=True)
-    json_path.write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "engine": str(engine_dir),
-                                     "device": str(llm.model.device), "torch": torch.__version__,
-                                     "host_overhead": rows}, indent=2))
-    click.echo(f"wrote {json_path}")
+    _write_json({"date": time.strftime("%Y-%m-%d"), "engine": str(engine_dir), "device": str(llm.model.device),
+                 "torch": torch.__version__, "host_overhead": rows}, json_path)
 
 
 def _bench_server(url: str, concurrency: str, duration: float, modes: str, max_tokens: int, json_path: Path) -> None:
@@ -230,6 +235,35 @@ def _bench_server(url: str, concurrency: str, duration: float, modes: str, max_t
     except RuntimeError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(format_rows(rows))
-    json_path.parent.mkdir(parents=True, exist_ok=True)
-    json_path.write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "server": url, "levels": rows}, indent=2))
-    click.echo(f"wrote {json_path}")
+    _write_json({"date": time.strftime("%Y-%m-%d"), "server": url, "levels": rows}, json_path)
+
+
+def _bench_launches(engine_dir: Path | None, iters: int, json_path: str | None) -> None:
+    from nemodiff.bench.launches import format_report, launch_overhead
+    from nemodiff.device import KernelLaunchError
+
+    if engine_dir is None:
+        raise click.UsageError("--launch-overhead needs an ENGINE_DIR built for a GPU arch (nemodiff-build --arch h200)")
+    try:
+        report = launch_overhead(engine_dir, iters=max(iters, 20))
+    except KernelLaunchError as exc:
+        raise click.ClickException(str(exc)) from None
+    report["date"] = time.strftime("%Y-%m-%d")
+    if json_path != "-":
+        click.echo(format_report(report))
+    _write_json(report, json_path)
+
+
+def _write_json(report: dict, json_path: str | None, quiet: bool = False) -> None:
+    """--json PATH: write the file; --json alone: print the JSON; no --json: nothing."""
+    if json_path is None:
+        return
+    text = json.dumps(report, indent=2)
+    if json_path == "-":
+        click.echo(text)
+        return
+    path = Path(json_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text + "\n")
+    if not quiet:
+        click.echo(f"wrote {path}")

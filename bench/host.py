@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import statistics
 import time
+from functools import partial
 
-import torch
+from nemodiff.device import synchronize
 
 MODE_SETTINGS = {
     "ar": {},
@@ -57,7 +58,7 @@ def host_overhead(llm, modes: list[str], concurrency: list[int], steps: int = 40
                 engine.step()
             walls, forwards, decides = [], [], []
             totals = [0.0, 0.0]
-            sync = torch.cuda.synchronize if llm.model.device.type == "cuda" else (lambda: None)
+            sync = partial(synchronize, llm.model.device)
             run_forward, run_decisions = llm.model._run, engine.decider.run
             llm.model._run = _timed(run_forward, totals, 0, sync)
             engine.decider.run = _timed(run_decisions, totals, 1)

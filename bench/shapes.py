@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from nemodiff.device import is_cuda
 from nemodiff.engine_format import ModelConfig, RopeConfig
 from nemodiff.plugins.ops import load_kernels
 from nemodiff.runtime.model.transformer import TORCH_DTYPES, Model
@@ -113,7 +114,7 @@ def transformers_baseline(config: ModelConfig, weights: dict, device: torch.devi
 
 def jit_kernels(device: torch.device):
     """The Triton kernels for this GPU (Triton's JIT compiles them on first use), or None on CPU."""
-    if device.type != "cuda":
+    if not is_cuda(device):
         return None
     return load_kernels(None, None, device, mode="jit")
 

@@ -15,39 +15,32 @@ from collections.abc import Callable
 
 import torch
 
+from nemodiff.device import Timer, is_cuda, synchronize
 from nemodiff.runtime.model.kv_cache import PagedKVCache
 from nemodiff.runtime.model.segments import Pattern, Segment
 from nemodiff.runtime.model.transformer import Model
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def median_seconds(fn: Callable[[], object], device: torch.device, iters: int, warmup: int = 2) -> float:
     for _ in range(warmup):
         fn()
-    _sync(device)
+    synchronize(device)
     times = []
     for _ in range(iters):
         start = time.perf_counter()
         fn()
-        _sync(device)
+        synchronize(device)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
 
-def _event_seconds(fn: Callable[[], object], iters: int) -> list[float]:
-    """Per-call GPU time from CUDA events (host launch overhead excluded)."""
+def _device_seconds(fn: Callable[[], object], device: torch.device, iters: int) -> list[float]:
+    """Per-call device time (on a GPU from CUDA events: host launch overhead excluded)."""
     times = []
     for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
+        with Timer(device) as timer:
+            fn()
+        times.append(timer.ms / 1e3)
     return times
 
 
@@ -56,16 +49,14 @@ def machine_ceilings(device: torch.device) -> dict:
 
     On a GPU the copy moves 2 GiB (1 GiB read + 1 GiB written, far past any cache), timed with
     CUDA events over 10 repetitions; the median is reported."""
-    big = (1 << 30) if device.type == "cuda" else (1 << 24)
+    gpu = is_cuda(device)
+    big = (1 << 30) if gpu else (1 << 24)
     src = torch.empty(big // 4, device=device).normal_()
     dst = torch.empty_like(src)
-    if device.type == "cuda":
-        dst.copy_(src)
-        t_copy = statistics.median(_event_seconds(lambda: dst.copy_(src), 10))
-    else:
-        t_copy = median_seconds(lambda: dst.copy_(src), device, 5)
-    n = 8192 if device.type == "cuda" else 1024
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dst.copy_(src)
+    t_copy = statistics.median(_device_seconds(lambda: dst.copy_(src), device, 10 if gpu else 5))
+    n = 8192 if gpu else 1024
+    dtype = torch.bfloat16 if gpu else torch.float32
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     t_mm = median_seconds(lambda: a @ b, device, 5)
     return {"copy_bytes_per_s": 2 * big / t_copy, "copy_bytes": 2 * big, "matmul_flops_per_s": 2 * n ** 3 / t_mm,
@@ -126,7 +117,7 @@ def step_latencies(model: Model, kinds: list[str], batch_sizes: list[int], conte
         runner = None
         # time what serving runs: graph replays (tensor-parallel steps run eagerly here: the workers capture
         # graphs only with an engine)
-        if model.uses_kernels(cache) and device.type == "cuda" and model.driver is None:
+        if model.uses_kernels(cache) and model.platform.captures_graphs and model.driver is None:
             from nemodiff.runtime.model.graphs import GraphRunner
 
             runner = model.graphs = GraphRunner(model, cache, context + 1100, buckets=(batch,))
@@ -158,11 +149,12 @@ def step_latencies(model: Model, kinds: list[str], batch_sizes: list[int], conte
 def tensor_parallel_steps(shape: str, dtype: str, device: torch.device, tp: int, batch_sizes: list[int],
                           context: int, page_size: int, iters: int, single: list[dict]) -> dict:
     """Step latencies of the random `shape` model split over `tp` ranks, and AR batch 1 against one rank."""
-    from nemodiff.runtime.parallel.driver import TensorParallelDriver, default_devices
+    from nemodiff.device import rank_devices
+    from nemodiff.runtime.parallel.driver import TensorParallelDriver
 
     from .shapes import jit_kernels, random_model, shape_config
 
-    devices = default_devices(device, tp)
+    devices = rank_devices(device, tp)
     driver = TensorParallelDriver.launch(devices, {"model_factory": "nemodiff.bench.shapes:worker_model",
                                                    "factory_args": {"name": shape, "dtype": dtype, "seed": 0}})
     try:

@@ -14,6 +14,12 @@ from nemodiff.engine_format import MANIFEST_FILE, EngineConfig, EngineFormatErro
 from nemodiff.runtime.request import MODES
 
 CONTEXT = {"show_default": True, "help_option_names": ["-h", "--help"]}
+KERNEL_MODES = ["auto", "off", "interpret", "aot-check", "jit", "aot"]
+KERNELS_HELP = ("auto: the engine's compiled kernels on a matching GPU, else the PyTorch reference path; "
+                "interpret: the kernels' real code under Triton's interpreter on the CPU (slow; for verification); "
+                "aot-check: on the CPU, the GPU launch path of an engine built for a GPU, every launch checked "
+                "against its compiled kernel, then interpreted (slow; for verification); jit: Triton's compiler on "
+                "a GPU; aot: the compiled kernels or an error; off: reference path.")
 
 
 @click.group(context_settings=CONTEXT)
@@ -59,10 +65,7 @@ def _parse_threshold(value: str) -> float | None:
               help="linear-spec: redraft until every slot is this confident (iterative drafting).")
 @click.option("--max-thinking-tokens", type=int, default=None, help="Force end-of-thinking after this many tokens.")
 @click.option("--device", type=str, default=None, help="torch device [default: cuda if available, else cpu].")
-@click.option("--kernels", type=click.Choice(["auto", "off", "interpret", "jit", "aot"]), default="auto",
-              help="auto: the engine's compiled kernels on a matching GPU, else the PyTorch reference path; "
-                   "interpret: the kernels' real code under Triton's interpreter on the CPU (slow; for verification); "
-                   "jit: Triton's compiler on a GPU; aot: the compiled kernels or an error; off: reference path.")
+@click.option("--kernels", type=click.Choice(KERNEL_MODES), default="auto", help=KERNELS_HELP)
 @click.option("--tp", type=int, default=None,
               help="Tensor-parallel ranks; must match the engine's nemodiff-build --tp [default: the engine's].")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
@@ -82,6 +85,7 @@ def generate(engine_dir: Path, prompt: str | None, prompt_ids: str | None, mode:
         stop=list(stop), mode=mode, block_length=block_length, threshold=_parse_threshold(threshold),
         draft_lora=draft_lora, draft_threshold=draft_threshold, max_thinking_tokens=max_thinking_tokens,
     )
+    from nemodiff.device import DeviceError, KernelLaunchError
     from nemodiff.runtime.parallel.comm import TensorParallelError
 
     try:
@@ -89,7 +93,7 @@ def generate(engine_dir: Path, prompt: str | None, prompt_ids: str | None, mode:
         with LLM(engine_dir, device=device, kernels=kernels, tp=tp) as llm:
             source = prompt if prompt is not None else _parse_ids(prompt_ids)
             output = llm.generate([source], params, chat=chat, images=[list(images)])[0]
-    except (EngineFormatError, ValueError, TensorParallelError) as exc:
+    except (EngineFormatError, ValueError, TensorParallelError, DeviceError, KernelLaunchError) as exc:
         raise click.ClickException(str(exc)) from None
     if as_json:
         click.echo(json.dumps(output.to_dict()))

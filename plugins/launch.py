@@ -18,17 +18,8 @@ import os
 import sys
 from typing import Protocol
 
-import torch
-
 from .registry import kernel_function
 from .spec import KernelVariant
-
-
-def sm_count(device: torch.device, cpu_stand_in: int) -> int:
-    """The GPU's multiprocessor count, which sizes split grids; `cpu_stand_in` for interpreter runs."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return cpu_stand_in
 
 
 class Launcher(Protocol):

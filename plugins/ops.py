@@ -16,21 +16,16 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from nemodiff.device import is_cuda, multiprocessor_count
 from nemodiff.engine_format import BuildSettings
 
-from .launch import InterpretLauncher, JitLauncher, Launcher, sm_count
+from .launch import InterpretLauncher, JitLauncher, Launcher
 
 if TYPE_CHECKING:
     from .attention import AttentionMeta
 
 log = logging.getLogger(__name__)
-MODES = ("auto", "aot", "jit", "interpret", "off")
-
-
-def gpu_sm(device: torch.device) -> str:
-    """The engine-format name of a GPU's architecture: sm_80, sm_89, sm_90a, sm_100a..."""
-    major, minor = torch.cuda.get_device_capability(device)
-    return f"sm_{major}{minor}" + ("a" if major >= 9 else "")
+MODES = ("auto", "aot", "aot-check", "jit", "interpret", "off")
 
 
 class KernelLibrary:
@@ -74,34 +69,49 @@ class KernelLibrary:
 
     def fp8_linear(self, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         """x @ (weight.float() * scale[:, None]).T in x's dtype; weight float8_e4m3fn [N, K], scale float32 [N]."""
-        return self._fp8_gemm.fp8_linear(self.launcher, x, weight, scale, num_sms=sm_count(x.device, cpu_stand_in=1))
+        return self._fp8_gemm.fp8_linear(self.launcher, x, weight, scale, num_sms=multiprocessor_count(x.device, cpu_stand_in=1))
 
 
 def _aot_library(engine_dir: Path | None, build: BuildSettings | None, device: torch.device,
-                 strict: bool) -> KernelLibrary | None:
-    """The engine's compiled kernels on this GPU, or the reason they cannot run here (raised when strict,
-    else logged as one warning line, with None returned)."""
+                 mode: str) -> KernelLibrary | None:
+    """The engine's compiled kernels: launched on this GPU ("auto", "aot"), or checked and interpreted on
+    the CPU ("aot-check"). When they cannot run, the reason is raised ("aot", "aot-check") or logged as
+    one warning line with None returned ("auto": the reference path)."""
+    from nemodiff.device import CudaDriver, KernelLaunchError, gpu_sm
+
+    from .aot_launch import AotLauncher, CudaLaunch
+
     reason = None
-    if device.type != "cuda":
-        if not strict:
+    has_kernels = engine_dir is not None and build is not None and build.sm and build.kernels
+    if mode == "aot-check":
+        if is_cuda(device):
+            reason = "aot-check runs the GPU launch path on the CPU; use --device cpu (on a GPU use --kernels aot)"
+        elif not has_kernels:
+            reason = ("aot-check needs an engine built for a GPU arch with its kernels (nemodiff-build --arch "
+                      "h200, for example); this one carries none")
+        else:
+            from .aot_check import InterpretDriver, LaunchChecker
+
+            return KernelLibrary(AotLauncher(Path(engine_dir) / "kernels" / build.sm, InterpretDriver(),
+                                             LaunchChecker(device)))
+    elif not is_cuda(device):
+        if mode == "auto":
             return None  # CPU: the reference path is the plan, not a fallback
-        reason = f"ahead-of-time kernels need a CUDA device, not {device}"
-    elif engine_dir is None or build is None or not build.sm or not build.kernels:
+        reason = (f"ahead-of-time kernels need a CUDA GPU, not {device}; on the CPU use --kernels aot-check to "
+                  "check and interpret them, or --kernels off")
+    elif not has_kernels:
         reason = "the engine carries no compiled kernels (built for cpu or with --no-kernels)"
     elif gpu_sm(device) != build.sm:
         reason = f"engine kernels are for {build.sm} but this GPU is {gpu_sm(device)}"
     else:
-        from .aot import AotLauncher, KernelLaunchError, cuda_driver
-
         try:
-            cuda_driver()
-            return KernelLibrary(AotLauncher(Path(engine_dir) / "kernels" / build.sm))
+            return KernelLibrary(AotLauncher(Path(engine_dir) / "kernels" / build.sm, CudaLaunch(CudaDriver(device))))
         except ImportError:
             reason = "cuda-python is not installed (pip install 'nemodiff[gpu]')"
         except KernelLaunchError as exc:
             reason = str(exc)
-    if strict:
-        raise RuntimeError(reason)
+    if mode != "auto":
+        raise KernelLaunchError(reason)
     log.warning("nemodiff: %s; using the PyTorch reference path", reason)
     return None
 
@@ -112,8 +122,10 @@ def load_kernels(engine_dir: Path | None, build: BuildSettings | None, device: t
 
     mode "off": None. "interpret": Triton's interpreter (CPU tensors; needs no compiled files).
     "jit": Triton's JIT on a CUDA device (development, benchmarks). "aot": the engine's cubins, or an
-    error saying why not. "auto": the engine's cubins on a CUDA device of the engine's sm; on any
-    mismatch (other sm, no kernels, no cuda-python) one warning line and None; on CPU None, silently.
+    error saying why not. "aot-check": on the CPU, the engine's GPU launch path with every launch
+    checked against its cubin, then interpreted (plugins/aot_check.py). "auto": the engine's cubins
+    on a CUDA device of the engine's sm; on any mismatch (other sm, no kernels, no cuda-python) one
+    warning line and None; on CPU None, silently.
     """
     device = torch.device(device)
     if mode not in MODES:
@@ -123,7 +135,7 @@ def load_kernels(engine_dir: Path | None, build: BuildSettings | None, device: t
     if mode == "interpret":
         return KernelLibrary(InterpretLauncher())
     if mode == "jit":
-        if device.type != "cuda":
+        if not is_cuda(device):
             raise RuntimeError(f"the JIT launcher needs a CUDA device, not {device}")
         return KernelLibrary(JitLauncher())
-    return _aot_library(engine_dir, build, device, strict=mode == "aot")
+    return _aot_library(engine_dir, build, device, mode)

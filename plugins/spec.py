@@ -9,6 +9,10 @@ sizes...). A variant names its kernel, the Triton type of every runtime argument
 values of every `tl.constexpr`; the builder compiles exactly those, and at run time a
 launcher looks a variant up by its `key`, so the host wrapper must build the same variant
 from the tensors it is given.
+
+A pointer argument `<name>_ptr` is read densely (contiguous) unless the kernel also takes a
+`stride_<name>...` argument for it; the ahead-of-time checker (plugins/aot_check.py) holds
+launches to that.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -52,9 +57,10 @@ class KernelVariant:
     num_warps: int = 4
     num_stages: int = 2
 
-    @property
+    @cached_property
     def key(self) -> str:
-        """Stable file-name-safe identity: kernel name plus a hash of everything else."""
+        """Stable file-name-safe identity: kernel name plus a hash of everything else (computed once per
+        variant object; host wrappers keep their variants, so a launch looks its key up, not hashes)."""
         payload = json.dumps([self.signature, self.constexprs, self.num_warps, self.num_stages], sort_keys=True)
         return f"{self.kernel}-{hashlib.sha256(payload.encode()).hexdigest()[:12]}"
 

@@ -16,17 +16,17 @@ from pathlib import Path
 
 import torch
 
+from nemodiff.device import rank_devices, resolve_device
 from nemodiff.engine_format import EngineConfig, EngineFormatError
 from nemodiff.runtime.decoding.strategies.base import StrategyContext
-from nemodiff.runtime.engine.host_memory import keep_freed_memory
 from nemodiff.runtime.engine.loop import Engine
 from nemodiff.runtime.engine.scheduler import SchedulerConfig
 from nemodiff.runtime.images.feature_cache import VisionFeatureCache
 from nemodiff.runtime.images.pipeline import ImagePipeline
 from nemodiff.runtime.images.preprocess import ImageLimits
 from nemodiff.runtime.model.kv_cache import PagedKVCache
-from nemodiff.runtime.model.loader import default_device, load_engine, runtime_dtype
-from nemodiff.runtime.parallel.driver import TensorParallelDriver, default_devices
+from nemodiff.runtime.model.loader import load_engine, runtime_dtype
+from nemodiff.runtime.parallel.driver import TensorParallelDriver
 from nemodiff.runtime.text.tokenizer import EngineTokenizer
 
 from .request import Request, SamplingParams
@@ -91,10 +91,10 @@ class LLM:
             raise EngineFormatError(f"{engine_dir}: not a directory")
         self.config = EngineConfig.load(self.engine_dir)
         self.tp = _check_tp(self.config, tp)
-        device = torch.device(device) if device is not None else default_device()
+        device = resolve_device(device)
         self._driver = None
         if self.tp > 1:
-            ranks = [torch.device(d) for d in devices] if devices else default_devices(device, self.tp)
+            ranks = [resolve_device(d) for d in devices] if devices else rank_devices(device, self.tp)
             if len(ranks) != self.tp:
                 raise ValueError(f"devices names {len(ranks)} devices for {self.tp} tensor-parallel ranks")
             device = ranks[0]
@@ -113,8 +113,6 @@ class LLM:
     def _setup(self, device, kv_cache_memory_bytes, num_kv_pages, max_batch_size, max_num_batched_tokens, verify,
                cuda_graphs, kernels, vision_cache_bytes, image_limits) -> None:
         build, mcfg = self.config.build, self.config.model
-        if device.type == "cpu":  # steps reuse the memory earlier steps freed (see host_memory)
-            keep_freed_memory()
         kv_heads = mcfg.num_key_value_heads // self.tp
         self.max_batch_size = max_batch_size or build.max_batch_size
         if num_kv_pages is None:
@@ -127,21 +125,24 @@ class LLM:
                 per_seq = -(-(build.max_seq_len + 2 * build.block_length) // build.kv_page_size)
                 num_kv_pages = self.max_batch_size * per_seq
         self.model = load_engine(self.engine_dir, device=device, verify=verify, kernels=kernels).model
+        self.platform = self.model.platform
+        self.platform.prepare_process()  # on the CPU: steps reuse the memory earlier steps freed
         self.tokenizer = EngineTokenizer(self.engine_dir)
         if self._driver is not None:
             self._driver.connect(self.model)
         pages_per_request = -(-(build.max_seq_len + 2 * build.block_length) // build.kv_page_size)
         self.cache = PagedKVCache(mcfg.num_hidden_layers, kv_heads, mcfg.head_dim, build.kv_page_size, num_kv_pages,
-                                  self.model.dtype, self.model.device, max_pages_per_request=pages_per_request,
+                                  self.model.dtype, self.platform, max_pages_per_request=pages_per_request,
                                   max_requests=2 * self.max_batch_size + 8)
         if self._driver is not None:
             self._driver.mirror_cache(self.cache)
-        if cuda_graphs and self.model.uses_kernels(self.cache) and self.model.device.type == "cuda":
+        if cuda_graphs and self.model.uses_kernels(self.cache) and self.platform.gpu_path:
             from nemodiff.runtime.model.graphs import GraphRunner, declared_shapes
 
             if self._driver is not None:
-                self._driver.capture_graphs(build.max_seq_len, build.block_length, self.model.has_lora)
-            self.model.graphs = GraphRunner(self.model, self.cache, build.max_seq_len)
+                self._driver.capture_graphs(build.max_seq_len, build.block_length, self.model.has_lora,
+                                            self.max_batch_size)
+            self.model.graphs = GraphRunner(self.model, self.cache, build.max_seq_len, self.max_batch_size)
             self.model.graphs.capture_steady_shapes(declared_shapes(build.block_length, self.model.has_lora))
         eos_ids = list(mcfg.eos_token_ids)
         ctx = StrategyContext(model=mcfg, block_length=build.block_length, has_lora=self.model.has_lora,

@@ -242,9 +242,9 @@ def serve(engine_dir: Path, http_port: int, grpc_port: int, metrics_port: int, h
                                  f"with nemodiff-build --tp {tp}", param_hint="--tp")
     gpus = _parse_gpus(gpus_text)
     if instance_kind is None:
-        import torch
+        from nemodiff.device import default_device, is_cuda
 
-        instance_kind = "gpu" if gpus or torch.cuda.is_available() else "cpu"
+        instance_kind = "gpu" if gpus or is_cuda(default_device()) else "cpu"
     if gpus and instance_kind == "cpu":
         raise click.BadParameter("--gpus needs GPU instances (drop --instance-kind cpu)", param_hint="--gpus")
     if instance_kind == "gpu" and config.build.tp > 1 and not gpus:

@@ -15,8 +15,11 @@ from click.testing import CliRunner
 from helpers import make_engine
 from nemodiff import LLM, SamplingParams
 from nemodiff.cli import main as nemodiff_cli
+from nemodiff.device import KernelLaunchError
 from nemodiff.engine_format import EngineConfig
 from nemodiff.plugins import aot
+from nemodiff.plugins.aot_check import InterpretDriver
+from nemodiff.plugins.aot_launch import AotLauncher, ArgumentPacker
 from nemodiff.plugins.norm import norm_variant
 from nemodiff.plugins.registry import engine_variants
 
@@ -83,29 +86,30 @@ def test_compile_refuses_unknown_targets(tmp_path):
 
 
 def test_missing_variant_is_named(h200_engine):
-    launcher = aot.AotLauncher(h200_engine / "kernels" / "sm_90a")
+    launcher = AotLauncher(h200_engine / "kernels" / "sm_90a", InterpretDriver())
     other = norm_variant(torch.float32, 96, True)  # this model's hidden size is 64
-    with pytest.raises(aot.KernelLaunchError, match=f"kernel variant {other.key} \\(add_rmsnorm"):
+    with pytest.raises(KernelLaunchError, match=f"kernel variant {other.key} \\(add_rmsnorm"):
         launcher.launch(other, (1,), ())
 
 
 def test_argument_packing():
     signature = [["x_ptr", "*bf16"], ["n", "i32"], ["eps", "fp32"], ["offset", "i64"], ["unused_ptr", "*fp32"]]
     x = torch.zeros(64, dtype=torch.bfloat16)
-    values = aot.pack_arguments(signature, (x, 4096, 1e-5, -(2 ** 40), None))
-    assert [type(v) for v in values] == [ctypes.c_uint64, ctypes.c_int32, ctypes.c_float, ctypes.c_int64,
-                                         ctypes.c_uint64]
-    assert bytes(values[0]) == struct.pack("<Q", x.data_ptr())
-    assert bytes(values[1]) == struct.pack("<i", 4096)
-    assert bytes(values[2]) == struct.pack("<f", 1e-5)
-    assert bytes(values[3]) == struct.pack("<q", -(2 ** 40))
-    assert bytes(values[4]) == bytes(8)  # None is a NULL pointer
-    array = aot.parameter_array(values)
-    assert [array[i] for i in range(5)] == [ctypes.addressof(v) for v in values]
+    packer = ArgumentPacker("k", signature, scratch=1, alignment=16)
+    packer.pack((x, 4096, 1e-5, -(2 ** 40), None), (0xABC0,))
+    raw = bytes(packer.buffer)
+    assert raw[0:8] == struct.pack("<Q", x.data_ptr())
+    assert raw[8:12] == struct.pack("<i", 4096)
+    assert raw[16:20] == struct.pack("<f", 1e-5)
+    assert raw[24:32] == struct.pack("<q", -(2 ** 40))
+    assert raw[32:40] == bytes(8)  # None is a NULL pointer
+    assert raw[40:48] == struct.pack("<Q", 0xABC0)  # the scratch pointer Triton appends
+    base = ctypes.addressof(packer.buffer)
+    assert [packer.pointers[i] for i in range(6)] == [base + 8 * i for i in range(6)]  # one slot per parameter
 
-    with pytest.raises(aot.KernelLaunchError, match="argument x_ptr: address .* is not 16-byte aligned"):
-        aot.pack_arguments(signature, (x[1:], 1, 1.0, 1, None))
-    with pytest.raises(aot.KernelLaunchError, match="expected 5 arguments"):
-        aot.pack_arguments(signature, (x, 1))
-    with pytest.raises(aot.KernelLaunchError, match="argument n: expected a i32 scalar"):
-        aot.pack_arguments(signature, (x, x, 1.0, 1, None))
+    with pytest.raises(KernelLaunchError, match="argument x_ptr: address .* is not 16-byte aligned"):
+        packer.pack((x[1:], 1, 1.0, 1, None), (0,))
+    with pytest.raises(KernelLaunchError, match="expected 5 arguments"):
+        packer.pack((x, 1), (0,))
+    with pytest.raises(KernelLaunchError, match="argument n: expected a i32 scalar, got a tensor"):
+        packer.pack((x, x, 1.0, 1, None), (0,))

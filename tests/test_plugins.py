@@ -90,7 +90,7 @@ def test_load_kernels_modes(engine_fp32, caplog):
     assert load_kernels(None, None, "cpu", mode="interpret").name == "interpret"
     with pytest.raises(RuntimeError, match="JIT launcher needs a CUDA device"):
         load_kernels(None, None, "cpu", mode="jit")
-    with pytest.raises(RuntimeError, match="need a CUDA device"):
+    with pytest.raises(RuntimeError, match="need a CUDA GPU"):
         load_kernels(engine_fp32, build, "cpu", mode="aot")
     with pytest.raises(ValueError, match="choose one of"):
         load_kernels(engine_fp32, build, "cpu", mode="fast")

@@ -20,6 +20,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from nemodiff.device import Platform, as_platform
 from nemodiff.runtime.model.segments import arange
 
 from . import sampling as S
@@ -49,11 +50,13 @@ NO_ROWS = np.zeros(0, dtype=np.int64)
 
 
 class Decider:
-    def __init__(self, device: torch.device, mask_token_id: int, host_arrays: bool = True):
-        """host_arrays: on a CPU device, decide greedy needs in numpy (False: always with tensors)."""
-        self.device = torch.device(device)
+    def __init__(self, device: torch.device | Platform, mask_token_id: int, host_arrays: bool = True):
+        """host_arrays: on the CPU reference path, decide greedy needs in numpy (False: always with tensors)."""
+        self.platform = as_platform(device)
+        self.device = self.platform.device
         self.mask_id = mask_token_id
-        self.host_arrays = host_arrays and self.device.type == "cpu"
+        self.host_arrays = host_arrays and self.platform.host_decisions
+        self._copy = self.platform.host_copy()  # the step's one device-to-host copy
         self.begin()
 
     def begin(self) -> None:
@@ -158,13 +161,8 @@ class Decider:
         packed = self._packed
         if isinstance(packed, np.ndarray):
             self._host = packed
-        elif packed.device.type == "cpu":
-            self._host = packed.numpy()
         else:
-            host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
-            host.copy_(packed, non_blocking=True)
-            torch.cuda.current_stream(packed.device).synchronize()
-            self._host = host.numpy()
+            self._host = self._copy.fetch(packed)
         self._mask_flags = None
 
     def bad_rows(self) -> np.ndarray:

@@ -14,6 +14,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from nemodiff.device import on_host, probability_dtype  # noqa: F401 (probability_dtype: part of this module's API)
+
 _M32 = 0xFFFFFFFF
 STREAM_SAMPLE, STREAM_DRAFT, STREAM_ACCEPT, STREAM_RESIDUAL, STREAM_GUMBEL = 1, 2, 3, 4, 5
 
@@ -41,12 +43,6 @@ def uniform(seeds: torch.Tensor, counters: torch.Tensor, stream: int, lanes: tor
     low = _mix32(high ^ 0x9E3779B9)
     bits = (high << 21) | (low >> 11)  # 53 random bits
     return (bits.double() + 0.5) / float(1 << 53)
-
-
-def probability_dtype(device: torch.device) -> torch.dtype:
-    """float64 on the CPU (the exactness tests compare with float64 references); float32 on GPUs,
-    where a float64 softmax of 1024 rows over a 131k vocabulary would take 1 GB."""
-    return torch.float64 if device.type == "cpu" else torch.float32
 
 
 def distribution_rows(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
@@ -91,7 +87,7 @@ def row_argmax(x: torch.Tensor) -> torch.Tensor:
     On the CPU this runs numpy's argmax on a zero-copy view: the same function, several times
     faster than PyTorch's CPU kernel for rows of a vocabulary (measured 45 us against 390 us
     for 1024 x 384 float32)."""
-    if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64):
+    if on_host(x) and x.dtype in (torch.float32, torch.float64):
         return torch.from_numpy(x.numpy().argmax(axis=-1).astype(np.int64, copy=False))
     return x.argmax(dim=-1)
 

@@ -61,7 +61,7 @@ class Engine:
         self.decode = decode
         self.images = images  # the vision tower and preprocessing of a VLM engine, else None
         self._awaiting_images: dict[int, RequestImages] = {}  # request id -> images not yet encoded
-        self.decider = Decider(model.device, model.config.mask_token_id)
+        self.decider = Decider(model.platform, model.config.mask_token_id)
         self._ids = itertools.count()
         self._sequences: dict[int, Sequence] = {}
         self.num_steps = 0

@@ -5,7 +5,8 @@ checkpoint ──builder──▶ engine dir ──[runtime: segments ▶ batch]
 `BatchBuilder.build(segments)` concatenates the segments' token ids, positions, write flags
 and logit rows with numpy (O(1) Python per segment, nothing per token), resolves KV-cache
 slots through the cache's persistent page table, and moves everything to the device in one
-copy from a reused (pinned, on a GPU) staging buffer. Per-segment metadata the attention
+copy per dtype from a reused (pinned, on a GPU) staging buffer, each part 16-byte aligned
+(`nemodiff.device.Staging`). Per-segment metadata the attention
 kernels read (`seg_start`, `prefix_len`, `table_row`, `pattern`, masks) comes along; the
 PyTorch reference path gathers its prefix keys from the device page table itself.
 
@@ -21,6 +22,8 @@ from operator import attrgetter
 
 import numpy as np
 import torch
+
+from nemodiff.device import Platform, as_platform
 
 from .kv_cache import PagedKVCache
 from .segments import Pattern, Segment
@@ -63,46 +66,6 @@ class ForwardBatch:
         return len(self.bounds)
 
 
-class _Staging:
-    """A growable host buffer (pinned on CUDA) and its device twin, reused every step. On the CPU
-    the parts (fresh arrays every step) become tensors as they are, with no copy."""
-
-    def __init__(self, device: torch.device, dtype: torch.dtype):
-        self.device, self.dtype, self.size = device, dtype, 0
-        self.host = self.dev = self.host_view = None
-        self.numpy_dtype = torch.empty(0, dtype=dtype).numpy().dtype
-        self._parts: list[np.ndarray] = []
-        self._staged = False  # the last parts went through the pinned buffer (a GPU upload)
-        self._total = 0
-
-    def flat(self) -> np.ndarray:
-        """The last parts uploaded or kept, concatenated (host memory)."""
-        if self._staged:
-            return self.host_view[: self._total]
-        return np.concatenate(self._parts).astype(self.numpy_dtype, copy=False)
-
-    def keep(self, parts: list[np.ndarray]) -> None:
-        """Hold the parts for `flat()` without putting them on the device."""
-        self._parts, self._staged = parts, False
-
-    def upload(self, parts: list[np.ndarray]) -> list[torch.Tensor]:
-        if self.device.type == "cpu":
-            self.keep(parts)
-            return [torch.from_numpy(np.ascontiguousarray(p, dtype=self.numpy_dtype)) for p in parts]
-        self._staged = True  # flat() reads the pinned buffer
-        sizes = [len(p) for p in parts]
-        total = self._total = sum(sizes)
-        if total > self.size:
-            self.size = max(total, 2 * self.size, 1024)
-            self.host = torch.empty(self.size, dtype=self.dtype, pin_memory=True)
-            self.dev = torch.empty(self.size, dtype=self.dtype, device=self.device)
-            self.host_view = self.host.numpy()
-        if total:
-            np.concatenate(parts, out=self.host_view[:total], casting="unsafe")
-            self.dev[:total].copy_(self.host[:total], non_blocking=True)
-        return list(self.dev[:total].split(sizes))
-
-
 @dataclass
 class PackedSizes:
     """Part lengths of a packed step: int64 [ids, positions, token_slots (T each), write_rows,
@@ -138,11 +101,13 @@ def _flags(n: int, value: bool) -> np.ndarray:
 
 
 class BatchBuilder:
-    def __init__(self, device: torch.device, image_token_id: int | None = None):
-        self.device = torch.device(device)
+    def __init__(self, platform: Platform | torch.device | str, image_token_id: int | None = None):
+        self.platform = platform = as_platform(platform)
+        self.device = platform.device
         self.image_token_id = image_token_id
-        self._int64 = _Staging(self.device, torch.int64)
-        self._int32 = _Staging(self.device, torch.int32)
+        self._int64 = platform.staging(torch.int64)
+        self._int32 = platform.staging(torch.int32)
+        self._rows = platform.staging(torch.int64)  # image rows
         self._last_sizes: PackedSizes | None = None
         self._last_image_rows: np.ndarray | None = None
         self._masks: dict[bytes, torch.Tensor] = {}  # unpack(): dense masks by their packed bits
@@ -166,7 +131,7 @@ class BatchBuilder:
                  for a, b, p, o in zip(starts[:-1], starts[1:], patterns, offsets)]
         device_rows = None
         if image_rows is not None:
-            device_rows = torch.from_numpy(image_rows).to(self.device)
+            device_rows = self._rows.upload_one(image_rows)
         return self._assemble(parts64, parts32, counts, segment_rows, masks, device_rows, image_embeds, shape_key)
 
     def _dense_mask(self, n: int, bits: np.ndarray, offset: int) -> torch.Tensor:
@@ -330,5 +295,5 @@ class BatchBuilder:
                                  f"{len(local)} image tokens (image token id {self.image_token_id})")
             rows.append(local + start)
         self._last_image_rows = np.concatenate(rows)
-        index = torch.from_numpy(self._last_image_rows).to(self.device)
+        index = self._rows.upload_one(self._last_image_rows)
         return index, torch.cat([e.to(self.device) for e in embeds])

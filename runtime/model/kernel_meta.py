@@ -1,11 +1,12 @@
 """The attention kernel's view of a batch: query tiles, split-KV factor, workspace.
 
-checkpoint ──builder──▶ engine dir ──[runtime: batch ▶ kernel metadata]──▶ model ──▶ Triton
+checkpoint ──builder──▶ engine dir ──[runtime: batch ▶ kernel metadata]──▶ model ──▶ serving
 
 The batch builder already uploaded the per-segment arrays (starts, prefix lengths, page-table
-rows, patterns, mask bitmasks); this adds the query-tile plan of `plugins.attention`, sizes the
-split-KV factor from the GPU's SM count and the real context, and hands out a workspace that
-is reused from step to step.
+rows, patterns, mask bitmasks); this adds the query-tile plan of `plugins.attention` (uploaded
+through a reused staging buffer, 16-byte aligned like every pointer a kernel reads), sizes the
+split-KV factor from the SM count and the real context of the step, and hands out a workspace
+that is reused from step to step.
 """
 
 from __future__ import annotations
@@ -13,13 +14,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from nemodiff.device import Platform
 from nemodiff.engine_format import ModelConfig
-from nemodiff.plugins.launch import sm_count
 
 from .batch import ForwardBatch
 from .kv_cache import PagedKVCache
-
-CPU_SM_COUNT = 8  # interpreter runs: enough "SMs" that long contexts exercise the split-KV path
 
 
 class Workspace:
@@ -34,34 +33,54 @@ class Workspace:
         return self.buffer
 
 
-def tile_plan(batch: ForwardBatch, config: ModelConfig, device: torch.device):
-    """(block_m, tile_seg, tile_start) on the device for this batch's segment lengths."""
-    from nemodiff.plugins.attention import plan_tiles
-
-    lengths = np.fromiter((b - a for a, b in batch.bounds), dtype=np.int64, count=len(batch.bounds))
-    block_m, tile_seg, tile_start = plan_tiles(lengths, config.num_attention_heads // config.num_key_value_heads)
-    both = torch.from_numpy(np.concatenate([tile_seg, tile_start]).astype(np.int32))
-    if device.type != "cpu":
-        both = both.pin_memory().to(device, non_blocking=True)
-    return block_m, both[: len(tile_seg)], both[len(tile_seg):]
+def longest_context(batch: ForwardBatch) -> int:
+    """The most keys any query of the batch sees: its committed prefix plus its own segment."""
+    return max(p + (b - a) for p, (a, b) in zip(batch.prefix_lens, batch.bounds))
 
 
-def attention_meta(batch: ForwardBatch, cache: PagedKVCache, config: ModelConfig, workspace: Workspace,
-                   num_splits: int | None = None):
-    from nemodiff.plugins.attention import AttentionMeta, choose_splits, workspace_elems
+class KernelMeta:
+    """Builds the AttentionMeta of each forward on the kernel path (one per model)."""
 
-    device = cache.block_tables.device
-    block_m, tile_seg, tile_start = tile_plan(batch, config, device)
-    if num_splits is None:
-        longest = max(p + (b - a) for p, (a, b) in zip(batch.prefix_lens, batch.bounds))
-        num_splits = choose_splits(len(tile_seg), config.num_key_value_heads, longest, sm_count(device, CPU_SM_COUNT))
-    space = None
-    if num_splits > 1:
-        space = workspace.get(workspace_elems(batch.num_tokens, config.num_attention_heads, config.head_dim,
-                                              num_splits))
-    return AttentionMeta(
-        seg_start=batch.seg_start, prefix_len=batch.seg_prefix, table_row=batch.seg_table_row,
-        block_tables=cache.block_tables, pattern=batch.seg_pattern, mask_offset=batch.mask_offset,
-        masks=batch.mask_bits, tile_seg=tile_seg, tile_start=tile_start, page_size=cache.page_size,
-        block_m=block_m, num_splits=num_splits, workspace=space,
-    )
+    def __init__(self, platform: Platform, config: ModelConfig):
+        self.platform, self.config = platform, config
+        self.workspace = Workspace(platform.device)
+        self._tiles = platform.staging(torch.int32)
+
+    def tile_plan(self, batch: ForwardBatch, persistent: bool = False) -> tuple[int, torch.Tensor, torch.Tensor]:
+        """(block_m, tile_seg, tile_start) on the device for this batch's segment lengths. persistent: the
+        tensors outlive the next step (CUDA graphs keep them), so they do not share the staging buffer."""
+        from nemodiff.plugins.attention import plan_tiles
+
+        cfg = self.config
+        lengths = np.fromiter((b - a for a, b in batch.bounds), dtype=np.int64, count=len(batch.bounds))
+        block_m, tile_seg, tile_start = plan_tiles(lengths, cfg.num_attention_heads // cfg.num_key_value_heads)
+        seg, start = self._tiles.upload([tile_seg.astype(np.int32), tile_start.astype(np.int32)])
+        if persistent:
+            seg, start = seg.clone(), start.clone()
+        return block_m, seg, start
+
+    def splits(self, num_tiles: int, context: int) -> int:
+        """Split-KV programs per tile for `context` keys (1: no split) on this platform's SMs."""
+        from nemodiff.plugins.attention import choose_splits
+
+        return choose_splits(num_tiles, self.config.num_key_value_heads, context, self.platform.sm_count)
+
+    def attention(self, batch: ForwardBatch, cache: PagedKVCache, num_splits: int | None = None,
+                  workspace: Workspace | None = None, persistent: bool = False):
+        """The AttentionMeta of `batch`; the split factor from the batch's real longest context unless given."""
+        from nemodiff.plugins.attention import AttentionMeta, workspace_elems
+
+        cfg = self.config
+        block_m, tile_seg, tile_start = self.tile_plan(batch, persistent)
+        if num_splits is None:
+            num_splits = self.splits(len(tile_seg), longest_context(batch))
+        space = None
+        if num_splits > 1:
+            space = (workspace or self.workspace).get(workspace_elems(batch.num_tokens, cfg.num_attention_heads,
+                                                                      cfg.head_dim, num_splits))
+        return AttentionMeta(
+            seg_start=batch.seg_start, prefix_len=batch.seg_prefix, table_row=batch.seg_table_row,
+            block_tables=cache.block_tables, pattern=batch.seg_pattern, mask_offset=batch.mask_offset,
+            masks=batch.mask_bits, tile_seg=tile_seg, tile_start=tile_start, page_size=cache.page_size,
+            block_m=block_m, num_splits=num_splits, workspace=space,
+        )

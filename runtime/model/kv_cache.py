@@ -11,6 +11,9 @@ Page tables live in one persistent int32 table (a row per request), mirrored on 
 on the device. Allocating or freeing a page edits one host element and marks the row dirty;
 `sync_tables()` pushes the dirty rows to the device once per step, so no step rebuilds a
 table from Python lists. Row 0 is reserved for padding segments (it points at nothing real).
+On the CPU reference path the device table is the host mirror itself. When more requests need
+rows than the table has, it grows: `block_tables` becomes a new tensor and `table_generation`
+counts up, so that whoever kept the old one (CUDA graphs) knows to refresh.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ from collections import deque
 import numpy as np
 import torch
 
+from nemodiff.device import Platform, as_platform
+
 
 class KVCacheFullError(RuntimeError):
     """The page pool cannot hold what a request needs."""
@@ -27,13 +32,14 @@ class KVCacheFullError(RuntimeError):
 
 class PagedKVCache:
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, page_size: int, num_pages: int,
-                 dtype: torch.dtype, device: torch.device | str = "cpu", max_pages_per_request: int | None = None,
-                 max_requests: int = 64):
+                 dtype: torch.dtype, device: torch.device | str | Platform = "cpu",
+                 max_pages_per_request: int | None = None, max_requests: int = 64):
         if num_pages < 1 or page_size < 1:
             raise ValueError(f"need at least one page of at least one slot (got {num_pages} x {page_size})")
         self.page_size = page_size
         self.num_pages = num_pages
-        self.device = torch.device(device)
+        self.platform = as_platform(device)
+        self.device = device = self.platform.device
         shape = (num_layers, num_pages * page_size, num_kv_heads, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
@@ -44,9 +50,12 @@ class PagedKVCache:
         self._rows: dict[int, int] = {}
         self.tables_host = np.zeros((max_requests + 1, self.max_pages_per_request), dtype=np.int32)
         self.pages_per_row = np.zeros(max_requests + 1, dtype=np.int64)  # reserved pages of each row
+        self._row_index = self.platform.staging(torch.int64)
+        self._row_values = self.platform.staging(torch.int32)
+        self.table_generation = 0
+        self._dirty: set[int] = set()
         self.block_tables = self._device_table(self.tables_host)
         self._free_rows = list(range(max_requests, 0, -1))  # row 0 is the padding row
-        self._dirty: set[int] = set()
 
     @staticmethod
     def pages_for_budget(memory_bytes: int, num_layers: int, num_kv_heads: int, head_dim: int,
@@ -174,12 +183,11 @@ class PagedKVCache:
             return []
         rows = sorted(self._dirty)
         self._dirty.clear()
-        if self.device.type == "cpu":
+        if not self.platform.gpu_path:
             return rows  # the host mirror is the table
-        index = torch.tensor(rows, dtype=torch.long)
-        staged = torch.from_numpy(self.tables_host[rows]).pin_memory()
-        self.block_tables.index_copy_(0, index.to(self.device, non_blocking=True),
-                                      staged.to(self.device, non_blocking=True))
+        index = self._row_index.upload_one(np.asarray(rows, dtype=np.int64))
+        values = self._row_values.upload_one(self.tables_host[rows].reshape(-1))
+        self.block_tables.index_copy_(0, index, values.view(len(rows), -1))
         return rows
 
     def mark_tables_changed(self) -> None:
@@ -202,12 +210,14 @@ class PagedKVCache:
         self.tables_host = grown
         self.pages_per_row = np.concatenate([self.pages_per_row, np.zeros(old, dtype=np.int64)])
         self.block_tables = self._device_table(grown)
+        self.table_generation += 1
         self._free_rows = list(range(old * 2 - 1, old - 1, -1))
 
     def _device_table(self, host: np.ndarray) -> torch.Tensor:
-        if self.device.type == "cpu":
+        if not self.platform.gpu_path:
             return torch.from_numpy(host)  # shares memory with the host mirror
-        return torch.from_numpy(host).to(self.device)
+        self._dirty.update(range(host.shape[0]))  # the next sync_tables() fills the new table
+        return torch.zeros(host.shape, dtype=torch.int32, device=self.device)
 
     def prefix_slots(self, request_id_row: int, length: int) -> torch.Tensor:
         """Slots of positions [0, length) of the request in `request_id_row`, on the device (reference path)."""

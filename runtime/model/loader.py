@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from nemodiff.device import Platform, compute_dtype, resolve_device
 from nemodiff.engine_format import (
     EngineConfig,
     EngineFormatError,
@@ -34,15 +35,8 @@ class LoadedEngine:
     model: Model
 
 
-def default_device() -> torch.device:
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-
-
 def runtime_dtype(config: EngineConfig, device: torch.device) -> torch.dtype:
-    dtype = TORCH_DTYPES[config.build.dtype]
-    if device.type == "cpu" and dtype == torch.float16:
-        dtype = torch.float32  # fp16 matmuls are slow and partly unsupported on CPU
-    return dtype
+    return compute_dtype(TORCH_DTYPES[config.build.dtype], device)
 
 
 def verify_rank_files(engine_dir: Path, rank: int, tp: int) -> None:
@@ -65,13 +59,14 @@ def load_engine(engine_dir: Path, device: str | torch.device | None = None, veri
     tp = config.build.tp
     if verify:
         verify_rank_files(engine_dir, rank, tp)
-    device = torch.device(device) if device is not None else default_device()
-    weights = load_file(str(engine_dir / weights_file(rank, tp)))
+    device = resolve_device(device)
+    platform = Platform.for_kernels(device, kernels, sm=config.build.sm)
+    weights = platform.own_memory(load_file(str(engine_dir / weights_file(rank, tp))))
     lora = None
     if config.build.lora is not None:
-        lora = load_file(str(engine_dir / draft_lora_file(rank, tp)))
+        lora = platform.own_memory(load_file(str(engine_dir / draft_lora_file(rank, tp))))
     dtype = runtime_dtype(config, device)
     library = load_kernels(engine_dir, config.build, device, mode=kernels)
-    model = Model(config.model, weights, dtype, device, lora=lora,
+    model = Model(config.model, weights, dtype, platform, lora=lora,
                   lora_scale=config.build.lora.scale if config.build.lora else 1.0, kernels=library, tp_size=tp)
     return LoadedEngine(engine_dir, config, model)

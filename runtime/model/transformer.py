@@ -28,11 +28,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from nemodiff.device import Platform, as_platform
 from nemodiff.engine_format import ModelConfig
 
 from .attention import equal_segments_attention, segment_attention
 from .batch import BatchBuilder, ForwardBatch
-from .kernel_meta import Workspace, attention_meta
+from .kernel_meta import KernelMeta
 from .kv_cache import PagedKVCache
 from .layers import make_linear, rms_norm
 from .rope import RotaryEmbedding, apply_rotary
@@ -55,7 +56,7 @@ class LayerWeights:
 
 class Model:
     def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor], dtype: torch.dtype,
-                 device: torch.device | str = "cpu", lora: dict[str, torch.Tensor] | None = None,
+                 device: torch.device | str | Platform = "cpu", lora: dict[str, torch.Tensor] | None = None,
                  lora_scale: float = 1.0, kernels=None, tp_size: int = 1):
         self.config = config
         self.tp_size = tp_size
@@ -68,7 +69,8 @@ class Model:
         self.kernels = kernels  # a plugins.ops.KernelLibrary, or None for the reference path
         self.graphs = None  # a GraphRunner once CUDA graphs are captured
         self.dtype = dtype
-        self.device = torch.device(device)
+        self.platform = as_platform(device)  # a plain device: the reference path
+        self.device = self.platform.device
         self.embed = weights["embed"].to(self.device, dtype)
         self.final_norm = weights["final_norm"].to(self.device, dtype)
         self.head = make_linear(weights, "head", dtype, self.device)
@@ -92,8 +94,8 @@ class Model:
                 layer.lora_b = (lora[p + "lora_b"].float() * lora_scale).to(self.device, dtype)
             self.layers.append(layer)
         self.has_lora = lora is not None
-        self.builder = BatchBuilder(self.device, config.image_token_id)
-        self.workspace = Workspace(self.device)  # split-KV partial results (kernel path)
+        self.builder = BatchBuilder(self.platform, config.image_token_id)
+        self.meta = KernelMeta(self.platform, self.rank_config)  # the attention kernels' metadata
 
     # -- entry points ------------------------------------------------------------------------
     @torch.inference_mode()
@@ -134,7 +136,7 @@ class Model:
         return self.kernels is not None and cache is not None
 
     def attention_meta(self, batch: ForwardBatch, cache: PagedKVCache, num_splits: int | None = None):
-        return attention_meta(batch, cache, self.rank_config, self.workspace, num_splits)
+        return self.meta.attention(batch, cache, num_splits)
 
     # -- layers ------------------------------------------------------------------------------
     def _add_norm(self, residual: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor,

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from nemodiff.device import is_cuda, make_current
 from nemodiff.runtime.model.batch import PackedSizes
 
 HEADER = 16  # int64 words before the payload
@@ -78,8 +79,8 @@ class TensorParallel:
                 step_timeout_s: float) -> "TensorParallel":
         timeout = datetime.timedelta(seconds=step_timeout_s)
         control = _gloo(dist.PrefixStore("control", store), rank, size, timeout)
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
+        if is_cuda(device):
+            make_current(device)
             data = _nccl(dist.PrefixStore("data", store), rank, size, timeout)
         else:
             data = _gloo(dist.PrefixStore("data", store), rank, size, timeout)

@@ -63,14 +63,6 @@ def python_executable() -> str:
     return sys.executable
 
 
-def default_devices(device: torch.device, size: int) -> list[torch.device]:
-    """Rank r on cuda:(index + r) for a CUDA device, else every rank on the same device type."""
-    if device.type == "cuda":
-        first = device.index if device.index is not None else torch.cuda.current_device()
-        return [torch.device("cuda", first + r) for r in range(size)]
-    return [device] * size
-
-
 class TensorParallelDriver:
     def __init__(self, store, workers: list[subprocess.Popen], devices: list[torch.device],
                  step_timeout_s: float, startup_timeout_s: float):
@@ -161,9 +153,9 @@ class TensorParallelDriver:
             self._fail(f"tensor-parallel cache setup failed: {exc}")
             raise TensorParallelError(self.broken) from exc
 
-    def capture_graphs(self, max_seq_len: int, block_length: int, lora: bool) -> None:
+    def capture_graphs(self, max_seq_len: int, block_length: int, lora: bool, max_batch_size: int) -> None:
         """Workers capture the same CUDA graphs as rank 0, in the same order (their collectives pair up)."""
-        self.tp.send(control_message(Op.GRAPHS, max_seq_len, block_length, int(lora)))
+        self.tp.send(control_message(Op.GRAPHS, max_seq_len, block_length, int(lora), max_batch_size))
 
     def _send_cache(self, cache: PagedKVCache) -> None:
         self.tp.send(control_message(Op.CACHE, cache.num_pages, cache.page_size, cache.max_pages_per_request,

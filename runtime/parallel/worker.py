@@ -21,7 +21,6 @@ import time
 
 import torch
 
-from nemodiff.runtime.engine.host_memory import keep_freed_memory
 from nemodiff.runtime.model.kv_cache import PagedKVCache
 
 from .comm import Op, TensorParallel, open_store, read_step
@@ -53,14 +52,13 @@ class Worker:
     def __init__(self, spec: WorkerSpec):
         self.spec = spec
         self.device = torch.device(spec.device)
-        if self.device.type == "cpu":
-            keep_freed_memory()
         self.store = open_store(spec.store_port, spec.step_timeout_s)
         try:
             self.model = _load_model(spec, self.device)
         except Exception as exc:
             self.store.set(f"failed/{spec.rank}", f"{type(exc).__name__}: {exc}")
             raise
+        self.model.platform.prepare_process()
         self.store.set(f"ready/{spec.rank}", "1")
         self.tp = TensorParallel.connect(self.store, spec.rank, spec.size, self.device,
                                          self.model.config.vocab_size, spec.step_timeout_s)
@@ -78,7 +76,7 @@ class Worker:
             elif op == Op.CACHE:
                 self._new_cache(*(int(v) for v in message[2:6]))
             elif op == Op.GRAPHS:
-                self._capture_graphs(*(int(v) for v in message[2:5]))
+                self._capture_graphs(*(int(v) for v in message[2:6]))
             else:
                 raise RuntimeError(f"unknown tensor-parallel message {op}")
 
@@ -101,13 +99,13 @@ class Worker:
         self.cache = None  # free the old pool first
         model, cfg = self.model, self.model.config
         self.cache = PagedKVCache(cfg.num_hidden_layers, model.num_kv_heads, cfg.head_dim, page_size, num_pages,
-                                  model.dtype, self.device, max_pages_per_request=max_pages,
+                                  model.dtype, model.platform, max_pages_per_request=max_pages,
                                   max_requests=max_requests)
 
-    def _capture_graphs(self, max_seq_len: int, block_length: int, lora: int) -> None:
+    def _capture_graphs(self, max_seq_len: int, block_length: int, lora: int, max_batch_size: int) -> None:
         from nemodiff.runtime.model.graphs import GraphRunner, declared_shapes
 
-        self.model.graphs = GraphRunner(self.model, self.cache, max_seq_len)
+        self.model.graphs = GraphRunner(self.model, self.cache, max_seq_len, max_batch_size)
         self.model.graphs.capture_steady_shapes(declared_shapes(block_length, bool(lora)))
 
 

@@ -1,0 +1,133 @@
+"""Launch-overhead benchmark: host time per ahead-of-time kernel launch, and launches per forward.
+
+checkpoint ──builder──▶ engine dir ──runtime──▶ serving ──[bench: kernel launches, on the CPU]
+
+Runs on the CPU with an engine built for a GPU arch: the runtime takes its GPU branch
+(`kernels="aot-check"` without the checks) and every launch goes through the ahead-of-time
+launcher up to the driver call, which is left out (the kernels do not run, so the numbers are
+host work only: choosing the variant, preparing arguments and outputs, the launcher's lookup and
+packing). Each step shape's forward is run `iters` times; per shape it reports the launches per
+forward, and overall:
+- `us_per_launch`: host microseconds per launch, from the kernel library call to the (left-out)
+  driver call;
+- `launches_per_layer`: kernels a transformer layer launches in the AR step at batch 1, counting
+  the dense GEMMs (a bf16/fp32 linear is one cuBLAS launch) with the Triton kernels.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from nemodiff.runtime.model.kv_cache import PagedKVCache
+from nemodiff.runtime.model.layers import DenseLinear
+
+from .steps import STEP_KINDS, _segments
+
+SHAPES = ("ar", "verify-32", "draft-32", "quad-k8")
+
+
+class _Skip:
+    """A driver that loads nothing and launches nothing: the driver call left out."""
+
+    def __init__(self, driver):
+        self.driver = driver
+
+    def load(self, kernel_dir, entry, variant):
+        return None
+
+    def launch(self, prepared, grid, args) -> None:
+        return None
+
+    def scratch(self, nbytes: int) -> torch.Tensor:
+        return self.driver.scratch(nbytes)
+
+
+class _Timed:
+    """Wraps a KernelLibrary so that the time spent in its methods is summed."""
+
+    def __init__(self, library):
+        self.library, self.seconds = library, 0.0
+        for name in dir(library):
+            method = getattr(library, name)
+            if callable(method) and not name.startswith("_"):
+                setattr(self, name, self._timed(method))
+
+    def _timed(self, method):
+        def call(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return method(*args, **kwargs)
+            finally:
+                self.seconds += time.perf_counter() - start
+        return call
+
+    def __getattr__(self, name):
+        return getattr(self.library, name)
+
+
+def launch_overhead(engine_dir: Path, iters: int = 20, context: int = 64) -> dict:
+    from nemodiff import LLM
+
+    llm = LLM(engine_dir, device="cpu", kernels="aot-check", cuda_graphs=False, max_batch_size=1)
+    model = llm.model
+    launcher = model.kernels.launcher
+    launcher.checker = None  # serving runs no checks
+    launcher.driver = _Skip(launcher.driver)
+    timed = _Timed(model.kernels)
+    model.kernels = timed
+    dense_calls = [0]
+    call = DenseLinear.__call__
+
+    def counted(self, x, kernels=None):
+        dense_calls[0] += 1
+        return call(self, x, kernels)
+
+    cfg = model.config
+    shapes = SHAPES
+    rows, total_launches, total_seconds = [], 0, 0.0
+    DenseLinear.__call__ = counted
+    try:
+        for kind in shapes:
+            n = STEP_KINDS[kind][0]
+            pages = -(-(context + n + 8) // llm.config.build.kv_page_size)
+            cache = PagedKVCache(cfg.num_hidden_layers, model.num_kv_heads, cfg.head_dim,
+                                 llm.config.build.kv_page_size, pages + 1, model.dtype, model.platform,
+                                 max_pages_per_request=pages)
+            cache.add_request(0)
+            cache.reserve(0, context + n + 8)
+            cache.set_length(0, context)
+            cache.reserve(0, context + n + 8)
+            segments = _segments(kind, 1, context)
+            model.forward(segments, cache)  # warm: variants prepared, buffers grown
+            launches, dense_calls[0] = launcher.launches, 0
+            seconds = timed.seconds
+            for _ in range(iters):
+                model.forward(segments, cache)
+            per_forward = (launcher.launches - launches) / iters
+            dense = dense_calls[0] / iters - 1  # the head is one of them
+            total_launches += launcher.launches - launches
+            total_seconds += timed.seconds - seconds
+            rows.append({"shape": kind, "tokens": n, "triton_launches": per_forward,
+                         "dense_gemms": max(dense, 0.0), "launches": per_forward + max(dense, 0.0)})
+    finally:
+        DenseLinear.__call__ = call
+    ar = next(r for r in rows if r["shape"] == "ar")
+    final_norm = 1  # the one launch outside the layers (the head, if dense, is excluded above)
+    per_layer = (ar["triton_launches"] - final_norm + ar["dense_gemms"]) / cfg.num_hidden_layers
+    return {"engine": str(engine_dir), "dtype": llm.config.build.dtype, "sm": llm.config.build.sm,
+            "layers": cfg.num_hidden_layers, "us_per_launch": 1e6 * total_seconds / max(total_launches, 1),
+            "launches_per_layer": per_layer,
+            "launches_per_forward": {r["shape"]: r["launches"] for r in rows}, "shapes": rows}
+
+
+def format_report(report: dict) -> str:
+    lines = [f"{'shape':12s} {'tokens':>6s} {'triton':>7s} {'gemms':>6s} {'launches':>9s}"]
+    for r in report["shapes"]:
+        lines.append(f"{r['shape']:12s} {r['tokens']:6d} {r['triton_launches']:7.1f} {r['dense_gemms']:6.1f} "
+                     f"{r['launches']:9.1f}")
+    lines.append(f"host time per launch: {report['us_per_launch']:.2f} us (driver call left out); "
+                 f"launches per layer, AR batch 1: {report['launches_per_layer']:.1f}")
+    return "\n".join(lines)
