@@ -19,41 +19,6 @@ def _ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x.strip()]
 
 
-def _plot(report: dict, path: Path) -> bool:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    panels = [p for p in ("steps", "end_to_end") if report.get(p)]
-    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.2), squeeze=False)
-    for ax, panel in zip(axes[0], panels):
-        rows = report[panel]
-        if panel == "steps":
-            for kind in dict.fromkeys(r["kind"] for r in rows):
-                pts = [(r["batch"], r["ms"]) for r in rows if r["kind"] == kind]
-                ax.plot(*zip(*pts), marker="o", label=kind)
-            batches = sorted({r["batch"] for r in rows})
-            ax.set_xscale("log", base=2)
-            ax.set_xticks(batches, [str(b) for b in batches])
-            ax.set(xlabel="batch size", ylabel="forward latency (ms)", title="step latency")
-        else:
-            for mode in dict.fromkeys(r["mode"] for r in rows):
-                pts = [(r["concurrency"], r["tokens_per_s"]) for r in rows if r["mode"] == mode]
-                tpf = [r["tokens_per_forward"] for r in rows if r["mode"] == mode][0]
-                ax.plot(*zip(*pts), marker="o", label=f"{mode} ({tpf:.2f} tok/fwd)")
-            ax.set(xlabel="concurrent requests", ylabel="output tokens/s", title="end to end")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.suptitle(report["title"], fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
-
-
 @click.command(context_settings={"show_default": True, "help_option_names": ["-h", "--help"]})
 @click.argument("engine_dir", type=click.Path(path_type=Path), required=False)
 @click.option("--shape", type=str, default=None, help="Benchmark a random model of this shape (nld-3b, nld-8b, "
@@ -91,10 +56,11 @@ def bench(engine_dir: Path | None, shape: str | None, dtype: str, device: str | 
           host_overhead: bool) -> None:
     """Benchmark an engine (end to end per mode + step latencies), a random model at --shape, or a server."""
     from nemodiff.bench import steps as b
+    from nemodiff.bench.plots import plot_report
     from nemodiff.device import device_name, empty_cache, resolve_device
 
     if serve_url is not None:
-        _bench_server(serve_url, concurrency, duration, modes, max_new_tokens, json_path)
+        _bench_server(serve_url, concurrency, duration, modes, max_new_tokens, json_path, plot_path)
         return
     if host_overhead:
         if engine_dir is None:
@@ -182,7 +148,7 @@ def bench(engine_dir: Path | None, shape: str | None, dtype: str, device: str | 
     _print_table(report)
     _write_json(report, json_path)
     if plot_path is not None:
-        click.echo(f"wrote {plot_path}" if _plot(report, plot_path) else "no plot: matplotlib is not installed")
+        click.echo(f"wrote {plot_path}" if plot_report(report, plot_path) else "no plot: matplotlib is not installed")
 
 
 def _print_table(report: dict) -> None:
@@ -223,7 +189,8 @@ def _bench_host(engine_dir: Path, device: str | None, modes: str, batch_sizes: s
                  "torch": torch.__version__, "host_overhead": rows}, json_path)
 
 
-def _bench_server(url: str, concurrency: str, duration: float, modes: str, max_tokens: int, json_path: Path) -> None:
+def _bench_server(url: str, concurrency: str, duration: float, modes: str, max_tokens: int, json_path: str | None,
+                  plot_path: Path | None) -> None:
     import asyncio
 
     from nemodiff.bench.serve import bench_server, format_rows
@@ -235,7 +202,13 @@ def _bench_server(url: str, concurrency: str, duration: float, modes: str, max_t
     except RuntimeError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(format_rows(rows))
-    _write_json({"date": time.strftime("%Y-%m-%d"), "server": url, "levels": rows}, json_path)
+    report = {"date": time.strftime("%Y-%m-%d"), "server": url, "levels": rows,
+              "title": f"{url}, modes {modes}, {max_tokens} tokens per request"}
+    _write_json(report, json_path)
+    if plot_path is not None:
+        from nemodiff.bench.plots import plot_report
+
+        click.echo(f"wrote {plot_path}" if plot_report(report, plot_path) else "no plot: matplotlib is not installed")
 
 
 def _bench_launches(engine_dir: Path | None, iters: int, json_path: str | None) -> None:

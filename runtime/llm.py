@@ -51,7 +51,8 @@ class RequestOutput:
             "output_ids": self.output_ids, "text": self.text, "finish_reason": self.finish_reason,
             "num_forward_passes": self.num_forward_passes,
             "tokens_per_forward": round(self.tokens_per_forward, 4), "seconds": round(self.seconds, 6),
-            **({"stats": self.stats} if self.stats else {}),
+            "stats": {"num_forward_passes": self.num_forward_passes,
+                      "tokens_per_forward": round(self.tokens_per_forward, 4)} | self.stats,
         }
 
 

@@ -223,3 +223,20 @@ def test_every_kernel_assumption_is_checked(gpu_engines):
         launcher.launch(variant, (0,), (x.clone(), x.clone(), weight, x.clone(), 1e-5))
     with pytest.raises(KernelLaunchError, match="argument eps: expected a Python number"):
         launcher.launch(variant, (3,), (x.clone(), x.clone(), weight, x.clone(), torch.tensor(1e-5)))
+
+
+def test_bench_launch_overhead(gpu_engines):
+    """`nemodiff bench ENGINE --launch-overhead --json`: host work per launch on the CPU, driver call left out."""
+    import json
+
+    from click.testing import CliRunner
+
+    from nemodiff.cli import main
+
+    engine = gpu_engines("h200", "bf16")
+    result = CliRunner().invoke(main, ["bench", str(engine), "--launch-overhead", "--iters", "20", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert 0 < report["us_per_launch"] < 1000
+    assert report["launches_per_layer"] <= 8
+    assert set(report["launches_per_forward"]) == {"ar", "verify-32", "draft-32", "quad-k8"}

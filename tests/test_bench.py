@@ -51,3 +51,13 @@ def test_bench_host_overhead_per_mode(tmp_path, engine_fp32):
         # per step the decisions are part of the host time (outside the forward), so their medians are too
         assert 0 < row["decide_ms"] <= row["host_ms"] < row["step_ms"] and row["forward_ms"] > 0
     assert "of which decide" in out and str(tmp_path / "h.json") in out
+
+
+def test_bench_writes_nothing_unasked_and_prints_json_when_asked(tmp_path, engine_fp32):
+    args = ["bench", str(engine_fp32), "--host-overhead", "--device", "cpu", "--modes", "ar", "--batch-sizes", "1",
+            "--iters", "20"]
+    quiet = subprocess.run([str(BIN / "nemodiff"), *args], capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert quiet.returncode == 0 and list(tmp_path.iterdir()) == []  # no bench.json, no bench.png
+    printed = subprocess.run([str(BIN / "nemodiff"), *args, "--json"], capture_output=True, text=True, cwd=tmp_path,
+                             timeout=600)
+    assert json.loads(printed.stdout)["host_overhead"][0]["mode"] == "ar" and list(tmp_path.iterdir()) == []

@@ -84,6 +84,9 @@ def test_generate_every_mode_with_json_stats(tmp_path):
     assert results["quadratic-spec"][0]["output_ids"] == results["ar"][0]["output_ids"]
     assert "accepted_length_histogram" in results["quadratic-spec"][0]["stats"]
     assert "denoise_steps_per_block" in results["diffusion"][0]["stats"]
+    for mode, outs in results.items():  # every mode carries stats, AR included
+        assert outs[0]["stats"]["num_forward_passes"] == outs[0]["num_forward_passes"], mode
+        assert outs[0]["stats"]["tokens_per_forward"] == outs[0]["tokens_per_forward"], mode
     proc = subprocess.run([str(BIN / "nemodiff"), "generate", str(engine), "--prompt-ids", "1,2", "--mode",
                            "quadratic-spec", "--block-length", "16"], capture_output=True, text=True)
     assert proc.returncode != 0 and "exceeds the engine's block length 8" in proc.stderr

@@ -77,7 +77,8 @@ def test_soak_64_concurrent_streams(engine_dir, tmp_path):
                 break
             time.sleep(0.1)
         bench = subprocess.run([str(NEMODIFF), "bench", "--serve", f"grpc://{server.grpc}", "--concurrency", "1,8",
-                                "--duration", "2", "--max-new-tokens", "16", "--json", str(tmp_path / "bench.json")],
+                                "--duration", "2", "--max-new-tokens", "16", "--json", str(tmp_path / "bench.json"),
+                                "--plot", str(tmp_path / "bench.png")],
                                capture_output=True, text=True, timeout=120)
     finally:
         status = server.stop()
@@ -105,4 +106,5 @@ def test_soak_64_concurrent_streams(engine_dir, tmp_path):
     rows = json.loads((tmp_path / "bench.json").read_text())["levels"]
     assert [r["concurrency"] for r in rows] == [1, 8]
     assert all(r["completed"] > 0 and r["errors"] == 0 and r["ttft_ms"]["p50"] is not None for r in rows)
+    assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # --serve --plot draws
     print(bench.stdout)
