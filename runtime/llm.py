@@ -41,6 +41,7 @@ class RequestOutput:
     num_forward_passes: int
     seconds: float
     stats: dict = field(default_factory=dict)
+    cached_prompt_tokens: int = 0  # prompt tokens whose KV the prefix cache supplied
 
     @property
     def tokens_per_forward(self) -> float:
@@ -52,7 +53,8 @@ class RequestOutput:
             "num_forward_passes": self.num_forward_passes,
             "tokens_per_forward": round(self.tokens_per_forward, 4), "seconds": round(self.seconds, 6),
             "stats": {"num_forward_passes": self.num_forward_passes,
-                      "tokens_per_forward": round(self.tokens_per_forward, 4)} | self.stats,
+                      "tokens_per_forward": round(self.tokens_per_forward, 4),
+                      "cached_prompt_tokens": self.cached_prompt_tokens} | self.stats,
         }
 
 
@@ -67,8 +69,13 @@ class LLM:
     kernels: "auto" (the engine's compiled kernels on a matching GPU, else the PyTorch
     reference path), "off", "interpret" (the kernels' real code under Triton's interpreter, on
     the CPU: slow, for verification), "jit" (Triton's compiler on a GPU, for development) or
-    "aot" (the compiled kernels, or an error). cuda_graphs: capture the declared steady step
-    shapes at start (GPU kernel path only).
+    "aot" (the compiled kernels, or an error), "aot-check" (on the CPU: the GPU launch path of an
+    engine built for a GPU, every launch checked against its cubin, then interpreted).
+    cuda_graphs: capture the declared steady step shapes at start (GPU kernel path only).
+
+    prefix_cache: reuse the KV pages of committed tokens across requests that share a prefix
+    (docs/design.md §10); `cached_prompt_tokens` in a RequestOutput says how many prompt tokens
+    a request did not compute.
 
     VLM engines also load the vision tower: `generate(..., images=...)` takes one list of
     images (paths, encoded bytes or PIL images) per prompt. vision_cache_bytes bounds the
@@ -86,7 +93,8 @@ class LLM:
                  max_batch_size: int | None = None, max_num_batched_tokens: int | None = None, verify: bool = True,
                  cuda_graphs: bool = True, kernels: str = "auto", vision_cache_bytes: int = 256 << 20,
                  image_limits: ImageLimits | None = None, tp: int | None = None,
-                 devices: list[str | torch.device] | None = None, tp_step_timeout_s: float = 300.0):
+                 devices: list[str | torch.device] | None = None, tp_step_timeout_s: float = 300.0,
+                 prefix_cache: bool = True):
         self.engine_dir = Path(engine_dir)
         if not self.engine_dir.is_dir():
             raise EngineFormatError(f"{engine_dir}: not a directory")
@@ -104,7 +112,7 @@ class LLM:
                                                        tp_step_timeout_s)
         try:
             self._setup(device, kv_cache_memory_bytes, num_kv_pages, max_batch_size, max_num_batched_tokens,
-                        verify, cuda_graphs, kernels, vision_cache_bytes, image_limits)
+                        verify, cuda_graphs, kernels, vision_cache_bytes, image_limits, prefix_cache)
         except BaseException:
             if self._driver is not None:
                 self._driver.close()
@@ -112,7 +120,7 @@ class LLM:
         self._finalizer = weakref.finalize(self, self._driver.close) if self._driver is not None else None
 
     def _setup(self, device, kv_cache_memory_bytes, num_kv_pages, max_batch_size, max_num_batched_tokens, verify,
-               cuda_graphs, kernels, vision_cache_bytes, image_limits) -> None:
+               cuda_graphs, kernels, vision_cache_bytes, image_limits, prefix_cache) -> None:
         build, mcfg = self.config.build, self.config.model
         kv_heads = mcfg.num_key_value_heads // self.tp
         self.max_batch_size = max_batch_size or build.max_batch_size
@@ -134,7 +142,7 @@ class LLM:
         pages_per_request = -(-(build.max_seq_len + 2 * build.block_length) // build.kv_page_size)
         self.cache = PagedKVCache(mcfg.num_hidden_layers, kv_heads, mcfg.head_dim, build.kv_page_size, num_kv_pages,
                                   self.model.dtype, self.platform, max_pages_per_request=pages_per_request,
-                                  max_requests=2 * self.max_batch_size + 8)
+                                  max_requests=2 * self.max_batch_size + 8, prefix_cache=prefix_cache)
         if self._driver is not None:
             self._driver.mirror_cache(self.cache)
         if cuda_graphs and self.model.uses_kernels(self.cache) and self.platform.gpu_path:
@@ -215,6 +223,7 @@ class LLM:
             prompt_ids=request.prompt_ids, output_ids=list(request.output_ids), text=request.text,
             finish_reason=request.finish_reason, num_forward_passes=request.num_forwards,
             seconds=(request.end_time or time.perf_counter()) - request.start_time, stats=dict(request.stats),
+            cached_prompt_tokens=request.cached_prompt_tokens,
         )
 
 

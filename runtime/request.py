@@ -103,6 +103,7 @@ class Request:
     end_time: float | None = None
     stats: dict = field(default_factory=dict)
     images: RequestImages | None = None  # the prompt's images (VLM), until the request ends
+    cached_prompt_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
 
     def __post_init__(self):
         self.detokenizer = IncrementalDetokenizer(self.decode, self.output_ids)
@@ -124,6 +125,10 @@ class Request:
     def image_embeds_for(self, start: int, end: int):
         """Image feature rows for the prompt positions [start, end) of a prefill or re-fill segment."""
         return None if self.images is None else self.images.embeds_for(start, end)
+
+    def prefix_key(self, first: int, end: int) -> bytes:
+        """What besides the token ids names positions [first, end) in the prefix cache (images)."""
+        return b"" if self.images is None else self.images.prefix_key(first, end)
 
     def stop_ids(self) -> frozenset[int]:
         """Token ids that end the request (end-of-sequence unless ignored, and stop_token_ids)."""

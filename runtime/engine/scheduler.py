@@ -10,6 +10,11 @@ longer than the token budget are prefilled in chunks. When the page pool runs dr
 request not yet served this step is preempted: its pages are freed and it goes back to the
 waiting queue, keeping its decode state; on readmission its cached tokens (prompt + output
 so far) are recomputed and it resumes exactly where it was.
+
+Prefix caching (runtime/model/prefix_cache.py): a request entering the cache first takes the
+longest run of indexed pages matching its tokens (a new request: its prompt but the last token,
+whose logits it needs; a resumed one: everything it had committed), and recomputes only the rest.
+Every page a request fills with committed tokens is offered to the index after its step.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import numpy as np
 
 from nemodiff.runtime.decoding.strategies.base import DecodeStrategy
 from nemodiff.runtime.model.kv_cache import KVCacheFullError, PagedKVCache
+from nemodiff.runtime.model.prefix_cache import ROOT, page_digests
 from nemodiff.runtime.model.segments import Pattern, Segment
 from nemodiff.runtime.request import Request
 
@@ -42,6 +48,8 @@ class Sequence:
     fill_target: int = 0  # positions the engine fills in chunks before the strategy takes over
     num_preemptions: int = 0
     last_served: int = -1  # the step that last ran it
+    digests: list[bytes] = field(default_factory=list)  # prefix-cache digests of its full pages so far
+    admitted_before: bool = False
     request_id: int = field(init=False)
 
     def __post_init__(self):
@@ -114,7 +122,8 @@ class Scheduler:
     running: list[Sequence] = field(default_factory=list)
     step_index: int = 0
     num_preemptions: int = 0
-
+    prefix_queries: int = 0  # prompt tokens looked up in the prefix cache (new requests)
+    prefix_hits: int = 0  # of which found
     def add(self, sequence: Sequence) -> None:
         self.waiting.push(sequence)
 
@@ -140,10 +149,12 @@ class Scheduler:
             budget -= item.num_tokens
         while len(self.waiting) and len(self.running) < self.config.max_num_seqs and budget > 0:
             seq = self.waiting.peek()
-            if self.cache.pages_needed(self._admission_tokens(seq, budget)) > self.cache.num_free_pages:
+            hit = self._match(seq)
+            new_pages = self.cache.pages_needed(self._admission_tokens(seq, budget, len(hit))) - len(hit)
+            if new_pages > self.cache.num_free_pages - self.cache.idle_among(hit):
                 break  # strict FIFO: nobody overtakes the head of the queue
             self.waiting.pop()
-            self._admit(seq)
+            self._admit(seq, hit)
             item = self._plan(seq, budget, first=not work)
             if item is None or not self._reserve_or_preempt(seq, item, served):
                 continue
@@ -154,20 +165,45 @@ class Scheduler:
             item.sequence.last_served = self.step_index
         return work
 
-    def _admission_tokens(self, seq: Sequence, budget: int) -> int:
-        resume = seq.strategy.committed
-        if resume:
-            return min(resume, budget) + 1
-        return min(len(seq.request.prompt_ids), budget) + 1
+    def _admission_tokens(self, seq: Sequence, budget: int, hit_pages: int = 0) -> int:
+        """Positions the request holds after its first step (the cached ones included)."""
+        matched = hit_pages * self.cache.page_size
+        target = seq.strategy.committed or len(seq.request.prompt_ids)
+        return matched + min(target - matched, budget) + 1
 
-    def _admit(self, seq: Sequence) -> None:
+    def _digests(self, seq: Sequence, pages: int) -> list[bytes]:
+        """The first `pages` prefix digests of the sequence's tokens (computed once, extended lazily)."""
+        have = len(seq.digests)
+        if pages > have:
+            parent = seq.digests[-1] if have else ROOT
+            seq.digests += page_digests(seq.tokens(), self.cache.page_size, pages - have, parent, have,
+                                        seq.request.prefix_key if seq.request.images is not None else None)
+        return seq.digests[:pages]
+
+    def _match(self, seq: Sequence) -> list[int]:
+        """Indexed pages the sequence can start from: a new request keeps its prompt's last token to
+        compute (its logits are needed), a resumed one everything it had committed."""
+        if self.cache.prefix is None:
+            return []
+        limit = seq.strategy.committed or len(seq.request.prompt_ids) - 1
+        return self.cache.match_prefix(self._digests(seq, limit // self.cache.page_size))
+
+    def _admit(self, seq: Sequence, hit: list[int] = ()) -> None:
         self.cache.add_request(seq.request_id)
-        seq.cache_len = 0
+        self.cache.share(seq.request_id, list(hit))
+        matched = seq.cache_len = len(hit) * self.cache.page_size
+        prompt_len = len(seq.request.prompt_ids)
+        if not seq.admitted_before:
+            seq.admitted_before = True
+            seq.request.cached_prompt_tokens = matched
+            if self.cache.prefix is not None:
+                self.prefix_queries += prompt_len
+                self.prefix_hits += matched
         if seq.strategy.committed:  # resuming after preemption: recompute what was cached
             seq.fill_target = seq.strategy.committed
         else:
-            prompt_len = len(seq.request.prompt_ids)
-            seq.fill_target = prompt_len - 1 if prompt_len > self.config.max_num_batched_tokens else 0
+            seq.strategy.committed = matched  # the strategy's first step starts after the cached prompt
+            seq.fill_target = prompt_len - 1 if prompt_len - matched > self.config.max_num_batched_tokens else 0
         self.running.append(seq)
 
     def _plan(self, seq: Sequence, budget: int, first: bool) -> ScheduledWork | None:
@@ -227,6 +263,16 @@ class Scheduler:
             strategy = seq.strategy
             seq.cache_len = strategy.committed
             self.cache.set_length(seq.request_id, strategy.committed, strategy.write_ahead)
+        else:
+            return
+        if self.cache.prefix is not None:
+            self._offer(seq)
+
+    def _offer(self, seq: Sequence) -> None:
+        """Offer the pages the sequence filled with committed tokens to the prefix index."""
+        full = min(seq.cache_len, len(seq.request.prompt_ids) + len(seq.request.output_ids)) // self.cache.page_size
+        if full > len(seq.digests) or (full and full > self.cache.offered(seq.request_id)):
+            self.cache.offer_pages(seq.request_id, self._digests(seq, full))
 
     def remove(self, seq: Sequence) -> None:
         if seq in self.running:

@@ -17,16 +17,18 @@ prefill is text only.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from nemodiff.engine_format import EngineConfig
 
 from .encoder import VisionEncoder
-from .feature_cache import VisionFeatureCache
+from .feature_cache import VisionFeatureCache, content_key
 from .preprocess import ImageError, ImageInput, ImageLimits, ImageProcessor, expand_image_placeholders
 
 
@@ -70,6 +72,9 @@ class RequestImages:
         self.features: MultimodalPrompt | None = None
         self._token_ids = token_ids
         self._image_token_id = image_token_id
+        # what names the images in prefix-cache keys: their contents, in prompt order
+        self.digest = hashlib.sha256("".join(content_key(p) for p in pixels).encode()).digest()
+        self._image_positions = np.flatnonzero(np.asarray(token_ids) == image_token_id)
         self._encode = encode  # the pipeline's batched encoder (used alone only if a prefill comes first)
         self.released = False
 
@@ -90,6 +95,13 @@ class RequestImages:
             self._encode([self])
         end = min(end, len(self._token_ids))
         return self.features.embeds_for(start, end) if end > start else None
+
+    def prefix_key(self, first: int, end: int) -> bytes:
+        """Bytes that join the prefix-cache key of positions [first, end): the images' digest when an
+        image token lies there (every image of the request: a conservative key, never a wrong one)."""
+        positions = self._image_positions
+        i = np.searchsorted(positions, first)
+        return self.digest if i < len(positions) and positions[i] < end else b""
 
     def release(self) -> None:
         """Drop pixels and features (the request has ended); the vision cache keeps its own copy."""

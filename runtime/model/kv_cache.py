@@ -25,6 +25,8 @@ import torch
 
 from nemodiff.device import Platform, as_platform
 
+from .prefix_cache import PrefixIndex
+
 
 class KVCacheFullError(RuntimeError):
     """The page pool cannot hold what a request needs."""
@@ -33,7 +35,7 @@ class KVCacheFullError(RuntimeError):
 class PagedKVCache:
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, page_size: int, num_pages: int,
                  dtype: torch.dtype, device: torch.device | str | Platform = "cpu",
-                 max_pages_per_request: int | None = None, max_requests: int = 64):
+                 max_pages_per_request: int | None = None, max_requests: int = 64, prefix_cache: bool = False):
         if num_pages < 1 or page_size < 1:
             raise ValueError(f"need at least one page of at least one slot (got {num_pages} x {page_size})")
         self.page_size = page_size
@@ -43,7 +45,10 @@ class PagedKVCache:
         shape = (num_layers, num_pages * page_size, num_kv_heads, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
-        self._free: deque[int] = deque(range(num_pages))
+        self._free: deque[int] = deque(range(num_pages))  # pages nobody holds and the prefix index forgot
+        self._refs = np.zeros(num_pages, dtype=np.int32)  # requests holding each page
+        self.prefix = PrefixIndex() if prefix_cache else None  # full committed pages by prefix digest
+        self._indexed: dict[int, int] = {}  # request -> leading pages of its table offered to the index
         self._tables: dict[int, list[int]] = {}
         self._lengths: dict[int, int] = {}
         self.max_pages_per_request = max_pages_per_request or num_pages
@@ -66,11 +71,18 @@ class PagedKVCache:
     # -- bookkeeping -------------------------------------------------------------------------
     @property
     def num_free_pages(self) -> int:
-        return len(self._free)
+        """Pages a request can take: free ones, and indexed ones nobody holds (evicted on demand)."""
+        return len(self._free) + (len(self.prefix.idle) if self.prefix is not None else 0)
 
     @property
     def num_used_pages(self) -> int:
-        return self.num_pages - len(self._free)
+        """Pages some request holds (indexed pages nobody holds are free to take: not counted)."""
+        return self.num_pages - self.num_free_pages
+
+    @property
+    def num_cached_pages(self) -> int:
+        """Pages in the prefix index, held or not."""
+        return len(self.prefix) if self.prefix is not None else 0
 
     def pages_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.page_size)
@@ -107,17 +119,18 @@ class PagedKVCache:
         extra = self.pages_needed(num_tokens) - len(table)
         if extra <= 0:
             return
-        if extra > len(self._free):
+        if extra > self.num_free_pages:
             raise KVCacheFullError(
                 f"KV cache full: request {request_id} needs {extra} more page(s) of {self.page_size} tokens "
-                f"for {num_tokens} tokens, {len(self._free)} of {self.num_pages} free"
+                f"for {num_tokens} tokens, {self.num_free_pages} of {self.num_pages} free"
             )
         if len(table) + extra > self.max_pages_per_request:
             raise KVCacheFullError(f"request {request_id}: {num_tokens} tokens exceed the per-request page limit "
                                    f"({self.max_pages_per_request} pages)")
         row = self._rows[request_id]
         for _ in range(extra):
-            page = self._free.popleft()
+            page = self._free.popleft() if self._free else self.prefix.evict()
+            self._refs[page] = 1
             self.tables_host[row, len(table)] = page
             table.append(page)
         self.pages_per_row[row] = len(table)
@@ -137,12 +150,14 @@ class PagedKVCache:
         if length > self.capacity(request_id):
             raise ValueError(f"request {request_id}: length {length} exceeds reserved capacity "
                              f"{self.capacity(request_id)}")
+        if self._indexed.get(request_id, 0) * self.page_size > length:
+            self._unindex(request_id, length)
         self._lengths[request_id] = length
         table = self._tables[request_id]
         keep = self.pages_needed(length + retain)
         if len(table) > keep:
             while len(table) > keep:
-                self._free.append(table.pop())
+                self._release(table.pop())
             self.pages_per_row[self._rows[request_id]] = keep
 
     def truncate(self, request_id: int, length: int) -> None:
@@ -152,7 +167,8 @@ class PagedKVCache:
 
     def free(self, request_id: int) -> None:
         for page in self._tables.pop(request_id, []):
-            self._free.append(page)
+            self._release(page)
+        self._indexed.pop(request_id, None)
         self._lengths.pop(request_id, None)
         row = self._rows.pop(request_id, None)
         if row is not None:
@@ -161,11 +177,72 @@ class PagedKVCache:
 
     def take_scratch_page(self) -> int:
         """Remove one page from the pool for writes nobody reads (padding in replayed graphs)."""
-        if not self._free:
+        if not self.num_free_pages:
             raise KVCacheFullError("KV cache full: no page left for the scratch page")
-        page = self._free.pop()
+        page = self._free.pop() if self._free else self.prefix.evict()
         self.num_pages -= 1
         return page
+
+    def _release(self, page: int) -> None:
+        self._refs[page] -= 1
+        if self._refs[page] == 0:
+            if self.prefix is not None and self.prefix.holds(page):
+                self.prefix.idle[page] = None  # stays findable until a page is needed
+            else:
+                self._free.append(page)
+
+    # -- prefix caching (prefix_cache.py) ----------------------------------------------------
+    def match_prefix(self, digests: list[bytes]) -> list[int]:
+        """Indexed pages matching the longest run of `digests` (none without a prefix cache)."""
+        return self.prefix.match(digests) if self.prefix is not None else []
+
+    def idle_among(self, pages: list[int]) -> int:
+        """How many of `pages` nobody holds (sharing them takes them out of the free count)."""
+        return sum(1 for page in pages if self._refs[page] == 0)
+
+    def share(self, request_id: int, pages: list[int]) -> None:
+        """Start a request's (empty) table with indexed pages, read-only, their tokens committed."""
+        table = self._tables[request_id]
+        if table:
+            raise ValueError(f"request {request_id}: shared pages must start its table")
+        if len(pages) > self.max_pages_per_request:
+            pages = pages[: self.max_pages_per_request]
+        row = self._rows[request_id]
+        for page in pages:
+            if self._refs[page] == 0:
+                self.prefix.idle.pop(page, None)
+            self._refs[page] += 1
+            self.tables_host[row, len(table)] = page
+            table.append(page)
+        self.pages_per_row[row] = len(table)
+        self._lengths[request_id] = len(pages) * self.page_size
+        self._indexed[request_id] = len(pages)
+        self._dirty.add(row)
+
+    def offer_pages(self, request_id: int, digests: list[bytes]) -> None:
+        """Index the request's full committed pages, digests[i] naming its page i (the first pages
+        were offered before and are skipped)."""
+        if self.prefix is None:
+            return
+        table, done = self._tables[request_id], self._indexed.get(request_id, 0)
+        full = min(len(digests), self._lengths[request_id] // self.page_size, len(table))
+        for i in range(done, full):
+            self.prefix.add(table[i], digests[i])
+        self._indexed[request_id] = max(done, full)
+
+    def offered(self, request_id: int) -> int:
+        return self._indexed.get(request_id, 0)
+
+    def _unindex(self, request_id: int, length: int) -> None:
+        """The request will rewrite positions from `length`: its pages there leave the index (they may
+        not be rewritten while another request reads them)."""
+        table, keep = self._tables[request_id], length // self.page_size
+        for page in table[keep: self._indexed[request_id]]:
+            if self._refs[page] > 1:
+                raise ValueError(f"request {request_id}: cannot rewrite shared page {page}")
+            if self.prefix.holds(page):
+                del self.prefix.page_of[self.prefix.digest_of.pop(page)]
+        self._indexed[request_id] = keep
 
     # -- addressing --------------------------------------------------------------------------
     def slots(self, request_id: int, positions: torch.Tensor) -> torch.Tensor:
