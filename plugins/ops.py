@@ -19,6 +19,7 @@ import torch
 from nemodiff.engine_format import BuildSettings
 
 from .launch import InterpretLauncher, JitLauncher, Launcher, sm_count
+from .scratch import Counters
 
 if TYPE_CHECKING:
     from .attention import AttentionMeta
@@ -43,6 +44,7 @@ class KernelLibrary:
         self.launcher = launcher
         self._activation, self._attention, self._fp8_gemm, self._norm, self._rotary = (
             activation, attention, fp8_gemm, norm, rotary)
+        self.counters = Counters()  # split arrivals of the kernels that merge their own splits; zero between launches
 
     @property
     def name(self) -> str:
@@ -74,7 +76,8 @@ class KernelLibrary:
 
     def fp8_linear(self, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         """x @ (weight.float() * scale[:, None]).T in x's dtype; weight float8_e4m3fn [N, K], scale float32 [N]."""
-        return self._fp8_gemm.fp8_linear(self.launcher, x, weight, scale, num_sms=sm_count(x.device, cpu_stand_in=1))
+        return self._fp8_gemm.fp8_linear(self.launcher, x, weight, scale, num_sms=sm_count(x.device, cpu_stand_in=1),
+                                         counters=self.counters)
 
 
 def _aot_library(engine_dir: Path | None, build: BuildSettings | None, device: torch.device,

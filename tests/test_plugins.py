@@ -77,8 +77,9 @@ def test_host_wrappers_launch_only_variants_the_engine_compiles(model_config, dt
     on_gpu = [dataclasses.replace(v, constexprs=tuple((n, False if n == "INTERPRET" else value)
                                                       for n, value in v.constexprs)) for v in launcher.seen]
     assert {v.kernel for v in on_gpu} == ({"add_rmsnorm", "rotary_kv_write", "silu_mul"}
-                                          | ({"fp8_gemm", "fp8_splitk_reduce"} if dtype == "fp8" else set()))
+                                          | ({"fp8_gemm"} if dtype == "fp8" else set()))
     assert {v.key for v in on_gpu} <= listed, [v for v in on_gpu if v.key not in listed]
+    assert dtype != "fp8" or len({v.key for v in on_gpu if v.kernel == "fp8_gemm"}) == 2  # split and serial
 
 
 def test_load_kernels_modes(engine_fp32, caplog):
