@@ -22,7 +22,7 @@ from .launch import InterpretLauncher, JitLauncher, Launcher, sm_count
 from .scratch import Counters
 
 if TYPE_CHECKING:
-    from .attention import AttentionMeta
+    from .attention import AttentionMeta, Rope
 
 log = logging.getLogger(__name__)
 MODES = ("auto", "aot", "jit", "interpret", "off")
@@ -39,12 +39,11 @@ class KernelLibrary:
     interpreter must be chosen before Triton's first import (see `launch.use_interpreter`)."""
 
     def __init__(self, launcher: Launcher):
-        from . import activation, attention, fp8_gemm, norm, rotary
+        from . import activation, attention, fp8_gemm, norm
 
         self.launcher = launcher
-        self._activation, self._attention, self._fp8_gemm, self._norm, self._rotary = (
-            activation, attention, fp8_gemm, norm, rotary)
-        self.counters = Counters()  # split arrivals of the kernels that merge their own splits; zero between launches
+        self._activation, self._attention, self._fp8_gemm, self._norm = activation, attention, fp8_gemm, norm
+        self.counters = Counters()  # split arrivals of attention and fp8 GEMMs; zero between launches
 
     @property
     def name(self) -> str:
@@ -58,18 +57,14 @@ class KernelLibrary:
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         return self._norm.rms_norm(self.launcher, x, weight, eps)
 
-    def rotary_kv_write(self, qkv: torch.Tensor, positions: torch.Tensor, write_slots: torch.Tensor,
-                        inv_freq: torch.Tensor, attention_factor: float, beta: float, original_max: int,
-                        k_cache: torch.Tensor, v_cache: torch.Tensor, num_heads: int, num_kv_heads: int,
-                        head_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(q, k, v) from the fused projection output; k/v stored at write_slots >= 0 (see plugins/rotary.py)."""
-        return self._rotary.rotary_kv_write(self.launcher, qkv, positions, write_slots, inv_freq, attention_factor, beta,
-                                      original_max, k_cache, v_cache, num_heads, num_kv_heads, head_dim)
-
-    def segment_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-                          v_cache: torch.Tensor, meta: AttentionMeta, scale: float) -> torch.Tensor:
-        """Paged attention of a ragged batch of segments (see plugins/attention.py) -> [T, Hq, D]."""
-        return self._attention.segment_attention(self.launcher, q, k, v, k_cache, v_cache, meta, scale)
+    def segment_attention(self, qkv: torch.Tensor, positions: torch.Tensor, write_slots: torch.Tensor, rope: Rope,
+                          k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMeta, scale: float,
+                          num_heads: int, num_kv_heads: int, head_dim: int) -> torch.Tensor:
+        """Paged attention of a ragged batch of segments from the fused qkv projection, with RoPE, the query
+        scale and the KV-cache write at write_slots >= 0, in one launch (see plugins/attention.py) -> [T, Hq, D]."""
+        return self._attention.segment_attention(self.launcher, qkv, positions, write_slots, rope, k_cache, v_cache,
+                                                 meta, scale, num_heads, num_kv_heads, head_dim,
+                                                 counters=self.counters)
 
     def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
         return self._activation.silu_mul(self.launcher, gate_up)
