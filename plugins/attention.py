@@ -123,8 +123,10 @@ def workspace_elems(num_tokens: int, num_heads: int, head_dim: int, num_splits: 
 def _tile_shape(block_m: int, group: int, dtype: torch.dtype) -> dict:
     """Rows padded for tensor cores; float32 (IEEE) dots run on FMA units and keep both operands
     in registers, so float32 takes narrow key blocks. At head_dim 128 the 16-bit variants compile
-    without register spills for sm_90a and sm_100a (a few bytes at most on sm_80); float32 ones
-    spill a little, which only the exact-reference fp32 engines pay."""
+    without register spills for sm_90a and sm_100a (32 bytes of stack: libdevice's sin/cos scratch);
+    on sm_80 the 32-token tiles spill about 400 bytes. float32 ones spill heavily (the compiler
+    computes the key rotation in the FMA dot's replicated operand layout: about 600 bytes at decode,
+    20 KB at 32-token tiles), which only the exact-reference fp32 engines pay."""
     rows = max(16, 1 << (block_m * group - 1).bit_length())
     block_n = 16 if dtype == torch.float32 else 64
     return {"ROWS": rows, "BLOCK_N": block_n, "num_warps": 4 if rows <= 32 else 8}
