@@ -86,20 +86,23 @@ def make_case(segments, *, heads, kv_heads, head_dim, page_size, dtype=torch.flo
     gen = torch.Generator().manual_seed(seed)
     lengths = np.array([s[0] for s in segments])
     prefixes = [s[1] for s in segments]
-    spans = [p + position_offset + n for n, p in zip(lengths, prefixes)]  # positions each request reaches
-    max_pages = max(1, max(-(-s // page_size) for s in spans))
+    # pages of each request: its prefix's, and those its segment's positions fall in (the rest: the NaN page)
+    used = [sorted(set(range(-(-p // page_size))) | set(range((p + position_offset) // page_size,
+                                                           -(-(p + position_offset + n) // page_size))))
+            for n, p in zip(lengths, prefixes)]
+    max_pages = max(1, max((u[-1] + 1 for u in used if u), default=1))
     rows = len(segments) + 2  # the page table holds rows of other requests too
-    num_pages = rows * max_pages + 1
+    num_pages = sum(map(len, used)) + 1
     nan_page = num_pages - 1
     table_row = torch.randperm(rows, generator=gen)[: len(segments)].int()
     block_tables = torch.full((rows, max_pages), nan_page, dtype=torch.int32)
     owned = torch.zeros(num_pages * page_size, dtype=torch.bool)
     free_pages = torch.randperm(nan_page, generator=gen).int()
-    for row, prefix, span in zip(table_row.tolist(), prefixes, spans):
-        count = -(-span // page_size)
-        pages, free_pages = free_pages[:count], free_pages[count:]
-        block_tables[row, :count] = pages
-        owned[(pages[:, None] * page_size + torch.arange(page_size)).flatten()[:prefix].long()] = True
+    for row, prefix, pages_used in zip(table_row.tolist(), prefixes, used):
+        pages, free_pages = free_pages[:len(pages_used)], free_pages[len(pages_used):]
+        block_tables[row, pages_used] = pages
+        prefix_pages = block_tables[row, : -(-prefix // page_size)].long()
+        owned[(prefix_pages[:, None] * page_size + torch.arange(page_size)).flatten()[:prefix]] = True
     k_cache = torch.randn(num_pages * page_size, kv_heads, head_dim, generator=gen)
     v_cache = torch.randn(num_pages * page_size, kv_heads, head_dim, generator=gen)
     k_cache[~owned] = float("nan")

@@ -145,8 +145,10 @@ def test_splits_beyond_the_context_leave_empty_programs():
     check(outputs, reference, torch.float32)
 
 
-def test_a_lone_segment_without_prefix():
-    outputs, reference = run_case([(20, 0, CAUSAL, None)], heads=8, kv_heads=1, head_dim=128, splits=(1, 2))
+def test_a_lone_segment_without_prefix_far_into_the_context():
+    # positions from 30000: large rotation angles and a query scale of 1 + 0.1 ln(1 + 468)
+    outputs, reference = run_case([(20, 0, CAUSAL, None)], heads=8, kv_heads=1, head_dim=128, splits=(1, 2),
+                                  position_offset=30000)
     check(outputs, reference, torch.float32)
 
 
