@@ -36,13 +36,16 @@ def check(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, num_sms: i
 
 @pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16))
 @pytest.mark.parametrize("m, n, k", [(1, 100, 300), (7, 33, 257), (64, 64, 512), (65, 48, 1040), (300, 40, 96),
-                                     (33, 7, 96), (3, 50, 2050), (1, 40, 2048), (7, 96, 2048), (65, 40, 2048)])
+                                     (33, 7, 96), (3, 50, 2050), (1, 40, 2048), (7, 96, 2048), (65, 40, 2048),
+                                     (300, 32, 2048)])
 def test_fp8_gemm_matches_the_dequantised_weights(dtype, m, n, k):
     gen = torch.Generator().manual_seed(m * 1000 + n + k)
     weight, scale = quantized(n, k, gen)
     x = torch.randn(m, k, generator=gen).to(dtype)
     check(x, weight, scale, num_sms=1)
-    if k >= 2048:  # enough K tiles to cut K into chunks: summed by split programs, or serially at large M
+    # enough K tiles to cut K into chunks: summed by split programs, or serially at large M (M = 300: in bf16
+    # only, the interpreter is slow)
+    if k >= 2048 and (m < 300 or dtype == torch.bfloat16):
         chunks, _, parallel = fp8_gemm.plan(m, n, k, num_sms=132)
         assert chunks > 1 and parallel
         check(x, weight, scale, num_sms=132)
