@@ -1,4 +1,4 @@
-"""Paged segment attention: the host wrapper, tile planning and the variants of the Triton kernels.
+"""Paged segment attention: the host wrapper, tile planning and the variants of the Triton kernel.
 
 checkpoint ──builder (compiles `variants`)──▶ engine dir ──[runtime: segment_attention]──▶ Triton
 
@@ -6,27 +6,29 @@ A forward is a ragged batch of segments (docs/design.md §4). Each query of segm
 committed prefix (`prefix_len[s]` keys in the paged cache, all visible) and the segment's own
 keys under its pattern: 0 causal, 1 full, 2 explicit mask (a bitmask, see `pack_bitmask`).
 `plan_tiles` cuts segments into query tiles of `block_m` tokens, `choose_splits` picks how many
-programs share a tile's keys, and `segment_attention` launches the kernels of
-attention_kernels.py through a launcher (interpreter, JIT or ahead of time). The kernels' layout
-and algorithm are described there; `reference_segment_attention` is the plain PyTorch oracle.
+programs share a tile's keys, and `segment_attention` launches the kernel of attention_kernels.py
+through a launcher (interpreter, JIT or ahead of time): one launch takes the fused q/k/v
+projection, applies RoPE and the llama-4 query scale, stores the segment's k and v into the paged
+cache, attends, and merges its KV splits. The kernel's layout and algorithm are described there;
+`reference_segment_attention` is the plain PyTorch oracle of the attention itself and
+`reference_fused_attention` of the whole launch.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
 
 from nemodiff.engine_format import ModelConfig
 
-from .attention_kernels import segment_attention_kernel, segment_attention_reduce_kernel
+from .attention_kernels import segment_attention_kernel
+from .scratch import Counters, fresh_counters
 from .spec import KernelVariant, pointer
 
-KERNELS = {
-    "segment_attention": segment_attention_kernel,
-    "segment_attention_reduce": segment_attention_reduce_kernel,
-}
+KERNELS = {"segment_attention": segment_attention_kernel}
 
 CAUSAL, FULL, MASK = 0, 1, 2
 MAX_SPLITS = 32
@@ -54,6 +56,15 @@ class AttentionMeta:
     block_m: int
     num_splits: int
     workspace: torch.Tensor | None  # float32, >= workspace_elems(...) when num_splits > 1
+
+
+class Rope(Protocol):
+    """The rotary parameters the kernel applies (runtime/model/rope.py's RotaryEmbedding is one)."""
+
+    inv_freq: torch.Tensor  # float32 [head_dim / 2]
+    attention_factor: float  # multiplies cos and sin
+    beta: float  # llama-4 query scale: 1 + beta * ln(1 + floor(pos / original_max))
+    original_max: int
 
 
 def pack_bitmask(mask: torch.Tensor) -> torch.Tensor:
@@ -112,8 +123,10 @@ def workspace_elems(num_tokens: int, num_heads: int, head_dim: int, num_splits: 
 def _tile_shape(block_m: int, group: int, dtype: torch.dtype) -> dict:
     """Rows padded for tensor cores; float32 (IEEE) dots run on FMA units and keep both operands
     in registers, so float32 takes narrow key blocks. At head_dim 128 the 16-bit variants compile
-    without register spills for sm_90a and sm_100a (a few bytes at most on sm_80); float32 ones
-    spill a little, which only the exact-reference fp32 engines pay."""
+    without register spills for sm_90a and sm_100a (32 bytes of stack: libdevice's sin/cos scratch);
+    on sm_80 the 32-token tiles spill about 400 bytes. float32 ones spill heavily (the compiler
+    computes the key rotation in the FMA dot's replicated operand layout: about 600 bytes at decode,
+    20 KB at 32-token tiles), which only the exact-reference fp32 engines pay."""
     rows = max(16, 1 << (block_m * group - 1).bit_length())
     block_n = 16 if dtype == torch.float32 else 64
     return {"ROWS": rows, "BLOCK_N": block_n, "num_warps": 4 if rows <= 32 else 8}
@@ -121,24 +134,20 @@ def _tile_shape(block_m: int, group: int, dtype: torch.dtype) -> dict:
 
 def attention_variant(dtype: torch.dtype, head_dim: int, num_kv_heads: int, group: int, block_m: int,
                       split: bool, interpret: bool = False) -> KernelVariant:
-    """The main kernel's variant for tensors of `dtype` (q, k, v, caches and out)."""
+    """The kernel's variant for tensors of `dtype` (qkv, caches and out); positions and slots are int64."""
     shape = _tile_shape(block_m, group, dtype)
     data = pointer(dtype)
-    signature = tuple((name, data) for name in ("q_ptr", "k_ptr", "v_ptr", "k_cache_ptr", "v_cache_ptr", "out_ptr"))
-    signature += (("workspace_ptr", "*fp32" if split else data),)  # unused without splits: out stands in
+    signature = (("qkv_ptr", data), ("positions_ptr", "*i64"), ("slots_ptr", "*i64"), ("inv_freq_ptr", "*fp32"),
+                 ("k_cache_ptr", data), ("v_cache_ptr", data), ("out_ptr", data),
+                 ("workspace_ptr", "*fp32" if split else data),  # unused without splits: out stands in
+                 ("counters_ptr", "*i32"))
     signature += tuple((name, "*i32") for name in INDEX_ARGUMENTS)
     signature += (("num_tokens", "i32"), ("max_pages", "i32"), ("page_size", "i32"), ("num_splits", "i32"),
-                  ("scale", "fp32"))
+                  ("scale", "fp32"), ("attention_factor", "fp32"), ("beta", "fp32"), ("original_max", "fp32"))
     constexprs = (("HEAD_DIM", head_dim), ("NUM_KV_HEADS", num_kv_heads), ("GROUP", group), ("BLOCK_M", block_m),
-                  ("ROWS", shape["ROWS"]), ("BLOCK_N", shape["BLOCK_N"]), ("SPLIT", split), ("INTERPRET", interpret))
+                  ("ROWS", shape["ROWS"]), ("BLOCK_N", shape["BLOCK_N"]), ("SPLIT", split),
+                  ("INTERPRET", interpret))
     return KernelVariant("segment_attention", signature, constexprs, num_warps=shape["num_warps"], num_stages=2)
-
-
-def reduce_variant(dtype: torch.dtype, head_dim: int, num_kv_heads: int, group: int) -> KernelVariant:
-    signature = (("workspace_ptr", "*fp32"), ("out_ptr", pointer(dtype)), ("num_tokens", "i32"), ("num_splits", "i32"))
-    constexprs = (("HEAD_DIM", head_dim), ("NUM_KV_HEADS", num_kv_heads), ("GROUP", group),
-                  ("GROUP_ROWS", 1 << (group - 1).bit_length()))
-    return KernelVariant("segment_attention_reduce", signature, constexprs, num_warps=4, num_stages=1)
 
 
 def variants(config: ModelConfig, dtype: str) -> list[KernelVariant]:
@@ -146,23 +155,38 @@ def variants(config: ModelConfig, dtype: str) -> list[KernelVariant]:
     torch_dtype = ENGINE_DTYPES[dtype]
     kv_heads, head_dim = config.num_key_value_heads, config.head_dim
     group = config.num_attention_heads // kv_heads
-    found = [attention_variant(torch_dtype, head_dim, kv_heads, group, block_m, split)
-             for block_m in block_m_choices(group) for split in (False, True)]
-    return found + [reduce_variant(torch_dtype, head_dim, kv_heads, group)]
+    return [attention_variant(torch_dtype, head_dim, kv_heads, group, block_m, split)
+            for block_m in block_m_choices(group) for split in (False, True)]
 
 
-def segment_attention(launcher, q, k, v, k_cache, v_cache, meta: AttentionMeta, scale: float,
-                      out: torch.Tensor | None = None) -> torch.Tensor:
-    """q [T, Hq, D], k/v [T, Hkv, D], caches [slots, Hkv, D], all of one dtype -> out [T, Hq, D]."""
-    num_tokens, num_heads, head_dim = q.shape
-    num_kv_heads = k.shape[1]
+def segment_attention(launcher, qkv: torch.Tensor, positions: torch.Tensor, write_slots: torch.Tensor, rope: Rope,
+                      k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMeta, scale: float,
+                      num_heads: int, num_kv_heads: int, head_dim: int, out: torch.Tensor | None = None,
+                      counters: Counters | None = None) -> torch.Tensor:
+    """Attention of a ragged batch of segments straight from the fused projection, in one launch.
+
+    qkv [T, (Hq + 2 Hkv) * D]; positions, write_slots int64 [T] (slot -1: the token's k/v are not
+    stored); caches [slots, Hkv, D], all data of one dtype -> out [T, Hq, D]. Stores each written
+    token's rotated k and its v into the caches; `counters` count split arrivals (fresh when None)."""
+    num_tokens = qkv.shape[0]
     if num_heads % num_kv_heads:
         raise ValueError(f"{num_heads} query heads are not a multiple of {num_kv_heads} KV heads")
-    for name, tensor in (("k", k), ("v", v), ("k_cache", k_cache), ("v_cache", v_cache)):
-        if tensor.dtype != q.dtype or not tensor.is_contiguous():
-            raise ValueError(f"{name} must be contiguous {q.dtype}, got {tensor.dtype}")
+    if qkv.dim() != 2 or qkv.shape[1] != (num_heads + 2 * num_kv_heads) * head_dim or not qkv.is_contiguous():
+        raise ValueError(f"qkv must be contiguous [T, {(num_heads + 2 * num_kv_heads) * head_dim}], "
+                         f"got {tuple(qkv.shape)}")
+    if head_dim % 2 or head_dim & (head_dim - 1):
+        raise ValueError(f"head_dim must be a power of two, got {head_dim}")
+    if positions.shape != (num_tokens,) or write_slots.shape != (num_tokens,) \
+            or positions.dtype != torch.int64 or write_slots.dtype != torch.int64:
+        raise ValueError("positions and write_slots must be int64 [T]")
+    if rope.inv_freq.dtype != torch.float32 or rope.inv_freq.shape != (head_dim // 2,):
+        raise ValueError(f"inv_freq must be float32 [{head_dim // 2}]")
+    for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if cache.dim() != 3 or cache.shape[1:] != (num_kv_heads, head_dim) or cache.dtype != qkv.dtype \
+                or not cache.is_contiguous():
+            raise ValueError(f"{name} must be contiguous [slots, {num_kv_heads}, {head_dim}] in {qkv.dtype}")
     group = num_heads // num_kv_heads
-    out = torch.empty_like(q) if out is None else out
+    out = torch.empty(num_tokens, num_heads, head_dim, dtype=qkv.dtype, device=qkv.device) if out is None else out
     num_tiles = meta.tile_seg.numel()
     if num_tokens == 0 or num_tiles == 0:
         return out
@@ -172,17 +196,29 @@ def segment_attention(launcher, q, k, v, k_cache, v_cache, meta: AttentionMeta, 
             num_tokens, num_heads, head_dim, splits)):
         raise ValueError(f"num_splits={splits} needs a float32 workspace of "
                          f"{workspace_elems(num_tokens, num_heads, head_dim, splits)} elements")
+    need = num_tiles * num_kv_heads if split else 1  # one arrival counter per tile and KV head
+    counted = counters.get(need, qkv.device) if counters is not None else fresh_counters(need, qkv.device)
     interpret = launcher.name == "interpret"
-    variant = attention_variant(q.dtype, head_dim, num_kv_heads, group, meta.block_m, split, interpret)
-    args = (q, k, v, k_cache, v_cache, out, meta.workspace if split else out,
-            meta.seg_start, meta.prefix_len, meta.table_row, meta.block_tables, meta.pattern, meta.mask_offset,
-            meta.masks, meta.tile_seg, meta.tile_start,
-            num_tokens, meta.block_tables.shape[1], meta.page_size, splits, float(scale))
+    variant = attention_variant(qkv.dtype, head_dim, num_kv_heads, group, meta.block_m, split, interpret)
+    args = (qkv, positions, write_slots, rope.inv_freq, k_cache, v_cache, out, meta.workspace if split else out,
+            counted, meta.seg_start, meta.prefix_len, meta.table_row, meta.block_tables, meta.pattern,
+            meta.mask_offset, meta.masks, meta.tile_seg, meta.tile_start,
+            num_tokens, meta.block_tables.shape[1], meta.page_size, splits, float(scale),
+            float(rope.attention_factor), float(rope.beta), float(rope.original_max))
     launcher.launch(variant, (num_tiles, num_kv_heads, splits), args)
-    if split:
-        launcher.launch(reduce_variant(q.dtype, head_dim, num_kv_heads, group), (num_tokens, num_kv_heads),
-                        (meta.workspace, out, num_tokens, splits))
     return out
+
+
+def reference_fused_attention(qkv, positions, write_slots, rope: Rope, k_cache, v_cache, seg_start, prefix_len,
+                              table_row, block_tables, page_size, pattern, masks, num_heads, num_kv_heads, head_dim):
+    """What one launch computes, from the runtime's PyTorch pieces: RoPE, query scale and the cache write
+    (plugins/rotary.py, in place on the caches), then `reference_segment_attention` (float32 [T, Hq, D])."""
+    from .rotary import reference_rotary_kv_write
+
+    q, k, v = reference_rotary_kv_write(qkv, positions, write_slots, rope.inv_freq, rope.attention_factor, rope.beta,
+                                        rope.original_max, k_cache, v_cache, num_heads, num_kv_heads, head_dim)
+    return reference_segment_attention(q, k, v, k_cache, v_cache, seg_start, prefix_len, table_row, block_tables,
+                                       page_size, pattern, masks)
 
 
 def reference_segment_attention(q, k, v, k_cache, v_cache, seg_start, prefix_len, table_row, block_tables,

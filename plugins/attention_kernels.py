@@ -1,20 +1,39 @@
-"""Triton kernels of paged segment attention (the host side and the contract are in attention.py).
+"""The Triton kernel of paged segment attention (the host side and the contract are in attention.py).
 
-checkpoint ──builder (compiles these per arch)──▶ engine dir ──[runtime: attention kernels]──▶ Triton
+checkpoint ──builder (compiles it per arch)──▶ engine dir ──[runtime: attention kernel]──▶ Triton
 
-One program of `segment_attention_kernel` owns one query tile (BLOCK_M tokens of one segment),
-one KV head, and one split of that tile's keys. Its ROWS = BLOCK_M x GROUP rows are every query
-head sharing the KV head (row r is token r // GROUP, head r % GROUP), padded to a power of two
-of at least 16, so each K/V block is read once for all of them and both products run on tensor
-cores. A tile's keys are numbered prefix first (gathered from the paged cache through the page
-table), then the segment's own keys (read from k/v under the segment's pattern), in blocks of
-BLOCK_N; split s of `num_splits` takes an equal run of those blocks, so the grid never depends on
-the context length. With splits, each program leaves its normalised partial output and its
-log-sum-exp (base 2) in a float32 workspace, and `segment_attention_reduce_kernel` merges them.
+One launch per layer does what rotary_kv_write, segment_attention and the split-KV reduce did:
 
-Both kernels are self-contained (no calls to other jitted functions): the interpreter launcher
-wraps each one alone. With INTERPRET set, dot operands are upcast to float32, because the
-interpreter's bfloat16 dot is wrong.
+- Input is the fused projection `qkv [T, (Hq + 2 Hkv) * D]`. Queries and the segment's own keys
+  are rotated as they are read (YaRN rotate-half RoPE, docs/design.md §3: cos/sin from
+  `positions * inv_freq` in float32 times the attention factor, every product rounded to the
+  activation dtype where the runtime's PyTorch path rounds it), and the queries scaled by
+  `1 + beta * ln(1 + floor(pos / original_max))`. The two halves of a head are rotated as
+  [rows, D/2] tiles (half the registers and transcendentals of whole rows) and joined side by side
+  into one [rows, D] tile, so that q.k stays one dot over the head.
+- Each token's rotated k and its v go into the paged cache at its slot (-1: not written), once per
+  token and KV head: by the program of the token's own query tile whose split reads the token's
+  key block (every tile reads its own tokens' keys, and exactly one split reads each block).
+- With split KV, the tile's last program to finish merges the splits (see the end of the kernel).
+
+No race between the cache write and the reads: within one forward the kernel reads from the cache
+only committed prefixes, positions < prefix_len of each segment's own request, through its page
+table. The slots a forward writes are its segments' own tokens, at positions >= that segment's
+prefix_len; a request has at most one segment per forward (the engine schedules one), and
+shared prefix-cache pages are full committed pages, never written (docs/design.md §10). A
+segment's own keys come from qkv, never from the slots being written.
+
+One program owns one query tile (BLOCK_M tokens of one segment), one KV head, and one split of
+that tile's keys. Its ROWS = BLOCK_M x GROUP rows are every query head sharing the KV head (row r
+is token r // GROUP, head r % GROUP), padded to a power of two of at least 16, so each K/V block is
+read once for all of them and both products run on tensor cores. A tile's keys are numbered prefix
+first (gathered from the paged cache through the page table), then the segment's own keys (read
+from qkv under the segment's pattern), in blocks of BLOCK_N; split s of `num_splits` takes an equal
+run of those blocks, so the grid never depends on the context length.
+
+The kernel is self-contained (no calls to other jitted functions): the interpreter launcher wraps
+it alone. With INTERPRET set, dot operands are upcast to float32, because the interpreter's
+bfloat16 dot is wrong.
 """
 
 from __future__ import annotations
@@ -29,10 +48,10 @@ LOG2E = tl.constexpr(1.4426950408889634)
 
 @triton.jit
 def segment_attention_kernel(
-    q_ptr, k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, out_ptr, workspace_ptr,
+    qkv_ptr, positions_ptr, slots_ptr, inv_freq_ptr, k_cache_ptr, v_cache_ptr, out_ptr, workspace_ptr, counters_ptr,
     seg_start_ptr, prefix_len_ptr, table_row_ptr, block_tables_ptr, pattern_ptr, mask_offset_ptr, masks_ptr,
     tile_seg_ptr, tile_start_ptr,
-    num_tokens, max_pages, page_size, num_splits, scale,
+    num_tokens, max_pages, page_size, num_splits, scale, attention_factor, beta, original_max,
     HEAD_DIM: tl.constexpr, NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr,
     ROWS: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, INTERPRET: tl.constexpr,
 ):
@@ -40,6 +59,9 @@ def segment_attention_kernel(
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     num_heads: tl.constexpr = NUM_KV_HEADS * GROUP
+    qkv_stride: tl.constexpr = (num_heads + 2 * NUM_KV_HEADS) * HEAD_DIM
+    half: tl.constexpr = HEAD_DIM // 2
+    dtype = out_ptr.dtype.element_ty
 
     seg = tl.load(tile_seg_ptr + tile)
     tile_start = tl.load(tile_start_ptr + tile)
@@ -51,13 +73,32 @@ def segment_attention_kernel(
     mask_offset = tl.load(mask_offset_ptr + seg)
     mask_words = (seg_len + 31) // 32
 
+    # rotate-half in halves of the head: [x1, x2] -> [x1 cos - x2 sin, x2 cos + x1 sin], cos/sin [*, D/2]
+    dims = tl.arange(0, HEAD_DIM)
+    hd = tl.arange(0, half)
+    inv_freq = tl.load(inv_freq_ptr + hd)
+    k_column = (num_heads + kv_head) * HEAD_DIM  # this KV head's k in a qkv row; v follows all k heads
+    v_column = (num_heads + NUM_KV_HEADS + kv_head) * HEAD_DIM
+
     rows = tl.arange(0, ROWS)
     query = tile_start + rows // GROUP  # query index inside the segment
     row_ok = (rows < BLOCK_M * GROUP) & (query < seg_len)
     head = kv_head * GROUP + rows % GROUP
-    q_rows = ((first_token + query).to(tl.int64) * num_heads + head) * HEAD_DIM
-    dims = tl.arange(0, HEAD_DIM)
-    q = tl.load(q_ptr + q_rows[:, None] + dims[None, :], mask=row_ok[:, None], other=0.0)
+    token = (first_token + query).to(tl.int64)
+    position = tl.load(positions_ptr + token, mask=row_ok, other=0).to(tl.float32)
+    angle = position[:, None] * inv_freq[None, :]
+    cos = (tl.cos(angle) * attention_factor).to(dtype).to(tl.float32)
+    sin = (tl.sin(angle) * attention_factor).to(dtype).to(tl.float32)
+    q_src = qkv_ptr + token[:, None] * qkv_stride + (head * HEAD_DIM)[:, None] + hd[None, :]
+    x1 = tl.load(q_src, mask=row_ok[:, None], other=0.0).to(tl.float32)
+    x2 = tl.load(q_src + half, mask=row_ok[:, None], other=0.0).to(tl.float32)
+    q_scale = (1.0 + beta * tl.log(1.0 + tl.floor(position / original_max))).to(dtype).to(tl.float32)[:, None]
+    # each rounded like the PyTorch path: products, their sum, then the product with the rounded scale
+    q1 = ((x1 * cos).to(dtype).to(tl.float32) - (x2 * sin).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
+    q2 = ((x2 * cos).to(dtype).to(tl.float32) + (x1 * sin).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
+    # the two halves side by side: one [ROWS, D] tile, so that q.k is one dot over the whole head
+    q = tl.reshape(tl.permute(tl.join((q1 * q_scale).to(dtype), (q2 * q_scale).to(dtype)), (0, 2, 1)),
+                   (ROWS, HEAD_DIM))
     if INTERPRET:
         q = q.to(tl.float32)
     qk_scale = scale * LOG2E
@@ -73,10 +114,12 @@ def segment_attention_kernel(
     total_blocks = prefix_blocks + tl.cdiv(own_keys, BLOCK_N)
     first_block = 0
     end_block = total_blocks
+    used_splits = 1  # splits that get at least one key block; split 0 always does
     if SPLIT:
         per_split = tl.cdiv(total_blocks, num_splits)
         first_block = tl.minimum(split * per_split, total_blocks)
         end_block = tl.minimum(first_block + per_split, total_blocks)
+        used_splits = tl.cdiv(total_blocks, per_split)
 
     m_i = tl.full([ROWS], NEG_BIG, tl.float32)
     l_i = tl.zeros([ROWS], tl.float32)
@@ -104,13 +147,32 @@ def segment_attention_kernel(
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
         m_i = m_new
 
-    # 2) the segment's own keys under its pattern: 0 causal, 1 full, 2 explicit bitmask
+    # 2) the segment's own keys, rotated as they are read from qkv, under its pattern: 0 causal,
+    #    1 full, 2 explicit bitmask
     for block in range(tl.maximum(first_block, prefix_blocks), end_block):
         key = (block - prefix_blocks) * BLOCK_N + cols
         key_ok = key < seg_len
-        kv_rows = ((first_token + key).to(tl.int64) * NUM_KV_HEADS + kv_head) * HEAD_DIM
-        k = tl.load(k_ptr + kv_rows[:, None] + dims[None, :], mask=key_ok[:, None], other=0.0)
-        v = tl.load(v_ptr + kv_rows[:, None] + dims[None, :], mask=key_ok[:, None], other=0.0)
+        key_token = (first_token + key).to(tl.int64)
+        key_pos = tl.load(positions_ptr + key_token, mask=key_ok, other=0).to(tl.float32)
+        key_angle = key_pos[:, None] * inv_freq[None, :]
+        key_cos = (tl.cos(key_angle) * attention_factor).to(dtype).to(tl.float32)
+        key_sin = (tl.sin(key_angle) * attention_factor).to(dtype).to(tl.float32)
+        k_src = qkv_ptr + key_token[:, None] * qkv_stride
+        k1 = tl.load(k_src + k_column + hd[None, :], mask=key_ok[:, None], other=0.0).to(tl.float32)
+        k2 = tl.load(k_src + k_column + half + hd[None, :], mask=key_ok[:, None], other=0.0).to(tl.float32)
+        r1 = ((k1 * key_cos).to(dtype).to(tl.float32) - (k2 * key_sin).to(dtype).to(tl.float32)).to(dtype)
+        r2 = ((k2 * key_cos).to(dtype).to(tl.float32) + (k1 * key_sin).to(dtype).to(tl.float32)).to(dtype)
+        k = tl.reshape(tl.permute(tl.join(r1, r2), (0, 2, 1)), (BLOCK_N, HEAD_DIM))
+        v = tl.load(k_src + v_column + dims[None, :], mask=key_ok[:, None], other=0.0)
+        # this tile's own tokens go into the cache: each (token, KV head) once, by the one program
+        # of its tile whose split holds the token's key block
+        writes = key_ok & (key >= tile_start) & (key < tile_start + BLOCK_M)
+        w_slot = tl.load(slots_ptr + key_token, mask=writes, other=-1)
+        writes = writes & (w_slot >= 0)
+        w_rows = (w_slot * NUM_KV_HEADS + kv_head) * HEAD_DIM
+        tl.store(k_cache_ptr + w_rows[:, None] + hd[None, :], r1, mask=writes[:, None])
+        tl.store(k_cache_ptr + w_rows[:, None] + half + hd[None, :], r2, mask=writes[:, None])
+        tl.store(v_cache_ptr + w_rows[:, None] + dims[None, :], v, mask=writes[:, None])
         if INTERPRET:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
@@ -129,45 +191,43 @@ def segment_attention_kernel(
 
     l_safe = tl.where(l_i > 0, l_i, 1.0)  # rows that see no key (padding, empty splits) stay finite
     out = acc / l_safe[:, None]
-    if SPLIT:
+    out_rows = (token * num_heads + head) * HEAD_DIM
+    if used_splits == 1:  # one split saw every key (always so without SPLIT): the result is final
+        if split == 0:
+            tl.store(out_ptr + out_rows[:, None] + dims[None, :], out.to(dtype), mask=row_ok[:, None])
+    elif split < used_splits:  # a partial output and its log-sum-exp (base 2) for the merge
         part = (split * num_tokens + first_token + query).to(tl.int64) * num_heads + head
         tl.store(workspace_ptr + part[:, None] * HEAD_DIM + dims[None, :], out, mask=row_ok[:, None])
         lse = tl.where(l_i > 0, m_i + tl.log2(l_safe), NEG_BIG)
         lse_base = tl.cast(num_splits, tl.int64) * num_tokens * num_heads * HEAD_DIM
         tl.store(workspace_ptr + lse_base + part, lse, mask=row_ok)
-    else:
-        tl.store(out_ptr + q_rows[:, None] + dims[None, :], out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
-
-
-@triton.jit
-def segment_attention_reduce_kernel(
-    workspace_ptr, out_ptr, num_tokens, num_splits,
-    HEAD_DIM: tl.constexpr, NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_ROWS: tl.constexpr,
-):
-    """Merges the splits of one token and one KV head's query heads: out = sum_s w_s o_s / sum_s w_s
-    with w_s = 2^(lse_s - max lse)."""
-    token = tl.program_id(0)
-    kv_head = tl.program_id(1)
-    num_heads: tl.constexpr = NUM_KV_HEADS * GROUP
-    rows = tl.arange(0, GROUP_ROWS)
-    row_ok = rows < GROUP
-    dims = tl.arange(0, HEAD_DIM)
-    head_rows = token.to(tl.int64) * num_heads + kv_head * GROUP + rows
-    lse_base = tl.cast(num_splits, tl.int64) * num_tokens * num_heads * HEAD_DIM
-    split_stride = tl.cast(num_tokens, tl.int64) * num_heads
-
-    m = tl.full([GROUP_ROWS], float("-inf"), tl.float32)
-    den = tl.zeros([GROUP_ROWS], tl.float32)
-    acc = tl.zeros([GROUP_ROWS, HEAD_DIM], tl.float32)
-    for split in range(0, num_splits):
-        part = split * split_stride + head_rows
-        lse = tl.load(workspace_ptr + lse_base + part, mask=row_ok, other=NEG_BIG)
-        o = tl.load(workspace_ptr + part[:, None] * HEAD_DIM + dims[None, :], mask=row_ok[:, None], other=0.0)
-        m_new = tl.maximum(m, lse)
-        alpha = tl.exp2(m - m_new)
-        w = tl.exp2(lse - m_new)
-        den = den * alpha + w
-        acc = acc * alpha[:, None] + o * w[:, None]
-        m = m_new
-    tl.store(out_ptr + head_rows[:, None] * HEAD_DIM + dims[None, :], (acc / den[:, None]).to(out_ptr.dtype.element_ty),
-             mask=row_ok[:, None])
+    if SPLIT:
+        # Every program of the tile counts its arrival; the last one merges the used splits in a
+        # fixed order (the same bits whichever program is last) and zeroes the counter again for the
+        # next launch or graph replay. The CTA barrier puts all threads' partial stores before the
+        # single gpu-scope acq_rel atomic; the last arrival's acquire makes every split's stores
+        # visible to it, and its loads bypass L1 (.cg).
+        tl.debug_barrier()
+        counter = counters_ptr + tile * NUM_KV_HEADS + kv_head
+        arrived = tl.atomic_add(counter, 1, sem="acq_rel")
+        if arrived == num_splits - 1:
+            tl.store(counter, 0)
+            if used_splits > 1:
+                merge_base = tl.cast(num_splits, tl.int64) * num_tokens * num_heads * HEAD_DIM
+                m = tl.full([ROWS], float("-inf"), tl.float32)
+                den = tl.zeros([ROWS], tl.float32)
+                merged = tl.zeros([ROWS, HEAD_DIM], tl.float32)
+                for s in range(0, used_splits):  # out = sum_s w_s o_s / sum_s w_s, w_s = 2^(lse_s - max lse)
+                    s_part = (s * num_tokens + first_token + query).to(tl.int64) * num_heads + head
+                    s_lse = tl.load(workspace_ptr + merge_base + s_part, mask=row_ok, other=NEG_BIG,
+                                    cache_modifier=".cg")
+                    s_out = tl.load(workspace_ptr + s_part[:, None] * HEAD_DIM + dims[None, :], mask=row_ok[:, None],
+                                    other=0.0, cache_modifier=".cg")
+                    m_next = tl.maximum(m, s_lse)
+                    s_alpha = tl.exp2(m - m_next)
+                    s_weight = tl.exp2(s_lse - m_next)
+                    den = den * s_alpha + s_weight
+                    merged = merged * s_alpha[:, None] + s_out * s_weight[:, None]
+                    m = m_next
+                tl.store(out_ptr + out_rows[:, None] + dims[None, :], (merged / den[:, None]).to(dtype),
+                         mask=row_ok[:, None])

@@ -20,9 +20,10 @@ from nemodiff.device import is_cuda, multiprocessor_count
 from nemodiff.engine_format import BuildSettings
 
 from .launch import InterpretLauncher, JitLauncher, Launcher
+from .scratch import Counters
 
 if TYPE_CHECKING:
-    from .attention import AttentionMeta
+    from .attention import AttentionMeta, Rope
 
 log = logging.getLogger(__name__)
 MODES = ("auto", "aot", "aot-check", "jit", "interpret", "off")
@@ -33,11 +34,11 @@ class KernelLibrary:
     interpreter must be chosen before Triton's first import (see `launch.use_interpreter`)."""
 
     def __init__(self, launcher: Launcher):
-        from . import activation, attention, fp8_gemm, norm, rotary
+        from . import activation, attention, fp8_gemm, norm
 
         self.launcher = launcher
-        self._activation, self._attention, self._fp8_gemm, self._norm, self._rotary = (
-            activation, attention, fp8_gemm, norm, rotary)
+        self._activation, self._attention, self._fp8_gemm, self._norm = activation, attention, fp8_gemm, norm
+        self.counters = Counters()  # split arrivals of attention and fp8 GEMMs; zero between launches
 
     @property
     def name(self) -> str:
@@ -51,25 +52,22 @@ class KernelLibrary:
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         return self._norm.rms_norm(self.launcher, x, weight, eps)
 
-    def rotary_kv_write(self, qkv: torch.Tensor, positions: torch.Tensor, write_slots: torch.Tensor,
-                        inv_freq: torch.Tensor, attention_factor: float, beta: float, original_max: int,
-                        k_cache: torch.Tensor, v_cache: torch.Tensor, num_heads: int, num_kv_heads: int,
-                        head_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(q, k, v) from the fused projection output; k/v stored at write_slots >= 0 (see plugins/rotary.py)."""
-        return self._rotary.rotary_kv_write(self.launcher, qkv, positions, write_slots, inv_freq, attention_factor, beta,
-                                      original_max, k_cache, v_cache, num_heads, num_kv_heads, head_dim)
-
-    def segment_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-                          v_cache: torch.Tensor, meta: AttentionMeta, scale: float) -> torch.Tensor:
-        """Paged attention of a ragged batch of segments (see plugins/attention.py) -> [T, Hq, D]."""
-        return self._attention.segment_attention(self.launcher, q, k, v, k_cache, v_cache, meta, scale)
+    def segment_attention(self, qkv: torch.Tensor, positions: torch.Tensor, write_slots: torch.Tensor, rope: Rope,
+                          k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMeta, scale: float,
+                          num_heads: int, num_kv_heads: int, head_dim: int) -> torch.Tensor:
+        """Paged attention of a ragged batch of segments from the fused qkv projection, with RoPE, the query
+        scale and the KV-cache write at write_slots >= 0, in one launch (see plugins/attention.py) -> [T, Hq, D]."""
+        return self._attention.segment_attention(self.launcher, qkv, positions, write_slots, rope, k_cache, v_cache,
+                                                 meta, scale, num_heads, num_kv_heads, head_dim,
+                                                 counters=self.counters)
 
     def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
         return self._activation.silu_mul(self.launcher, gate_up)
 
     def fp8_linear(self, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         """x @ (weight.float() * scale[:, None]).T in x's dtype; weight float8_e4m3fn [N, K], scale float32 [N]."""
-        return self._fp8_gemm.fp8_linear(self.launcher, x, weight, scale, num_sms=multiprocessor_count(x.device, cpu_stand_in=1))
+        return self._fp8_gemm.fp8_linear(self.launcher, x, weight, scale,
+                                         num_sms=multiprocessor_count(x.device, cpu_stand_in=1), counters=self.counters)
 
 
 def _aot_library(engine_dir: Path | None, build: BuildSettings | None, device: torch.device,

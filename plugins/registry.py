@@ -17,7 +17,7 @@ from nemodiff.engine_format import ModelConfig
 
 from .spec import KernelVariant
 
-KERNEL_MODULES: tuple[str, ...] = ("attention", "norm", "rotary", "activation", "fp8_gemm")  # in nemodiff.plugins
+KERNEL_MODULES: tuple[str, ...] = ("attention", "norm", "activation", "fp8_gemm")  # in nemodiff.plugins
 
 
 def _module(name: str):

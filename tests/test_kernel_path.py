@@ -1,16 +1,22 @@
 """The whole model forward through the kernel path, run on the CPU by Triton's interpreter.
 
-`kernels="interpret"` executes the real code of every kernel (fused norms, rotary + KV write, paged
-attention, SiLU gate) on CPU tensors. Small on purpose: the interpreter is slow. Whole generations
+`kernels="interpret"` executes the real code of every kernel (fused norms, attention fused with RoPE
+and the KV write, SiLU gate, weight-only fp8 GEMMs) on CPU tensors, and a counting launcher checks
+how many launches a layer takes. Small on purpose: the interpreter is slow. Whole generations
 through the ahead-of-time launch path (greedy AR against transformers, the spec modes against AR,
-every dtype) are in tests/test_aot_check.py.
+fp8 spec modes against fp8 AR, every dtype) are in tests/test_aot_check.py.
 """
+
+from collections import Counter
 
 import pytest
 import torch
 
 from helpers import make_engine, relative_error
+from nemodiff.plugins.launch import InterpretLauncher
+from nemodiff.plugins.ops import KernelLibrary
 from nemodiff.runtime.model.kv_cache import PagedKVCache
+from nemodiff.runtime.model.layers import DenseLinear
 from nemodiff.runtime.model.loader import load_engine
 from nemodiff.runtime.model.segments import Pattern, Segment, quadratic_mask
 
@@ -21,7 +27,7 @@ PROMPTS = [[1, 200, 201, 202], [1, 150, 151, 152, 153, 154, 155, 156, 157]]
 def engines(checkpoint, tmp_path_factory):
     root = tmp_path_factory.mktemp("kernel-path")
     return {dtype: make_engine(checkpoint, root / dtype, dtype=dtype, kv_page_size=4, block_length=4)
-            for dtype in ("fp32", "bf16")}
+            for dtype in ("fp32", "bf16", "fp8")}
 
 
 def cached_steps(model):
@@ -47,10 +53,71 @@ def cached_steps(model):
     return torch.cat(logits)
 
 
-@pytest.mark.parametrize("dtype, bound", [("fp32", 1e-5), ("bf16", 3e-2)])
+@pytest.mark.parametrize("dtype, bound", [("fp32", 1e-5), ("bf16", 3e-2), ("fp8", 3e-2)])
 def test_kernel_path_logits_match_the_reference_path(engines, dtype, bound):
     """The same cached steps through both paths give the same logits (bf16: within its rounding; the
     kernels accumulate in float32 where the reference rounds after each operation)."""
     kernel = cached_steps(load_engine(engines[dtype], device="cpu", kernels="interpret").model)
     plain = cached_steps(load_engine(engines[dtype], device="cpu", kernels="off").model)
     assert relative_error(kernel, plain) < bound
+
+
+class CountingLauncher(InterpretLauncher):
+    def __init__(self):
+        super().__init__()
+        self.kernels = Counter()
+
+    def launch(self, variant, grid, args):
+        self.kernels[variant.kernel] += 1
+        super().launch(variant, grid, args)
+
+
+class CountedLinear:
+    """A layer's linear that counts the dense GEMMs it runs (torch matmuls: one launch each)."""
+
+    def __init__(self, inner, counts: Counter):
+        self.inner, self.counts = inner, counts
+
+    def __call__(self, x, kernels=None):
+        if isinstance(self.inner, DenseLinear):
+            self.counts["dense GEMM"] += 1
+        return self.inner(x, kernels)
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp8"])
+def test_a_layer_takes_at_most_eight_launches(engines, dtype):
+    """Per layer, counting each dense GEMM as a launch: add+norm, qkv, attention (RoPE, KV write and the
+    split merge fused in), o, add+norm, gate_up, SiLU gate, down. Prefill, an AR step at batch 1, and the
+    same step with its keys split over three programs."""
+    model = load_engine(engines[dtype], device="cpu", kernels="interpret").model
+    launcher, dense = CountingLauncher(), Counter()
+    model.kernels = KernelLibrary(launcher)
+    for layer in model.layers:
+        for name in ("qkv", "o", "gate_up", "down"):
+            setattr(layer, name, CountedLinear(getattr(layer, name), dense))
+    cfg, layers = model.config, model.config.num_hidden_layers
+    cache = PagedKVCache(layers, cfg.num_key_value_heads, cfg.head_dim, 4, 64, model.dtype)
+    cache.add_request(0)
+    cache.reserve(0, 16)
+    prompt = PROMPTS[1]
+
+    def per_layer(run) -> tuple[Counter, torch.Tensor]:
+        launcher.kernels.clear()
+        dense.clear()
+        logits = run()
+        counts = launcher.kernels + dense
+        counts["add_rmsnorm"] -= 1  # the final norm, outside the layers
+        assert all(n % layers == 0 for n in counts.values()), counts
+        return Counter({kernel: n // layers for kernel, n in counts.items()}), logits
+
+    prefill, _ = per_layer(lambda: model.forward([Segment(0, prompt, list(range(9)), 0, write_kv=True)], cache))
+    cache.set_length(0, 9)
+    step = [Segment(0, [7], [9], 9, Pattern.CAUSAL, write_kv=True)]
+    ar, want_logits = per_layer(lambda: model.forward(step, cache)[0])
+    batch = model.build_batch(step, cache)
+    split, logits = per_layer(lambda: model._run(batch, cache, model.attention_meta(batch, cache, num_splits=3)))
+    gemm = "dense GEMM" if dtype == "bf16" else "fp8_gemm"
+    want = Counter({"add_rmsnorm": 2, "segment_attention": 1, "silu_mul": 1, gemm: 4})
+    assert prefill == ar == split == want
+    assert sum(want.values()) <= 8
+    assert relative_error(logits, want_logits) < 3e-2  # the merged splits compute the same step

@@ -1,5 +1,6 @@
-"""Norm, rotary + KV-cache write and SiLU kernels: their real Triton code under the interpreter
-against the PyTorch references, on random seeded shapes, with poisoned outputs.
+"""Norm and SiLU kernels: their real Triton code under the interpreter against the PyTorch
+references, on random seeded shapes, with poisoned outputs; the kernel library end to end. (RoPE
+and the KV-cache write are fused into attention: tests/test_kernel_attention.py.)
 
 Tolerances: float32 within 1e-5 relative. float16 follows the reference's rounding steps, so
 results are bit-identical except where float32 intermediates (a sum's order, cos/sin) differ in
@@ -11,11 +12,10 @@ hold the compiled kernels to the reference.
 import pytest
 import torch
 
-from nemodiff.engine_format import RopeConfig
-from nemodiff.plugins import activation, norm, rotary
+from nemodiff.plugins import activation, norm
+from nemodiff.plugins.attention import AttentionMeta
 from nemodiff.plugins.launch import InterpretLauncher
 from nemodiff.plugins.ops import KernelLibrary
-from nemodiff.runtime.model.rope import inverse_frequencies
 
 LAUNCHER = InterpretLauncher()
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -84,65 +84,6 @@ def test_norm_fp16_is_bit_exact_on_most_elements():
     assert (got == want).float().mean() > 0.99
 
 
-def paged_slots(gen, tokens: int, page_size: int, num_pages: int, start: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Slots of positions start..start+tokens-1 through a shuffled page table, some left unwritten (-1)."""
-    table = torch.randperm(num_pages, generator=gen)
-    positions = torch.arange(start, start + tokens)
-    slots = table[positions // page_size] * page_size + positions % page_size
-    skip = torch.rand(tokens, generator=gen) < 0.25
-    return positions, torch.where(skip, torch.full_like(slots, -1), slots)
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("head_dim, kv_heads, ratio, largest", [(64, 2, 1, 70), (128, 2, 4, 33), (64, 1, 8, 21),
-                                                                  (128, 1, 1, 47)])
-def test_rotary_kv_write_matches_the_runtime_path(dtype, head_dim, kv_heads, ratio, largest):
-    gen, lengths = cases(head_dim + ratio, largest)  # the interpreter runs two programs per token: keep T modest
-    heads, page = kv_heads * ratio, 16
-    rope = RopeConfig(rope_type="yarn", rope_theta=1e6, factor=16.0, mscale=1.0, mscale_all_dim=1.0,
-                      original_max_position_embeddings=4096, llama_4_scaling_beta=0.1)
-    inv_freq, attention_factor = inverse_frequencies(rope, head_dim)
-    ulps = 4 if dtype == torch.bfloat16 else 2  # a chain of truncated roundings under the interpreter
-    for tokens, start, index_dtype in zip(lengths, (8190, 5, 4090), (torch.int32, torch.int64, torch.int64)):
-        qkv = torch.randn(tokens, (heads + 2 * kv_heads) * head_dim, generator=gen).to(dtype)
-        num_pages = (start + tokens) // page + 3
-        positions, slots = paged_slots(gen, tokens, page, num_pages, start)
-        k_cache = torch.randn(num_pages * page, kv_heads, head_dim, generator=gen).to(dtype)
-        v_cache = torch.randn(num_pages * page, kv_heads, head_dim, generator=gen).to(dtype)
-        want_k_cache, want_v_cache = k_cache.clone(), v_cache.clone()
-        args = (qkv, positions.to(index_dtype), slots.to(index_dtype), inv_freq, attention_factor, 0.1, 4096)
-        want = rotary.reference_rotary_kv_write(*args, want_k_cache, want_v_cache, heads, kv_heads, head_dim)
-        out = (poisoned(tokens, heads, head_dim, dtype=dtype), poisoned(tokens, kv_heads, head_dim, dtype=dtype),
-               poisoned(tokens, kv_heads, head_dim, dtype=dtype))
-        before_k, before_v = k_cache.clone(), v_cache.clone()
-        q, k, v = rotary.rotary_kv_write(LAUNCHER, *args, k_cache, v_cache, heads, kv_heads, head_dim, out=out)
-        assert_close(q, want[0], dtype, ulps, elementwise=False)
-        assert_close(k, want[1], dtype, ulps, elementwise=False)
-        assert torch.equal(v, want[2])
-        written = slots >= 0
-        untouched = torch.ones(num_pages * page, dtype=torch.bool)
-        untouched[slots[written]] = False
-        assert torch.equal(k_cache[untouched], before_k[untouched])
-        assert torch.equal(v_cache[untouched], before_v[untouched])
-        assert torch.equal(k_cache[slots[written]], k[written])  # the cache holds exactly the returned k
-        assert torch.equal(v_cache[slots[written]], want_v_cache[slots[written]])
-        assert_close(k_cache, want_k_cache, dtype, ulps, elementwise=False)
-
-
-def test_query_scale_steps_at_the_original_context():
-    """Beyond original_max the query is scaled by 1 + beta * ln(1 + floor(pos / original_max))."""
-    heads, kv_heads, head_dim = 2, 1, 64
-    qkv = torch.ones(2, (heads + 2 * kv_heads) * head_dim)
-    positions = torch.tensor([0, 2 * 4096])  # angle 0 at position 0: q is unrotated there
-    inv_freq = torch.zeros(head_dim // 2)  # no rotation anywhere: only the scale remains
-    cache = torch.zeros(4, kv_heads, head_dim)
-    q, _, _ = rotary.rotary_kv_write(LAUNCHER, qkv, positions, torch.tensor([-1, -1]), inv_freq, 1.0, 0.5, 4096,
-                                     cache, cache.clone(), heads, kv_heads, head_dim)
-    first_half = q[:, :, : head_dim // 2]
-    assert torch.allclose(first_half[0], torch.ones_like(first_half[0]))
-    assert torch.allclose(first_half[1], torch.full_like(first_half[1], 1 + 0.5 * torch.log(torch.tensor(3.0))))
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("intermediate", (96, 77, 1100))
 def test_silu_mul_matches_pytorch(dtype, intermediate):
@@ -167,8 +108,17 @@ def test_library_runs_every_operation_on_the_interpreter():
     residual = x.clone()
     library.add_rmsnorm(residual, x, w, 1e-5)
     assert torch.equal(residual, x + x)
-    qkv = torch.randn(3, 4 * 16, generator=gen).half()
-    cache = torch.zeros(8, 1, 16).half()
-    q, k, v = library.rotary_kv_write(qkv, torch.arange(3), torch.tensor([4, -1, 6]), torch.rand(8), 1.0, 0.1, 64,
-                                      cache, cache.clone(), 2, 1, 16)
-    assert q.shape == (3, 2, 16) and k.shape == v.shape == (3, 1, 16) and torch.equal(cache[4], k[0])
+    # attention straight from qkv: one causal segment of 3 tokens at positions 0..2, two of them stored;
+    # token 0 sees only itself, at position 0 (no rotation): its output and its cached k are its v and k
+    qkv = torch.randn(3, 4 * 32, generator=gen).half()
+    k_cache, v_cache = torch.zeros(8, 1, 32).half(), torch.zeros(8, 1, 32).half()
+    i32 = lambda *v: torch.tensor(v, dtype=torch.int32)  # noqa: E731
+    meta = AttentionMeta(i32(0, 3), i32(0), i32(0), i32(0)[None], i32(0), i32(0), i32(0), i32(0), i32(0), page_size=8,
+                         block_m=32, num_splits=1, workspace=None)
+    rope = type("Rope", (), {"inv_freq": torch.rand(16), "attention_factor": 1.0, "beta": 0.1, "original_max": 64})
+    out = library.segment_attention(qkv, torch.arange(3), torch.tensor([4, -1, 6]), rope, k_cache, v_cache, meta,
+                                    32 ** -0.5, 2, 1, 32)
+    assert out.shape == (3, 2, 32) and torch.isfinite(out).all()
+    assert torch.equal(out[0], qkv[0, 96:].expand(2, 32)) and torch.equal(k_cache[4, 0], qkv[0, 64:96])
+    assert torch.equal(v_cache[4, 0], qkv[0, 96:]) and torch.equal(v_cache[6, 0], qkv[2, 96:])
+    assert not k_cache[[0, 1, 2, 3, 5, 7]].any() and not v_cache[[0, 1, 2, 3, 5, 7]].any()

@@ -3,18 +3,27 @@ launch exactly the variants an engine compiles, `load_kernels` modes, and the en
 
 import dataclasses
 import logging
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
 from helpers import make_engine
 from nemodiff.builder.convert import quantize_fp8
+from nemodiff.device import Platform
 from nemodiff.engine_format import ARCH_TO_SM, EngineConfig, EngineFormatError
 from nemodiff.plugins import aot, fp8_gemm, registry
 from nemodiff.plugins.launch import InterpretLauncher
 from nemodiff.plugins.ops import KernelLibrary, load_kernels
+from nemodiff.runtime.model.kernel_meta import KernelMeta
+from nemodiff.runtime.model.rope import RotaryEmbedding
 
 TORCH = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp8": torch.bfloat16}
+
+
+def i32(values) -> torch.Tensor:
+    return torch.tensor(list(values), dtype=torch.int32)
 
 
 class RecordingLauncher(InterpretLauncher):
@@ -44,7 +53,7 @@ def test_variants_match_their_kernels(model_config, dtype):
         assert runtime == [n for n in names if n in runtime]  # in the kernel's order
         assert sorted(names) == sorted(runtime + [name for name, _ in variant.constexprs])
     kernels = {v.kernel for v in variants}
-    assert {"add_rmsnorm", "rotary_kv_write", "silu_mul"} <= kernels
+    assert {"add_rmsnorm", "segment_attention", "silu_mul"} <= kernels
     assert ("fp8_gemm" in kernels) == (dtype == "fp8")  # only fp8 engines compile the GEMM
 
 
@@ -59,11 +68,20 @@ def test_host_wrappers_launch_only_variants_the_engine_compiles(model_config, dt
     weight = torch.ones(hidden, dtype=act)
     library.add_rmsnorm(x, x.clone(), weight, cfg.rms_norm_eps)
     library.rms_norm(x, weight, cfg.rms_norm_eps)
-    cache = torch.zeros(8, hkv, hd, dtype=act)
-    for index in (torch.int64, torch.int32):
-        library.rotary_kv_write(torch.randn(3, (hq + 2 * hkv) * hd, generator=gen).to(act), torch.arange(3, dtype=index),
-                                torch.tensor([1, -1, 2], dtype=index), torch.rand(hd // 2), 1.0, 0.1, 16384, cache,
-                                cache.clone(), hq, hkv, hd)
+    cache = torch.zeros(64, hkv, hd, dtype=act)
+    qkv = torch.randn(3, (hq + 2 * hkv) * hd, generator=gen).to(act)
+    rope = RotaryEmbedding(cfg.rope, hd, torch.device("cpu"))
+    for lengths, splits in (([1, 1, 1], 1), ([1, 1, 1], 3), ([3], 1), ([3], 2)):  # decode and prefill tiles, split or not
+        batch = SimpleNamespace(bounds=[(a, a + n) for a, n in zip(np.cumsum([0] + lengths), lengths)], prefix_lens=[5]
+                                * len(lengths), num_tokens=3, seg_start=i32(np.cumsum([0] + lengths)),
+                                seg_prefix=i32([5] * len(lengths)), seg_table_row=i32(range(len(lengths))),
+                                seg_pattern=i32([0] * len(lengths)), mask_offset=i32([0] * len(lengths)),
+                                mask_bits=i32([0]))
+        cache_view = SimpleNamespace(block_tables=torch.arange(4 * len(lengths), dtype=torch.int32).view(-1, 4),
+                                     page_size=4)
+        meta = KernelMeta(Platform("cpu"), cfg).attention(batch, cache_view, num_splits=splits)
+        library.segment_attention(qkv, torch.arange(5, 8), torch.tensor([20, -1, 22]), rope, cache, cache.clone(), meta,
+                                  hd ** -0.5, hq, hkv, hd)
     library.silu_mul(torch.randn(3, 2 * cfg.intermediate_size, generator=gen).to(act))
     if dtype == "fp8":
         for n, k in fp8_gemm.linear_shapes(cfg):
@@ -76,9 +94,12 @@ def test_host_wrappers_launch_only_variants_the_engine_compiles(model_config, dt
     # the interpreter runs the GEMM with INTERPRET on; the GPU launchers build the same variant with it off
     on_gpu = [dataclasses.replace(v, constexprs=tuple((n, False if n == "INTERPRET" else value)
                                                       for n, value in v.constexprs)) for v in launcher.seen]
-    assert {v.kernel for v in on_gpu} == ({"add_rmsnorm", "rotary_kv_write", "silu_mul"}
-                                          | ({"fp8_gemm", "fp8_splitk_reduce"} if dtype == "fp8" else set()))
+    assert {v.kernel for v in on_gpu} == ({"add_rmsnorm", "segment_attention", "silu_mul"}
+                                          | ({"fp8_gemm"} if dtype == "fp8" else set()))
     assert {v.key for v in on_gpu} <= listed, [v for v in on_gpu if v.key not in listed]
+    # the attention decode and prefill tiles, each split and unsplit; fp8: split and serial GEMMs
+    assert len({v.key for v in on_gpu if v.kernel == "segment_attention"}) == 4
+    assert dtype != "fp8" or len({v.key for v in on_gpu if v.kernel == "fp8_gemm"}) == 2
 
 
 def test_load_kernels_modes(engine_fp32, caplog):

@@ -9,9 +9,10 @@ segment's `image_embeds` replace the token embeddings at its image-token positio
 prefill). The head runs only on the rows a step asks for.
 
 Two paths compute the same function: the PyTorch reference path (any device) and the kernel
-path (`plugins/`: fused norms, fused rotary + KV write, paged attention, SiLU-gate, weight-only
-fp8), used when the model holds a `KernelLibrary` — compiled kernels on a GPU, or the Triton
-interpreter on the CPU for verification.
+path (`plugins/`: fused add + norm, paged attention fused with RoPE and the KV-cache write, SiLU
+gate, weight-only fp8 GEMMs; eight launches per layer counting the GEMMs), used when the model
+holds a `KernelLibrary` — compiled kernels on a GPU, or the Triton interpreter on the CPU for
+verification.
 
 Tensor parallelism (`tp_size` > 1): the model holds one rank's shard (builder/shard.py) — its
 query and KV heads, its slice of the MLP and of the vocabulary. Each row-parallel product
@@ -148,14 +149,19 @@ class Model:
             residual.add_(delta)
         return rms_norm(residual, weight, self.config.rms_norm_eps)
 
-    def _qkv_rotary(self, index: int, qkv: torch.Tensor, batch: ForwardBatch, cache, meta, rope):
+    def _attention(self, index: int, qkv: torch.Tensor, batch: ForwardBatch, cache: PagedKVCache | None, meta,
+                   rope) -> torch.Tensor:
+        """RoPE, query scale, the KV-cache write of the tokens that write, and attention -> [T, Hq * D].
+
+        On the kernel path all of it is one launch: the kernel rotates q and k as it reads them from
+        qkv, stores k/v at each token's slot (-1: none) and merges its KV splits itself."""
         hq, hkv, hd = self.num_heads, self.num_kv_heads, self.config.head_dim
-        if meta is not None:
-            return self.kernels.rotary_kv_write(
-                qkv, batch.positions, batch.token_slots, self.rotary.inv_freq, self.rotary.attention_factor,
-                self.rotary.beta, self.rotary.original_max, cache.k[index], cache.v[index], hq, hkv, hd)
-        cos, sin, q_scale = rope
         num_tokens = qkv.shape[0]
+        if meta is not None:
+            return self.kernels.segment_attention(qkv, batch.positions, batch.token_slots, self.rotary, cache.k[index],
+                                                  cache.v[index], meta, hd ** -0.5, hq, hkv, hd).view(num_tokens,
+                                                                                                      hq * hd)
+        cos, sin, q_scale = rope
         q, k, v = qkv.split([hq * hd, hkv * hd, hkv * hd], dim=-1)
         q = apply_rotary(q.reshape(num_tokens, hq, hd), cos, sin) * q_scale
         k = apply_rotary(k.reshape(num_tokens, hkv, hd), cos, sin)
@@ -163,13 +169,6 @@ class Model:
         if batch.write_rows.numel():
             cache.k[index, batch.write_slots] = k[batch.write_rows]
             cache.v[index, batch.write_slots] = v[batch.write_rows]
-        return q, k, v
-
-    def _attend(self, index: int, q, k, v, batch: ForwardBatch, cache: PagedKVCache | None, meta) -> torch.Tensor:
-        num_tokens, hq, hd = q.shape
-        if meta is not None:
-            return self.kernels.segment_attention(q, k, v, cache.k[index], cache.v[index], meta,
-                                                  hd ** -0.5).view(num_tokens, hq * hd)
         attn = torch.empty(num_tokens, hq * hd, dtype=self.dtype, device=self.device)
         groups, alone = batch.extras["attention_groups"]
         for rows, slots, visible, intra in groups:  # segments of one shape: one batched call each
@@ -206,8 +205,7 @@ class Model:
         pending = None  # the previous MLP output, added to the residual by the next norm
         for index, layer in enumerate(self.layers):
             h = self._add_norm(residual, pending, layer.attn_norm, meta)
-            q, k, v = self._qkv_rotary(index, layer.qkv(h, kernels), batch, cache, meta, rope)
-            attn = self._attend(index, q, k, v, batch, cache, meta)
+            attn = self._attention(index, layer.qkv(h, kernels), batch, cache, meta, rope)
             out = layer.o(attn, kernels)
             if batch.lora_rows.numel():
                 rows = attn[batch.lora_rows]

@@ -2,8 +2,9 @@
 
 checkpoint ──builder──▶ engine dir ──[runtime: attention kernels, JIT here]──▶ Triton
 
-1. The JIT-compiled kernels against `reference_segment_attention` on a mixed batch (decode, verify,
-   draft, QuadraticSpec mask, prefill, explicit mask), fp32/bf16/fp16, GQA 4/1/8, several splits.
+1. The JIT-compiled kernel (RoPE, KV-cache write, attention, split merge in one launch) against the
+   PyTorch path on a mixed batch (decode, verify, draft, QuadraticSpec mask, prefill, explicit mask),
+   fp32/bf16/fp16, GQA 4/1/8, several splits.
 2. Timings at the NLD-8B shape (32 query / 8 KV heads, head_dim 128, bf16, page 16): decode against
    the copy bandwidth (and PyTorch SDPA on contiguous K/V), then the multi-token shapes in TFLOP/s.
 
@@ -18,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for atte
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from attention_cases import make_case  # noqa: E402
+from attention_cases import TEST_ROPE, make_case  # noqa: E402
 from triton.testing import do_bench  # noqa: E402
 
 from nemodiff.plugins.attention import (  # noqa: E402
@@ -29,11 +30,12 @@ from nemodiff.plugins.attention import (  # noqa: E402
     choose_splits,
     pack_bitmask,
     plan_tiles,
-    reference_segment_attention,
     segment_attention,
     workspace_elems,
 )
 from nemodiff.plugins.launch import JitLauncher  # noqa: E402
+from nemodiff.plugins.scratch import Counters  # noqa: E402
+from nemodiff.runtime.model.rope import RotaryEmbedding  # noqa: E402
 from nemodiff.runtime.model.segments import quadratic_mask  # noqa: E402
 
 LAUNCHER = JitLauncher()
@@ -51,11 +53,11 @@ def check_correctness() -> bool:
         for heads, kv_heads, head_dim in ((32, 8, 128), (16, 16, 64), (32, 4, 128)):
             case = make_case(segments, heads=heads, kv_heads=kv_heads, head_dim=head_dim, page_size=16, dtype=dtype,
                              device="cuda")
-            reference = reference_segment_attention(*case.reference_args())
+            reference, _, _ = case.reference()
             for splits in (1, 3, 8):
-                out = torch.full_like(case.q, float("nan"))
-                segment_attention(LAUNCHER, case.q, case.k, case.v, case.k_cache, case.v_cache, case.meta(splits),
-                                  head_dim ** -0.5, out=out)
+                out = torch.full((case.qkv.shape[0], heads, head_dim), float("nan"), dtype=dtype, device="cuda")
+                segment_attention(LAUNCHER, *case.inputs(), case.k_cache.clone(), case.v_cache.clone(),
+                                  case.meta(splits), head_dim ** -0.5, *case.shape(), out=out)
                 torch.cuda.synchronize()
                 error = ((out.float() - reference).norm() / reference.norm()).item()
                 ok = not out.isnan().any().item() and error < TOLERANCE[dtype]
@@ -66,7 +68,8 @@ def check_correctness() -> bool:
 
 
 def gpu_batch(lengths, prefixes, patterns, masks, heads=32, kv_heads=8, head_dim=128, page_size=16, dev="cuda"):
-    """Random bf16 tensors on the GPU with a shuffled page table (no poisoning: for timing)."""
+    """Random bf16 tensors on the GPU with a shuffled page table (no poisoning: for timing): the fused
+    projection, positions after each prefix, no cache writes (slots -1: the timings are the attention's)."""
     dtype = torch.bfloat16
     pages_per = [-(-p // page_size) for p in prefixes]
     max_pages = max(1, max(pages_per))
@@ -75,9 +78,9 @@ def gpu_batch(lengths, prefixes, patterns, masks, heads=32, kv_heads=8, head_dim
     k_cache = torch.randn(num_pages * page_size, kv_heads, head_dim, device=dev, dtype=dtype)
     v_cache = torch.randn_like(k_cache)
     total = sum(lengths)
-    q = torch.randn(total, heads, head_dim, device=dev, dtype=dtype)
-    k, v = torch.randn(total, kv_heads, head_dim, device=dev, dtype=dtype), torch.randn(total, kv_heads, head_dim,
-                                                                                         device=dev, dtype=dtype)
+    qkv = torch.randn(total, (heads + 2 * kv_heads) * head_dim, device=dev, dtype=dtype)
+    positions = torch.cat([torch.arange(p, p + n) for n, p in zip(lengths, prefixes)]).to(dev)
+    slots = torch.full((total,), -1, dtype=torch.int64, device=dev)
     words = [torch.zeros(1, dtype=torch.int32)] + [pack_bitmask(m) for m in masks if m is not None]
     offsets = np.cumsum([0] + [w.numel() for w in words])
     mask_offset, used = [], 1
@@ -92,16 +95,19 @@ def gpu_batch(lengths, prefixes, patterns, masks, heads=32, kv_heads=8, head_dim
     meta = AttentionMeta(i32(np.concatenate([[0], np.cumsum(lengths)])), i32(prefixes),
                          i32(np.arange(len(lengths))), block_tables, i32(patterns), i32(mask_offset),
                          torch.cat(words).to(dev), i32(tile_seg), i32(tile_start), page_size, block_m, splits, workspace)
-    return q, k, v, k_cache, v_cache, meta
+    return qkv, positions, slots, k_cache, v_cache, meta
 
 
 def time_ms(fn) -> float:
     return do_bench(fn, warmup=25, rep=100)
 
 
-def time_attention(q, k, v, k_cache, v_cache, meta) -> float:
-    out = torch.empty_like(q)
-    return time_ms(lambda: segment_attention(LAUNCHER, q, k, v, k_cache, v_cache, meta, 128 ** -0.5, out=out))
+def time_attention(qkv, positions, slots, k_cache, v_cache, meta) -> float:
+    heads, kv_heads, head_dim = 32, k_cache.shape[1], k_cache.shape[2]
+    out = torch.empty(qkv.shape[0], heads, head_dim, dtype=qkv.dtype, device=qkv.device)
+    rope, counters = RotaryEmbedding(TEST_ROPE, head_dim, qkv.device), Counters()
+    return time_ms(lambda: segment_attention(LAUNCHER, qkv, positions, slots, rope, k_cache, v_cache, meta,
+                                             head_dim ** -0.5, heads, kv_heads, head_dim, out=out, counters=counters))
 
 
 def time_dense_decode(batch, context) -> float:
