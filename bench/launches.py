@@ -8,8 +8,10 @@ launcher up to the driver call, which is left out (the kernels do not run, so th
 host work only: choosing the variant, preparing arguments and outputs, the launcher's lookup and
 packing). Each step shape's forward is run `iters` times; per shape it reports the launches per
 forward, and overall:
-- `us_per_launch`: host microseconds per launch, from the kernel library call to the (left-out)
-  driver call;
+- `us_per_launch`: host microseconds per launch in the ahead-of-time launcher, from its `launch`
+  call to the (left-out) driver call: the variant's entry looked up, its arguments packed;
+- `us_per_kernel_call`: the same from the kernel library call, the host wrapper included (choosing
+  the variant, allocating outputs, the grid);
 - `launches_per_layer`: kernels a transformer layer launches in the AR step at batch 1, counting
   the dense GEMMs (a bf16/fp32 linear is one cuBLAS launch) with the Triton kernels.
 """
@@ -78,6 +80,13 @@ def launch_overhead(engine_dir: Path, iters: int = 20, context: int = 64) -> dic
     launcher.driver = _Skip(launcher.driver)
     timed = _Timed(model.kernels)
     model.kernels = timed
+    launch, in_launcher = launcher.launch, [0.0]
+
+    def timed_launch(variant, grid, args):
+        start = time.perf_counter()
+        launch(variant, grid, args)
+        in_launcher[0] += time.perf_counter() - start
+    launcher.launch = timed_launch
     dense_calls = [0]
     call = DenseLinear.__call__
 
@@ -87,7 +96,7 @@ def launch_overhead(engine_dir: Path, iters: int = 20, context: int = 64) -> dic
 
     cfg = model.config
     shapes = SHAPES
-    rows, total_launches, total_seconds = [], 0, 0.0
+    rows, total_launches, total_seconds, total_launching = [], 0, 0.0, 0.0
     DenseLinear.__call__ = counted
     try:
         for kind in shapes:
@@ -103,13 +112,14 @@ def launch_overhead(engine_dir: Path, iters: int = 20, context: int = 64) -> dic
             segments = _segments(kind, 1, context)
             model.forward(segments, cache)  # warm: variants prepared, buffers grown
             launches, dense_calls[0] = launcher.launches, 0
-            seconds = timed.seconds
+            seconds, launching = timed.seconds, in_launcher[0]
             for _ in range(iters):
                 model.forward(segments, cache)
             per_forward = (launcher.launches - launches) / iters
             dense = dense_calls[0] / iters - 1  # the head is one of them
             total_launches += launcher.launches - launches
             total_seconds += timed.seconds - seconds
+            total_launching += in_launcher[0] - launching
             rows.append({"shape": kind, "tokens": n, "triton_launches": per_forward,
                          "dense_gemms": max(dense, 0.0), "launches": per_forward + max(dense, 0.0)})
     finally:
@@ -118,7 +128,8 @@ def launch_overhead(engine_dir: Path, iters: int = 20, context: int = 64) -> dic
     final_norm = 1  # the one launch outside the layers (the head, if dense, is excluded above)
     per_layer = (ar["triton_launches"] - final_norm + ar["dense_gemms"]) / cfg.num_hidden_layers
     return {"engine": str(engine_dir), "dtype": llm.config.build.dtype, "sm": llm.config.build.sm,
-            "layers": cfg.num_hidden_layers, "us_per_launch": 1e6 * total_seconds / max(total_launches, 1),
+            "layers": cfg.num_hidden_layers, "us_per_launch": 1e6 * total_launching / max(total_launches, 1),
+            "us_per_kernel_call": 1e6 * total_seconds / max(total_launches, 1),
             "launches_per_layer": per_layer,
             "launches_per_forward": {r["shape"]: r["launches"] for r in rows}, "shapes": rows}
 
@@ -128,6 +139,7 @@ def format_report(report: dict) -> str:
     for r in report["shapes"]:
         lines.append(f"{r['shape']:12s} {r['tokens']:6d} {r['triton_launches']:7.1f} {r['dense_gemms']:6.1f} "
                      f"{r['launches']:9.1f}")
-    lines.append(f"host time per launch: {report['us_per_launch']:.2f} us (driver call left out); "
+    lines.append(f"host time per launch: {report['us_per_launch']:.2f} us in the launcher, "
+                 f"{report['us_per_kernel_call']:.2f} us from the kernel call (driver call left out); "
                  f"launches per layer, AR batch 1: {report['launches_per_layer']:.1f}")
     return "\n".join(lines)

@@ -8,6 +8,8 @@ activation dtype, then the product rounded again. One program covers BLOCK colum
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import torch
 import triton
 import triton.language as tl
@@ -35,6 +37,7 @@ def silu_mul_kernel(gate_up_ptr, out_ptr, INTERMEDIATE: tl.constexpr, BLOCK: tl.
 KERNELS = {"silu_mul": silu_mul_kernel}
 
 
+@lru_cache(maxsize=None)  # one variant object per specialisation: its key is hashed once
 def silu_mul_variant(dtype: torch.dtype, intermediate: int) -> KernelVariant:
     block = min(BLOCK, triton.next_power_of_2(intermediate))
     return KernelVariant(

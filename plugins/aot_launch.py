@@ -34,6 +34,7 @@ from .spec import KernelVariant
 INDEX_FILE = "kernels.json"
 INDEX_FORMAT = 1
 SLOT_BYTES = 8  # every kernel parameter gets its own 8-byte slot in the parameter buffer
+PACK_ERRORS = (TypeError, ValueError, RuntimeError, struct.error)
 STRUCT_CODES = {"i32": "i", "i64": "q", "u32": "I", "u64": "Q", "fp32": "f", "fp64": "d", "i1": "b"}
 
 
@@ -95,16 +96,16 @@ class ArgumentPacker:
         scope = {"pack_into": self.struct.pack_into, "buffer": self.buffer, "wrong_count": self._wrong_count,
                  "misaligned": self._misaligned}
         exec(compile("\n".join(lines), f"<pack {self.kernel}>", "exec"), scope)  # noqa: S102 (generated from the signature)
-        fast = scope["pack"]
+        self.fast = scope["pack"]  # the launcher calls this and explains a failure itself
 
         def pack(args: tuple, extra: tuple = ()) -> None:
             try:
-                fast(args, extra)
-            except (TypeError, ValueError, RuntimeError, struct.error) as exc:
-                self._explain(args, exc)
+                self.fast(args, extra)
+            except PACK_ERRORS as exc:
+                self.explain(args, exc)
         return pack
 
-    def _explain(self, args: tuple, exc: Exception) -> None:
+    def explain(self, args: tuple, exc: Exception) -> None:
         """Why packing failed, naming the argument (the fast path says nothing useful)."""
         for (name, kind), arg in zip(self.params, args):
             if kind.startswith("*"):
@@ -133,11 +134,14 @@ class ArgumentPacker:
 
 
 class _Prepared:
-    __slots__ = ("entry", "variant", "fn", "packer", "grid_scratch", "scratch", "threads", "shared", "name")
+    __slots__ = ("entry", "variant", "fn", "packer", "fast", "grid_scratch", "scratch", "null_scratch", "threads",
+                 "shared", "name")
 
     def __init__(self, entry: dict, variant: KernelVariant, fn, packer: ArgumentPacker):
-        self.entry, self.variant, self.fn, self.packer = entry, variant, fn, packer
+        self.entry, self.variant, self.fn, self.packer, self.fast = entry, variant, fn, packer, packer.fast
         self.scratch = [(item["size"], item["align"]) for item in entry["scratch"]]
+        # Triton's scratch pointers are NULL unless the kernel asked for scratch: then they never change
+        self.null_scratch = (0,) * len(self.scratch) if not any(size for size, _ in self.scratch) else None
         self.grid_scratch: dict[tuple, tuple] = {}  # grid -> (buffers, addresses)
         self.threads, self.shared, self.name = 32 * entry["num_warps"], entry["shared"], entry["name"]
 
@@ -192,9 +196,12 @@ class AotLauncher:
     def launch(self, variant: KernelVariant, grid: tuple[int, ...], args: tuple) -> None:
         prepared = self._prepared.get(variant.key) or self._prepare(variant)
         if len(grid) != 3:
-            grid = tuple(grid) + (1,) * (3 - len(grid))
-        extra = self._scratch(prepared, grid) if prepared.scratch else ()
-        prepared.packer.pack(args, extra)
+            grid = (*grid, 1, 1)[:3]
+        extra = prepared.null_scratch
+        try:
+            prepared.fast(args, extra if extra is not None else self._scratch(prepared, grid))
+        except PACK_ERRORS as exc:
+            prepared.packer.explain(args, exc)
         if self.checker is not None:
             self.checker.check(prepared.entry, variant, grid, args, self.sm)
         self.launches += 1

@@ -17,6 +17,7 @@ cache, attends, and merges its KV splits. The kernel's layout and algorithm are 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Protocol
 
 import numpy as np
@@ -132,6 +133,7 @@ def _tile_shape(block_m: int, group: int, dtype: torch.dtype) -> dict:
     return {"ROWS": rows, "BLOCK_N": block_n, "num_warps": 4 if rows <= 32 else 8}
 
 
+@lru_cache(maxsize=None)  # one variant object per specialisation: its key is hashed once
 def attention_variant(dtype: torch.dtype, head_dim: int, num_kv_heads: int, group: int, block_m: int,
                       split: bool, interpret: bool = False) -> KernelVariant:
     """The kernel's variant for tensors of `dtype` (qkv, caches and out); positions and slots are int64."""

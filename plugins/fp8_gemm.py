@@ -29,6 +29,7 @@ use 16-byte vector loads; odd shapes run the unaligned variant.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 import triton
@@ -123,6 +124,7 @@ class TileConfig:
 TILES = TileConfig(block_m=16, block_n=32, block_k=256, num_warps=4, num_stages=4)
 
 
+@lru_cache(maxsize=None)  # one variant object per specialisation: its key is hashed once
 def gemm_variant(dtype: torch.dtype, split: bool, aligned: bool, interpret: bool) -> KernelVariant:
     ptr = pointer(dtype)
     return KernelVariant(

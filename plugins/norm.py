@@ -11,6 +11,8 @@ is a compile-time constant, so every load and store is a full, aligned vector.
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import torch
 import triton
 import triton.language as tl
@@ -45,6 +47,7 @@ def add_rmsnorm_kernel(residual_ptr, delta_ptr, weight_ptr, out_ptr, eps,
 KERNELS = {"add_rmsnorm": add_rmsnorm_kernel}
 
 
+@lru_cache(maxsize=None)  # one variant object per specialisation: its key is hashed once
 def norm_variant(dtype: torch.dtype, hidden: int, has_delta: bool) -> KernelVariant:
     block = triton.next_power_of_2(hidden)
     ptr = pointer(dtype)
