@@ -42,6 +42,13 @@ class RequestOutput:
     seconds: float
     stats: dict = field(default_factory=dict)
     cached_prompt_tokens: int = 0  # prompt tokens whose KV the prefix cache supplied
+    logprobs: list | None = None  # per output token a TokenLogprob (SamplingParams.logprobs), else None
+    logprob_source: str | None = None  # "causal" (AR, the spec modes) or "denoise" (diffusion)
+    index: int = 0  # which of the prompt's n choices
+
+    @property
+    def cumulative_logprob(self) -> float | None:
+        return None if self.logprobs is None else float(sum(e.logprob for e in self.logprobs if e is not None))
 
     @property
     def tokens_per_forward(self) -> float:
@@ -52,6 +59,8 @@ class RequestOutput:
             "output_ids": self.output_ids, "text": self.text, "finish_reason": self.finish_reason,
             "num_forward_passes": self.num_forward_passes,
             "tokens_per_forward": round(self.tokens_per_forward, 4), "seconds": round(self.seconds, 6),
+            **({"logprobs": [e.to_dict() if e is not None else None for e in self.logprobs],
+                "logprob_source": self.logprob_source} if self.logprobs is not None else {}),
             "stats": {"num_forward_passes": self.num_forward_passes,
                       "tokens_per_forward": round(self.tokens_per_forward, 4),
                       "cached_prompt_tokens": self.cached_prompt_tokens} | self.stats,
@@ -192,6 +201,8 @@ class LLM:
         images: one list of images per prompt (a path, encoded bytes or a PIL image each; an empty
         list or None for a text-only prompt), or for a single prompt simply its list of images.
         An `[IMG]` token in a prompt marks where each image goes; without one the images go first.
+        With SamplingParams.n > 1 a prompt gives n outputs, one after the other (`index` 0..n-1), each with
+        its own seed derived from the request's; they share the prompt's KV pages (the prefix cache).
         """
         single = isinstance(prompts, str) or bool(prompts and isinstance(prompts[0], int))
         if single:
@@ -203,8 +214,11 @@ class LLM:
         requests: list[Request] = []
         try:
             for prompt, p, prompt_images in zip(prompts, params_list, images_list):
-                copy = SamplingParams(**vars(p))
-                requests.append(self.engine.add_request(self.encode_prompt(prompt, chat), copy, prompt_images))
+                ids, leader = self.encode_prompt(prompt, chat), None
+                for index in range(p.validate().n):
+                    request = self.engine.add_request(ids, p.for_choice(index), prompt_images, leader=leader)
+                    request.choice_index, leader = index, leader or request
+                    requests.append(request)
             while any(not r.finished for r in requests):
                 self.engine.step()
         except BaseException:
@@ -223,7 +237,9 @@ class LLM:
             prompt_ids=request.prompt_ids, output_ids=list(request.output_ids), text=request.text,
             finish_reason=request.finish_reason, num_forward_passes=request.num_forwards,
             seconds=(request.end_time or time.perf_counter()) - request.start_time, stats=dict(request.stats),
-            cached_prompt_tokens=request.cached_prompt_tokens,
+            cached_prompt_tokens=request.cached_prompt_tokens, logprobs=request.logprobs, index=request.choice_index,
+            logprob_source=None if request.logprobs is None else
+            "denoise" if request.params.mode == "diffusion" else "causal",
         )
 
 

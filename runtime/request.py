@@ -9,6 +9,8 @@ incrementally decoded text, so a step costs O(new tokens) whatever the output le
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import math
 import time
 from collections.abc import Callable
@@ -20,6 +22,7 @@ from nemodiff.runtime.text.detokenizer import IncrementalDetokenizer
 if TYPE_CHECKING:
     from nemodiff.runtime.images.pipeline import RequestImages
 
+MAX_TOP_LOGPROBS = 20
 MODES = ("ar", "diffusion", "linear-spec", "quadratic-spec")
 MODE_ALIASES = {"fastdiffuser": "diffusion", "fast-diffuser": "diffusion", "linearspec": "linear-spec",
                 "quadraticspec": "quadratic-spec", "autoregressive": "ar"}
@@ -51,6 +54,8 @@ class SamplingParams:
     draft_threshold: float | None = None  # linear-spec iterative drafting
     draft_lora: bool = True
     max_thinking_tokens: int | None = None
+    logprobs: int | None = None  # per output token its log-probability and this many alternatives (0..20)
+    n: int = 1  # completions of the prompt (LLM.generate and the servers fan them out)
 
     def validate(self) -> "SamplingParams":
         self.mode = normalize_mode(self.mode)
@@ -60,7 +65,7 @@ class SamplingParams:
                 raise ValueError(f"{name} must be a number (got {value!r})")
             if value is not None and not math.isfinite(value):
                 raise ValueError(f"{name} must be a finite number (got {value})")
-        for name in ("max_new_tokens", "top_k", "block_length", "max_thinking_tokens", "seed"):
+        for name in ("max_new_tokens", "top_k", "block_length", "max_thinking_tokens", "seed", "logprobs", "n"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
                 raise ValueError(f"{name} must be an integer (got {value!r})")
@@ -82,7 +87,19 @@ class SamplingParams:
             raise ValueError(f"block_length must be at least 1 (got {self.block_length})")
         if self.max_thinking_tokens is not None and self.max_thinking_tokens < 0:
             raise ValueError(f"max_thinking_tokens must be >= 0 (got {self.max_thinking_tokens})")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
+            raise ValueError(f"logprobs must be in [0, {MAX_TOP_LOGPROBS}] (got {self.logprobs})")
+        if self.n < 1:
+            raise ValueError(f"n must be at least 1 (got {self.n})")
         return self
+
+    def for_choice(self, index: int) -> "SamplingParams":
+        """The parameters of choice `index` of n: one completion each, its own seed derived from the
+        request's (the same seed and index give the same choice; at temperature 0 all choices agree)."""
+        seed = self.seed
+        if seed is not None and index:
+            seed = int.from_bytes(hashlib.blake2b(f"{seed}/{index}".encode(), digest_size=8).digest(), "little") >> 2
+        return dataclasses.replace(self, n=1, seed=seed)
 
 
 @dataclass(eq=False)
@@ -104,9 +121,13 @@ class Request:
     stats: dict = field(default_factory=dict)
     images: RequestImages | None = None  # the prompt's images (VLM), until the request ends
     cached_prompt_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
+    logprobs: list | None = None  # TokenLogprob per output token when the request asks for them
+    choice_index: int = 0  # which of its prompt's n choices this is
 
     def __post_init__(self):
         self.detokenizer = IncrementalDetokenizer(self.decode, self.output_ids)
+        if self.params.logprobs is not None and self.logprobs is None:
+            self.logprobs = []
         self._final_text: str | None = None
         stop_ids = frozenset(self.params.stop_token_ids)
         self._stop_ids = stop_ids if self.params.ignore_eos else stop_ids | self.eos_ids
@@ -134,8 +155,9 @@ class Request:
         """Token ids that end the request (end-of-sequence unless ignored, and stop_token_ids)."""
         return self._stop_ids
 
-    def append(self, tokens: list[int]) -> list[int]:
-        """Add newly decided tokens, applying stop rules; returns those actually kept."""
+    def append(self, tokens: list[int], logprobs: list | None = None) -> list[int]:
+        """Add newly decided tokens (and their log-probabilities), applying stop rules; returns those
+        actually kept."""
         if self.finished or not tokens:
             return []
         reason, end = None, len(tokens)
@@ -152,6 +174,8 @@ class Request:
             if hit is not None:
                 reason, end = "stop", hit
         kept = tokens[:end]
+        if self.logprobs is not None:
+            self.logprobs += (logprobs or [])[: len(kept)]
         if self.first_token_time is None:
             self.first_token_time = time.perf_counter()
         self.output_ids.extend(kept)

@@ -24,6 +24,7 @@ from nemodiff.device import Platform, as_platform
 from nemodiff.runtime.model.segments import arange
 
 from . import sampling as S
+from .logprobs import LogprobPass, TokenLogprob
 
 
 class _Needs:
@@ -64,6 +65,7 @@ class Decider:
         self._num_handles = 0
         self._starts = self._ends = None  # per handle: where its answer lies in the packed result
         self._host: np.ndarray | None = None
+        self.logprob_pass: LogprobPass | None = None  # made when a request asks for log-probabilities
 
     # -- registration (host, O(1) per request) -----------------------------------------------
     def _register(self, kind: str, strategy, first_row: int, count: int, extra=None) -> int:
@@ -99,6 +101,16 @@ class Decider:
     def quad(self, strategy, first_row: int, k: int, token_row: int) -> int:
         """A QuadraticSpec cycle: (n, tokens[k], next drafts[k-1])."""
         return self._register("quad", strategy, first_row, k, token_row)
+
+    def logprobs(self, strategy, first_row: int, count: int, answer: int, offset: int = 0) -> int:
+        """Log-probabilities of the tokens decided for rows first_row..first_row+count-1 (row i's token is
+        entry offset+i of `answer`'s answer) and the request's top alternatives (logprobs.py)."""
+        if self.logprob_pass is None:
+            self.logprob_pass = LogprobPass()
+        return self.logprob_pass.ask(first_row, count, answer, offset, strategy.params.logprobs or 0)
+
+    def logprob_result(self, handle: int, tokens: list[int]) -> list[TokenLogprob]:
+        return self.logprob_pass.result(handle, tokens)
 
     # -- device work -------------------------------------------------------------------------
     def run(self, logits: torch.Tensor, ids: torch.Tensor) -> None:
@@ -137,6 +149,9 @@ class Decider:
             self._packed = parts[0] if len(parts) == 1 else np.concatenate(parts) if parts else NO_ROWS
         else:
             self._packed = torch.cat(parts)
+        if self.logprob_pass is not None:  # after the decisions: their tokens are what it scores
+            extra = self.logprob_pass.run(logits, self._packed, self._starts, len(self._packed))
+            self._packed = np.concatenate([self._packed, extra.numpy()]) if host else torch.cat([self._packed, extra])
 
     def all_greedy(self) -> np.ndarray:
         """Host path: every logit row's greedy token, found in one pass on first use, which also
@@ -164,6 +179,8 @@ class Decider:
         else:
             self._host = self._copy.fetch(packed)
         self._mask_flags = None
+        if self.logprob_pass is not None:
+            self.logprob_pass.read(self._host)
 
     def bad_rows(self) -> np.ndarray:
         """Logit rows whose largest value is not finite (a NaN or +inf in the row, or only -inf): every

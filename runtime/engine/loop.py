@@ -112,8 +112,10 @@ class Engine:
         return self.images.preprocess(list(prompt_ids), list(images or []), self.max_seq_len - params.max_new_tokens)
 
     def add_request(self, prompt_ids: list[int], params: SamplingParams,
-                    images: list[ImageInput] | PreparedImages | None = None) -> Request:
-        """images: the prompt's images (paths, bytes, PIL images), or what `prepare_images` made of them."""
+                    images: list[ImageInput] | PreparedImages | None = None, leader: Request | None = None) -> Request:
+        """images: the prompt's images (paths, bytes, PIL images), or what `prepare_images` made of them.
+        leader: another choice of the same prompt (n > 1); this one is admitted once the leader's prompt is
+        cached, so that it starts from the leader's pages instead of computing them again."""
         prepared = images if isinstance(images, PreparedImages) else self.prepare_images(prompt_ids, images, params)
         if prepared is not None:
             prompt_ids = prepared.token_ids
@@ -124,6 +126,8 @@ class Engine:
                                            self.images.encode)
             self._awaiting_images[request.request_id] = request.images
         sequence = Sequence(request, STRATEGIES[params.mode](request, self.ctx))
+        if leader is not None and self.cache.prefix is not None:
+            sequence.leader = self._sequences.get(leader.request_id)
         self._sequences[request.request_id] = sequence
         self.scheduler.add(sequence)
         return request
@@ -208,9 +212,10 @@ class Engine:
                 error = "numerical error: the model produced non-finite logits for this request"
             if error is None and not item.is_fill:
                 try:
-                    tokens = sequence.strategy.consume(decider)
+                    strategy = sequence.strategy
+                    tokens = strategy.consume(decider)
                     if tokens:
-                        self.output_tokens[mode] += len(request.append(tokens))
+                        self.output_tokens[mode] += len(request.append(tokens, strategy.pending_logprobs))
                 except Exception as exc:
                     log.exception("request %d: strategy failed", request.request_id)
                     error = f"internal error in the {mode} strategy: {exc}"

@@ -50,6 +50,7 @@ class Sequence:
     last_served: int = -1  # the step that last ran it
     digests: list[bytes] = field(default_factory=list)  # prefix-cache digests of its full pages so far
     admitted_before: bool = False
+    leader: "Sequence | None" = None  # another choice of the same prompt, admitted first (n > 1)
     request_id: int = field(init=False)
 
     def __post_init__(self):
@@ -149,6 +150,8 @@ class Scheduler:
             budget -= item.num_tokens
         while len(self.waiting) and len(self.running) < self.config.max_num_seqs and budget > 0:
             seq = self.waiting.peek()
+            if seq.leader is not None and not self._leader_ready(seq.leader):
+                break  # one step at most: the leader's prompt pages are offered after its prefill
             hit = self._match(seq)
             new_pages = self.cache.pages_needed(self._admission_tokens(seq, budget, len(hit))) - len(hit)
             if new_pages > self.cache.num_free_pages - self.cache.idle_among(hit):
@@ -164,6 +167,11 @@ class Scheduler:
         for item in work:
             item.sequence.last_served = self.step_index
         return work
+
+    @staticmethod
+    def _leader_ready(leader: Sequence) -> bool:
+        request = leader.request
+        return request.finished or bool(request.output_ids)
 
     def _admission_tokens(self, seq: Sequence, budget: int, hit_pages: int = 0) -> int:
         """Positions the request holds after its first step (the cached ones included)."""

@@ -33,10 +33,15 @@ class ARStrategy(DecodeStrategy):
 
     def register(self, decider, first_row: int, token_row: int) -> None:
         self._handle = decider.sample(self, first_row)
+        if self.wants_logprobs:
+            self.ask_logprobs(decider, first_row, 1, self._handle)
 
     def consume(self, decider) -> list[int]:
         self.committed = len(self.request.prompt_ids) if self.last_token is None else self.committed + 1
         forced = self.forced_token()
-        token = forced if forced is not None else int(decider.result(self._handle)[0])
+        decided = int(decider.result(self._handle)[0])
+        token = forced if forced is not None else decided
         self.last_token = token
+        if self.wants_logprobs:
+            self.pending_logprobs = self.logprobs_of(decider, [token], [decided])
         return [token]

@@ -37,7 +37,8 @@ class DecodeStrategy(ABC):
         self.request = request
         self.ctx = ctx
         self.params = request.params
-        self.seed = self.params.seed if self.params.seed is not None else secrets.randbits(62)
+        # the counter-based generator takes a signed 64-bit seed: a seed of 2**63 or more keeps its low bits
+        self.seed = self.params.seed & (2**63 - 1) if self.params.seed is not None else secrets.randbits(62)
         self.draw_counter = 0  # advanced by every decision that may draw random numbers
         self.draft_probs = None  # device distributions of sampled drafts (temperature > 0)
         self.committed = 0  # valid KV positions of this request
@@ -47,6 +48,9 @@ class DecodeStrategy(ABC):
         self._budgeted = self.params.max_thinking_tokens is not None and ctx.think_end_id is not None
         self._think_closed = False  # the end-of-thinking token has been emitted
         self._think_seen = 0  # output tokens already searched for it
+        self.wants_logprobs = self.params.logprobs is not None
+        self.pending_logprobs: list | None = None  # the log-probabilities of what consume() returned
+        self._logprob_ask: int | None = None
 
     @abstractmethod
     def next_segment(self) -> Segment:
@@ -63,6 +67,21 @@ class DecodeStrategy(ABC):
         """Read the decider's answers; returns the newly decided output tokens."""
 
     # helpers shared by the strategies ------------------------------------------------------
+    def ask_logprobs(self, decider, first_row: int, count: int, answer: int, offset: int = 0) -> None:
+        """With the step's decision: log-probabilities of the tokens it decides for these rows."""
+        self._logprob_ask = decider.logprobs(self, first_row, count, answer, offset) if self.wants_logprobs else None
+
+    def logprobs_of(self, decider, tokens: list[int], decided: list[int] | None = None) -> list:
+        """The entries of this step's ask for `tokens` (row i gives token i). A token that differs from
+        what its row decided (the thinking budget forced it) has no log-probability: NaN."""
+        if self._logprob_ask is None:
+            return []
+        entries = decider.logprob_result(self._logprob_ask, tokens)
+        if decided is not None:
+            for entry, want in zip(entries, decided):
+                if entry.token_id != want:
+                    entry.logprob = float("nan")
+        return entries
     def prefill_segment(self) -> Segment:
         """The rest of the prompt after what the engine already cached (chunked prefill)."""
         prompt, start = self.request.prompt_ids, self.committed

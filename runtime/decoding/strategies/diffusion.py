@@ -47,6 +47,7 @@ class DiffusionStrategy(DecodeStrategy):
         self._rows = np.zeros(0, dtype=np.int64)  # the masked positions (after the seed), in order
         self._handle = None
         self._denoise = self._commit = None  # this block's segments
+        self._block_logprobs: list = [None] * self.B  # per block slot: from the step that revealed it
 
     # -- segments ----------------------------------------------------------------------------
     def next_segment(self) -> Segment:
@@ -61,6 +62,8 @@ class DiffusionStrategy(DecodeStrategy):
     def register(self, decider, first_row: int, token_row: int) -> None:
         if self.phase != "denoise":
             self._handle = decider.sample(self, first_row)
+            if self.wants_logprobs:  # the seed: the causal row of the prefill or commit forward
+                self.ask_logprobs(decider, first_row, 1, self._handle)
             return
         tau = self.params.threshold
         k = 0
@@ -69,16 +72,27 @@ class DiffusionStrategy(DecodeStrategy):
             k = min(max(k, 1), len(self._rows))
         self._handle = decider.candidates(self, first_row, len(self._rows), self._rows, tau, k,
                                           last_step=self.steps + 1 >= self.B, skip_mask=True)
+        if self.wants_logprobs:  # the denoising rows: a revealed token's log-probability at this step
+            self.ask_logprobs(decider, first_row, len(self._rows), self._handle)
 
     def consume(self, decider) -> list[int]:
         answer = decider.result(self._handle)
-        if self.phase == "prefill":
-            self.committed = len(self.request.prompt_ids)
-            return self._new_block(int(answer[0]))
-        if self.phase == "commit":
-            self.committed += self.B
-            return self._new_block(int(answer[0]))
-        return self._denoised(answer, decider.is_mask(self._handle))
+        if self.phase in ("prefill", "commit"):
+            self.committed = len(self.request.prompt_ids) if self.phase == "prefill" else self.committed + self.B
+            tokens = self._new_block(int(answer[0]))
+            if self.wants_logprobs:
+                self.pending_logprobs = self.logprobs_of(decider, tokens, [int(answer[0])])
+            return tokens
+        if self.wants_logprobs:
+            revealed = ~decider.is_mask(self._handle)
+            entries = self.logprobs_of(decider, answer.tolist())
+            for slot, entry, shown in zip(self._rows.tolist(), entries, revealed.tolist()):
+                if shown:
+                    self._block_logprobs[slot] = entry
+        tokens = self._denoised(answer, decider.is_mask(self._handle))
+        if self.wants_logprobs and tokens:
+            self.pending_logprobs = self._block_logprobs[1: 1 + len(tokens)]
+        return tokens
 
     def _new_block(self, sampled: int) -> list[int]:
         forced = self.forced_token()
@@ -86,6 +100,8 @@ class DiffusionStrategy(DecodeStrategy):
         block, B, P = self.block, self.B, self.committed
         block[:] = self.mask_id
         block[0] = seed  # the causal prediction, already output; never masked, whatever its value
+        if self.wants_logprobs:
+            self._block_logprobs = [None] * B
         room = self.tokens_until_forced()  # > 0 here: at 0 the seed itself was forced
         if room is not None and seed != self.ctx.think_end_id and room < B:
             block[room] = self.ctx.think_end_id  # thinking budget: pre-placed after `room` outputs

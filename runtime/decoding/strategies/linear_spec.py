@@ -50,8 +50,12 @@ class LinearSpecStrategy(DecodeStrategy):
     def register(self, decider, first_row: int, token_row: int) -> None:
         if self.phase == "prefill":
             self._handle = decider.sample(self, first_row)
+            if self.wants_logprobs:
+                self.ask_logprobs(decider, first_row, 1, self._handle)
         elif self.phase == "verify":
             self._handle = decider.verify(self, first_row, self.B, token_row)
+            if self.wants_logprobs:  # the verify rows: the causal logits AR would see (answer: n, tokens)
+                self.ask_logprobs(decider, first_row, self.B, self._handle, offset=1)
         elif self.draft_threshold is None:
             self._handle = decider.drafts(self, first_row, len(self._rows))
         else:
@@ -63,7 +67,10 @@ class LinearSpecStrategy(DecodeStrategy):
         if self.phase == "prefill":
             self.committed = len(self.request.prompt_ids)
             forced = self.forced_token()
-            return self._start_cycle(forced if forced is not None else int(answer[0]))
+            seed = forced if forced is not None else int(answer[0])
+            if self.wants_logprobs:
+                self.pending_logprobs = self.logprobs_of(decider, [seed], [int(answer[0])])
+            return self._start_cycle(seed)
         if self.phase == "draft":
             if self.draft_threshold is None:  # every masked slot gets a draft
                 self.tokens[self._rows] = answer
@@ -76,10 +83,12 @@ class LinearSpecStrategy(DecodeStrategy):
                 self.phase = "verify"
             return []
         n = int(answer[0])
-        tokens = answer[1: 1 + n].tolist()
-        self.accepted.append(len(tokens))
-        tokens = self.apply_thinking_budget(tokens)
+        decided = answer[1: 1 + n].tolist()
+        self.accepted.append(len(decided))
+        tokens = self.apply_thinking_budget(decided)
         self.committed += len(tokens)  # the seed and the accepted drafts stay cached
+        if self.wants_logprobs:
+            self.pending_logprobs = self.logprobs_of(decider, tokens, decided)
         return tokens[:-1] + self._start_cycle(tokens[-1])
 
     def _start_cycle(self, seed: int) -> list[int]:

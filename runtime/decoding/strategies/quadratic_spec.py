@@ -54,8 +54,12 @@ class QuadraticSpecStrategy(DecodeStrategy):
             seed = decider.sample(self, first_row)
             drafts = decider.drafts(self, first_row + 1, self.k - 1) if self.k > 1 else None
             self._handles = (seed, drafts)
+            if self.wants_logprobs:
+                self.ask_logprobs(decider, first_row, 1, seed)
         else:
             self._handles = decider.quad(self, first_row, self.k, token_row)
+            if self.wants_logprobs:  # the k target rows (answer: n, tokens[k], next drafts)
+                self.ask_logprobs(decider, first_row, self.k, self._handles, offset=1)
 
     def consume(self, decider) -> list[int]:
         k = self.k
@@ -64,16 +68,21 @@ class QuadraticSpecStrategy(DecodeStrategy):
             self.committed = len(self.request.prompt_ids)
             self.phase = "cycle"
             forced = self.forced_token()
-            seed = forced if forced is not None else int(decider.result(seed_handle)[0])
+            decided = int(decider.result(seed_handle)[0])
+            seed = forced if forced is not None else decided
+            if self.wants_logprobs:
+                self.pending_logprobs = self.logprobs_of(decider, [seed], [decided])
             self.tokens[0] = seed
             if drafts_handle is not None:
                 self.tokens[1:k] = decider.result(drafts_handle)
             return [seed]
         answer = decider.result(self._handles)
         n = int(answer[0])
-        tokens = answer[1: 1 + n].tolist()
-        self.accepted.append(len(tokens))
-        tokens = self.apply_thinking_budget(tokens)
+        decided = answer[1: 1 + n].tolist()
+        self.accepted.append(len(decided))
+        tokens = self.apply_thinking_budget(decided)
+        if self.wants_logprobs:
+            self.pending_logprobs = self.logprobs_of(decider, tokens, decided)
         self.committed += len(tokens)  # d_0..d_{m-1} stay cached; tokens[-1] is the next d_0
         self.tokens[0] = tokens[-1]
         self.tokens[1:k] = answer[1 + k: 2 * k]
