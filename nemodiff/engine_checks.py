@@ -126,29 +126,30 @@ def _in_range(key: str, value: int, high: int, low: int = 1) -> None:
 
 
 def check_model_config(m: ModelConfig, key: str = "model") -> None:
-    """Ranges and consistency of a model config (the builder checks a checkpoint's with it too)."""
+    """Ranges and consistency of a model config (the builder checks a checkpoint's with it too, key "")."""
+    pre = f"{key}." if key else ""
     for name, high in MODEL_LIMITS.items():
-        _in_range(f"{key}.{name}", getattr(m, name), high)
+        _in_range(pre + name, getattr(m, name), high)
     if m.num_attention_heads % m.num_key_value_heads:
-        raise EngineFormatError(f"{key}.num_attention_heads {m.num_attention_heads} is not a multiple of "
+        raise EngineFormatError(f"{pre}num_attention_heads {m.num_attention_heads} is not a multiple of "
                                 f"num_key_value_heads {m.num_key_value_heads}")
     if m.head_dim % 2:
-        raise EngineFormatError(f"{key}.head_dim {m.head_dim} is odd; rotary embeddings rotate pairs")
+        raise EngineFormatError(f"{pre}head_dim {m.head_dim} is odd; rotary embeddings rotate pairs")
     if not 0 < m.rms_norm_eps < 1:
-        raise EngineFormatError(f"{key}.rms_norm_eps is {m.rms_norm_eps}; it must be in (0, 1)")
+        raise EngineFormatError(f"{pre}rms_norm_eps is {m.rms_norm_eps}; it must be in (0, 1)")
     ids = {"mask_token_id": m.mask_token_id, "bos_token_id": m.bos_token_id, "image_token_id": m.image_token_id}
     ids |= {f"eos_token_ids[{i}]": e for i, e in enumerate(m.eos_token_ids)}
     for name, token in ids.items():
-        if token is not None:
-            _in_range(f"{key}.{name}", token, m.vocab_size - 1, 0)
-    rope = m.rope
+        if token is not None and not 0 <= token < m.vocab_size:
+            raise EngineFormatError(f"{pre}{name} {token} is outside the vocabulary (vocab_size {m.vocab_size})")
+    rope, pre = m.rope, f"{key}.rope." if key else "rope_parameters."
     if rope.rope_type not in ROPE_TYPES:
-        raise EngineFormatError(f"{key}.rope.rope_type {rope.rope_type!r} is not implemented (want one of "
+        raise EngineFormatError(f"{pre}rope_type {rope.rope_type!r} is not implemented (want one of "
                                 f"{', '.join(ROPE_TYPES)})")
     for name in ("rope_theta", "factor", "beta_fast", "beta_slow"):
         if not getattr(rope, name) > 0:
-            raise EngineFormatError(f"{key}.rope.{name} is {getattr(rope, name)}; it must be positive")
-    _in_range(f"{key}.rope.original_max_position_embeddings", rope.original_max_position_embeddings,
+            raise EngineFormatError(f"{pre}{name} is {getattr(rope, name)}; it must be positive")
+    _in_range(f"{pre}original_max_position_embeddings", rope.original_max_position_embeddings,
               MODEL_LIMITS["max_position_embeddings"])
 
 

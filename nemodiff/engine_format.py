@@ -59,6 +59,7 @@ from nemodiff.engine_checks import (  # noqa: F401 (the rules of the contract, r
     VISION_LIMITS,
     EngineFormatError,
     check_engine_config,
+    check_model_config,
     entry_problem,
     fields_of,
     plain_file,
