@@ -83,6 +83,7 @@ def fields_of(cls, data, key: str):
     known = {f.name: f for f in dataclasses.fields(cls)}
     for name in data:
         if name not in known:
+            name = name if name.isidentifier() else _show(name)  # a hostile name stays on one line
             raise EngineFormatError(f"{_key(key, name)}: unknown key (not part of this engine "
                                     "format); rebuild the engine")
     for name, f in known.items():
