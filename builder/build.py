@@ -21,12 +21,14 @@ from safetensors.torch import save_file
 from nemodiff import __version__
 from nemodiff.engine_format import (
     ARCH_TO_SM,
+    BUILD_LIMITS,
     CONFIG_FILE,
     DTYPES,
     FP8_ARCHES,
     VISION_WEIGHTS_FILE,
     BuildSettings,
     EngineConfig,
+    EngineFormatError,
     draft_lora_file,
     weights_file,
     write_manifest,
@@ -35,6 +37,7 @@ from nemodiff.plugins.aot import compile_variants
 from nemodiff.plugins.registry import engine_variants
 
 from .checkpoint import CheckpointError, num_parameters, open_checkpoint, read_lora
+from .checkpoint_files import checkpoint_file, load_json
 from .convert import convert_lora, convert_vision_weights, convert_weights
 from .shard import Sharder, ShardError
 
@@ -76,9 +79,31 @@ def _validate(options: BuildOptions) -> None:
             f"--dtype fp8 is not supported on --arch {options.arch} ({ARCH_TO_SM[options.arch]} has no fp8 "
             "tensor cores); use --dtype bf16, or an fp8 arch: " + ", ".join(a for a in FP8_ARCHES if a != "cpu")
         )
-    for name in ("max_batch_size", "kv_page_size", "tp"):
-        if getattr(options, name) < 1:
-            raise BuildError(f"--{name.replace('_', '-')} must be at least 1")
+    for name in ("max_batch_size", "kv_page_size", "tp", "block_length", "max_seq_len"):
+        value = getattr(options, name)
+        if value is not None and not 1 <= value <= BUILD_LIMITS[name]:
+            raise BuildError(f"--{name.replace('_', '-')} {value} must be in [1, {BUILD_LIMITS[name]}]")
+
+
+def _check_tokenizer(root: Path, vocab_size: int) -> None:
+    """The tokenizer files the engine will carry, read as the runtime reads them."""
+    from tokenizers import Tokenizer
+
+    path = checkpoint_file(root, "tokenizer.json")
+    if not path.is_file():
+        raise CheckpointError(f"{path}: file not found (the engine needs the tokenizer)")
+    try:
+        tokenizer = Tokenizer.from_str(path.read_bytes().decode("utf-8"))
+    except Exception as exc:  # tokenizers raises a bare Exception whose message names no file
+        raise CheckpointError(f"{path}: not a valid tokenizer ({' '.join(str(exc).split())[:200]})") from None
+    if tokenizer.get_vocab_size(with_added_tokens=True) > vocab_size:
+        raise CheckpointError(f"{path}: the tokenizer has {tokenizer.get_vocab_size(with_added_tokens=True)} tokens, "
+                              f"more than the model's vocab_size {vocab_size} (config.json)")
+    if checkpoint_file(root, "tokenizer_config.json").is_file():
+        template = load_json(root, "tokenizer_config.json").get("chat_template")
+        if template is not None and not isinstance(template, (str, list)):
+            raise CheckpointError(f"{root / 'tokenizer_config.json'}: chat_template is {template!r:.60}; a template "
+                                  "string is expected")
 
 
 def rank_config(config, tp: int):
@@ -104,9 +129,8 @@ def build_engine(hf_dir: Path, out_dir: Path, options: BuildOptions, progress=No
     _validate(options)
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
     checkpoint = open_checkpoint(hf_dir)
-    config = checkpoint.config
-    if not (hf_dir / "tokenizer.json").is_file():
-        raise CheckpointError(f"{hf_dir / 'tokenizer.json'}: file not found (the engine needs the tokenizer)")
+    config, hf_dir = checkpoint.config, checkpoint.path  # the resolved checkpoint directory
+    _check_tokenizer(hf_dir, config.vocab_size)
     max_seq_len = options.max_seq_len or min(config.max_position_embeddings, 8192)
     if not 1 <= max_seq_len <= config.max_position_embeddings:
         raise BuildError(f"--max-seq-len {max_seq_len} must be in [1, {config.max_position_embeddings}]")
@@ -128,6 +152,10 @@ def build_engine(hf_dir: Path, out_dir: Path, options: BuildOptions, progress=No
         source=str(hf_dir.resolve()), nemodiff_version=__version__, tp=options.tp,
     )
     engine_config = EngineConfig(model=config, build=settings, vision=checkpoint.vision)
+    try:  # what the runtime will accept: the same rules, before a byte is written
+        EngineConfig.from_dict(json.loads(json.dumps(engine_config.to_dict())), source="the engine's config.json")
+    except EngineFormatError as exc:
+        raise BuildError(str(exc)) from None
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.building-", dir=out_dir.parent))
@@ -150,8 +178,9 @@ def build_engine(hf_dir: Path, out_dir: Path, options: BuildOptions, progress=No
             settings.kernels = [{"kernel": e["kernel"], "key": e["key"],
                                  "file": (kernel_dir / e["file"]).relative_to(staging).as_posix()} for e in entries]
         for name in TOKENIZER_FILES:
-            if (hf_dir / name).is_file():
-                shutil.copy2(hf_dir / name, staging / name)
+            source = checkpoint_file(hf_dir, name)
+            if source.is_file():  # the file's content (a link inside the checkpoint is followed): a plain copy
+                shutil.copyfile(source, staging / name)
         (staging / CONFIG_FILE).write_text(json.dumps(engine_config.to_dict(), indent=2) + "\n")
         staging.chmod(0o755)
         for file in staging.rglob("*"):

@@ -9,7 +9,6 @@ so `nemodiff-build` can print it without a traceback. Text checkpoints and VLM c
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass
@@ -18,34 +17,31 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from nemodiff.engine_format import LoraConfig, ModelConfig, RopeConfig, VisionConfig
+from nemodiff.engine_format import LORA_MAX_RANK, LoraConfig, ModelConfig, VisionConfig
 
+from .checkpoint_config import (  # noqa: F401 (re-exported: the checkpoint's names in one place)
+    ARCHITECTURE,
+    CONFIG_FILE,
+    MODEL_TYPE,
+    REQUIRED_KEYS,
+    is_vlm,
+    read_config,
+    read_vlm_config,
+)
+from .checkpoint_files import CheckpointError, checkpoint_file, get_float, get_int, load_json
 from .vision_checkpoint import (
     TEXT_LAYOUT,
-    VLM_ARCHITECTURE,
-    VLM_MODEL_TYPE,
-    VisionConfigError,
     WeightLayout,
     detect_layout,
-    read_vision_config,
     vision_expected_shapes,
 )
 
-ARCHITECTURE = "NemotronLabsDiffusionModel"
-MODEL_TYPE = "nemotron_labs_diffusion"
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 LORA_DIR = "linear_spec_lora"
 LORA_CONFIG = "adapter_config.json"
 LORA_WEIGHTS = "adapter_model.safetensors"
-REQUIRED_KEYS = (
-    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-    "num_attention_heads", "num_key_value_heads", "rms_norm_eps", "max_position_embeddings",
-)
-
-
-class CheckpointError(Exception):
-    """A checkpoint file is missing, unreadable or inconsistent. The message names the file."""
+LAYER_TENSOR = re.compile(r"encoder\.layers\.(\d+)\.")
 
 
 @dataclass
@@ -69,111 +65,6 @@ class Checkpoint:
             raise CheckpointError(f"{file}: cannot read tensor {stored!r}: {exc}") from None
 
 
-def _load_json(path: Path) -> dict:
-    if not path.is_file():
-        raise CheckpointError(f"{path}: file not found")
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{path}: not valid JSON ({exc})") from None
-
-
-def _rope_config(raw: dict, path: Path) -> RopeConfig:
-    params = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
-    rope_type = params.get("rope_type", params.get("type", "default"))
-    if rope_type not in ("default", "yarn"):
-        raise CheckpointError(f"{path}: rope_type {rope_type!r} is not supported (want 'yarn' or 'default')")
-    theta = params.get("rope_theta", raw.get("rope_theta", 1e6))
-    original = params.get("original_max_position_embeddings", raw["max_position_embeddings"])
-    return RopeConfig(
-        rope_type=rope_type,
-        rope_theta=float(theta),
-        factor=float(params.get("factor", 1.0)),
-        beta_fast=float(params.get("beta_fast") or 32.0),
-        beta_slow=float(params.get("beta_slow") or 1.0),
-        mscale=params.get("mscale"),
-        mscale_all_dim=params.get("mscale_all_dim"),
-        attention_factor=params.get("attention_factor"),
-        truncate=bool(params.get("truncate", True)),
-        original_max_position_embeddings=int(original),
-        llama_4_scaling_beta=float(params.get("llama_4_scaling_beta") or 0.0),
-    )
-
-
-def is_vlm(raw: dict) -> bool:
-    return VLM_ARCHITECTURE in (raw.get("architectures") or [])
-
-
-def read_config(checkpoint_dir: Path) -> ModelConfig:
-    """The text model's config (for a VLM, the text settings at the config root)."""
-    path = Path(checkpoint_dir) / "config.json"
-    raw = _load_json(path)
-    architectures = raw.get("architectures") or []
-    if ARCHITECTURE not in architectures and VLM_ARCHITECTURE not in architectures:
-        raise CheckpointError(
-            f"{path}: architectures is {architectures!r}, expected [{ARCHITECTURE!r}] or [{VLM_ARCHITECTURE!r}] "
-            "(not a Nemotron-Labs-Diffusion checkpoint)"
-        )
-    model_type = VLM_MODEL_TYPE if is_vlm(raw) else MODEL_TYPE
-    if raw.get("model_type") != model_type:
-        raise CheckpointError(f"{path}: model_type is {raw.get('model_type')!r}, expected {model_type!r}")
-    missing = [key for key in REQUIRED_KEYS if key not in raw]
-    if missing:
-        raise CheckpointError(f"{path}: missing required keys {missing}")
-    if raw.get("hidden_act", "silu") != "silu":
-        raise CheckpointError(f"{path}: hidden_act {raw['hidden_act']!r} is not supported (want 'silu')")
-    if raw.get("attention_bias") or raw.get("mlp_bias"):
-        raise CheckpointError(f"{path}: attention_bias/mlp_bias are not supported by this architecture")
-    if raw.get("tie_word_embeddings"):
-        raise CheckpointError(f"{path}: tie_word_embeddings=true, but NLD checkpoints ship diffusion_head")
-    eos = raw.get("eos_token_id")
-    eos_ids = [] if eos is None else ([int(eos)] if isinstance(eos, int) else [int(e) for e in eos])
-    heads = int(raw["num_attention_heads"])
-    config = ModelConfig(
-        vocab_size=int(raw["vocab_size"]),
-        hidden_size=int(raw["hidden_size"]),
-        intermediate_size=int(raw["intermediate_size"]),
-        num_hidden_layers=int(raw["num_hidden_layers"]),
-        num_attention_heads=heads,
-        num_key_value_heads=int(raw["num_key_value_heads"]),
-        head_dim=int(raw.get("head_dim") or raw["hidden_size"] // heads),
-        rms_norm_eps=float(raw["rms_norm_eps"]),
-        max_position_embeddings=int(raw["max_position_embeddings"]),
-        block_size=int(raw.get("block_size", 32)),
-        mask_token_id=int(raw.get("mask_token_id", 100)),
-        bos_token_id=raw.get("bos_token_id"),
-        eos_token_ids=eos_ids,
-        rope=_rope_config(raw, path),
-    )
-    if is_vlm(raw):
-        config.image_token_id = _vision_config(raw, Path(checkpoint_dir), config).image_token_id
-    if config.num_attention_heads % config.num_key_value_heads:
-        raise CheckpointError(
-            f"{path}: num_attention_heads ({heads}) is not a multiple of num_key_value_heads "
-            f"({config.num_key_value_heads})"
-        )
-    if not 0 <= config.mask_token_id < config.vocab_size:
-        raise CheckpointError(f"{path}: mask_token_id {config.mask_token_id} is outside the vocabulary")
-    return config
-
-
-def _vision_config(raw: dict, checkpoint_dir: Path, config: ModelConfig) -> VisionConfig:
-    try:
-        vision = read_vision_config(raw, checkpoint_dir, config)
-    except VisionConfigError as exc:
-        raise CheckpointError(f"{checkpoint_dir / 'config.json'}: {exc}") from None
-    if not 0 <= vision.image_token_id < config.vocab_size:
-        raise CheckpointError(f"{checkpoint_dir / 'config.json'}: image token id {vision.image_token_id} is outside "
-                              "the vocabulary")
-    return vision
-
-
-def read_vlm_config(checkpoint_dir: Path) -> VisionConfig | None:
-    """The vision settings of a VLM checkpoint; None for a text checkpoint."""
-    raw = _load_json(Path(checkpoint_dir) / "config.json")
-    return _vision_config(raw, Path(checkpoint_dir), read_config(checkpoint_dir)) if is_vlm(raw) else None
-
-
 def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     h, i, v = config.hidden_size, config.intermediate_size, config.vocab_size
     q_out = config.num_attention_heads * config.head_dim
@@ -195,37 +86,54 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def _weight_files(checkpoint_dir: Path) -> list[Path]:
-    index = checkpoint_dir / INDEX_FILE
+def _weight_files(root: Path) -> dict[Path, set[str] | None]:
+    """The weight files, each with the tensor names the index puts there (None: no index)."""
+    index = checkpoint_file(root, INDEX_FILE)
     if index.is_file():
-        weight_map = _load_json(index).get("weight_map")
+        weight_map = load_json(root, INDEX_FILE).get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise CheckpointError(f"{index}: has no 'weight_map'")
-        files = []
-        for name in sorted(set(weight_map.values())):
-            shard = checkpoint_dir / name
+        files: dict[Path, set[str]] = {}
+        for tensor, name in weight_map.items():
+            shard = checkpoint_file(root, name, source=index)
+            files.setdefault(shard, set()).add(tensor)
+        for shard in files:
             if not shard.is_file():
                 raise CheckpointError(f"{shard}: shard listed in {INDEX_FILE} is missing")
-            files.append(shard)
         return files
-    single = checkpoint_dir / SINGLE_FILE
+    single = checkpoint_file(root, SINGLE_FILE)
     if not single.is_file():
-        raise CheckpointError(f"{checkpoint_dir}: no {SINGLE_FILE} or {INDEX_FILE} found")
-    return [single]
+        raise CheckpointError(f"{root}: no {SINGLE_FILE} or {INDEX_FILE} found")
+    return {single: None}
 
 
-def _tensor_index(files: list[Path]) -> dict[str, tuple[Path, tuple[int, ...]]]:
+def _tensor_index(files: dict[Path, set[str] | None]) -> dict[str, tuple[Path, tuple[int, ...]]]:
     index = {}
-    for file in files:
+    for file, listed in files.items():
         try:
             with safe_open(str(file), framework="pt") as f:
-                for name in f.keys():
+                names = list(f.keys())
+                for name in names:
+                    if name in index:
+                        raise CheckpointError(f"{file}: tensor {name!r} is also in {index[name][0].name}")
                     index[name] = (file, tuple(f.get_slice(name).get_shape()))
         except CheckpointError:
             raise
         except Exception as exc:
-            raise CheckpointError(f"{file}: unreadable safetensors file ({exc})") from None
+            raise CheckpointError(f"{file}: unreadable safetensors file ({str(exc)[:200]})") from None
+        if listed is not None and not listed <= set(names):
+            raise CheckpointError(f"{file}: has no tensor {min(listed - set(names))!r}, which {INDEX_FILE} "
+                                  "places there")
     return index
+
+
+def _check_layer_count(config: ModelConfig, stored: dict, layout: WeightLayout, root: Path) -> None:
+    """config.json's layer count against the layers the weights hold, before any per-layer table is made."""
+    layers = {int(m[1]) for name in stored if (m := LAYER_TENSOR.match(layout.canonical(name) or ""))}
+    held = max(layers) + 1 if layers else 0
+    if held != config.num_hidden_layers:
+        raise CheckpointError(f"{root / CONFIG_FILE}: num_hidden_layers is {config.num_hidden_layers}, but the weights "
+                              f"hold {held} layers (encoder.layers.0 to {held - 1})")
 
 
 def _canonical_index(stored: dict[str, tuple[Path, tuple[int, ...]]], layout: WeightLayout,
@@ -248,13 +156,14 @@ def _canonical_index(stored: dict[str, tuple[Path, tuple[int, ...]]], layout: We
 
 def open_checkpoint(checkpoint_dir: Path) -> Checkpoint:
     """Validate config, tensor names and shapes; returns a lazy reader for the tensors."""
-    checkpoint_dir = Path(checkpoint_dir)
-    if not checkpoint_dir.is_dir():
+    if not Path(checkpoint_dir).is_dir():
         raise CheckpointError(f"{checkpoint_dir}: not a directory")
+    checkpoint_dir = Path(checkpoint_dir).resolve()
     config = read_config(checkpoint_dir)
     vision = read_vlm_config(checkpoint_dir)
     stored = _tensor_index(_weight_files(checkpoint_dir))
     layout = detect_layout(stored) if vision else TEXT_LAYOUT
+    _check_layer_count(config, stored, layout, checkpoint_dir)
     found, renamed = _canonical_index(stored, layout, vlm=vision is not None)
     want = expected_shapes(config) | (vision_expected_shapes(vision) if vision else {})
     missing = [name for name in want if name not in found]
@@ -289,31 +198,34 @@ LORA_TENSOR_FORM = "base_model.model.encoder.layers.N.self_attn.o_proj.lora_{A,B
 
 def _lora_config(path: Path) -> LoraConfig:
     """adapter_config.json as PEFT writes it; options that change the math are refused, not ignored."""
-    raw = _load_json(path)
+    raw = load_json(path.parent, path.name)
     if raw.get("peft_type", "LORA") != "LORA":
         raise CheckpointError(f"{path}: peft_type {raw['peft_type']!r} is not supported (want 'LORA')")
     targets = raw.get("target_modules") or []
     if isinstance(targets, str):
         targets = [targets]
-    if sorted(targets) != ["o_proj"]:
+    if not isinstance(targets, list) or targets != ["o_proj"]:
         raise CheckpointError(f"{path}: target_modules {targets!r} not supported (want ['o_proj'])")
-    if "r" not in raw:
-        raise CheckpointError(f"{path}: missing 'r'")
-    for key in ("use_rslora", "use_dora", "fan_in_fan_out"):
+    rank = get_int(raw, "r", path, high=LORA_MAX_RANK)
+    for key in ("use_rslora", "use_dora", "fan_in_fan_out", "lora_bias"):
         if raw.get(key):
             raise CheckpointError(f"{path}: {key}=true is not supported")
+    for key in ("rank_pattern", "alpha_pattern", "modules_to_save", "layers_to_transform"):
+        if raw.get(key):  # per-layer ranks or scales, extra full weights, a subset of layers: other math
+            raise CheckpointError(f"{path}: {key} {raw[key]!r:.60} is not supported (want it empty)")
     if raw.get("bias", "none") != "none":
-        raise CheckpointError(f"{path}: bias {raw['bias']!r} is not supported (want 'none')")
-    return LoraConfig(rank=int(raw["r"]), alpha=float(raw.get("lora_alpha", raw["r"])), target_modules=targets)
+        raise CheckpointError(f"{path}: bias {raw['bias']!r:.40} is not supported (want 'none')")
+    return LoraConfig(rank=rank, alpha=get_float(raw, "lora_alpha", path, default=float(rank)), target_modules=targets)
 
 
 def read_lora(checkpoint_dir: Path, config: ModelConfig) -> tuple[LoraConfig, dict[int, tuple[torch.Tensor, torch.Tensor]]] | None:
     """Read `linear_spec_lora/` (PEFT format) if present: per layer (A [r, in], B [out, r]) as stored."""
-    lora_dir = Path(checkpoint_dir) / LORA_DIR
+    root = Path(checkpoint_dir).resolve()
+    lora_dir = checkpoint_file(root, LORA_DIR)
     if not lora_dir.is_dir():
         return None
-    lora = _lora_config(lora_dir / LORA_CONFIG)
-    weights_file = lora_dir / LORA_WEIGHTS
+    lora = _lora_config(checkpoint_file(root, f"{LORA_DIR}/{LORA_CONFIG}"))
+    weights_file = checkpoint_file(root, f"{LORA_DIR}/{LORA_WEIGHTS}")
     if not weights_file.is_file():
         raise CheckpointError(f"{weights_file}: file not found")
     layers: dict[int, dict[str, torch.Tensor]] = {}

@@ -16,18 +16,11 @@ from __future__ import annotations
 
 import torch
 
-from nemodiff.engine_format import ModelConfig
+from nemodiff.engine_format import ModelConfig, shard_bounds  # noqa: F401 (shard_bounds: re-exported)
 
 
 class ShardError(ValueError):
     """The model cannot be split over the requested number of ranks."""
-
-
-def shard_bounds(total: int, rank: int, tp: int) -> tuple[int, int]:
-    """[start, end) of rank's share of `total` items; the first `total % tp` ranks get one more."""
-    base, extra = divmod(total, tp)
-    start = rank * base + min(rank, extra)
-    return start, start + base + (1 if rank < extra else 0)
 
 
 def check_tp(config: ModelConfig, tp: int) -> None:

@@ -11,11 +11,12 @@ canonical names: `encoder.*` and `diffusion_head.weight` for the text model,
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from nemodiff.engine_format import CLIP_MEAN, CLIP_STD, ModelConfig, VisionConfig
+from nemodiff.engine_format import CLIP_MEAN, CLIP_STD, VISION_LIMITS, ModelConfig, VisionConfig
+
+from .checkpoint_files import CheckpointError, checkpoint_file, get_float, get_int, load_json
 
 VLM_ARCHITECTURE = "NemotronLabsDiffusionVLMModel"
 VLM_MODEL_TYPE = "nemotron_labs_diffusion_vlm"
@@ -75,24 +76,25 @@ def detect_layout(stored_names) -> WeightLayout:
 
 
 def _token_id_from_tokenizer(checkpoint_dir: Path, token: str) -> int | None:
-    path = checkpoint_dir / "tokenizer.json"
-    if not path.is_file():
+    if not checkpoint_file(checkpoint_dir, "tokenizer.json").is_file():
         return None
     try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return None
-    for added in data.get("added_tokens", []):
-        if added.get("content") == token:
-            return int(added["id"])
-    vocab = (data.get("model") or {}).get("vocab")
-    return int(vocab[token]) if isinstance(vocab, dict) and token in vocab else None
+        data = load_json(checkpoint_dir, "tokenizer.json")
+    except CheckpointError:
+        return None  # the build reads the tokenizer itself later, and says what is wrong with it
+    for added in data.get("added_tokens") or []:
+        if isinstance(added, dict) and added.get("content") == token and isinstance(added.get("id"), int):
+            return added["id"]
+    vocab = data.get("model") if isinstance(data.get("model"), dict) else {}
+    vocab = vocab.get("vocab")
+    found = vocab.get(token) if isinstance(vocab, dict) else None
+    return found if isinstance(found, int) and not isinstance(found, bool) else None
 
 
 def _special_id(raw: dict, checkpoint_dir: Path, keys: tuple[str, ...], token: str) -> int:
     for key in keys:
         if raw.get(key) is not None:
-            return int(raw[key])
+            return get_int(raw, key, "config.json", low=0)
     found = _token_id_from_tokenizer(checkpoint_dir, token)
     if found is None:
         raise VisionConfigError(f"no {keys[0]} in the config and no {token!r} token in tokenizer.json")
@@ -101,24 +103,25 @@ def _special_id(raw: dict, checkpoint_dir: Path, keys: tuple[str, ...], token: s
 
 def _preprocessing(checkpoint_dir: Path, patch_size: int, default_edge: int) -> dict:
     """Image preprocessing settings from preprocessor_config.json, else Pixtral's defaults."""
-    path = checkpoint_dir / PREPROCESSOR_FILE
-    raw = {}
-    if path.is_file():
-        try:
-            raw = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise VisionConfigError(f"{PREPROCESSOR_FILE} is not valid JSON ({exc})") from None
+    path = checkpoint_file(checkpoint_dir, PREPROCESSOR_FILE)
+    raw = load_json(checkpoint_dir, PREPROCESSOR_FILE) if path.is_file() else {}
     size = raw.get("size") or {}
     longest = size.get("longest_edge", default_edge) if isinstance(size, dict) else default_edge
+    longest = get_int({"longest_edge": longest}, "longest_edge", path, high=VISION_LIMITS["longest_edge"],
+                      name="size.longest_edge")
     patch = raw.get("patch_size", patch_size)
     patch = (patch.get("height"), patch.get("width")) if isinstance(patch, dict) else (patch, patch)
     if patch != (patch_size, patch_size):
-        raise VisionConfigError(f"{PREPROCESSOR_FILE}: patch_size {patch} differs from the vision tower's {patch_size}")
-    mean, std = tuple(raw.get("image_mean", CLIP_MEAN)), tuple(raw.get("image_std", CLIP_STD))
-    if len(mean) != 3 or len(std) != 3:
-        raise VisionConfigError(f"{PREPROCESSOR_FILE}: image_mean and image_std want three values (RGB)")
-    return dict(longest_edge=int(longest), image_mean=tuple(map(float, mean)), image_std=tuple(map(float, std)),
-                rescale_factor=float(raw.get("rescale_factor", 1 / 255)))
+        raise VisionConfigError(f"{PREPROCESSOR_FILE}: patch_size {patch!r:.60} differs from the vision tower's "
+                                f"{patch_size}")
+    mean, std = raw.get("image_mean", CLIP_MEAN), raw.get("image_std", CLIP_STD)
+    values = [get_float({"v": v}, "v", path, name="image_mean/image_std")
+              for v in (mean if isinstance(mean, (list, tuple)) else [None])
+              + list(std if isinstance(std, (list, tuple)) else [None])]
+    if len(values) != 6 or len(mean) != 3 or min(values[3:]) <= 0:
+        raise VisionConfigError(f"{PREPROCESSOR_FILE}: image_mean and image_std want three values (RGB), std positive")
+    return dict(longest_edge=longest, image_mean=tuple(values[:3]), image_std=tuple(values[3:]),
+                rescale_factor=get_float(raw, "rescale_factor", path, default=1 / 255, positive=True))
 
 
 def read_vision_config(raw: dict, checkpoint_dir: Path, text: ModelConfig) -> VisionConfig:
@@ -131,12 +134,16 @@ def read_vision_config(raw: dict, checkpoint_dir: Path, text: ModelConfig) -> Vi
     missing = [key for key in VISION_REQUIRED_KEYS if key not in vision]
     if missing:
         raise VisionConfigError(f"vision_config is missing {missing}")
-    hidden, heads = int(vision["hidden_size"]), int(vision["num_attention_heads"])
+    sizes = {key: get_int(vision, key, "config.json", high=VISION_LIMITS[key], name=f"vision_config.{key}")
+             for key in VISION_REQUIRED_KEYS}
+    hidden, heads = sizes["hidden_size"], sizes["num_attention_heads"]
     if hidden % heads or vision.get("head_dim", hidden // heads) != hidden // heads:
         raise VisionConfigError(f"vision_config: head_dim must be hidden_size / num_attention_heads ({hidden}/{heads})")
     if (hidden // heads) % 4:
         raise VisionConfigError("vision_config: the 2-D rotary embedding needs a head_dim divisible by 4")
     rope = vision.get("rope_parameters") or {}
+    if not isinstance(rope, dict):
+        raise VisionConfigError("vision_config.rope_parameters: an object is expected")
     act, projector_act = vision.get("hidden_act", "gelu"), raw.get("projector_hidden_act", "gelu")
     for key, value in (("vision_config.hidden_act", act), ("projector_hidden_act", projector_act)):
         if value not in ACTIVATIONS:
@@ -144,22 +151,29 @@ def read_vision_config(raw: dict, checkpoint_dir: Path, text: ModelConfig) -> Vi
     if raw.get("multimodal_projector_bias"):
         raise VisionConfigError("multimodal_projector_bias=true is not supported (the NLD projector has no bias)")
     feature_layer = raw.get("vision_feature_layer", -1)
-    layers = int(vision["num_hidden_layers"])
-    if not isinstance(feature_layer, int) or not -(layers + 1) <= feature_layer <= layers:
+    layers = sizes["num_hidden_layers"]
+    if isinstance(feature_layer, bool) or not isinstance(feature_layer, int) or not -(layers + 1) <= feature_layer <= layers:
         raise VisionConfigError(f"vision_feature_layer {feature_layer!r} must be one layer index in [-{layers + 1}, {layers}]")
-    patch = int(vision["patch_size"])
+    patch = sizes["patch_size"]
     image_size = vision.get("image_size", 1024)
+    if isinstance(image_size, (list, tuple)) and image_size:
+        image_size = max(image_size) if all(isinstance(v, int) for v in image_size) else None
+    image_size = get_int({"image_size": image_size}, "image_size", "config.json", high=VISION_LIMITS["longest_edge"],
+                         name="vision_config.image_size")
+    channels = get_int(vision, "num_channels", "config.json", default=3, low=3, high=3, name="vision_config.num_channels")
+    theta = get_float(rope, "rope_theta", "config.json", default=None, positive=True, name="vision_config.rope_theta")
     return VisionConfig(
-        hidden_size=hidden, intermediate_size=int(vision["intermediate_size"]), num_hidden_layers=layers,
-        num_attention_heads=heads, patch_size=patch, text_hidden_size=text.hidden_size,
-        num_channels=int(vision.get("num_channels", 3)),
-        rope_theta=float(rope.get("rope_theta", vision.get("rope_theta", 10000.0))), hidden_act=act,
-        projector_norm_eps=text.rms_norm_eps, projector_hidden_act=projector_act,
-        spatial_merge_size=int(raw.get("spatial_merge_size", 2)), feature_layer=feature_layer,
+        hidden_size=hidden, intermediate_size=sizes["intermediate_size"], num_hidden_layers=layers,
+        num_attention_heads=heads, patch_size=patch, text_hidden_size=text.hidden_size, num_channels=channels,
+        rope_theta=theta or get_float(vision, "rope_theta", "config.json", default=10000.0, positive=True,
+                                      name="vision_config.rope_theta"),
+        hidden_act=act, projector_norm_eps=text.rms_norm_eps, projector_hidden_act=projector_act,
+        spatial_merge_size=get_int(raw, "spatial_merge_size", "config.json", default=2,
+                                   high=VISION_LIMITS["spatial_merge_size"]), feature_layer=feature_layer,
         image_token_id=_special_id(raw, checkpoint_dir, ("image_token_id", "image_token_index"), "[IMG]"),
         image_break_token_id=_special_id(raw, checkpoint_dir, ("image_break_token_id",), "[IMG_BREAK]"),
         image_end_token_id=_special_id(raw, checkpoint_dir, ("image_end_token_id",), "[IMG_END]"),
-        **_preprocessing(checkpoint_dir, patch, int(image_size if isinstance(image_size, int) else max(image_size))),
+        **_preprocessing(checkpoint_dir, patch, image_size),
     )
 
 

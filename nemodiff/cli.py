@@ -1,6 +1,10 @@
-"""`nemodiff`: run an engine from the command line (generate, inspect).
+"""`nemodiff`: run an engine from the command line (generate, inspect; serve and bench join from their packages).
 
 checkpoint ──builder──▶ engine dir ──[runtime: CLI]──▶ Triton
+
+Every subcommand runs inside `CommandGroup`, which turns the errors an operator can cause (a broken or
+missing engine, a device or kernel mode this machine cannot run, bad parameters) into one `Error:` line
+on stderr and exit status 1, never a traceback.
 """
 
 from __future__ import annotations
@@ -10,8 +14,9 @@ from pathlib import Path
 
 import click
 
-from nemodiff.engine_format import MANIFEST_FILE, EngineConfig, EngineFormatError, VisionConfig, verify_manifest
-from nemodiff.runtime.request import MODES
+from nemodiff.device import DeviceError, KernelLaunchError
+from nemodiff.engine_format import EngineFormatError, VisionConfig, open_engine, read_manifest
+from nemodiff.runtime.request import mode_param
 
 CONTEXT = {"show_default": True, "help_option_names": ["-h", "--help"]}
 KERNEL_MODES = ["auto", "off", "interpret", "aot-check", "jit", "aot"]
@@ -22,7 +27,23 @@ KERNELS_HELP = ("auto: the engine's compiled kernels on a matching GPU, else the
                 "a GPU; aot: the compiled kernels or an error; off: reference path.")
 
 
-@click.group(context_settings=CONTEXT)
+def one_line(exc: BaseException) -> str:
+    return " | ".join(line.strip() for line in str(exc).strip().splitlines() if line.strip()) or type(exc).__name__
+
+
+class CommandGroup(click.Group):
+    """Expected errors of any subcommand become one line (click's `Error: ...`), not a traceback."""
+
+    def invoke(self, ctx: click.Context):
+        from nemodiff.runtime.parallel.comm import TensorParallelError
+
+        try:
+            return super().invoke(ctx)
+        except (EngineFormatError, DeviceError, KernelLaunchError, TensorParallelError, ValueError, OSError) as exc:
+            raise click.ClickException(one_line(exc)) from None
+
+
+@click.group(cls=CommandGroup, context_settings=CONTEXT)
 @click.version_option(package_name="nemodiff")
 def main() -> None:
     """Run Nemotron-Labs-Diffusion engines built by nemodiff-build."""
@@ -48,7 +69,7 @@ def _parse_threshold(value: str) -> float | None:
 @click.argument("engine_dir", type=click.Path(path_type=Path))
 @click.option("--prompt", type=str, default=None, help="Prompt text.")
 @click.option("--prompt-ids", type=str, default=None, help="Prompt as comma-separated token ids.")
-@click.option("--mode", type=click.Choice(MODES), default="ar", help="Decoding mode.")
+@click.option("--mode", type=mode_param(), default="ar", help="Decoding mode (linear_spec, fastdiffuser, ... too).")
 @click.option("--max-new-tokens", type=int, default=64, help="Most tokens to generate.")
 @click.option("--temperature", type=float, default=0.0, help="0 = greedy.")
 @click.option("--top-p", type=float, default=1.0, help="Nucleus sampling mass.")
@@ -85,16 +106,10 @@ def generate(engine_dir: Path, prompt: str | None, prompt_ids: str | None, mode:
         stop=list(stop), mode=mode, block_length=block_length, threshold=_parse_threshold(threshold),
         draft_lora=draft_lora, draft_threshold=draft_threshold, max_thinking_tokens=max_thinking_tokens,
     )
-    from nemodiff.device import DeviceError, KernelLaunchError
-    from nemodiff.runtime.parallel.comm import TensorParallelError
-
-    try:
-        params.validate()
-        with LLM(engine_dir, device=device, kernels=kernels, tp=tp) as llm:
-            source = prompt if prompt is not None else _parse_ids(prompt_ids)
-            output = llm.generate([source], params, chat=chat, images=[list(images)])[0]
-    except (EngineFormatError, ValueError, TensorParallelError, DeviceError, KernelLaunchError) as exc:
-        raise click.ClickException(str(exc)) from None
+    source = prompt if prompt is not None else _parse_ids(prompt_ids)
+    params.validate()
+    with LLM(engine_dir, device=device, kernels=kernels, tp=tp) as llm:
+        output = llm.generate([source], params, chat=chat, images=[list(images)])[0]
     if as_json:
         click.echo(json.dumps(output.to_dict()))
     else:
@@ -118,11 +133,12 @@ def describe_vision(vision: VisionConfig) -> str:
 @click.option("--verify/--no-verify", default=True, help="Check file hashes against the manifest.")
 def inspect(engine_dir: Path, as_json: bool, verify: bool) -> None:
     """Show an engine's model config, build settings and files."""
-    try:
-        config = EngineConfig.load(engine_dir)
-        manifest = verify_manifest(engine_dir) if verify else json.loads((engine_dir / MANIFEST_FILE).read_text())
-    except (EngineFormatError, OSError) as exc:
-        raise click.ClickException(str(exc)) from None
+    from nemodiff.runtime.model.loader import check_engine
+
+    if verify:
+        config, manifest = check_engine(engine_dir), read_manifest(engine_dir)
+    else:
+        config, manifest = open_engine(engine_dir, verify=False)[0], read_manifest(engine_dir)
     info = config.to_dict() | {"files": manifest["files"], "verified": verify}
     if as_json:
         click.echo(json.dumps(info, indent=2))
@@ -152,6 +168,8 @@ from nemodiff.serving.cli import serve  # noqa: E402
 
 main.add_command(serve)
 main.add_command(bench)
+# `bench --modes` takes the spellings every other front takes (until bench/cli.py declares this type itself).
+next(p for p in bench.params if p.name == "modes").type = mode_param(many=True)
 
 
 if __name__ == "__main__":

@@ -36,33 +36,45 @@ projector.merge [hidden, hidden * merge**2], projector.linear_1, projector.linea
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
+import os
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from nemodiff.engine_checks import (  # noqa: F401 (the rules of the contract, re-exported with it)
+    ARCH_TO_SM,
+    BUILD_LIMITS,
+    DTYPE_BYTES,
+    DTYPES,
+    FP8_ARCHES,
+    LORA_MAX_RANK,
+    MANIFEST_FILE,
+    MAX_KV_POOL_BYTES,
+    MODEL_LIMITS,
+    OPTIONAL_READS,
+    ROPE_TYPES,
+    TOKENIZER_FILE,
+    VISION_ACTIVATIONS,
+    VISION_LIMITS,
+    EngineFormatError,
+    check_engine_config,
+    check_model_config,
+    entry_problem,
+    fields_of,
+    plain_file,
+    read_json,
+    read_manifest,
+    sha256_of,
+    verify_manifest,
+)
 
 FORMAT_VERSION = 2
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "weights.safetensors"
-MANIFEST_FILE = "manifest.json"
 DRAFT_LORA_FILE = "draft_lora.safetensors"
 VISION_WEIGHTS_FILE = "vision.safetensors"
 LORA_DIR = "linear_spec_lora"
-
-DTYPES = ("fp32", "bf16", "fp16", "fp8")
-# Target name -> CUDA SM. "cpu" builds run on the PyTorch reference path only.
-ARCH_TO_SM = {
-    "cpu": None,
-    "a100": "sm_80",
-    "l40s": "sm_89",
-    "h100": "sm_90a",
-    "h200": "sm_90a",
-    "b200": "sm_100a",
-    "gb200": "sm_100a",
-}
-FP8_ARCHES = ("cpu", "l40s", "h100", "h200", "b200", "gb200")
-
-
 def weights_file(rank: int, tp: int) -> str:
     """The weight file of one tensor-parallel rank."""
     return WEIGHTS_FILE if tp == 1 else f"weights.rank{rank}.safetensors"
@@ -76,8 +88,11 @@ def rank_files(rank: int, tp: int) -> set[str]:
     return {weights_file(rank, tp), draft_lora_file(rank, tp)}
 
 
-class EngineFormatError(Exception):
-    """An engine directory is missing a file, or a file does not match the manifest."""
+def shard_bounds(total: int, rank: int, tp: int) -> tuple[int, int]:
+    """[start, end) of rank's share of `total` items; the first `total % tp` ranks get one more."""
+    base, extra = divmod(total, tp)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (1 if rank < extra else 0)
 
 
 @dataclass
@@ -115,9 +130,7 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "ModelConfig":
-        data = dict(data)
-        data["rope"] = RopeConfig(**data["rope"])
-        return cls(**data)
+        return fields_of(cls, data, "model")
 
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -156,9 +169,7 @@ class VisionConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "VisionConfig":
-        data = dict(data)
-        data["image_mean"], data["image_std"] = tuple(data["image_mean"]), tuple(data["image_std"])
-        return cls(**data)
+        return fields_of(cls, data, "vision")
 
 
 @dataclass
@@ -201,32 +212,44 @@ class EngineConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "EngineConfig":
+    def from_dict(cls, data: dict, source: str = CONFIG_FILE) -> "EngineConfig":
+        """The config of `data` (config.json's content), every key typed and every value in range; an
+        EngineFormatError that names `source` and the key otherwise."""
+        if not isinstance(data, dict):
+            raise EngineFormatError(f"{source}: not an engine config (a JSON object is expected, got "
+                                    f"{type(data).__name__})")
         if data.get("format_version") != FORMAT_VERSION:
             raise EngineFormatError(
-                f"{CONFIG_FILE}: engine format version {data.get('format_version')!r} is not "
+                f"{source}: engine format version {data.get('format_version')!r:.60} is not "
                 f"supported (this nemodiff reads version {FORMAT_VERSION}); rebuild the engine"
             )
-        build = dict(data["build"])
-        if build.get("lora") is not None:
-            build["lora"] = LoraConfig(**build["lora"])
-        vision = VisionConfig.from_dict(data["vision"]) if data.get("vision") else None
-        return cls(model=ModelConfig.from_dict(data["model"]), build=BuildSettings(**build), vision=vision)
+        try:
+            config = fields_of(cls, data, "")
+            check_engine_config(config)
+        except EngineFormatError as exc:
+            raise EngineFormatError(f"{source}: {exc}") from None
+        return config
 
     @classmethod
     def load(cls, engine_dir: Path) -> "EngineConfig":
-        path = Path(engine_dir) / CONFIG_FILE
-        if not path.is_file():
+        engine_dir = Path(engine_dir)
+        path = engine_dir / CONFIG_FILE
+        if not os.path.lexists(path):
             raise EngineFormatError(f"{path}: not found; is {engine_dir} an engine directory?")
-        return cls.from_dict(json.loads(path.read_text()))
+        data = read_json(path)
+        if isinstance(data, dict) and "format_version" not in data and ("architectures" in data or "model_type" in data):
+            raise EngineFormatError(checkpoint_hint(engine_dir, data))
+        return cls.from_dict(data, source=str(path))
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+def checkpoint_hint(path: Path, raw: dict) -> str:
+    """What to say when a Hugging Face checkpoint is given where an engine is expected."""
+    path = Path(path)
+    name = path.resolve().name or "model"
+    engine = path.parent / f"{name}-engine" if path.name else Path("..") / f"{name}-engine"
+    kind = ", ".join(map(str, raw.get("architectures") or [])) or raw.get("model_type")
+    return (f"{path}: this is a Hugging Face checkpoint ({kind}), not a nemodiff engine; build an engine from it "
+            f"first: nemodiff-build {shlex.quote(str(path))} -o {shlex.quote(str(engine))}")
 
 
 def write_manifest(engine_dir: Path) -> dict:
@@ -242,25 +265,37 @@ def write_manifest(engine_dir: Path) -> dict:
     return manifest
 
 
-def verify_manifest(engine_dir: Path, skip: set[str] | frozenset[str] = frozenset(),
-                    only: set[str] | None = None) -> dict:
-    """Check every file listed in the manifest exists with its recorded hash.
+def engine_files(config: EngineConfig) -> set[str]:
+    """Every file the runtime reads from an engine of this config, all ranks together."""
+    b = config.build
+    files = {CONFIG_FILE, TOKENIZER_FILE} | {weights_file(r, b.tp) for r in range(b.tp)}
+    if b.lora is not None:
+        files |= {draft_lora_file(r, b.tp) for r in range(b.tp)}
+    if config.vision is not None:
+        files.add(VISION_WEIGHTS_FILE)
+    if b.kernels:
+        files |= {entry["file"] for entry in b.kernels} | {f"kernels/{b.sm}/kernels.json"}
+    return files
 
-    `skip` / `only` narrow the check to some files (each tensor-parallel rank hashes its own shards).
-    """
+
+def open_engine(engine_dir: Path, verify: bool = True, rank: int | None = None) -> tuple[EngineConfig, dict | None]:
+    """The config of an engine directory and, with `verify`, its checked manifest: config.json's hash is checked
+    before it is parsed, then every file the runtime reads. rank None: the whole engine; rank 0 of a
+    tensor-parallel engine: all but the other ranks' shards; rank r > 0: its own shards."""
     engine_dir = Path(engine_dir)
-    path = engine_dir / MANIFEST_FILE
-    if not path.is_file():
-        raise EngineFormatError(f"{path}: not found; the engine directory is incomplete")
-    manifest = json.loads(path.read_text())
-    for rel, entry in manifest["files"].items():
-        if rel in skip or (only is not None and rel not in only):
-            continue
-        file = engine_dir / rel
-        if not file.is_file():
-            raise EngineFormatError(f"{file}: listed in {MANIFEST_FILE} but missing")
-        if file.stat().st_size != entry["bytes"] or sha256_of(file) != entry["sha256"]:
-            raise EngineFormatError(
-                f"{file}: contents do not match {MANIFEST_FILE} (file changed or corrupt); rebuild the engine"
-            )
-    return manifest
+    if not engine_dir.is_dir():
+        raise EngineFormatError(f"{engine_dir}: not a directory")
+    if not verify:
+        return EngineConfig.load(engine_dir), None
+    if not os.path.lexists(engine_dir / MANIFEST_FILE):
+        EngineConfig.load(engine_dir)  # a checkpoint, or no config at all, is named as such first
+    verify_manifest(engine_dir, only={CONFIG_FILE}, required={CONFIG_FILE})
+    config = EngineConfig.load(engine_dir)
+    tp, needed = config.build.tp, engine_files(config)
+    if rank is None:
+        return config, verify_manifest(engine_dir, required=needed)
+    mine = rank_files(rank, tp) & needed
+    if rank > 0:
+        return config, verify_manifest(engine_dir, only=mine, required=mine)
+    others = set().union(*(rank_files(r, tp) for r in range(1, tp)))
+    return config, verify_manifest(engine_dir, skip=others | {CONFIG_FILE}, required=needed - others)

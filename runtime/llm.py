@@ -145,7 +145,7 @@ class LLM:
         self.model = load_engine(self.engine_dir, device=device, verify=verify, kernels=kernels).model
         self.platform = self.model.platform
         self.platform.prepare_process()  # on the CPU: steps reuse the memory earlier steps freed
-        self.tokenizer = EngineTokenizer(self.engine_dir)
+        self.tokenizer = EngineTokenizer(self.engine_dir, vocab_size=mcfg.vocab_size)
         if self._driver is not None:
             self._driver.connect(self.model)
         pages_per_request = -(-(build.max_seq_len + 2 * build.block_length) // build.kv_page_size)

@@ -36,6 +36,29 @@ def normalize_mode(mode: str) -> str:
     return key
 
 
+def mode_param(many: bool = False):
+    """The click parameter type of a decode mode (`many`: a comma-separated list) that takes every spelling
+    `normalize_mode` takes (linear_spec, fastdiffuser, ...) and passes on the canonical name(s), so that the
+    command line accepts what the Python API and the servers accept."""
+    import click  # the command lines' dependency, imported only by them
+
+    class ModeChoice(click.Choice):
+        def __init__(self):
+            super().__init__(MODES)
+            self.name = "mode list" if many else "mode"
+
+        def get_metavar(self, param, ctx=None) -> str:
+            return f"[{'|'.join(MODES)}]" + (",..." if many else "")
+
+        def convert(self, value, param, ctx):
+            try:
+                return ",".join(normalize_mode(v) for v in str(value).split(",")) if many else normalize_mode(value)
+            except (ValueError, AttributeError) as exc:
+                self.fail(f"{exc} (underscores and the aliases {', '.join(MODE_ALIASES)} are accepted too)", param, ctx)
+
+    return ModeChoice()
+
+
 @dataclass
 class SamplingParams:
     """What to generate and how. Mirrors the CLI flags and the Triton inputs."""

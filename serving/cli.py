@@ -32,8 +32,8 @@ from pathlib import Path
 
 import click
 
-from nemodiff.engine_format import EngineConfig, EngineFormatError
-from nemodiff.runtime.request import MODES
+from nemodiff.engine_format import EngineFormatError
+from nemodiff.runtime.request import mode_param
 
 CONTEXT = {"show_default": True, "help_option_names": ["-h", "--help"]}
 MODEL_NAME = "nemodiff"
@@ -174,7 +174,7 @@ def prepare_backends(wheel_root: Path, into: Path) -> Path:
 @click.option("--grpc-port", type=int, default=8001, help="gRPC port.")
 @click.option("--metrics-port", type=int, default=8002, help="Prometheus metrics port.")
 @click.option("--host", type=str, default="0.0.0.0", help="Address HTTP, gRPC and metrics bind to.")
-@click.option("--default-mode", type=click.Choice(MODES), default="ar",
+@click.option("--default-mode", type=mode_param(), default="ar",
               help="Decode mode of requests without decode_mode.")
 @click.option("--kv-cache-memory", type=str, default=None,
               help="KV-cache pool size in bytes, suffixes allowed (e.g. 2GiB) [default: engine's max batch of "
@@ -220,10 +220,7 @@ def serve(engine_dir: Path, http_port: int, grpc_port: int, metrics_port: int, h
     """Serve an engine with Triton Inference Server (HTTP, gRPC, metrics; optionally the OpenAI API)."""
     from nemodiff.serving.process import ServerRun, run_server
 
-    try:
-        config = EngineConfig.load(engine_dir)
-    except (EngineFormatError, OSError) as exc:
-        raise click.ClickException(str(exc)) from None
+    config = check_engine_at_startup(engine_dir, device)
     sizes = {}
     for name, text in (("--kv-cache-memory", kv_cache_memory), ("--max-request-bytes", max_request_bytes)):
         try:
@@ -308,6 +305,23 @@ def serve(engine_dir: Path, http_port: int, grpc_port: int, metrics_port: int, h
             exit_timeout_s=exit_timeout, startup_timeout_s=startup_timeout, frontend_factory=frontend)))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def check_engine_at_startup(engine_dir: Path, device: str | None):
+    """The whole engine checked before Triton starts (config, manifest and hashes, weight headers, tokenizer,
+    --device), so that a broken one is refused with one line, the last printed, not deep in Triton's log."""
+    from nemodiff.device import DeviceError, resolve_device
+    from nemodiff.runtime.model.loader import check_engine
+    from nemodiff.runtime.text.tokenizer import EngineTokenizer
+
+    try:
+        config = check_engine(engine_dir)
+        EngineTokenizer(engine_dir, vocab_size=config.model.vocab_size)
+        if device:
+            resolve_device(device)
+    except (EngineFormatError, DeviceError, OSError) as exc:
+        raise click.ClickException(" ".join(str(exc).split())) from None
+    return config
 
 
 def site_dirs() -> list[str]:

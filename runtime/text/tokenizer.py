@@ -1,36 +1,69 @@
 """Tokenizer and chat template of an engine (tokenizer.json + tokenizer_config.json).
 
 checkpoint ──builder──▶ engine dir ──[runtime: tokenizer]──▶ Triton
+
+The builder checks these files with this class too, so an engine never carries a tokenizer the
+runtime cannot read. A bad file is an EngineFormatError that names it, in one line.
 """
 
 from __future__ import annotations
 
-import json
+import os
 from pathlib import Path
 
 import jinja2
 import jinja2.sandbox
 from tokenizers import Tokenizer
 
+from nemodiff.engine_format import EngineFormatError, plain_file, read_json
 
-def _token_text(value) -> str | None:
-    if isinstance(value, dict):
-        return value.get("content")
+TOKENIZER_FILE, TOKENIZER_CONFIG_FILE, TEMPLATE_FILE = "tokenizer.json", "tokenizer_config.json", "chat_template.jinja"
+
+
+def _token_text(value, path: Path, key: str) -> str | None:
+    text = value.get("content") if isinstance(value, dict) else value
+    if text is not None and not isinstance(text, str):
+        raise EngineFormatError(f"{path}: {key} is {text!r:.60}; a token string is expected")
+    return text
+
+
+def _chat_template(value, path: Path) -> str | None:
+    """A template string; of a list of named templates (as transformers saves several), the "default" one."""
+    if isinstance(value, list):
+        named = {t.get("name"): t.get("template") for t in value if isinstance(t, dict)}
+        value = named.get("default")
+    if value is not None and not isinstance(value, str):
+        raise EngineFormatError(f"{path}: chat_template is {value!r:.60}; a template string is expected")
     return value
 
 
 class EngineTokenizer:
-    def __init__(self, engine_dir: Path):
+    """vocab_size: the model's; a tokenizer that can produce larger ids is refused."""
+
+    def __init__(self, engine_dir: Path, vocab_size: int | None = None):
         engine_dir = Path(engine_dir)
-        self._tok = Tokenizer.from_file(str(engine_dir / "tokenizer.json"))
-        config_path = engine_dir / "tokenizer_config.json"
-        self.config = json.loads(config_path.read_text()) if config_path.is_file() else {}
-        template_file = engine_dir / "chat_template.jinja"
-        self.chat_template = self.config.get("chat_template")
-        if template_file.is_file():
-            self.chat_template = template_file.read_text()
-        self.bos_token = _token_text(self.config.get("bos_token"))
-        self.eos_token = _token_text(self.config.get("eos_token"))
+        path = plain_file(engine_dir, TOKENIZER_FILE, missing="not found (the engine needs its tokenizer)")
+        try:
+            self._tok = Tokenizer.from_file(str(path))
+        except Exception as exc:  # tokenizers raises a bare Exception whose message names no file
+            reason = " ".join(str(exc).split())[:200]
+            raise EngineFormatError(f"{path}: not a valid tokenizer ({reason})") from None
+        if vocab_size is not None and self.vocab_size > vocab_size:
+            raise EngineFormatError(f"{path}: the tokenizer has {self.vocab_size} tokens, more than the model's "
+                                    f"vocab_size {vocab_size}")
+        config_path = engine_dir / TOKENIZER_CONFIG_FILE
+        self.config = read_json(config_path) if os.path.lexists(config_path) else {}
+        if not isinstance(self.config, dict):
+            raise EngineFormatError(f"{config_path}: a JSON object is expected")
+        self.chat_template = _chat_template(self.config.get("chat_template"), config_path)
+        if os.path.lexists(engine_dir / TEMPLATE_FILE):
+            template = plain_file(engine_dir, TEMPLATE_FILE)
+            try:
+                self.chat_template = template.read_text(encoding="utf-8")
+            except UnicodeDecodeError:
+                raise EngineFormatError(f"{template}: not UTF-8 text") from None
+        self.bos_token = _token_text(self.config.get("bos_token"), config_path, "bos_token")
+        self.eos_token = _token_text(self.config.get("eos_token"), config_path, "eos_token")
 
     @property
     def vocab_size(self) -> int:
