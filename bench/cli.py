@@ -12,6 +12,8 @@ from pathlib import Path
 import click
 import torch
 
+from nemodiff.runtime.request import mode_param
+
 PUBLISHED_TPF = {"ar": 1.0, "diffusion": 2.6, "linear-spec": 6.0, "quadratic-spec": 6.4}  # docs/design.md §1, NLD-8B
 
 
@@ -25,7 +27,8 @@ def _ints(text: str) -> list[int]:
               "nld-14b, tiny) instead of an engine.")
 @click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp8", "fp32"]), default="bf16", help="With --shape.")
 @click.option("--device", type=str, default=None, help="torch device [default: cuda if available, else cpu].")
-@click.option("--modes", type=str, default="ar,diffusion,linear-spec,quadratic-spec", help="End-to-end modes.")
+@click.option("--modes", type=mode_param(many=True), default="ar,diffusion,linear-spec,quadratic-spec",
+              help="End-to-end modes (the spellings `generate --mode` takes).")
 @click.option("--batch-sizes", type=str, default="1,8,32", help="Batch sizes for step latencies.")
 @click.option("--concurrency", type=str, default="1,4", help="Concurrent requests for end-to-end runs.")
 @click.option("--context", type=int, default=1024, help="Committed tokens per request for step latencies.")

@@ -168,8 +168,6 @@ from nemodiff.serving.cli import serve  # noqa: E402
 
 main.add_command(serve)
 main.add_command(bench)
-# `bench --modes` takes the spellings every other front takes (until bench/cli.py declares this type itself).
-next(p for p in bench.params if p.name == "modes").type = mode_param(many=True)
 
 
 if __name__ == "__main__":
