@@ -45,6 +45,8 @@ class AsyncEngine:
     request may ask for a shorter one.
     on_failure(message): called once, from the loop thread, after the loop failed and every
     pending request was answered.
+    The AsyncEngine claims the LLM (`LLM.claim`): until `shutdown()`, `llm.generate` refuses
+    instead of stepping the engine from a second thread.
     """
 
     def __init__(self, llm: LLM, idle_wait_s: float = 0.05, max_queue: int | None = None,
@@ -67,6 +69,7 @@ class AsyncEngine:
         self._idle_wait = idle_wait_s
         self._stop = threading.Event()
         self._lock = threading.Lock()  # guards the snapshot read by metrics()
+        llm.claim("an AsyncEngine")
         self._thread = threading.Thread(target=self._supervise, name="nemodiff-engine", daemon=True)
         self._thread.start()
 
@@ -189,6 +192,8 @@ class AsyncEngine:
         self._commands.put(("wake",))
         self._thread.join(timeout)
         self._answer_everything("the server is shutting down", "unavailable")
+        if not self._thread.is_alive():
+            self.llm.release()  # nobody steps the engine any more: generate() may
 
     # -- loop thread -------------------------------------------------------------------------
     def _supervise(self) -> None:
