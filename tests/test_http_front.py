@@ -91,7 +91,9 @@ def test_the_api_key_guards_every_front(server):
         status, body = server.post("/v2/models/nemodiff/generate", payload, headers=headers)
         assert status == 401 and "API key" in json.loads(body)["error"], (headers, body)
     assert server.post("/v2/models/nemodiff/generate", payload)[0] == 200
+    assert server.post("/v2/models/nemodiff/generate", payload, headers={"Authorization": f"bearer {KEY}"})[0] == 200
     assert get(f"{server.http}/v2/models/nemodiff/config") == 401  # model configuration needs the key too
+    assert get(f"{server.http}/v2/models/nemodiff/config", server.headers) == 200
     for path in ("/v2/health/ready", "/v2/health/live", "/v2/models/nemodiff/ready", "/v2/models/nemodiff"):
         assert get(f"{server.http}{path}") == 200, path  # probes and metadata stay open
     assert get(f"http://127.0.0.1:{server.metrics_port}/metrics") == 200

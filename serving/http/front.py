@@ -34,7 +34,7 @@ from nemodiff.serving.http.guard import BodyError, bearer_ok, parse_json, read_b
 MAX_BODY_BYTES = 64 * 2**20  # Triton's own default (--http-max-input-size): images travel in generate bodies
 THREAD_PARSE_BYTES = 256 * 2**10  # larger bodies are checked on a worker thread, not the event loop
 GENERATE = re.compile(r"/v2/models/[^/]+(?:/versions/[^/]+)?/generate(?:_stream)?")
-OPEN = re.compile(r"/v2(?:/health/(?:live|ready)|/models/[^/]+(?:/versions/[^/]+)?(?:/ready)?)?/?")
+OPEN = re.compile(r"/v2(?:/health/(?:live|ready)|/models/(?!stats/?$)[^/]+(?:/versions/[^/]+)?(?:/ready)?)?/?")
 HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer", "trailers",
               "transfer-encoding", "upgrade", "host", "content-length"}
 # Triton answers a generate input it cannot convert to its declared type with status 500; it is a bad request
@@ -123,7 +123,11 @@ class TritonFront:
             self.errors.count("invalid")
             await _reply(send, exc.status, {"error": exc.message})
             return
-        forwarded = [(k, v) for k, v in headers.items() if k not in HOP_BY_HOP]
+        forwarded = [(k, v) for k, v in headers.items() if k not in HOP_BY_HOP and k != "authorization"]
+        if self.api_key is not None:  # Triton compares the header exactly; we accepted any spelling of Bearer
+            forwarded.append(("authorization", f"Bearer {self.api_key}"))
+        elif "authorization" in headers:
+            forwarded.append(("authorization", headers["authorization"]))
         url = self.upstream + scope["raw_path"].decode("latin-1")
         if scope.get("query_string"):
             url += "?" + scope["query_string"].decode("latin-1")
@@ -141,8 +145,14 @@ class TritonFront:
             await _reply(send, 503, {"error": f"{errors.SHUTTING_DOWN} or not yet ready: {exc}"},
                          [(b"retry-after", str(errors.RETRY_AFTER_S).encode())])
             return
+        started = []
         try:
-            await self._answer(response, send, generate, answered)
+            await self._answer(response, send, generate, answered, started)
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:  # Triton went away mid-answer
+            if not started:
+                await _reply(send, 503, {"error": f"{errors.SHUTTING_DOWN}: {exc}"})
+            else:  # a stream cut short: it ends without its final event
+                await send({"type": "http.response.body", "body": b""})
         finally:
             response.close()
 
@@ -157,9 +167,11 @@ class TritonFront:
             return await asyncio.to_thread(parse_json, body)
         return parse_json(body)
 
-    async def _answer(self, response: aiohttp.ClientResponse, send, generate: bool, answered: asyncio.Event) -> None:
+    async def _answer(self, response: aiohttp.ClientResponse, send, generate: bool, answered: asyncio.Event,
+                      started: list) -> None:
         if response.status == 200 and response.content_type == "text/event-stream":
             await send(_start(response.status, response, [], None))
+            started.append(True)
             async for chunk in response.content.iter_any():
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
             answered.set()
