@@ -9,6 +9,7 @@ strategies, decisions and its own shard) and starts N-1 worker processes that li
 
 from __future__ import annotations
 
+import threading
 import time
 import weakref
 from dataclasses import dataclass, field
@@ -30,6 +31,10 @@ from nemodiff.runtime.parallel.driver import TensorParallelDriver
 from nemodiff.runtime.text.tokenizer import EngineTokenizer
 
 from .request import Request, SamplingParams
+
+
+class EngineInUseError(RuntimeError):
+    """generate() was called while another driver (an AsyncEngine) steps this LLM's engine."""
 
 
 @dataclass
@@ -91,6 +96,10 @@ class LLM:
     memory of reused vision-tower outputs (0 = no reuse); image_limits bounds what one request
     may send (encoded size, pixels, images per prompt).
 
+    One driver at a time steps the engine: while an `AsyncEngine` (serving) drives it, `generate()`
+    raises `EngineInUseError` instead of stepping it from a second thread (submit through the
+    AsyncEngine, or shut it down first).
+
     tp must equal the engine's `--tp` when given. devices: one torch device per rank
     [default: cuda:i, cuda:i+1, ... from `device`, or the CPU for every rank]. A rank that
     fails or stops answering within tp_step_timeout_s fails the engine: every later step
@@ -111,6 +120,8 @@ class LLM:
         self.tp = _check_tp(self.config, tp)
         device = resolve_device(device)
         self._driver = None
+        self._driven_by: str | None = None  # who steps the engine instead of generate(), see claim()
+        self._claim_lock = threading.Lock()
         if self.tp > 1:
             ranks = [resolve_device(d) for d in devices] if devices else rank_devices(device, self.tp)
             if len(ranks) != self.tp:
@@ -180,6 +191,19 @@ class LLM:
         if self._finalizer is not None:
             self._finalizer()
 
+    def claim(self, driver: str) -> None:
+        """Hand the stepping of the engine to `driver` (e.g. "an AsyncEngine") until `release()`: generate()
+        refuses meanwhile, and so does a second claim."""
+        with self._claim_lock:
+            if self._driven_by is not None:
+                raise EngineInUseError(f"this LLM's engine is already driven by {self._driven_by}")
+            self._driven_by = driver
+
+    def release(self) -> None:
+        """The driver that claimed the engine has stopped stepping it."""
+        with self._claim_lock:
+            self._driven_by = None
+
     def __enter__(self) -> "LLM":
         return self
 
@@ -204,6 +228,11 @@ class LLM:
         With SamplingParams.n > 1 a prompt gives n outputs, one after the other (`index` 0..n-1), each with
         its own seed derived from the request's; they share the prompt's KV pages (the prefix cache).
         """
+        if self._driven_by is not None:  # two threads stepping one engine interleave their steps: refuse
+            raise EngineInUseError(
+                f"this LLM's engine is driven by {self._driven_by} on its own thread; generate() would step it "
+                "from a second thread and corrupt both. Submit through that driver (AsyncEngine.generate or "
+                "stream), or shut it down first")
         single = isinstance(prompts, str) or bool(prompts and isinstance(prompts[0], int))
         if single:
             prompts = [prompts]

@@ -33,6 +33,7 @@ from nemodiff.runtime.llm import LLM
 from nemodiff.runtime.request import SamplingParams
 from nemodiff.runtime.text.streaming import TextStream
 
+from . import errors
 from .updates import Handle, Update, deliver, error_update
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,8 @@ class AsyncEngine:
     request may ask for a shorter one.
     on_failure(message): called once, from the loop thread, after the loop failed and every
     pending request was answered.
+    The AsyncEngine claims the LLM (`LLM.claim`): until `shutdown()`, `llm.generate` refuses
+    instead of stepping the engine from a second thread.
     """
 
     def __init__(self, llm: LLM, idle_wait_s: float = 0.05, max_queue: int | None = None,
@@ -67,6 +70,7 @@ class AsyncEngine:
         self._idle_wait = idle_wait_s
         self._stop = threading.Event()
         self._lock = threading.Lock()  # guards the snapshot read by metrics()
+        llm.claim("an AsyncEngine")
         self._thread = threading.Thread(target=self._supervise, name="nemodiff-engine", daemon=True)
         self._thread.start()
 
@@ -100,11 +104,11 @@ class AsyncEngine:
 
     def _refusal(self) -> str | None:
         if self.failure is not None:
-            return f"the engine has failed and the server is restarting: {self.failure}"
+            return f"{errors.ENGINE_FAILED}: {self.failure}"
         if self.closing is not None:
             return self.closing
         if self.capacity is not None and self._in_flight >= self.capacity:
-            return (f"the server is at capacity ({self.llm.max_batch_size} running + {self.max_queue} queued "
+            return (f"{errors.AT_CAPACITY} ({self.llm.max_batch_size} running + {self.max_queue} queued "
                     "requests); retry later")
         return None
 
@@ -115,7 +119,7 @@ class AsyncEngine:
         handle.cancel_requested = True
         self._commands.put(("cancel", handle))
 
-    def drain(self, message: str = "the server is shutting down") -> threading.Event:
+    def drain(self, message: str = errors.SHUTTING_DOWN) -> threading.Event:
         """Refuse new requests and end every pending one with an "unavailable" error; the returned
         event is set once all of them were answered."""
         done = threading.Event()
@@ -184,11 +188,13 @@ class AsyncEngine:
     def shutdown(self, timeout: float = 10.0) -> None:
         """Stop the loop; whatever is still pending gets an "unavailable" error."""
         with self._state_lock:
-            self.closing = self.closing or "the server is shutting down"
+            self.closing = self.closing or errors.SHUTTING_DOWN
         self._stop.set()
         self._commands.put(("wake",))
         self._thread.join(timeout)
-        self._answer_everything("the server is shutting down", "unavailable")
+        self._answer_everything(errors.SHUTTING_DOWN, "unavailable")
+        if not self._thread.is_alive():
+            self.llm.release()  # nobody steps the engine any more: generate() may
 
     # -- loop thread -------------------------------------------------------------------------
     def _supervise(self) -> None:
@@ -200,7 +206,7 @@ class AsyncEngine:
             message = f"{type(exc).__name__}: {exc}"
             with self._state_lock:
                 self.failure = message
-            self._answer_everything(f"internal error, the engine stopped: {message}", "internal")
+            self._answer_everything(errors.internal(f"the engine stopped: {message}"), "internal")
             if self.on_failure is not None:
                 try:
                     self.on_failure(message)
@@ -293,7 +299,7 @@ class AsyncEngine:
                 with self._state_lock:
                     self.timed_out += 1
                 self._finish(handle, error_update(
-                    f"request timeout expired: the request ran longer than its {handle.timeout_s:g} s deadline",
+                    f"{errors.TIMED_OUT}: the request ran longer than its {handle.timeout_s:g} s deadline",
                     "timeout"))
 
     def _publish(self) -> None:
@@ -306,7 +312,7 @@ class AsyncEngine:
         if request.finish_reason == "error":  # the engine ended this request alone, with its own error
             self._handles.pop(request.request_id, None)
             message = getattr(request, "error", None) or "internal error during generation"
-            self._finish(handle, error_update(str(message), "internal"))
+            self._finish(handle, error_update(errors.internal(str(message)), "internal"))
             return
         try:
             tokens = request.output_ids[handle.sent_tokens:]
@@ -319,7 +325,7 @@ class AsyncEngine:
             if not request.finished:
                 self._abort(handle, "error")
             self._handles.pop(request.request_id, None)
-            self._finish(handle, error_update(f"internal error while streaming the output: {exc}", "internal"))
+            self._finish(handle, error_update(errors.internal(f"while streaming the output: {exc}"), "internal"))
             return
         handle.sent_tokens = len(request.output_ids)
         if request.finished:

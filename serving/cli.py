@@ -6,9 +6,11 @@ Lays out a model repository (the `model_repo/nemodiff` model with its config fil
 including where this interpreter finds its packages, so the Python backend runs the
 installation `nemodiff` runs from however it was started), finds a tritonserver (NVIDIA's
 container first, else the one in the nvidia-pytriton wheel), starts it in a scratch
-directory, optionally starts the OpenAI-compatible frontend, and supervises both
-(`nemodiff.serving.process`). Exits 0 after a clean SIGINT/SIGTERM shutdown, 3 when the
-engine failed (so a supervisor restarts it), else the server's status.
+directory with its HTTP on an internal loopback port, puts the HTTP front on the public HTTP
+port (and the OpenAI-compatible API on its own, if asked for), and supervises them
+(`nemodiff.serving.process`). With `--api-key`, Triton's restricted-API options ask for the
+same key on its side. Exits 0 after a clean SIGINT/SIGTERM shutdown, 3 when the engine failed
+(so a supervisor restarts it), else the server's status.
 
 Replicas are Triton model instances: `--gpus 0,1,2,3` gives one engine per GPU (with
 `--tp 2`, one per pair of GPUs: 0,1 and 2,3), `--instances N` N engines on the CPU; Triton
@@ -34,11 +36,14 @@ import click
 
 from nemodiff.engine_format import EngineFormatError
 from nemodiff.runtime.request import mode_param
+from nemodiff.serving.control import Control, FrontErrors
 
 CONTEXT = {"show_default": True, "help_option_names": ["-h", "--help"]}
 MODEL_NAME = "nemodiff"
 CONTAINER_SERVER = Path("/opt/tritonserver/bin/tritonserver")
 CONTAINER_BACKENDS = Path("/opt/tritonserver/backends")
+# What --api-key guards on Triton's side: all but health and metadata (probes and clients' discovery stay open)
+RESTRICTED_APIS = "inference,model-config,model-repository,shared-memory,statistics,trace,logging"
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
           "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
@@ -206,17 +211,23 @@ def prepare_backends(wheel_root: Path, into: Path) -> Path:
               help="Also serve the OpenAI-compatible API (/v1/completions, /v1/chat/completions, /v1/models) "
                    "on this port, in front of the same engine.")
 @click.option("--served-model-name", type=str, default="nemodiff", help="Model name of the OpenAI API.")
+@click.option("--api-key", type=str, default=None, envvar="NEMODIFF_API_KEY", show_envvar=True,
+              help="Require this key: 'Authorization: Bearer KEY' on the HTTP and OpenAI ports, the gRPC metadata "
+                   "'triton-grpc-protocol-authorization: Bearer KEY' on Triton's gRPC port (health, metadata and "
+                   "metrics stay open).")
+@click.option("--idle-timeout", type=float, default=30.0,
+              help="Seconds a client of the HTTP or OpenAI port may take to send a complete request, or stay idle "
+                   "between requests, before its connection is closed.")
 @click.option("--exit-timeout", type=float, default=10.0,
-              help="Seconds Triton waits for in-flight requests when stopping (open requests are answered "
-                   "before it stops).")
+              help="Seconds a SIGTERM/SIGINT stop may take, answering open requests included.")
 @click.option("--startup-timeout", type=float, default=600.0, help="Seconds to wait for the server to be ready.")
 @click.option("--log-verbose", type=int, default=0, help="Triton's --log-verbose level.")
 def serve(engine_dir: Path, http_port: int, grpc_port: int, metrics_port: int, host: str, default_mode: str,
           kv_cache_memory: str | None, max_batch_size: int | None, max_num_batched_tokens: int | None,
           instance_kind: str | None, device: str | None, tp: int | None, gpus_text: str | None, instances: int,
           model_repo: Path | None, server_path: Path | None, max_queue: int, request_timeout: float | None,
-          max_request_bytes: str, openai_port: int | None, served_model_name: str, exit_timeout: float,
-          startup_timeout: float, log_verbose: int) -> None:
+          max_request_bytes: str, openai_port: int | None, served_model_name: str, api_key: str | None,
+          idle_timeout: float, exit_timeout: float, startup_timeout: float, log_verbose: int) -> None:
     """Serve an engine with Triton Inference Server (HTTP, gRPC, metrics; optionally the OpenAI API)."""
     from nemodiff.serving.process import ServerRun, run_server
 
@@ -232,8 +243,13 @@ def serve(engine_dir: Path, http_port: int, grpc_port: int, metrics_port: int, h
             raise click.BadParameter("must be at least 1", param_hint=name)
     if max_queue < 0:
         raise click.BadParameter("must be at least 0", param_hint="--max-queue")
-    if request_timeout is not None and not request_timeout > 0:
-        raise click.BadParameter("must be a positive number of seconds", param_hint="--request-timeout")
+    for name, value in (("--request-timeout", request_timeout), ("--idle-timeout", idle_timeout),
+                        ("--exit-timeout", exit_timeout)):
+        if value is not None and not value > 0:
+            raise click.BadParameter("must be a positive number of seconds", param_hint=name)
+    if api_key is not None and not re.fullmatch(r"[\x21-\x7e]+", api_key):
+        raise click.BadParameter("must be printable ASCII without spaces (it travels in an HTTP header)",
+                                 param_hint="--api-key")
     if tp is not None and tp != config.build.tp:
         raise click.BadParameter(f"the engine was built for {config.build.tp} tensor-parallel rank(s); rebuild it "
                                  f"with nemodiff-build --tp {tp}", param_hint="--tp")
@@ -257,8 +273,7 @@ def serve(engine_dir: Path, http_port: int, grpc_port: int, metrics_port: int, h
     scratch = Path(tempfile.mkdtemp(prefix="nemodiff-serve-"))
     try:
         repo = (model_repo or scratch / "model_repo").resolve()
-        control = scratch / "control"
-        control.mkdir()
+        control = Control(scratch / "control").create()
         write_model_repository(repo, {
             "engine_dir": str(engine_dir.resolve()), "kv_cache_memory_bytes": str(sizes["--kv-cache-memory"]),
             "max_batch_size": str(max_batch_size or 0), "max_num_batched_tokens": str(max_num_batched_tokens or 0),
@@ -268,7 +283,7 @@ def serve(engine_dir: Path, http_port: int, grpc_port: int, metrics_port: int, h
             "max_request_bytes": str(sizes["--max-request-bytes"]), "python_site_dirs": json.dumps(site_dirs()),
             "python_path": json.dumps(import_path()),
             "python_env_path": json.dumps([p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]),
-            "control_dir": str(control), "supervisor_pid": str(os.getpid()),
+            "control_dir": str(control.path), "supervisor_pid": str(os.getpid()),
         })
         backends = prepare_backends(wheel_root, scratch / "backends") if wheel_root else CONTAINER_BACKENDS
         env = dict(os.environ)
@@ -279,30 +294,49 @@ def serve(engine_dir: Path, http_port: int, grpc_port: int, metrics_port: int, h
             # `python3` on PATH: put this interpreter first, whatever PATH the caller had.
             env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", os.defpath)])
         shm_prefix = f"nemodiff_{os.getpid()}_"
+        triton_http_port = free_ports(1)[0]  # Triton's HTTP, behind the HTTP front that takes --http-port
         command = [str(binary), "--model-repository", str(repo), "--backend-directory", str(backends),
-                   "--http-port", str(http_port), "--grpc-port", str(grpc_port), "--metrics-port", str(metrics_port),
-                   "--http-address", host, "--grpc-address", host, "--metrics-address", host,
-                   "--log-verbose", str(log_verbose), "--exit-on-error", "true", "--disable-auto-complete-config",
-                   "--model-control-mode", "explicit", "--load-model", MODEL_NAME,
+                   "--http-port", str(triton_http_port), "--grpc-port", str(grpc_port),
+                   "--metrics-port", str(metrics_port), "--http-address", "127.0.0.1", "--grpc-address", host,
+                   "--metrics-address", host, "--log-verbose", str(log_verbose), "--exit-on-error", "true",
+                   "--disable-auto-complete-config", "--model-control-mode", "explicit", "--load-model", MODEL_NAME,
                    "--backend-config", f"python,shm-region-prefix-name={shm_prefix}",
                    "--exit-timeout-secs", str(max(1, round(exit_timeout)))]
+        if api_key is not None:  # Triton checks the header too (its HTTP behind the front, its gRPC directly)
+            restricted = f"{RESTRICTED_APIS}:authorization=Bearer {api_key}"
+            command += ["--http-restricted-api", restricted, "--grpc-restricted-protocol", restricted]
+        if instance_kind == "cpu":  # no GPU work: no GPU metrics (NVML) and no pinned staging memory
+            command += ["--allow-gpu-metrics", "false", "--pinned-memory-pool-byte-size", "0"]
         local = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host  # where to reach it from here
         local = f"[{local}]" if ":" in local else local
-        frontend = None
+        front_errors = FrontErrors(control)
+
+        def http_front():
+            from nemodiff.serving.http.front import TritonFront
+            from nemodiff.serving.http.server import ServerThread
+
+            app = TritonFront(f"http://127.0.0.1:{triton_http_port}", api_key, control, front_errors)
+            return ServerThread(app, host, http_port, idle_timeout, "HTTP")
+
+        fronts = [http_front]
         if openai_port is not None:
-            def frontend():
+            def openai_front():
                 from nemodiff.serving.openai.frontend import FrontendThread
 
                 return FrontendThread(engine_dir.resolve(), f"{local}:{grpc_port}", host, openai_port,
-                                      served_model_name, sizes["--max-request-bytes"], MODEL_NAME)
+                                      served_model_name, sizes["--max-request-bytes"], MODEL_NAME, api_key=api_key,
+                                      idle_timeout=idle_timeout, front_errors=front_errors)
+
+            fronts.append(openai_front)
         placement = f"GPU groups {tp_gpu_groups}" if tp_gpu_groups else f"{instances} {instance_kind} instance(s)"
         click.echo(f"nemodiff serve: engine {engine_dir} ({config.build.dtype}, max seq {config.build.max_seq_len}, "
                    f"block {config.build.block_length}, tp {config.build.tp}), {placement}, tritonserver {binary}",
                    err=True)
         sys.exit(run_server(ServerRun(
-            command=command, env=env, cwd=scratch, control_dir=control, shm_prefix=shm_prefix, local_host=local,
-            http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port, model_name=MODEL_NAME,
-            exit_timeout_s=exit_timeout, startup_timeout_s=startup_timeout, frontend_factory=frontend)))
+            command=command, env=env, cwd=scratch, control=control, shm_prefix=shm_prefix, local_host=local,
+            http_port=http_port, triton_http_port=triton_http_port, grpc_port=grpc_port, metrics_port=metrics_port,
+            model_name=MODEL_NAME, exit_timeout_s=exit_timeout, startup_timeout_s=startup_timeout,
+            front_factories=fronts, api_key=api_key)))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 

@@ -13,9 +13,11 @@ from nemodiff.runtime.llm import RequestOutput
 from nemodiff.runtime.request import Request
 from nemodiff.runtime.text.streaming import TextStream
 
+from .errors import KINDS
+
 log = logging.getLogger(__name__)
 
-ERROR_KINDS = ("invalid", "internal", "unavailable", "timeout")
+ERROR_KINDS = KINDS  # one of them is an Update's error_kind
 
 
 @dataclass

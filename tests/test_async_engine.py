@@ -7,6 +7,7 @@ import time
 import pytest
 
 from nemodiff import LLM, SamplingParams
+from nemodiff.runtime.llm import EngineInUseError
 from nemodiff.serving.async_engine import AsyncEngine
 
 
@@ -95,3 +96,22 @@ def test_cancellation_by_call_and_by_hook_frees_pages(server):
         time.sleep(0.01)
     metrics = server.metrics()
     assert metrics["kv_cache_pages_used"] == 0 and metrics["requests_running"] == 0
+
+
+def test_one_driver_at_a_time(engine_fp32):
+    """While an AsyncEngine steps the engine, LLM.generate refuses (two threads stepping one engine would
+    interleave their steps and every token would come out twice); after shutdown it works again."""
+    llm = LLM(engine_fp32, device="cpu")
+    params = SamplingParams(max_new_tokens=6, ignore_eos=True)
+    want = llm.generate([1, 40, 41], params)[0]
+    server = AsyncEngine(llm)
+    try:
+        with pytest.raises(EngineInUseError, match="driven by an AsyncEngine"):
+            llm.generate([1, 40, 41], params)
+        with pytest.raises(EngineInUseError):
+            AsyncEngine(llm)  # a second driver is refused as well
+        got = server.generate([1, 40, 41], params, timeout=60)
+        assert got.output.output_ids == want.output_ids
+    finally:
+        server.shutdown()
+    assert llm.generate([1, 40, 41], params)[0].output_ids == want.output_ids

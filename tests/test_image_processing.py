@@ -96,6 +96,18 @@ def test_bad_images_get_clear_errors(tmp_path):
     assert issubclass(ImageError, ValueError)  # callers that report ValueErrors report these too
 
 
+def test_pixels_are_bounded_per_request_from_the_headers():
+    processor = ImageProcessor(vision_config(), ImageLimits(max_pixels=100_000, max_request_pixels=150_000))
+    image = encoded(Image.new("RGB", (300, 300)))
+    assert processor.size(image, 0) == (300, 300)
+    processor.check_request_pixels([(300, 300)])
+    with pytest.raises(ImageError, match="too many pixels: the 2 images have 180000 pixels in all, more than the "
+                                         "limit of 150000 pixels per request"):
+        processor.check_request_pixels([processor.size(image, i) for i in range(2)])
+    with pytest.raises(ImageError, match="image 1: 400x300 pixels is too large"):
+        processor.size(encoded(Image.new("RGB", (400, 300))), 1)
+
+
 def test_too_many_images_for_the_context(tmp_path):
     engine = make_engine(make_vlm_checkpoint(tmp_path / "ckpt"), tmp_path / "engine")
     pipeline = ImagePipeline.from_engine(engine, EngineConfig.load(engine), torch.float32, "cpu",

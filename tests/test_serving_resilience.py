@@ -23,7 +23,7 @@ from triton_helpers import REPO_ROOT, GrpcStream, Server, alive, descendants, id
 
 from helpers import make_checkpoint, make_engine
 from nemodiff import LLM, SamplingParams
-from nemodiff.serving.openai.backend import BackendError, TritonBackend
+from nemodiff.serving.openai.backend import BackendError, TritonBackend, triton_inputs
 
 FAULTS = Path(__file__).parent / "faults"
 FAIL_ONE = [1, 13, 13, 13]
@@ -122,17 +122,27 @@ def test_queue_limit_refuses_at_once_and_a_queued_request_can_be_cancelled(serve
             assert error is None
         queued.send("queued", "", input_ids=[1, 70, 71], **slow())
         wait_metrics(server, lambda m: m["nemodiff_requests_waiting"] == 1)
-        # full: 2 running + 1 queued; the next one is refused at once with UNAVAILABLE (a gRPC status with
-        # Triton's triton_grpc_error header, HTTP 503 on the OpenAI port; Triton's generate endpoint says 400)
-        status, body = server.generate({"text_input": "the cat", "max_tokens": 2})
-        assert status >= 400 and "at capacity" in body["error"], (status, body)
+        # full: 2 running + 1 queued; the next one is refused at once: HTTP 503 with Retry-After (our message
+        # kept), a gRPC UNAVAILABLE status (with Triton's triton_grpc_error header), 503 through the OpenAI backend
+        for path in ("generate", "generate_stream"):
+            status, body, headers = server.post(f"/v2/models/nemodiff/{path}", {"text_input": "the cat",
+                                                                                 "max_tokens": 2}, with_headers=True)
+            assert status == 503 and headers["Retry-After"] == "1", (status, body)
+            assert b"the server is at capacity (2 running + 1 queued requests); retry later" in body
+        strict = GrpcStream(server.grpc, headers={"triton_grpc_error": "true"})
+        try:
+            strict.send("refused", "the cat", max_tokens=2)
+            _, _, error, _ = strict.next()
+            assert error is not None and error.status() == "StatusCode.UNAVAILABLE" and "at capacity" in str(error)
+        finally:
+            strict.close()
         refused = asyncio.run(refused_status(server))
         assert refused == (503, True), refused
         queued.close(cancel=True)  # cancel the queued request: it leaves the queue, the running ones go on
         metrics = wait_metrics(server, lambda m: m["nemodiff_requests_waiting"] == 0
                                and m["nemodiff_requests_in_flight"] == 2)
         assert metrics["nemodiff_requests_running"] == 2
-        assert metrics["nemodiff_requests_refused_total"] - before == 2
+        assert metrics["nemodiff_requests_refused_total"] - before == 4
     finally:
         for stream in running:
             stream.close(cancel=True)
@@ -245,10 +255,45 @@ def test_engine_failure_answers_everyone_reports_not_ready_and_exits_nonzero(ser
     assert shm_regions(server.process.pid) == []
 
 
+async def eight_clients(server) -> list:
+    """Eight concurrent clients, all finished before the test goes on: four through the OpenAI frontend's
+    backend, four careless ones that cancel their stream the moment its last response arrives (as a gRPC
+    call dropped by its owner is cancelled), which races with Triton finishing the stream."""
+    import tritonclient.grpc.aio as aioclient
+
+    async def polite(i: int):
+        pieces = TritonBackend(server.grpc, "nemodiff").generate({"text_input": f"the cat {i}", "max_tokens": 6,
+                                                                   "stream": True})
+        return [piece async for piece in pieces][-1].final
+
+    async def careless(i: int):
+        client = aioclient.InferenceServerClient(server.grpc)
+
+        async def requests():
+            yield {"model_name": "nemodiff", "inputs": triton_inputs({"text_input": f"the dog {i}", "max_tokens": 6})}
+            await asyncio.sleep(3600)
+
+        call = client.stream_infer(requests())
+        async for result, error in call:
+            if error is not None or result.as_numpy("finish_reason") is not None:
+                break
+        call.cancel()
+        await client.close()
+        return error is None
+
+    return await asyncio.gather(*(polite(i) for i in range(4)), *(careless(i) for i in range(4)))
+
+
 def test_sigterm_answers_every_open_stream_and_leaves_nothing_behind(engine_dir, tmp_path):
+    """After eight concurrent clients, with an idle gRPC stream open (Triton's gRPC server waits for it
+    without a deadline) and four streams and an HTTP stream running: every open request is answered,
+    and `nemodiff serve` exits 0 within its exit timeout."""
     served = Server(engine_dir, tmp_path / "serve.log", "--max-batch-size", "4").start()
     tree = descendants(served.process.pid)
     assert tree and shm_regions(served.process.pid)
+    assert asyncio.run(eight_clients(served)) == [True] * 8
+    wait_metrics(served, idle)
+    idle_stream = GrpcStream(served.grpc)  # opened, never used
     grpc_streams = [GrpcStream(served.grpc) for _ in range(3)]
     http_events: list[bytes] = []
     sock = socket.create_connection(("127.0.0.1", served.http_port), timeout=60)
@@ -265,6 +310,7 @@ def test_sigterm_answers_every_open_stream_and_leaves_nothing_behind(engine_dir,
             chunk = sock.recv(65536)
             assert chunk, "the HTTP stream closed before its first event"
             first += chunk
+        stopping = time.monotonic()
         os.killpg(served.process.pid, signal.SIGTERM)  # as `kill -TERM -PGID` would
         outcomes = [collect(stream, timeout=30) for stream in grpc_streams]
         received = first
@@ -273,15 +319,17 @@ def test_sigterm_answers_every_open_stream_and_leaves_nothing_behind(engine_dir,
             assert chunk, "the HTTP stream was cut before its response completed"
             received += chunk
         http_events = [line for line in received.split(b"\n") if line.startswith(b"data:")]
+        returncode = served.wait_exit(60)
+        stopped_in = time.monotonic() - stopping
     finally:
         sock.close()
-        for stream in grpc_streams:
+        for stream in grpc_streams + [idle_stream]:
             stream.close()
-    returncode = served.wait_exit(60)
     assert returncode == 0, served.log()[-3000:]
+    assert stopped_in < 10.0, stopped_in  # the default --exit-timeout
     for _ids, error in outcomes:
         assert error is not None and "shutting down" in error.message()
     assert b"shutting down" in http_events[-1]  # the HTTP stream ended with an error event, not a cut connection
     assert alive(tree) == set()
     assert shm_regions(served.process.pid) == []
-    assert "Timeout 1:" not in served.log()  # Triton never had to wait out its exit timeout
+    assert "Exit timeout expired" not in served.log()

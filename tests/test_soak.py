@@ -82,10 +82,8 @@ def test_soak_64_concurrent_streams(engine_dir, tmp_path):
                                capture_output=True, text=True, timeout=120)
     finally:
         status = server.stop()
-    # Known open problem: after many gRPC streams were cancelled mid-flight, this Triton build sometimes keeps
-    # the model loaded at shutdown ("HandleCancellation called even when the context was not cancelled") and
-    # exits 1 after its exit timeout; every request was still answered and nothing is left behind.
-    assert status == 0 or "Exit timeout expired" in server.log(), server.log()[-3000:]
+    assert status == 0, server.log()[-3000:]  # SIGINT after 64 clients, some of which hung up mid-stream
+    assert "HandleCancellation" not in server.log()
     llm = LLM(engine_dir, device="cpu")
     unique = sorted({case(i)[:2] for i, _ in good})
     outputs = llm.generate([p for p, _ in unique], [SamplingParams(max_new_tokens=MAX_TOKENS, mode=m,

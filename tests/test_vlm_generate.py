@@ -139,9 +139,9 @@ def test_features_live_with_the_request_and_are_freed_when_it_ends(llm):
 
 
 def test_async_engine_carries_images_and_survives_bad_ones(llm):
+    want = llm.generate(CASES[0][0], greedy(6), images=CASES[0][1])[0]  # before the AsyncEngine drives the engine
     server = AsyncEngine(llm)
     try:
-        want = llm.generate(CASES[0][0], greedy(6), images=CASES[0][1])[0]
         got = server.generate(CASES[0][0], greedy(6), images=CASES[0][1], timeout=120)
         assert got.output.output_ids == want.output_ids and got.output.prompt_ids == want.prompt_ids
         bad = server.generate(CASES[0][0], greedy(6), images=[b"\x89PNG but not really"], timeout=120)

@@ -42,8 +42,9 @@ class Server:
     """
 
     def __init__(self, engine_dir: Path, log_path: Path, *extra: str, cwd: Path | None = None,
-                 env: dict | None = None, openai: bool = False):
+                 env: dict | None = None, openai: bool = False, api_key: str | None = None):
         ports = free_ports(4)
+        self.api_key = api_key
         self.http_port, self.grpc_port, self.metrics_port, self.openai_port = ports
         self.log_path = log_path
         self.cwd = cwd or log_path.parent
@@ -54,6 +55,8 @@ class Server:
         self.openai = openai
         if openai:
             self.command += ["--openai-port", str(self.openai_port)]
+        if api_key is not None:
+            self.command += ["--api-key", api_key]
         self.process: subprocess.Popen | None = None
 
     @property
@@ -124,16 +127,29 @@ class Server:
             self.process.send_signal(sig)
         return self.wait_exit(timeout)
 
+    @property
+    def headers(self) -> dict:
+        """What an authorised HTTP client sends."""
+        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+
+    @property
+    def grpc_headers(self) -> dict:
+        """What an authorised gRPC client sends (Triton's restricted-protocol header)."""
+        return {"triton-grpc-protocol-authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+
     # -- HTTP --------------------------------------------------------------------------------
-    def post(self, path: str, payload: dict | bytes) -> tuple[int, bytes]:
+    def post(self, path: str, payload: dict | bytes, headers: dict | None = None,
+             with_headers: bool = False) -> tuple:
+        """(status, body), or (status, body, reply headers) with with_headers."""
         data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
-        request = urllib.request.Request(f"{self.http}{path}", data=data, method="POST",
-                                         headers={"Content-Type": "application/json"})
+        headers = {"Content-Type": "application/json"} | (self.headers if headers is None else headers)
+        request = urllib.request.Request(f"{self.http}{path}", data=data, method="POST", headers=headers)
         try:
             with urllib.request.urlopen(request, timeout=120) as reply:
-                return reply.status, reply.read()
+                status, body, got = reply.status, reply.read(), reply.headers
         except urllib.error.HTTPError as exc:
-            return exc.code, exc.read()
+            status, body, got = exc.code, exc.read(), exc.headers
+        return (status, body, got) if with_headers else (status, body)
 
     def generate(self, payload: dict | bytes) -> tuple[int, dict]:
         status, body = self.post(f"/v2/models/{MODEL}/generate", payload)
@@ -215,12 +231,12 @@ def _triton_type(array: np.ndarray) -> str:
 class GrpcStream:
     """One gRPC bidirectional stream; responses and errors are collected per request id."""
 
-    def __init__(self, url: str):
+    def __init__(self, url: str, headers: dict | None = None):
         import tritonclient.grpc as grpcclient
 
         self.client = grpcclient.InferenceServerClient(url)
         self.results: queue.Queue = queue.Queue()
-        self.client.start_stream(callback=lambda result, error: self.results.put((result, error)))
+        self.client.start_stream(callback=lambda result, error: self.results.put((result, error)), headers=headers)
 
     def send(self, request_id: str, prompt: str, **fields) -> None:
         self.client.async_stream_infer(MODEL, grpc_inputs(prompt, **fields), request_id=request_id,

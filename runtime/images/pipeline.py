@@ -139,6 +139,7 @@ class ImagePipeline:
             raise ImageError(f"images must be a list (one entry per image), got {type(images).__name__}")
         if len(images) > self.processor.limits.max_images:
             raise ImageError(f"{len(images)} images in one prompt; the limit is {self.processor.limits.max_images}")
+        self.processor.check_request_pixels([self.processor.size(image, i) for i, image in enumerate(images)])
         tensors = [self.processor.preprocess(image, index) for index, image in enumerate(images)]
         layouts = [self.processor.image_tokens(*t.shape[-2:]) for t in tensors]
         expanded = expand_image_placeholders(list(prompt_ids), layouts, self.image_token_id, self.bos_token_id)

@@ -38,6 +38,7 @@ class ImageLimits:
     max_bytes: int = 32 << 20  # encoded size
     max_pixels: int = 64_000_000  # decoded width x height, checked before decoding the pixels
     max_images: int = 16  # per prompt
+    max_request_pixels: int = 64_000_000  # width x height summed over a prompt's images, checked before decoding
 
 
 def _describe(index: int | None) -> str:
@@ -50,6 +51,45 @@ class ImageProcessor:
         self.limits = limits or ImageLimits()
 
     # -- decoding ----------------------------------------------------------------------------
+    def size(self, image: ImageInput, index: int | None = None) -> tuple[int, int]:
+        """(width, height) from the image's header alone, within the limits (ImageError otherwise)."""
+        name = _describe(index)
+        if isinstance(image, Image.Image):
+            width, height = image.size
+        else:
+            if isinstance(image, (str, Path)):
+                path = Path(image)
+                if not path.is_file():
+                    raise ImageError(f"{name}: file {path} not found")
+                if path.stat().st_size > self.limits.max_bytes:
+                    raise ImageError(f"{name}: {path.stat().st_size} bytes is too large (limit {self.limits.max_bytes})")
+                image = path.read_bytes()
+            if not isinstance(image, (bytes, bytearray)):
+                raise ImageError(f"{name}: expected encoded image bytes, a path or a PIL image, got "
+                                 f"{type(image).__name__}")
+            if len(image) > self.limits.max_bytes:
+                raise ImageError(f"{name}: {len(image)} bytes is too large (limit {self.limits.max_bytes})")
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("error", Image.DecompressionBombWarning)
+                    with Image.open(io.BytesIO(bytes(image))) as header:  # reads the header only
+                        width, height = header.size
+            except UnidentifiedImageError:
+                raise ImageError(f"{name}: not a decodable image (unknown or corrupt image format)") from None
+            except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+                raise ImageError(f"{name}: too many pixels ({exc})") from None
+            except (OSError, ValueError, SyntaxError) as exc:
+                raise ImageError(f"{name}: not a decodable image ({type(exc).__name__}: {exc})") from None
+        self._check_pixels(width, height, name)
+        return width, height
+
+    def check_request_pixels(self, sizes: list[tuple[int, int]]) -> None:
+        """A prompt's images together, from their headers: bounded before any of them is decoded."""
+        total = sum(w * h for w, h in sizes)
+        if total > self.limits.max_request_pixels:
+            raise ImageError(f"too many pixels: the {len(sizes)} images have {total} pixels in all, more than the "
+                             f"limit of {self.limits.max_request_pixels} pixels per request")
+
     def load(self, image: ImageInput, index: int | None = None) -> Image.Image:
         """Decode encoded bytes (or a file path, or a PIL image) into an RGB image."""
         name = _describe(index)

@@ -5,10 +5,14 @@ checkpoint ──builder──▶ engine dir ──runtime──▶ Triton ─�
 `/v1/models`, `/v1/completions` and `/v1/chat/completions`, streamed (server-sent events
 ending in `data: [DONE]`) or not, with `usage` and `finish_reason` (`stop` | `length`).
 Requests go to the nemodiff Triton model over gRPC (`nemodiff.serving.openai.backend`), so
-validation, limits, deadlines and the engine are those of the Triton endpoints. The chat
-template is the engine tokenizer's; nemodiff's `decode_mode`, `block_length`, `threshold`,
-`top_k`, `max_thinking_tokens`, `ignore_eos` and `timeout` are extra body fields. Errors
-have OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`, and status codes.
+validation, limits, deadlines and the engine are those of the Triton endpoints; the body and
+its fields are read by parse.py. Errors have OpenAI's shape, `{"error": {"message", "type",
+"param", "code"}}`, and status codes, whatever the request (a body nested 100k levels deep, a
+lone surrogate, a field of the wrong type: 400, never a plain-text 500).
+
+With `--api-key`, every `/v1` route wants `Authorization: Bearer KEY` (401 otherwise, as vLLM
+and SGLang answer); `/health` stays open for probes. A client that hangs up cancels its
+request, streamed or not, queued or running.
 
 On a VLM engine, chat messages may carry `image_url` content parts whose URL is a `data:` URL
 (base64); the server fetches nothing, so any other URL is refused. Each image part becomes an
@@ -18,39 +22,36 @@ On a VLM engine, chat messages may carry `image_url` content parts whose URL is 
 
 from __future__ import annotations
 
-import io
+import asyncio
 import json
+import logging
 import time
 import uuid
 from pathlib import Path
 
-from PIL import Image
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from nemodiff.engine_format import EngineConfig
-from nemodiff.runtime.images.preprocess import ImageProcessor
-from nemodiff.runtime.text.tokenizer import EngineTokenizer
-from nemodiff.serving.openai.backend import BackendError, Piece, TritonBackend
-from nemodiff.serving.triton.inputs import IMAGE_INPUT, data_url_bytes
+from nemodiff.serving.control import FrontErrors
+from nemodiff.serving.http.guard import BodyError, bearer_ok, read_body
+from nemodiff.serving.openai.backend import BackendError, Piece, TritonBackend, triton_inputs
+from nemodiff.serving.openai.parse import COMPLETIONS_DEFAULT_MAX_TOKENS, RequestReader
 
-COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the context left
-EXTRA_FIELDS = ("decode_mode", "block_length", "threshold", "top_k", "max_thinking_tokens", "ignore_eos", "timeout")
-ERROR_TYPES = {400: "invalid_request_error", 404: "not_found_error", 413: "invalid_request_error",
-               503: "service_unavailable", 504: "timeout"}
+log = logging.getLogger(__name__)
+ERROR_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "not_found_error",
+               413: "invalid_request_error", 503: "service_unavailable", 504: "timeout"}
 
 
-def error_response(status: int, message: str, param: str | None = None) -> JSONResponse:
+def error_response(status: int, message: str, param: str | None = None, code=None) -> JSONResponse:
     kind = ERROR_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
-    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": status}}, status)
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param,
+                                   "code": status if code is None else code}}, status)
 
 
-class InvalidRequest(Exception):
-    def __init__(self, message: str, param: str | None = None, status: int = 400):
-        super().__init__(message)
-        self.message, self.param, self.status = message, param, status
+class HungUp(Exception):
+    """The client closed its connection before its answer was ready."""
 
 
 def _finish_reason(reason: str | None) -> str:
@@ -58,149 +59,20 @@ def _finish_reason(reason: str | None) -> str:
 
 
 class OpenAIFrontend:
-    def __init__(self, engine_dir: Path, backend: TritonBackend, served_model_name: str, max_body_bytes: int):
-        self.tokenizer = EngineTokenizer(Path(engine_dir))
-        config = EngineConfig.load(Path(engine_dir))
-        self.max_seq_len = config.build.max_seq_len
-        self.images = ImageProcessor(config.vision) if config.vision is not None else None
-        self.image_placeholder = self.tokenizer.token_text(config.vision.image_token_id) if self.images else None
+    def __init__(self, engine_dir: Path, backend: TritonBackend, served_model_name: str, max_body_bytes: int,
+                 api_key: str | None = None, front_errors: FrontErrors | None = None):
+        self.reader = RequestReader(engine_dir, served_model_name)
+        self.max_seq_len = self.reader.max_seq_len
         self.backend = backend
         self.model = served_model_name
         self.max_body_bytes = max_body_bytes
-
-    # -- request parsing ---------------------------------------------------------------------
-    async def read_body(self, request: Request) -> dict:
-        declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
-            raise InvalidRequest(f"the request body is larger than {self.max_body_bytes} bytes", status=413)
-        body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > self.max_body_bytes:
-                raise InvalidRequest(f"the request body is larger than {self.max_body_bytes} bytes", status=413)
-        try:
-            payload = json.loads(body)
-        except (ValueError, UnicodeDecodeError):
-            raise InvalidRequest("the request body is not valid JSON") from None
-        if not isinstance(payload, dict):
-            raise InvalidRequest("the request body must be a JSON object")
-        return payload
-
-    def common_fields(self, body: dict) -> dict:
-        if body.get("model") not in (None, self.model):
-            raise InvalidRequest(f"the model {body.get('model')!r} does not exist; this server serves {self.model!r}",
-                                 "model", status=404)
-        if body.get("n", 1) != 1:
-            raise InvalidRequest("only n = 1 is supported", "n")
-        if body.get("logprobs") or body.get("top_logprobs") or body.get("best_of", 1) != 1:
-            raise InvalidRequest("logprobs and best_of are not supported", "logprobs")
-        if body.get("tools") or body.get("response_format", {"type": "text"}).get("type", "text") != "text":
-            raise InvalidRequest("tools and structured output are not supported", "tools")
-        max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-        if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int)
-                                       or not 1 <= max_tokens < 2**31):
-            raise InvalidRequest(f"max_tokens must be an integer >= 1 (got {max_tokens!r})", "max_tokens")
-        stop = body.get("stop")
-        stop = [stop] if isinstance(stop, str) else (stop or [])
-        if not all(isinstance(s, str) for s in stop):
-            raise InvalidRequest("stop must be a string or a list of strings", "stop")
-        fields = {"max_tokens": max_tokens, "stop_words": stop or None, "stream": True}
-        for name, target, kind in (("temperature", "temperature", float), ("top_p", "top_p", float),
-                                   ("seed", "random_seed", int), ("frequency_penalty", "frequency_penalty", float),
-                                   ("presence_penalty", "presence_penalty", float)):
-            value = body.get(name)
-            if value is None:
-                continue
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and
-                                                                                  not isinstance(value, int)):
-                raise InvalidRequest(f"{name} must be a {'number' if kind is float else 'integer'}", name)
-            if name == "temperature" and not 0 <= value <= 2:
-                raise InvalidRequest(f"temperature must be in [0, 2] (got {value})", name)
-            if name == "seed" and not 0 <= value < 2**64:
-                raise InvalidRequest(f"seed must be in [0, 2**64) (got {value})", name)
-            fields[target] = value
-        for name in EXTRA_FIELDS:
-            if body.get(name) is not None:
-                fields[name] = body[name]
-        return fields
-
-    def completion_prompt(self, body: dict) -> dict:
-        prompt = body.get("prompt")
-        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
-            prompt = prompt[0]
-        if isinstance(prompt, str):
-            fields = {"text_input": prompt}
-        elif isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool)
-                                                         for t in prompt):
-            fields = {"text_input": "", "input_ids": prompt}
-        else:
-            raise InvalidRequest("prompt must be one string or one list of token ids", "prompt")
-        if body.get("echo"):
-            fields["exclude_input_in_output"] = False
-        return fields
-
-    def chat_prompt(self, body: dict) -> tuple[dict, int]:
-        messages = body.get("messages")
-        if not isinstance(messages, list) or not messages:
-            raise InvalidRequest("messages must be a non-empty list", "messages")
-        rendered, images, image_tokens = [], [], 0
-        for message in messages:
-            if not isinstance(message, dict) or not isinstance(message.get("role"), str):
-                raise InvalidRequest("each message needs a role and content", "messages")
-            content = message.get("content") or ""
-            if isinstance(content, list):
-                texts = []
-                for part in content:
-                    kind = part.get("type") if isinstance(part, dict) else None
-                    if kind == "text":
-                        texts.append(str(part.get("text", "")))
-                    elif kind == "image_url":
-                        image, tokens = self.image_part(part, len(images))
-                        images.append(image)
-                        image_tokens += tokens - 1  # the placeholder itself is one token
-                        texts.append(self.image_placeholder)
-                    else:
-                        raise InvalidRequest("content parts must be of type text or image_url", "messages")
-                content = "".join(texts)
-            if not isinstance(content, str):
-                raise InvalidRequest("message content must be a string or a list of content parts", "messages")
-            rendered.append({"role": message["role"], "content": content})
-        try:
-            text = self.tokenizer.apply_chat_template(rendered, add_generation_prompt=True)
-        except Exception as exc:
-            raise InvalidRequest(f"the chat template could not be applied: {exc}", "messages") from None
-        ids = self.tokenizer.encode(text, add_special_tokens=False)
-        length = len(ids) + image_tokens
-        if length >= self.max_seq_len:
-            with_images = f" with its {len(images)} image(s)" if images else ""
-            raise InvalidRequest(f"the prompt{with_images} has {length} tokens; the model's context is "
-                                 f"{self.max_seq_len}", "messages")
-        return {"text_input": "", "input_ids": ids} | ({IMAGE_INPUT: images} if images else {}), length
-
-    def image_part(self, part: dict, index: int) -> tuple[bytes, int]:
-        """An image_url part -> (encoded image, the prompt tokens it will take)."""
-        if self.images is None:
-            raise InvalidRequest("this model takes no images (its engine has no vision tower)", "messages")
-        spec = part.get("image_url")
-        url = spec.get("url") if isinstance(spec, dict) else spec
-        if not isinstance(url, str) or not url:
-            raise InvalidRequest(f"image {index}: image_url needs a url", "messages")
-        if not url[:5].lower() == "data:":
-            raise InvalidRequest(f"image {index}: only data: URLs are accepted (data:image/png;base64,...); this "
-                                 "server does not fetch remote images", "messages")
-        try:
-            data = data_url_bytes(url)
-            with Image.open(io.BytesIO(data)) as image:  # reads the header only
-                width, height = image.size
-        except ValueError as exc:
-            raise InvalidRequest(f"image {index}: {exc}", "messages") from None
-        except Exception:
-            raise InvalidRequest(f"image {index}: not a decodable image", "messages") from None
-        rows, cols = self.images.grid(*self.images.resized_size(height, width))
-        return data, rows * (cols + 1)
+        self.api_key = api_key
+        self.errors = front_errors or FrontErrors(None)
 
     # -- endpoints ---------------------------------------------------------------------------
     async def models(self, request: Request) -> Response:
+        if (refusal := self._unauthorized(request)) is not None:
+            return refusal
         return JSONResponse({"object": "list", "data": [
             {"id": self.model, "object": "model", "created": 0, "owned_by": "nemodiff",
              "max_model_len": self.max_seq_len}]})
@@ -214,23 +86,51 @@ class OpenAIFrontend:
     async def chat_completions(self, request: Request) -> Response:
         return await self._serve(request, chat=True)
 
+    def _unauthorized(self, request: Request) -> Response | None:
+        if bearer_ok({k.lower(): v for k, v in request.headers.items()}, self.api_key):
+            return None
+        self.errors.count("unauthorized")
+        given = "authorization" in request.headers
+        message = ("Incorrect API key provided" if given else
+                   "You didn't provide an API key: send the header 'Authorization: Bearer <key>'")
+        return error_response(401, message, code="invalid_api_key")
+
     async def _serve(self, request: Request, chat: bool) -> Response:
+        if (refusal := self._unauthorized(request)) is not None:
+            return refusal
         try:
-            body = await self.read_body(request)
-            fields = self.common_fields(body)
+            return await self._answer(request, chat)
+        except HungUp:
+            return Response(status_code=499)  # nobody reads it: the client is gone and its request cancelled
+        except Exception:  # a bug of ours must still answer in OpenAI's shape
+            log.exception("the OpenAI frontend failed on a request")
+            return error_response(500, "internal error in the OpenAI frontend")
+
+    async def _answer(self, request: Request, chat: bool) -> Response:
+        try:
+            data = await read_body(request.receive, self.max_body_bytes, request.headers.get("content-length"))
+            body = await asyncio.to_thread(self.reader.body, data) if len(data) > 2**18 else self.reader.body(data)
+            fields = self.reader.common_fields(body)
             if chat:
-                prompt, prompt_len = self.chat_prompt(body)
+                prompt, prompt_len = self.reader.chat_prompt(body)
                 if fields["max_tokens"] is None:
                     fields["max_tokens"] = self.max_seq_len - prompt_len
             else:
-                prompt = self.completion_prompt(body)
+                prompt = self.reader.completion_prompt(body)
                 if fields["max_tokens"] is None:
                     fields["max_tokens"] = COMPLETIONS_DEFAULT_MAX_TOKENS
-        except InvalidRequest as exc:
+            triton_inputs(prompt | fields)  # every value converts to its input's type
+        except ConnectionError:
+            raise HungUp from None
+        except BodyError as exc:
+            self.errors.count("invalid")
             return error_response(exc.status, exc.message, exc.param)
+        except (ValueError, TypeError, OverflowError) as exc:
+            self.errors.count("invalid")
+            return error_response(400, f"a field has a value of the wrong type or range: {exc}")
         pieces = self.backend.generate(prompt | fields)
         try:
-            first = await anext(pieces)
+            first = await _unless_hung_up(request, anext(pieces), pieces)
         except BackendError as exc:
             return error_response(exc.status, exc.message)
         meta = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()),
@@ -238,22 +138,12 @@ class OpenAIFrontend:
         if body.get("stream"):
             usage = bool((body.get("stream_options") or {}).get("include_usage"))
             return StreamingResponse(self._events(first, pieces, meta, chat, usage), media_type="text/event-stream")
-        text, counts, reason = [], [0, 0], None
-        piece = first
         try:
-            while True:
-                text.append(piece.text)
-                counts[0] += piece.num_input_tokens
-                counts[1] += piece.num_output_tokens
-                reason = piece.finish_reason or reason
-                if piece.final:
-                    break
-                piece = await anext(pieces)
+            text, counts, reason = await _unless_hung_up(request, _collect(first, pieces), pieces)
         except BackendError as exc:
             return error_response(exc.status, exc.message)
-        content = "".join(text)
-        choice = ({"index": 0, "message": {"role": "assistant", "content": content}} if chat else
-                  {"index": 0, "text": content, "logprobs": None}) | {"finish_reason": _finish_reason(reason)}
+        choice = ({"index": 0, "message": {"role": "assistant", "content": text}} if chat else
+                  {"index": 0, "text": text, "logprobs": None}) | {"finish_reason": _finish_reason(reason)}
         return JSONResponse(meta | {"object": "chat.completion" if chat else "text_completion", "choices": [choice],
                                     "usage": _usage(*counts)})
 
@@ -270,10 +160,10 @@ class OpenAIFrontend:
             return f"data: {json.dumps(meta | {'object': kind, 'choices': [choice]})}\n\n"
 
         counts = [0, 0]
-        if chat:
-            yield chunk("", None, role=True)
-        piece = first
         try:
+            if chat:
+                yield chunk("", None, role=True)
+            piece = first
             while True:
                 counts[0] += piece.num_input_tokens
                 counts[1] += piece.num_output_tokens
@@ -289,9 +179,45 @@ class OpenAIFrontend:
             error = {"message": exc.message, "type": ERROR_TYPES.get(exc.status, "server_error"), "param": None,
                      "code": exc.status}
             yield f"data: {json.dumps({'error': error})}\n\n"
+        finally:  # also when Starlette stops us because the client went away: that cancels the request
+            await pieces.aclose()
         if include_usage:
             yield f"data: {json.dumps(meta | {'object': kind, 'choices': [], 'usage': _usage(*counts)})}\n\n"
         yield "data: [DONE]\n\n"
+
+
+async def _collect(first: Piece, pieces) -> tuple[str, list[int], str | None]:
+    text, counts, reason, piece = [], [0, 0], None, first
+    while True:
+        text.append(piece.text)
+        counts[0] += piece.num_input_tokens
+        counts[1] += piece.num_output_tokens
+        reason = piece.finish_reason or reason
+        if piece.final:
+            return "".join(text), counts, reason
+        piece = await anext(pieces)
+
+
+async def _unless_hung_up(request: Request, work, pieces):
+    """The result of `work`, unless the client hangs up first: then its request is cancelled (HungUp)."""
+    task = asyncio.ensure_future(work)
+    hangup = asyncio.ensure_future(_disconnected(request))
+    done, _ = await asyncio.wait({task, hangup}, return_when=asyncio.FIRST_COMPLETED)
+    if task in done:
+        hangup.cancel()
+        return task.result()
+    task.cancel()
+    try:
+        await task
+    except (asyncio.CancelledError, Exception):
+        pass
+    await pieces.aclose()  # the stream to Triton is cancelled: the engine frees the request
+    raise HungUp
+
+
+async def _disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
@@ -299,8 +225,9 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-def create_app(engine_dir, backend: TritonBackend, served_model_name: str, max_body_bytes: int) -> Starlette:
-    frontend = OpenAIFrontend(engine_dir, backend, served_model_name, max_body_bytes)
+def create_app(engine_dir, backend: TritonBackend, served_model_name: str, max_body_bytes: int,
+               api_key: str | None = None, front_errors: FrontErrors | None = None) -> Starlette:
+    frontend = OpenAIFrontend(engine_dir, backend, served_model_name, max_body_bytes, api_key, front_errors)
     return Starlette(routes=[
         Route("/v1/models", frontend.models, methods=["GET"]),
         Route("/v1/completions", frontend.completions, methods=["POST"]),

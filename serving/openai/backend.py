@@ -3,11 +3,17 @@
 checkpoint ──builder──▶ engine dir ──runtime──▶ Triton ──[OpenAI frontend: gRPC client]──▶ clients
 
 Each OpenAI request is one gRPC stream carrying one request to the nemodiff model (so both
-protocols share one engine, its batching, limits and metrics). Streams are opened with
-Triton's `triton_grpc_error` header: an error response then closes the stream with a real
-gRPC status code (INVALID_ARGUMENT, UNAVAILABLE, INTERNAL, ...), which becomes the HTTP
-status. Cancelling the stream (a client that went away) cancels the request in Triton,
-which frees its KV pages at the next engine step.
+protocols share one engine, its batching, limits and metrics). An error response carries its
+message only; the kind, and so the HTTP status, comes from the message (serving/errors.py). We
+chose that over Triton's `triton_grpc_error` header, which would give real gRPC status codes but
+makes Triton log "HandleCancellation called even when the context was not cancelled" at error
+level for every failed request.
+
+A stream whose request has ended is closed politely: our side half-closes and we wait for
+Triton's OK. Cancelling it instead, as a client that drops it does, races with Triton writing
+the last response, and Triton 2.51 then keeps the request's state for good, which keeps the
+model "live" so that Triton cannot unload it at shutdown. Only a request still running is
+cancelled (the HTTP client went away), which frees its KV pages at the next engine step.
 """
 
 from __future__ import annotations
@@ -18,14 +24,17 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from nemodiff.serving import errors
+
 HTTP_STATUS = {"INVALID_ARGUMENT": 400, "NOT_FOUND": 404, "UNAVAILABLE": 503, "RESOURCE_EXHAUSTED": 503,
-               "CANCELLED": 499, "DEADLINE_EXCEEDED": 504, "UNIMPLEMENTED": 501}
+               "CANCELLED": 499, "DEADLINE_EXCEEDED": 504, "UNIMPLEMENTED": 501, "UNAUTHENTICATED": 401}
 INPUT_TYPES = {"max_tokens": ("INT32", np.int32), "top_k": ("INT32", np.int32), "block_length": ("INT32", np.int32),
                "max_thinking_tokens": ("INT32", np.int32), "input_ids": ("INT32", np.int32),
                "temperature": ("FP32", np.float32), "top_p": ("FP32", np.float32), "threshold": ("FP32", np.float32),
                "frequency_penalty": ("FP32", np.float32), "presence_penalty": ("FP32", np.float32),
                "timeout": ("FP32", np.float32), "random_seed": ("UINT64", np.uint64), "stream": ("BOOL", np.bool_),
                "ignore_eos": ("BOOL", np.bool_), "exclude_input_in_output": ("BOOL", np.bool_)}
+CLOSE_TIMEOUT_S = 5.0  # for Triton to close a finished stream after our half-close
 
 
 class BackendError(Exception):
@@ -33,6 +42,11 @@ class BackendError(Exception):
         super().__init__(message)
         self.status = status
         self.message = message
+
+    @classmethod
+    def of(cls, message: str) -> "BackendError":
+        """The error a model response carried, with the HTTP status of its kind."""
+        return cls(errors.HTTP_STATUS[errors.kind_of(message)], message)
 
 
 @dataclass
@@ -47,6 +61,7 @@ class Piece:
 
 
 def triton_inputs(fields: dict) -> list:
+    """Typed tensors for the model; raises ValueError (or TypeError, OverflowError) for a value of the wrong type."""
     import tritonclient.grpc as grpcclient
 
     tensors = []
@@ -75,9 +90,11 @@ def _scalar(result, name: str, default=None):
 
 
 class TritonBackend:
-    def __init__(self, grpc_url: str, model_name: str):
+    def __init__(self, grpc_url: str, model_name: str, api_key: str | None = None):
         self.grpc_url = grpc_url
         self.model_name = model_name
+        # Triton's --grpc-restricted-protocol header (a fixed prefix before the key name; see nemodiff serve)
+        self.headers = {"triton-grpc-protocol-authorization": f"Bearer {api_key}"} if api_key else {}
         self._client = None
 
     def client(self):
@@ -97,31 +114,59 @@ class TritonBackend:
         """Responses of one request; raises BackendError with an HTTP status on an error response."""
         import grpc
 
+        inputs = triton_inputs(fields)
         done = asyncio.Event()
 
         async def requests():
-            yield {"model_name": self.model_name, "inputs": triton_inputs(fields)}
+            yield {"model_name": self.model_name, "inputs": inputs}
             await done.wait()  # keep our side of the stream open until the last response
 
-        call = self.client().stream_infer(requests(), headers={"triton_grpc_error": "true"})
+        call = self.client().stream_infer(requests(), headers=self.headers or None)
         finished = False
         try:
-            async for result, error in call:
-                if error is not None:
-                    raise BackendError(500, error.message())
-                reason = _scalar(result, "finish_reason")  # only the final response carries it
-                final = reason is not None
-                yield Piece(text=_scalar(result, "text_output", ""),
-                            num_input_tokens=int(_scalar(result, "num_input_tokens", 0)),
-                            num_output_tokens=int(_scalar(result, "num_output_tokens", 0)),
-                            finish_reason=reason, final=final)
-                if final:
+            while True:
+                try:
+                    result, error = await call.__anext__()
+                except StopAsyncIteration:
+                    raise BackendError(503, "the server closed the stream before the request finished") from None
+                if error is not None:  # an error response is the request's last
                     finished = True
+                    await _close(call, done)
+                    raise BackendError.of(error.message())
+                reason = _scalar(result, "finish_reason")  # only the final response carries it
+                piece = Piece(text=_scalar(result, "text_output", ""),
+                              num_input_tokens=int(_scalar(result, "num_input_tokens", 0)),
+                              num_output_tokens=int(_scalar(result, "num_output_tokens", 0)),
+                              finish_reason=reason, final=reason is not None)
+                if piece.final:
+                    finished = True
+                    await _close(call, done)
+                    yield piece
                     return
-            raise BackendError(503, "the server closed the stream before the request finished")
+                yield piece
         except grpc.aio.AioRpcError as exc:
-            raise BackendError(HTTP_STATUS.get(exc.code().name, 500), exc.details() or exc.code().name) from None
+            finished = True  # the stream is over already
+            message = exc.details() or exc.code().name
+            status = HTTP_STATUS.get(exc.code().name, 500)
+            raise BackendError(status, message) from None
         finally:
             done.set()
             if not finished:
                 call.cancel()  # the HTTP client went away (or we failed): cancel the request in Triton
+
+
+async def _close(call, done: asyncio.Event) -> None:
+    """Half-close a stream whose request has ended and wait for Triton to end it (see the module docstring)."""
+    done.set()
+
+    async def rest() -> None:
+        try:
+            while True:
+                await call.__anext__()
+        except StopAsyncIteration:
+            pass
+
+    try:
+        await asyncio.wait_for(rest(), CLOSE_TIMEOUT_S)
+    except Exception:  # it did not close in time, or failed: nothing is running on it any more
+        call.cancel()

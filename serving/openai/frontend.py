@@ -2,42 +2,25 @@
 
 checkpoint ──builder──▶ engine dir ──runtime──▶ [serving: OpenAI frontend thread] ──▶ clients
 
-It wires the app (app.py) to its way to the engine (backend.py); neither of those imports the other.
+It wires the app (app.py) to its way to the engine (backend.py); neither of those imports the other's
+internals. The server under it is serving/http/server.py's (with its deadline for slow clients).
 """
 
 from __future__ import annotations
 
-import threading
-
-import uvicorn
+from nemodiff.serving.control import FrontErrors
+from nemodiff.serving.http.server import ServerThread
 
 from .app import create_app
 from .backend import TritonBackend
 
 
-class FrontendThread:
+class FrontendThread(ServerThread):
     """The OpenAI API under uvicorn on a thread of `nemodiff serve` (no signal handlers of its own)."""
 
     def __init__(self, engine_dir, grpc_url: str, host: str, port: int, served_model_name: str,
-                 max_body_bytes: int, triton_model: str):
-        app = create_app(engine_dir, TritonBackend(grpc_url, triton_model), served_model_name, max_body_bytes)
-        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
-                                                    timeout_graceful_shutdown=5))
-        local = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
-        self.url = f"http://{local}:{port}"
-        self._thread = threading.Thread(target=self.server.run, name="openai-frontend", daemon=True)
-
-    def start(self, timeout: float = 30.0) -> None:
-        self._thread.start()
-        for _ in range(int(timeout / 0.05)):
-            if self.server.started:
-                return
-            if not self._thread.is_alive():
-                break
-            self._thread.join(0.05)
-        raise RuntimeError(f"the OpenAI frontend did not start on {self.url}")
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        if self._thread.is_alive():
-            self._thread.join(10)
+                 max_body_bytes: int, triton_model: str, api_key: str | None = None, idle_timeout: float = 30.0,
+                 front_errors: FrontErrors | None = None):
+        app = create_app(engine_dir, TritonBackend(grpc_url, triton_model, api_key), served_model_name,
+                         max_body_bytes, api_key, front_errors)
+        super().__init__(app, host, port, idle_timeout, "OpenAI")

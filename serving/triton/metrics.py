@@ -14,6 +14,7 @@ import threading
 import triton_python_backend_utils as pb_utils
 
 from nemodiff.runtime.request import MODES
+from nemodiff.serving.errors import KINDS
 
 SPEC_MODES = ("linear-spec", "quadratic-spec")
 TTFT_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0]
@@ -62,8 +63,7 @@ class ModelMetrics:
         family = pb_utils.MetricFamily(name="nemodiff_request_errors_total", kind=counter,
                                        description="requests that ended with an error, by kind")
         self._families["errors"] = family
-        self._errors = {kind: family.Metric(labels=self._labels(kind=kind))
-                        for kind in ("invalid", "internal", "unavailable", "timeout")}
+        self._errors = {kind: family.Metric(labels=self._labels(kind=kind)) for kind in KINDS}
         family = pb_utils.MetricFamily(name="nemodiff_preemptions_total", kind=counter,
                                        description="preemptions (the KV pool ran dry), counted when the request finishes")
         self._families["preemptions"] = family
@@ -76,6 +76,7 @@ class ModelMetrics:
                                        description="tokens accepted per speculation cycle, by mode")
         self._families["accepted"] = family
         self._accepted = {mode: family.Metric(labels=self._labels(mode=mode), buckets=ACCEPTED_BUCKETS) for mode in SPEC_MODES}
+        self._front: dict = {}  # ("front", kind) -> metric, made when a front first refuses one
         self._last: dict = {}
         self._lock = threading.Lock()
 
@@ -115,6 +116,25 @@ class ModelMetrics:
 
     def observe_ttft(self, mode: str, seconds: float) -> None:
         self._safely("ttft", lambda: self._ttft[mode].observe(seconds))
+
+    def count_error(self, kind: str) -> None:
+        """A request answered with an error before it reached the engine (refused in execute())."""
+        self._safely("error", lambda: self._errors[kind].increment(1))
+
+    def refresh_fronts(self, counts: dict[str, int]) -> None:
+        """Requests the fronts of `nemodiff serve` refused before they reached Triton (bad bodies, wrong API
+        keys), as totals; reported by one instance under the instance label "front"."""
+        def apply():
+            for kind, total in counts.items():
+                previous = self._last.get(("front", kind), 0)
+                if total > previous:
+                    if ("front", kind) not in self._front:
+                        self._front["front", kind] = self._families["errors"].Metric(
+                            labels={"instance": "front", "kind": kind})
+                    self._front["front", kind].increment(total - previous)
+                    self._last["front", kind] = total
+
+        self._safely("fronts", apply)
 
     def observe_final(self, mode: str, update) -> None:
         def apply():

@@ -3,23 +3,22 @@
 checkpoint ──builder──▶ engine dir ──runtime──▶ [Triton: model_repo/nemodiff runs this]
 
 `model_repo/nemodiff/1/model.py` finds the nemodiff installation and delegates to
-`NemodiffModel`. `execute()` only parses and validates; generation runs on the engine
-thread, which calls back with `Update`s that become responses (text deltas when streaming,
-one response otherwise). Every request gets exactly one final response: its output, or an
-error (INVALID_ARG for bad input, UNAVAILABLE when the server is full, draining or past the
-request's deadline, INTERNAL when generation failed).
+`NemodiffModel`. `execute()` only parses and validates (a request with images is laid out on
+the image workers, images.py); generation runs on the engine thread, which calls back with
+`Update`s that become responses (text deltas when streaming, one response otherwise). Every
+request gets exactly one final response: its output, or an error (INVALID_ARG for bad input,
+UNAVAILABLE when the server is full, draining or past the request's deadline, INTERNAL when
+generation failed), and every error is counted in `nemodiff_request_errors_total`.
 
-A watcher thread polls Triton for cancelled requests (closed HTTP streams, cancelled gRPC
-streams), refreshes the metrics, and follows the control folder shared with `nemodiff
-serve`: `drain` asks to answer every open request and refuse new ones (before SIGTERM
-reaches Triton); the model writes `drained` when done, and `failed` when the engine loop
-died (the supervisor then takes the model down and exits non-zero).
+The watcher (watch.py) cancels requests whose client went away, refreshes the metrics and
+follows the control folder shared with `nemodiff serve` (serving/control.py): on `drain` the
+model answers every open request, refuses new ones and stops its engine before SIGTERM
+reaches Triton, so that nothing of it waits on Triton's unloading.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import queue
 import threading
 import time
@@ -30,14 +29,15 @@ import triton_python_backend_utils as pb_utils
 
 from nemodiff.runtime.llm import LLM
 from nemodiff.runtime.request import normalize_mode
+from nemodiff.serving import errors
 from nemodiff.serving.async_engine import AsyncEngine, Update
+from nemodiff.serving.control import FINALIZED, FRONT_KEY, Control, valid_key
+from nemodiff.serving.triton.images import ImageWorkers
 from nemodiff.serving.triton.inputs import DEFAULT_MAX_TOKENS, BadRequest, PromptTokenizer, RequestInputs, parse_request
 from nemodiff.serving.triton.metrics import ModelMetrics
 from nemodiff.serving.triton.requests import RequestState
+from nemodiff.serving.triton.watch import Watcher
 
-WATCH_INTERVAL_S = 0.02
-CANCEL_POLL_S = 0.05  # asking Triton whether a request was cancelled is a round trip per request
-METRICS_INTERVAL_S = 0.2
 DRAIN_WAIT_S = 5.0
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 ERROR_CODES = {"invalid": pb_utils.TritonError.INVALID_ARG, "internal": pb_utils.TritonError.INTERNAL,
@@ -63,6 +63,14 @@ def _error(message: str, code) -> pb_utils.InferenceResponse:
     return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(message, code))
 
 
+def _front_key(request) -> str | None:
+    try:
+        key = json.loads(request.parameters() or "{}").get(FRONT_KEY)
+    except Exception:
+        return None
+    return key if valid_key(key) else None
+
+
 class NemodiffModel:
     def __init__(self, args):
         config = json.loads(args["model_config"])
@@ -80,7 +88,7 @@ class NemodiffModel:
         self.default_mode = normalize_mode(params.get("default_mode", "").strip() or "ar")
         self.max_request_bytes = number("max_request_bytes") or 8 * 2**20
         control = params.get("control_dir", "").strip()
-        self.control_dir = Path(control) if control else None
+        self.control = Control(control) if control else None
         self.supervisor_pid = number("supervisor_pid")
         self.llm = LLM(params["engine_dir"], device=device, kv_cache_memory_bytes=number("kv_cache_memory_bytes"),
                        max_batch_size=number("max_batch_size"),
@@ -97,16 +105,17 @@ class NemodiffModel:
         max_queue = params.get("max_queue", "").strip()
         self.engine = AsyncEngine(self.llm, max_queue=int(max_queue) if max_queue else None,
                                   request_timeout_s=number("request_timeout_s", float), on_failure=self._on_failure)
+        self.images = None
+        if self.llm.engine.images is not None:
+            self.images = ImageWorkers(max_pending=self.engine.capacity or 256)
         self.metrics.refresh(self.engine.metrics())
-        self._stop = threading.Event()
-        self._drained = False
-        self._watcher = threading.Thread(target=self._watch, name="nemodiff-watch", daemon=True)
-        self._watcher.start()
         # Responses leave from a thread of their own: sending is a round trip to the server process,
         # and the engine loop goes on with the next step meanwhile (one thread keeps each request's order).
         self._outbox: queue.SimpleQueue = queue.SimpleQueue()
         self._sender = threading.Thread(target=self._send_loop, name="nemodiff-send", daemon=True)
         self._sender.start()
+        self.watcher = Watcher(self)
+        self._finalized = False
         pb_utils.Logger.log_info(
             f"nemodiff: instance {self.instance}: engine {params['engine_dir']} on "
             f"{', '.join(map(str, devices)) if devices else self.llm.model.device} (tp {self.llm.tp}), "
@@ -121,9 +130,9 @@ class NemodiffModel:
             try:
                 self._start(request, sender)
             except BadRequest as exc:
-                self._send_error_once(sender, str(exc), pb_utils.TritonError.INVALID_ARG)
+                self._refuse(sender, str(exc), "invalid")
             except Exception as exc:  # unreadable input: still this request's problem, not the server's
-                self._send_error_once(sender, f"could not read the request: {exc}", pb_utils.TritonError.INVALID_ARG)
+                self._refuse(sender, f"could not read the request: {exc}", "invalid")
         return None
 
     def _start(self, request, sender) -> None:
@@ -131,23 +140,61 @@ class NemodiffModel:
             pb_utils.get_input_tensor_by_name(request, name)))
         parsed = parse_request(inputs, self.prompt_tokenizer, self.llm.tokenizer.decode, self.default_mode,
                                self.vocab_size, self.max_request_bytes)
+        state = RequestState(sender, parsed.stream, parsed.params.mode, 0, parsed.echo_prefix, _front_key(request))
+        if parsed.images and self.images is not None:  # decoding takes seconds: not on this thread, which
+            self._track(state)                            # every later request waits for
+            if not self.images.submit(lambda: self._lay_out_and_submit(state, parsed)):
+                self._untrack(state)
+                self._refuse(sender, self.engine.closing or f"{errors.AT_CAPACITY} ({self.images.max_pending} "
+                             "requests wait for their images to be decoded); retry later", "unavailable")
+            return
+        prompt_ids, prepared = self._checked_layout(parsed)
+        self._track(state)
         try:
-            prompt_ids, images = self._lay_out_images(parsed)
+            self._submit(state, parsed, prompt_ids, prepared)
+        except Exception:  # execute() sends the error: the state is no longer live
+            state.claim_final()
+            self._untrack(state)
+            raise
+
+    def _checked_layout(self, parsed):
+        try:
+            prompt_ids, prepared = self._lay_out_images(parsed)
             self.llm.engine.validate(prompt_ids, parsed.params)
         except ValueError as exc:
             raise BadRequest(str(exc)) from None
-        state = RequestState(sender, parsed.stream, parsed.params.mode, len(prompt_ids), parsed.echo_prefix)
+        return prompt_ids, prepared
+
+    def _lay_out_and_submit(self, state: RequestState, parsed) -> None:
+        """Image worker: decode and lay out the request's images, then hand it to the engine."""
+        try:
+            if state.client_gone():  # the client went away while the request waited for a worker
+                self._send_final(state, None)
+                return
+            prompt_ids, prepared = self._checked_layout(parsed)
+            self._submit(state, parsed, prompt_ids, prepared)
+        except BadRequest as exc:
+            self._fail(state, str(exc), "invalid")
+        except Exception as exc:
+            self._fail(state, errors.internal(f"while preparing the images: {exc}"), "internal")
+
+    def _submit(self, state: RequestState, parsed, prompt_ids: list[int], prepared) -> None:
+        state.num_input_tokens = len(prompt_ids)
+        state.handle = self.engine.submit(parsed.prompt_ids, parsed.params,
+                                          lambda update, s=state: self._on_update(s, update),
+                                          timeout_s=parsed.timeout_s, images=prepared)
+
+    def _track(self, state: RequestState) -> None:
         with self._live_lock:
             self._live[id(state)] = state
-        try:
-            state.handle = self.engine.submit(parsed.prompt_ids, parsed.params,
-                                              lambda update, s=state: self._on_update(s, update),
-                                              timeout_s=parsed.timeout_s, images=images)
-        except Exception:  # execute() sends the error: the state is no longer live
-            state.claim_final()
-            with self._live_lock:
-                self._live.pop(id(state), None)
-            raise
+
+    def _untrack(self, state: RequestState) -> None:
+        with self._live_lock:
+            self._live.pop(id(state), None)
+
+    def live_states(self) -> list[RequestState]:
+        with self._live_lock:
+            return list(self._live.values())
 
     def _lay_out_images(self, parsed):
         """(expanded prompt ids, preprocessed images or None); a default max_tokens is refitted to what the
@@ -217,7 +264,7 @@ class NemodiffModel:
                 continue
             self._send_now(*item)
 
-    def _flush_outbox(self, timeout: float) -> None:
+    def flush_outbox(self, timeout: float) -> None:
         marker = threading.Event()
         self._outbox.put(marker)
         marker.wait(timeout)
@@ -234,82 +281,50 @@ class NemodiffModel:
     def _send_final(self, state: RequestState, response) -> None:
         if not state.claim_final():
             return
-        with self._live_lock:
-            self._live.pop(id(state), None)
+        self._untrack(state)
         self._send(state, response, final=True)
 
-    def _send_error_once(self, sender, message: str, code) -> None:
+    def _fail(self, state: RequestState, message: str, kind: str) -> None:
+        """A tracked request that never reached the engine ends with an error."""
+        self._send_final(state, _error(message, ERROR_CODES[kind]))
+        self.metrics.count_error(kind)
+
+    def _refuse(self, sender, message: str, kind: str) -> None:
+        """A request refused in execute() (never tracked): its one response is this error."""
         try:
-            sender.send(_error(message, code), flags=FINAL)
+            sender.send(_error(message, ERROR_CODES[kind]), flags=FINAL)
         except Exception as exc:
             pb_utils.Logger.log_warn(f"nemodiff: could not send an error response: {exc}")
+        self.metrics.count_error(kind)
 
     # -- supervision -------------------------------------------------------------------------
     def _on_failure(self, message: str) -> None:
         """Engine thread, after every pending request got its error: report, so the supervisor restarts us."""
         pb_utils.Logger.log_error(f"nemodiff: the engine loop failed; the model is no longer serving: {message}")
         self.metrics.set_healthy(False)
-        if self.control_dir is not None:
-            _write_atomically(self.control_dir / "failed", message)
+        if self.control is not None:
+            self.control.set("failed", message)
 
-    def _watch(self) -> None:
-        last_cancel_poll = last_metrics = 0.0
-        while not self._stop.wait(WATCH_INTERVAL_S):
-            now = time.monotonic()
-            try:
-                if now - last_cancel_poll >= CANCEL_POLL_S:
-                    last_cancel_poll = now
-                    self._poll_cancellations()
-                if not self._drained and self._drain_requested():
-                    self._drain()
-                if now - last_metrics >= METRICS_INTERVAL_S:
-                    last_metrics = now
-                    self.metrics.refresh(self.engine.metrics())
-            except Exception as exc:
-                pb_utils.Logger.log_warn(f"nemodiff: watcher: {exc}")
-
-    def _poll_cancellations(self) -> None:
-        with self._live_lock:
-            states = list(self._live.values())
-        for state in states:
-            if state.cancelled():  # never asks once the final response is claimed (see requests.py)
-                self.engine.cancel(state.handle)
-
-    def _drain_requested(self) -> bool:
-        if self.control_dir is not None and (self.control_dir / "drain").exists():
-            return True
-        if self.supervisor_pid:  # `nemodiff serve` died without draining us: drain on our own
-            try:
-                os.kill(self.supervisor_pid, 0)
-            except ProcessLookupError:
-                return True
-            except PermissionError:
-                pass
-        return False
-
-    def _drain(self) -> None:
-        self._drained = True
-        pb_utils.Logger.log_info("nemodiff: draining: answering every open request, refusing new ones")
-        self.engine.drain("the server is shutting down").wait(DRAIN_WAIT_S)
-        self._flush_outbox(DRAIN_WAIT_S)  # every answer has left before we report drained
+    def retire(self) -> None:
+        """Answer every open request, refuse new ones and stop the engine (and its tensor-parallel workers).
+        What stays is what answers refusals: the sender and the watcher. Safe to call more than once."""
+        self.engine.drain(errors.SHUTTING_DOWN).wait(DRAIN_WAIT_S)
+        self.engine.shutdown()
+        if self.images is not None:
+            self.images.close(wait=False)
+        for state in self.live_states():  # waited for an image worker, or the engine could not be stopped
+            self._send_final(state, _error(errors.SHUTTING_DOWN, pb_utils.TritonError.UNAVAILABLE))
+        self.flush_outbox(DRAIN_WAIT_S)  # every answer has left
+        self.llm.close()
         self.metrics.refresh(self.engine.metrics())
-        if self.control_dir is not None:
-            _write_atomically(self.control_dir / "drained", "")
 
     def finalize(self) -> None:
-        self._stop.set()
-        self.engine.shutdown()  # answers whatever is still open through _on_update
-        self._watcher.join(timeout=2.0)
-        with self._live_lock:
-            left, self._live = list(self._live.values()), {}
-        for state in left:  # only if the engine thread could not be stopped
-            self._send_final(state, _error("the server is shutting down", pb_utils.TritonError.UNAVAILABLE))
+        if self._finalized:
+            return
+        self._finalized = True
+        self.watcher.stop()
+        self.retire()
         self._outbox.put(None)  # everything queued before this is sent first
         self._sender.join(timeout=DRAIN_WAIT_S)
-        self.llm.close()  # stops tensor-parallel workers, if any
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+        if self.control is not None:
+            self.control.set(FINALIZED)

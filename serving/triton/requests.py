@@ -19,8 +19,10 @@ import time
 class RequestState:
     """One request in flight: where its responses go and what is still to be sent."""
 
-    def __init__(self, sender, stream: bool, mode: str, num_input_tokens: int, echo_prefix: str):
+    def __init__(self, sender, stream: bool, mode: str, num_input_tokens: int, echo_prefix: str,
+                 key: str | None = None):
         self.sender = sender
+        self.key = key  # the HTTP front's tag of this request (control.FRONT_KEY), to cancel it by
         self.stream = stream
         self.mode = mode
         self.num_input_tokens = num_input_tokens
@@ -51,4 +53,14 @@ class RequestState:
             try:
                 return bool(self.sender.is_cancelled())
             except Exception:  # the request is gone on Triton's side
+                return True
+
+    def client_gone(self) -> bool:
+        """Whether the client went away, asked before the request has a handle (True once the final is claimed)."""
+        with self.lock:
+            if self.done:
+                return True
+            try:
+                return bool(self.sender.is_cancelled())
+            except Exception:
                 return True
