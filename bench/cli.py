@@ -81,9 +81,9 @@ def bench(engine_dir: Path | None, shape: str | None, dtype: str, device: str | 
     dev = resolve_device(device)
     report = {"date": time.strftime("%Y-%m-%d"), "device": device_name(dev), "torch": torch.__version__,
               "context": context}
-    click.echo(f"device: {report['device']} (torch {torch.__version__})")
+    _say(json_path, f"device: {report['device']} (torch {torch.__version__})")
     report["ceilings"] = b.machine_ceilings(dev)
-    click.echo("copy bandwidth {:.1f} GB/s, matmul {:.2f} TFLOP/s ({})".format(
+    _say(json_path, "copy bandwidth {:.1f} GB/s, matmul {:.2f} TFLOP/s ({})".format(
         report["ceilings"]["copy_bytes_per_s"] / 1e9, report["ceilings"]["matmul_flops_per_s"] / 1e12,
         report["ceilings"]["matmul_dtype"]))
     server = None
@@ -148,33 +148,33 @@ def bench(engine_dir: Path | None, shape: str | None, dtype: str, device: str | 
         report["projected_tokens_per_s_at_published_tpf"] = {
             "ar": 1e3 / step["ar"], "linear-spec": 1e3 * PUBLISHED_TPF["linear-spec"] / (step["draft-32"] + step["verify-32"]),
             "quadratic-spec (k=8)": 1e3 * min(PUBLISHED_TPF["quadratic-spec"], 8) / step["quad-k8"]}
-    _print_table(report)
+    _print_table(report, json_path)
     _write_json(report, json_path)
     if plot_path is not None:
-        click.echo(f"wrote {plot_path}" if plot_report(report, plot_path) else "no plot: matplotlib is not installed")
+        _say(json_path, f"wrote {plot_path}" if plot_report(report, plot_path) else "no plot: matplotlib is not installed")
 
 
-def _print_table(report: dict) -> None:
-    click.echo(f"\n{'step':12s} {'batch':>5s} {'tokens':>7s} {'ms':>9s}  path")
+def _print_table(report: dict, json_path: str | None) -> None:
+    _say(json_path, f"\n{'step':12s} {'batch':>5s} {'tokens':>7s} {'ms':>9s}  path")
     for r in report["steps"]:
         path = "cuda graph" if r.get("graph") else "eager"
-        click.echo(f"{r['kind']:12s} {r['batch']:5d} {r['tokens']:7d} {r['ms']:9.3f}  {path}")
+        _say(json_path, f"{r['kind']:12s} {r['batch']:5d} {r['tokens']:7d} {r['ms']:9.3f}  {path}")
     roof = report["roofline"]
-    click.echo(f"roofline: {roof['forward_ms']:.3f} ms/forward ({roof['ar_tokens_per_s']:.1f} AR tokens/s); "
+    _say(json_path, f"roofline: {roof['forward_ms']:.3f} ms/forward ({roof['ar_tokens_per_s']:.1f} AR tokens/s); "
                f"AR batch 1: {report['ar_batch1']['tokens_per_s']:.1f} tokens/s "
                f"({100 * report['ar_batch1']['fraction_of_roofline']:.0f}% of roofline)")
     if "transformers_ar_tokens_per_s" in report:
-        click.echo(f"transformers AR: {report['transformers_ar_tokens_per_s']:.1f} tokens/s "
+        _say(json_path, f"transformers AR: {report['transformers_ar_tokens_per_s']:.1f} tokens/s "
                    f"(nemodiff {report['speedup_vs_transformers']:.1f}x)")
     for r in report.get("end_to_end", []):
-        click.echo(f"{r['mode']:15s} x{r['concurrency']:<3d} {r['tokens_per_forward']:5.2f} tok/fwd "
+        _say(json_path, f"{r['mode']:15s} x{r['concurrency']:<3d} {r['tokens_per_forward']:5.2f} tok/fwd "
                    f"{r['tokens_per_s']:8.1f} tok/s  TTFT {r['ttft_ms'] or 0:7.1f} ms  ITL {r['itl_ms'] or 0:6.2f} ms")
     if "tp" in report:
         tp = report["tp"]
-        click.echo(f"tensor parallel x{tp['size']}: AR batch 1 {tp['ar_batch1_ms']:.3f} ms per token, "
+        _say(json_path, f"tensor parallel x{tp['size']}: AR batch 1 {tp['ar_batch1_ms']:.3f} ms per token, "
                    f"{tp['ratio_to_tp1']:.3f} of one rank's (ideal {1 / tp['size']:.3f})")
     for mode, value in report.get("projected_tokens_per_s_at_published_tpf", {}).items():
-        click.echo(f"projected {mode}: {value:.1f} tokens/s at the published tokens/forward")
+        _say(json_path, f"projected {mode}: {value:.1f} tokens/s at the published tokens/forward")
 
 
 def _bench_host(engine_dir: Path, device: str | None, modes: str, batch_sizes: str, iters: int,
@@ -184,10 +184,10 @@ def _bench_host(engine_dir: Path, device: str | None, modes: str, batch_sizes: s
 
     levels = _ints(batch_sizes)
     llm = LLM(engine_dir, device=device, max_batch_size=max(levels))
-    click.echo(f"host overhead of {engine_dir} ({llm.config.build.dtype}) on {llm.model.device}, "
+    _say(json_path, f"host overhead of {engine_dir} ({llm.config.build.dtype}) on {llm.model.device}, "
                f"{max(iters, 20)} steady steps per row")
     rows = host_overhead(llm, modes.split(","), levels, steps=max(iters, 20))
-    click.echo(format_table(rows))
+    _say(json_path, format_table(rows))
     _write_json({"date": time.strftime("%Y-%m-%d"), "engine": str(engine_dir), "device": str(llm.model.device),
                  "torch": torch.__version__, "host_overhead": rows}, json_path)
 
@@ -204,14 +204,14 @@ def _bench_server(url: str, concurrency: str, duration: float, modes: str, max_t
         rows = asyncio.run(bench_server(url, levels, duration, modes.split(","), max_tokens))
     except RuntimeError as exc:
         raise click.ClickException(str(exc)) from None
-    click.echo(format_rows(rows))
+    _say(json_path, format_rows(rows))
     report = {"date": time.strftime("%Y-%m-%d"), "server": url, "levels": rows,
               "title": f"{url}, modes {modes}, {max_tokens} tokens per request"}
     _write_json(report, json_path)
     if plot_path is not None:
         from nemodiff.bench.plots import plot_report
 
-        click.echo(f"wrote {plot_path}" if plot_report(report, plot_path) else "no plot: matplotlib is not installed")
+        _say(json_path, f"wrote {plot_path}" if plot_report(report, plot_path) else "no plot: matplotlib is not installed")
 
 
 def _bench_launches(engine_dir: Path | None, iters: int, json_path: str | None) -> None:
@@ -225,8 +225,7 @@ def _bench_launches(engine_dir: Path | None, iters: int, json_path: str | None) 
     except KernelLaunchError as exc:
         raise click.ClickException(str(exc)) from None
     report["date"] = time.strftime("%Y-%m-%d")
-    if json_path != "-":
-        click.echo(format_report(report))
+    _say(json_path, format_report(report))
     _write_json(report, json_path)
 
 
@@ -243,3 +242,8 @@ def _write_json(report: dict, json_path: str | None, quiet: bool = False) -> Non
     path.write_text(text + "\n")
     if not quiet:
         click.echo(f"wrote {path}")
+
+
+def _say(json_path: str | None, text: str) -> None:
+    """Human-readable lines: stdout, or stderr when `--json` alone claims stdout for the JSON."""
+    click.echo(text, err=json_path == "-")

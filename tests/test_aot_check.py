@@ -236,7 +236,7 @@ def test_bench_launch_overhead(gpu_engines):
     engine = gpu_engines("h200", "bf16")
     result = CliRunner().invoke(main, ["bench", str(engine), "--launch-overhead", "--iters", "20", "--json"])
     assert result.exit_code == 0, result.output
-    report = json.loads(result.output)
+    report = json.loads(result.stdout)
     assert 0 < report["us_per_launch"] < 1000
     assert report["launches_per_layer"] <= 8
     assert set(report["launches_per_forward"]) == {"ar", "verify-32", "draft-32", "quad-k8"}

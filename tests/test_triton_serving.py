@@ -344,11 +344,19 @@ def test_serve_rejects_bad_arguments(tmp_path, engine_dir):
     assert parse_bytes("2GiB") == 2 * 2**30 and parse_bytes("30KiB") == 30720 and parse_bytes("512") == 512
 
 
-def test_serve_reports_a_server_that_dies_at_startup(engine_dir, tmp_path):
+def test_serve_refuses_a_corrupt_engine_before_starting_triton(engine_dir, tmp_path):
     broken = tmp_path / "broken"
     shutil.copytree(engine_dir, broken)
-    (broken / "weights.safetensors").write_bytes(b"not weights")  # fails the manifest check at load
-    server = Server(broken, tmp_path / "serve.log")
+    (broken / "weights.safetensors").write_bytes(b"not weights")
+    result = subprocess.run([str(NEMODIFF), "serve", str(broken)], capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert "weights.safetensors" in result.stderr and "manifest" in result.stderr
+    assert "tritonserver" not in result.stderr
+
+
+def test_serve_reports_a_server_that_dies_at_startup(engine_dir, tmp_path):
+    # The engine is sound but its KV cache cannot hold one page: the backend fails to load it inside Triton.
+    server = Server(engine_dir, tmp_path / "serve.log", "--kv-cache-memory", "1KiB")
     with pytest.raises(RuntimeError, match="exited"):
         server.start(timeout=120)
     assert server.process.returncode != 0
