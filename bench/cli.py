@@ -14,8 +14,6 @@ import torch
 
 from nemodiff.runtime.request import mode_param
 
-PUBLISHED_TPF = {"ar": 1.0, "diffusion": 2.6, "linear-spec": 6.0, "quadratic-spec": 6.4}  # docs/design.md §1, NLD-8B
-
 
 def _ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x.strip()]
@@ -46,7 +44,21 @@ def _ints(text: str) -> list[int]:
                    "defaults to 1,8,32,64 there.")
 @click.option("--duration", type=float, default=30.0, help="With --serve: seconds per concurrency level.")
 @click.option("--kernels", type=click.Choice(["auto", "off", "interpret", "aot-check", "jit", "aot"]), default="auto",
-              help="Kernel mode of ENGINE_DIR (see `nemodiff generate --help`).")
+              help="Kernel mode of ENGINE_DIR (see `nemodiff generate --help`). With --shape: aot = every variant "
+                   "the shape needs compiled for this GPU's sm (as nemodiff-build --arch does) and launched through "
+                   "the CUDA driver, as serving runs (auto on a GPU with cuda-python); aot-check = the same on the "
+                   "CPU for --sm, every launch checked against its cubin and interpreted; jit = Triton's JIT "
+                   "(development); interpret; off = the PyTorch reference path (auto on a CPU).")
+@click.option("--sm", type=str, default="sm_90a", help="With --shape --kernels aot-check: the GPU arch to compile for.")
+@click.option("--kernel-dir", type=click.Path(path_type=Path), default=None,
+              help="With --shape and aot/aot-check: compile into KERNEL_DIR/kernels/<sm>/ (reused when it already "
+                   "holds every variant) instead of a temporary folder.")
+@click.option("--end-to-end", "end_to_end", is_flag=True,
+              help="With --shape: also run the engine loop (CUDA graphs, decisions) end to end per mode and "
+                   "concurrency on the random model (its drafts are rejected: see the report's note).")
+@click.option("--block-length", type=int, default=None,
+              help="With --shape --end-to-end: the engine's block length [default: the shape's, 32].")
+@click.option("--prompt-tokens", type=int, default=128, help="With --shape --end-to-end: prompt length.")
 @click.option("--launch-overhead", is_flag=True,
               help="On the CPU, with ENGINE_DIR built for a GPU arch: host time per ahead-of-time kernel launch "
                    "(the driver call left out) and launches per layer and per forward.")
@@ -55,12 +67,13 @@ def _ints(text: str) -> list[int]:
                    "mode at 1, 8 and 32 running requests; use a tiny checkpoint to see the host alone.")
 def bench(engine_dir: Path | None, shape: str | None, dtype: str, device: str | None, modes: str, batch_sizes: str,
           concurrency: str, context: int, iters: int, max_new_tokens: int, with_hf: bool, tp: int, json_path: Path,
-          plot_path: Path | None, serve_url: str | None, duration: float, kernels: str, launch_overhead: bool,
-          host_overhead: bool) -> None:
+          plot_path: Path | None, serve_url: str | None, duration: float, kernels: str, sm: str,
+          kernel_dir: Path | None, end_to_end: bool, block_length: int | None, prompt_tokens: int,
+          launch_overhead: bool, host_overhead: bool) -> None:
     """Benchmark an engine (end to end per mode + step latencies), a random model at --shape, or a server."""
     from nemodiff.bench import steps as b
     from nemodiff.bench.plots import plot_report
-    from nemodiff.device import device_name, empty_cache, resolve_device
+    from nemodiff.device import device_name, empty_cache, is_cuda, resolve_device
 
     if serve_url is not None:
         _bench_server(serve_url, concurrency, duration, modes, max_new_tokens, json_path, plot_path)
@@ -88,12 +101,19 @@ def bench(engine_dir: Path | None, shape: str | None, dtype: str, device: str | 
         report["ceilings"]["matmul_dtype"]))
     server = None
     if shape:
-        from nemodiff.bench.shapes import jit_kernels, random_model, shape_config, transformers_baseline
+        from nemodiff.bench.kernels import kernel_platform, resolve_mode, shape_kernels
+        from nemodiff.bench.shapes import random_model, shape_config, transformers_baseline
 
         config = shape_config(shape)
-        model, weights = random_model(config, dtype, dev)
-        model.kernels = jit_kernels(dev)
-        page_size, title = 16, f"{shape} ({dtype}, random weights) on {report['device']}"
+        mode = resolve_mode(kernels, dev)
+        platform = kernel_platform(dev, mode, sm)
+        before = _host_rss_bytes()
+        model, weights = random_model(config, dtype, platform)
+        report["host_memory"] = {"rss_growth_bytes": _host_rss_bytes() - before,
+                                 "plain_weight_bytes": sum(t.numel() * t.element_size() for t in weights.values())}
+        model.kernels, report["kernels"] = shape_kernels(config, dtype, platform, mode, kernel_dir)
+        _say(json_path, _kernels_line(report["kernels"]))
+        page_size, title = 16, f"{shape} ({dtype}, random weights, kernels {mode}) on {report['device']}"
     else:
         from nemodiff import LLM
         from nemodiff.serving.async_engine import AsyncEngine
@@ -102,9 +122,11 @@ def bench(engine_dir: Path | None, shape: str | None, dtype: str, device: str | 
         model, config, page_size = llm.model, llm.config.model, llm.config.build.kv_page_size
         context = min(context, max(llm.config.build.max_seq_len - 1100, 16))
         report["context"] = context
+        report["kernels"] = {"mode": model.kernels.name if model.kernels is not None else "off"}
         server = AsyncEngine(llm)
         title = f"{engine_dir.name} ({llm.config.build.dtype}) on {report['device']}"
     report["title"] = title
+
     def save() -> None:  # after every result: a later failure (or a kill) loses nothing measured
         if json_path not in (None, "-"):
             _write_json(report, json_path, quiet=True)
@@ -112,14 +134,23 @@ def bench(engine_dir: Path | None, shape: str | None, dtype: str, device: str | 
     report["weight_bytes"] = b.weight_bytes(model)
     roofline_ms = 1e3 * report["weight_bytes"] / report["ceilings"]["copy_bytes_per_s"]
     report["roofline"] = {"forward_ms": roofline_ms, "ar_tokens_per_s": 1e3 / roofline_ms}
-    kinds = [k for k in b.STEP_KINDS if k != "quad-k32" or dev.type == "cuda"]
+    kinds = [k for k in b.STEP_KINDS if k != "quad-k32" or is_cuda(dev)]
     report["steps"] = []
     save()
     b.step_latencies(model, kinds, _ints(batch_sizes), context, page_size, iters,
                      on_result=lambda row: (report["steps"].append(row), save()))
     ar1 = next(r["ms"] for r in report["steps"] if r["kind"] == "ar" and r["batch"] == min(_ints(batch_sizes)))
     report["ar_batch1"] = {"ms": ar1, "tokens_per_s": 1e3 / ar1, "fraction_of_roofline": roofline_ms / ar1}
+    if server is None:
+        step = {r["kind"]: r["ms"] for r in report["steps"] if r["batch"] == min(_ints(batch_sizes))}
+        report["projected_tokens_per_s_at_published_tpf"] = b.projected_tokens_per_s(step)
+        report["projection_basis"] = b.PROJECTION_BASIS
     save()
+    if model.kernels is not None:
+        from nemodiff.bench.launches import forward_host_cost
+
+        report["launch"] = forward_host_cost(model, page_size, context, iters=iters)
+        save()
     if shape and with_hf:
         try:
             hf = transformers_baseline(config, weights, dev)
@@ -132,40 +163,76 @@ def bench(engine_dir: Path | None, shape: str | None, dtype: str, device: str | 
             report["transformers_error"] = f"{type(exc).__name__}: {exc}"
             click.echo(f"transformers baseline failed: {report['transformers_error']}", err=True)
         save()
-    if tp > 1:
-        del model, weights  # room for the shards
+    if shape:
+        weights = None  # the plain tensors served the baseline only
         empty_cache(dev)
-        report["tp"] = b.tensor_parallel_steps(shape, dtype, dev, tp, _ints(batch_sizes),
-                                               context, page_size, iters, report["steps"])
+    if shape and end_to_end:
+        from nemodiff.bench.random_engine import NOTE, engine_end_to_end, random_engine
+
+        block = block_length or config.block_size
+        levels = _ints(concurrency)
+        engine = random_engine(model, page_size, max(levels), prompt_tokens + max_new_tokens + 2 * block, block)
+        report["end_to_end_note"], report["end_to_end"] = NOTE, []
+        engine_end_to_end(engine, modes.split(","), levels, prompt_tokens, max_new_tokens,
+                          on_result=lambda row: (report["end_to_end"].append(row), save()))
+        model.graphs = None
+        del engine
+        empty_cache(dev)
+    if tp > 1:
+        del model  # room for the shards
+        empty_cache(dev)
+        report["tp"] = b.tensor_parallel_steps(shape, dtype, dev, tp, _ints(batch_sizes), context, page_size, iters,
+                                               report["steps"], kernels=report["kernels"]["mode"],
+                                               kernel_dir=kernel_dir, sm=sm)
         save()
     if server is not None:
         prompts = [[1] + llm.tokenizer.encode(text, add_special_tokens=False) for text in
                    ("The cat sat on the", "Once upon a time", "1, 2, 3, 4,", "The weather today is")]
         report["end_to_end"] = b.end_to_end(server, prompts, modes.split(","), _ints(concurrency), max_new_tokens)
         server.shutdown()
-    else:
-        step = {r["kind"]: r["ms"] for r in report["steps"] if r["batch"] == min(_ints(batch_sizes))}
-        report["projected_tokens_per_s_at_published_tpf"] = {
-            "ar": 1e3 / step["ar"], "linear-spec": 1e3 * PUBLISHED_TPF["linear-spec"] / (step["draft-32"] + step["verify-32"]),
-            "quadratic-spec (k=8)": 1e3 * min(PUBLISHED_TPF["quadratic-spec"], 8) / step["quad-k8"]}
     _print_table(report, json_path)
     _write_json(report, json_path)
     if plot_path is not None:
         _say(json_path, f"wrote {plot_path}" if plot_report(report, plot_path) else "no plot: matplotlib is not installed")
 
 
+def _host_rss_bytes() -> int:
+    """This process's resident host memory (Linux; 0 elsewhere)."""
+    import os
+
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def _kernels_line(info: dict) -> str:
+    if info["mode"] not in ("aot", "aot-check"):
+        return f"kernels: {info['mode']}"
+    how = f"compiled in {info['compile_s']:.1f} s" if info["compiled"] else "reused"
+    return f"kernels: {info['mode']}, {info['variants']} variants for {info['sm']} ({how}) in {info['dir']}"
+
+
 def _print_table(report: dict, json_path: str | None) -> None:
     _say(json_path, f"\n{'step':12s} {'batch':>5s} {'tokens':>7s} {'ms':>9s}  path")
     for r in report["steps"]:
-        path = "cuda graph" if r.get("graph") else "eager"
+        path = ("cuda graph" if r.get("captured") else "graph path, eager") if r.get("graph") else "eager"
         _say(json_path, f"{r['kind']:12s} {r['batch']:5d} {r['tokens']:7d} {r['ms']:9.3f}  {path}")
     roof = report["roofline"]
     _say(json_path, f"roofline: {roof['forward_ms']:.3f} ms/forward ({roof['ar_tokens_per_s']:.1f} AR tokens/s); "
                f"AR batch 1: {report['ar_batch1']['tokens_per_s']:.1f} tokens/s "
                f"({100 * report['ar_batch1']['fraction_of_roofline']:.0f}% of roofline)")
+    launch = report.get("launch")
+    if launch:
+        _say(json_path, f"launches per layer {launch['launches_per_layer']:.1f}, {launch['launches_per_forward']:.0f} per "
+                   f"eager AR forward: host {launch['host_ms_per_forward']:.3f} ms per forward, "
+                   f"{launch['host_us_per_launch']:.1f} us per launch ({launch['launcher']} launcher)")
     if "transformers_ar_tokens_per_s" in report:
         _say(json_path, f"transformers AR: {report['transformers_ar_tokens_per_s']:.1f} tokens/s "
                    f"(nemodiff {report['speedup_vs_transformers']:.1f}x)")
+    if report.get("end_to_end_note"):
+        _say(json_path, f"end to end, measured ({report['end_to_end_note']}):")
     for r in report.get("end_to_end", []):
         _say(json_path, f"{r['mode']:15s} x{r['concurrency']:<3d} {r['tokens_per_forward']:5.2f} tok/fwd "
                    f"{r['tokens_per_s']:8.1f} tok/s  TTFT {r['ttft_ms'] or 0:7.1f} ms  ITL {r['itl_ms'] or 0:6.2f} ms")
@@ -174,7 +241,7 @@ def _print_table(report: dict, json_path: str | None) -> None:
         _say(json_path, f"tensor parallel x{tp['size']}: AR batch 1 {tp['ar_batch1_ms']:.3f} ms per token, "
                    f"{tp['ratio_to_tp1']:.3f} of one rank's (ideal {1 / tp['size']:.3f})")
     for mode, value in report.get("projected_tokens_per_s_at_published_tpf", {}).items():
-        _say(json_path, f"projected {mode}: {value:.1f} tokens/s at the published tokens/forward")
+        _say(json_path, f"projected {mode}: {value:.1f} tokens/s at the published tokens/forward (not measured)")
 
 
 def _bench_host(engine_dir: Path, device: str | None, modes: str, batch_sizes: str, iters: int,

@@ -143,3 +143,71 @@ def format_report(report: dict) -> str:
                  f"{report['us_per_kernel_call']:.2f} us from the kernel call (driver call left out); "
                  f"launches per layer, AR batch 1: {report['launches_per_layer']:.1f}")
     return "\n".join(lines)
+
+
+def forward_host_cost(model, page_size: int, context: int, iters: int = 10, kind: str = "ar") -> dict:
+    """Host time of one eager forward of `kind` at batch 1 on the model's real kernel path (on a GPU: the
+    ahead-of-time launcher and the CUDA driver calls, graphs left aside), and its launches.
+
+    The host clock stops when `forward` returns, before the device has finished (launches are
+    asynchronous), so it measures what the host pays per step when no graph is replayed: batch packing,
+    metadata, every kernel launch. Reports launches per forward and per layer (dense GEMMs counted as one
+    cuBLAS launch each, as `launch_overhead` counts them), host ms per forward and host µs per launch, and
+    the device time of the same forward."""
+    from nemodiff.device import Timer, synchronize
+
+    kernels = model.kernels
+    if kernels is None:
+        return {}
+    launcher, cfg = kernels.launcher, model.config
+    counted = [0]
+    launch = launcher.launch
+
+    def counting(variant, grid, args):
+        counted[0] += 1
+        launch(variant, grid, args)
+    dense_calls = [0]
+    call = DenseLinear.__call__
+
+    def dense(self, x, kernels=None):
+        dense_calls[0] += 1
+        return call(self, x, kernels)
+
+    n = STEP_KINDS[kind][0]
+    pages = -(-(context + n + 8) // page_size)
+    cache = PagedKVCache(cfg.num_hidden_layers, model.num_kv_heads, cfg.head_dim, page_size, pages + 1, model.dtype,
+                         model.platform, max_pages_per_request=pages)
+    cache.add_request(0)
+    cache.reserve(0, context + n + 8)
+    cache.set_length(0, context)
+    cache.reserve(0, context + n + 8)
+    segments = _segments(kind, 1, context)
+    graphs, model.graphs = model.graphs, None
+    own = vars(launcher).get("launch")  # an instance's own launch (a wrapper), else the class's
+    launcher.launch = counting
+    DenseLinear.__call__ = dense
+    try:
+        model.forward(segments, cache)  # warm: buffers grown, variants prepared
+        synchronize(model.device)
+        counted[0] = dense_calls[0] = 0
+        host = device = 0.0
+        for _ in range(iters):
+            with Timer(model.device) as timer:
+                start = time.perf_counter()
+                model.forward(segments, cache)
+                host += time.perf_counter() - start
+            device += timer.ms
+    finally:
+        DenseLinear.__call__ = call
+        if own is None:
+            del launcher.launch  # the class's method again
+        else:
+            launcher.launch = own
+        model.graphs = graphs
+    launches = counted[0] / iters
+    gemms = max(dense_calls[0] / iters - 1, 0.0)  # the head is one of them
+    return {"kind": kind, "context": context, "launcher": launcher.name, "triton_launches_per_forward": launches,
+            "dense_gemms_per_forward": gemms, "launches_per_forward": launches + gemms,
+            "launches_per_layer": (launches - 1 + gemms) / cfg.num_hidden_layers,  # less the final norm
+            "host_ms_per_forward": 1e3 * host / iters, "host_us_per_launch": 1e6 * host / iters / max(launches + gemms, 1),
+            "device_ms_per_forward": device / iters}

@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from nemodiff.device import is_cuda
+from nemodiff.device import Platform, as_platform
 from nemodiff.engine_format import ModelConfig, RopeConfig
-from nemodiff.plugins.ops import load_kernels
 from nemodiff.runtime.model.transformer import TORCH_DTYPES, Model
 
 # The released geometries (vocab 131072, bos 1, eos 11, mask 100, block 32, YaRN factor 16 over an
@@ -26,6 +25,10 @@ SHAPES = {
     "nld-14b": dict(hidden_size=5120, intermediate_size=16384, num_hidden_layers=40, rope_theta=1e9),
     "tiny": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, head_dim=64, vocab_size=2048, rope_theta=1e6),
+    # the test checkpoints' geometry (builder/random_checkpoint.py) in one layer: the CPU dry run of the GPU
+    # device script interprets every kernel, and shares its compiled variants with the test suite's
+    "micro": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=16, vocab_size=384, rope_theta=1e6),
 }
 
 
@@ -38,16 +41,21 @@ def shape_config(name: str) -> ModelConfig:
                        bos_token_id=1, eos_token_ids=[11], rope=rope, **values)
 
 
-def random_model(config: ModelConfig, dtype: str, device: torch.device, seed: int = 0, tp_rank: int = 0,
+def random_model(config: ModelConfig, dtype: str, device: torch.device | Platform, seed: int = 0, tp_rank: int = 0,
                  tp_size: int = 1) -> tuple[Model, dict]:
     """A Model with random weights of `config`; returns it and the plain (unquantized) tensors.
 
-    With tp_size > 1 the weights have the shapes of rank tp_rank's tensor-parallel shard (their
-    values are not slices of one model: the benchmark times shapes, not outputs)."""
+    Every tensor is drawn on the device by a generator that lives there, and fp8 weights are quantized
+    there: nothing is built in host memory first (8.49 B parameters would take 34 GB as float32).
+    `device` may be a Platform (the emulated GPU path of aot-check). With tp_size > 1 the weights have
+    the shapes of rank tp_rank's tensor-parallel shard (their values are not slices of one model: the
+    benchmark times shapes, not outputs)."""
     from nemodiff.builder.convert import quantize_fp8
     from nemodiff.builder.shard import check_tp, shard_bounds
 
     check_tp(config, tp_size)
+    platform = as_platform(device)
+    device = platform.device
     gen = torch.Generator(device=device).manual_seed(seed + tp_rank)
     plain = TORCH_DTYPES[dtype]
 
@@ -71,8 +79,8 @@ def random_model(config: ModelConfig, dtype: str, device: torch.device, seed: in
     runtime = dict(weights)
     if dtype == "fp8":
         for name in [n for n in weights if n.endswith(("qkv", ".o", "gate_up", "down"))]:
-            runtime[name], runtime[name + ".scale"] = quantize_fp8(weights[name])
-    return Model(config, runtime, plain, device, tp_size=tp_size), weights
+            runtime[name], runtime[name + ".scale"] = quantize_fp8(weights[name])  # on the device
+    return Model(config, runtime, plain, platform, tp_size=tp_size), weights
 
 
 def transformers_baseline(config: ModelConfig, weights: dict, device: torch.device):
@@ -112,15 +120,16 @@ def transformers_baseline(config: ModelConfig, weights: dict, device: torch.devi
     return model.eval()
 
 
-def jit_kernels(device: torch.device):
-    """The Triton kernels for this GPU (Triton's JIT compiles them on first use), or None on CPU."""
-    if not is_cuda(device):
-        return None
-    return load_kernels(None, None, device, mode="jit")
+def worker_model(device: torch.device, rank: int, size: int, name: str, dtype: str, seed: int = 0,
+                 kernels: str = "off", kernel_dir: str | None = None, sm: str | None = None):
+    """A tensor-parallel worker's shard of the random `name` model (the factory `bench.steps` names), with
+    the kernels rank 0 resolved: for aot/aot-check the folder rank 0 compiled this rank's geometry into."""
+    from nemodiff.builder.build import rank_config
 
+    from .kernels import kernel_platform, shape_kernels
 
-def worker_model(device: torch.device, rank: int, size: int, name: str, dtype: str, seed: int = 0):
-    """A tensor-parallel worker's shard of the random `name` model (the factory `bench.steps` names)."""
-    model = random_model(shape_config(name), dtype, device, seed=seed, tp_rank=rank, tp_size=size)[0]
-    model.kernels = jit_kernels(device)
+    config = shape_config(name)
+    platform = kernel_platform(device, kernels, sm)
+    model = random_model(config, dtype, platform, seed=seed, tp_rank=rank, tp_size=size)[0]
+    model.kernels = shape_kernels(rank_config(config, size), dtype, platform, kernels, kernel_dir)[0]
     return model

@@ -22,7 +22,7 @@ from nemodiff.runtime.model.transformer import Model
 
 
 def median_seconds(fn: Callable[[], object], device: torch.device, iters: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
+    for _ in range(min(warmup, iters - 1)):  # a single timed run (a smoke test) goes unwarmed
         fn()
     synchronize(device)
     times = []
@@ -83,6 +83,27 @@ STEP_KINDS = {
 }
 
 
+PUBLISHED_TPF = {"ar": 1.0, "diffusion": 2.6, "linear-spec": 6.0, "quadratic-spec": 6.4}  # docs/design.md §1, NLD-8B
+PROJECTION_BASIS = {
+    "diffusion": "32-token blocks at 2.6 tokens per forward: 32 / 2.6 - 1 denoising forwards (the draft-32 shape: "
+                 "32 full tokens, no KV write) and one commit forward (the verify-32 shape) per block",
+    "linear-spec": "6.0 tokens per cycle of one draft-32 and one verify-32 forward (conservative: the cycle, not "
+                   "each of its two forwards, counted as the published forward)",
+    "quadratic-spec (k=8)": "6.4 tokens per QuadraticSpec k = 8 forward (72 tokens)",
+}
+
+
+def projected_tokens_per_s(step_ms: dict[str, float]) -> dict[str, float]:
+    """Tokens/s of diffusion and the spec modes projected from the measured batch-1 step latencies at the
+    published tokens per forward (random weights reject every draft, so measured spec-mode tokens/s say
+    nothing about a trained model); PROJECTION_BASIS says how each is counted."""
+    block = STEP_KINDS["draft-32"][0]
+    denoise = block / PUBLISHED_TPF["diffusion"] - 1
+    return {"diffusion": 1e3 * block / (denoise * step_ms["draft-32"] + step_ms["verify-32"]),
+            "linear-spec": 1e3 * PUBLISHED_TPF["linear-spec"] / (step_ms["draft-32"] + step_ms["verify-32"]),
+            "quadratic-spec (k=8)": 1e3 * min(PUBLISHED_TPF["quadratic-spec"], 8) / step_ms["quad-k8"]}
+
+
 def _segments(kind: str, batch: int, context: int) -> list[Segment]:
     """The segments of one step of `kind` for `batch` requests, as the strategies build them."""
     from nemodiff.runtime.model.segments import cycle_layout
@@ -106,8 +127,9 @@ def step_latencies(model: Model, kinds: list[str], batch_sizes: list[int], conte
                    iters: int, on_result: Callable[[dict], None] | None = None) -> list[dict]:
     """Median forward time for each step kind and batch size at a `context`-token committed prefix.
 
-    On the GPU kernel path the shapes are captured as CUDA graphs first, as the engine does; a
-    result is labelled "graph" only when its forwards really replayed one."""
+    On the GPU kernel path the shapes are captured as CUDA graphs first, as the engine does, and on the
+    CPU under aot-check the same static, padded path runs eagerly; a result is labelled "graph" only when
+    its forwards really replayed one ("captured" says whether that was a CUDA graph)."""
     cfg, device = model.config, model.device
     results, engine_graphs = [], model.graphs
     for batch in batch_sizes:
@@ -117,7 +139,7 @@ def step_latencies(model: Model, kinds: list[str], batch_sizes: list[int], conte
         runner = None
         # time what serving runs: graph replays (tensor-parallel steps run eagerly here: the workers capture
         # graphs only with an engine)
-        if model.uses_kernels(cache) and model.platform.captures_graphs and model.driver is None:
+        if model.uses_kernels(cache) and model.platform.gpu_path and model.driver is None:
             from nemodiff.runtime.model.graphs import GraphRunner
 
             runner = model.graphs = GraphRunner(model, cache, context + 1100, buckets=(batch,))
@@ -135,8 +157,9 @@ def step_latencies(model: Model, kinds: list[str], batch_sizes: list[int], conte
             segments = _segments(kind, batch, context)
             replays = runner.replays if runner is not None else 0
             seconds = median_seconds(lambda s=segments, c=cache: model.forward(s, c), device, iters)
+            graph = runner is not None and runner.replays > replays
             row = {"kind": kind, "batch": batch, "tokens": sum(len(s) for s in segments), "ms": seconds * 1e3,
-                   "graph": runner is not None and runner.replays > replays}
+                   "graph": graph, "captured": graph and runner.capture}
             results.append(row)
             if on_result is not None:
                 on_result(row)
@@ -147,19 +170,34 @@ def step_latencies(model: Model, kinds: list[str], batch_sizes: list[int], conte
 
 
 def tensor_parallel_steps(shape: str, dtype: str, device: torch.device, tp: int, batch_sizes: list[int],
-                          context: int, page_size: int, iters: int, single: list[dict]) -> dict:
-    """Step latencies of the random `shape` model split over `tp` ranks, and AR batch 1 against one rank."""
+                          context: int, page_size: int, iters: int, single: list[dict], kernels: str = "off",
+                          kernel_dir=None, sm: str | None = None) -> dict:
+    """Step latencies of the random `shape` model split over `tp` ranks, and AR batch 1 against one rank.
+
+    `kernels` is a resolved `bench.kernels` mode: rank 0 compiles the rank geometry's variants (aot,
+    aot-check) into `kernel_dir` (a temporary folder when None) before the workers start, and every
+    worker loads that folder."""
+    import tempfile
+    from pathlib import Path
+
+    from nemodiff.builder.build import rank_config
     from nemodiff.device import rank_devices
     from nemodiff.runtime.parallel.driver import TensorParallelDriver
 
-    from .shapes import jit_kernels, random_model, shape_config
+    from .kernels import kernel_platform, shape_kernels
+    from .shapes import random_model, shape_config
 
     devices = rank_devices(device, tp)
+    root = Path(kernel_dir) if kernel_dir is not None else Path(tempfile.mkdtemp(prefix="nemodiff-kernels-"))
+    config = shape_config(shape)
+    platform = kernel_platform(devices[0], kernels, sm)
+    model = random_model(config, dtype, platform, tp_rank=0, tp_size=tp)[0]
+    model.kernels = shape_kernels(rank_config(config, tp), dtype, platform, kernels, root)[0]
     driver = TensorParallelDriver.launch(devices, {"model_factory": "nemodiff.bench.shapes:worker_model",
-                                                   "factory_args": {"name": shape, "dtype": dtype, "seed": 0}})
+                                                   "factory_args": {"name": shape, "dtype": dtype, "seed": 0,
+                                                                    "kernels": kernels, "kernel_dir": str(root),
+                                                                    "sm": platform.sm}})
     try:
-        model = random_model(shape_config(shape), dtype, devices[0], tp_rank=0, tp_size=tp)[0]
-        model.kernels = jit_kernels(devices[0])
         driver.connect(model)
         steps = step_latencies(model, ["ar", "verify-32", "draft-32"], batch_sizes, context, page_size, iters)
     finally:
@@ -167,18 +205,21 @@ def tensor_parallel_steps(shape: str, dtype: str, device: torch.device, tp: int,
     batch = min(batch_sizes)
     one = next(r["ms"] for r in single if r["kind"] == "ar" and r["batch"] == batch)
     many = next(r["ms"] for r in steps if r["kind"] == "ar" and r["batch"] == batch)
-    return {"size": tp, "devices": [str(d) for d in devices], "steps": steps, "ar_batch1_ms": many,
-            "ar_batch1_ms_one_rank": one, "ratio_to_tp1": many / one}
+    return {"size": tp, "devices": [str(d) for d in devices], "kernels": kernels, "steps": steps,
+            "ar_batch1_ms": many, "ar_batch1_ms_one_rank": one, "ratio_to_tp1": many / one}
 
 
 def transformers_ar_tokens_per_s(hf_model, context: int, new_tokens: int, device: torch.device) -> float:
-    prompt = torch.randint(200, 1000, (1, context), device=device)
+    vocab = hf_model.config.vocab_size
+    prompt = torch.randint(min(200, vocab // 2), min(1000, vocab), (1, context), device=device)
 
     def run(n):
         with torch.no_grad():
             hf_model.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
 
-    one = median_seconds(lambda: run(1), device, 1, warmup=1)
+    run(1)  # warm-up
+    synchronize(device)
+    one = median_seconds(lambda: run(1), device, 1, warmup=0)
     many = median_seconds(lambda: run(new_tokens), device, 1, warmup=0)
     return (new_tokens - 1) / max(many - one, 1e-9)
 

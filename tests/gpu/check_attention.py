@@ -1,12 +1,14 @@
 """GPU check of the paged segment-attention kernels (a CUDA machine; CI runs the interpreter tests).
 
-checkpoint ──builder──▶ engine dir ──[runtime: attention kernels, JIT here]──▶ Triton
+checkpoint ──builder──▶ engine dir ──[runtime: attention kernels]──▶ Triton
 
 1. The JIT-compiled kernel (RoPE, KV-cache write, attention, split merge in one launch) against the
    PyTorch path on a mixed batch (decode, verify, draft, QuadraticSpec mask, prefill, explicit mask),
-   fp32/bf16/fp16, GQA 4/1/8, several splits.
-2. Timings at the NLD-8B shape (32 query / 8 KV heads, head_dim 128, bf16, page 16): decode against
-   the copy bandwidth (and PyTorch SDPA on contiguous K/V), then the multi-token shapes in TFLOP/s.
+   fp32/bf16/fp16, GQA 4/1/8, several splits (run this file on its own: development).
+2. `benchmarks`: timings at the NLD-8B shape (32 query / 8 KV heads, head_dim 128, bf16, page 16): decode
+   against the copy bandwidth (and PyTorch SDPA on contiguous K/V), then the multi-token shapes in TFLOP/s.
+   device_checks.py runs them through the ahead-of-time cubins (its launcher and `check_report.Rig`);
+   run on its own, this file times Triton's JIT.
 
     PYTHONPATH=<package tree>:tests python tests/gpu/check_attention.py   (see run_device_checks.sh)
 """
@@ -67,7 +69,8 @@ def check_correctness() -> bool:
     return passed
 
 
-def gpu_batch(lengths, prefixes, patterns, masks, heads=32, kv_heads=8, head_dim=128, page_size=16, dev="cuda"):
+def gpu_batch(lengths, prefixes, patterns, masks, heads=32, kv_heads=8, head_dim=128, page_size=16, dev="cuda",
+              sms=None):
     """Random bf16 tensors on the GPU with a shuffled page table (no poisoning: for timing): the fused
     projection, positions after each prefix, no cache writes (slots -1: the timings are the attention's)."""
     dtype = torch.bfloat16
@@ -88,7 +91,7 @@ def gpu_batch(lengths, prefixes, patterns, masks, heads=32, kv_heads=8, head_dim
         mask_offset.append(int(offsets[used]) if m is not None else 0)
         used += m is not None
     block_m, tile_seg, tile_start = plan_tiles(np.array(lengths), heads // kv_heads)
-    sms = torch.cuda.get_device_properties(0).multi_processor_count if dev == "cuda" else 132
+    sms = sms or torch.cuda.get_device_properties(0).multi_processor_count
     splits = choose_splits(len(tile_seg), kv_heads, max(prefixes) + max(lengths), sms)
     i32 = lambda x: torch.as_tensor(np.asarray(x), dtype=torch.int32, device=dev)  # noqa: E731
     workspace = torch.empty(workspace_elems(total, heads, head_dim, splits), device=dev) if splits > 1 else None
@@ -98,53 +101,64 @@ def gpu_batch(lengths, prefixes, patterns, masks, heads=32, kv_heads=8, head_dim
     return qkv, positions, slots, k_cache, v_cache, meta
 
 
-def time_ms(fn) -> float:
-    return do_bench(fn, warmup=25, rep=100)
+class _JitRig:
+    """check_report.Rig's timing, for this file run on its own (Triton's do_bench, which flushes the L2 cache)."""
+
+    device, num_sms, dry = torch.device("cuda"), None, False
+
+    def time_ms(self, fn, iters: int = 50, flush_cache: bool = False) -> float:
+        return do_bench(fn, warmup=25, rep=100)
 
 
-def time_attention(qkv, positions, slots, k_cache, v_cache, meta) -> float:
-    heads, kv_heads, head_dim = 32, k_cache.shape[1], k_cache.shape[2]
+def time_attention(launcher, rig, qkv, positions, slots, k_cache, v_cache, meta, heads) -> float:
+    kv_heads, head_dim = k_cache.shape[1], k_cache.shape[2]
     out = torch.empty(qkv.shape[0], heads, head_dim, dtype=qkv.dtype, device=qkv.device)
     rope, counters = RotaryEmbedding(TEST_ROPE, head_dim, qkv.device), Counters()
-    return time_ms(lambda: segment_attention(LAUNCHER, qkv, positions, slots, rope, k_cache, v_cache, meta,
-                                             head_dim ** -0.5, heads, kv_heads, head_dim, out=out, counters=counters))
+    return rig.time_ms(lambda: segment_attention(launcher, qkv, positions, slots, rope, k_cache, v_cache, meta,
+                                                 head_dim ** -0.5, heads, kv_heads, head_dim, out=out,
+                                                 counters=counters), flush_cache=True)
 
 
-def time_dense_decode(batch, context) -> float:
+def time_dense_decode(rig, batch, context, heads, kv_heads, head_dim) -> float:
     """PyTorch SDPA, one query per sequence over contiguous K/V: a yardstick, not a paged kernel."""
-    q = torch.randn(batch, 32, 1, 128, device="cuda", dtype=torch.bfloat16)
-    kv = torch.randn(batch, 8, context, 128, device="cuda", dtype=torch.bfloat16)
-    return time_ms(lambda: F.scaled_dot_product_attention(q, kv, kv, enable_gqa=True))
+    q = torch.randn(batch, heads, 1, head_dim, device=rig.device, dtype=torch.bfloat16)
+    kv = torch.randn(batch, kv_heads, context, head_dim, device=rig.device, dtype=torch.bfloat16)
+    return rig.time_ms(lambda: F.scaled_dot_product_attention(q, kv, kv, enable_gqa=True), flush_cache=True)
 
 
-def copy_bandwidth() -> float:
-    src = torch.empty(2 ** 30, dtype=torch.uint8, device="cuda")
+def copy_bandwidth(rig, size: int = 2 ** 30) -> float:
+    src = torch.empty(size, dtype=torch.uint8, device=rig.device)
     dst = torch.empty_like(src)
-    return 2 * src.numel() / (time_ms(lambda: dst.copy_(src)) * 1e-3)
+    return 2 * src.numel() / (rig.time_ms(lambda: dst.copy_(src)) * 1e-3)
 
 
-def benchmarks() -> list[str]:
-    rows, bandwidth = [], copy_bandwidth()
+def benchmarks(launcher=LAUNCHER, rig=None, heads: int = 32, kv_heads: int = 8, head_dim: int = 128,
+               small: bool = False) -> list[str]:
+    """Rows of timings; `small` (the CPU dry run) keeps one decode case and one multi-token shape, tiny."""
+    rig = rig or _JitRig()
+    geometry = dict(heads=heads, kv_heads=kv_heads, head_dim=head_dim, dev=rig.device, sms=rig.num_sms)
+    rows, bandwidth = [], copy_bandwidth(rig, 2 ** 20 if small else 2 ** 30)
     rows.append(f"copy bandwidth {bandwidth / 1e12:.2f} TB/s")
-    for batch in (1, 8, 32):
-        for context in (1024, 8192):
-            tensors = gpu_batch([1] * batch, [context - 1] * batch, [CAUSAL] * batch, [None] * batch)
-            ms, meta = time_attention(*tensors), tensors[-1]
-            kv_bytes = 2 * batch * context * 8 * 128 * 2
-            sdpa = time_dense_decode(batch, context)
+    for batch in (1,) if small else (1, 8, 32):
+        for context in (24,) if small else (1024, 8192):
+            tensors = gpu_batch([1] * batch, [context - 1] * batch, [CAUSAL] * batch, [None] * batch, **geometry)
+            ms, meta = time_attention(launcher, rig, *tensors, heads), tensors[-1]
+            kv_bytes = 2 * batch * context * kv_heads * head_dim * 2
+            sdpa = time_dense_decode(rig, batch, context, heads, kv_heads, head_dim)
             rows.append(f"decode batch {batch:2d} context {context:5d}: {ms * 1e3:7.1f} us, splits {meta.num_splits:2d}, "
                         f"{kv_bytes / ms / 1e9:6.0f} GB/s = {100 * kv_bytes / (ms * 1e-3) / bandwidth:3.0f}% of copy; "
                         f"SDPA (contiguous) {sdpa * 1e3:7.1f} us")
-    shapes = {"verify 8 x 32, context 1024": ([32] * 8, [1024] * 8, [CAUSAL] * 8, [None] * 8),
-              "QuadraticSpec k=32 (1056), context 1024": ([1056], [1024], [MASK], [quadratic_mask(32)]),
-              "prefill 4096": ([4096], [0], [CAUSAL], [None]),
-              "draft 32 x 32, context 4096": ([32] * 32, [4096] * 32, [FULL] * 32, [None] * 32)}
+    shapes = {"QuadraticSpec k=2 (6), context 16": ([6], [16], [MASK], [quadratic_mask(2)])} if small else {
+        "verify 8 x 32, context 1024": ([32] * 8, [1024] * 8, [CAUSAL] * 8, [None] * 8),
+        "QuadraticSpec k=32 (1056), context 1024": ([1056], [1024], [MASK], [quadratic_mask(32)]),
+        "prefill 4096": ([4096], [0], [CAUSAL], [None]),
+        "draft 32 x 32, context 4096": ([32] * 32, [4096] * 32, [FULL] * 32, [None] * 32)}
     for name, (lengths, prefixes, patterns, masks) in shapes.items():
-        tensors = gpu_batch(lengths, prefixes, patterns, masks)
-        ms, meta = time_attention(*tensors), tensors[-1]
+        tensors = gpu_batch(lengths, prefixes, patterns, masks, **geometry)
+        ms, meta = time_attention(launcher, rig, *tensors, heads), tensors[-1]
         own = [n * (n + 1) // 2 if pat == CAUSAL else int(m.sum()) if pat == MASK else n * n
                for n, pat, m in zip(lengths, patterns, masks)]
-        flops = 4 * 32 * 128 * sum(n * p + o for n, p, o in zip(lengths, prefixes, own))
+        flops = 4 * heads * head_dim * sum(n * p + o for n, p, o in zip(lengths, prefixes, own))
         rows.append(f"{name}: {ms * 1e3:8.1f} us, block_m {meta.block_m}, splits {meta.num_splits}, "
                     f"{flops / ms / 1e9:6.1f} TFLOP/s of visible query-key pairs")
     return rows
