@@ -59,6 +59,33 @@ def mode_param(many: bool = False):
     return ModeChoice()
 
 
+GUIDE_KINDS = ("json", "json_schema", "regex", "choice", "ebnf_grammar")  # TensorRT-LLM's guide type names
+
+
+@dataclass(frozen=True)
+class Guide:
+    """Structured output: what the output must match (docs/design.md §12).
+
+    kind: "json" (any JSON object), "json_schema" (text: a JSON schema), "regex" (text: a regular
+    expression), "choice" (choices: one of these strings), "ebnf_grammar" (text: a GBNF grammar).
+    """
+
+    kind: str
+    text: str = ""
+    choices: tuple[str, ...] = ()
+
+    def validate(self) -> "Guide":
+        if self.kind not in GUIDE_KINDS:
+            raise ValueError(f"guide kind must be one of {', '.join(GUIDE_KINDS)} (got {self.kind!r})")
+        if not isinstance(self.text, str):
+            raise ValueError(f"the {self.kind} guide must be a string")
+        if self.kind == "choice" and (not self.choices or not all(isinstance(c, str) and c for c in self.choices)):
+            raise ValueError("a choice guide needs a non-empty list of non-empty strings")
+        if self.kind in ("json_schema", "regex", "ebnf_grammar") and not self.text.strip():
+            raise ValueError(f"the {self.kind} guide is empty")
+        return self
+
+
 @dataclass
 class SamplingParams:
     """What to generate and how. Mirrors the CLI flags and the Triton inputs."""
@@ -79,6 +106,7 @@ class SamplingParams:
     max_thinking_tokens: int | None = None
     logprobs: int | None = None  # per output token its log-probability and this many alternatives (0..20)
     n: int = 1  # completions of the prompt (LLM.generate and the servers fan them out)
+    guide: Guide | None = None  # structured output: the output must match it
 
     def validate(self) -> "SamplingParams":
         self.mode = normalize_mode(self.mode)
@@ -114,6 +142,10 @@ class SamplingParams:
             raise ValueError(f"logprobs must be in [0, {MAX_TOP_LOGPROBS}] (got {self.logprobs})")
         if self.n < 1:
             raise ValueError(f"n must be at least 1 (got {self.n})")
+        if self.guide is not None:
+            if not isinstance(self.guide, Guide):
+                raise ValueError(f"guide must be a Guide (got {type(self.guide).__name__})")
+            self.guide.validate()
         return self
 
     def for_choice(self, index: int) -> "SamplingParams":
