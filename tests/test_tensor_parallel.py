@@ -186,8 +186,11 @@ def test_image_embeddings_reach_every_rank(tmp_path):
 def test_greedy_outputs_equal_single_rank_in_every_mode(pairs, name):
     single, sharded = pairs[name]
     ar = single.generate(PROMPTS, SamplingParams(max_new_tokens=21, ignore_eos=True))
+    # random weights reject every draft (a forward per token, each a round trip between the ranks):
+    # one block length there; the sticky model, whose drafts are accepted, takes both
+    blocks = (4, 8) if name == "sticky" else (8,)
     cases = [SamplingParams(max_new_tokens=21, ignore_eos=True, mode=mode, block_length=block)
-             for mode in MODES for block in (4, 8)]
+             for mode in MODES for block in blocks]
     cases += [SamplingParams(max_new_tokens=21, ignore_eos=True, mode="diffusion", threshold=None, block_length=8),
               SamplingParams(max_new_tokens=21, ignore_eos=True, mode="linear-spec", draft_lora=False),
               SamplingParams(max_new_tokens=30, mode="quadratic-spec", block_length=8)]
