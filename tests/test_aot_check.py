@@ -240,3 +240,24 @@ def test_bench_launch_overhead(gpu_engines):
     assert 0 < report["us_per_launch"] < 1000
     assert report["launches_per_layer"] <= 8
     assert set(report["launches_per_forward"]) == {"ar", "verify-32", "draft-32", "quad-k8"}
+
+
+def test_the_command_line_runs_the_kernel_paths_with_nothing_in_the_environment(gpu_engines):
+    """`generate --kernels interpret|aot-check` needs no TRITON_INTERPRET: the runtime asks for the interpreter."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    nemodiff = Path(sys.executable).parent / "nemodiff"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRITON_")}
+    engine = gpu_engines("h200", "fp32")
+    outputs = {}
+    for kernels in ("off", "interpret", "aot-check"):
+        run = subprocess.run([str(nemodiff), "generate", str(engine), "--prompt-ids", "1,150,151,152",
+                              "--max-new-tokens", "4", "--mode", "linear-spec", "--kernels", kernels, "--json"],
+                             capture_output=True, text=True, env=env, timeout=300)
+        assert run.returncode == 0, run.stderr[-2000:]
+        outputs[kernels] = json.loads(run.stdout)["output_ids"]
+    assert outputs["interpret"] == outputs["off"] and outputs["aot-check"] == outputs["off"]
