@@ -24,7 +24,11 @@ _MISSING = object()
 
 
 class CheckpointError(Exception):
-    """A checkpoint file is missing, unreadable or inconsistent. The message names the file."""
+    """A checkpoint file is missing, unreadable or inconsistent. The message names the file and fits on one
+    line (line breaks from a library's message or a hostile file are folded into spaces)."""
+
+    def __init__(self, message: str):
+        super().__init__(" ".join(str(message).split()))
 
 
 def _inside(real: Path, root: Path) -> bool:

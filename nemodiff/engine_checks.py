@@ -65,7 +65,11 @@ MAX_KV_POOL_BYTES = 1 << 40
 
 class EngineFormatError(Exception):
     """An engine directory is missing a file, a file does not match the manifest, or config.json is not a
-    valid engine config. The message names the file (and the key) and fits on one line."""
+    valid engine config. The message names the file (and the key) and fits on one line: line breaks
+    carried in from a library's message or a hostile file are folded into spaces."""
+
+    def __init__(self, message: str):
+        super().__init__(" ".join(str(message).split()))
 
 
 # -- config.json: types and ranges -------------------------------------------------------------------------
