@@ -3,7 +3,9 @@
 checkpoint ──builder──▶ engine dir ──runtime──▶ [Triton: the nemodiff model's request parser]
 
 The inputs are those of TensorRT-LLM's `tensorrt_llm_bls` model plus nemodiff's own
-(`decode_mode`, `block_length`, `threshold`, `max_thinking_tokens`, `input_ids`, `timeout`).
+(`decode_mode`, `block_length`, `threshold`, `max_thinking_tokens`, `input_ids`, `timeout`,
+`top_logprobs`). `return_log_probs` asks for log-probabilities, `num_return_sequences` for up to
+the server's `max_n` sequences.
 Inputs that Triton's OpenAI frontend and genai-perf send for features nemodiff does not
 have are declared so those tools work, and refused only when they ask for something
 (a non-empty guide, a penalty other than the neutral value, beam width > 1, ...).
