@@ -65,11 +65,19 @@ def _ints(text: str) -> list[int]:
 @click.option("--host-overhead", is_flag=True,
               help="Measure the host work per engine step of ENGINE_DIR (wall time minus the model forward) per "
                    "mode at 1, 8 and 32 running requests; use a tiny checkpoint to see the host alone.")
+@click.option("--logprobs", type=click.IntRange(0, 20), default=None,
+              help="With --host-overhead: also measure every row with requests asking for log-probabilities "
+                   "and this many alternatives, to see what they cost per step.")
+@click.option("--prefix-ttft", is_flag=True,
+              help="Time to first token of ENGINE_DIR for a request sharing a 1,000-token prefix with the request "
+                   "before it, with the prefix cache on and off.")
+@click.option("--prefix-tokens", type=int, default=1000, help="With --prefix-ttft: the shared prefix's length.")
 def bench(engine_dir: Path | None, shape: str | None, dtype: str, device: str | None, modes: str, batch_sizes: str,
           concurrency: str, context: int, iters: int, max_new_tokens: int, with_hf: bool, tp: int, json_path: Path,
           plot_path: Path | None, serve_url: str | None, duration: float, kernels: str, sm: str,
           kernel_dir: Path | None, end_to_end: bool, block_length: int | None, prompt_tokens: int,
-          launch_overhead: bool, host_overhead: bool) -> None:
+          launch_overhead: bool, host_overhead: bool, logprobs: int | None, prefix_ttft: bool,
+          prefix_tokens: int) -> None:
     """Benchmark an engine (end to end per mode + step latencies), a random model at --shape, or a server."""
     from nemodiff.bench import steps as b
     from nemodiff.bench.plots import plot_report
@@ -81,7 +89,12 @@ def bench(engine_dir: Path | None, shape: str | None, dtype: str, device: str | 
     if host_overhead:
         if engine_dir is None:
             raise click.UsageError("--host-overhead needs an ENGINE_DIR")
-        _bench_host(engine_dir, device, modes, batch_sizes, iters, json_path)
+        _bench_host(engine_dir, device, modes, batch_sizes, iters, json_path, logprobs)
+        return
+    if prefix_ttft:
+        if engine_dir is None:
+            raise click.UsageError("--prefix-ttft needs an ENGINE_DIR")
+        _bench_prefix(engine_dir, device, kernels, prefix_tokens, json_path)
         return
     if launch_overhead:
         _bench_launches(engine_dir, iters, json_path)
@@ -244,8 +257,17 @@ def _print_table(report: dict, json_path: str | None) -> None:
         _say(json_path, f"projected {mode}: {value:.1f} tokens/s at the published tokens/forward (not measured)")
 
 
+def _bench_prefix(engine_dir: Path, device: str | None, kernels: str, prefix_tokens: int, json_path: str | None):
+    from nemodiff.bench.prefix import format_report, prefix_ttft
+
+    report = prefix_ttft(engine_dir, device=device, kernels=kernels, prefix_tokens=prefix_tokens)
+    _say(json_path, format_report(report))
+    _write_json({"date": time.strftime("%Y-%m-%d"), "engine": str(engine_dir), "torch": torch.__version__,
+                 "prefix_ttft": report}, json_path)
+
+
 def _bench_host(engine_dir: Path, device: str | None, modes: str, batch_sizes: str, iters: int,
-                json_path: Path) -> None:
+                json_path: Path, logprobs: int | None = None) -> None:
     from nemodiff import LLM
     from nemodiff.bench.host import format_table, host_overhead
 
@@ -253,7 +275,7 @@ def _bench_host(engine_dir: Path, device: str | None, modes: str, batch_sizes: s
     llm = LLM(engine_dir, device=device, max_batch_size=max(levels))
     _say(json_path, f"host overhead of {engine_dir} ({llm.config.build.dtype}) on {llm.model.device}, "
                f"{max(iters, 20)} steady steps per row")
-    rows = host_overhead(llm, modes.split(","), levels, steps=max(iters, 20))
+    rows = host_overhead(llm, modes.split(","), levels, steps=max(iters, 20), logprobs=logprobs)
     _say(json_path, format_table(rows))
     _write_json({"date": time.strftime("%Y-%m-%d"), "engine": str(engine_dir), "device": str(llm.model.device),
                  "torch": torch.__version__, "host_overhead": rows}, json_path)

@@ -89,13 +89,20 @@ def _parse_threshold(value: str) -> float | None:
 @click.option("--kernels", type=click.Choice(KERNEL_MODES), default="auto", help=KERNELS_HELP)
 @click.option("--tp", type=int, default=None,
               help="Tensor-parallel ranks; must match the engine's nemodiff-build --tp [default: the engine's].")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("--logprobs", type=click.IntRange(0, 20), default=None,
+              help="Report each output token's log-probability and this many alternatives (--json).")
+@click.option("--n", "n", type=click.IntRange(1, None), default=1,
+              help="Completions of the prompt, each its own seed derived from --seed (--json: a list).")
+@click.option("--prefix-cache/--no-prefix-cache", default=True,
+              help="Reuse the KV of prompt prefixes (within this run: the n completions share the prompt's).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (a list of them with --n > 1).")
 def generate(engine_dir: Path, prompt: str | None, prompt_ids: str | None, mode: str, max_new_tokens: int,
              temperature: float, top_p: float, top_k: int, seed: int | None, stop: tuple[str, ...], chat: bool,
              images: tuple[Path, ...],
              block_length: int | None, threshold: str, draft_lora: bool, draft_threshold: float | None,
              max_thinking_tokens: int | None,
-             device: str | None, kernels: str, tp: int | None, as_json: bool) -> None:
+             device: str | None, kernels: str, tp: int | None, logprobs: int | None, n: int, prefix_cache: bool,
+             as_json: bool) -> None:
     """Generate a completion for one prompt."""
     from nemodiff import LLM, SamplingParams
 
@@ -105,18 +112,21 @@ def generate(engine_dir: Path, prompt: str | None, prompt_ids: str | None, mode:
         max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
         stop=list(stop), mode=mode, block_length=block_length, threshold=_parse_threshold(threshold),
         draft_lora=draft_lora, draft_threshold=draft_threshold, max_thinking_tokens=max_thinking_tokens,
+        logprobs=logprobs, n=n,
     )
     source = prompt if prompt is not None else _parse_ids(prompt_ids)
     params.validate()
-    with LLM(engine_dir, device=device, kernels=kernels, tp=tp) as llm:
-        output = llm.generate([source], params, chat=chat, images=[list(images)])[0]
+    with LLM(engine_dir, device=device, kernels=kernels, tp=tp, prefix_cache=prefix_cache) as llm:
+        outputs = llm.generate([source], params, chat=chat, images=[list(images)])
     if as_json:
-        click.echo(json.dumps(output.to_dict()))
-    else:
+        dicts = [o.to_dict() | ({"index": o.index} if n > 1 else {}) for o in outputs]
+        click.echo(json.dumps(dicts if n > 1 else dicts[0]))
+        return
+    for output in outputs:
         click.echo(output.text)
-        click.echo(f"[{len(output.output_ids)} tokens, {output.num_forward_passes} forwards, "
-                   f"{output.tokens_per_forward:.2f} tokens/forward, {output.seconds:.3f} s, "
-                   f"finish: {output.finish_reason}]", err=True)
+        click.echo(f"[{'' if n == 1 else f'choice {output.index}: '}{len(output.output_ids)} tokens, "
+                   f"{output.num_forward_passes} forwards, {output.tokens_per_forward:.2f} tokens/forward, "
+                   f"{output.seconds:.3f} s, finish: {output.finish_reason}]", err=True)
 
 
 def describe_vision(vision: VisionConfig) -> str:

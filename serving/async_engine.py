@@ -77,9 +77,10 @@ class AsyncEngine:
     # -- public API (any thread) -------------------------------------------------------------
     def submit(self, prompt_ids: list[int], params: SamplingParams, on_update: Callable[[Update], None],
                is_cancelled: Callable[[], bool] | None = None, timeout_s: float | None = None,
-               images: list[ImageInput] | PreparedImages | None = None) -> Handle:
+               images: list[ImageInput] | PreparedImages | None = None, leader: Handle | None = None) -> Handle:
         """Queue a request; refused at once (a final error update) when the server cannot take it.
-        images: the prompt's images (paths, bytes, PIL images) or `Engine.prepare_images` of them."""
+        images: the prompt's images (paths, bytes, PIL images) or `Engine.prepare_images` of them.
+        leader: an earlier choice of the same prompt (n > 1), whose prompt pages this one waits for and reuses."""
         if images is not None and not isinstance(images, PreparedImages):
             try:
                 images = self.engine.prepare_images(prompt_ids, images, params)
@@ -95,7 +96,7 @@ class AsyncEngine:
             refusal = self._refusal()
             if refusal is None:
                 self._in_flight += 1
-                self._commands.put(("submit", handle, list(prompt_ids), params, images))
+                self._commands.put(("submit", handle, list(prompt_ids), params, images, leader))
             else:
                 self.refused += 1
         if refusal is not None:
@@ -179,6 +180,7 @@ class AsyncEngine:
                 "requests_waiting": len(scheduler.waiting),
                 "output_tokens": dict(self.engine.output_tokens),
                 "forward_passes": dict(self.engine.forward_passes),
+                "prefix_cache_queries": scheduler.prefix_queries, "prefix_cache_hits": scheduler.prefix_hits,
             } | self.engine.image_stats()
         with self._state_lock:
             snapshot |= {"requests_in_flight": self._in_flight, "requests_refused": self.refused,
@@ -247,7 +249,7 @@ class AsyncEngine:
     def _run(self, command: tuple) -> None:
         kind = command[0]
         if kind == "submit":
-            _, handle, prompt_ids, params, images = command
+            _, handle, prompt_ids, params, images, leader = command
             if handle.cancel_requested:
                 self._finish(handle, Update(finished=True, finish_reason="cancelled"))
                 return
@@ -256,7 +258,8 @@ class AsyncEngine:
                 return
             try:
                 with self._lock:
-                    handle.request = self.engine.add_request(prompt_ids, params, images)
+                    handle.request = self.engine.add_request(
+                        prompt_ids, params, images, leader=leader.request if leader is not None else None)
             except ValueError as exc:
                 self._finish(handle, error_update(str(exc), "invalid"))
                 return
@@ -316,8 +319,9 @@ class AsyncEngine:
             return
         try:
             tokens = request.output_ids[handle.sent_tokens:]
+            logprobs = None if request.logprobs is None else request.logprobs[handle.sent_tokens: len(request.output_ids)]
             update = Update(text_delta=handle.stream.delta(), token_ids=list(tokens), finished=request.finished,
-                            finish_reason=request.finish_reason)
+                            finish_reason=request.finish_reason, logprobs=logprobs)
             if request.finished:
                 update.output = self.llm._output(request)
         except Exception as exc:  # this request's output could not be built: it fails alone

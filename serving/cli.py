@@ -207,6 +207,10 @@ def prepare_backends(wheel_root: Path, into: Path) -> Path:
 @click.option("--max-request-bytes", type=str, default="8MiB",
               help="Largest prompt (text_input / input_ids / stop words) a request may carry, and the largest "
                    "OpenAI request body.")
+@click.option("--max-n", type=int, default=16,
+              help="Most completions per request (OpenAI n, Triton num_return_sequences); more is a 400.")
+@click.option("--prefix-cache/--no-prefix-cache", default=True,
+              help="Reuse the KV of prompt prefixes shared between requests.")
 @click.option("--openai-port", type=int, default=None,
               help="Also serve the OpenAI-compatible API (/v1/completions, /v1/chat/completions, /v1/models) "
                    "on this port, in front of the same engine.")
@@ -226,7 +230,7 @@ def serve(engine_dir: Path, http_port: int, grpc_port: int, metrics_port: int, h
           kv_cache_memory: str | None, max_batch_size: int | None, max_num_batched_tokens: int | None,
           instance_kind: str | None, device: str | None, tp: int | None, gpus_text: str | None, instances: int,
           model_repo: Path | None, server_path: Path | None, max_queue: int, request_timeout: float | None,
-          max_request_bytes: str, openai_port: int | None, served_model_name: str, api_key: str | None,
+          max_request_bytes: str, max_n: int, prefix_cache: bool, openai_port: int | None, served_model_name: str, api_key: str | None,
           idle_timeout: float, exit_timeout: float, startup_timeout: float, log_verbose: int) -> None:
     """Serve an engine with Triton Inference Server (HTTP, gRPC, metrics; optionally the OpenAI API)."""
     from nemodiff.serving.process import ServerRun, run_server
@@ -241,6 +245,8 @@ def serve(engine_dir: Path, http_port: int, grpc_port: int, metrics_port: int, h
     for name, value in (("--max-batch-size", max_batch_size), ("--max-num-batched-tokens", max_num_batched_tokens)):
         if value is not None and value < 1:
             raise click.BadParameter("must be at least 1", param_hint=name)
+    if max_n < 1:
+        raise click.BadParameter("must be at least 1", param_hint="--max-n")
     if max_queue < 0:
         raise click.BadParameter("must be at least 0", param_hint="--max-queue")
     for name, value in (("--request-timeout", request_timeout), ("--idle-timeout", idle_timeout),
@@ -283,6 +289,7 @@ def serve(engine_dir: Path, http_port: int, grpc_port: int, metrics_port: int, h
             "max_request_bytes": str(sizes["--max-request-bytes"]), "python_site_dirs": json.dumps(site_dirs()),
             "python_path": json.dumps(import_path()),
             "python_env_path": json.dumps([p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]),
+            "max_n": str(max_n), "prefix_cache": "true" if prefix_cache else "false",
             "control_dir": str(control.path), "supervisor_pid": str(os.getpid()),
         })
         backends = prepare_backends(wheel_root, scratch / "backends") if wheel_root else CONTAINER_BACKENDS
@@ -325,7 +332,7 @@ def serve(engine_dir: Path, http_port: int, grpc_port: int, metrics_port: int, h
 
                 return FrontendThread(engine_dir.resolve(), f"{local}:{grpc_port}", host, openai_port,
                                       served_model_name, sizes["--max-request-bytes"], MODEL_NAME, api_key=api_key,
-                                      idle_timeout=idle_timeout, front_errors=front_errors)
+                                      idle_timeout=idle_timeout, front_errors=front_errors, max_n=max_n)
 
             fronts.append(openai_front)
         placement = f"GPU groups {tp_gpu_groups}" if tp_gpu_groups else f"{instances} {instance_kind} instance(s)"

@@ -26,6 +26,7 @@ class Update:
 
     text_delta: str = ""
     token_ids: list[int] = field(default_factory=list)
+    logprobs: list | None = None  # a TokenLogprob per token of token_ids when the request asks for them
     finished: bool = False
     finish_reason: str | None = None
     output: RequestOutput | None = None  # set on the final update of a request that ran

@@ -61,3 +61,22 @@ def test_bench_writes_nothing_unasked_and_prints_json_when_asked(tmp_path, engin
     printed = subprocess.run([str(BIN / "nemodiff"), *args, "--json"], capture_output=True, text=True, cwd=tmp_path,
                              timeout=600)
     assert json.loads(printed.stdout)["host_overhead"][0]["mode"] == "ar" and list(tmp_path.iterdir()) == []
+
+
+def test_bench_prefix_ttft_with_and_without_the_cache(engine_fp32):
+    proc = subprocess.run([str(BIN / "nemodiff"), "bench", str(engine_fp32), "--prefix-ttft", "--prefix-tokens", "40",
+                           "--device", "cpu", "--json"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout)["prefix_ttft"]  # --json alone: stdout holds the JSON only
+    assert report["prefix_tokens"] == 40 and report["with_cache"]["cached_prompt_tokens"] >= 36
+    assert report["without_cache"]["cached_prompt_tokens"] == 0
+    assert report["with_cache"]["ttft_ms"] > 0 and report["speedup"] > 0
+    assert "prefix cache on" in proc.stderr
+
+
+def test_bench_host_overhead_with_logprobs(tmp_path, engine_fp32):
+    run_bench(engine_fp32, "--host-overhead", "--device", "cpu", "--modes", "ar,diffusion", "--batch-sizes", "2",
+              "--iters", "20", "--logprobs", "3", "--json", tmp_path / "h.json")
+    rows = {(r["mode"], r["logprobs"]): r for r in json.loads((tmp_path / "h.json").read_text())["host_overhead"]}
+    assert set(rows) == {(m, k) for m in ("ar", "diffusion") for k in (None, 3)}
+    assert all(r["host_ms"] > 0 and r["running_at_end"] == 2 for r in rows.values())

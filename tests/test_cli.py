@@ -90,3 +90,24 @@ def test_generate_every_mode_with_json_stats(tmp_path):
     proc = subprocess.run([str(BIN / "nemodiff"), "generate", str(engine), "--prompt-ids", "1,2", "--mode",
                            "quadratic-spec", "--block-length", "16"], capture_output=True, text=True)
     assert proc.returncode != 0 and "exceeds the engine's block length 8" in proc.stderr
+
+
+def test_generate_logprobs_n_and_prefix_cache_flags(engine_fp32):
+    prompt = ",".join(str(200 + i) for i in range(24))
+    out = json.loads(run("nemodiff", "generate", engine_fp32, "--prompt-ids", prompt, "--max-new-tokens", "5",
+                         "--logprobs", "2", "--json").stdout)
+    assert out["logprob_source"] == "causal" and len(out["logprobs"]) == len(out["output_ids"]) > 0
+    for entry, token in zip(out["logprobs"], out["output_ids"]):
+        assert set(entry) == {"token_id", "logprob", "top"} and entry["token_id"] == token
+        assert entry["logprob"] <= 0 and len(entry["top"]) == 2
+        assert all(isinstance(t, int) and lp <= 0 for t, lp in entry["top"])
+        assert entry["top"][0][1] >= entry["top"][1][1] and entry["top"][0][1] >= entry["logprob"] - 1e-6
+    assert out["stats"]["cached_prompt_tokens"] == 0
+    cached = json.loads(run("nemodiff", "generate", engine_fp32, "--prompt-ids", prompt, "--max-new-tokens", "3",
+                            "--n", "2", "--json").stdout)
+    assert [c["index"] for c in cached] == [0, 1] and cached[0]["output_ids"] == cached[1]["output_ids"]
+    assert cached[1]["stats"]["cached_prompt_tokens"] > 0  # the second choice reused the prompt's pages
+    uncached = json.loads(run("nemodiff", "generate", engine_fp32, "--prompt-ids", prompt, "--max-new-tokens", "3",
+                              "--n", "2", "--no-prefix-cache", "--json").stdout)
+    assert [c["stats"]["cached_prompt_tokens"] for c in uncached] == [0, 0]
+    assert uncached[1]["output_ids"] == cached[1]["output_ids"]

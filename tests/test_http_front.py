@@ -233,7 +233,7 @@ def test_every_refusal_is_counted(server):
     assert server.post("/v2/models/nemodiff/generate", b"[" * 100 + b"]" * 100)[0] == 400  # the HTTP front's
     assert server.post("/v2/models/nemodiff/generate", {"text_input": None})[0] == 400  # Triton's own
     assert openai_post(server, b'{"prompt": "hi", "max_tokens": 2, "decode_mode": "bogus"}')[0] == 400  # the model's
-    assert openai_post(server, b'{"prompt": "hi", "max_tokens": 2, "n": 2}')[0] == 400  # the OpenAI front's
+    assert openai_post(server, b'{"prompt": "hi", "max_tokens": 2, "best_of": 2}')[0] == 400  # the OpenAI front's
     assert server.post("/v2/models/nemodiff/generate", {"text_input": "hi"}, headers={})[0] == 401
     assert openai_post(server, b'{"prompt": "hi"}', headers={})[0] == 401
     wait_metrics(server, lambda m: counts()[0] - invalid >= 5 and counts()[1] - unauthorized >= 2, timeout=10)

@@ -27,7 +27,7 @@ class Sender:
 
 def new_state(sender: Sender) -> RequestState:
     state = RequestState(sender, stream=True, mode="ar", num_input_tokens=3, echo_prefix="")
-    state.handle = object()
+    state.handles = [object()]
     return state
 
 

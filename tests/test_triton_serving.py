@@ -356,8 +356,12 @@ def test_serve_refuses_a_corrupt_engine_before_starting_triton(engine_dir, tmp_p
 
 def test_serve_reports_a_server_that_dies_at_startup(engine_dir, tmp_path):
     # The engine is sound but its KV cache cannot hold one page: the backend fails to load it inside Triton.
-    server = Server(engine_dir, tmp_path / "serve.log", "--kv-cache-memory", "1KiB")
+    server = Server(engine_dir, tmp_path / "serve.log", "--kv-cache-memory", "1KiB", "--model-repo",
+                    str(tmp_path / "repo"), "--no-prefix-cache", "--max-n", "3")
     with pytest.raises(RuntimeError, match="exited"):
         server.start(timeout=120)
     assert server.process.returncode != 0
     assert "exited during startup" in server.log()
+    config = (tmp_path / "repo" / "nemodiff" / "config.pbtxt").read_text()  # what the model was given
+    assert 'key: "prefix_cache", value: { string_value: "false" }' in config
+    assert 'key: "max_n", value: { string_value: "3" }' in config

@@ -37,7 +37,9 @@ from starlette.routing import Route
 from nemodiff.serving.control import FrontErrors
 from nemodiff.serving.http.guard import BodyError, bearer_ok, read_body
 from nemodiff.serving.openai.backend import BackendError, Piece, TritonBackend, triton_inputs
+from nemodiff.serving.openai.choices import Choices, TokenStrings
 from nemodiff.serving.openai.parse import COMPLETIONS_DEFAULT_MAX_TOKENS, RequestReader
+from nemodiff.serving.triton.inputs import DEFAULT_MAX_N
 
 log = logging.getLogger(__name__)
 ERROR_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "not_found_error",
@@ -54,14 +56,11 @@ class HungUp(Exception):
     """The client closed its connection before its answer was ready."""
 
 
-def _finish_reason(reason: str | None) -> str:
-    return "length" if reason == "length" else "stop"
-
-
 class OpenAIFrontend:
     def __init__(self, engine_dir: Path, backend: TritonBackend, served_model_name: str, max_body_bytes: int,
-                 api_key: str | None = None, front_errors: FrontErrors | None = None):
-        self.reader = RequestReader(engine_dir, served_model_name)
+                 api_key: str | None = None, front_errors: FrontErrors | None = None, max_n: int = DEFAULT_MAX_N):
+        self.reader = RequestReader(engine_dir, served_model_name, max_n)
+        self.strings = TokenStrings(self.reader.tokenizer.decode)
         self.max_seq_len = self.reader.max_seq_len
         self.backend = backend
         self.model = served_model_name
@@ -110,7 +109,7 @@ class OpenAIFrontend:
         try:
             data = await read_body(request.receive, self.max_body_bytes, request.headers.get("content-length"))
             body = await asyncio.to_thread(self.reader.body, data) if len(data) > 2**18 else self.reader.body(data)
-            fields = self.reader.common_fields(body)
+            fields = self.reader.common_fields(body, chat)
             if chat:
                 prompt, prompt_len = self.reader.chat_prompt(body)
                 if fields["max_tokens"] is None:
@@ -135,45 +134,42 @@ class OpenAIFrontend:
             return error_response(exc.status, exc.message)
         meta = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()),
                 "model": self.model}
+        echoed = len(body["prompt"]) if not chat and body.get("echo") and isinstance(body.get("prompt"), str) else 0
+        choices = Choices(fields.get("num_return_sequences") or 1, chat, self.strings,
+                          bool(fields.get("return_log_probs")), echoed)
         if body.get("stream"):
             usage = bool((body.get("stream_options") or {}).get("include_usage"))
-            return StreamingResponse(self._events(first, pieces, meta, chat, usage), media_type="text/event-stream")
+            return StreamingResponse(self._events(first, pieces, meta, choices, usage), media_type="text/event-stream")
         try:
-            text, counts, reason = await _unless_hung_up(request, _collect(first, pieces), pieces)
+            await _unless_hung_up(request, _collect(first, pieces, choices), pieces)
         except BackendError as exc:
             return error_response(exc.status, exc.message)
-        choice = ({"index": 0, "message": {"role": "assistant", "content": text}} if chat else
-                  {"index": 0, "text": text, "logprobs": None}) | {"finish_reason": _finish_reason(reason)}
-        return JSONResponse(meta | {"object": "chat.completion" if chat else "text_completion", "choices": [choice],
-                                    "usage": _usage(*counts)})
+        return JSONResponse(meta | {"object": "chat.completion" if chat else "text_completion",
+                                    "choices": choices.complete(), "usage": choices.usage()})
 
-    async def _events(self, first: Piece, pieces, meta: dict, chat: bool, include_usage: bool):
+    async def _events(self, first: Piece, pieces, meta: dict, choices: Choices, include_usage: bool):
+        """Chunks in the order the choices' responses arrive, each naming its choice's index."""
+        chat = choices.chat
         kind = "chat.completion.chunk" if chat else "text_completion"
 
-        def chunk(text: str | None, reason: str | None, role: bool = False) -> str:
-            if chat:
-                delta = ({"role": "assistant"} if role else {}) | ({"content": text} if text is not None else {})
-                choice = {"index": 0, "delta": delta}
-            else:
-                choice = {"index": 0, "text": text or "", "logprobs": None}
-            choice["finish_reason"] = reason
+        def chunk(index: int, text: str | None, reason: str | None, logprobs: dict | None = None,
+                  role: bool = False) -> str:
+            choice = choices.chunk_choice(index, text, reason, logprobs, role)
             return f"data: {json.dumps(meta | {'object': kind, 'choices': [choice]})}\n\n"
 
-        counts = [0, 0]
         try:
             if chat:
-                yield chunk("", None, role=True)
+                for choice in choices.choices:
+                    yield chunk(choice.index, "", None, role=True)
             piece = first
             while True:
-                counts[0] += piece.num_input_tokens
-                counts[1] += piece.num_output_tokens
+                choice, logprobs = choices.add(piece)
+                if piece.text or (logprobs and piece.token_ids):
+                    yield chunk(choice.index, piece.text, None, logprobs)
+                if piece.finish_reason is not None:
+                    yield chunk(choice.index, None if chat else "", piece.finish_reason)
                 if piece.final:
-                    if piece.text:
-                        yield chunk(piece.text, None)
-                    yield chunk(None if chat else "", _finish_reason(piece.finish_reason))
                     break
-                if piece.text:
-                    yield chunk(piece.text, None)
                 piece = await anext(pieces)
         except BackendError as exc:
             error = {"message": exc.message, "type": ERROR_TYPES.get(exc.status, "server_error"), "param": None,
@@ -182,19 +178,16 @@ class OpenAIFrontend:
         finally:  # also when Starlette stops us because the client went away: that cancels the request
             await pieces.aclose()
         if include_usage:
-            yield f"data: {json.dumps(meta | {'object': kind, 'choices': [], 'usage': _usage(*counts)})}\n\n"
+            yield f"data: {json.dumps(meta | {'object': kind, 'choices': [], 'usage': choices.usage()})}\n\n"
         yield "data: [DONE]\n\n"
 
 
-async def _collect(first: Piece, pieces) -> tuple[str, list[int], str | None]:
-    text, counts, reason, piece = [], [0, 0], None, first
+async def _collect(first: Piece, pieces, choices: Choices) -> None:
+    piece = first
     while True:
-        text.append(piece.text)
-        counts[0] += piece.num_input_tokens
-        counts[1] += piece.num_output_tokens
-        reason = piece.finish_reason or reason
+        choices.add(piece)
         if piece.final:
-            return "".join(text), counts, reason
+            return
         piece = await anext(pieces)
 
 
@@ -220,14 +213,10 @@ async def _disconnected(request: Request) -> None:
         pass
 
 
-def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
-
-
 def create_app(engine_dir, backend: TritonBackend, served_model_name: str, max_body_bytes: int,
-               api_key: str | None = None, front_errors: FrontErrors | None = None) -> Starlette:
-    frontend = OpenAIFrontend(engine_dir, backend, served_model_name, max_body_bytes, api_key, front_errors)
+               api_key: str | None = None, front_errors: FrontErrors | None = None,
+               max_n: int = DEFAULT_MAX_N) -> Starlette:
+    frontend = OpenAIFrontend(engine_dir, backend, served_model_name, max_body_bytes, api_key, front_errors, max_n)
     return Starlette(routes=[
         Route("/v1/models", frontend.models, methods=["GET"]),
         Route("/v1/completions", frontend.completions, methods=["POST"]),

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -33,7 +33,9 @@ INPUT_TYPES = {"max_tokens": ("INT32", np.int32), "top_k": ("INT32", np.int32), 
                "temperature": ("FP32", np.float32), "top_p": ("FP32", np.float32), "threshold": ("FP32", np.float32),
                "frequency_penalty": ("FP32", np.float32), "presence_penalty": ("FP32", np.float32),
                "timeout": ("FP32", np.float32), "random_seed": ("UINT64", np.uint64), "stream": ("BOOL", np.bool_),
-               "ignore_eos": ("BOOL", np.bool_), "exclude_input_in_output": ("BOOL", np.bool_)}
+               "ignore_eos": ("BOOL", np.bool_), "exclude_input_in_output": ("BOOL", np.bool_),
+               "return_log_probs": ("BOOL", np.bool_), "top_logprobs": ("INT32", np.int32),
+               "num_return_sequences": ("INT32", np.int32)}
 CLOSE_TIMEOUT_S = 5.0  # for Triton to close a finished stream after our half-close
 
 
@@ -51,13 +53,20 @@ class BackendError(Exception):
 
 @dataclass
 class Piece:
-    """One response of the model: a text delta and its counts; `finish_reason` on the last one."""
+    """One response of the model: a text delta of choice `index` and its counts; `finish_reason` on the
+    choice's last one, `final` on the request's last one. With log-probabilities: the response's token ids,
+    one log-probability each, and per token its [(token id, log-probability)] alternatives."""
 
     text: str
     num_input_tokens: int
     num_output_tokens: int
     finish_reason: str | None
     final: bool
+    index: int = 0
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] | None = None
+    top: list[list[tuple[int, float]]] | None = None
+    cached_tokens: int = 0
 
 
 def triton_inputs(fields: dict) -> list:
@@ -116,6 +125,7 @@ class TritonBackend:
 
         inputs = triton_inputs(fields)
         done = asyncio.Event()
+        open_choices = int(fields.get("num_return_sequences") or 1)
 
         async def requests():
             yield {"model_name": self.model_name, "inputs": inputs}
@@ -133,11 +143,9 @@ class TritonBackend:
                     finished = True
                     await _close(call, done)
                     raise BackendError.of(error.message())
-                reason = _scalar(result, "finish_reason")  # only the final response carries it
-                piece = Piece(text=_scalar(result, "text_output", ""),
-                              num_input_tokens=int(_scalar(result, "num_input_tokens", 0)),
-                              num_output_tokens=int(_scalar(result, "num_output_tokens", 0)),
-                              finish_reason=reason, final=reason is not None)
+                piece = _piece(result)
+                open_choices -= piece.finish_reason is not None  # a choice's last response carries it
+                piece.final = open_choices <= 0
                 if piece.final:
                     finished = True
                     await _close(call, done)
@@ -153,6 +161,27 @@ class TritonBackend:
             done.set()
             if not finished:
                 call.cancel()  # the HTTP client went away (or we failed): cancel the request in Triton
+
+
+def _piece(result) -> Piece:
+    ids = result.as_numpy("output_ids")
+    piece = Piece(text=_scalar(result, "text_output", ""), num_input_tokens=int(_scalar(result, "num_input_tokens", 0)),
+                  num_output_tokens=int(_scalar(result, "num_output_tokens", 0)),
+                  finish_reason=_scalar(result, "finish_reason"), final=False,
+                  index=int(_scalar(result, "sequence_index", 0)),
+                  token_ids=[] if ids is None else [int(i) for i in ids.reshape(-1)],
+                  cached_tokens=int(_scalar(result, "num_cached_tokens", 0)))
+    values = result.as_numpy("output_log_probs")
+    if values is not None:
+        piece.logprobs = [float(v) for v in values.reshape(-1)]
+        top_values, top_ids = result.as_numpy("output_top_log_probs"), result.as_numpy("output_top_token_ids")
+        if top_values is not None and top_ids is not None:
+            k = top_values.shape[-1]
+            piece.top = [[(int(t), float(v)) for t, v in zip(row_ids, row_values) if t >= 0]
+                         for row_ids, row_values in zip(top_ids.reshape(-1, k), top_values.reshape(-1, k))]
+        else:
+            piece.top = [[] for _ in piece.logprobs]
+    return piece
 
 
 async def _close(call, done: asyncio.Event) -> None:

@@ -17,9 +17,10 @@ from pathlib import Path
 
 from nemodiff.engine_format import EngineConfig
 from nemodiff.runtime.images.preprocess import ImageError, ImageProcessor
+from nemodiff.runtime.request import MAX_TOP_LOGPROBS
 from nemodiff.runtime.text.tokenizer import EngineTokenizer
 from nemodiff.serving.http.guard import BodyError, check_strings, parse_json
-from nemodiff.serving.triton.inputs import IMAGE_INPUT, data_url_bytes
+from nemodiff.serving.triton.inputs import DEFAULT_MAX_N, IMAGE_INPUT, data_url_bytes
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the context left
 
@@ -50,13 +51,14 @@ class InvalidRequest(BodyError):
 
 
 class RequestReader:
-    def __init__(self, engine_dir: Path, served_model_name: str):
+    def __init__(self, engine_dir: Path, served_model_name: str, max_n: int = DEFAULT_MAX_N):
         self.tokenizer = EngineTokenizer(Path(engine_dir))
         config = EngineConfig.load(Path(engine_dir))
         self.max_seq_len = config.build.max_seq_len
         self.images = ImageProcessor(config.vision) if config.vision is not None else None
         self.image_placeholder = self.tokenizer.token_text(config.vision.image_token_id) if self.images else None
         self.model = served_model_name
+        self.max_n = max_n
 
     @staticmethod
     def body(data: bytes) -> dict:
@@ -66,14 +68,37 @@ class RequestReader:
         check_strings(payload, "the request body")
         return payload
 
-    def common_fields(self, body: dict) -> dict:
+    def choices_and_logprobs(self, body: dict, chat: bool) -> dict:
+        """n, best_of and the log-probability fields -> the model's num_return_sequences, return_log_probs and
+        top_logprobs. Chat: `logprobs` true/false and `top_logprobs` K; completions: `logprobs` K."""
+        n = body.get("n")
+        n = 1 if n is None else n
+        if not (_is_int(n) and 1 <= n <= self.max_n):
+            raise InvalidRequest(f"n must be an integer in [1, {self.max_n}] (got {n!r}); this server's limit is "
+                                 f"{self.max_n}", "n")
+        best_of = body.get("best_of")
+        if best_of is not None and best_of != 1:
+            raise InvalidRequest("best_of is not supported; ask for n completions instead", "best_of")
+        fields = {"num_return_sequences": n if n > 1 else None}
+        top, name = (body.get("top_logprobs"), "top_logprobs") if chat else (body.get("logprobs"), "logprobs")
+        if top is not None and not (_is_int(top) and 0 <= top <= MAX_TOP_LOGPROBS):
+            raise InvalidRequest(f"{name} must be an integer in [0, {MAX_TOP_LOGPROBS}] (got {top!r})", name)
+        if chat:
+            if not isinstance(body.get("logprobs") or False, bool):
+                raise InvalidRequest("logprobs must be true or false", "logprobs")
+            if top is not None and not body.get("logprobs"):
+                raise InvalidRequest("top_logprobs needs logprobs to be true", "top_logprobs")
+            wanted = bool(body.get("logprobs"))
+        else:
+            wanted = top is not None
+        if wanted:
+            fields |= {"return_log_probs": True, "top_logprobs": top or 0}
+        return fields
+
+    def common_fields(self, body: dict, chat: bool = False) -> dict:
         if body.get("model") not in (None, self.model):
             raise InvalidRequest(f"the model {body.get('model')!r} does not exist; this server serves {self.model!r}",
                                  "model", status=404)
-        if body.get("n", 1) != 1:
-            raise InvalidRequest("only n = 1 is supported", "n")
-        if body.get("logprobs") or body.get("top_logprobs") or body.get("best_of", 1) != 1:
-            raise InvalidRequest("logprobs and best_of are not supported", "logprobs")
         response_format = body.get("response_format") or {"type": "text"}
         if body.get("tools") or not isinstance(response_format, dict) or response_format.get("type", "text") != "text":
             raise InvalidRequest("tools and structured output are not supported", "tools")
@@ -89,6 +114,7 @@ class RequestReader:
         if not isinstance(body.get("stream_options") or {}, dict):
             raise InvalidRequest("stream_options must be an object", "stream_options")
         fields = {"max_tokens": max_tokens, "stop_words": stop or None, "stream": True}
+        fields |= self.choices_and_logprobs(body, chat)
         for name, target, kind in (("temperature", "temperature", float), ("top_p", "top_p", float),
                                    ("seed", "random_seed", int), ("frequency_penalty", "frequency_penalty", float),
                                    ("presence_penalty", "presence_penalty", float)):

@@ -3,7 +3,9 @@
 checkpoint ──builder──▶ engine dir ──runtime──▶ [Triton: the nemodiff model's request parser]
 
 The inputs are those of TensorRT-LLM's `tensorrt_llm_bls` model plus nemodiff's own
-(`decode_mode`, `block_length`, `threshold`, `max_thinking_tokens`, `input_ids`, `timeout`).
+(`decode_mode`, `block_length`, `threshold`, `max_thinking_tokens`, `input_ids`, `timeout`,
+`top_logprobs`). `return_log_probs` asks for log-probabilities, `num_return_sequences` for up to
+the server's `max_n` sequences.
 Inputs that Triton's OpenAI frontend and genai-perf send for features nemodiff does not
 have are declared so those tools work, and refused only when they ask for something
 (a non-empty guide, a penalty other than the neutral value, beam width > 1, ...).
@@ -26,10 +28,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from nemodiff.runtime.request import SamplingParams, normalize_mode
+from nemodiff.runtime.request import MAX_TOP_LOGPROBS, SamplingParams, normalize_mode
 
 DEFAULT_MAX_TOKENS = 64  # when a request has no max_tokens (capped by what the context has room for)
 DEFAULT_THRESHOLD = 0.9
+DEFAULT_MAX_N = 16  # most num_return_sequences (n) per request, unless the server says otherwise
 INT32_MAX = 2**31 - 1
 IMAGE_INPUT = "image_bytes_input"
 _BASE64 = re.compile(rb"[A-Za-z0-9+/]+={0,2}")
@@ -48,6 +51,7 @@ class ParsedRequest:
     echo_prefix: str  # prepended to the first response's text (exclude_input_in_output = false)
     images: list[bytes] = field(default_factory=list)  # encoded images, in prompt order
     max_tokens_given: bool = True  # False: max_tokens is the default, to be refitted once images expand the prompt
+    n: int = 1  # num_return_sequences: sequences sampled from the prompt, each its own responses
 
 
 def _text(value) -> str:
@@ -155,11 +159,10 @@ def _refuse_unsupported(inputs: RequestInputs) -> None:
         value = inputs.scalar(name, _float)
         if value is not None and value != 1.0:
             raise BadRequest(f"{name} is not supported by nemodiff (got {value}); leave it 1 or unset")
-    for name in ("beam_width", "num_return_sequences"):
-        value = inputs.scalar(name, int)
-        if value is not None and value != 1:
-            raise BadRequest(f"{name} must be 1: nemodiff returns one sequence per request (got {value})")
-    for name in ("return_log_probs", "return_context_logits", "return_generation_logits"):
+    value = inputs.scalar("beam_width", int)
+    if value is not None and value != 1:
+        raise BadRequest(f"beam_width must be 1: nemodiff does not run beam search (got {value})")
+    for name in ("return_context_logits", "return_generation_logits"):
         if inputs.scalar(name, bool):
             raise BadRequest(f"{name} is not supported by nemodiff; leave it false")
     for name in ("guided_decoding_guide", "embedding_bias_words"):
@@ -169,8 +172,23 @@ def _refuse_unsupported(inputs: RequestInputs) -> None:
         raise BadRequest("LoRA adapters per request are not supported by nemodiff (lora_task_id)")
 
 
+def _logprobs_and_n(inputs: RequestInputs, max_n: int) -> tuple[int | None, int]:
+    """(SamplingParams.logprobs, n) from return_log_probs, top_logprobs and num_return_sequences."""
+    top = inputs.scalar("top_logprobs", int)
+    wanted = bool(inputs.scalar("return_log_probs", bool))
+    if top is not None and not 0 <= top <= MAX_TOP_LOGPROBS:
+        raise BadRequest(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}] (got {top})")
+    if top and not wanted:
+        raise BadRequest("top_logprobs needs return_log_probs = true")
+    n = inputs.scalar("num_return_sequences", int)
+    n = 1 if n is None else n
+    if not 1 <= n <= max_n:
+        raise BadRequest(f"num_return_sequences must be in [1, {max_n}] (got {n}); the server's limit is its --max-n")
+    return (top or 0) if wanted else None, n
+
+
 def parse_request(inputs: RequestInputs, tokenizer: PromptTokenizer, decode, default_mode: str, vocab_size: int,
-                  max_request_bytes: int) -> ParsedRequest:
+                  max_request_bytes: int, max_n: int = DEFAULT_MAX_N) -> ParsedRequest:
     size = sum(inputs.nbytes(name) for name in ("text_input", "input_ids", "stop_words", "bad_words"))
     if size > max_request_bytes:
         raise BadRequest(f"the request is too large ({size} bytes of prompt and word lists; the limit is "
@@ -196,6 +214,7 @@ def parse_request(inputs: RequestInputs, tokenizer: PromptTokenizer, decode, def
     elif max_tokens < 1:
         raise BadRequest(f"max_tokens must be at least 1 (got {max_tokens})")
     _refuse_unsupported(inputs)
+    logprobs, n = _logprobs_and_n(inputs, max_n)
     ignore_eos = bool(inputs.scalar("ignore_eos", bool))
     min_length = inputs.scalar("min_length", int)
     if min_length is not None and min_length > 1:
@@ -232,11 +251,11 @@ def parse_request(inputs: RequestInputs, tokenizer: PromptTokenizer, decode, def
         top_p=1.0 if top_p is None else top_p, top_k=0 if top_k is None else top_k, seed=seed,
         stop=[s for s in inputs.strings("stop_words") if s], stop_token_ids=stop_token_ids, mode=mode,
         block_length=inputs.scalar("block_length", int), threshold=threshold, ignore_eos=ignore_eos,
-        max_thinking_tokens=inputs.scalar("max_thinking_tokens", int),
+        max_thinking_tokens=inputs.scalar("max_thinking_tokens", int), logprobs=logprobs,
     )
     images = inputs.array(IMAGE_INPUT)
     images = [image_bytes(v) for v in images.reshape(-1)] if images is not None else []
     echo = inputs.scalar("exclude_input_in_output", bool) is False
     prefix = (texts[0] if texts and not (ids is not None and ids.size) else decode(prompt_ids)) if echo else ""
     return ParsedRequest(prompt_ids, params, bool(inputs.scalar("stream", bool)), timeout_s, prefix, images,
-                         inputs.scalar("max_tokens", int) is not None)
+                         inputs.scalar("max_tokens", int) is not None, n)

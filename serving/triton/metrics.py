@@ -34,6 +34,10 @@ COUNTERS = {  # snapshot key -> (metric name, help)
     "vision_cache_hits": ("nemodiff_vision_cache_hits_total",
                           "images whose vision-tower output was reused from the content-hash cache"),
     "vision_cache_misses": ("nemodiff_vision_cache_misses_total", "images run through the vision tower"),
+    "prefix_cache_queries": ("nemodiff_prefix_cache_queries_total",
+                             "prompt tokens looked up in the prefix cache (new requests)"),
+    "prefix_cache_hits": ("nemodiff_prefix_cache_hits_total",
+                          "prompt tokens whose KV the prefix cache supplied"),
 }
 
 

@@ -24,7 +24,6 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from nemodiff.runtime.llm import LLM
@@ -33,9 +32,17 @@ from nemodiff.serving import errors
 from nemodiff.serving.async_engine import AsyncEngine, Update
 from nemodiff.serving.control import FINALIZED, FRONT_KEY, Control, valid_key
 from nemodiff.serving.triton.images import ImageWorkers
-from nemodiff.serving.triton.inputs import DEFAULT_MAX_TOKENS, BadRequest, PromptTokenizer, RequestInputs, parse_request
+from nemodiff.serving.triton.inputs import (
+    DEFAULT_MAX_N,
+    DEFAULT_MAX_TOKENS,
+    BadRequest,
+    PromptTokenizer,
+    RequestInputs,
+    parse_request,
+)
 from nemodiff.serving.triton.metrics import ModelMetrics
-from nemodiff.serving.triton.requests import RequestState
+from nemodiff.serving.triton.requests import Choice, RequestState
+from nemodiff.serving.triton.responses import response_arrays
 from nemodiff.serving.triton.watch import Watcher
 
 DRAIN_WAIT_S = 5.0
@@ -53,10 +60,6 @@ def _tp_devices(groups: str, device_id) -> list[str] | None:
         if ids[0] == int(device_id):
             return [f"cuda:{g}" for g in ids]
     raise ValueError(f"no tensor-parallel GPU group of {groups!r} starts at this instance's GPU {device_id}")
-
-
-def _tensor(name: str, values, dtype) -> pb_utils.Tensor:
-    return pb_utils.Tensor(name, np.array(values, dtype=dtype).reshape(1, -1))
 
 
 def _error(message: str, code) -> pb_utils.InferenceResponse:
@@ -87,12 +90,15 @@ class NemodiffModel:
         self.instance = args.get("model_instance_name", "")
         self.default_mode = normalize_mode(params.get("default_mode", "").strip() or "ar")
         self.max_request_bytes = number("max_request_bytes") or 8 * 2**20
+        self.max_n = number("max_n") or DEFAULT_MAX_N
+        prefix_cache = params.get("prefix_cache", "").strip().lower() not in ("false", "0", "off", "no")
         control = params.get("control_dir", "").strip()
         self.control = Control(control) if control else None
         self.supervisor_pid = number("supervisor_pid")
         self.llm = LLM(params["engine_dir"], device=device, kv_cache_memory_bytes=number("kv_cache_memory_bytes"),
                        max_batch_size=number("max_batch_size"),
-                       max_num_batched_tokens=number("max_num_batched_tokens"), tp=number("tp"), devices=devices)
+                       max_num_batched_tokens=number("max_num_batched_tokens"), tp=number("tp"), devices=devices,
+                       prefix_cache=prefix_cache)
         self.max_seq_len = self.llm.config.build.max_seq_len
         self.vocab_size = self.llm.config.model.vocab_size
         from tokenizers import Tokenizer
@@ -139,8 +145,10 @@ class NemodiffModel:
         inputs = RequestInputs(lambda name: (lambda t: None if t is None else t.as_numpy())(
             pb_utils.get_input_tensor_by_name(request, name)))
         parsed = parse_request(inputs, self.prompt_tokenizer, self.llm.tokenizer.decode, self.default_mode,
-                               self.vocab_size, self.max_request_bytes)
-        state = RequestState(sender, parsed.stream, parsed.params.mode, 0, parsed.echo_prefix, _front_key(request))
+                               self.vocab_size, self.max_request_bytes, self.max_n)
+        state = RequestState(sender, parsed.stream, parsed.params.mode, 0, parsed.echo_prefix, _front_key(request),
+                             n=parsed.n)
+        state.logprobs = parsed.params.logprobs
         if parsed.images and self.images is not None:  # decoding takes seconds: not on this thread, which
             self._track(state)                            # every later request waits for
             if not self.images.submit(lambda: self._lay_out_and_submit(state, parsed)):
@@ -179,10 +187,17 @@ class NemodiffModel:
             self._fail(state, errors.internal(f"while preparing the images: {exc}"), "internal")
 
     def _submit(self, state: RequestState, parsed, prompt_ids: list[int], prepared) -> None:
+        """Each choice its own engine request (its seed derived from the request's); the later ones wait for
+        the first one's prompt pages and reuse them."""
         state.num_input_tokens = len(prompt_ids)
-        state.handle = self.engine.submit(parsed.prompt_ids, parsed.params,
-                                          lambda update, s=state: self._on_update(s, update),
-                                          timeout_s=parsed.timeout_s, images=prepared)
+        for choice in state.choices:
+            if state.done:  # an earlier choice was refused: so is the request
+                break
+            leader = state.handle
+            params = parsed.params.for_choice(choice.index) if parsed.n > 1 else parsed.params
+            state.handles.append(self.engine.submit(
+                parsed.prompt_ids, params, lambda update, s=state, c=choice: self._on_update(s, c, update),
+                timeout_s=parsed.timeout_s, images=prepared, leader=leader))
 
     def _track(self, state: RequestState) -> None:
         with self._live_lock:
@@ -213,42 +228,46 @@ class NemodiffModel:
             params.max_new_tokens = min(DEFAULT_MAX_TOKENS, room)
         return prepared.token_ids, prepared
 
-    def _on_update(self, state: RequestState, update: Update) -> None:
-        """Engine thread (or the submitting thread for a refusal): one update, zero or one responses."""
+    def _on_update(self, state: RequestState, choice: Choice, update: Update) -> None:
+        """Engine thread (or the submitting thread for a refusal): one update of one choice, zero or one
+        responses. The request's final response is the last choice's last one, or the first error."""
         if update.token_ids and not state.first_token_seen:
             state.first_token_seen = True
             self.metrics.observe_ttft(state.mode, time.perf_counter() - state.arrived)
         if not update.finished:
             if state.stream:
-                state.pending_ids += update.token_ids
-                if update.text_delta:
-                    response = self._response(state, update.text_delta, state.pending_ids)
-                    state.pending_ids = []
+                choice.pending_ids += update.token_ids
+                choice.pending_logprobs += update.logprobs or []
+                if update.text_delta and not state.done:
+                    response = self._response(state, choice, update.text_delta, choice.pending_ids,
+                                              choice.pending_logprobs)
+                    choice.pending_ids, choice.pending_logprobs = [], []
                     self._send(state, response, final=False)
             return
         if update.error:
             response = _error(update.error, ERROR_CODES.get(update.error_kind, pb_utils.TritonError.INTERNAL))
+            for handle in state.handles:  # the request fails as a whole: its other choices stop
+                self.engine.cancel(handle)
         elif update.finish_reason == "cancelled":
             response = None
         elif state.stream:
-            response = self._response(state, update.text_delta, state.pending_ids + update.token_ids, update.output)
+            response = self._response(state, choice, update.text_delta, choice.pending_ids + update.token_ids,
+                                      choice.pending_logprobs + (update.logprobs or []), update.output)
         else:
-            response = self._response(state, update.output.text, update.output.output_ids, update.output)
-        self._send_final(state, response)
+            response = self._response(state, choice, update.output.text, update.output.output_ids,
+                                      update.output.logprobs, update.output)
+        if response is not None and not update.error and not state.finish_choice(choice):
+            if not state.done:
+                self._send(state, response, final=False)
+        else:
+            self._send_final(state, response)
         self.metrics.observe_final(state.mode, update)  # after the response: a metrics failure cannot lose it
 
-    def _response(self, state: RequestState, text: str, ids: list[int], output=None) -> pb_utils.InferenceResponse:
-        if not state.first_response_sent:
-            text, state.prefix = state.prefix + text, ""
-        num_input = 0 if state.first_response_sent else state.num_input_tokens
-        state.first_response_sent = True
-        tensors = [pb_utils.Tensor("text_output", np.array([[text.encode("utf-8")]], dtype=np.object_)),
-                   _tensor("output_ids", ids, np.int32), _tensor("num_input_tokens", [num_input], np.int32),
-                   _tensor("num_output_tokens", [len(ids)], np.int32)]
-        if output is not None:
-            tensors += [_tensor("num_forward_passes", [output.num_forward_passes], np.int32),
-                        pb_utils.Tensor("finish_reason", np.array([[output.finish_reason.encode()]], dtype=np.object_))]
-        return pb_utils.InferenceResponse(output_tensors=tensors)
+    def _response(self, state: RequestState, choice: Choice, text: str, ids: list[int], logprobs: list | None,
+                  output=None) -> pb_utils.InferenceResponse:
+        arrays = response_arrays(choice, text, ids, state.num_input_tokens, logprobs, state.logprobs,
+                                 len(state.choices), output)
+        return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(name, array) for name, array in arrays])
 
     # -- sending -----------------------------------------------------------------------------
     def _send(self, state: RequestState, response, final: bool) -> None:

@@ -14,26 +14,50 @@ from __future__ import annotations
 
 import threading
 import time
+from dataclasses import dataclass, field
+
+
+@dataclass(eq=False)
+class Choice:
+    """One of a request's num_return_sequences sequences: what it still has to send."""
+
+    index: int
+    prefix: str = ""  # sent with its first response, then cleared
+    first_response_sent: bool = False
+    pending_ids: list[int] = field(default_factory=list)  # streamed ids whose text is still held back
+    pending_logprobs: list = field(default_factory=list)  # their TokenLogprobs (return_log_probs)
+    cum_logprob: float = 0.0  # of the tokens sent so far
+    finished: bool = False
 
 
 class RequestState:
     """One request in flight: where its responses go and what is still to be sent."""
 
     def __init__(self, sender, stream: bool, mode: str, num_input_tokens: int, echo_prefix: str,
-                 key: str | None = None):
+                 key: str | None = None, n: int = 1):
         self.sender = sender
         self.key = key  # the HTTP front's tag of this request (control.FRONT_KEY), to cancel it by
         self.stream = stream
         self.mode = mode
         self.num_input_tokens = num_input_tokens
-        self.prefix = echo_prefix  # sent with the first response, then cleared
+        self.choices = [Choice(index, echo_prefix) for index in range(n)]
         self.arrived = time.perf_counter()
         self.first_token_seen = False
-        self.first_response_sent = False
-        self.pending_ids: list[int] = []  # streamed ids whose text is still held back
-        self.handle = None
+        self.logprobs: int | None = None  # top alternatives per token when log-probabilities are returned
+        self.handles: list = []  # the engine's handle of each choice, once submitted
         self.lock = threading.Lock()
         self.done = False  # the final response was claimed (it is sent, or about to be)
+
+    @property
+    def handle(self):
+        """The first choice's engine handle (None until submitted)."""
+        return self.handles[0] if self.handles else None
+
+    def finish_choice(self, choice: Choice) -> bool:
+        """Mark one choice finished; True when it was the last (its response is the request's final one)."""
+        with self.lock:
+            choice.finished = True
+            return all(c.finished for c in self.choices)
 
     def claim_final(self) -> bool:
         """True for the one caller that may send the final response; waits for a cancellation question
@@ -48,7 +72,7 @@ class RequestState:
         """Whether Triton reports the request cancelled (a closed stream or connection); False once
         its final response is claimed, without asking."""
         with self.lock:
-            if self.done or self.handle is None:
+            if self.done or not self.handles:
                 return False
             try:
                 return bool(self.sender.is_cancelled())

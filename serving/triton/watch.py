@@ -63,7 +63,8 @@ class Watcher:
         states = self.model.live_states()
         for state in states:
             if state.cancelled():  # never asks once the final response is claimed (see requests.py)
-                self.model.engine.cancel(state.handle)
+                for handle in state.handles:
+                    self.model.engine.cancel(handle)
         if self.control is None:
             return
         keys = self.control.cancellations()
@@ -72,7 +73,8 @@ class Watcher:
             for key in keys:
                 state = by_key.get(key)
                 if state is not None and state.handle is not None:  # else: not submitted yet, or another instance's
-                    self.model.engine.cancel(state.handle)
+                    for handle in state.handles:
+                        self.model.engine.cancel(handle)
                     self.control.forget(key)
 
     def refresh_metrics(self) -> None:
