@@ -115,3 +115,19 @@ def test_prefix_counters_and_switching_the_cache_off(engine):
     off = LLM(engine, device="cpu", prefix_cache=False)
     off.generate([ids, ids], SamplingParams(max_new_tokens=2))
     assert off.engine.scheduler.prefix_queries == 0 and off.cache.prefix is None
+
+
+def test_outputs_equal_with_and_without_the_cache_under_the_kernel_path(checkpoint, tmp_path_factory):
+    """The GPU launch path on the CPU (aot-check, an engine built for h200; its cubins come from the
+    compile cache when the aot-check tests ran first): the attention kernel reads shared pages
+    through the page table."""
+    engine = make_engine(checkpoint, tmp_path_factory.mktemp("prefix-aot") / "h200", kv_page_size=PAGE,
+                         block_length=4, max_seq_len=128, arch="h200", kernels=True)
+    turns = [prompt(3 * PAGE, [201]), prompt(3 * PAGE, [202, 203]), prompt(PAGE + 2, [204])]
+    plain = LLM(engine, device="cpu", kernels="aot-check", prefix_cache=False, cuda_graphs=False)
+    cached = LLM(engine, device="cpu", kernels="aot-check", cuda_graphs=False)
+    for mode, extra in MODES.items():
+        params = SamplingParams(max_new_tokens=4, ignore_eos=True, mode=mode, **extra)
+        got = run_turns(cached, turns, params)
+        assert [o.output_ids for o in got] == [o.output_ids for o in run_turns(plain, turns, params)], mode
+        assert [o.cached_prompt_tokens for o in got][1:] == [3 * PAGE, PAGE], mode

@@ -332,3 +332,16 @@ def test_bench_reports_the_tensor_parallel_ratio(tmp_path):
     assert tp["size"] == 2 and {r["kind"] for r in tp["steps"]} == {"ar", "verify-32", "draft-32"}
     assert tp["ratio_to_tp1"] == pytest.approx(tp["ar_batch1_ms"] / tp["ar_batch1_ms_one_rank"])
     assert "tensor parallel x2" in proc.stdout
+
+
+def test_prefix_cache_under_tensor_parallelism_stays_exact(engines, pairs):
+    """Both ranks map the shared prefix to the same pages: a cached turn equals a single rank without the cache."""
+    shared = [1] + list(range(60, 73))  # three full pages of 4 and one token more
+    turns = [shared + [200, 201], shared + [210], shared[:6] + [220, 221]]  # many pages, then mid-page
+    params = SamplingParams(max_new_tokens=8, ignore_eos=True, mode="linear-spec", block_length=4)
+    plain = LLM(engines["sticky", 1], device="cpu", prefix_cache=False)
+    want = [plain.generate(ids, params)[0] for ids in turns]
+    sharded = pairs["sticky"][1]  # its cache holds only other tests' prompts, none of these
+    got = [sharded.generate(ids, params)[0] for ids in turns]
+    assert [o.output_ids for o in got] == [o.output_ids for o in want]
+    assert [o.cached_prompt_tokens for o in got] == [0, 12, 4]
