@@ -28,6 +28,9 @@ MODES = {"ar": None, "diffusion": 8, "linear-spec": 8, "quadratic-spec": 8}
 CLIENTS = 64
 ROUNDS = 2
 MAX_TOKENS = 32
+# Half the requests open with the same story (several KV pages of 16 tokens): the prefix cache serves them
+PREAMBLE = ("Once upon a time there was a little fox named Max. Max lived in a valley near the mountain. "
+            "Max had a black book. Every morning Max took the black book to the mountain. ")
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +43,8 @@ def engine_dir(tmp_path_factory):
 def case(i: int) -> tuple[str, str, dict]:
     mode = list(MODES)[i % len(MODES)]
     prompt = PROMPTS[(i // len(MODES)) % len(PROMPTS)]
+    if i % 2:
+        prompt = PREAMBLE + prompt
     fields = {"text_input": prompt, "max_tokens": MAX_TOKENS, "decode_mode": mode}
     if MODES[mode]:
         fields["block_length"] = MODES[mode]
@@ -97,9 +102,12 @@ def test_soak_64_concurrent_streams(engine_dir, tmp_path):
     assert hung_up and all(not r.ok and r.error is None for r in hung_up)
     assert metrics["nemodiff_kv_cache_pages_used"] == 0 and metrics["nemodiff_requests_in_flight"] == 0
     figures = summarize([r for _, r in good], seconds)
+    queries, hits = metrics["nemodiff_prefix_cache_queries_total"], metrics["nemodiff_prefix_cache_hits_total"]
+    assert queries > 0 and 0 < hits <= queries
     print(f"\nsoak: {len(good)} good requests, {len(errors)} errors, {len(hung_up)} clients hung up, {len(bad)} bad "
           f"requests refused; TTFT p50 {figures['ttft_ms']['p50']} ms, p99 {figures['ttft_ms']['p99']} ms; "
-          f"{figures['tokens_per_s']} tokens/s over {seconds:.1f} s")
+          f"{figures['tokens_per_s']} tokens/s over {seconds:.1f} s; prefix cache: {hits:.0f} of {queries:.0f} "
+          f"prompt tokens hit ({100 * hits / queries:.0f} %)")
     assert bench.returncode == 0, bench.stderr[-3000:]
     rows = json.loads((tmp_path / "bench.json").read_text())["levels"]
     assert [r["concurrency"] for r in rows] == [1, 8]
