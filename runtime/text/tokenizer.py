@@ -84,6 +84,16 @@ class EngineTokenizer:
                 return token_id
         return None
 
+    def grammar_vocab(self) -> tuple[list[str], set[int], str]:
+        """What a grammar engine needs: the token strings by id, the ids of special tokens, and the
+        serialized tokenizer (how its tokens spell bytes)."""
+        vocab = [""] * self.vocab_size
+        for token, token_id in self._tok.get_vocab(with_added_tokens=True).items():
+            if token_id < len(vocab):
+                vocab[token_id] = token
+        special = {i for i, added in self._tok.get_added_tokens_decoder().items() if added.special}
+        return vocab, special, self._tok.to_str()
+
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
 
