@@ -62,6 +62,9 @@ class Grammars:
         self.vocab_size = vocab_size
         self.stop_ids = sorted(stop_ids)
         self._compiler = xgr.GrammarCompiler(self.info, max_threads=2, cache_enabled=False)
+        # ids a grammar never takes (asking xgrammar about them logs a warning): special, not stopping
+        self.never = np.zeros(vocab_size, dtype=bool)
+        self.never[[i for i in self.info.special_token_ids if i not in self.stop_ids and i < vocab_size]] = True
         self._cache: OrderedDict[tuple, object] = OrderedDict()
         self.cache_size = cache_size
         self.compiled_count = 0  # grammars compiled (not found in the cache)
@@ -76,7 +79,7 @@ class Grammars:
         compiled = self._compile(guide)
         self.compiled_count += 1
         self._cache[key] = compiled
-        if len(self._cache) > self.cache_size:
+        while len(self._cache) > self.cache_size:
             self._cache.popitem(last=False)
         return compiled
 
@@ -106,14 +109,15 @@ class Grammars:
             raise ValueError(f"invalid {what}: {_clean(exc)}") from None
 
     def matcher(self, guide: Guide) -> "GuideMatcher":
-        return GuideMatcher(self._xgr, self.compile(guide), self.vocab_size)
+        return GuideMatcher(self._xgr, self.compile(guide), self.vocab_size, self.never)
 
 
 class GuideMatcher:
     """One request's grammar state, standing after its output tokens."""
 
-    def __init__(self, xgr, compiled, vocab_size: int):
+    def __init__(self, xgr, compiled, vocab_size: int, never: np.ndarray):
         self._m = xgr.GrammarMatcher(compiled)
+        self._never = never
         self._bitmask = xgr.allocate_token_bitmask(1, vocab_size)
         self._row = self._bitmask[0].numpy()  # a view
         self.vocab_size = vocab_size
@@ -131,11 +135,18 @@ class GuideMatcher:
         """Bitmask rows that allow every token."""
         return np.full((rows, self.words), -1, dtype=np.int32)
 
+    def _take(self, token: int) -> bool:
+        """Accept one token if the grammar (not ended) allows it."""
+        token = int(token)
+        if not 0 <= token < self.vocab_size or self._never[token] or self._m.is_terminated():
+            return False
+        return self._m.accept_token(token)
+
     def _look(self, tokens) -> int:
         """Accept tokens (look-ahead) until one is refused or the grammar ends; returns how many were."""
         done = 0
         for token in tokens:
-            if self._m.is_terminated() or not self._m.accept_token(int(token)):
+            if not self._take(token):
                 break
             done += 1
         return done
@@ -148,7 +159,7 @@ class GuideMatcher:
         if not self._m.is_terminated():
             self._fill(out[0])
             for i, token in enumerate(drafts):
-                if self._m.is_terminated() or not self._m.accept_token(int(token)):
+                if not self._take(token):
                     break
                 done += 1
                 if self._m.is_terminated():
@@ -172,7 +183,7 @@ class GuideMatcher:
                 self._fill(out[j])
                 allowed[j] = unpack(torch.from_numpy(out[j: j + 1]), self.vocab_size)[0]
                 token = decide(j, x[j].masked_fill(~allowed[j], float("-inf")))
-                if token is None or not self._m.accept_token(int(token)):
+                if token is None or not self._take(token):
                     break
                 done += 1
         self._m.rollback(done) if done else None
