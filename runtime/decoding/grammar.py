@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 from collections import OrderedDict
 from collections.abc import Callable
 
@@ -68,20 +69,22 @@ class Grammars:
         self._cache: OrderedDict[tuple, object] = OrderedDict()
         self.cache_size = cache_size
         self.compiled_count = 0  # grammars compiled (not found in the cache)
+        self._lock = threading.Lock()  # admission checks run on the serving threads, matchers on the engine's
 
     def compile(self, guide: Guide):
         """The compiled grammar of a guide (cached); ValueError naming the problem when it is bad."""
         key = (guide.kind, guide.text, guide.choices)
-        hit = self._cache.get(key)
-        if hit is not None:
-            self._cache.move_to_end(key)
-            return hit
-        compiled = self._compile(guide)
-        self.compiled_count += 1
-        self._cache[key] = compiled
-        while len(self._cache) > self.cache_size:
-            self._cache.popitem(last=False)
-        return compiled
+        with self._lock:
+            hit = self._cache.get(key)
+            if hit is not None:
+                self._cache.move_to_end(key)
+                return hit
+            compiled = self._compile(guide)
+            self.compiled_count += 1
+            self._cache[key] = compiled
+            while len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
+            return compiled
 
     def _compile(self, guide: Guide):
         compiler, kind = self._compiler, guide.kind

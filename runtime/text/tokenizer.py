@@ -100,7 +100,8 @@ class EngineTokenizer:
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
+                            tools: list | None = None) -> str:
         if not self.chat_template:
             raise ValueError("this engine's tokenizer has no chat template")
 
@@ -112,6 +113,7 @@ class EngineTokenizer:
         return env.from_string(self.chat_template).render(
             messages=messages, add_generation_prompt=add_generation_prompt,
             bos_token=self.bos_token or "", eos_token=self.eos_token or "",
+            **({"tools": tools} if tools is not None else {}),
         )
 
     def encode_chat(self, user_text: str) -> list[int]:

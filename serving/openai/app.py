@@ -3,7 +3,9 @@
 checkpoint ──builder──▶ engine dir ──runtime──▶ Triton ──[OpenAI frontend]──▶ clients
 
 `/v1/models`, `/v1/completions` and `/v1/chat/completions`, streamed (server-sent events
-ending in `data: [DONE]`) or not, with `usage` and `finish_reason` (`stop` | `length`).
+ending in `data: [DONE]`) or not, with `usage` and `finish_reason` (`stop` | `length`, and
+`tool_calls` for a forced tool call, whose `message.tool_calls` is read from the constrained output;
+structured output and tools: guided.py).
 Requests go to the nemodiff Triton model over gRPC (`nemodiff.serving.openai.backend`), so
 validation, limits, deadlines and the engine are those of the Triton endpoints; the body and
 its fields are read by parse.py. Errors have OpenAI's shape, `{"error": {"message", "type",
@@ -37,6 +39,7 @@ from starlette.routing import Route
 from nemodiff.serving.control import FrontErrors
 from nemodiff.serving.http.guard import BodyError, bearer_ok, read_body
 from nemodiff.serving.openai.backend import BackendError, Piece, TritonBackend, triton_inputs
+from nemodiff.serving.openai.guided import tool_calls
 from nemodiff.serving.openai.parse import COMPLETIONS_DEFAULT_MAX_TOKENS, RequestReader
 
 log = logging.getLogger(__name__)
@@ -111,8 +114,10 @@ class OpenAIFrontend:
             data = await read_body(request.receive, self.max_body_bytes, request.headers.get("content-length"))
             body = await asyncio.to_thread(self.reader.body, data) if len(data) > 2**18 else self.reader.body(data)
             fields = self.reader.common_fields(body)
+            guided, tool, tools = self.reader.guided(body, chat)
+            fields |= guided
             if chat:
-                prompt, prompt_len = self.reader.chat_prompt(body)
+                prompt, prompt_len = self.reader.chat_prompt(body, tools)
                 if fields["max_tokens"] is None:
                     fields["max_tokens"] = self.max_seq_len - prompt_len
             else:
@@ -135,6 +140,8 @@ class OpenAIFrontend:
             return error_response(exc.status, exc.message)
         meta = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()),
                 "model": self.model}
+        if tool is not None:  # a forced tool call: answered whole (streamed as one delta)
+            return await self._tool_answer(request, first, pieces, meta, tool, body)
         if body.get("stream"):
             usage = bool((body.get("stream_options") or {}).get("include_usage"))
             return StreamingResponse(self._events(first, pieces, meta, chat, usage), media_type="text/event-stream")
@@ -146,6 +153,25 @@ class OpenAIFrontend:
                   {"index": 0, "text": text, "logprobs": None}) | {"finish_reason": _finish_reason(reason)}
         return JSONResponse(meta | {"object": "chat.completion" if chat else "text_completion", "choices": [choice],
                                     "usage": _usage(*counts)})
+
+    async def _tool_answer(self, request: Request, first: Piece, pieces, meta: dict, tool, body: dict) -> Response:
+        try:
+            text, counts, reason = await _unless_hung_up(request, _collect(first, pieces), pieces)
+        except BackendError as exc:
+            return error_response(exc.status, exc.message)
+        calls = tool_calls(tool, text) if reason != "length" else []
+        finish = "tool_calls" if calls else _finish_reason(reason)
+        message = {"role": "assistant", "content": None if calls else text} | ({"tool_calls": calls} if calls else {})
+        if not body.get("stream"):
+            return JSONResponse(meta | {"object": "chat.completion", "usage": _usage(*counts), "choices": [
+                {"index": 0, "message": message, "finish_reason": finish}]})
+        delta = {"role": "assistant"} | ({"tool_calls": [c | {"index": i} for i, c in enumerate(calls)]} if calls
+                                         else {"content": text})
+        chunks = [{"index": 0, "delta": delta, "finish_reason": None}, {"index": 0, "delta": {}, "finish_reason": finish}]
+        events = [f"data: {json.dumps(meta | {'object': 'chat.completion.chunk', 'choices': [c]})}\n\n" for c in chunks]
+        if (body.get("stream_options") or {}).get("include_usage"):
+            events.append(f"data: {json.dumps(meta | {'object': 'chat.completion.chunk', 'choices': [], 'usage': _usage(*counts)})}\n\n")
+        return StreamingResponse(iter(events + ["data: [DONE]\n\n"]), media_type="text/event-stream")
 
     async def _events(self, first: Piece, pieces, meta: dict, chat: bool, include_usage: bool):
         kind = "chat.completion.chunk" if chat else "text_completion"
