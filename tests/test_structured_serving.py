@@ -12,7 +12,6 @@ import json
 import re
 
 import pytest
-
 from triton_helpers import Server
 
 pytest.importorskip("tritonclient")

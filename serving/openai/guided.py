@@ -76,7 +76,7 @@ def guide_fields(body: dict, template_has_tools: bool, chat: bool) -> tuple[dict
     if response_format is not None:
         if not isinstance(response_format, dict) or response_format.get("type") not in ("text", "json_object",
                                                                                          "json_schema"):
-            raise GuideError('response_format must be {"type": "text"}, {"type": "json_object"} or '
+            raise GuideError('structured output: response_format must be {"type": "text"}, {"type": "json_object"} or '
                              '{"type": "json_schema", "json_schema": {"name": ..., "schema": {...}}}', "response_format")
         if response_format["type"] == "json_object":
             asked.append(("response_format", "json", ""))
