@@ -178,3 +178,24 @@ def test_log_probabilities_are_raw_under_a_guide(llms):
         free = llm.generate(prompt + guided.output_ids[:i], SamplingParams(max_new_tokens=1, logprobs=3))[0]
         assert [t for t, _ in entry.top] == [t for t, _ in free.logprobs[0].top]
         assert abs(entry.top[0][1] - free.logprobs[0].top[0][1]) < 1e-5
+
+
+def test_command_line_guides(engines, tmp_path):
+    from click.testing import CliRunner
+
+    from nemodiff.cli import main
+
+    schema = tmp_path / "schema.json"
+    schema.write_text(json.dumps(SCHEMA))
+    runner = CliRunner()
+    base = ["generate", str(engines["random"]), "--prompt", "hi", "--device", "cpu", "--json"]
+    for flags, kind in ((["--json-schema", str(schema)], "json_schema"), (["--regex", REGEX], "regex"),
+                        (["--choice", ",".join(CHOICES), "--mode", "linear-spec"], "choice"),
+                        (["--grammar", GRAMMAR, "--mode", "diffusion"], "ebnf_grammar")):
+        result = runner.invoke(main, base + flags)
+        assert result.exit_code == 0, result.output
+        check(kind, json.loads(result.output)["text"])
+    result = runner.invoke(main, base + ["--regex", "[a-"])
+    assert result.exit_code != 0 and "invalid regular expression" in result.output
+    result = runner.invoke(main, base + ["--regex", "a", "--choice", "a,b"])
+    assert result.exit_code != 0 and "at most one of" in result.output
