@@ -199,3 +199,59 @@ def test_command_line_guides(engines, tmp_path):
     assert result.exit_code != 0 and "invalid regular expression" in result.output
     result = runner.invoke(main, base + ["--regex", "a", "--choice", "a,b"])
     assert result.exit_code != 0 and "at most one of" in result.output
+
+
+SAMPLES, TOP_K = 1200, 3
+
+
+def constrained_ar_table(llm, prompt: list[int], guide: Guide, length: int) -> dict[tuple, float]:
+    """The exact probability of every output under the guide: per step the logits masked by the grammar,
+    then top-k, then softmax (what the sampler does), until the grammar ends or `length` tokens."""
+    import torch
+
+    from nemodiff.runtime.decoding.grammar import unpack
+    from nemodiff.runtime.model.segments import Segment
+
+    grammars = llm.engine.grammars()
+    table = {}
+
+    def walk(prefix: tuple, p: float) -> None:
+        matcher = grammars.matcher(guide)
+        matcher.advance(list(prefix))
+        if len(prefix) == length or matcher.terminated:
+            table[prefix] = table.get(prefix, 0.0) + p
+            return
+        seq = prompt + list(prefix)
+        row = llm.model.forward([Segment(0, seq, list(range(len(seq))), 0)])[0][-1].double()
+        allowed = unpack(torch.from_numpy(matcher.masks()), row.shape[0])[0]
+        values, ids = torch.topk(row.masked_fill(~allowed, float("-inf")), TOP_K)
+        for token, q in zip(ids.tolist(), torch.softmax(values, -1).tolist()):
+            if q > 0:
+                walk(prefix + (token,), p * q)
+
+    walk((), 1.0)
+    return table
+
+
+@pytest.fixture(scope="module")
+def wide(engines):
+    """The random engine with room for every sample in one batch."""
+    return LLM(engines["random"], device="cpu", max_batch_size=SAMPLES, num_kv_pages=SAMPLES * 6)
+
+
+@pytest.mark.parametrize("mode, block", [("ar", 4), ("linear-spec", 4), ("quadratic-spec", 3)])
+def test_sampling_under_a_guide_follows_the_constrained_distribution(wide, mode, block):
+    """At temperature > 0 the spec modes' rejection sampling runs against the masked, renormalised
+    target: the first tokens of many seeded requests fit constrained AR's exact distribution."""
+    from test_spec_sampling import chi_square_p_value
+
+    llm = wide
+    prompt, guide = prompts(llm)[1], Guide("regex", "[a-z]{2,3}( [a-z]{2})?")
+    table = constrained_ar_table(llm, prompt, guide, 3)
+    params = [SamplingParams(max_new_tokens=3, temperature=1.0, top_k=TOP_K, seed=seed, mode=mode, block_length=block,
+                             guide=guide) for seed in range(SAMPLES)]
+    counts = {}
+    for out in llm.generate([prompt] * SAMPLES, params):
+        counts[tuple(out.output_ids)] = counts.get(tuple(out.output_ids), 0) + 1
+    p_value, dof = chi_square_p_value(counts, table, SAMPLES)
+    assert dof >= 4 and p_value > 1e-3, (mode, p_value, dof)
