@@ -147,6 +147,9 @@ class SamplingParams:
             if not isinstance(self.guide, Guide):
                 raise ValueError(f"guide must be a Guide (got {type(self.guide).__name__})")
             self.guide.validate()
+            if self.max_thinking_tokens is not None:
+                raise ValueError("max_thinking_tokens cannot be combined with a guide: the end-of-thinking token "
+                                 "it forces is not part of the guide's grammar")
         return self
 
     def for_choice(self, index: int) -> "SamplingParams":

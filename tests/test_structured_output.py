@@ -138,19 +138,23 @@ def test_preemption_keeps_constrained_output_exact(engines):
     (Guide("ebnf_grammar", 'root ::= "a" b'), 'invalid grammar: .*Rule "b" is not defined'),
     (Guide("choice", choices=()), "a choice guide needs a non-empty list"),
     (Guide("xml", "x"), "guide kind must be one of"),
+    (None, "max_thinking_tokens cannot be combined with a guide"),
 ])
 def test_a_bad_guide_is_refused_at_admission_and_others_go_on(llms, guide, message):
     llm = llms["random"]
     engine = llm.engine
     good = engine.add_request(prompts(llm)[0], SamplingParams(max_new_tokens=20, guide=GUIDES["regex"]))
+    bad = SamplingParams(max_new_tokens=20, guide=guide)
+    if guide is None:
+        bad = SamplingParams(max_new_tokens=20, guide=GUIDES["regex"], max_thinking_tokens=4)
     with pytest.raises(ValueError, match=message):
-        engine.add_request(prompts(llm)[1], SamplingParams(max_new_tokens=20, guide=guide))
+        engine.add_request(prompts(llm)[1], bad)
     while not good.finished:
         engine.step()
     assert good.finish_reason == "stop"
     check("regex", good.text)
     with pytest.raises(ValueError, match=message):  # LLM.generate: the same message, nothing left running
-        llm.generate(prompts(llm), [SamplingParams(guide=GUIDES["regex"])] * 2 + [SamplingParams(guide=guide)])
+        llm.generate(prompts(llm), [SamplingParams(guide=GUIDES["regex"])] * 2 + [bad])
     assert not engine.has_unfinished()
 
 

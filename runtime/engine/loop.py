@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import threading
 from collections import Counter
 from dataclasses import dataclass
 
@@ -64,6 +65,7 @@ class Engine:
         self.images = images  # the vision tower and preprocessing of a VLM engine, else None
         self.tokenizer = tokenizer  # its vocabulary builds the grammars of structured output
         self._grammars: Grammars | None = None  # made on the first guided request
+        self._grammars_lock = threading.Lock()
         self._awaiting_images: dict[int, RequestImages] = {}  # request id -> images not yet encoded
         self.decider = Decider(model.platform, model.config.mask_token_id)
         self._ids = itertools.count()
@@ -106,12 +108,14 @@ class Engine:
 
     def grammars(self) -> Grammars:
         """The grammar compiler of this engine's vocabulary (structured output)."""
-        if self._grammars is None:
-            if self.tokenizer is None:
-                raise ValueError("structured output needs the engine's tokenizer")
-            vocab, special, serialized = self.tokenizer.grammar_vocab()
-            self._grammars = Grammars(vocab, special, serialized, self.model.config.vocab_size, sorted(self.eos_ids))
-        return self._grammars
+        with self._grammars_lock:  # the servers' request threads check guides too
+            if self._grammars is None:
+                if self.tokenizer is None:
+                    raise ValueError("structured output needs the engine's tokenizer")
+                vocab, special, serialized = self.tokenizer.grammar_vocab()
+                self._grammars = Grammars(vocab, special, serialized, self.model.config.vocab_size,
+                                          sorted(self.eos_ids))
+            return self._grammars
 
     def prepare_images(self, prompt_ids: list[int], images: list[ImageInput] | None,
                        params: SamplingParams) -> PreparedImages | None:
