@@ -121,16 +121,22 @@ class Decider:
         self._guides.append((first_row, bitmask))
 
     def shape(self, first_row: int, count: int, fn) -> None:
-        """Grammar masks that depend on the rows' own logits (tokens built left to right): fn gets the
-        rows [count, vocab] on the host, before any decision, and returns their bitmask rows."""
+        """Grammar masks that depend on the rows' own logits (tokens built left to right): before any
+        decision, fn(rows) returns the bitmask rows of rows first_row..first_row+count-1, where rows(i, j)
+        copies rows first_row+i..first_row+j-1 to the host (float32; only those it asks for)."""
         self._shapers.append((first_row, count, fn))
 
     def _apply_guides(self, logits: torch.Tensor):
         """Mask the guided rows in place; returns what restores them for the log-probabilities (raw)."""
-        for first, count, fn in self._shapers:
-            self._guides.append((first, fn(logits[first: first + count].float().cpu())))
+        for first, _count, fn in self._shapers:
+            self._guides.append((first, fn(lambda i, j, f=first: logits[f + i: f + j].float().cpu())))
         rows = np.concatenate([np.arange(f, f + len(b), dtype=np.int64) for f, b in self._guides])
         bitmask = np.concatenate([b for _, b in self._guides])
+        masked = (bitmask != -1).any(axis=1)  # rows that allow everything are left alone
+        if not masked.all():
+            rows, bitmask = rows[masked], bitmask[masked]
+        if not len(rows):
+            return None
         original = apply_masks(logits, rows, bitmask, keep=self.logprob_pass is not None)
         return None if original is None else (rows, original)
 

@@ -94,7 +94,7 @@ class DecodeStrategy(ABC):
     def shape_greedy(self, decider, first_row: int, count: int, after=()) -> None:
         """Masks for `count` rows whose greedy tokens follow one another (drafts): each row's mask
         stands after the greedy choices of the rows before it."""
-        decider.shape(first_row, count, lambda x: self.guide.walk(x, greedy_pick, after))
+        decider.shape(first_row, count, lambda rows: self.guide.walk(rows(0, count), greedy_pick, after))
 
     def prefill_segment(self) -> Segment:
         """The rest of the prompt after what the engine already cached (chunked prefill)."""

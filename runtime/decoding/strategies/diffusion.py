@@ -121,7 +121,8 @@ class DiffusionStrategy(DecodeStrategy):
                 return token
             return None
 
-        def walk(x: torch.Tensor) -> np.ndarray:
+        def walk(get) -> np.ndarray:
+            x = get(0, len(rows))
             picks.clear()
             self.guide.walk(x, decide, block[1: rows[0]].tolist())
             if not picks:  # the block's tokens already left the grammar: no mask at all

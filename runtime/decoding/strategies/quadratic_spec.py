@@ -98,21 +98,24 @@ class QuadraticSpecStrategy(DecodeStrategy):
         self.tokens[1:k] = answer[1 + k: 2 * k]
         return tokens
 
-    def _shape_cycle(self, x) -> np.ndarray:
-        """Greedy cycle under a grammar, rows x [k*k, vocab] on the host: the k target rows masked after
-        the drafts before them (as `guide_rows`), then the next drafts, group n-1's rows, built left to
-        right after the tokens this cycle accepts (n found here as the decision will find it)."""
+    def _shape_cycle(self, rows) -> np.ndarray:
+        """Greedy cycle under a grammar (rows(i, j): logit rows on the host): the k target rows masked
+        after the drafts before them (as `guide_rows`), then the next drafts, group n-1's rows, built left
+        to right after the tokens this cycle accepts (n found here as the decision will find it). Only
+        the target rows and that group's are read."""
         k, guide = self.k, self.guide
         drafts = self.tokens[1:k].tolist()
         out = guide.full(k * k)
         out[:k] = guide.masks(drafts)
-        targets = x[:k].masked_fill(~unpack(torch.from_numpy(out[:k]), x.shape[1]), float("-inf")).numpy()
+        x = rows(0, k)
+        targets = x.masked_fill(~unpack(torch.from_numpy(out[:k]), x.shape[1]), float("-inf")).numpy()
         targets = targets.argmax(axis=-1).tolist()
         n = 1
         while n < k and targets[n - 1] == drafts[n - 1]:
             n += 1
         group = k + (n - 1) * (k - 1)
-        out[group: group + k - 1] = guide.walk(x[group: group + k - 1], greedy_pick, drafts[: n - 1] + [targets[n - 1]])
+        out[group: group + k - 1] = guide.walk(rows(group, group + k - 1), greedy_pick,
+                                               drafts[: n - 1] + [targets[n - 1]])
         return out
 
     def stats(self) -> dict:
