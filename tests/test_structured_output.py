@@ -259,3 +259,21 @@ def test_sampling_under_a_guide_follows_the_constrained_distribution(wide, mode,
         counts[tuple(out.output_ids)] = counts.get(tuple(out.output_ids), 0) + 1
     p_value, dof = chi_square_p_value(counts, table, SAMPLES)
     assert dof >= 4 and p_value > 1e-3, (mode, p_value, dof)
+
+
+def test_a_failing_grammar_mask_fails_its_request_alone(llms, monkeypatch):
+    llm = llms["sticky"]
+    from nemodiff.runtime.decoding.strategies.quadratic_spec import QuadraticSpecStrategy
+
+    def broken(self, rows):
+        raise RuntimeError("broken mask")
+
+    monkeypatch.setattr(QuadraticSpecStrategy, "_shape_cycle", broken)
+    guide = GUIDES["ebnf_grammar"]
+    outs = llm.generate(prompts(llm), [SamplingParams(max_new_tokens=24, guide=guide, mode="quadratic-spec"),
+                                       SamplingParams(max_new_tokens=24, guide=guide),
+                                       SamplingParams(max_new_tokens=24, guide=guide, mode="linear-spec")])
+    assert outs[0].finish_reason == "error"  # its targets went unmasked: a token outside its grammar
+    for out in outs[1:]:
+        assert out.finish_reason == "stop"
+        check("ebnf_grammar", out.text)

@@ -17,6 +17,8 @@ device for the rejection sampling of the next verification.
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import torch
 
@@ -47,6 +49,7 @@ class _Needs:
         return self.rows[0] == 0 and sum(self.counts) == num_rows
 
 
+log = logging.getLogger(__name__)
 KINDS = ("sample", "drafts", "candidates", "verify", "quad")
 NO_ROWS = np.zeros(0, dtype=np.int64)
 
@@ -128,10 +131,17 @@ class Decider:
 
     def _apply_guides(self, logits: torch.Tensor):
         """Mask the guided rows in place; returns what restores them for the log-probabilities (raw)."""
-        for first, _count, fn in self._shapers:
-            self._guides.append((first, fn(lambda i, j, f=first: logits[f + i: f + j].float().cpu())))
+        for first, count, fn in self._shapers:
+            try:
+                bitmask = fn(lambda i, j, f=first: logits[f + i: f + j].float().cpu())
+            except Exception:  # that request alone: unmasked, its next token fails its grammar check
+                log.exception("a grammar mask failed; its rows are left unmasked")
+                bitmask = np.full((count, 1), -1, dtype=np.int32)
+            self._guides.append((first, bitmask))
         rows = np.concatenate([np.arange(f, f + len(b), dtype=np.int64) for f, b in self._guides])
-        bitmask = np.concatenate([b for _, b in self._guides])
+        width = max(b.shape[1] for _, b in self._guides)
+        bitmask = np.concatenate([b if b.shape[1] == width else np.full((len(b), width), -1, np.int32)
+                                  for _, b in self._guides])
         masked = (bitmask != -1).any(axis=1)  # rows that allow everything are left alone
         if not masked.all():
             rows, bitmask = rows[masked], bitmask[masked]
