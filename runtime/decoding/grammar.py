@@ -168,7 +168,7 @@ class GuideMatcher:
                 if self._m.is_terminated():
                     break
                 self._fill(out[i + 1])
-        self._m.rollback(done) if done else None
+        self._rollback(done)
         return out
 
     def walk(self, x: torch.Tensor, decide: Callable[[int, torch.Tensor], int | None], after=()) -> np.ndarray:
@@ -179,18 +179,21 @@ class GuideMatcher:
         out = self.full(len(x))
         done = self._look(after)
         if done == len(after):
-            allowed = torch.empty(len(x), self.vocab_size, dtype=torch.bool)
             for j in range(len(x)):
                 if self._m.is_terminated():
                     break
                 self._fill(out[j])
-                allowed[j] = unpack(torch.from_numpy(out[j: j + 1]), self.vocab_size)[0]
-                token = decide(j, x[j].masked_fill(~allowed[j], float("-inf")))
+                allowed = unpack(torch.from_numpy(out[j: j + 1]), x.shape[1])[0]
+                token = decide(j, x[j].masked_fill(~allowed, float("-inf")))
                 if token is None or not self._take(token):
                     break
                 done += 1
-        self._m.rollback(done) if done else None
+        self._rollback(done)
         return out
+
+    def _rollback(self, count: int) -> None:
+        if count:
+            self._m.rollback(count)
 
     def advance(self, tokens: list[int]) -> tuple[int, bool]:
         """Accept output tokens: (how many the grammar took, whether it has ended)."""
