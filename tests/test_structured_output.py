@@ -277,3 +277,23 @@ def test_a_failing_grammar_mask_fails_its_request_alone(llms, monkeypatch):
     for out in outs[1:]:
         assert out.finish_reason == "stop"
         check("ebnf_grammar", out.text)
+
+
+def test_guided_and_free_requests_share_steps(llms):
+    """Guided and unguided requests of every mode in one batch give what each gives alone; n > 1 choices
+    each follow the guide; iterative drafting (draft_threshold) under a guide still equals AR."""
+    llm = llms["sticky"]
+    texts = prompts(llm)
+    params = [SamplingParams(max_new_tokens=30, mode=mode, block_length=4, guide=guide)
+              for mode in MODES for guide in (None, GUIDES["regex"], GUIDES["json_schema"])]
+    batch = llm.generate([texts[i % 3] for i in range(len(params))], params)
+    for i, (p, out) in enumerate(zip(params, batch)):
+        alone = llm.generate(texts[i % 3], p)[0]
+        assert out.output_ids == alone.output_ids, (p.mode, p.guide)
+    many = llm.generate(texts[0], SamplingParams(max_new_tokens=30, n=3, temperature=1.0, seed=1,
+                                                 guide=GUIDES["choice"]))
+    assert len(many) == 3 and all(o.text in CHOICES for o in many)
+    ar = llm.generate(texts, SamplingParams(max_new_tokens=30, guide=GUIDES["json_schema"]))
+    iterative = llm.generate(texts, SamplingParams(max_new_tokens=30, guide=GUIDES["json_schema"], mode="linear-spec",
+                                                   block_length=4, draft_threshold=0.5))
+    assert [o.output_ids for o in iterative] == [o.output_ids for o in ar]
