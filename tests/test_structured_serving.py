@@ -136,3 +136,30 @@ def test_openai_bad_guides_are_400(client, extra, message):
         client.chat.completions.create(model="nemodiff", messages=[{"role": "user", "content": "x"}], max_tokens=8,
                                        **extra)
     assert bad.value.status_code == 400 and bad.value.body["message"]
+
+
+def test_guide_fields_read_every_form():
+    """The OpenAI body's forms of structured output, read without a server."""
+    from nemodiff.serving.openai.guided import GuideError, guide_fields, tool_calls
+
+    assert guide_fields({}, False, True) == ({}, None, None)
+    assert guide_fields({"response_format": {"type": "text"}}, False, True)[0] == {}
+    fields, _, _ = guide_fields({"guided_json": SCHEMA}, False, False)
+    assert fields == {"guided_decoding_guide_type": "json_schema", "guided_decoding_guide": json.dumps(SCHEMA)}
+    assert guide_fields({"guided_choice": ["a", "b"]}, False, False)[0]["guided_decoding_guide"] == '["a", "b"]'
+    fields, tool, render = guide_fields({"tools": TOOLS, "tool_choice": "auto"}, True, True)
+    assert fields == {} and tool is None and render == TOOLS  # a template with tools renders them
+    fields, tool, render = guide_fields({"tools": TOOLS, "tool_choice": "none"}, False, True)
+    assert fields == {} and tool is None and render is None
+    _, tool, _ = guide_fields({"tools": TOOLS[:1], "tool_choice": "required"}, False, True)
+    assert tool.name == "get_weather"
+    _, tool, _ = guide_fields({"tools": TOOLS, "tool_choice": "required"}, False, True)
+    call, = tool_calls(tool, '{"name": "get_time", "arguments": {"zone": "UTC"}}')
+    assert call["function"] == {"name": "get_time", "arguments": '{"zone": "UTC"}'}
+    assert tool_calls(tool, '{"name": "get_ti') == []
+    for body in ({"tools": TOOLS}, {"guided_regex": ""}, {"guided_choice": "a"}, {"tools": [{"type": "function"}]},
+                 {"response_format": {"type": "json_schema"}}, {"guided_json": 5}):
+        with pytest.raises(GuideError):
+            guide_fields(body, False, True)
+    with pytest.raises(GuideError, match="for /v1/chat/completions"):
+        guide_fields({"tools": TOOLS, "tool_choice": "required"}, False, False)
