@@ -1,13 +1,13 @@
 """Place: [checkpoint → builder → engine dir → runtime → serving]: the ground and the top of the flow.
 
 nemodiff builds and serves Nemotron-Labs-Diffusion models. This package holds the public Python
-API (`LLM`, `SamplingParams`, `RequestOutput`), the `nemodiff` command line (cli.py) and the
+API (`LLM`, `SamplingParams`, `Guide`, `RequestOutput`), the `nemodiff` command line (cli.py) and the
 engine-directory contract every stage shares (engine_format.py). Map: docs/architecture.md.
 """
 
 __version__ = "0.1.0"
 
 from nemodiff.runtime.llm import LLM, RequestOutput  # noqa: E402
-from nemodiff.runtime.request import SamplingParams  # noqa: E402
+from nemodiff.runtime.request import Guide, SamplingParams  # noqa: E402
 
-__all__ = ["LLM", "RequestOutput", "SamplingParams", "__version__"]
+__all__ = ["LLM", "Guide", "RequestOutput", "SamplingParams", "__version__"]

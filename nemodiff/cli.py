@@ -85,6 +85,11 @@ def _parse_threshold(value: str) -> float | None:
 @click.option("--draft-threshold", type=float, default=None,
               help="linear-spec: redraft until every slot is this confident (iterative drafting).")
 @click.option("--max-thinking-tokens", type=int, default=None, help="Force end-of-thinking after this many tokens.")
+@click.option("--json-schema", type=str, default=None,
+              help="Structured output: a JSON schema (a file, or the JSON itself); 'object' for any JSON object.")
+@click.option("--regex", type=str, default=None, help="Structured output: the output matches this regular expression.")
+@click.option("--choice", type=str, default=None, help="Structured output: one of these comma-separated strings.")
+@click.option("--grammar", type=str, default=None, help="Structured output: an EBNF (GBNF) grammar (a file or text).")
 @click.option("--device", type=str, default=None, help="torch device [default: cuda if available, else cpu].")
 @click.option("--kernels", type=click.Choice(KERNEL_MODES), default="auto", help=KERNELS_HELP)
 @click.option("--tp", type=int, default=None,
@@ -100,9 +105,9 @@ def generate(engine_dir: Path, prompt: str | None, prompt_ids: str | None, mode:
              temperature: float, top_p: float, top_k: int, seed: int | None, stop: tuple[str, ...], chat: bool,
              images: tuple[Path, ...],
              block_length: int | None, threshold: str, draft_lora: bool, draft_threshold: float | None,
-             max_thinking_tokens: int | None,
-             device: str | None, kernels: str, tp: int | None, logprobs: int | None, n: int, prefix_cache: bool,
-             as_json: bool) -> None:
+             max_thinking_tokens: int | None, json_schema: str | None, regex: str | None, choice: str | None,
+             grammar: str | None, device: str | None, kernels: str, tp: int | None, logprobs: int | None, n: int,
+             prefix_cache: bool, as_json: bool) -> None:
     """Generate a completion for one prompt."""
     from nemodiff import LLM, SamplingParams
 
@@ -112,7 +117,7 @@ def generate(engine_dir: Path, prompt: str | None, prompt_ids: str | None, mode:
         max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
         stop=list(stop), mode=mode, block_length=block_length, threshold=_parse_threshold(threshold),
         draft_lora=draft_lora, draft_threshold=draft_threshold, max_thinking_tokens=max_thinking_tokens,
-        logprobs=logprobs, n=n,
+        logprobs=logprobs, n=n, guide=_guide(json_schema, regex, choice, grammar),
     )
     source = prompt if prompt is not None else _parse_ids(prompt_ids)
     params.validate()
@@ -127,6 +132,27 @@ def generate(engine_dir: Path, prompt: str | None, prompt_ids: str | None, mode:
         click.echo(f"[{'' if n == 1 else f'choice {output.index}: '}{len(output.output_ids)} tokens, "
                    f"{output.num_forward_passes} forwards, {output.tokens_per_forward:.2f} tokens/forward, "
                    f"{output.seconds:.3f} s, finish: {output.finish_reason}]", err=True)
+
+
+def _guide(json_schema: str | None, regex: str | None, choice: str | None, grammar: str | None):
+    """The --json-schema / --regex / --choice / --grammar guide (at most one), or None."""
+    from nemodiff.runtime.request import Guide
+
+    given = [g for g in (json_schema, regex, choice, grammar) if g is not None]
+    if len(given) > 1:
+        raise click.UsageError("give at most one of --json-schema, --regex, --choice and --grammar")
+
+    def text(value: str) -> str:  # a file's content, or the value itself
+        path = Path(value)
+        return path.read_text(encoding="utf-8") if len(value) < 4096 and path.is_file() else value
+
+    if json_schema is not None:
+        return Guide("json") if json_schema == "object" else Guide("json_schema", text(json_schema))
+    if regex is not None:
+        return Guide("regex", regex)
+    if choice is not None:
+        return Guide("choice", choices=tuple(c for c in choice.split(",") if c))
+    return Guide("ebnf_grammar", text(grammar)) if grammar is not None else None
 
 
 def describe_vision(vision: VisionConfig) -> str:

@@ -184,7 +184,7 @@ class LLM:
             images = ImagePipeline.from_engine(self.engine_dir, self.config, self.model.dtype, self.model.device,
                                                cache_bytes=vision_cache_bytes, limits=image_limits)
         self.engine = Engine(self.model, self.cache, ctx, scheduler, build.max_seq_len, eos_ids,
-                             decode=self.tokenizer.decode, images=images)
+                             decode=self.tokenizer.decode, images=images, tokenizer=self.tokenizer)
 
     def close(self) -> None:
         """Stop the tensor-parallel workers (nothing to do for a single-rank engine)."""

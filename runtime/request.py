@@ -107,6 +107,7 @@ class SamplingParams:
     logprobs: int | None = None  # per output token its log-probability and this many alternatives (0..20)
     n: int = 1  # completions of the prompt (LLM.generate and the servers fan them out)
     guide: Guide | None = None  # structured output: the output must match it
+    guided_drafts: bool = True  # spec modes under a guide, temperature 0: drafts built under the grammar too
 
     def validate(self) -> "SamplingParams":
         self.mode = normalize_mode(self.mode)
@@ -146,6 +147,9 @@ class SamplingParams:
             if not isinstance(self.guide, Guide):
                 raise ValueError(f"guide must be a Guide (got {type(self.guide).__name__})")
             self.guide.validate()
+            if self.max_thinking_tokens is not None:
+                raise ValueError("max_thinking_tokens cannot be combined with a guide: the end-of-thinking token "
+                                 "it forces is not part of the guide's grammar")
         return self
 
     def for_choice(self, index: int) -> "SamplingParams":
@@ -178,6 +182,7 @@ class Request:
     cached_prompt_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
     logprobs: list | None = None  # TokenLogprob per output token when the request asks for them
     choice_index: int = 0  # which of its prompt's n choices this is
+    grammar: object | None = None  # the guide's matcher (runtime/decoding/grammar.py), standing after output_ids
 
     def __post_init__(self):
         self.detokenizer = IncrementalDetokenizer(self.decode, self.output_ids)

@@ -17,6 +17,8 @@ device for the rejection sampling of the next verification.
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import torch
 
@@ -24,6 +26,7 @@ from nemodiff.device import Platform, as_platform
 from nemodiff.runtime.model.segments import arange
 
 from . import sampling as S
+from .grammar import apply_masks
 from .logprobs import LogprobPass, TokenLogprob
 
 
@@ -46,6 +49,7 @@ class _Needs:
         return self.rows[0] == 0 and sum(self.counts) == num_rows
 
 
+log = logging.getLogger(__name__)
 KINDS = ("sample", "drafts", "candidates", "verify", "quad")
 NO_ROWS = np.zeros(0, dtype=np.int64)
 
@@ -66,6 +70,8 @@ class Decider:
         self._starts = self._ends = None  # per handle: where its answer lies in the packed result
         self._host: np.ndarray | None = None
         self.logprob_pass: LogprobPass | None = None  # made when a request asks for log-probabilities
+        self._guides: list[tuple[int, object]] = []  # (first row, bitmask rows): grammar masks (grammar.py)
+        self._shapers: list[tuple[int, int, object]] = []  # (first row, count, fn): masks built from the rows
 
     # -- registration (host, O(1) per request) -----------------------------------------------
     def _register(self, kind: str, strategy, first_row: int, count: int, extra=None) -> int:
@@ -112,6 +118,38 @@ class Decider:
     def logprob_result(self, handle: int, tokens: list[int]) -> list[TokenLogprob]:
         return self.logprob_pass.result(handle, tokens)
 
+    def constrain(self, first_row: int, bitmask: np.ndarray) -> None:
+        """Grammar masks (int32 bitmask rows, grammar.py) for the logit rows from first_row: the
+        decisions of this step see -inf at every disallowed token."""
+        self._guides.append((first_row, bitmask))
+
+    def shape(self, first_row: int, count: int, fn) -> None:
+        """Grammar masks that depend on the rows' own logits (tokens built left to right): before any
+        decision, fn(rows) returns the bitmask rows of rows first_row..first_row+count-1, where rows(i, j)
+        copies rows first_row+i..first_row+j-1 to the host (float32; only those it asks for)."""
+        self._shapers.append((first_row, count, fn))
+
+    def _apply_guides(self, logits: torch.Tensor):
+        """Mask the guided rows in place; returns what restores them for the log-probabilities (raw)."""
+        for first, count, fn in self._shapers:
+            try:
+                bitmask = fn(lambda i, j, f=first: logits[f + i: f + j].float().cpu())
+            except Exception:  # that request alone: unmasked, its next token fails its grammar check
+                log.exception("a grammar mask failed; its rows are left unmasked")
+                bitmask = np.full((count, 1), -1, dtype=np.int32)
+            self._guides.append((first, bitmask))
+        rows = np.concatenate([np.arange(f, f + len(b), dtype=np.int64) for f, b in self._guides])
+        width = max(b.shape[1] for _, b in self._guides)
+        bitmask = np.concatenate([b if b.shape[1] == width else np.full((len(b), width), -1, np.int32)
+                                  for _, b in self._guides])
+        masked = (bitmask != -1).any(axis=1)  # rows that allow everything are left alone
+        if not masked.all():
+            rows, bitmask = rows[masked], bitmask[masked]
+        if not len(rows):
+            return None
+        original = apply_masks(logits, rows, bitmask, keep=self.logprob_pass is not None)
+        return None if original is None else (rows, original)
+
     # -- device work -------------------------------------------------------------------------
     def run(self, logits: torch.Tensor, ids: torch.Tensor) -> None:
         """Compute every registered need; the answers stay on the device until `fetch`.
@@ -122,6 +160,7 @@ class Decider:
         On the host path the rows that fail are kept apart, and the pass over every row runs on
         first use (`all_greedy`): steady QuadraticSpec steps read only their target rows and the
         accepted group's, and check those."""
+        restore = self._apply_guides(logits) if self._guides or self._shapers else None
         host = self.host_arrays and logits.dtype in (torch.float32, torch.float64)
         if host:  # numpy views of the CPU tensors
             x, host_ids = logits.numpy(), ids.numpy()
@@ -149,6 +188,8 @@ class Decider:
             self._packed = parts[0] if len(parts) == 1 else np.concatenate(parts) if parts else NO_ROWS
         else:
             self._packed = torch.cat(parts)
+        if restore is not None:  # log-probabilities are taken before any grammar mask
+            logits[torch.from_numpy(restore[0]).to(logits.device)] = restore[1]
         if self.logprob_pass is not None:  # after the decisions: their tokens are what it scores
             extra = self.logprob_pass.run(logits, self._packed, self._starts, len(self._packed))
             self._packed = np.concatenate([self._packed, extra.numpy()]) if host else torch.cat([self._packed, extra])

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import threading
 from collections import Counter
 from dataclasses import dataclass
 
@@ -29,6 +30,7 @@ import numpy as np
 import torch
 
 from nemodiff.runtime.decoding.decide import Decider
+from nemodiff.runtime.decoding.grammar import Grammars
 from nemodiff.runtime.decoding.strategies import STRATEGIES
 from nemodiff.runtime.decoding.strategies.base import StrategyContext
 from nemodiff.runtime.images.pipeline import ImageInput, ImagePipeline, PreparedImages, RequestImages
@@ -51,7 +53,8 @@ class PendingStep:
 
 class Engine:
     def __init__(self, model: Model, cache: PagedKVCache, ctx: StrategyContext, scheduler_config: SchedulerConfig,
-                 max_seq_len: int, eos_ids: list[int], decode, images: ImagePipeline | None = None):
+                 max_seq_len: int, eos_ids: list[int], decode, images: ImagePipeline | None = None,
+                 tokenizer=None):
         self.model = model
         self.cache = cache
         self.ctx = ctx
@@ -60,6 +63,9 @@ class Engine:
         self.eos_ids = frozenset(eos_ids)
         self.decode = decode
         self.images = images  # the vision tower and preprocessing of a VLM engine, else None
+        self.tokenizer = tokenizer  # its vocabulary builds the grammars of structured output
+        self._grammars: Grammars | None = None  # made on the first guided request
+        self._grammars_lock = threading.Lock()
         self._awaiting_images: dict[int, RequestImages] = {}  # request id -> images not yet encoded
         self.decider = Decider(model.platform, model.config.mask_token_id)
         self._ids = itertools.count()
@@ -87,6 +93,8 @@ class Engine:
                              f"{self.ctx.block_length} (each forward carries k*(k+1) tokens)")
         if block > self.max_seq_len:
             raise ValueError(f"block_length {block} exceeds the engine's max_seq_len ({self.max_seq_len})")
+        if params.guide is not None:
+            self.grammars().compile(params.guide)  # a bad schema, regex or grammar: ValueError, here
         if params.mode not in STRATEGIES:
             raise ValueError(f"decode mode {params.mode!r} is not available in this build")
         scratch = 0 if params.mode == "ar" else block  # speculative/diffusion writes run ahead by a block
@@ -97,6 +105,17 @@ class Engine:
                 f"tokens), more than the whole cache ({self.cache.num_pages} pages); give the server more KV memory "
                 "or ask for fewer tokens"
             )
+
+    def grammars(self) -> Grammars:
+        """The grammar compiler of this engine's vocabulary (structured output)."""
+        with self._grammars_lock:  # the servers' request threads check guides too
+            if self._grammars is None:
+                if self.tokenizer is None:
+                    raise ValueError("structured output needs the engine's tokenizer")
+                vocab, special, serialized = self.tokenizer.grammar_vocab()
+                self._grammars = Grammars(vocab, special, serialized, self.model.config.vocab_size,
+                                          sorted(self.eos_ids))
+            return self._grammars
 
     def prepare_images(self, prompt_ids: list[int], images: list[ImageInput] | None,
                        params: SamplingParams) -> PreparedImages | None:
@@ -121,6 +140,8 @@ class Engine:
             prompt_ids = prepared.token_ids
         self.validate(prompt_ids, params)
         request = Request(next(self._ids), list(prompt_ids), params, self.eos_ids, self.decode)
+        if params.guide is not None:
+            request.grammar = self.grammars().matcher(params.guide)
         if prepared is not None and prepared.pixels:
             request.images = RequestImages(request.prompt_ids, prepared.pixels, self.images.image_token_id,
                                            self.images.encode)
@@ -214,8 +235,13 @@ class Engine:
                 try:
                     strategy = sequence.strategy
                     tokens = strategy.consume(decider)
+                    ended = False
+                    if tokens and request.grammar is not None:
+                        tokens, ended = follow_grammar(request.grammar, tokens)
                     if tokens:
                         self.output_tokens[mode] += len(request.append(tokens, strategy.pending_logprobs))
+                    if ended and request.finish_reason in (None, "eos"):  # the grammar's end is a stop
+                        request._finish("stop")
                 except Exception as exc:
                     log.exception("request %d: strategy failed", request.request_id)
                     error = f"internal error in the {mode} strategy: {exc}"
@@ -274,3 +300,14 @@ class Engine:
         if sequence.num_preemptions:
             request.stats["preemptions"] = sequence.num_preemptions
         self.scheduler.remove(sequence)
+
+
+def follow_grammar(matcher, tokens: list[int]) -> tuple[list[int], bool]:
+    """Advance a request's grammar over its new tokens: (the tokens up to the grammar's end, whether it
+    ended). The decisions only give tokens the grammar allows; one it refuses is an internal error."""
+    took, ended = matcher.advance(tokens)
+    if ended:
+        return tokens[:took], True
+    if took < len(tokens):
+        raise RuntimeError(f"token {tokens[took]} does not follow the request's grammar")
+    return tokens, False

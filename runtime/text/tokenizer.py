@@ -84,13 +84,24 @@ class EngineTokenizer:
                 return token_id
         return None
 
+    def grammar_vocab(self) -> tuple[list[str], set[int], str]:
+        """What a grammar engine needs: the token strings by id, the ids of special tokens, and the
+        serialized tokenizer (how its tokens spell bytes)."""
+        vocab = [""] * self.vocab_size
+        for token, token_id in self._tok.get_vocab(with_added_tokens=True).items():
+            if token_id < len(vocab):
+                vocab[token_id] = token
+        special = {i for i, added in self._tok.get_added_tokens_decoder().items() if added.special}
+        return vocab, special, self._tok.to_str()
+
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
+                            tools: list | None = None) -> str:
         if not self.chat_template:
             raise ValueError("this engine's tokenizer has no chat template")
 
@@ -102,6 +113,7 @@ class EngineTokenizer:
         return env.from_string(self.chat_template).render(
             messages=messages, add_generation_prompt=add_generation_prompt,
             bos_token=self.bos_token or "", eos_token=self.eos_token or "",
+            **({"tools": tools} if tools is not None else {}),
         )
 
     def encode_chat(self, user_text: str) -> list[int]:

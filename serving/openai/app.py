@@ -3,7 +3,9 @@
 checkpoint ──builder──▶ engine dir ──runtime──▶ Triton ──[OpenAI frontend]──▶ clients
 
 `/v1/models`, `/v1/completions` and `/v1/chat/completions`, streamed (server-sent events
-ending in `data: [DONE]`) or not, with `usage` and `finish_reason` (`stop` | `length`).
+ending in `data: [DONE]`) or not, with `usage` and `finish_reason` (`stop` | `length`, and
+`tool_calls` for a forced tool call, whose `message.tool_calls` is read from the constrained output;
+structured output and tools: guided.py).
 Requests go to the nemodiff Triton model over gRPC (`nemodiff.serving.openai.backend`), so
 validation, limits, deadlines and the engine are those of the Triton endpoints; the body and
 its fields are read by parse.py. Errors have OpenAI's shape, `{"error": {"message", "type",
@@ -37,7 +39,8 @@ from starlette.routing import Route
 from nemodiff.serving.control import FrontErrors
 from nemodiff.serving.http.guard import BodyError, bearer_ok, read_body
 from nemodiff.serving.openai.backend import BackendError, Piece, TritonBackend, triton_inputs
-from nemodiff.serving.openai.choices import Choices, TokenStrings
+from nemodiff.serving.openai.choices import Choices, TokenStrings, finish_reason
+from nemodiff.serving.openai.guided import tool_calls
 from nemodiff.serving.openai.parse import COMPLETIONS_DEFAULT_MAX_TOKENS, RequestReader
 from nemodiff.serving.triton.inputs import DEFAULT_MAX_N
 
@@ -110,8 +113,10 @@ class OpenAIFrontend:
             data = await read_body(request.receive, self.max_body_bytes, request.headers.get("content-length"))
             body = await asyncio.to_thread(self.reader.body, data) if len(data) > 2**18 else self.reader.body(data)
             fields = self.reader.common_fields(body, chat)
+            guided, tool, tools = self.reader.guided(body, chat)
+            fields |= guided
             if chat:
-                prompt, prompt_len = self.reader.chat_prompt(body)
+                prompt, prompt_len = self.reader.chat_prompt(body, tools)
                 if fields["max_tokens"] is None:
                     fields["max_tokens"] = self.max_seq_len - prompt_len
             else:
@@ -137,6 +142,8 @@ class OpenAIFrontend:
         echoed = len(body["prompt"]) if not chat and body.get("echo") and isinstance(body.get("prompt"), str) else 0
         choices = Choices(fields.get("num_return_sequences") or 1, chat, self.strings,
                           bool(fields.get("return_log_probs")), echoed)
+        if tool is not None:  # a forced tool call: answered whole (streamed as one delta per choice)
+            return await self._tool_answer(request, first, pieces, meta, tool, body, choices)
         if body.get("stream"):
             usage = bool((body.get("stream_options") or {}).get("include_usage"))
             return StreamingResponse(self._events(first, pieces, meta, choices, usage), media_type="text/event-stream")
@@ -146,6 +153,35 @@ class OpenAIFrontend:
             return error_response(exc.status, exc.message)
         return JSONResponse(meta | {"object": "chat.completion" if chat else "text_completion",
                                     "choices": choices.complete(), "usage": choices.usage()})
+
+    async def _tool_answer(self, request: Request, first: Piece, pieces, meta: dict, tool, body: dict,
+                           choices: Choices) -> Response:
+        try:
+            await _unless_hung_up(request, _collect(first, pieces, choices), pieces)
+        except BackendError as exc:
+            return error_response(exc.status, exc.message)
+        answers = []
+        for choice in choices.choices:
+            text = "".join(choice.text)
+            calls = tool_calls(tool, text) if choice.finish_reason != "length" else []
+            answers.append((choice.index, text, calls,
+                            "tool_calls" if calls else finish_reason(choice.finish_reason)))
+        if not body.get("stream"):
+            return JSONResponse(meta | {"object": "chat.completion", "usage": choices.usage(), "choices": [
+                {"index": index, "message": {"role": "assistant", "content": None if calls else text}
+                 | ({"tool_calls": calls} if calls else {}), "finish_reason": finish}
+                for index, text, calls, finish in answers]})
+        chunks = []
+        for index, text, calls, finish in answers:
+            delta = {"role": "assistant"} | ({"tool_calls": [c | {"index": i} for i, c in enumerate(calls)]}
+                                             if calls else {"content": text})
+            chunks += [{"index": index, "delta": delta, "finish_reason": None},
+                       {"index": index, "delta": {}, "finish_reason": finish}]
+        events = [f"data: {json.dumps(meta | {'object': 'chat.completion.chunk', 'choices': [c]})}\n\n" for c in chunks]
+        if (body.get("stream_options") or {}).get("include_usage"):
+            usage = meta | {"object": "chat.completion.chunk", "choices": [], "usage": choices.usage()}
+            events.append(f"data: {json.dumps(usage)}\n\n")
+        return StreamingResponse(iter(events + ["data: [DONE]\n\n"]), media_type="text/event-stream")
 
     async def _events(self, first: Piece, pieces, meta: dict, choices: Choices, include_usage: bool):
         """Chunks in the order the choices' responses arrive, each naming its choice's index."""

@@ -20,6 +20,7 @@ from nemodiff.runtime.images.preprocess import ImageError, ImageProcessor
 from nemodiff.runtime.request import MAX_TOP_LOGPROBS
 from nemodiff.runtime.text.tokenizer import EngineTokenizer
 from nemodiff.serving.http.guard import BodyError, check_strings, parse_json
+from nemodiff.serving.openai.guided import GuideError, ToolCall, guide_fields
 from nemodiff.serving.triton.inputs import DEFAULT_MAX_N, IMAGE_INPUT, data_url_bytes
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the context left
@@ -99,9 +100,6 @@ class RequestReader:
         if body.get("model") not in (None, self.model):
             raise InvalidRequest(f"the model {body.get('model')!r} does not exist; this server serves {self.model!r}",
                                  "model", status=404)
-        response_format = body.get("response_format") or {"type": "text"}
-        if body.get("tools") or not isinstance(response_format, dict) or response_format.get("type", "text") != "text":
-            raise InvalidRequest("tools and structured output are not supported", "tools")
         max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
         if max_tokens is not None and not (_is_int(max_tokens) and 1 <= max_tokens < 2**31):
             raise InvalidRequest(f"max_tokens must be an integer >= 1 (got {max_tokens!r})", "max_tokens")
@@ -136,6 +134,13 @@ class RequestReader:
                 fields[name] = value
         return fields
 
+    def guided(self, body: dict, chat: bool) -> tuple[dict, ToolCall | None, list | None]:
+        """Structured output and forced tool calls (guided.py): (model inputs, tool call, tools to render)."""
+        try:
+            return guide_fields(body, "tools" in (self.tokenizer.chat_template or ""), chat)
+        except GuideError as exc:
+            raise InvalidRequest(str(exc), exc.param) from None
+
     def completion_prompt(self, body: dict) -> dict:
         prompt = body.get("prompt")
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
@@ -150,7 +155,7 @@ class RequestReader:
             fields["exclude_input_in_output"] = False
         return fields
 
-    def chat_prompt(self, body: dict) -> tuple[dict, int]:
+    def chat_prompt(self, body: dict, tools: list | None = None) -> tuple[dict, int]:
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
             raise InvalidRequest("messages must be a non-empty list", "messages")
@@ -184,7 +189,7 @@ class RequestReader:
             except ImageError as exc:
                 raise InvalidRequest(str(exc), "messages") from None
         try:
-            text = self.tokenizer.apply_chat_template(rendered, add_generation_prompt=True)
+            text = self.tokenizer.apply_chat_template(rendered, add_generation_prompt=True, tools=tools)
         except Exception as exc:
             raise InvalidRequest(f"the chat template could not be applied: {exc}", "messages") from None
         ids = self.tokenizer.encode(text, add_special_tokens=False)

@@ -5,7 +5,8 @@ checkpoint ──builder──▶ engine dir ──runtime──▶ [Triton: the
 The inputs are those of TensorRT-LLM's `tensorrt_llm_bls` model plus nemodiff's own
 (`decode_mode`, `block_length`, `threshold`, `max_thinking_tokens`, `input_ids`, `timeout`,
 `top_logprobs`). `return_log_probs` asks for log-probabilities, `num_return_sequences` for up to
-the server's `max_n` sequences.
+the server's `max_n` sequences. Structured output comes in TensorRT-LLM's `guided_decoding_guide_type`
+and `guided_decoding_guide`.
 Inputs that Triton's OpenAI frontend and genai-perf send for features nemodiff does not
 have are declared so those tools work, and refused only when they ask for something
 (a non-empty guide, a penalty other than the neutral value, beam width > 1, ...).
@@ -22,13 +23,14 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 import math
 import re
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from nemodiff.runtime.request import MAX_TOP_LOGPROBS, SamplingParams, normalize_mode
+from nemodiff.runtime.request import GUIDE_KINDS, MAX_TOP_LOGPROBS, Guide, SamplingParams, normalize_mode
 
 DEFAULT_MAX_TOKENS = 64  # when a request has no max_tokens (capped by what the context has room for)
 DEFAULT_THRESHOLD = 0.9
@@ -165,7 +167,7 @@ def _refuse_unsupported(inputs: RequestInputs) -> None:
     for name in ("return_context_logits", "return_generation_logits"):
         if inputs.scalar(name, bool):
             raise BadRequest(f"{name} is not supported by nemodiff; leave it false")
-    for name in ("guided_decoding_guide", "embedding_bias_words"):
+    for name in ("embedding_bias_words",):
         if any(inputs.strings(name)):
             raise BadRequest(f"{name} is not supported by nemodiff; leave it empty")
     if inputs.scalar("lora_task_id", int):
@@ -185,6 +187,38 @@ def _logprobs_and_n(inputs: RequestInputs, max_n: int) -> tuple[int | None, int]
     if not 1 <= n <= max_n:
         raise BadRequest(f"num_return_sequences must be in [1, {max_n}] (got {n}); the server's limit is its --max-n")
     return (top or 0) if wanted else None, n
+
+
+def guide_input(inputs: RequestInputs) -> Guide | None:
+    """Structured output from `guided_decoding_guide_type` (json, json_schema, regex, choice, ebnf_grammar)
+    and `guided_decoding_guide` (the schema, expression or grammar; for choice a JSON list of strings).
+    Whether the guide compiles is checked when the request is admitted (the engine's grammars)."""
+    kinds, texts = inputs.strings("guided_decoding_guide_type"), inputs.strings("guided_decoding_guide")
+    kind = kinds[0].strip().lower() if kinds else ""
+    text = texts[0] if texts else ""
+    if len(kinds) > 1 or len(texts) > 1:
+        raise BadRequest("guided_decoding_guide_type and guided_decoding_guide take one value per request")
+    if not kind:
+        if text:
+            raise BadRequest("guided_decoding_guide needs guided_decoding_guide_type (one of "
+                             f"{', '.join(GUIDE_KINDS)})")
+        return None
+    if kind not in GUIDE_KINDS:
+        raise BadRequest(f"guided_decoding_guide_type must be one of {', '.join(GUIDE_KINDS)} (got {kind!r})")
+    choices: tuple[str, ...] = ()
+    if kind == "choice":
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            value = None
+        if not isinstance(value, list) or not value or not all(isinstance(c, str) and c for c in value):
+            raise BadRequest('a choice guide (guided_decoding_guide) must be a JSON list of non-empty strings, '
+                             'e.g. ["yes", "no"]')
+        choices, text = tuple(value), ""
+    try:
+        return Guide(kind, text, choices).validate()
+    except ValueError as exc:
+        raise BadRequest(str(exc)) from None
 
 
 def parse_request(inputs: RequestInputs, tokenizer: PromptTokenizer, decode, default_mode: str, vocab_size: int,
@@ -251,7 +285,7 @@ def parse_request(inputs: RequestInputs, tokenizer: PromptTokenizer, decode, def
         top_p=1.0 if top_p is None else top_p, top_k=0 if top_k is None else top_k, seed=seed,
         stop=[s for s in inputs.strings("stop_words") if s], stop_token_ids=stop_token_ids, mode=mode,
         block_length=inputs.scalar("block_length", int), threshold=threshold, ignore_eos=ignore_eos,
-        max_thinking_tokens=inputs.scalar("max_thinking_tokens", int), logprobs=logprobs,
+        max_thinking_tokens=inputs.scalar("max_thinking_tokens", int), logprobs=logprobs, guide=guide_input(inputs),
     )
     images = inputs.array(IMAGE_INPUT)
     images = [image_bytes(v) for v in images.reshape(-1)] if images is not None else []

@@ -51,6 +51,10 @@ class DecodeStrategy(ABC):
         self.wants_logprobs = self.params.logprobs is not None
         self.pending_logprobs: list | None = None  # the log-probabilities of what consume() returned
         self._logprob_ask: int | None = None
+        self.guide = request.grammar  # structured output (grammar.py), or None
+        # drafts built left to right under the grammar (greedy only: a sampled draft's distribution must
+        # not depend on the other drafts)
+        self.shape_drafts = self.guide is not None and self.params.guided_drafts and self.params.temperature <= 0
 
     @abstractmethod
     def next_segment(self) -> Segment:
@@ -82,6 +86,16 @@ class DecodeStrategy(ABC):
                 if entry.token_id != want:
                     entry.logprob = float("nan")
         return entries
+    def guide_rows(self, decider, first_row: int, drafts=()) -> None:
+        """Grammar masks for the rows from first_row: row i after the output and drafts[:i]."""
+        if self.guide is not None:
+            decider.constrain(first_row, self.guide.masks(drafts))
+
+    def shape_greedy(self, decider, first_row: int, count: int, after=()) -> None:
+        """Masks for `count` rows whose greedy tokens follow one another (drafts): each row's mask
+        stands after the greedy choices of the rows before it."""
+        decider.shape(first_row, count, lambda rows: self.guide.walk(rows(0, count), greedy_pick, after))
+
     def prefill_segment(self) -> Segment:
         """The rest of the prompt after what the engine already cached (chunked prefill)."""
         prompt, start = self.request.prompt_ids, self.committed
@@ -124,3 +138,8 @@ class DecodeStrategy(ABC):
         if self._block_start != start:
             self._block_start, self._block_positions = start, arange(self.block_length()) + start
         return self._block_positions
+
+
+def greedy_pick(_j: int, row) -> int:
+    """The first largest entry of a masked row (numpy's argmax, as the decisions take it)."""
+    return int(row.numpy().argmax())

@@ -19,7 +19,9 @@ write of the answers into the block.
 from __future__ import annotations
 
 import numpy as np
+import torch
 
+from nemodiff.runtime.decoding.grammar import one_hot
 from nemodiff.runtime.model.segments import Pattern, Segment
 
 from .base import DecodeStrategy
@@ -62,6 +64,7 @@ class DiffusionStrategy(DecodeStrategy):
     def register(self, decider, first_row: int, token_row: int) -> None:
         if self.phase != "denoise":
             self._handle = decider.sample(self, first_row)
+            self.guide_rows(decider, first_row)
             if self.wants_logprobs:  # the seed: the causal row of the prefill or commit forward
                 self.ask_logprobs(decider, first_row, 1, self._handle)
             return
@@ -70,6 +73,8 @@ class DiffusionStrategy(DecodeStrategy):
         if tau is None:
             k = self.schedule[self.steps] if self.steps < len(self.schedule) else 1
             k = min(max(k, 1), len(self._rows))
+        if self.guide is not None:  # before the candidates: their draw counter is this step's
+            decider.shape(first_row, len(self._rows), self._guided_step(tau, k, self.steps + 1 >= self.B))
         self._handle = decider.candidates(self, first_row, len(self._rows), self._rows, tau, k,
                                           last_step=self.steps + 1 >= self.B, skip_mask=True)
         if self.wants_logprobs:  # the denoising rows: a revealed token's log-probability at this step
@@ -93,6 +98,42 @@ class DiffusionStrategy(DecodeStrategy):
         if self.wants_logprobs and tokens:
             self.pending_logprobs = self._block_logprobs[1: 1 + len(tokens)]
         return tokens
+
+    def _guided_step(self, tau: float | None, k: int, last: bool):
+        """A denoising step under a grammar (docs/design.md §12): only the leftmost run of masked
+        positions may be revealed, left to right, each under the grammar after the tokens before it. The
+        first position of the run is always revealed; the next ones while their confidence (under the
+        mask, renormalised) reaches the threshold (top-k schedule: the step's k), all of them at the last
+        step. The returned rows allow only the token revealed there, or only the mask id (still masked),
+        so the candidates decision writes exactly this."""
+        rows, block, temperature = self._rows, self.block, self.params.temperature
+        generator = None
+        if temperature > 0:
+            generator = torch.Generator().manual_seed((self.seed * 1_000_003 + self.draw_counter) % (2**63))
+
+        def decide(j: int, row: torch.Tensor) -> int | None:
+            if j and rows[j] != rows[j - 1] + 1:  # the run ends (a pre-placed token follows)
+                return None
+            probs = torch.softmax(row.double() / (temperature if temperature > 0 else 1.0), dim=-1)
+            token = int(torch.multinomial(probs, 1, generator=generator)) if generator else int(row.numpy().argmax())
+            if j == 0 or last or (probs[token] >= tau if tau is not None else j < k):
+                picks.append(token)
+                return token
+            return None
+
+        def walk(get) -> np.ndarray:
+            x = get(0, len(rows))
+            picks.clear()
+            self.guide.walk(x, decide, block[1: rows[0]].tolist())
+            if not picks:  # the block's tokens already left the grammar: no mask at all
+                return self.guide.full(len(x))
+            out = np.repeat(one_hot(self.mask_id, self.guide.words)[None], len(x), axis=0)
+            for j, token in enumerate(picks):
+                out[j] = one_hot(token, self.guide.words)
+            return out
+
+        picks: list[int] = []
+        return walk
 
     def _new_block(self, sampled: int) -> list[int]:
         forced = self.forced_token()

@@ -50,14 +50,18 @@ class LinearSpecStrategy(DecodeStrategy):
     def register(self, decider, first_row: int, token_row: int) -> None:
         if self.phase == "prefill":
             self._handle = decider.sample(self, first_row)
+            self.guide_rows(decider, first_row)
             if self.wants_logprobs:
                 self.ask_logprobs(decider, first_row, 1, self._handle)
         elif self.phase == "verify":
             self._handle = decider.verify(self, first_row, self.B, token_row)
+            self.guide_rows(decider, first_row, self.tokens[1:])  # row i: after the seed and d_1..d_i
             if self.wants_logprobs:  # the verify rows: the causal logits AR would see (answer: n, tokens)
                 self.ask_logprobs(decider, first_row, self.B, self._handle, offset=1)
         elif self.draft_threshold is None:
             self._handle = decider.drafts(self, first_row, len(self._rows))
+            if self.shape_drafts:
+                self.shape_greedy(decider, first_row, len(self._rows))
         else:
             self._handle = decider.candidates(self, first_row, len(self._rows), self._rows, self.draft_threshold,
                                               0, last_step=False, skip_mask=False)

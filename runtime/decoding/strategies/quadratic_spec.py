@@ -13,10 +13,12 @@ slots 1..k-1 its diffusion predictions, chosen on the device in the same decisio
 from __future__ import annotations
 
 import numpy as np
+import torch
 
+from nemodiff.runtime.decoding.grammar import unpack
 from nemodiff.runtime.model.segments import Pattern, Segment, cycle_layout, first_cycle_mask
 
-from .base import DecodeStrategy
+from .base import DecodeStrategy, greedy_pick
 from .linear_spec import acceptance_stats
 
 
@@ -54,10 +56,18 @@ class QuadraticSpecStrategy(DecodeStrategy):
             seed = decider.sample(self, first_row)
             drafts = decider.drafts(self, first_row + 1, self.k - 1) if self.k > 1 else None
             self._handles = (seed, drafts)
+            if self.shape_drafts:  # the seed row, then the drafts after it: one left-to-right walk
+                self.shape_greedy(decider, first_row, self.k)
+            else:
+                self.guide_rows(decider, first_row)
             if self.wants_logprobs:
                 self.ask_logprobs(decider, first_row, 1, seed)
         else:
             self._handles = decider.quad(self, first_row, self.k, token_row)
+            if self.shape_drafts:
+                decider.shape(first_row, self.k * self.k, self._shape_cycle)
+            else:
+                self.guide_rows(decider, first_row, self.tokens[1:self.k])
             if self.wants_logprobs:  # the k target rows (answer: n, tokens[k], next drafts)
                 self.ask_logprobs(decider, first_row, self.k, self._handles, offset=1)
 
@@ -87,6 +97,26 @@ class QuadraticSpecStrategy(DecodeStrategy):
         self.tokens[0] = tokens[-1]
         self.tokens[1:k] = answer[1 + k: 2 * k]
         return tokens
+
+    def _shape_cycle(self, rows) -> np.ndarray:
+        """Greedy cycle under a grammar (rows(i, j): logit rows on the host): the k target rows masked
+        after the drafts before them (as `guide_rows`), then the next drafts, group n-1's rows, built left
+        to right after the tokens this cycle accepts (n found here as the decision will find it). Only
+        the target rows and that group's are read."""
+        k, guide = self.k, self.guide
+        drafts = self.tokens[1:k].tolist()
+        out = guide.full(k * k)
+        out[:k] = guide.masks(drafts)
+        x = rows(0, k)
+        targets = x.masked_fill(~unpack(torch.from_numpy(out[:k]), x.shape[1]), float("-inf")).numpy()
+        targets = targets.argmax(axis=-1).tolist()
+        n = 1
+        while n < k and targets[n - 1] == drafts[n - 1]:
+            n += 1
+        group = k + (n - 1) * (k - 1)
+        out[group: group + k - 1] = guide.walk(rows(group, group + k - 1), greedy_pick,
+                                               drafts[: n - 1] + [targets[n - 1]])
+        return out
 
     def stats(self) -> dict:
         return acceptance_stats(self.accepted)

@@ -1,0 +1,229 @@
+"""Structured output: grammars compiled once, one matcher per request, token bitmasks (docs/design.md §12).
+
+checkpoint ──builder──▶ engine dir ──[runtime: decide ▶ grammar masks]──▶ Triton
+
+The grammar engine is xgrammar. `Grammars` turns a request's `Guide` into a compiled grammar
+(cached per distinct guide, least recently used first out) and a `GuideMatcher`. A bad schema,
+regular expression or grammar is a ValueError naming the problem, raised when the request is
+admitted. The matcher always stands after the request's output tokens: every look-ahead (the
+drafts a verification checks, the tokens a draft or a denoising step builds) is rolled back before
+the method returns, so rejected drafts and preemption never leave a trace in it.
+
+A bitmask row has one bit per vocabulary id (int32 words, bit i of word w is id 32w+i); a row of
+all ones leaves the logits as they are. `apply_masks` sets the logits of disallowed ids to -inf on
+the logits' device, for the rows of every guided request of a step at once.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from nemodiff.runtime.request import Guide
+
+CACHE_SIZE = 64  # compiled grammars kept (distinct guides)
+_NOISE = re.compile(r"^\[[0-9:]+\] \S+:\d+: ")  # xgrammar's "[time] file.cc:line: " prefix
+
+
+def words(vocab_size: int) -> int:
+    return (vocab_size + 31) // 32
+
+
+def _clean(exc: Exception) -> str:
+    text = " ".join(str(exc).strip().splitlines()[0].split()) if str(exc).strip() else type(exc).__name__
+    return _NOISE.sub("", text)[:300]
+
+
+class Grammars:
+    """The grammar compiler of one vocabulary. vocab: the token strings by id (as tokenizer.json
+    spells them), special: ids of special tokens (never produced by a grammar), tokenizer_json: the
+    serialized tokenizer (tells how tokens spell bytes), vocab_size: the model's (rows of the logits),
+    stop_ids: the end-of-sequence ids a finished grammar allows."""
+
+    def __init__(self, vocab: list[str], special: set[int], tokenizer_json: str, vocab_size: int,
+                 stop_ids: list[int], cache_size: int = CACHE_SIZE):
+        import xgrammar as xgr
+
+        self._xgr = xgr
+        encoded = [("" if i in special and i not in stop_ids else token) for i, token in enumerate(vocab)]
+        encoded += [""] * (vocab_size - len(encoded))
+        try:
+            meta = xgr.TokenizerInfo._detect_metadata_from_hf(tokenizer_json)
+            vocab_type, prefix_space = meta["vocab_type"], meta["add_prefix_space"]
+        except Exception:  # an unusual tokenizer: its tokens are taken as the text they spell
+            vocab_type, prefix_space = xgr.VocabType.RAW, False
+        self.info = xgr.TokenizerInfo(encoded[:vocab_size], vocab_type, vocab_size=vocab_size,
+                                      stop_token_ids=sorted(stop_ids), add_prefix_space=prefix_space)
+        self.vocab_size = vocab_size
+        self.stop_ids = sorted(stop_ids)
+        self._compiler = xgr.GrammarCompiler(self.info, max_threads=2, cache_enabled=False)
+        # ids a grammar never takes (asking xgrammar about them logs a warning): special, not stopping
+        self.never = np.zeros(vocab_size, dtype=bool)
+        self.never[[i for i in self.info.special_token_ids if i not in self.stop_ids and i < vocab_size]] = True
+        self._cache: OrderedDict[tuple, object] = OrderedDict()
+        self.cache_size = cache_size
+        self.compiled_count = 0  # grammars compiled (not found in the cache)
+        self._lock = threading.Lock()  # admission checks run on the serving threads, matchers on the engine's
+
+    def compile(self, guide: Guide):
+        """The compiled grammar of a guide (cached); ValueError naming the problem when it is bad."""
+        key = (guide.kind, guide.text, guide.choices)
+        with self._lock:
+            hit = self._cache.get(key)
+            if hit is not None:
+                self._cache.move_to_end(key)
+                return hit
+            compiled = self._compile(guide)
+            self.compiled_count += 1
+            self._cache[key] = compiled
+            while len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
+            return compiled
+
+    def _compile(self, guide: Guide):
+        compiler, kind = self._compiler, guide.kind
+        if kind == "json_schema":
+            try:
+                schema = json.loads(guide.text)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"the json_schema guide is not valid JSON: {exc}") from None
+            if not isinstance(schema, (dict, bool)):
+                raise ValueError("the json_schema guide must be a JSON object (a JSON schema)")
+        try:
+            if kind == "json":
+                return compiler.compile_json_schema('{"type": "object"}', any_whitespace=False)
+            if kind == "json_schema":
+                return compiler.compile_json_schema(guide.text, any_whitespace=False)
+            if kind == "regex":
+                return compiler.compile_regex(guide.text)
+            if kind == "choice":
+                rule = " | ".join(json.dumps(c, ensure_ascii=False) for c in guide.choices)
+                return compiler.compile_grammar(f"root ::= {rule}")
+            return compiler.compile_grammar(guide.text)
+        except Exception as exc:  # xgrammar raises RuntimeError with the parser's message
+            what = {"json_schema": "JSON schema", "regex": "regular expression", "ebnf_grammar": "grammar",
+                    "choice": "choice list", "json": "JSON grammar"}[kind]
+            raise ValueError(f"invalid {what}: {_clean(exc)}") from None
+
+    def matcher(self, guide: Guide) -> "GuideMatcher":
+        return GuideMatcher(self._xgr, self.compile(guide), self.vocab_size, self.never)
+
+
+class GuideMatcher:
+    """One request's grammar state, standing after its output tokens."""
+
+    def __init__(self, xgr, compiled, vocab_size: int, never: np.ndarray):
+        self._m = xgr.GrammarMatcher(compiled)
+        self._never = never
+        self._bitmask = xgr.allocate_token_bitmask(1, vocab_size)
+        self._row = self._bitmask[0].numpy()  # a view
+        self.vocab_size = vocab_size
+        self.words = words(vocab_size)
+
+    @property
+    def terminated(self) -> bool:
+        return self._m.is_terminated()
+
+    def _fill(self, out: np.ndarray) -> None:
+        self._m.fill_next_token_bitmask(self._bitmask)
+        out[:] = self._row
+
+    def full(self, rows: int) -> np.ndarray:
+        """Bitmask rows that allow every token."""
+        return np.full((rows, self.words), -1, dtype=np.int32)
+
+    def _take(self, token: int) -> bool:
+        """Accept one token if the grammar (not ended) allows it."""
+        token = int(token)
+        if not 0 <= token < self.vocab_size or self._never[token] or self._m.is_terminated():
+            return False
+        return self._m.accept_token(token)
+
+    def _look(self, tokens) -> int:
+        """Accept tokens (look-ahead) until one is refused or the grammar ends; returns how many were."""
+        done = 0
+        for token in tokens:
+            if not self._take(token):
+                break
+            done += 1
+        return done
+
+    def masks(self, drafts=()) -> np.ndarray:
+        """Row i: the mask after the output and drafts[:i] (1 + len(drafts) rows). Rows after a draft the
+        grammar refuses (or after its end) allow everything: no accepted output comes from them."""
+        out = self.full(1 + len(drafts))
+        done = 0
+        if not self._m.is_terminated():
+            self._fill(out[0])
+            for i, token in enumerate(drafts):
+                if not self._take(token):
+                    break
+                done += 1
+                if self._m.is_terminated():
+                    break
+                self._fill(out[i + 1])
+        self._rollback(done)
+        return out
+
+    def walk(self, x: torch.Tensor, decide: Callable[[int, torch.Tensor], int | None], after=()) -> np.ndarray:
+        """Build tokens left to right under the grammar from logit rows x [n, vocab] (host), starting
+        after the output and `after`. decide(j, masked_row) gives row j's token, or None to stop. Returns
+        the bitmask rows: a walked row allows exactly the grammar's tokens (so its masked argmax is what
+        greedy decide chose), rows after the walk everything."""
+        out = self.full(len(x))
+        done = self._look(after)
+        if done == len(after):
+            for j in range(len(x)):
+                if self._m.is_terminated():
+                    break
+                self._fill(out[j])
+                allowed = unpack(torch.from_numpy(out[j: j + 1]), x.shape[1])[0]
+                token = decide(j, x[j].masked_fill(~allowed, float("-inf")))
+                if token is None or not self._take(token):
+                    break
+                done += 1
+        self._rollback(done)
+        return out
+
+    def _rollback(self, count: int) -> None:
+        if count:
+            self._m.rollback(count)
+
+    def advance(self, tokens: list[int]) -> tuple[int, bool]:
+        """Accept output tokens: (how many the grammar took, whether it has ended)."""
+        done = self._look(tokens)
+        return done, self._m.is_terminated()
+
+
+def one_hot(token: int, words_: int) -> np.ndarray:
+    row = np.zeros(words_, dtype=np.int32)
+    row[token // 32] = np.int32(np.uint32(1 << (token % 32)).view(np.int32))
+    return row
+
+
+_SHIFTS: dict[torch.device, torch.Tensor] = {}
+
+
+def unpack(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """[rows, words] int32 -> [rows, vocab_size] bool (True: allowed)."""
+    shifts = _SHIFTS.get(bitmask.device)
+    if shifts is None:
+        shifts = _SHIFTS[bitmask.device] = torch.arange(32, dtype=torch.int32, device=bitmask.device)
+    bits = (bitmask[:, :, None] >> shifts) & 1
+    return bits.reshape(len(bitmask), -1)[:, :vocab_size].bool()
+
+
+def apply_masks(logits: torch.Tensor, rows: np.ndarray, bitmask: np.ndarray, keep: bool) -> torch.Tensor | None:
+    """Set disallowed logits of these rows to -inf, in place on the logits' device. keep: return the
+    rows' original values (to restore them for raw log-probabilities)."""
+    index = torch.from_numpy(rows).to(logits.device, non_blocking=True)
+    allowed = unpack(torch.from_numpy(bitmask).to(logits.device, non_blocking=True), logits.shape[1])
+    original = logits[index]
+    logits[index] = original.masked_fill(~allowed, float("-inf"))
+    return original if keep else None
