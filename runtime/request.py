@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from nemodiff.runtime.images.pipeline import RequestImages
 
 MAX_TOP_LOGPROBS = 20
+MAX_LOGIT_BIAS = 100.0  # OpenAI's range for logit_bias values
 MODES = ("ar", "diffusion", "linear-spec", "quadratic-spec")
 MODE_ALIASES = {"fastdiffuser": "diffusion", "fast-diffuser": "diffusion", "linearspec": "linear-spec",
                 "quadraticspec": "quadratic-spec", "autoregressive": "ar"}
@@ -108,6 +109,8 @@ class SamplingParams:
     n: int = 1  # completions of the prompt (LLM.generate and the servers fan them out)
     guide: Guide | None = None  # structured output: the output must match it
     guided_drafts: bool = True  # spec modes under a guide, temperature 0: drafts built under the grammar too
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit before every decision
+    min_tokens: int = 0  # end-of-sequence, stop_token_ids and stop strings cannot end the output earlier
 
     def validate(self) -> "SamplingParams":
         self.mode = normalize_mode(self.mode)
@@ -117,7 +120,8 @@ class SamplingParams:
                 raise ValueError(f"{name} must be a number (got {value!r})")
             if value is not None and not math.isfinite(value):
                 raise ValueError(f"{name} must be a finite number (got {value})")
-        for name in ("max_new_tokens", "top_k", "block_length", "max_thinking_tokens", "seed", "logprobs", "n"):
+        for name in ("max_new_tokens", "top_k", "block_length", "max_thinking_tokens", "seed", "logprobs", "n",
+                     "min_tokens"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
                 raise ValueError(f"{name} must be an integer (got {value!r})")
@@ -143,6 +147,10 @@ class SamplingParams:
             raise ValueError(f"logprobs must be in [0, {MAX_TOP_LOGPROBS}] (got {self.logprobs})")
         if self.n < 1:
             raise ValueError(f"n must be at least 1 (got {self.n})")
+        if not 0 <= self.min_tokens <= self.max_new_tokens:
+            raise ValueError(f"min_tokens must be in [0, max_new_tokens = {self.max_new_tokens}] "
+                             f"(got {self.min_tokens})")
+        self._validate_bias()
         if self.guide is not None:
             if not isinstance(self.guide, Guide):
                 raise ValueError(f"guide must be a Guide (got {type(self.guide).__name__})")
@@ -150,7 +158,27 @@ class SamplingParams:
             if self.max_thinking_tokens is not None:
                 raise ValueError("max_thinking_tokens cannot be combined with a guide: the end-of-thinking token "
                                  "it forces is not part of the guide's grammar")
+            if self.min_tokens:
+                raise ValueError("min_tokens cannot be combined with a guide: the guide's grammar may end "
+                                 "before it, and its end is an end-of-sequence token")
         return self
+
+    def _validate_bias(self) -> None:
+        """logit_bias: token id -> a finite number in [-MAX_LOGIT_BIAS, MAX_LOGIT_BIAS] (the ids' range is
+        the engine's vocabulary, checked at admission); an empty mapping is none."""
+        bias = self.logit_bias
+        if bias is None:
+            return
+        if not isinstance(bias, dict):
+            raise ValueError(f"logit_bias must map token ids to numbers (got {type(bias).__name__})")
+        for token, value in bias.items():
+            if isinstance(token, bool) or not isinstance(token, int) or token < 0:
+                raise ValueError(f"logit_bias keys must be token ids, integers >= 0 (got {token!r})")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                    or not -MAX_LOGIT_BIAS <= value <= MAX_LOGIT_BIAS:
+                raise ValueError(f"logit_bias values must be numbers in [-{MAX_LOGIT_BIAS}, {MAX_LOGIT_BIAS}] "
+                                 f"(got {value!r} for token {token})")
+        self.logit_bias = {int(t): float(v) for t, v in bias.items()} or None
 
     def for_choice(self, index: int) -> "SamplingParams":
         """The parameters of choice `index` of n: one completion each, its own seed derived from the
@@ -189,6 +217,7 @@ class Request:
         if self.params.logprobs is not None and self.logprobs is None:
             self.logprobs = []
         self._final_text: str | None = None
+        self._stop_floor: int | None = None  # text length before which no stop string counts (min_tokens)
         stop_ids = frozenset(self.params.stop_token_ids)
         self._stop_ids = stop_ids if self.params.ignore_eos else stop_ids | self.eos_ids
 
@@ -229,7 +258,7 @@ class Request:
         if not stops.isdisjoint(head):
             first = min(head.index(t) for t in stops.intersection(head))
             reason, end, limit = ("eos" if tokens[first] in self.eos_ids else "stop"), first + 1, first
-        if self.params.stop and limit > 0:
+        if self.params.stop and limit > 0 and len(self.output_ids) + limit >= self.params.min_tokens:
             hit = self._stop_string_end(tokens, limit)
             if hit is not None:
                 reason, end = "stop", hit
@@ -253,13 +282,27 @@ class Request:
         tail = (detok.text + after[len(before):])[start:]
         if not any(s and s in tail for s in self.params.stop):
             return None
+        floor = self._min_text_len(tokens)
         for count in range(1, limit + 1):  # rare (once per request): find the token that completed it
+            if len(self.output_ids) + count < self.params.min_tokens:
+                continue
             text = self.decode(self.output_ids + tokens[:count])
-            hits = [text.find(s, start) for s in self.params.stop if s and text.find(s, start) >= 0]
+            hits = [text.find(s, max(start, floor - len(s) + 1)) for s in self.params.stop if s]
+            hits = [h for h in hits if h >= 0]
             if hits:
                 self.stop_text_len = min(hits)
                 return count
         return None
+
+    def _min_text_len(self, tokens: list[int]) -> int:
+        """With min_tokens: the length of the text of the first min_tokens - 1 output tokens. A stop string
+        counts only when it ends after it, so it cannot end the output before min_tokens tokens."""
+        need = self.params.min_tokens - 1
+        if need <= 0:
+            return 0
+        if self._stop_floor is None:
+            self._stop_floor = len(self.decode((self.output_ids + tokens)[:need]))
+        return self._stop_floor
 
     def fail(self, message: str) -> None:
         self.error = message

@@ -26,6 +26,7 @@ from nemodiff.device import Platform, as_platform
 from nemodiff.runtime.model.segments import arange
 
 from . import sampling as S
+from .bias import RowAdjustments
 from .grammar import apply_masks
 from .logprobs import LogprobPass, TokenLogprob
 
@@ -72,6 +73,7 @@ class Decider:
         self.logprob_pass: LogprobPass | None = None  # made when a request asks for log-probabilities
         self._guides: list[tuple[int, object]] = []  # (first row, bitmask rows): grammar masks (grammar.py)
         self._shapers: list[tuple[int, int, object]] = []  # (first row, count, fn): masks built from the rows
+        self._adjust = RowAdjustments()  # logit bias and min-token masks (bias.py)
 
     # -- registration (host, O(1) per request) -----------------------------------------------
     def _register(self, kind: str, strategy, first_row: int, count: int, extra=None) -> int:
@@ -118,6 +120,11 @@ class Decider:
     def logprob_result(self, handle: int, tokens: list[int]) -> list[TokenLogprob]:
         return self.logprob_pass.result(handle, tokens)
 
+    def adjust(self, strategy, first_row: int, indices: np.ndarray) -> None:
+        """The request's logit bias and min-token masks for the rows from first_row, where row i decides
+        output index indices[i] (bias.py); before the grammar masks and every decision."""
+        self._adjust.add(strategy, first_row, indices)
+
     def constrain(self, first_row: int, bitmask: np.ndarray) -> None:
         """Grammar masks (int32 bitmask rows, grammar.py) for the logit rows from first_row: the
         decisions of this step see -inf at every disallowed token."""
@@ -160,6 +167,7 @@ class Decider:
         On the host path the rows that fail are kept apart, and the pass over every row runs on
         first use (`all_greedy`): steady QuadraticSpec steps read only their target rows and the
         accepted group's, and check those."""
+        raw = self._adjust.apply(logits, keep=self.logprob_pass is not None) if self._adjust else None
         restore = self._apply_guides(logits) if self._guides or self._shapers else None
         host = self.host_arrays and logits.dtype in (torch.float32, torch.float64)
         if host:  # numpy views of the CPU tensors
@@ -190,6 +198,8 @@ class Decider:
             self._packed = torch.cat(parts)
         if restore is not None:  # log-probabilities are taken before any grammar mask
             logits[torch.from_numpy(restore[0]).to(logits.device)] = restore[1]
+        if raw is not None:  # and before any bias
+            logits[raw[0]] = raw[1]
         if self.logprob_pass is not None:  # after the decisions: their tokens are what it scores
             extra = self.logprob_pass.run(logits, self._packed, self._starts, len(self._packed))
             self._packed = np.concatenate([self._packed, extra.numpy()]) if host else torch.cat([self._packed, extra])

@@ -82,6 +82,8 @@ class Engine:
             raise ValueError("the prompt is empty")
         if max(prompt_ids) >= vocab or min(prompt_ids) < 0:
             raise ValueError(f"prompt ids must be in [0, {vocab})")
+        if params.logit_bias and not all(0 <= t < vocab for t in params.logit_bias):
+            raise ValueError(f"logit_bias token ids must be in [0, {vocab})")
         if len(prompt_ids) + params.max_new_tokens > self.max_seq_len:
             raise ValueError(
                 f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds the "

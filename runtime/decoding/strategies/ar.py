@@ -33,6 +33,7 @@ class ARStrategy(DecodeStrategy):
 
     def register(self, decider, first_row: int, token_row: int) -> None:
         self._handle = decider.sample(self, first_row)
+        self.adjust_rows(decider, first_row, 1)
         self.guide_rows(decider, first_row)
         if self.wants_logprobs:
             self.ask_logprobs(decider, first_row, 1, self._handle)

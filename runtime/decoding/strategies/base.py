@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from nemodiff.engine_format import ModelConfig
+from nemodiff.runtime.decoding.bias import wants_adjustment
 from nemodiff.runtime.model.segments import Pattern, Segment, arange
 from nemodiff.runtime.request import Request
 
@@ -55,6 +56,7 @@ class DecodeStrategy(ABC):
         # drafts built left to right under the grammar (greedy only: a sampled draft's distribution must
         # not depend on the other drafts)
         self.shape_drafts = self.guide is not None and self.params.guided_drafts and self.params.temperature <= 0
+        self.adjusts = wants_adjustment(self.params)  # logit bias or min_tokens (bias.py)
 
     @abstractmethod
     def next_segment(self) -> Segment:
@@ -86,6 +88,16 @@ class DecodeStrategy(ABC):
                 if entry.token_id != want:
                     entry.logprob = float("nan")
         return entries
+    def adjust_rows(self, decider, first_row: int, count: int, first_index: int | None = None,
+                    indices: np.ndarray | None = None) -> None:
+        """Logit bias and min-token masks for `count` rows from first_row that decide output indices
+        first_index, first_index + 1, ... (default: the next output token's), or `indices`."""
+        if self.adjusts:
+            if indices is None:
+                start = len(self.request.output_ids) if first_index is None else first_index
+                indices = arange(count) + start
+            decider.adjust(self, first_row, indices)
+
     def guide_rows(self, decider, first_row: int, drafts=()) -> None:
         """Grammar masks for the rows from first_row: row i after the output and drafts[:i]."""
         if self.guide is not None:

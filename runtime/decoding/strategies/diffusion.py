@@ -64,6 +64,7 @@ class DiffusionStrategy(DecodeStrategy):
     def register(self, decider, first_row: int, token_row: int) -> None:
         if self.phase != "denoise":
             self._handle = decider.sample(self, first_row)
+            self.adjust_rows(decider, first_row, 1)
             self.guide_rows(decider, first_row)
             if self.wants_logprobs:  # the seed: the causal row of the prefill or commit forward
                 self.ask_logprobs(decider, first_row, 1, self._handle)
@@ -73,6 +74,8 @@ class DiffusionStrategy(DecodeStrategy):
         if tau is None:
             k = self.schedule[self.steps] if self.steps < len(self.schedule) else 1
             k = min(max(k, 1), len(self._rows))
+        # block slot j: the seed (slot 0) is the last output token
+        self.adjust_rows(decider, first_row, len(self._rows), indices=self._rows + len(self.request.output_ids) - 1)
         if self.guide is not None:  # before the candidates: their draw counter is this step's
             decider.shape(first_row, len(self._rows), self._guided_step(tau, k, self.steps + 1 >= self.B))
         self._handle = decider.candidates(self, first_row, len(self._rows), self._rows, tau, k,

@@ -50,21 +50,26 @@ class LinearSpecStrategy(DecodeStrategy):
     def register(self, decider, first_row: int, token_row: int) -> None:
         if self.phase == "prefill":
             self._handle = decider.sample(self, first_row)
+            self.adjust_rows(decider, first_row, 1)
             self.guide_rows(decider, first_row)
             if self.wants_logprobs:
                 self.ask_logprobs(decider, first_row, 1, self._handle)
         elif self.phase == "verify":
             self._handle = decider.verify(self, first_row, self.B, token_row)
+            self.adjust_rows(decider, first_row, self.B)  # row i verifies d_{i+1}, the seed is output
             self.guide_rows(decider, first_row, self.tokens[1:])  # row i: after the seed and d_1..d_i
             if self.wants_logprobs:  # the verify rows: the causal logits AR would see (answer: n, tokens)
                 self.ask_logprobs(decider, first_row, self.B, self._handle, offset=1)
-        elif self.draft_threshold is None:
-            self._handle = decider.drafts(self, first_row, len(self._rows))
-            if self.shape_drafts:
-                self.shape_greedy(decider, first_row, len(self._rows))
         else:
-            self._handle = decider.candidates(self, first_row, len(self._rows), self._rows, self.draft_threshold,
-                                              0, last_step=False, skip_mask=False)
+            # slot j drafts the output token after the seed (the last output token) and d_1..d_{j-1}
+            self.adjust_rows(decider, first_row, len(self._rows), indices=self._rows + len(self.request.output_ids) - 1)
+            if self.draft_threshold is None:
+                self._handle = decider.drafts(self, first_row, len(self._rows))
+                if self.shape_drafts:
+                    self.shape_greedy(decider, first_row, len(self._rows))
+            else:
+                self._handle = decider.candidates(self, first_row, len(self._rows), self._rows,
+                                                  self.draft_threshold, 0, last_step=False, skip_mask=False)
 
     def consume(self, decider) -> list[int]:
         answer = decider.result(self._handle)

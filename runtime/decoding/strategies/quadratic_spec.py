@@ -56,6 +56,7 @@ class QuadraticSpecStrategy(DecodeStrategy):
             seed = decider.sample(self, first_row)
             drafts = decider.drafts(self, first_row + 1, self.k - 1) if self.k > 1 else None
             self._handles = (seed, drafts)
+            self.adjust_rows(decider, first_row, self.k)  # the seed's row, then drafts d_1..d_{k-1}
             if self.shape_drafts:  # the seed row, then the drafts after it: one left-to-right walk
                 self.shape_greedy(decider, first_row, self.k)
             else:
@@ -64,6 +65,8 @@ class QuadraticSpecStrategy(DecodeStrategy):
                 self.ask_logprobs(decider, first_row, 1, seed)
         else:
             self._handles = decider.quad(self, first_row, self.k, token_row)
+            if self.adjusts:
+                self.adjust_rows(decider, first_row, self.k * self.k, indices=self._cycle_indices())
             if self.shape_drafts:
                 decider.shape(first_row, self.k * self.k, self._shape_cycle)
             else:
@@ -117,6 +120,13 @@ class QuadraticSpecStrategy(DecodeStrategy):
         out[group: group + k - 1] = guide.walk(rows(group, group + k - 1), greedy_pick,
                                                drafts[: n - 1] + [targets[n - 1]])
         return out
+
+    def _cycle_indices(self) -> np.ndarray:
+        """The output index each row of a cycle decides: target row i the one after d_0..d_i (d_0 is the last
+        output token), then group i's k - 1 rows those after its bonus token a_i."""
+        k, out = self.k, len(self.request.output_ids)
+        groups = (np.arange(k)[:, None] + np.arange(1, k)[None, :]).reshape(-1)
+        return np.concatenate((np.arange(k), groups)) + out
 
     def stats(self) -> dict:
         return acceptance_stats(self.accepted)
