@@ -193,3 +193,98 @@ def test_hostile_chat_messages_get_400(server, client):
             client.chat.completions.create(model="nemodiff", max_tokens=2,
                                            messages=[{"role": "user", "content": content}])
     assert client.completions.create(model="nemodiff", prompt="hi", max_tokens=2).usage.completion_tokens == 2
+
+
+def test_logit_bias_equals_llm(client, llm):
+    """OpenAI's logit_bias (token-id strings) is applied, in every mode as in LLM.generate."""
+    free = llm.generate("the cat sat", SamplingParams(max_new_tokens=8, ignore_eos=True))[0].output_ids
+    for bias in ({7: 100.0}, {free[0]: -100.0, free[1]: -100.0}):
+        want = llm.generate("the cat sat", SamplingParams(max_new_tokens=8, ignore_eos=True, logit_bias=bias))[0]
+        assert want.output_ids != free
+        for mode in ("ar", "linear-spec", "quadratic-spec"):
+            reply = client.completions.create(model="nemodiff", prompt="the cat sat", max_tokens=8, temperature=0,
+                                              logit_bias={str(t): v for t, v in bias.items()},
+                                              extra_body={"decode_mode": mode, "block_length": 4, "ignore_eos": True})
+            assert reply.choices[0].text == want.text, (mode, bias)
+    with pytest.raises(openai.BadRequestError) as bad:
+        client.completions.create(model="nemodiff", prompt="hi", max_tokens=2, logit_bias={"7": 150})
+    assert bad.value.body["param"] == "logit_bias"
+
+
+def test_min_tokens_holds_back_eos_and_stop(client, llm):
+    eos = min(llm.engine.eos_ids)
+    forced = {str(eos): 100}
+    short = client.completions.create(model="nemodiff", prompt="hi", max_tokens=12, logit_bias=forced)
+    assert short.usage.completion_tokens == 1 and short.choices[0].finish_reason == "stop"
+    held = client.completions.create(model="nemodiff", prompt="hi", max_tokens=12, logit_bias=forced,
+                                     extra_body={"min_tokens": 5, "decode_mode": "quadratic-spec"})
+    assert held.usage.completion_tokens == 6 and held.choices[0].finish_reason == "stop"
+    free = llm.generate("the cat sat", SamplingParams(max_new_tokens=12, ignore_eos=True))[0]
+    stop = llm.tokenizer.decode(free.output_ids[:2])[-1]
+    params = SamplingParams(max_new_tokens=12, ignore_eos=True, stop=[stop], min_tokens=6)
+    want = llm.generate("the cat sat", params)[0]
+    assert len(want.output_ids) >= 6
+    reply = client.completions.create(model="nemodiff", prompt="the cat sat", max_tokens=12, stop=[stop],
+                                      extra_body={"min_tokens": 6, "ignore_eos": True})
+    assert reply.choices[0].text == want.text and reply.usage.completion_tokens == len(want.output_ids)
+    with pytest.raises(openai.BadRequestError) as bad:
+        client.completions.create(model="nemodiff", prompt="hi", max_tokens=2, extra_body={"min_tokens": 3})
+    assert bad.value.body["param"] == "min_tokens"
+
+
+def test_suffix_and_output_changing_fields_are_400(client):
+    for kwargs, param in ((dict(suffix="end"), "suffix"), (dict(frequency_penalty=0.5), "frequency_penalty"),
+                          (dict(extra_body={"repetition_penalty": 1.2}), "repetition_penalty"),
+                          (dict(extra_body={"bad_words": ["x"]}), "bad_words"),
+                          (dict(extra_body={"prompt_logprobs": 1}), "prompt_logprobs"),
+                          (dict(echo=True, logprobs=1), "echo")):
+        with pytest.raises(openai.BadRequestError) as bad:
+            client.completions.create(model="nemodiff", prompt="hi", max_tokens=2, **kwargs)
+        assert bad.value.body["param"] == param, kwargs
+    reply = client.completions.create(model="nemodiff", prompt="hi", max_tokens=2, frequency_penalty=0,
+                                      presence_penalty=0, user="u1", extra_body={"repetition_penalty": 1})
+    assert reply.usage.completion_tokens >= 1
+
+
+def test_unknown_fields_are_logged_once(client, server):
+    for _ in range(3):
+        client.chat.completions.create(model="nemodiff", max_tokens=2, messages=[{"role": "user", "content": "hi"}],
+                                       user="u1", metadata={"a": "b"}, store=False,
+                                       extra_body={"some_future_field": 1})
+    deadline = time.time() + 10
+    while "some_future_field" not in server.log() and time.time() < deadline:
+        time.sleep(0.1)
+    log = server.log()
+    assert log.count("'some_future_field'") == 1
+    assert "'user'" not in log and "'metadata'" not in log and "'store'" not in log
+
+
+def test_continuous_usage_stats_on_every_chunk(client):
+    chunks = list(client.chat.completions.create(
+        model="nemodiff", max_tokens=6, stream=True, messages=[{"role": "user", "content": "hi"}],
+        stream_options={"include_usage": True, "continuous_usage_stats": True}, extra_body={"ignore_eos": True}))
+    assert all(c.usage is not None for c in chunks)
+    done = [c.usage.completion_tokens for c in chunks]
+    assert done == sorted(done) and chunks[0].usage.prompt_tokens > 0
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 6
+    plain = list(client.completions.create(model="nemodiff", prompt="hi", max_tokens=3, stream=True))
+    assert all(c.usage is None for c in plain)
+
+
+def test_models_retrieve(client):
+    assert client.models.retrieve("nemodiff").id == "nemodiff"
+    with pytest.raises(openai.NotFoundError) as missing:
+        client.models.retrieve("gpt-4")
+    assert missing.value.body["type"] == "not_found_error" and "gpt-4" in missing.value.body["message"]
+
+
+@pytest.mark.parametrize("method, path, status", [("GET", "/v1/nothing", 404), ("POST", "/v1/models", 405),
+                                                  ("GET", "/v1/completions", 405), ("DELETE", "/health", 405)])
+def test_unknown_routes_and_methods_answer_json(server, method, path, status):
+    base = server.openai_url.removesuffix("/v1")
+    request = urllib.request.Request(base + path, data=b"{}" if method == "POST" else None, method=method)
+    with pytest.raises(urllib.error.HTTPError) as error:
+        urllib.request.urlopen(request, timeout=60)
+    assert error.value.code == status
+    body = json.loads(error.value.read())
+    assert set(body["error"]) == {"message", "type", "param", "code"}

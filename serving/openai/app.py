@@ -41,7 +41,7 @@ from nemodiff.serving.http.guard import BodyError, bearer_ok, read_body
 from nemodiff.serving.openai.backend import BackendError, Piece, TritonBackend, triton_inputs
 from nemodiff.serving.openai.choices import Choices, TokenStrings, finish_reason
 from nemodiff.serving.openai.guided import tool_calls
-from nemodiff.serving.openai.parse import COMPLETIONS_DEFAULT_MAX_TOKENS, RequestReader
+from nemodiff.serving.openai.parse import COMPLETIONS_DEFAULT_MAX_TOKENS, InvalidRequest, RequestReader
 from nemodiff.serving.triton.inputs import DEFAULT_MAX_N
 
 log = logging.getLogger(__name__)
@@ -78,6 +78,16 @@ class OpenAIFrontend:
         return JSONResponse({"object": "list", "data": [
             {"id": self.model, "object": "model", "created": 0, "owned_by": "nemodiff",
              "max_model_len": self.max_seq_len}]})
+
+    async def one_model(self, request: Request) -> Response:
+        if (refusal := self._unauthorized(request)) is not None:
+            return refusal
+        name = request.path_params["model"]
+        if name != self.model:
+            return error_response(404, f"The model {name!r} does not exist; this server serves {self.model!r}",
+                                  "model", code="model_not_found")
+        return JSONResponse({"id": self.model, "object": "model", "created": 0, "owned_by": "nemodiff",
+                             "max_model_len": self.max_seq_len})
 
     async def health(self, request: Request) -> Response:
         return Response(status_code=200 if await self.backend.ready() else 503)
@@ -123,6 +133,9 @@ class OpenAIFrontend:
                 prompt = self.reader.completion_prompt(body)
                 if fields["max_tokens"] is None:
                     fields["max_tokens"] = COMPLETIONS_DEFAULT_MAX_TOKENS
+            if (fields.get("min_tokens") or 0) > fields["max_tokens"]:
+                raise InvalidRequest(f"min_tokens ({fields['min_tokens']}) exceeds max_tokens ({fields['max_tokens']})",
+                                     "min_tokens")
             triton_inputs(prompt | fields)  # every value converts to its input's type
         except ConnectionError:
             raise HungUp from None
@@ -145,8 +158,9 @@ class OpenAIFrontend:
         if tool is not None:  # a forced tool call: answered whole (streamed as one delta per choice)
             return await self._tool_answer(request, first, pieces, meta, tool, body, choices)
         if body.get("stream"):
-            usage = bool((body.get("stream_options") or {}).get("include_usage"))
-            return StreamingResponse(self._events(first, pieces, meta, choices, usage), media_type="text/event-stream")
+            options = body.get("stream_options") or {}
+            usage = (bool(options.get("include_usage")), bool(options.get("continuous_usage_stats")))
+            return StreamingResponse(self._events(first, pieces, meta, choices, *usage), media_type="text/event-stream")
         try:
             await _unless_hung_up(request, _collect(first, pieces, choices), pieces)
         except BackendError as exc:
@@ -177,21 +191,30 @@ class OpenAIFrontend:
                                              if calls else {"content": text})
             chunks += [{"index": index, "delta": delta, "finish_reason": None},
                        {"index": index, "delta": {}, "finish_reason": finish}]
-        events = [f"data: {json.dumps(meta | {'object': 'chat.completion.chunk', 'choices': [c]})}\n\n" for c in chunks]
+        every = {"usage": choices.usage()} if (body.get("stream_options") or {}).get("continuous_usage_stats") else {}
+        events = [f"data: {json.dumps(meta | {'object': 'chat.completion.chunk', 'choices': [c]} | every)}\n\n"
+                  for c in chunks]
         if (body.get("stream_options") or {}).get("include_usage"):
             usage = meta | {"object": "chat.completion.chunk", "choices": [], "usage": choices.usage()}
             events.append(f"data: {json.dumps(usage)}\n\n")
         return StreamingResponse(iter(events + ["data: [DONE]\n\n"]), media_type="text/event-stream")
 
-    async def _events(self, first: Piece, pieces, meta: dict, choices: Choices, include_usage: bool):
-        """Chunks in the order the choices' responses arrive, each naming its choice's index."""
+    async def _events(self, first: Piece, pieces, meta: dict, choices: Choices, include_usage: bool,
+                      continuous_usage: bool = False):
+        """Chunks in the order the choices' responses arrive, each naming its choice's index; with
+        continuous_usage, each carries the usage so far (as vLLM sends it)."""
         chat = choices.chat
         kind = "chat.completion.chunk" if chat else "text_completion"
 
         def chunk(index: int, text: str | None, reason: str | None, logprobs: dict | None = None,
                   role: bool = False) -> str:
             choice = choices.chunk_choice(index, text, reason, logprobs, role)
-            return f"data: {json.dumps(meta | {'object': kind, 'choices': [choice]})}\n\n"
+            usage = {}
+            if continuous_usage:  # before the first response is counted: the prompt alone
+                usage = {"usage": choices.usage() if choices.prompt_tokens else
+                         {"prompt_tokens": first.num_input_tokens, "completion_tokens": 0,
+                          "total_tokens": first.num_input_tokens}}
+            return f"data: {json.dumps(meta | {'object': kind, 'choices': [choice]} | usage)}\n\n"
 
         try:
             if chat:
@@ -255,7 +278,21 @@ def create_app(engine_dir, backend: TritonBackend, served_model_name: str, max_b
     frontend = OpenAIFrontend(engine_dir, backend, served_model_name, max_body_bytes, api_key, front_errors, max_n)
     return Starlette(routes=[
         Route("/v1/models", frontend.models, methods=["GET"]),
+        Route("/v1/models/{model:path}", frontend.one_model, methods=["GET"]),
         Route("/v1/completions", frontend.completions, methods=["POST"]),
         Route("/v1/chat/completions", frontend.chat_completions, methods=["POST"]),
         Route("/health", frontend.health, methods=["GET"]),
-    ])
+    ], exception_handlers={404: _no_route, 405: _no_method})
+
+
+async def _no_route(request: Request, exc) -> Response:
+    return error_response(404, f"no route {request.url.path!r}: this server serves /v1/models, /v1/completions, "
+                          "/v1/chat/completions and /health", code="not_found")
+
+
+async def _no_method(request: Request, exc) -> Response:
+    response = error_response(405, f"{request.method} is not allowed on {request.url.path}",
+                              code="method_not_allowed")
+    if getattr(exc, "headers", None) and "Allow" in exc.headers:
+        response.headers["Allow"] = exc.headers["Allow"]
+    return response

@@ -12,14 +12,16 @@ runtime's limits.
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
 from nemodiff.engine_format import EngineConfig
 from nemodiff.runtime.images.preprocess import ImageError, ImageProcessor
-from nemodiff.runtime.request import MAX_TOP_LOGPROBS
+from nemodiff.runtime.request import MAX_LOGIT_BIAS, MAX_TOP_LOGPROBS
 from nemodiff.runtime.text.tokenizer import EngineTokenizer
 from nemodiff.serving.http.guard import BodyError, check_strings, parse_json
+from nemodiff.serving.openai.fields import note_unknown, refusal
 from nemodiff.serving.openai.guided import GuideError, ToolCall, guide_fields
 from nemodiff.serving.triton.inputs import DEFAULT_MAX_N, IMAGE_INPUT, data_url_bytes
 
@@ -43,6 +45,7 @@ EXTRA_FIELDS = {
     "max_thinking_tokens": (lambda v: _is_int(v) and 0 <= v < 2**31, "an integer >= 0"),
     "ignore_eos": (lambda v: isinstance(v, bool), "true or false"),
     "timeout": (lambda v: _is_number(v) and math.isfinite(v) and v > 0, "a positive number of seconds"),
+    "min_tokens": (lambda v: _is_int(v) and 0 <= v < 2**31, "an integer >= 0"),
 }
 
 
@@ -56,6 +59,7 @@ class RequestReader:
         self.tokenizer = EngineTokenizer(Path(engine_dir))
         config = EngineConfig.load(Path(engine_dir))
         self.max_seq_len = config.build.max_seq_len
+        self.vocab_size = config.model.vocab_size
         self.images = ImageProcessor(config.vision) if config.vision is not None else None
         self.image_placeholder = self.tokenizer.token_text(config.vision.image_token_id) if self.images else None
         self.model = served_model_name
@@ -97,6 +101,10 @@ class RequestReader:
         return fields
 
     def common_fields(self, body: dict, chat: bool = False) -> dict:
+        refused = refusal(body)
+        if refused is not None:
+            raise InvalidRequest(refused[1], refused[0])
+        note_unknown(body)
         if body.get("model") not in (None, self.model):
             raise InvalidRequest(f"the model {body.get('model')!r} does not exist; this server serves {self.model!r}",
                                  "model", status=404)
@@ -111,11 +119,11 @@ class RequestReader:
             raise InvalidRequest("stream must be true or false", "stream")
         if not isinstance(body.get("stream_options") or {}, dict):
             raise InvalidRequest("stream_options must be an object", "stream_options")
-        fields = {"max_tokens": max_tokens, "stop_words": stop or None, "stream": True}
+        fields = {"max_tokens": max_tokens, "stop_words": stop or None, "stream": True,
+                  "logit_bias": self.logit_bias(body.get("logit_bias"))}
         fields |= self.choices_and_logprobs(body, chat)
         for name, target, kind in (("temperature", "temperature", float), ("top_p", "top_p", float),
-                                   ("seed", "random_seed", int), ("frequency_penalty", "frequency_penalty", float),
-                                   ("presence_penalty", "presence_penalty", float)):
+                                   ("seed", "random_seed", int)):
             value = body.get(name)
             if value is None:
                 continue
@@ -134,6 +142,24 @@ class RequestReader:
                 fields[name] = value
         return fields
 
+    def logit_bias(self, bias) -> str | None:
+        """OpenAI's logit_bias (token-id strings -> numbers in [-100, 100]) -> the model's JSON input."""
+        if bias is None or bias == {}:
+            return None
+        if not isinstance(bias, dict):
+            raise InvalidRequest("logit_bias must be an object mapping token ids to numbers", "logit_bias")
+        out = {}
+        for key, value in bias.items():
+            token = int(key) if isinstance(key, str) and key.isascii() and key.isdigit() else -1
+            if not 0 <= token < self.vocab_size:
+                raise InvalidRequest(f"logit_bias keys must be token ids in [0, {self.vocab_size}) (got {key!r})",
+                                     "logit_bias")
+            if not (_is_number(value) and math.isfinite(value) and -MAX_LOGIT_BIAS <= value <= MAX_LOGIT_BIAS):
+                raise InvalidRequest(f"logit_bias values must be numbers in [-100, 100] (got {value!r} for token "
+                                     f"{key})", "logit_bias")
+            out[str(token)] = value
+        return json.dumps(out)
+
     def guided(self, body: dict, chat: bool) -> tuple[dict, ToolCall | None, list | None]:
         """Structured output and forced tool calls (guided.py): (model inputs, tool call, tools to render)."""
         try:
@@ -151,7 +177,12 @@ class RequestReader:
             fields = {"text_input": "", "input_ids": prompt}
         else:
             raise InvalidRequest("prompt must be one string or one list of token ids", "prompt")
+        if body.get("suffix") not in (None, ""):
+            raise InvalidRequest("suffix is not supported: the models complete text left to right only", "suffix")
         if body.get("echo"):
+            if body.get("logprobs") is not None:
+                raise InvalidRequest("echo with logprobs is not supported (it asks for the prompt's "
+                                     "log-probabilities)", "echo")
             fields["exclude_input_in_output"] = False
         return fields
 

@@ -4,7 +4,8 @@ checkpoint ──builder──▶ engine dir ──runtime──▶ [Triton: the
 
 The inputs are those of TensorRT-LLM's `tensorrt_llm_bls` model plus nemodiff's own
 (`decode_mode`, `block_length`, `threshold`, `max_thinking_tokens`, `input_ids`, `timeout`,
-`top_logprobs`). `return_log_probs` asks for log-probabilities, `num_return_sequences` for up to
+`top_logprobs`, `min_tokens`, `logit_bias`: a JSON object of token ids and biases). `min_length`
+is `min_tokens` (at most max_tokens). `return_log_probs` asks for log-probabilities, `num_return_sequences` for up to
 the server's `max_n` sequences. Structured output comes in TensorRT-LLM's `guided_decoding_guide_type`
 and `guided_decoding_guide`.
 Inputs that Triton's OpenAI frontend and genai-perf send for features nemodiff does not
@@ -30,7 +31,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from nemodiff.runtime.request import GUIDE_KINDS, MAX_TOP_LOGPROBS, Guide, SamplingParams, normalize_mode
+from nemodiff.runtime.request import (
+    GUIDE_KINDS,
+    MAX_LOGIT_BIAS,
+    MAX_TOP_LOGPROBS,
+    Guide,
+    SamplingParams,
+    normalize_mode,
+)
 
 DEFAULT_MAX_TOKENS = 64  # when a request has no max_tokens (capped by what the context has room for)
 DEFAULT_THRESHOLD = 0.9
@@ -169,7 +177,11 @@ def _refuse_unsupported(inputs: RequestInputs) -> None:
             raise BadRequest(f"{name} is not supported by nemodiff; leave it false")
     for name in ("embedding_bias_words",):
         if any(inputs.strings(name)):
-            raise BadRequest(f"{name} is not supported by nemodiff; leave it empty")
+            raise BadRequest(f"{name} is not supported by nemodiff; leave it empty (logit_bias takes token ids)")
+    weights = inputs.array("embedding_bias_weights")
+    if weights is not None and weights.size and np.any(weights != 0):
+        raise BadRequest("embedding_bias_weights is not supported by nemodiff; leave it empty (logit_bias takes "
+                         "token ids)")
     if inputs.scalar("lora_task_id", int):
         raise BadRequest("LoRA adapters per request are not supported by nemodiff (lora_task_id)")
 
@@ -187,6 +199,43 @@ def _logprobs_and_n(inputs: RequestInputs, max_n: int) -> tuple[int | None, int]
     if not 1 <= n <= max_n:
         raise BadRequest(f"num_return_sequences must be in [1, {max_n}] (got {n}); the server's limit is its --max-n")
     return (top or 0) if wanted else None, n
+
+
+def _min_tokens(inputs: RequestInputs, max_tokens: int) -> int:
+    """`min_tokens` (nemodiff, vLLM's name) or `min_length` (TensorRT-LLM's): end-of-sequence, end_id and stop
+    words cannot end the output before it. A min_length of max_tokens or more, as TensorRT-LLM takes it,
+    makes the output exactly max_tokens long."""
+    min_tokens, min_length = inputs.scalar("min_tokens", int) or 0, inputs.scalar("min_length", int) or 0
+    if min_tokens < 0 or min_length < 0:
+        raise BadRequest(f"min_tokens and min_length must be >= 0 (got {min(min_tokens, min_length)})")
+    if min_tokens > max_tokens:
+        raise BadRequest(f"min_tokens ({min_tokens}) exceeds max_tokens ({max_tokens})")
+    return max(min_tokens, min(min_length, max_tokens))
+
+
+def logit_bias_input(inputs: RequestInputs, vocab_size: int) -> dict[int, float] | None:
+    """`logit_bias`: one JSON object of token id (a string, as OpenAI sends it) -> a number in [-100, 100]."""
+    texts = inputs.strings("logit_bias")
+    if len(texts) > 1:
+        raise BadRequest("logit_bias takes one JSON object per request")
+    if not texts or not texts[0].strip():
+        return None
+    try:
+        value = json.loads(texts[0])
+    except json.JSONDecodeError:
+        value = None
+    if not isinstance(value, dict):
+        raise BadRequest('logit_bias must be a JSON object of token ids and numbers, e.g. {"50256": -100}')
+    bias = {}
+    for key, number in value.items():
+        token = int(key) if key.isascii() and key.strip().isdigit() else -1
+        if not 0 <= token < vocab_size:
+            raise BadRequest(f"logit_bias keys must be token ids in [0, {vocab_size}) (got {key!r})")
+        if isinstance(number, bool) or not isinstance(number, (int, float)) or not math.isfinite(number) \
+                or not -MAX_LOGIT_BIAS <= number <= MAX_LOGIT_BIAS:
+            raise BadRequest(f"logit_bias values must be numbers in [-100, 100] (got {number!r} for token {key})")
+        bias[token] = float(number)
+    return bias or None
 
 
 def guide_input(inputs: RequestInputs) -> Guide | None:
@@ -250,12 +299,7 @@ def parse_request(inputs: RequestInputs, tokenizer: PromptTokenizer, decode, def
     _refuse_unsupported(inputs)
     logprobs, n = _logprobs_and_n(inputs, max_n)
     ignore_eos = bool(inputs.scalar("ignore_eos", bool))
-    min_length = inputs.scalar("min_length", int)
-    if min_length is not None and min_length > 1:
-        if min_length < max_tokens:
-            raise BadRequest(f"min_length {min_length} is supported only as min_length >= max_tokens (generate "
-                             f"exactly max_tokens, ignoring EOS); got max_tokens {max_tokens}")
-        ignore_eos = True
+    min_tokens = _min_tokens(inputs, max_tokens)
     stop_token_ids = []
     end_id = inputs.scalar("end_id", int)
     if end_id is not None:
@@ -286,6 +330,7 @@ def parse_request(inputs: RequestInputs, tokenizer: PromptTokenizer, decode, def
         stop=[s for s in inputs.strings("stop_words") if s], stop_token_ids=stop_token_ids, mode=mode,
         block_length=inputs.scalar("block_length", int), threshold=threshold, ignore_eos=ignore_eos,
         max_thinking_tokens=inputs.scalar("max_thinking_tokens", int), logprobs=logprobs, guide=guide_input(inputs),
+        min_tokens=min_tokens, logit_bias=logit_bias_input(inputs, vocab_size),
     )
     images = inputs.array(IMAGE_INPUT)
     images = [image_bytes(v) for v in images.reshape(-1)] if images is not None else []
