@@ -239,3 +239,29 @@ def test_triton_num_cached_tokens_and_prefix_metrics(server):
         time.sleep(0.1)
     assert queries >= 2 * values(first[-1], "num_input_tokens")[0] and hits >= values(second[-1],
                                                                                       "num_cached_tokens")[0]
+
+
+def test_triton_logit_bias_min_tokens_and_min_length(server, llm):
+    eos = min(llm.engine.eos_ids)
+    bias = json.dumps({str(eos): 100})
+    for mode in ("ar", "linear-spec"):
+        want = llm.generate("the blue tree", SamplingParams(max_new_tokens=8, logit_bias={eos: 100}, min_tokens=3,
+                                                           mode=mode, block_length=4))[0]
+        results = grpc_run(server, "the blue tree", max_tokens=8, logit_bias=bias, min_tokens=3, decode_mode=mode,
+                           block_length=4)
+        assert sum((values(r, "output_ids") for r in results), []) == want.output_ids and len(want.output_ids) == 4
+    for min_length in (8, 20):  # min_length >= max_tokens: exactly max_tokens, end-of-sequence held back
+        results = grpc_run(server, "the blue tree", max_tokens=8, logit_bias=bias, min_length=min_length)
+        ids = sum((values(r, "output_ids") for r in results), [])
+        assert len(ids) == 8 and eos not in ids
+    for fields, message in ((dict(logit_bias='{"x": 1}'), "logit_bias keys"),
+                            (dict(logit_bias='{"3": 101}'), "logit_bias values"),
+                            (dict(min_tokens=9), "exceeds max_tokens"),
+                            (dict(embedding_bias_words=["a"]), "embedding_bias_words is not supported")):
+        stream = GrpcStream(server.grpc)
+        try:
+            stream.send("r", "hi", max_tokens=8, **fields)
+            _, _, error, _ = stream.next()
+            assert error is not None and message in str(error), (fields, error)
+        finally:
+            stream.close()

@@ -208,7 +208,8 @@ def grpc_inputs(prompt: str, **fields) -> list:
              "block_length": np.int32, "max_thinking_tokens": np.int32, "input_ids": np.int32,
              "temperature": np.float32, "top_p": np.float32, "threshold": np.float32, "random_seed": np.uint64,
              "stream": np.bool_, "ignore_eos": np.bool_, "timeout": np.float32, "return_log_probs": np.bool_,
-             "top_logprobs": np.int32, "num_return_sequences": np.int32}
+             "top_logprobs": np.int32, "num_return_sequences": np.int32, "min_length": np.int32,
+             "min_tokens": np.int32}
     arrays = {"text_input": np.array([[prompt.encode()]], dtype=np.object_)}
     for name, value in fields.items():
         if name in types:
