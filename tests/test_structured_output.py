@@ -205,7 +205,7 @@ def test_command_line_guides(engines, tmp_path):
     assert result.exit_code != 0 and "at most one of" in result.output
 
 
-SAMPLES, TOP_K = 1200, 3
+SAMPLES, TOP_K = 500, 3
 
 
 def constrained_ar_table(llm, prompt: list[int], guide: Guide, length: int) -> dict[tuple, float]:
