@@ -72,12 +72,17 @@ def _ints(text: str) -> list[int]:
               help="Time to first token of ENGINE_DIR for a request sharing a 1,000-token prefix with the request "
                    "before it, with the prefix cache on and off.")
 @click.option("--prefix-tokens", type=int, default=1000, help="With --prefix-ttft: the shared prefix's length.")
+@click.option("--structured", is_flag=True,
+              help="Structured output on ENGINE_DIR (made for the bundled nld-tiny): per mode at temperature 0 under "
+                   "a JSON schema and without it, validity, tokens per forward and tokens/s, the spec modes also with "
+                   "unshaped drafts; and host ms per step with and without the guide at --batch-sizes running "
+                   "requests [default there: 1,32].")
 def bench(engine_dir: Path | None, shape: str | None, dtype: str, device: str | None, modes: str, batch_sizes: str,
           concurrency: str, context: int, iters: int, max_new_tokens: int, with_hf: bool, tp: int, json_path: Path,
           plot_path: Path | None, serve_url: str | None, duration: float, kernels: str, sm: str,
           kernel_dir: Path | None, end_to_end: bool, block_length: int | None, prompt_tokens: int,
           launch_overhead: bool, host_overhead: bool, logprobs: int | None, prefix_ttft: bool,
-          prefix_tokens: int) -> None:
+          prefix_tokens: int, structured: bool) -> None:
     """Benchmark an engine (end to end per mode + step latencies), a random model at --shape, or a server."""
     from nemodiff.bench import steps as b
     from nemodiff.bench.plots import plot_report
@@ -90,6 +95,13 @@ def bench(engine_dir: Path | None, shape: str | None, dtype: str, device: str | 
         if engine_dir is None:
             raise click.UsageError("--host-overhead needs an ENGINE_DIR")
         _bench_host(engine_dir, device, modes, batch_sizes, iters, json_path, logprobs)
+        return
+    if structured:
+        if engine_dir is None:
+            raise click.UsageError("--structured needs an ENGINE_DIR")
+        source = click.get_current_context().get_parameter_source("batch_sizes")
+        levels = [1, 32] if source == click.core.ParameterSource.DEFAULT else _ints(batch_sizes)
+        _bench_structured(engine_dir, device, kernels, modes, levels, iters, json_path)
         return
     if prefix_ttft:
         if engine_dir is None:
@@ -264,6 +276,29 @@ def _bench_prefix(engine_dir: Path, device: str | None, kernels: str, prefix_tok
     _say(json_path, format_report(report))
     _write_json({"date": time.strftime("%Y-%m-%d"), "engine": str(engine_dir), "torch": torch.__version__,
                  "prefix_ttft": report}, json_path)
+
+
+def _bench_structured(engine_dir: Path, device: str | None, kernels: str, modes: str, levels: list[int], iters: int,
+                      json_path: str | None) -> None:
+    from nemodiff import LLM
+    from nemodiff.bench import structured as s
+
+    llm = LLM(engine_dir, device=device, kernels=kernels, max_batch_size=max(levels + [len(s.PROMPTS)]))
+    report = {"date": time.strftime("%Y-%m-%d"), "engine": str(engine_dir), "device": str(llm.model.device),
+              "torch": torch.__version__, "schema": s.SCHEMA, "host_guide": s.HOST_GUIDE, "prompts": list(s.PROMPTS),
+              "max_new_tokens": s.MAX_NEW_TOKENS, "temperature": 0.0}
+    _say(json_path, f"structured output on {engine_dir} ({llm.config.build.dtype}) on {llm.model.device}: "
+                    f"{len(s.PROMPTS)} prompts at once, temperature 0, JSON schema {json.dumps(s.SCHEMA)}")
+    report["runs"] = s.structured_runs(llm, modes.split(","), on_result=lambda row: _say(
+        json_path, f"  {row['mode']} {'guided' if row['guided'] else 'unguided'}: {row['tokens_per_forward']:.2f} tok/fwd"))
+    report["tokens_per_forward"] = s.summary(report["runs"])
+    _say(json_path, s.format_runs(report["runs"]))
+    steps = max(iters, 20)
+    _say(json_path, f"\nhost work per engine step, median of {steps} steady steps (guided: an array of the schema's "
+                    f"objects, minItems {s.HOST_GUIDE['minItems']})")
+    report["host_overhead"] = s.structured_host(llm, modes.split(","), levels, steps)
+    _say(json_path, s.format_host(report["host_overhead"]))
+    _write_json(report, json_path)
 
 
 def _bench_host(engine_dir: Path, device: str | None, modes: str, batch_sizes: str, iters: int,

@@ -40,16 +40,18 @@ def _timed(inner, totals: list[float], index: int, sync=lambda: None):
 
 
 def host_overhead(llm, modes: list[str], concurrency: list[int], steps: int = 40, warmup: int = 8,
-                  prompt_len: int = 16, logprobs: int | None = None) -> list[dict]:
+                  prompt_len: int = 16, logprobs: int | None = None, guide=None) -> list[dict]:
     """Median wall ms per step, ms inside the forward and their difference, per (mode, requests); with
-    `logprobs` K each row twice, without log-probabilities and with them (K alternatives), side by side."""
+    `logprobs` K each row twice, without log-probabilities and with them (K alternatives), side by side;
+    with a `guide` (runtime/request.py's Guide) each row twice, unguided and under the guide ("guided")."""
     from nemodiff import SamplingParams
 
     engine, results = llm.engine, []
     vocab = llm.config.model.vocab_size
     asks = [None] if logprobs is None else [None, logprobs]
-    for mode, n, ask in ((m, c, a) for m in modes for c in concurrency for a in asks):
-        params = SamplingParams(max_new_tokens=100000, ignore_eos=True, mode=mode, logprobs=ask,
+    guides = [None] if guide is None else [None, guide]
+    for mode, n, ask, rule in ((m, c, a, g) for m in modes for c in concurrency for a in asks for g in guides):
+        params = SamplingParams(max_new_tokens=100000, ignore_eos=True, mode=mode, logprobs=ask, guide=rule,
                                 **MODE_SETTINGS.get(mode, {}))
         budget = llm.engine.max_seq_len - prompt_len - 64
         params.max_new_tokens = budget
@@ -79,7 +81,7 @@ def host_overhead(llm, modes: list[str], concurrency: list[int], steps: int = 40
         running = sum(1 for r in requests if not r.finished or r.finish_reason == "cancelled")
         host = [w - f for w, f in zip(walls, forwards)]
         results.append({
-            "mode": mode, "requests": n, "logprobs": ask, "steps": steps, "running_at_end": running,
+            "mode": mode, "requests": n, "logprobs": ask, "guided": rule is not None, "steps": steps, "running_at_end": running,
             "step_ms": statistics.median(walls) * 1e3, "forward_ms": statistics.median(forwards) * 1e3,
             "host_ms": statistics.median(host) * 1e3, "host_ms_p90": sorted(host)[int(0.9 * len(host))] * 1e3,
             "decide_ms": statistics.median(decides) * 1e3,

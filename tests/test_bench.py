@@ -80,3 +80,23 @@ def test_bench_host_overhead_with_logprobs(tmp_path, engine_fp32):
     rows = {(r["mode"], r["logprobs"]): r for r in json.loads((tmp_path / "h.json").read_text())["host_overhead"]}
     assert set(rows) == {(m, k) for m in ("ar", "diffusion") for k in (None, 3)}
     assert all(r["host_ms"] > 0 and r["running_at_end"] == 2 for r in rows.values())
+
+
+def test_bench_structured_on_the_bundled_model(tmp_path):
+    from nemodiff.builder.build import BuildOptions, build_engine
+
+    engine = tmp_path / "nld-tiny"
+    build_engine(Path(__file__).resolve().parents[1] / "models" / "nld-tiny", engine, BuildOptions(dtype="fp32"))
+    proc = subprocess.run([str(BIN / "nemodiff"), "bench", str(engine), "--structured", "--modes", "ar",
+                           "--batch-sizes", "1", "--iters", "20", "--device", "cpu", "--json"],
+                          capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout)  # --json alone: stdout holds the JSON only
+    guided = next(r for r in report["runs"] if r["guided"])
+    assert guided["validity"] == 1.0 and guided["valid"] == guided["requests"] == 8
+    assert guided["tokens_per_forward"] == 1.0 and guided["tokens_per_s"] > 0
+    assert report["tokens_per_forward"]["ar"] == {"guided": 1.0, "unguided": 1.0}
+    rows = {r["guided"]: r for r in report["host_overhead"]}
+    assert set(rows) == {False, True} and all(r["requests"] == 1 and r["host_ms"] > 0 for r in rows.values())
+    assert rows[True]["running_at_end"] == 1  # the guided request was still writing its array when timed
+    assert "grammar ms/step" in proc.stderr and sorted(p.name for p in tmp_path.iterdir()) == ["nld-tiny"]
