@@ -179,12 +179,17 @@ class GuideMatcher:
         out = self.full(len(x))
         done = self._look(after)
         if done == len(after):
+            values = x.numpy()
+            greedy = decide is greedy_pick
             for j in range(len(x)):
                 if self._m.is_terminated():
                     break
                 self._fill(out[j])
-                allowed = unpack(torch.from_numpy(out[j: j + 1]), x.shape[1])[0]
-                token = decide(j, x[j].masked_fill(~allowed, float("-inf")))
+                token = int(values[j].argmax()) if greedy else None
+                if token is None or not out[j, token >> 5] >> (token & 31) & 1:
+                    # the row's own first maximum is outside the grammar (or decide is not greedy): mask it
+                    allowed = np.unpackbits(out[j].view(np.uint8), bitorder="little")[: values.shape[1]].view(bool)
+                    token = decide(j, torch.from_numpy(np.where(allowed, values[j], np.float32(-np.inf))))
                 if token is None or not self._take(token):
                     break
                 done += 1
@@ -199,6 +204,12 @@ class GuideMatcher:
         """Accept output tokens: (how many the grammar took, whether it has ended)."""
         done = self._look(tokens)
         return done, self._m.is_terminated()
+
+
+def greedy_pick(_j: int, row) -> int:
+    """The first largest entry of a masked row (numpy's argmax, as the decisions take it). `walk` knows it:
+    when a row's first maximum is allowed, that is the pick, and the row is never masked."""
+    return int(row.numpy().argmax())
 
 
 def one_hot(token: int, words_: int) -> np.ndarray:

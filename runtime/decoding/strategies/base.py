@@ -21,6 +21,7 @@ import numpy as np
 
 from nemodiff.engine_format import ModelConfig
 from nemodiff.runtime.decoding.bias import wants_adjustment
+from nemodiff.runtime.decoding.grammar import greedy_pick
 from nemodiff.runtime.model.segments import Pattern, Segment, arange
 from nemodiff.runtime.request import Request
 
@@ -152,6 +153,3 @@ class DecodeStrategy(ABC):
         return self._block_positions
 
 
-def greedy_pick(_j: int, row) -> int:
-    """The first largest entry of a masked row (numpy's argmax, as the decisions take it)."""
-    return int(row.numpy().argmax())
