@@ -11,7 +11,7 @@ install:
 	$(PYTHON) -m pip install -e ".[dev]"
 
 test:
-	$(PYTHON) -m pytest -q
+	$(PYTHON) -m pytest -q --durations=15
 
 demo: install
 	$(PYTHON) tools/demo.py
