@@ -51,7 +51,7 @@ class _Timed:
     """Wraps a KernelLibrary so that the time spent in its methods is summed."""
 
     def __init__(self, library):
-        self.library, self.seconds = library, 0.0
+        self.kernels, self.seconds = library, 0.0
         for name in dir(library):
             method = getattr(library, name)
             if callable(method) and not name.startswith("_"):
@@ -67,7 +67,7 @@ class _Timed:
         return call
 
     def __getattr__(self, name):
-        return getattr(self.library, name)
+        return getattr(self.kernels, name)
 
 
 def launch_overhead(engine_dir: Path, iters: int = 20, context: int = 64) -> dict:

@@ -22,3 +22,10 @@ def checkpoint(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def engine_fp32(checkpoint, tmp_path_factory) -> Path:
     return make_engine(checkpoint, tmp_path_factory.mktemp("eng") / "fp32", dtype="fp32", kv_page_size=4)
+
+
+@pytest.fixture(scope="session")
+def served_engine(tmp_path_factory) -> Path:
+    """The engine the OpenAI-port server modules serve (a draft adapter of rank 4, pages of 4, 256 tokens)."""
+    root = tmp_path_factory.mktemp("served")
+    return make_engine(make_checkpoint(root / "ckpt", lora_rank=4), root / "engine", kv_page_size=4, max_seq_len=256)

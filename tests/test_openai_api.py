@@ -18,15 +18,12 @@ import openai  # noqa: E402
 import pytest
 from triton_helpers import Server
 
-from helpers import make_checkpoint, make_engine
 from nemodiff import LLM, SamplingParams
 
 
 @pytest.fixture(scope="module")
-def engine_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("openai")
-    return make_engine(make_checkpoint(root / "ckpt", lora_rank=4), root / "engine", kv_page_size=4,
-                       max_seq_len=256)
+def engine_dir(served_engine):
+    return served_engine
 
 
 @pytest.fixture(scope="module")

@@ -16,9 +16,8 @@ import urllib.request
 import numpy as np
 import openai
 import pytest
-from triton_helpers import GrpcStream, Server
+from triton_helpers import GrpcStream, module_server
 
-from helpers import make_checkpoint, make_engine
 from nemodiff import LLM, SamplingParams
 
 MAX_N = 4
@@ -26,10 +25,8 @@ LONG_PROMPT = " ".join("the model token block mask draft verify cache page fast 
 
 
 @pytest.fixture(scope="module")
-def engine_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("fronts")
-    return make_engine(make_checkpoint(root / "ckpt", lora_rank=4), root / "engine", kv_page_size=4,
-                       max_seq_len=256)
+def engine_dir(served_engine):
+    return served_engine
 
 
 @pytest.fixture(scope="module")
@@ -39,11 +36,9 @@ def llm(engine_dir):
 
 @pytest.fixture(scope="module")
 def server(engine_dir, tmp_path_factory):
-    served = Server(engine_dir, tmp_path_factory.mktemp("logs") / "serve.log", "--max-n", str(MAX_N),
-                    openai=True).start()
-    yield served
-    assert served.stop() == 0, served.log()[-3000:]
-    assert "Traceback" not in served.log()
+    logs = tmp_path_factory.mktemp("logs")
+    yield from module_server(engine_dir, logs, "--max-n", str(MAX_N))
+    assert "Traceback" not in (logs / "serve.log").read_text()
 
 
 @pytest.fixture(scope="module")

@@ -11,15 +11,12 @@ from __future__ import annotations
 import json
 import re
 
+import openai
 import pytest
-from triton_helpers import Server
+from triton_helpers import module_server
 
-pytest.importorskip("tritonclient")
-import openai  # noqa: E402
-
-from helpers import make_checkpoint, make_engine  # noqa: E402
-from nemodiff import LLM, SamplingParams  # noqa: E402
-from nemodiff.runtime.request import Guide  # noqa: E402
+from nemodiff import LLM, SamplingParams
+from nemodiff.runtime.request import Guide
 
 SCHEMA = {"type": "object", "properties": {"city": {"type": "string", "enum": ["Paris", "Oslo", "Lima"]},
                                            "days": {"type": "integer", "minimum": 1, "maximum": 9}},
@@ -32,18 +29,15 @@ TOOLS = [{"type": "function", "function": {"name": "get_weather", "description":
 
 
 @pytest.fixture(scope="module")
-def engine_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("guided-serving")
-    return make_engine(make_checkpoint(root / "ckpt", lora_rank=4), root / "engine", kv_page_size=4,
-                       max_seq_len=256)
+def engine_dir(served_engine):
+    return served_engine
 
 
 @pytest.fixture(scope="module")
 def server(engine_dir, tmp_path_factory):
-    served = Server(engine_dir, tmp_path_factory.mktemp("logs") / "serve.log", openai=True).start()
-    yield served
-    assert served.stop() == 0, served.log()[-3000:]
-    assert "Traceback" not in served.log()
+    logs = tmp_path_factory.mktemp("logs")
+    yield from module_server(engine_dir, logs)
+    assert "Traceback" not in (logs / "serve.log").read_text()
 
 
 @pytest.fixture(scope="module")

@@ -192,6 +192,13 @@ class Server:
         return values
 
 
+def module_server(engine_dir: Path, log_dir: Path, *extra: str, openai: bool = True):
+    """A started `nemodiff serve` for a test module (a generator for a fixture): it must stop with exit 0."""
+    served = Server(engine_dir, log_dir / "serve.log", *extra, openai=openai).start()
+    yield served
+    assert served.stop() == 0, served.log()[-3000:]
+
+
 def ids_of(value) -> list[int]:
     """output_ids as JSON gives them (a one-element tensor comes back as a bare number)."""
     if value is None:
