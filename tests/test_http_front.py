@@ -132,6 +132,8 @@ def test_deep_or_broken_bodies_get_400_and_the_server_stays_up(server):
              b'{"text_input": "the cat", "max_tokens": 2,': "not valid JSON",
              b'{"parameters": ' + b'{"a": ' * 40 + b"1" + b"}" * 40 + b"}": "levels deep",
              b'{"text_input": "x", "nemodiff_front_key": "0"}': "reserved"}
+    # a NUL in a parameters key: Triton's converter answers 500 ("parameter key '' was not found"); found by the fuzzer
+    cases[b'{"text_input": "the cat", "max_tokens": 2, "parameters": {"\\u0000k": 1}}'] = "parameter"
     for path in ("generate", "generate_stream"):
         for body, message in cases.items():
             status, reply = server.post(f"/v2/models/nemodiff/{path}", body)

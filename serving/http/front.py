@@ -39,7 +39,7 @@ HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authoriza
               "transfer-encoding", "upgrade", "host", "content-length"}
 # Triton answers a generate input it cannot convert to its declared type with status 500; it is a bad request
 TRITON_BAD_INPUT = ("Unable to parse", "failed to parse", "attempt to access JSON", "The schema can not convert",
-                    "Expected JSON", "parameter key")
+                    "Expected JSON", "parameter key", "Converting keyword")
 NO_KEY = "this server requires an API key: send the header 'Authorization: Bearer <key>'"
 WRONG_KEY = "the API key is not valid"
 
@@ -184,7 +184,7 @@ class TritonFront:
             status = errors.HTTP_STATUS[errors.kind_of(message)]
             if errors.is_refusal(message):
                 extra.append((b"retry-after", str(errors.RETRY_AFTER_S).encode()))
-        elif message is not None and message.startswith(TRITON_BAD_INPUT):
+        elif message is not None and any(part in message for part in TRITON_BAD_INPUT):
             status = 400
             self.errors.count("invalid")
         await send(_start(status, response, extra, len(body)))
