@@ -123,11 +123,11 @@ def test_outputs_equal_with_and_without_the_cache_under_the_kernel_path(checkpoi
     through the page table."""
     engine = make_engine(checkpoint, tmp_path_factory.mktemp("prefix-aot") / "h200", kv_page_size=PAGE,
                          block_length=4, max_seq_len=128, arch="h200", kernels=True)
-    turns = [prompt(3 * PAGE, [201]), prompt(3 * PAGE, [202, 203]), prompt(PAGE + 2, [204])]
+    turns = [prompt(3 * PAGE, [201]), prompt(2 * PAGE + 2, [204])]  # two shared pages, then mid-page
     plain = LLM(engine, device="cpu", kernels="aot-check", prefix_cache=False, cuda_graphs=False)
     cached = LLM(engine, device="cpu", kernels="aot-check", cuda_graphs=False)
     for mode, extra in MODES.items():
         params = SamplingParams(max_new_tokens=4, ignore_eos=True, mode=mode, **extra)
         got = run_turns(cached, turns, params)
         assert [o.output_ids for o in got] == [o.output_ids for o in run_turns(plain, turns, params)], mode
-        assert [o.cached_prompt_tokens for o in got][1:] == [3 * PAGE, PAGE], mode
+        assert got[1].cached_prompt_tokens == 2 * PAGE, mode
