@@ -57,18 +57,7 @@ class ImageProcessor:
         if isinstance(image, Image.Image):
             width, height = image.size
         else:
-            if isinstance(image, (str, Path)):
-                path = Path(image)
-                if not path.is_file():
-                    raise ImageError(f"{name}: file {path} not found")
-                if path.stat().st_size > self.limits.max_bytes:
-                    raise ImageError(f"{name}: {path.stat().st_size} bytes is too large (limit {self.limits.max_bytes})")
-                image = path.read_bytes()
-            if not isinstance(image, (bytes, bytearray)):
-                raise ImageError(f"{name}: expected encoded image bytes, a path or a PIL image, got "
-                                 f"{type(image).__name__}")
-            if len(image) > self.limits.max_bytes:
-                raise ImageError(f"{name}: {len(image)} bytes is too large (limit {self.limits.max_bytes})")
+            image = self._encoded(image, name)
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -83,6 +72,21 @@ class ImageProcessor:
         self._check_pixels(width, height, name)
         return width, height
 
+    def _encoded(self, image, name: str) -> bytes:
+        """The encoded bytes of a path or bytes input, within the size limit (ImageError otherwise)."""
+        if isinstance(image, (str, Path)):
+            path = Path(image)
+            if not path.is_file():
+                raise ImageError(f"{name}: file {path} not found")
+            if path.stat().st_size > self.limits.max_bytes:
+                raise ImageError(f"{name}: {path.stat().st_size} bytes is too large (limit {self.limits.max_bytes})")
+            image = path.read_bytes()
+        if not isinstance(image, (bytes, bytearray)):
+            raise ImageError(f"{name}: expected encoded image bytes, a path or a PIL image, got {type(image).__name__}")
+        if len(image) > self.limits.max_bytes:
+            raise ImageError(f"{name}: {len(image)} bytes is too large (limit {self.limits.max_bytes})")
+        return image
+
     def check_request_pixels(self, sizes: list[tuple[int, int]]) -> None:
         """A prompt's images together, from their headers: bounded before any of them is decoded."""
         total = sum(w * h for w, h in sizes)
@@ -96,17 +100,7 @@ class ImageProcessor:
         if isinstance(image, Image.Image):
             self._check_pixels(image.width, image.height, name)
             return self._to_rgb(image)
-        if isinstance(image, (str, Path)):
-            path = Path(image)
-            if not path.is_file():
-                raise ImageError(f"{name}: file {path} not found")
-            if path.stat().st_size > self.limits.max_bytes:
-                raise ImageError(f"{name}: {path.stat().st_size} bytes is too large (limit {self.limits.max_bytes})")
-            image = path.read_bytes()
-        if not isinstance(image, (bytes, bytearray)):
-            raise ImageError(f"{name}: expected encoded image bytes, a path or a PIL image, got {type(image).__name__}")
-        if len(image) > self.limits.max_bytes:
-            raise ImageError(f"{name}: {len(image)} bytes is too large (limit {self.limits.max_bytes})")
+        image = self._encoded(image, name)
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
