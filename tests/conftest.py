@@ -29,3 +29,11 @@ def served_engine(tmp_path_factory) -> Path:
     """The engine the OpenAI-port server modules serve (a draft adapter of rank 4, pages of 4, 256 tokens)."""
     root = tmp_path_factory.mktemp("served")
     return make_engine(make_checkpoint(root / "ckpt", lora_rank=4), root / "engine", kv_page_size=4, max_seq_len=256)
+
+
+@pytest.fixture(scope="session")
+def served_llm(served_engine):
+    """`LLM` on the served engine: what the servers' answers must equal."""
+    from nemodiff import LLM
+
+    return LLM(served_engine, device="cpu")

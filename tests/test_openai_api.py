@@ -18,22 +18,12 @@ import openai  # noqa: E402
 import pytest
 from triton_helpers import Server
 
-from nemodiff import LLM, SamplingParams
+from nemodiff import SamplingParams
 
 
 @pytest.fixture(scope="module")
-def engine_dir(served_engine):
-    return served_engine
-
-
-@pytest.fixture(scope="module")
-def llm(engine_dir):
-    return LLM(engine_dir, device="cpu")
-
-
-@pytest.fixture(scope="module")
-def server(engine_dir, tmp_path_factory):
-    served = Server(engine_dir, tmp_path_factory.mktemp("logs") / "serve.log", "--max-batch-size", "1",
+def server(served_engine, tmp_path_factory):
+    served = Server(served_engine, tmp_path_factory.mktemp("logs") / "serve.log", "--max-batch-size", "1",
                     "--max-queue", "0", openai=True).start()
     yield served
     assert served.stop() == 0, served.log()[-3000:]
@@ -51,19 +41,19 @@ def test_models_lists_the_served_model(client):
     assert [m.id for m in client.models.list().data] == ["nemodiff"]
 
 
-def test_completion_equals_llm(client, llm):
+def test_completion_equals_llm(client, served_llm):
     reply = client.completions.create(model="nemodiff", prompt="the cat sat", max_tokens=12, temperature=0,
                                       extra_body={"decode_mode": "linear-spec", "block_length": 4, "ignore_eos": True})
-    want = llm.generate("the cat sat", SamplingParams(max_new_tokens=12, mode="linear-spec", block_length=4,
+    want = served_llm.generate("the cat sat", SamplingParams(max_new_tokens=12, mode="linear-spec", block_length=4,
                                                       ignore_eos=True))[0]
     assert reply.choices[0].text == want.text
     assert reply.choices[0].finish_reason == "length"
     assert reply.usage.completion_tokens == 12
-    assert reply.usage.prompt_tokens == len(llm.tokenizer.encode("the cat sat"))
+    assert reply.usage.prompt_tokens == len(served_llm.tokenizer.encode("the cat sat"))
 
 
-def test_streamed_completion_with_stop_and_seed(client, llm):
-    free = llm.generate("the dog", SamplingParams(max_new_tokens=16, ignore_eos=True))[0]
+def test_streamed_completion_with_stop_and_seed(client, served_llm):
+    free = served_llm.generate("the dog", SamplingParams(max_new_tokens=16, ignore_eos=True))[0]
     stop = free.text[4:7]
     chunks = list(client.completions.create(model="nemodiff", prompt="the dog", max_tokens=16, stream=True, stop=[stop],
                                             seed=7, stream_options={"include_usage": True},
@@ -74,15 +64,15 @@ def test_streamed_completion_with_stop_and_seed(client, llm):
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens >= 1
     sampled = client.completions.create(model="nemodiff", prompt="the dog", max_tokens=10, temperature=0.8, top_p=0.9,
                                         seed=11, extra_body={"ignore_eos": True})
-    want = llm.generate("the dog", SamplingParams(max_new_tokens=10, temperature=0.8, top_p=0.9, seed=11,
+    want = served_llm.generate("the dog", SamplingParams(max_new_tokens=10, temperature=0.8, top_p=0.9, seed=11,
                                                   ignore_eos=True))[0]
     assert sampled.choices[0].text == want.text
 
 
-def test_chat_uses_the_engine_chat_template(client, llm):
+def test_chat_uses_the_engine_chat_template(client, served_llm):
     messages = [{"role": "user", "content": "hello there"}]
-    ids = llm.tokenizer.encode(llm.tokenizer.apply_chat_template(messages), add_special_tokens=False)
-    want = llm.generate([ids], SamplingParams(max_new_tokens=10, ignore_eos=True, mode="quadratic-spec",
+    ids = served_llm.tokenizer.encode(served_llm.tokenizer.apply_chat_template(messages), add_special_tokens=False)
+    want = served_llm.generate([ids], SamplingParams(max_new_tokens=10, ignore_eos=True, mode="quadratic-spec",
                                               block_length=4))[0]
     reply = client.chat.completions.create(model="nemodiff", messages=messages, max_completion_tokens=10,
                                            extra_body={"decode_mode": "quadratic-spec", "block_length": 4,
@@ -95,7 +85,7 @@ def test_chat_uses_the_engine_chat_template(client, llm):
     chunks = list(stream)
     assert chunks[0].choices[0].delta.role == "assistant"
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == \
-        llm.generate([ids], SamplingParams(max_new_tokens=10, ignore_eos=True))[0].text
+        served_llm.generate([ids], SamplingParams(max_new_tokens=10, ignore_eos=True))[0].text
     assert chunks[-1].choices[0].finish_reason == "length"
 
 
@@ -192,11 +182,11 @@ def test_hostile_chat_messages_get_400(server, client):
     assert client.completions.create(model="nemodiff", prompt="hi", max_tokens=2).usage.completion_tokens == 2
 
 
-def test_logit_bias_equals_llm(client, llm):
+def test_logit_bias_equals_llm(client, served_llm):
     """OpenAI's logit_bias (token-id strings) is applied, in every mode as in LLM.generate."""
-    free = llm.generate("the cat sat", SamplingParams(max_new_tokens=8, ignore_eos=True))[0].output_ids
+    free = served_llm.generate("the cat sat", SamplingParams(max_new_tokens=8, ignore_eos=True))[0].output_ids
     for bias in ({7: 100.0}, {free[0]: -100.0, free[1]: -100.0}):
-        want = llm.generate("the cat sat", SamplingParams(max_new_tokens=8, ignore_eos=True, logit_bias=bias))[0]
+        want = served_llm.generate("the cat sat", SamplingParams(max_new_tokens=8, ignore_eos=True, logit_bias=bias))[0]
         assert want.output_ids != free
         for mode in ("ar", "linear-spec", "quadratic-spec"):
             reply = client.completions.create(model="nemodiff", prompt="the cat sat", max_tokens=8, temperature=0,
@@ -208,18 +198,18 @@ def test_logit_bias_equals_llm(client, llm):
     assert bad.value.body["param"] == "logit_bias"
 
 
-def test_min_tokens_holds_back_eos_and_stop(client, llm):
-    eos = min(llm.engine.eos_ids)
+def test_min_tokens_holds_back_eos_and_stop(client, served_llm):
+    eos = min(served_llm.engine.eos_ids)
     forced = {str(eos): 100}
     short = client.completions.create(model="nemodiff", prompt="hi", max_tokens=12, logit_bias=forced)
     assert short.usage.completion_tokens == 1 and short.choices[0].finish_reason == "stop"
     held = client.completions.create(model="nemodiff", prompt="hi", max_tokens=12, logit_bias=forced,
                                      extra_body={"min_tokens": 5, "decode_mode": "quadratic-spec"})
     assert held.usage.completion_tokens == 6 and held.choices[0].finish_reason == "stop"
-    free = llm.generate("the cat sat", SamplingParams(max_new_tokens=12, ignore_eos=True))[0]
-    stop = llm.tokenizer.decode(free.output_ids[:2])[-1]
+    free = served_llm.generate("the cat sat", SamplingParams(max_new_tokens=12, ignore_eos=True))[0]
+    stop = served_llm.tokenizer.decode(free.output_ids[:2])[-1]
     params = SamplingParams(max_new_tokens=12, ignore_eos=True, stop=[stop], min_tokens=6)
-    want = llm.generate("the cat sat", params)[0]
+    want = served_llm.generate("the cat sat", params)[0]
     assert len(want.output_ids) >= 6
     reply = client.completions.create(model="nemodiff", prompt="the cat sat", max_tokens=12, stop=[stop],
                                       extra_body={"min_tokens": 6, "ignore_eos": True})

@@ -18,26 +18,16 @@ import openai
 import pytest
 from triton_helpers import GrpcStream, module_server
 
-from nemodiff import LLM, SamplingParams
+from nemodiff import SamplingParams
 
 MAX_N = 4
 LONG_PROMPT = " ".join("the model token block mask draft verify cache page fast red green blue".split())
 
 
 @pytest.fixture(scope="module")
-def engine_dir(served_engine):
-    return served_engine
-
-
-@pytest.fixture(scope="module")
-def llm(engine_dir):
-    return LLM(engine_dir, device="cpu")
-
-
-@pytest.fixture(scope="module")
-def server(engine_dir, tmp_path_factory):
+def server(served_engine, tmp_path_factory):
     logs = tmp_path_factory.mktemp("logs")
-    yield from module_server(engine_dir, logs, "--max-n", str(MAX_N))
+    yield from module_server(served_engine, logs, "--max-n", str(MAX_N))
     assert "Traceback" not in (logs / "serve.log").read_text()
 
 
@@ -50,38 +40,38 @@ def f32(value: float) -> float:
     return float(np.float32(value))
 
 
-def token_text(llm, token_id: int) -> str:
-    return llm.tokenizer.decode([token_id], skip_special_tokens=False)
+def token_text(served_llm, token_id: int) -> str:
+    return served_llm.tokenizer.decode([token_id], skip_special_tokens=False)
 
 
-def test_chat_logprobs_equal_llm(client, llm):
+def test_chat_logprobs_equal_llm(client, served_llm):
     messages = [{"role": "user", "content": "name a colour"}]
     reply = client.chat.completions.create(model="nemodiff", messages=messages, max_tokens=6, temperature=0,
                                            logprobs=True, top_logprobs=3, extra_body={"ignore_eos": True})
-    want = llm.generate(llm.tokenizer.encode_chat("name a colour"),
+    want = served_llm.generate(served_llm.tokenizer.encode_chat("name a colour"),
                         SamplingParams(max_new_tokens=6, ignore_eos=True, logprobs=3))[0]
     content = reply.choices[0].logprobs.content
     assert len(content) == len(want.output_ids) == 6
     for entry, token, lp in zip(content, want.output_ids, want.logprobs):
-        assert entry.token == token_text(llm, token) and entry.bytes == list(entry.token.encode())
+        assert entry.token == token_text(served_llm, token) and entry.bytes == list(entry.token.encode())
         assert entry.logprob == f32(lp.logprob)
-        assert [(t.token, t.logprob) for t in entry.top_logprobs] == [(token_text(llm, i), f32(v)) for i, v in lp.top]
+        assert [(t.token, t.logprob) for t in entry.top_logprobs] == [(token_text(served_llm, i), f32(v)) for i, v in lp.top]
         assert all(t.bytes == list(t.token.encode()) for t in entry.top_logprobs)
     plain = client.chat.completions.create(model="nemodiff", messages=messages, max_tokens=2, logprobs=True)
     assert plain.choices[0].logprobs.content[0].top_logprobs == []
     assert client.chat.completions.create(model="nemodiff", messages=messages, max_tokens=2).choices[0].logprobs is None
 
 
-def test_completion_logprobs_equal_llm_streamed_or_not(client, llm):
+def test_completion_logprobs_equal_llm_streamed_or_not(client, served_llm):
     params = SamplingParams(max_new_tokens=8, ignore_eos=True, logprobs=2, mode="linear-spec", block_length=4)
-    want = llm.generate("the cat sat", params)[0]
+    want = served_llm.generate("the cat sat", params)[0]
     extra = {"ignore_eos": True, "decode_mode": "linear-spec", "block_length": 4}
     reply = client.completions.create(model="nemodiff", prompt="the cat sat", max_tokens=8, logprobs=2,
                                       extra_body=extra)
     got = reply.choices[0].logprobs
-    tokens = [token_text(llm, t) for t in want.output_ids]
+    tokens = [token_text(served_llm, t) for t in want.output_ids]
     assert got.tokens == tokens and got.token_logprobs == [f32(e.logprob) for e in want.logprobs]
-    assert got.top_logprobs == [{token_text(llm, i): f32(v) for i, v in e.top} for e in want.logprobs]
+    assert got.top_logprobs == [{token_text(served_llm, i): f32(v) for i, v in e.top} for e in want.logprobs]
     assert got.text_offset == [sum(len(t) for t in tokens[:i]) for i in range(len(tokens))]
     chunks = list(client.completions.create(model="nemodiff", prompt="the cat sat", max_tokens=8, logprobs=2,
                                             stream=True, extra_body=extra))
@@ -92,8 +82,8 @@ def test_completion_logprobs_equal_llm_streamed_or_not(client, llm):
     assert sum((s.text_offset for s in streamed), []) == got.text_offset
 
 
-def test_n_at_temperature_zero_repeats_the_single_answer(client, llm):
-    want = llm.generate("the dog", SamplingParams(max_new_tokens=10))[0]
+def test_n_at_temperature_zero_repeats_the_single_answer(client, served_llm):
+    want = served_llm.generate("the dog", SamplingParams(max_new_tokens=10))[0]
     reply = client.completions.create(model="nemodiff", prompt="the dog", max_tokens=10, n=3, temperature=0)
     assert [c.index for c in reply.choices] == [0, 1, 2]
     assert [c.text for c in reply.choices] == [want.text] * 3
@@ -101,18 +91,18 @@ def test_n_at_temperature_zero_repeats_the_single_answer(client, llm):
     assert reply.usage.completion_tokens == 3 * len(want.output_ids)
 
 
-def test_n_with_a_seed_gives_distinct_reproducible_choices(client, llm):
+def test_n_with_a_seed_gives_distinct_reproducible_choices(client, served_llm):
     ask = dict(model="nemodiff", prompt="the river", max_tokens=12, n=3, temperature=1.0, seed=7,
                extra_body={"ignore_eos": True})
     first = [c.text for c in client.completions.create(**ask).choices]
     again = [c.text for c in client.completions.create(**ask).choices]
-    want = llm.generate("the river", SamplingParams(max_new_tokens=12, temperature=1.0, seed=7, n=3,
+    want = served_llm.generate("the river", SamplingParams(max_new_tokens=12, temperature=1.0, seed=7, n=3,
                                                     ignore_eos=True))
     assert first == again == [o.text for o in want]
     assert len(set(first)) == 3
 
 
-def test_stream_with_n_interleaves_choices_by_index(client, llm):
+def test_stream_with_n_interleaves_choices_by_index(client, served_llm):
     messages = [{"role": "user", "content": "count"}]
     chunks = list(client.chat.completions.create(
         model="nemodiff", messages=messages, max_tokens=16, n=2, temperature=1.0, seed=3, stream=True,
@@ -125,7 +115,7 @@ def test_stream_with_n_interleaves_choices_by_index(client, llm):
             texts[choice.index] += choice.delta.content or ""
             reasons[choice.index] = choice.finish_reason or reasons[choice.index]
             lengths[choice.index] += len(choice.logprobs.content) if choice.logprobs else 0
-    want = llm.generate(llm.tokenizer.encode_chat("count"), SamplingParams(max_new_tokens=16, temperature=1.0,
+    want = served_llm.generate(served_llm.tokenizer.encode_chat("count"), SamplingParams(max_new_tokens=16, temperature=1.0,
                                                                            seed=3, n=2, ignore_eos=True))
     assert texts == [o.text for o in want] and reasons == ["length", "length"] and lengths == [16, 16]
     assert chunks[-1].usage.completion_tokens == 32
@@ -181,8 +171,8 @@ def values(result, name: str) -> list:
 
 
 @pytest.mark.parametrize("stream", [False, True])
-def test_triton_log_probs_equal_llm(server, llm, stream):
-    want = llm.generate("the blue tree", SamplingParams(max_new_tokens=8, mode="diffusion", block_length=4,
+def test_triton_log_probs_equal_llm(server, served_llm, stream):
+    want = served_llm.generate("the blue tree", SamplingParams(max_new_tokens=8, mode="diffusion", block_length=4,
                                                        ignore_eos=True, logprobs=2))[0]
     results = grpc_run(server, "the blue tree", max_tokens=8, decode_mode="diffusion", block_length=4,
                        ignore_eos=True, return_log_probs=True, top_logprobs=2, stream=stream)
@@ -198,8 +188,8 @@ def test_triton_log_probs_equal_llm(server, llm, stream):
 
 
 @pytest.mark.parametrize("stream", [False, True])
-def test_triton_num_return_sequences(server, llm, stream):
-    want = llm.generate("green stone", SamplingParams(max_new_tokens=6, temperature=1.0, seed=11, n=3,
+def test_triton_num_return_sequences(server, served_llm, stream):
+    want = served_llm.generate("green stone", SamplingParams(max_new_tokens=6, temperature=1.0, seed=11, n=3,
                                                      ignore_eos=True))
     results = grpc_run(server, "green stone", max_tokens=6, temperature=1.0, random_seed=11, ignore_eos=True,
                        num_return_sequences=3, stream=stream)
@@ -236,11 +226,11 @@ def test_triton_num_cached_tokens_and_prefix_metrics(server):
                                                                                       "num_cached_tokens")[0]
 
 
-def test_triton_logit_bias_min_tokens_and_min_length(server, llm):
-    eos = min(llm.engine.eos_ids)
+def test_triton_logit_bias_min_tokens_and_min_length(server, served_llm):
+    eos = min(served_llm.engine.eos_ids)
     bias = json.dumps({str(eos): 100})
     for mode in ("ar", "linear-spec"):
-        want = llm.generate("the blue tree", SamplingParams(max_new_tokens=8, logit_bias={eos: 100}, min_tokens=3,
+        want = served_llm.generate("the blue tree", SamplingParams(max_new_tokens=8, logit_bias={eos: 100}, min_tokens=3,
                                                            mode=mode, block_length=4))[0]
         results = grpc_run(server, "the blue tree", max_tokens=8, logit_bias=bias, min_tokens=3, decode_mode=mode,
                            block_length=4)

@@ -15,7 +15,7 @@ import openai
 import pytest
 from triton_helpers import module_server
 
-from nemodiff import LLM, SamplingParams
+from nemodiff import SamplingParams
 from nemodiff.runtime.request import Guide
 
 SCHEMA = {"type": "object", "properties": {"city": {"type": "string", "enum": ["Paris", "Oslo", "Lima"]},
@@ -29,14 +29,9 @@ TOOLS = [{"type": "function", "function": {"name": "get_weather", "description":
 
 
 @pytest.fixture(scope="module")
-def engine_dir(served_engine):
-    return served_engine
-
-
-@pytest.fixture(scope="module")
-def server(engine_dir, tmp_path_factory):
+def server(served_engine, tmp_path_factory):
     logs = tmp_path_factory.mktemp("logs")
-    yield from module_server(engine_dir, logs)
+    yield from module_server(served_engine, logs)
     assert "Traceback" not in (logs / "serve.log").read_text()
 
 
@@ -46,10 +41,9 @@ def client(server):
 
 
 @pytest.mark.parametrize("mode", ["ar", "quadratic-spec", "diffusion"])
-def test_triton_guided_inputs_equal_the_llm(server, engine_dir, mode):
-    llm = LLM(engine_dir, device="cpu")
-    want = llm.generate("the cat", SamplingParams(max_new_tokens=24, mode=mode, block_length=4,
-                                                  guide=Guide("regex", "[a-z]{3,8}-[0-9]{2}")))[0]
+def test_triton_guided_inputs_equal_the_llm(server, served_llm, mode):
+    want = served_llm.generate("the cat", SamplingParams(max_new_tokens=24, mode=mode, block_length=4,
+                                                         guide=Guide("regex", "[a-z]{3,8}-[0-9]{2}")))[0]
     status, body = server.generate({"text_input": "the cat", "max_tokens": 24, "decode_mode": mode,
                                     "block_length": 4, "guided_decoding_guide_type": "regex",
                                     "guided_decoding_guide": "[a-z]{3,8}-[0-9]{2}"})
