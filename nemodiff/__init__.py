@@ -5,9 +5,8 @@ API (`LLM`, `SamplingParams`, `Guide`, `RequestOutput`), the `nemodiff` command 
 engine-directory contract every stage shares (engine_format.py). Map: docs/architecture.md.
 """
 
-__version__ = "0.1.0"
-
-from nemodiff.runtime.llm import LLM, RequestOutput  # noqa: E402
-from nemodiff.runtime.request import Guide, SamplingParams  # noqa: E402
+from nemodiff.engine_format import NEMODIFF_VERSION as __version__
+from nemodiff.runtime.llm import LLM, RequestOutput
+from nemodiff.runtime.request import Guide, SamplingParams
 
 __all__ = ["LLM", "Guide", "RequestOutput", "SamplingParams", "__version__"]

@@ -32,7 +32,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-ALIGN_BYTES = 16  # every pointer an AOT kernel reads is compiled as 16-byte aligned (plugins/aot.py)
+ALIGN_BYTES = 16  # every pointer an AOT kernel reads is compiled as 16-byte aligned (nemodiff/plugins/aot.py)
 CPU_SM_COUNT = 8  # CPU runs: enough "SMs" that long contexts exercise split grids, few enough to interpret
 
 

@@ -6,7 +6,7 @@ checkpoint ──builder──▶ [engine dir: checked here] ──runtime──
 module holds what that contract accepts, so that the builder refuses what the runtime would refuse:
 every key of config.json typed, every size within the limits below (checked before anything is sized
 from it), and every file the runtime reads listed in the manifest, a plain relative path inside the
-engine, no symlink, with its hash. Like engine_format.py, it imports nothing of nemodiff.
+engine, no symlink, with its hash. It imports nothing of nemodiff; engine_format.py imports it.
 """
 
 from __future__ import annotations
@@ -21,8 +21,9 @@ import types
 import typing
 from pathlib import Path
 
-if typing.TYPE_CHECKING:
-    from nemodiff.engine_format import EngineConfig, ModelConfig, VisionConfig
+# The check functions take engine_format's dataclasses (ModelConfig, EngineConfig, VisionConfig) and
+# read their fields by name: naming the types here would make the contract and its rules a circle.
+ModelConfig = EngineConfig = VisionConfig = typing.Any
 
 MANIFEST_FILE = "manifest.json"
 TOKENIZER_FILE = "tokenizer.json"

@@ -70,6 +70,7 @@ from nemodiff.engine_checks import (  # noqa: F401 (the rules of the contract, r
 )
 
 FORMAT_VERSION = 2
+NEMODIFF_VERSION = "0.1.0"  # the package release; an engine records the one that built it
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "weights.safetensors"
 DRAFT_LORA_FILE = "draft_lora.safetensors"
@@ -86,13 +87,6 @@ def draft_lora_file(rank: int, tp: int) -> str:
 
 def rank_files(rank: int, tp: int) -> set[str]:
     return {weights_file(rank, tp), draft_lora_file(rank, tp)}
-
-
-def shard_bounds(total: int, rank: int, tp: int) -> tuple[int, int]:
-    """[start, end) of rank's share of `total` items; the first `total % tp` ranks get one more."""
-    base, extra = divmod(total, tp)
-    start = rank * base + min(rank, extra)
-    return start, start + base + (1 if rank < extra else 0)
 
 
 @dataclass

@@ -68,7 +68,7 @@ def test_autoscaler_scales_the_deployment_on_waiting_requests(resources):
     rules = yaml.safe_load(adapter["data"]["config.yaml"])["rules"]
     assert any(rule["name"]["as"] == "nemodiff_requests_waiting" and "nemodiff_requests_waiting" in rule["seriesQuery"]
                for rule in rules)
-    metrics = (ROOT / "serving" / "triton" / "metrics.py").read_text()
+    metrics = (ROOT / "nemodiff" / "serving" / "triton" / "metrics.py").read_text()
     assert '"requests_waiting"' in metrics and 'f"nemodiff_{key}"' in metrics  # the series the server exports
 
 

@@ -21,7 +21,7 @@ from nemodiff.runtime.model.kv_cache import PagedKVCache
 from nemodiff.runtime.model.segments import Mask, Pattern, Segment, cycle_layout, first_cycle_mask
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGE_FOLDERS = ("nemodiff", "builder", "plugins", "runtime", "serving", "bench")
+PACKAGE_FOLDERS = ("nemodiff",)
 DEVICE_BRANCH = re.compile(r"device\.type\s*[!=]=|\.is_cuda\b|torch\.cuda\.|pin_memory")
 
 

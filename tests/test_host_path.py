@@ -9,7 +9,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from nemodiff import LLM, SamplingParams
-from nemodiff.runtime.decoding.decide import Decider
+from nemodiff.runtime.decoding.decision_pass import Decider
 
 HOST_TRANSFERS = {"item", "tolist", "numpy", "cpu", "__int__", "__float__", "__bool__", "__index__", "__iter__",
                   "unbind"}

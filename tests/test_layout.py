@@ -1,9 +1,11 @@
 """The layout of the house (docs/architecture.md): data flows one way, and the tree shows it.
 
-Every module of the package is parsed (not imported); its imports, lazy ones included and
-`if TYPE_CHECKING:` blocks excluded, are resolved to modules of the package. The tests check that
-no two files import each other through any chain, that each wing imports only the wings below it
-(the table below is the one in docs/architecture.md), and the size rules of the tree.
+Every module of the package (the folder nemodiff/ is the import path) is parsed, not imported; its
+imports, lazy ones and `if TYPE_CHECKING:` blocks included, are resolved to modules of the package.
+The tests check that no two modules import each other through any chain (package faces aside), that
+no import runs back up the flow (ground → plugins → builder → runtime → serving → bench), that each
+wing imports only what the table below allows (the one in docs/architecture.md), and the size rules
+of the tree.
 """
 
 from __future__ import annotations
@@ -16,72 +18,65 @@ import pytest
 import tomllib
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGE_DIRS = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"]
+PACKAGE = ROOT / "nemodiff"
 
+# The flow, lowest first: a module may import its own wing and the wings before it, never one after.
+# The ground modules sit below all (every wing may import them; they import nothing of ours but each
+# other, engine_format only the rules it re-exports).
+GROUND = {"nemodiff.engine_format", "nemodiff.engine_checks", "nemodiff.device", "nemodiff.sharding"}
+FLOW = ["ground", "nemodiff.plugins", "nemodiff.builder", "nemodiff.runtime", "nemodiff.serving", "nemodiff.bench",
+        "top"]
 # wing -> the wings it may import (besides itself). Lazy imports count like the others.
-# every wing may import these; they import nothing of ours (engine_format only the rules it re-exports)
-GROUND = {"nemodiff.engine_format", "nemodiff.engine_checks", "nemodiff.device"}
 ALLOWED = {
     "nemodiff.engine_format": {"nemodiff.engine_checks"},
     "nemodiff.engine_checks": set(),
     "nemodiff.device": set(),
-    "nemodiff.plugins": {"nemodiff.engine_format", "nemodiff.runtime.model"},  # runtime.model: reference math only
-    "nemodiff.builder": {"nemodiff", "nemodiff.engine_format", "nemodiff.plugins"},
+    "nemodiff.sharding": set(),
+    "nemodiff.plugins": GROUND,
+    "nemodiff.builder": GROUND | {"nemodiff.plugins"},
     "nemodiff.runtime": set(),
-    "nemodiff.runtime.model": {"nemodiff.engine_format", "nemodiff.plugins"},
-    "nemodiff.runtime.text": set(),
-    "nemodiff.runtime.images": {"nemodiff.engine_format", "nemodiff.runtime.model"},
+    "nemodiff.runtime.model": GROUND | {"nemodiff.plugins"},
+    "nemodiff.runtime.text": GROUND,
+    "nemodiff.runtime.images": GROUND | {"nemodiff.plugins", "nemodiff.runtime.model"},
     "nemodiff.runtime.request": {"nemodiff.runtime.text", "nemodiff.runtime.images"},
-    "nemodiff.runtime.decoding": {"nemodiff.engine_format", "nemodiff.runtime.model", "nemodiff.runtime.request"},
-    "nemodiff.runtime.engine": {"nemodiff.engine_format", "nemodiff.runtime.model", "nemodiff.runtime.images",
-                                "nemodiff.runtime.decoding", "nemodiff.runtime.request", "nemodiff.runtime.text"},
-    "nemodiff.runtime.parallel": {"nemodiff.engine_format", "nemodiff.builder", "nemodiff.runtime.model",
-                                  "nemodiff.runtime.engine"},
-    "nemodiff.runtime.llm": {"nemodiff.engine_format", "nemodiff.plugins", "nemodiff.runtime.model",
-                             "nemodiff.runtime.text", "nemodiff.runtime.images", "nemodiff.runtime.request",
-                             "nemodiff.runtime.decoding", "nemodiff.runtime.engine", "nemodiff.runtime.parallel"},
-    "nemodiff.serving": {"nemodiff", "nemodiff.engine_format", "nemodiff.plugins", "nemodiff.runtime"},
-    "nemodiff.bench": {"nemodiff", "nemodiff.engine_format", "nemodiff.builder", "nemodiff.plugins", "nemodiff.runtime",
-                       "nemodiff.serving"},
+    "nemodiff.runtime.decoding": GROUND | {"nemodiff.runtime.model", "nemodiff.runtime.request"},
+    "nemodiff.runtime.engine": GROUND | {"nemodiff.runtime.model", "nemodiff.runtime.images",
+                                         "nemodiff.runtime.decoding", "nemodiff.runtime.request",
+                                         "nemodiff.runtime.text"},
+    "nemodiff.runtime.parallel": GROUND | {"nemodiff.runtime.model", "nemodiff.runtime.engine"},
+    "nemodiff.runtime.llm": GROUND | {"nemodiff.plugins", "nemodiff.runtime.model", "nemodiff.runtime.text",
+                                      "nemodiff.runtime.images", "nemodiff.runtime.request",
+                                      "nemodiff.runtime.decoding", "nemodiff.runtime.engine",
+                                      "nemodiff.runtime.parallel"},
+    "nemodiff.serving": GROUND | {"nemodiff.plugins", "nemodiff.runtime"},
+    "nemodiff.bench": GROUND | {"nemodiff", "nemodiff.builder", "nemodiff.plugins", "nemodiff.runtime", "nemodiff.serving"},
     "nemodiff.model_repo": {"nemodiff.serving"},
-    "nemodiff": {"nemodiff.runtime.llm", "nemodiff.runtime.request"},  # the public API
-    "nemodiff.cli": {"nemodiff", "nemodiff.engine_format", "nemodiff.runtime", "nemodiff.serving", "nemodiff.bench"},
+    "nemodiff": {"nemodiff.engine_format", "nemodiff.runtime.llm", "nemodiff.runtime.request"},  # the public API
+    "nemodiff.cli": GROUND | {"nemodiff", "nemodiff.runtime", "nemodiff.serving", "nemodiff.bench"},
 }
 RUNTIME_WINGS = ("model", "text", "images", "decoding", "engine", "parallel")
 
 
 def _modules() -> dict[str, Path]:
+    """Every module of the package, named by its path: the folder is the import path."""
     modules = {}
-    for package, folder in PACKAGE_DIRS.items():
-        for path in sorted((ROOT / folder).rglob("*.py")):
-            parts = list(path.relative_to(ROOT / folder).with_suffix("").parts)
-            if parts[-1] == "__init__":
-                parts.pop()
-            name = ".".join([package, *parts])
-            if name not in modules or len(path.parts) < len(modules[name].parts):
-                modules[name] = path  # a sub-package mapped twice: the deeper mapping wins
+    for path in sorted(PACKAGE.rglob("*.py")):
+        parts = list(path.relative_to(ROOT).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts.pop()
+        modules[".".join(parts)] = path
     return modules
 
 
 MODULES = _modules()
 
 
-def _type_checking_nodes(tree: ast.AST) -> set[int]:
-    skipped = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
-            skipped |= {id(child) for statement in node.body for child in ast.walk(statement)}
-    return skipped
-
-
 def _imports(name: str, path: Path) -> set[str]:
+    """The package's modules `name` imports: top-level, lazy and `if TYPE_CHECKING:` imports alike."""
     tree = ast.parse(path.read_text())
-    skipped = _type_checking_nodes(tree)
     package = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
     found = set()
     for node in ast.walk(tree):
-        if id(node) in skipped:
-            continue
         if isinstance(node, ast.Import):
             found |= {alias.name for alias in node.names}
         elif isinstance(node, ast.ImportFrom):
@@ -104,9 +99,49 @@ def wing_of(module: str) -> str:
     return module
 
 
+def stage_of(module: str) -> int:
+    """Its place in FLOW: the ground modules lowest, then plugins ... bench, the package's faces on top."""
+    if module in GROUND:
+        return 0
+    if module == "nemodiff":
+        return FLOW.index("nemodiff.runtime")  # the public API face: LLM and SamplingParams, re-exported
+    for index, stage in enumerate(FLOW):
+        if module == stage or module.startswith(stage + "."):
+            return index
+    return len(FLOW) - 1  # nemodiff (the public API), nemodiff.cli, model_repo: nothing imports them
+
+
+def circles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Every import circle the depth-first walk meets, package faces (`__init__` modules) left out."""
+    faces = {m for m, path in MODULES.items() if path.name == "__init__.py"}
+    state: dict[str, int] = {}
+    found = []
+
+    def visit(module: str, stack: list[str]) -> None:
+        state[module] = 1
+        stack.append(module)
+        for target in sorted(graph.get(module, ())):
+            if target in faces:
+                continue
+            if state.get(target) == 1:
+                found.append(stack[stack.index(target):] + [target])
+            elif target not in state:
+                visit(target, stack)
+        stack.pop()
+        state[module] = 2
+
+    for module in sorted(graph):
+        if module not in state and module not in faces:
+            visit(module, [])
+    return found
+
+
+def imports_up_the_flow(graph: dict[str, set[str]]) -> list[str]:
+    return sorted(f"{source} imports {target}" for source, targets in graph.items() for target in targets
+                  if stage_of(target) > stage_of(source))
+
+
 def _allowed(source: str, target: str) -> bool:
-    if target in GROUND:
-        return wing_of(source) not in GROUND or target in ALLOWED[wing_of(source)]
     rules = ALLOWED[wing_of(source)]
     return any(target == rule or target.startswith(rule + ".") for rule in rules)
 
@@ -115,25 +150,38 @@ def test_every_wing_has_a_rule():
     assert {wing_of(m) for m in MODULES} - set(ALLOWED) == set()
 
 
-def test_no_import_circle_between_files():
-    state: dict[str, int] = {}
-    cycles = []
+def test_the_folder_is_the_import_path():
+    """No package-dir mapping: every module of the package lives under nemodiff/ at its dotted path."""
+    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    assert "package-dir" not in setuptools and setuptools["packages"] == {"find": {"include": ["nemodiff*"]}}
+    assert not [name for name in ("builder", "plugins", "runtime", "serving", "bench", "model_repo")
+                if (ROOT / name).exists()]
+    assert MODULES["nemodiff.runtime.llm"] == PACKAGE / "runtime" / "llm.py"
 
-    def visit(module: str, stack: list[str]) -> None:
-        state[module] = 1
-        stack.append(module)
-        for target in sorted(GRAPH[module]):
-            if state.get(target) == 1:
-                cycles.append(stack[stack.index(target):] + [target])
-            elif target not in state:
-                visit(target, stack)
-        stack.pop()
-        state[module] = 2
 
-    for module in sorted(GRAPH):
-        if module not in state:
-            visit(module, [])
-    assert cycles == [], "import circles: " + "; ".join(" -> ".join(c) for c in cycles)
+def test_no_import_circle_between_modules():
+    found = circles(GRAPH)
+    assert found == [], "import circles: " + "; ".join(" -> ".join(c) for c in found)
+
+
+def test_no_import_runs_back_up_the_flow():
+    assert imports_up_the_flow(GRAPH) == []
+
+
+def test_the_checks_catch_a_circle_and_an_upward_import():
+    """The two rules above, on graphs that break them: a circle through a lazy import, the kernels
+    reaching into the runtime, and the runtime reaching into the builder."""
+    assert circles({"nemodiff.engine_format": {"nemodiff.engine_checks"},
+                    "nemodiff.engine_checks": {"nemodiff.engine_format"}})
+    assert imports_up_the_flow({"nemodiff.plugins.norm": {"nemodiff.runtime.model.layers"}}) == [
+        "nemodiff.plugins.norm imports nemodiff.runtime.model.layers"]
+    assert not _allowed("nemodiff.runtime.parallel.comm", "nemodiff.builder.shard")  # serve time needs no builder
+    assert imports_up_the_flow({"nemodiff.builder.build": {"nemodiff.serving.cli"}})
+    assert imports_up_the_flow({"nemodiff.sharding": {"nemodiff.plugins.spec"}})
+    assert not imports_up_the_flow({"nemodiff.runtime.model.layers": {"nemodiff.plugins.reference"}})
+    source = "def f():\n    from nemodiff.runtime.model import rope\n"
+    lazy = ast.parse(source)
+    assert any(isinstance(node, ast.ImportFrom) for node in ast.walk(lazy))  # lazy imports are walked too
 
 
 def test_each_wing_imports_only_what_the_map_allows():
@@ -149,12 +197,13 @@ def test_the_runtime_never_imports_serving_or_benchmarks():
 
 
 def test_the_tree_shows_the_flow():
-    top_runtime = sorted(p.name for p in (ROOT / "runtime").glob("*.py"))
-    assert top_runtime == ["__init__.py", "llm.py", "request.py"]
-    assert sorted(p.name for p in (ROOT / "runtime").iterdir() if p.is_dir() and p.name != "__pycache__") \
+    runtime = PACKAGE / "runtime"
+    assert sorted(p.name for p in runtime.glob("*.py")) == ["__init__.py", "llm.py", "request.py"]
+    assert sorted(p.name for p in runtime.iterdir() if p.is_dir() and p.name != "__pycache__") \
         == sorted(RUNTIME_WINGS)
-    assert len(list((ROOT / "nemodiff").glob("*.py"))) <= 5
-    assert not [p for p in (ROOT / "runtime").rglob("*.py") if "bench" in p.name]
+    ground = {f"nemodiff.{p.stem}" for p in PACKAGE.glob("*.py")} - {"nemodiff.__init__", "nemodiff.cli"}
+    assert ground == GROUND
+    assert not [p for p in runtime.rglob("*.py") if "bench" in p.name]
 
 
 @pytest.mark.parametrize("name", sorted(m for m, p in MODULES.items() if p.name == "__init__.py"))
@@ -164,8 +213,7 @@ def test_each_package_opens_with_its_place_in_the_flow(name):
 
 
 def test_no_python_file_over_400_lines():
-    files = [p for folder in ("nemodiff", "builder", "plugins", "runtime", "serving", "bench", "tools", "tests")
-             for p in (ROOT / folder).rglob("*.py")]
+    files = [p for folder in ("nemodiff", "tools", "tests") for p in (ROOT / folder).rglob("*.py")]
     long = {str(p.relative_to(ROOT)): n for p in files if (n := len(p.read_text().splitlines())) > 400}
     assert long == {}
 
@@ -176,7 +224,7 @@ def test_design_citations_point_into_the_repository():
     sections = {line.split()[1].rstrip(".") for line in design.splitlines() if line.startswith("#")
                 and len(line.split()) > 1 and line.split()[1][:1].isdigit()}
     cited = set()
-    for folder in ("nemodiff", "builder", "plugins", "runtime", "serving", "bench", "tests", "docs", "tools", "models"):
+    for folder in ("nemodiff", "tests", "docs", "tools", "models"):
         for path in (ROOT / folder).rglob("*"):
             if path.suffix in (".py", ".md") and path.is_file() and path != Path(__file__).resolve():
                 text = path.read_text()

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from nemodiff import LLM, SamplingParams
-from nemodiff.runtime.decoding.sampler import distribution, make_generator, sample
+from nemodiff.runtime.decoding.reference_sampler import distribution, make_generator, sample
 
 
 def test_top_k_and_top_p_filter_the_distribution():

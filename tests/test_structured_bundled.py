@@ -4,7 +4,7 @@
 
 A trained model, unlike the test models of tests/test_structured_output.py, has strong opinions
 about the next token that the grammar must overrule at almost every position. At temperature 0:
-every mode writes an object that parses and conforms to the benchmark's schema (bench/structured.py),
+every mode writes an object that parses and conforms to the benchmark's schema (nemodiff/bench/structured.py),
 linear-spec and quadratic-spec equal constrained AR token for token with and without grammar-shaped
 drafts, choice and regex guides hold, a bad schema is refused with the problem named while the other
 requests go on, and a constrained request preempted mid-output resumes exactly.

@@ -3,7 +3,7 @@
 checkpoint ──builder──▶ engine dir ──runtime──▶ [Triton: faults injected here, for tests only]
 
 `nemodiff serve` runs with PYTHONPATH pointing here; the Triton model applies PYTHONPATH and
-runs this file before it imports nemodiff (see model_repo/nemodiff/1/model.py). When
+runs this file before it imports nemodiff (see nemodiff/model_repo/nemodiff/1/model.py). When
 `nemodiff.runtime.engine.loop` is imported, `Engine.launch` is wrapped:
 
 - a request whose prompt starts with FAIL_ONE gets a strategy that raises once it has output:

@@ -5,7 +5,7 @@ checkpoint ──builder──▶ engine dir ──runtime (GPU)──▶ [check
 `Rig` is the GPU, or in the CPU dry run (NEMODIFF_CPU_DRY_RUN=1, set by `run_device_checks.sh
 --cpu-dry-run`) the CPU standing in for it: kernels compiled for sm_90a and launched through the same
 `AotLauncher`, with the driver call replaced by a check of every launch against its cubin and the
-interpreter (plugins/aot_check.py); the interpreter also stands in for Triton's JIT, and the host clock
+interpreter (nemodiff/plugins/aot_check.py); the interpreter also stands in for Triton's JIT, and the host clock
 for CUDA events. Everything else is the code a GPU runs. Dry runs use tiny shapes and few iterations.
 
 `Report` writes $OUT/<name>.json after every result, with the step in progress recorded as failed

@@ -1,0 +1,139 @@
+"""`KernelLibrary`: the fused operations the model calls, on one launcher; `load_kernels` picks it.
+
+checkpoint ──builder──▶ engine dir/kernels/<sm>/ ──[runtime: load_kernels → KernelLibrary]──▶ Triton
+
+The same host wrappers run on every launcher: the interpreter (CPU, CI), Triton's JIT (GPU
+development and benchmarks) and the ahead-of-time cubins of an engine (serving, no compiler).
+Every method has a PyTorch reference in its kernel module; the runtime keeps that reference
+path for CPUs and for engines without kernels for this GPU.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from nemodiff.device import is_cuda, multiprocessor_count
+from nemodiff.engine_format import BuildSettings
+
+from .launch import InterpretLauncher, JitLauncher, Launcher
+from .scratch import Counters
+
+if TYPE_CHECKING:
+    from .attention import AttentionMeta, Rope
+
+log = logging.getLogger(__name__)
+MODES = ("auto", "aot", "aot-check", "jit", "interpret", "off")
+
+
+class KernelLibrary:
+    """The kernel modules (and with them Triton) are imported here, not when nemodiff is: the
+    interpreter must be chosen before Triton's first import (see `launch.use_interpreter`)."""
+
+    def __init__(self, launcher: Launcher):
+        from . import activation, attention, fp8_gemm, norm
+
+        self.launcher = launcher
+        self._activation, self._attention, self._fp8_gemm, self._norm = activation, attention, fp8_gemm, norm
+        self.counters = Counters()  # split arrivals of attention and fp8 GEMMs; zero between launches
+
+    @property
+    def name(self) -> str:
+        return self.launcher.name
+
+    def add_rmsnorm(self, residual: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor,
+                    eps: float) -> torch.Tensor:
+        """residual += delta (in place; delta may be None); returns weight * rmsnorm(residual)."""
+        return self._norm.add_rmsnorm(self.launcher, residual, delta, weight, eps)
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        return self._norm.rms_norm(self.launcher, x, weight, eps)
+
+    def segment_attention(self, qkv: torch.Tensor, positions: torch.Tensor, write_slots: torch.Tensor, rope: Rope,
+                          k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMeta, scale: float,
+                          num_heads: int, num_kv_heads: int, head_dim: int) -> torch.Tensor:
+        """Paged attention of a ragged batch of segments from the fused qkv projection, with RoPE, the query
+        scale and the KV-cache write at write_slots >= 0, in one launch (see nemodiff/plugins/attention.py) -> [T, Hq, D]."""
+        return self._attention.segment_attention(self.launcher, qkv, positions, write_slots, rope, k_cache, v_cache,
+                                                 meta, scale, num_heads, num_kv_heads, head_dim,
+                                                 counters=self.counters)
+
+    def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        return self._activation.silu_mul(self.launcher, gate_up)
+
+    def fp8_linear(self, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """x @ (weight.float() * scale[:, None]).T in x's dtype; weight float8_e4m3fn [N, K], scale float32 [N]."""
+        return self._fp8_gemm.fp8_linear(self.launcher, x, weight, scale,
+                                         num_sms=multiprocessor_count(x.device, cpu_stand_in=1), counters=self.counters)
+
+
+def _aot_library(engine_dir: Path | None, build: BuildSettings | None, device: torch.device,
+                 mode: str) -> KernelLibrary | None:
+    """The engine's compiled kernels: launched on this GPU ("auto", "aot"), or checked and interpreted on
+    the CPU ("aot-check"). When they cannot run, the reason is raised ("aot", "aot-check") or logged as
+    one warning line with None returned ("auto": the reference path)."""
+    from nemodiff.device import CudaDriver, KernelLaunchError, gpu_sm
+
+    from .aot_launch import AotLauncher, CudaLaunch
+
+    reason = None
+    has_kernels = engine_dir is not None and build is not None and build.sm and build.kernels
+    if mode == "aot-check":
+        if is_cuda(device):
+            reason = "aot-check runs the GPU launch path on the CPU; use --device cpu (on a GPU use --kernels aot)"
+        elif not has_kernels:
+            reason = ("aot-check needs an engine built for a GPU arch with its kernels (nemodiff-build --arch "
+                      "h200, for example); this one carries none")
+        else:
+            from .aot_check import InterpretDriver, LaunchChecker
+
+            return KernelLibrary(AotLauncher(Path(engine_dir) / "kernels" / build.sm, InterpretDriver(),
+                                             LaunchChecker(device)))
+    elif not is_cuda(device):
+        if mode == "auto":
+            return None  # CPU: the reference path is the plan, not a fallback
+        reason = (f"ahead-of-time kernels need a CUDA GPU, not {device}; on the CPU use --kernels aot-check to "
+                  "check and interpret them, or --kernels off")
+    elif not has_kernels:
+        reason = "the engine carries no compiled kernels (built for cpu or with --no-kernels)"
+    elif gpu_sm(device) != build.sm:
+        reason = f"engine kernels are for {build.sm} but this GPU is {gpu_sm(device)}"
+    else:
+        try:
+            return KernelLibrary(AotLauncher(Path(engine_dir) / "kernels" / build.sm, CudaLaunch(CudaDriver(device))))
+        except ImportError:
+            reason = "cuda-python is not installed (pip install 'nemodiff[gpu]')"
+        except KernelLaunchError as exc:
+            reason = str(exc)
+    if mode != "auto":
+        raise KernelLaunchError(reason)
+    log.warning("nemodiff: %s; using the PyTorch reference path", reason)
+    return None
+
+
+def load_kernels(engine_dir: Path | None, build: BuildSettings | None, device: torch.device | str,
+                 mode: str = "auto") -> KernelLibrary | None:
+    """The kernels to run an engine with, or None for the PyTorch reference path.
+
+    mode "off": None. "interpret": Triton's interpreter (CPU tensors; needs no compiled files).
+    "jit": Triton's JIT on a CUDA device (development, benchmarks). "aot": the engine's cubins, or an
+    error saying why not. "aot-check": on the CPU, the engine's GPU launch path with every launch
+    checked against its cubin, then interpreted (nemodiff/plugins/aot_check.py). "auto": the engine's cubins
+    on a CUDA device of the engine's sm; on any mismatch (other sm, no kernels, no cuda-python) one
+    warning line and None; on CPU None, silently.
+    """
+    device = torch.device(device)
+    if mode not in MODES:
+        raise ValueError(f"kernels mode {mode!r}: choose one of {', '.join(MODES)}")
+    if mode == "off":
+        return None
+    if mode == "interpret":
+        return KernelLibrary(InterpretLauncher())
+    if mode == "jit":
+        if not is_cuda(device):
+            raise RuntimeError(f"the JIT launcher needs a CUDA device, not {device}")
+        return KernelLibrary(JitLauncher())
+    return _aot_library(engine_dir, build, device, mode)

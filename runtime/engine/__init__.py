@@ -1,6 +1,0 @@
-"""Place: checkpoint → builder → engine dir → [runtime/engine] → serving. The step loop.
-
-loop.py: schedule, one forward for everyone, one batched decision, one sync. scheduler.py:
-admission, chunked prefill, preemption.
-Imports: runtime/model, runtime/images, runtime/decoding, runtime/text, request.py.
-"""
