@@ -201,9 +201,11 @@ def inspect(engine_dir: Path, as_json: bool, verify: bool) -> None:
 
 from nemodiff.bench.cli import bench  # noqa: E402
 from nemodiff.serving.cli import serve  # noqa: E402
+from nemodiff.serving.dynamo.cli import worker  # noqa: E402
 
 main.add_command(serve)
 main.add_command(bench)
+main.add_command(worker)
 
 
 if __name__ == "__main__":

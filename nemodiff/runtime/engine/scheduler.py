@@ -280,7 +280,7 @@ class Scheduler:
         """Offer the pages the sequence filled with committed tokens to the prefix index."""
         full = min(seq.cache_len, len(seq.request.prompt_ids) + len(seq.request.output_ids)) // self.cache.page_size
         if full > len(seq.digests) or (full and full > self.cache.offered(seq.request_id)):
-            self.cache.offer_pages(seq.request_id, self._digests(seq, full))
+            self.cache.offer_pages(seq.request_id, self._digests(seq, full), seq.tokens())
 
     def remove(self, seq: Sequence) -> None:
         if seq in self.running:

@@ -219,15 +219,18 @@ class PagedKVCache:
         self._indexed[request_id] = len(pages)
         self._dirty.add(row)
 
-    def offer_pages(self, request_id: int, digests: list[bytes]) -> None:
+    def offer_pages(self, request_id: int, digests: list[bytes], tokens: list[int] | None = None) -> None:
         """Index the request's full committed pages, digests[i] naming its page i (the first pages
-        were offered before and are skipped)."""
+        were offered before and are skipped). tokens: the request's tokens, for the index's listener."""
         if self.prefix is None:
             return
         table, done = self._tables[request_id], self._indexed.get(request_id, 0)
         full = min(len(digests), self._lengths[request_id] // self.page_size, len(table))
+        size, hear = self.page_size, tokens is not None and self.prefix.listener is not None
         for i in range(done, full):
-            self.prefix.add(table[i], digests[i])
+            event = ((digests[i - 1] if i else None, i, tokens[0],
+                      list(tokens[max(0, (i - 1) * size): (i + 1) * size])) if hear else None)
+            self.prefix.add(table[i], digests[i], event)
         self._indexed[request_id] = max(done, full)
 
     def offered(self, request_id: int) -> int:
@@ -241,7 +244,7 @@ class PagedKVCache:
             if self._refs[page] > 1:
                 raise ValueError(f"request {request_id}: cannot rewrite shared page {page}")
             if self.prefix.holds(page):
-                del self.prefix.page_of[self.prefix.digest_of.pop(page)]
+                self.prefix.forget(page)
         self._indexed[request_id] = keep
 
     # -- addressing --------------------------------------------------------------------------

@@ -12,6 +12,9 @@ overlapping it). `PagedKVCache` keeps the index below:
   and a match ends on a page boundary), with one reference per request holding them;
 - a page no request holds any more stays indexed, on an LRU list, until a page is needed and none
   is free; then the least recently released is evicted (its digest forgotten).
+A listener (`PrefixIndex.listener`, e.g. a Dynamo worker's KV-event publisher) hears every change:
+("stored", digest, parent digest or None, page number in its sequence, the sequence's first token, the
+tokens of that page and the one before it), ("removed", [digests]) and ("cleared",).
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ class PrefixIndex:
         self.digest_of: dict[int, bytes] = {}
         self.idle: OrderedDict[int, None] = OrderedDict()  # indexed, unreferenced: evicted oldest first
         self.evictions = 0
+        self.listener: Callable[[tuple], None] | None = None  # hears stored / removed / cleared
 
     def __len__(self) -> int:
         return len(self.digest_of)
@@ -64,13 +68,23 @@ class PrefixIndex:
             pages.append(page)
         return pages
 
-    def add(self, page: int, digest: bytes) -> bool:
-        """Index a page (False when the digest already names another page, or the page is indexed)."""
+    def add(self, page: int, digest: bytes, event: tuple | None = None) -> bool:
+        """Index a page (False when the digest already names another page, or the page is indexed).
+        event: (parent digest, page number, first token, tokens) for the listener."""
         if digest in self.page_of or page in self.digest_of:
             return False
         self.page_of[digest] = page
         self.digest_of[page] = digest
+        if self.listener is not None and event is not None:
+            self.listener(("stored", digest, *event))
         return True
+
+    def forget(self, page: int) -> None:
+        """Take one page out of the index (it is about to be rewritten)."""
+        digest = self.digest_of.pop(page)
+        del self.page_of[digest]
+        if self.listener is not None:
+            self.listener(("removed", [digest]))
 
     def holds(self, page: int) -> bool:
         return page in self.digest_of
@@ -80,8 +94,11 @@ class PrefixIndex:
         if not self.idle:
             return None
         page, _ = self.idle.popitem(last=False)
-        del self.page_of[self.digest_of.pop(page)]
+        digest = self.digest_of.pop(page)
+        del self.page_of[digest]
         self.evictions += 1
+        if self.listener is not None:
+            self.listener(("removed", [digest]))
         return page
 
     def clear(self) -> list[int]:
@@ -90,4 +107,6 @@ class PrefixIndex:
         self.page_of.clear()
         self.digest_of.clear()
         self.idle.clear()
+        if self.listener is not None:
+            self.listener(("cleared",))
         return idle

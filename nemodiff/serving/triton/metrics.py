@@ -14,31 +14,8 @@ import threading
 import triton_python_backend_utils as pb_utils
 
 from nemodiff.runtime.request import MODES
+from nemodiff.serving import metric_names as names
 from nemodiff.serving.errors import KINDS
-
-SPEC_MODES = ("linear-spec", "quadratic-spec")
-TTFT_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0]
-ACCEPTED_BUCKETS = [0, 1, 2, 3, 4, 5, 6, 8, 12, 16, 24, 32, 48, 64]
-GAUGES = {
-    "kv_cache_pages_used": "KV-cache pages in use",
-    "kv_cache_pages_total": "KV-cache pages in the pool",
-    "requests_running": "requests scheduled in the engine",
-    "requests_waiting": "requests queued or preempted in the engine",
-    "requests_in_flight": "requests accepted and not yet answered",
-    "engine_healthy": "1 while the engine loop runs, 0 once it has failed",
-}
-COUNTERS = {  # snapshot key -> (metric name, help)
-    "requests_refused": ("nemodiff_requests_refused_total",
-                         "requests refused at once: queue full, draining or engine failed"),
-    "requests_timed_out": ("nemodiff_requests_timed_out_total", "requests ended by their deadline"),
-    "vision_cache_hits": ("nemodiff_vision_cache_hits_total",
-                          "images whose vision-tower output was reused from the content-hash cache"),
-    "vision_cache_misses": ("nemodiff_vision_cache_misses_total", "images run through the vision tower"),
-    "prefix_cache_queries": ("nemodiff_prefix_cache_queries_total",
-                             "prompt tokens looked up in the prefix cache (new requests)"),
-    "prefix_cache_hits": ("nemodiff_prefix_cache_hits_total",
-                          "prompt tokens whose KV the prefix cache supplied"),
-}
 
 
 class ModelMetrics:
@@ -50,36 +27,32 @@ class ModelMetrics:
                                      pb_utils.MetricFamily.HISTOGRAM)
         self._families = {}  # families must stay referenced or Triton drops them
         self._gauges = {}
-        for key, text in GAUGES.items():
+        for key, text in names.GAUGES.items():
             family = pb_utils.MetricFamily(name=f"nemodiff_{key}", description=text, kind=gauge)
             self._families[key] = family
             self._gauges[key] = family.Metric(labels=self._labels())
         self._counters = {}
-        for key, (name, text) in COUNTERS.items():
+        for key, (name, text) in names.COUNTERS.items():
             family = pb_utils.MetricFamily(name=name, description=text, kind=counter)
             self._families[key] = family
             self._counters[key] = family.Metric(labels=self._labels())
         self._by_mode = {}
-        for key, text in (("output_tokens", "generated tokens"), ("forward_passes", "request-forwards")):
-            family = pb_utils.MetricFamily(name=f"nemodiff_{key}_total", description=f"{text}, by mode", kind=counter)
+        for key, text in names.BY_MODE.items():
+            family = pb_utils.MetricFamily(name=f"nemodiff_{key}_total", description=text, kind=counter)
             self._families[key] = family
             self._by_mode[key] = {mode: family.Metric(labels=self._labels(mode=mode)) for mode in MODES}
-        family = pb_utils.MetricFamily(name="nemodiff_request_errors_total", kind=counter,
-                                       description="requests that ended with an error, by kind")
+        family = pb_utils.MetricFamily(name=names.ERRORS[0], kind=counter, description=names.ERRORS[1])
         self._families["errors"] = family
         self._errors = {kind: family.Metric(labels=self._labels(kind=kind)) for kind in KINDS}
-        family = pb_utils.MetricFamily(name="nemodiff_preemptions_total", kind=counter,
-                                       description="preemptions (the KV pool ran dry), counted when the request finishes")
+        family = pb_utils.MetricFamily(name=names.PREEMPTIONS[0], kind=counter, description=names.PREEMPTIONS[1])
         self._families["preemptions"] = family
         self._preemptions = family.Metric(labels=self._labels())
-        family = pb_utils.MetricFamily(name="nemodiff_time_to_first_token_seconds", kind=histogram,
-                                       description="from request arrival to its first generated token, by mode")
+        family = pb_utils.MetricFamily(name=names.TTFT[0], kind=histogram, description=names.TTFT[1])
         self._families["ttft"] = family
-        self._ttft = {mode: family.Metric(labels=self._labels(mode=mode), buckets=TTFT_BUCKETS) for mode in MODES}
-        family = pb_utils.MetricFamily(name="nemodiff_accepted_length", kind=histogram,
-                                       description="tokens accepted per speculation cycle, by mode")
+        self._ttft = {mode: family.Metric(labels=self._labels(mode=mode), buckets=names.TTFT_BUCKETS) for mode in MODES}
+        family = pb_utils.MetricFamily(name=names.ACCEPTED[0], kind=histogram, description=names.ACCEPTED[1])
         self._families["accepted"] = family
-        self._accepted = {mode: family.Metric(labels=self._labels(mode=mode), buckets=ACCEPTED_BUCKETS) for mode in SPEC_MODES}
+        self._accepted = {mode: family.Metric(labels=self._labels(mode=mode), buckets=names.ACCEPTED_BUCKETS) for mode in names.SPEC_MODES}
         self._front: dict = {}  # ("front", kind) -> metric, made when a front first refuses one
         self._last: dict = {}
         self._lock = threading.Lock()
