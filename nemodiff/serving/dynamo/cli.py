@@ -40,6 +40,9 @@ KERNEL_MODES = ["auto", "off", "interpret", "aot-check", "jit", "aot"]
               help="Deadline of every request in seconds [default: none].")
 @click.option("--request-plane", type=click.Choice(["tcp", "nats"]), default="tcp",
               help="How the frontend reaches the worker (tcp needs no NATS).")
+@click.option("--card-dir", type=click.Path(path_type=Path, file_okay=False), default=None,
+              help="Where the Hugging Face model card for Dynamo's frontend is written [default: ~/.cache/nemodiff/"
+                   "dynamo-cards]; every worker of one engine must use the same.")
 def worker(**options) -> None:
     """Serve ENGINE_DIR as a worker of NVIDIA Dynamo (its frontend is the front door)."""
     try:

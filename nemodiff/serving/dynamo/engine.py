@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +25,7 @@ from dynamo.llm.exceptions import EngineShutdown, InvalidArgument, Unknown
 from nemodiff.engine_format import EngineConfig as NemodiffConfig
 from nemodiff.serving.async_engine import AsyncEngine
 
-from .card import write_card
+from .card import ensure_card
 from .kv_events import KvEventRelay
 from .metrics import WorkerMetrics
 from .requests import RequestError, chunk, final_fields, leading_special_ids, prompt_ids, sampling_params
@@ -51,6 +49,7 @@ class WorkerOptions:
     max_queue: int | None = None
     request_timeout: float | None = None
     request_plane: str = "tcp"
+    card_dir: Path | None = None
 
     @property
     def model_name(self) -> str:
@@ -88,7 +87,7 @@ class NemodiffEngine(LLMEngine):
     @classmethod
     def create(cls, options: WorkerOptions) -> tuple[NemodiffEngine, WorkerConfig]:
         config = NemodiffConfig.load(Path(options.engine_dir))
-        card = write_card(Path(options.engine_dir), config, Path(tempfile.mkdtemp(prefix="nemodiff-card-")))
+        card = ensure_card(Path(options.engine_dir), config, options.card_dir)
         return cls(options, card), options.worker_config(card)
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -149,7 +148,6 @@ class NemodiffEngine(LLMEngine):
         if self.llm is not None:
             self.llm.close()
             self.llm = None
-        shutil.rmtree(self.card, ignore_errors=True)
 
     # -- requests ----------------------------------------------------------------------------
     async def generate(self, request, context):

@@ -28,7 +28,7 @@ MODE_ANNOTATION = "decode_mode:"
 UNSUPPORTED_SAMPLING = {"presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0),
                         "repetition_penalty": (None, 1, 1.0), "min_p": (None, 0, 0.0),
                         "use_beam_search": (None, False), "best_of": (None, 1), "length_penalty": (None, 1, 1.0)}
-FINISH_REASONS = {"stop": "stop", "length": "length", "cancelled": "cancelled"}
+FINISH_REASONS = {"stop": "stop", "eos": "stop", "length": "length", "cancelled": "cancelled"}
 
 
 class RequestError(ValueError):
@@ -145,7 +145,7 @@ def final_fields(update, prompt_len: int) -> dict[str, Any]:
     output = update.output
     completion = len(output.output_ids) if output is not None else 0
     cached = output.cached_prompt_tokens if output is not None else 0
-    return {"finish_reason": FINISH_REASONS.get(update.finish_reason or "", "error"),
+    return {"finish_reason": FINISH_REASONS.get(update.finish_reason or "", "stop"),
             "completion_usage": {"prompt_tokens": prompt_len, "completion_tokens": completion,
                                  "total_tokens": prompt_len + completion,
                                  "prompt_tokens_details": {"cached_tokens": cached}}}
