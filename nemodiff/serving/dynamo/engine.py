@@ -12,10 +12,12 @@ then calls it). Requests of any decode mode share the engine's batch, as under `
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import logging
+import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 from dynamo.common.backend import EngineConfig, LLMEngine, LlmRegistration, WorkerConfig
@@ -51,6 +53,16 @@ class WorkerOptions:
     request_plane: str = "tcp"
     card_dir: Path | None = None
 
+    @classmethod
+    def parse(cls, argv: list[str]) -> WorkerOptions:
+        """ENGINE_DIR and `--field-name value` for the other fields (what `nemodiff worker` passes on)."""
+        parser = argparse.ArgumentParser(prog="nemodiff worker")
+        parser.add_argument("engine_dir", type=Path)
+        for item in fields(cls)[1:]:
+            kind = {"int | None": int, "float | None": float, "Path | None": Path}.get(str(item.type), str)
+            parser.add_argument("--" + item.name.replace("_", "-"), dest=item.name, type=kind, default=item.default)
+        return cls(**vars(parser.parse_args(argv)))
+
     @property
     def model_name(self) -> str:
         return self.served_model_name or Path(self.engine_dir).resolve().name
@@ -78,11 +90,8 @@ class NemodiffEngine(LLMEngine):
 
     @classmethod
     async def from_args(cls, argv: list[str] | None = None) -> tuple[NemodiffEngine, WorkerConfig]:
-        """Dynamo's factory: `argv` as `nemodiff worker` takes them (ENGINE_DIR [options])."""
-        from .cli import worker as command
-
-        with command.make_context("nemodiff worker", list(argv or [])) as ctx:
-            return cls.create(WorkerOptions(**ctx.params))
+        """Dynamo's factory: `argv` as `nemodiff worker` takes them (ENGINE_DIR [--option value ...])."""
+        return cls.create(WorkerOptions.parse(list(sys.argv[1:] if argv is None else argv)))
 
     @classmethod
     def create(cls, options: WorkerOptions) -> tuple[NemodiffEngine, WorkerConfig]:

@@ -85,7 +85,7 @@ class KvEventRelay:
             size = self.page_size
             hashes = [block_hash(digest)]
             publisher.publish_stored(token_ids=[int(t) for t in tokens[-size:]], num_block_tokens=[size],
-                                     block_hashes=hashes, parent_hash=block_hash(parent) if parent else None)
+                                     block_hashes=list(hashes), parent_hash=block_hash(parent) if parent else None)
             if self.bos is not None and first == self.bos and page >= 1 and len(tokens) == 2 * size:
                 shifted = block_hash(digest, shifted=True)
                 publisher.publish_stored(token_ids=[int(t) for t in tokens[1: size + 1]], num_block_tokens=[size],
