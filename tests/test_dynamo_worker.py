@@ -181,6 +181,19 @@ def test_a_repeated_long_prompt_is_served_from_one_workers_prefix_cache(cluster)
     assert sorted(gained) == [0, sum(cached)], gained  # every hit on the one worker that holds the prefix
 
 
+def test_bench_serve_loads_dynamos_frontend(cluster):
+    from click.testing import CliRunner
+
+    from nemodiff.cli import main
+
+    out = CliRunner().invoke(main, ["bench", "--serve", cluster.url(""), "--concurrency", "2", "--duration", "1.5",
+                                    "--modes", "ar,diffusion", "--max-new-tokens", "8", "--json", "-"])
+    assert out.exit_code == 0, out.output
+    (level,) = json.loads(out.output[out.output.index("{"):])["levels"]
+    assert level["completed"] >= 2 and level["errors"] == level["refused"] == 0, level
+    assert level["output_tokens"] >= 8 * level["completed"] and level["ttft_ms"]["p50"] > 0
+
+
 def in_flight(cluster) -> float:
     return sum(metric(p, "nemodiff_requests_in_flight") for p in cluster.metrics_ports)
 

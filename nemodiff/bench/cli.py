@@ -40,8 +40,9 @@ def _ints(text: str) -> list[int]:
                    "--json alone. Nothing is written unasked.")
 @click.option("--plot", "plot_path", type=click.Path(path_type=Path), default=None, help="Also draw a PNG plot here.")
 @click.option("--serve", "serve_url", type=str, default=None,
-              help="Load a running `nemodiff serve` at this gRPC URL (grpc://host:8001) instead; --concurrency "
-                   "defaults to 1,8,32,64 there.")
+              help="Load a running server instead: `nemodiff serve` at its gRPC URL (grpc://host:8001), or an "
+                   "OpenAI-compatible HTTP API (http://host:8000: NVIDIA Dynamo's frontend, nemodiff serve "
+                   "--openai-port); --concurrency defaults to 1,8,32,64 there.")
 @click.option("--duration", type=float, default=30.0, help="With --serve: seconds per concurrency level.")
 @click.option("--kernels", type=click.Choice(["auto", "off", "interpret", "aot-check", "jit", "aot"]), default="auto",
               help="Kernel mode of ENGINE_DIR (see `nemodiff generate --help`). With --shape: aot = every variant "

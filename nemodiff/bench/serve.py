@@ -3,18 +3,27 @@
 checkpoint ──builder──▶ engine dir ──runtime──▶ serving ──[bench: load on a running server]
 
 Drives the nemodiff model over Triton's gRPC streaming API (`URL` = `grpc://host:8001` or
-`host:8001`), one stream per request, like genai-perf. For each concurrency level, that
-many clients send requests back to back for a fixed duration (mixed decode modes by
-default). Reported per level: requests completed, errors, refused (UNAVAILABLE, the queue
+`host:8001`), or an OpenAI-compatible HTTP API (`URL` = `http://host:8000`: NVIDIA Dynamo's frontend
+with nemodiff workers behind it, or `nemodiff serve --openai-port`), one stream per request, like
+genai-perf. For each concurrency level, that many clients send requests back to back for a fixed
+duration (mixed decode modes by default). Reported per level: requests completed, errors, refused (UNAVAILABLE, the queue
 limit), output tokens/s, time to first token and inter-token latency percentiles.
+
+Over HTTP the decode mode travels as Dynamo's `nvext.annotations` entry `decode_mode:<mode>`, or as
+nemodiff's own `decode_mode` field when the server refuses `nvext` (found with one probe request);
+output tokens are the usage the server reports, and as a chunk may carry several tokens, the
+inter-token latency is (last chunk - first chunk) / (tokens - 1).
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import time
 from dataclasses import dataclass, field
+
+import aiohttp
 
 from nemodiff.serving.openai.backend import BackendError, TritonBackend
 
@@ -93,8 +102,8 @@ def summarize(results: list[StreamResult], seconds: float) -> dict:
             "error_messages": sorted({r.error for r in results if r.error})[:5]}
 
 
-async def run_level(backend: TritonBackend, concurrency: int, duration_s: float, modes: list[str],
-                    max_tokens: int) -> dict:
+async def run_level(backend, concurrency: int, duration_s: float, modes: list[str], max_tokens: int) -> dict:
+    """backend: a TritonBackend (gRPC) or an OpenAIStreams (HTTP)."""
     counter = itertools.count()
     deadline = time.perf_counter() + duration_s
     results: list[StreamResult] = []
@@ -104,7 +113,10 @@ async def run_level(backend: TritonBackend, concurrency: int, duration_s: float,
             i = next(counter)
             fields = {"text_input": PROMPTS[i % len(PROMPTS)], "max_tokens": max_tokens,
                       "decode_mode": modes[i % len(modes)]}
-            results.append(await stream_request(backend, fields))
+            if isinstance(backend, TritonBackend):
+                results.append(await stream_request(backend, fields))
+            else:
+                results.append(await backend.stream(fields | {"prompt": fields.pop("text_input")}))
 
     start = time.perf_counter()
     await asyncio.gather(*(client() for _ in range(concurrency)))
@@ -120,6 +132,13 @@ def grpc_address(url: str) -> str:
 
 async def bench_server(url: str, concurrencies: list[int], duration_s: float, modes: list[str],
                        max_tokens: int, model: str = "nemodiff") -> list[dict]:
+    """grpc://host:port (or host:port): Triton's gRPC; http(s)://host:port: an OpenAI-compatible API (Dynamo's
+    frontend, `nemodiff serve --openai-port`), whose first listed model is loaded."""
+    if url.startswith(("http://", "https://")):
+        async with OpenAIStreams(url) as streams:
+            if not await streams.ready():
+                raise RuntimeError(f"no model listed at {streams.base}/models (OpenAI-compatible HTTP)")
+            return [await run_level(streams, c, duration_s, modes, max_tokens) for c in concurrencies]
     backend = TritonBackend(grpc_address(url), model)
     if not await backend.ready():
         raise RuntimeError(f"no ready {model!r} model at {url} (gRPC)")
@@ -134,3 +153,79 @@ def format_rows(rows: list[dict]) -> str:
                      f"{r['tokens_per_s'] or 0:9.1f} {r['ttft_ms']['p50'] or 0:9.1f} {r['ttft_ms']['p99'] or 0:8.1f} "
                      f"{r['itl_ms']['p50'] or 0:8.2f} {r['itl_ms']['p99'] or 0:8.2f}")
     return "\n".join(lines)
+
+
+class OpenAIStreams:
+    """Streaming completions against `url` (http://host:port, with or without /v1)."""
+
+    def __init__(self, url: str, model: str | None = None):
+        base = url.rstrip("/")
+        self.base = base if base.endswith("/v1") else base + "/v1"
+        self.model = model
+        self.dialect = "nvext"  # how the decode mode travels: "nvext" (Dynamo) or "field" (nemodiff serve)
+        self._session: aiohttp.ClientSession | None = None
+
+    async def __aenter__(self) -> OpenAIStreams:
+        self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600))
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self._session.close()
+
+    async def ready(self) -> bool:
+        """The model is listed (the first listed one when none was named); the mode's dialect is known."""
+        try:
+            async with self._session.get(self.base + "/models") as response:
+                listed = [m["id"] for m in (await response.json()).get("data", [])]
+        except (aiohttp.ClientError, ValueError, KeyError, TypeError):
+            return False
+        if not listed or (self.model is not None and self.model not in listed):
+            return False
+        self.model = self.model or listed[0]
+        probe = await self.stream({"prompt": "Hi", "max_tokens": 1, "decode_mode": "ar"})
+        if not probe.ok and "nvext" in (probe.error or ""):
+            self.dialect = "field"
+        return True
+
+    def body(self, fields: dict) -> dict:
+        body = {"model": self.model, "prompt": fields["prompt"], "max_tokens": fields["max_tokens"],
+                "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
+        mode = fields.get("decode_mode")
+        if mode is not None:
+            body |= {"nvext": {"annotations": [f"decode_mode:{mode}"]}} if self.dialect == "nvext" else {
+                "decode_mode": mode}
+        return body
+
+    async def stream(self, fields: dict) -> StreamResult:
+        result = StreamResult(start=time.perf_counter())
+        chunk_times: list[float] = []
+        try:
+            async with self._session.post(self.base + "/completions", json=self.body(fields)) as response:
+                if response.status != 200:
+                    result.status, result.error = response.status, (await response.text())[:300]
+                    return result
+                async for raw in response.content:
+                    line = raw.decode(errors="replace").strip()
+                    if not line.startswith("data:") or line == "data: [DONE]":
+                        continue
+                    event = json.loads(line[5:])
+                    if "error" in event:
+                        result.status, result.error = 500, str(event["error"])[:300]
+                        return result
+                    for choice in event.get("choices") or []:
+                        if choice.get("text"):
+                            result.text += choice["text"]
+                            chunk_times.append(time.perf_counter())
+                        result.finish_reason = choice.get("finish_reason") or result.finish_reason
+                    if event.get("usage"):
+                        result.num_output_tokens = int(event["usage"].get("completion_tokens") or 0)
+            result.ok = True
+        except (aiohttp.ClientError, ValueError) as exc:
+            result.status, result.error = 599, f"{type(exc).__name__}: {exc}"[:300]
+        finally:
+            result.end = time.perf_counter()
+        n = max(result.num_output_tokens, len(chunk_times))
+        result.num_output_tokens = n
+        if chunk_times:  # the first chunk's time, then the last one's for the remaining tokens
+            result.token_times = [chunk_times[0]] + [chunk_times[-1]] * (n - 1)
+        return result
