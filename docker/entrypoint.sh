@@ -7,7 +7,9 @@
 #   NEMODIFF_DEFAULT_MODE  ar | diffusion | linear-spec | quadratic-spec
 #   NEMODIFF_TP          GPUs per engine (tensor parallelism; default 1)
 #   NEMODIFF_GPUS        GPUs to serve on, e.g. 0,1,2,3: one engine per NEMODIFF_TP of them
-# Extra arguments are passed to `nemodiff serve`.
+#   NEMODIFF_COMMAND     serve (default) | worker: a worker behind NVIDIA Dynamo's frontend (docs/dynamo.md),
+#                        its nemodiff_* metrics on 8002
+# Extra arguments are passed to `nemodiff serve` (or `nemodiff worker`).
 set -euo pipefail
 checkpoint=${NEMODIFF_CHECKPOINT:-/models/checkpoint}
 engine=${NEMODIFF_ENGINE:-/models/engine}
@@ -30,6 +32,10 @@ if [ ! -f "$engine/manifest.json" ]; then
   dtype=${NEMODIFF_DTYPE:-bf16}
   if [ "$arch" = "a100" ] && [ "$dtype" = "fp8" ]; then dtype=bf16; fi
   nemodiff-build "$checkpoint" -o "$engine" --dtype "$dtype" --arch "$arch" --tp "${NEMODIFF_TP:-1}" --overwrite
+fi
+
+if [ "${NEMODIFF_COMMAND:-serve}" = "worker" ]; then
+  exec nemodiff worker "$engine" --metrics-port 8002 --mode "${NEMODIFF_DEFAULT_MODE:-linear-spec}" "$@"
 fi
 
 placement=()
