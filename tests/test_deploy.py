@@ -32,6 +32,35 @@ def test_every_manifest_passes_the_schema_check(resources):
         kubernetes_validate.validate(body, KUBERNETES_VERSION, strict=True)
 
 
+def test_the_dynamo_graph_is_a_valid_custom_resource(resources):
+    """Dynamo's operator (v1beta1, Dynamo 1.6.1): components with a name, a type, replicas and a pod template,
+    each pod template valid for Kubernetes itself (strictly); a frontend routing on KV, workers of this image."""
+    (graph,) = yaml.safe_load_all((ROOT / "deploy" / "dynamo" / "graph.yaml").read_text())
+    assert graph["kind"] == "DynamoGraphDeployment" and graph["apiVersion"] == "nvidia.com/v1beta1"
+    assert set(graph) == {"apiVersion", "kind", "metadata", "spec"} and set(graph["spec"]) == {"components"}
+    components = {c["name"]: c for c in graph["spec"]["components"]}
+    for component in components.values():
+        assert set(component) == {"name", "type", "replicas", "podTemplate"}, component["name"]
+        assert component["type"] in ("frontend", "worker") and isinstance(component["replicas"], int)
+        template = {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": component["name"].lower()},
+                    "template": component["podTemplate"]}
+        kubernetes_validate.validate(template, KUBERNETES_VERSION, strict=True)
+        (container,) = component["podTemplate"]["spec"]["containers"]
+        assert container["name"] == "main"  # the operator's main container
+    frontend, worker = components["Frontend"]["podTemplate"]["spec"], components["worker"]["podTemplate"]["spec"]
+    args = frontend["containers"][0]["args"]
+    assert args[:2] == ["-m", "dynamo.frontend"] and args[args.index("--router-mode") + 1] == "kv"
+    main = worker["containers"][0]
+    env = {e["name"]: e["value"] for e in main["env"]}
+    assert env["NEMODIFF_COMMAND"] == "worker" and main["args"][:2] == ["--discovery-backend", "kubernetes"]
+    entrypoint = (ROOT / "docker" / "entrypoint.sh").read_text()
+    assert all(name in entrypoint for name in env) and "exec nemodiff worker" in entrypoint
+    assert {p["containerPort"] for p in main["ports"]} == {8002} and "--metrics-port 8002" in entrypoint
+    claims = {v["persistentVolumeClaim"]["claimName"] for v in worker["volumes"] if "persistentVolumeClaim" in v}
+    assert claims == {resources["PersistentVolumeClaim"]["metadata"]["name"]}
+    assert "deploy/dynamo/graph.yaml" in (ROOT / "docs" / "deploy.md").read_text()
+
+
 def test_probes_hit_tritons_health_endpoints_on_the_http_port(resources):
     pod = resources["Deployment"]["spec"]["template"]["spec"]
     container = pod["containers"][0]

@@ -164,11 +164,17 @@ def test_streaming_gives_several_chunks(cluster, reference):
     assert "".join(pieces) == reference("The cat sat on the")
 
 
-def test_a_field_nemodiff_cannot_serve_is_refused_by_name(cluster):
+def test_fields_reach_the_engine_or_are_refused_by_name(cluster, reference):
     with pytest.raises(urllib.error.HTTPError) as refused:
         completion(cluster, "Hello", frequency_penalty=0.5)
     assert refused.value.code == 400 and "frequency_penalty" in refused.value.read().decode()
-    assert completion(cluster, "Hello")["choices"][0]["finish_reason"] in ("length", "stop")  # still serving
+    (choice,) = completion(cluster, "Once upon a time", max_tokens=3, logprobs=2)["choices"]
+    assert choice["text"] == reference("Once upon a time", max_new_tokens=3)  # still serving
+    logprobs = choice["logprobs"]
+    assert len(logprobs["token_logprobs"]) == 3 and all(lp <= 0 for lp in logprobs["token_logprobs"])
+    assert all(len(top) == 2 for top in logprobs["top_logprobs"])
+    assert completion(cluster, "Answer:", guided_choice=["yes", "no"])["choices"][0]["text"] in ("yes", "no")
+    assert completion(cluster, "Once upon a time", min_tokens=12, ignore_eos=True)["usage"]["completion_tokens"] == 16
 
 
 def test_a_repeated_long_prompt_is_served_from_one_workers_prefix_cache(cluster):
