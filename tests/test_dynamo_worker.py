@@ -233,5 +233,13 @@ def test_a_killed_worker_costs_no_request_and_sigterm_exits_zero(cluster):
     for prompt in [LONG, "On Monday we plan to", LONG, "Two times three is", LONG]:
         assert completion(cluster, prompt, max_tokens=4)["choices"][0]["finish_reason"] in ("length", "stop")
     survivor = cluster.workers[1 - holder]
-    survivor.send_signal(signal.SIGTERM)
+    body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 40, "temperature": 0, "stream": True,
+            "ignore_eos": True, "stream_options": {"include_usage": True}}
+    request = urllib.request.Request(cluster.url("/v1/completions"), json.dumps(body).encode(),
+                                     {"content-type": "application/json"})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        response.readline()  # the request runs: SIGTERM lets it finish
+        survivor.send_signal(signal.SIGTERM)
+        events = [json.loads(line[6:]) for line in map(bytes.decode, response) if line.startswith("data: {")]
+    assert [e["usage"]["completion_tokens"] for e in events if e.get("usage")] == [40]
     assert survivor.wait(30) == 0, cluster.log(f"worker{1 - holder}")

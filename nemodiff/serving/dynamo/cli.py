@@ -43,6 +43,8 @@ KERNEL_MODES = ["auto", "off", "interpret", "aot-check", "jit", "aot"]
 @click.option("--card-dir", type=click.Path(path_type=Path, file_okay=False), default=None,
               help="Where the Hugging Face model card for Dynamo's frontend is written [default: ~/.cache/nemodiff/"
                    "dynamo-cards]; every worker of one engine must use the same.")
+@click.option("--drain-timeout", type=click.FloatRange(0, None), default=30.0,
+              help="On SIGTERM: seconds the requests in flight may take to finish before they are ended.")
 def worker(**options) -> None:
     """Serve ENGINE_DIR as a worker of NVIDIA Dynamo (its frontend is the front door)."""
     try:

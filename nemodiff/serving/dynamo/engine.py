@@ -52,6 +52,7 @@ class WorkerOptions:
     request_timeout: float | None = None
     request_plane: str = "tcp"
     card_dir: Path | None = None
+    drain_timeout: float = 30.0
 
     @classmethod
     def parse(cls, argv: list[str]) -> WorkerOptions:
@@ -59,7 +60,7 @@ class WorkerOptions:
         parser = argparse.ArgumentParser(prog="nemodiff worker")
         parser.add_argument("engine_dir", type=Path)
         for item in fields(cls)[1:]:
-            kind = {"int | None": int, "float | None": float, "Path | None": Path}.get(str(item.type), str)
+            kind = {"int | None": int, "float | None": float, "float": float, "Path | None": Path}.get(str(item.type), str)
             parser.add_argument("--" + item.name.replace("_", "-"), dest=item.name, type=kind, default=item.default)
         return cls(**vars(parser.parse_args(argv)))
 
@@ -143,8 +144,13 @@ class NemodiffEngine(LLMEngine):
                                  kv_cache_hit_rate=snap["prefix_cache_hits"] / queries if queries else None)
 
     async def cleanup(self) -> None:
+        """Dynamo calls this once the worker left discovery (no new requests come): the requests in flight
+        finish (up to --drain-timeout seconds), the rest get an "unavailable" answer, then the engine stops."""
         if self.engine is not None:
-            done = self.engine.drain()  # whatever is still running now gets an "unavailable" answer
+            deadline = time.monotonic() + self.options.drain_timeout
+            while self.engine.metrics()["requests_in_flight"] and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            done = self.engine.drain()
             await asyncio.to_thread(done.wait, 10.0)
             await asyncio.to_thread(self.engine.shutdown)
             self.engine = None
