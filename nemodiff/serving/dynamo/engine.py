@@ -150,6 +150,9 @@ class NemodiffEngine(LLMEngine):
             deadline = time.monotonic() + self.options.drain_timeout
             while self.engine.metrics()["requests_in_flight"] and time.monotonic() < deadline:
                 await asyncio.sleep(0.05)
+            if self.relay is not None:  # the load snapshots read the engine: stop them before it goes
+                self.relay.close()
+                self.relay = None
             done = self.engine.drain()
             await asyncio.to_thread(done.wait, 10.0)
             await asyncio.to_thread(self.engine.shutdown)
