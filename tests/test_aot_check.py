@@ -108,26 +108,6 @@ def _packed_staging_init(self, platform, dtype):
     self.quantum = 1  # the layout before the fix: no padding between parts
 
 
-def test_a_grown_page_table_is_seen_by_the_graphs(gpu_engines):
-    engine = gpu_engines("h200", "fp32")
-    llm = aot_llm(engine, max_batch_size=4)
-    runner, cache = llm.model.graphs, llm.cache
-    params = SamplingParams(max_new_tokens=4, ignore_eos=True)
-    llm.generate(GRAPH_PROMPTS[:2], params)
-    old = cache.block_tables
-    rows = cache.tables_host.shape[0]
-    for rid in range(10_000, 10_000 + rows):  # more requests holding rows than the table has
-        cache.add_request(rid)
-    for rid in range(10_000, 10_000 + rows):
-        cache.free(rid)
-    assert cache.block_tables is not old and cache.table_generation == 1
-    before = runner.replays
-    got = llm.generate(GRAPH_PROMPTS[:3], params)
-    want = LLM(engine, device="cpu", kernels="off").generate(GRAPH_PROMPTS[:3], params)
-    assert [o.output_ids for o in got] == [o.output_ids for o in want]
-    assert runner.rebuilds == 1 and runner.replays > before
-
-
 class _Calls(TorchFunctionMode):
     def __init__(self):
         super().__init__()
