@@ -9,14 +9,18 @@ same Triton function under the interpreter. Small shapes: the interpreter is slo
 
 from __future__ import annotations
 
+import threading
+
+import numpy as np
 import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
 from helpers import make_engine, transformers_model
 from nemodiff import LLM, SamplingParams
-from nemodiff.device import KernelLaunchError, Staging
+from nemodiff.device import EMULATED_GPU_ENV, KernelLaunchError, Staging
 from nemodiff.plugins.attention import choose_splits
+from nemodiff.serving.async_engine import AsyncEngine
 
 PROMPTS = [[1, 200, 201, 202], [1, 150, 151, 152, 153, 154, 155, 156, 157]]
 SHORT = [[1, 150, 151, 152, 153]]
@@ -241,3 +245,29 @@ def test_the_command_line_runs_the_kernel_paths_with_nothing_in_the_environment(
         assert run.returncode == 0, run.stderr[-2000:]
         outputs[kernels] = json.loads(run.stdout)["output_ids"]
     assert outputs["interpret"] == outputs["off"] and outputs["aot-check"] == outputs["off"]
+
+
+def test_an_engine_on_gpu_1_never_touches_gpu_0(gpu_engines, monkeypatch):
+    """The emulated GPU path as device index 1: engine start (weights, cubin loads, cache, graphs), a
+    generate() on the caller's thread and a request on the serving engine's thread record every staging
+    copy, stream, graph, load and launch on the device each would act on, and none is on device 0."""
+    monkeypatch.setenv(EMULATED_GPU_ENV, "1")
+    llm = aot_llm(gpu_engines("h200", "fp32"), max_batch_size=2)
+    emulator, params = llm.platform.emulator, SamplingParams(max_new_tokens=2, ignore_eos=True)
+    assert emulator.index == llm.platform.index == 1 and emulator.current() == 0  # the caller's thread is left alone
+    direct = llm.generate([[1, 40, 41, 42]], params)[0]
+    server = AsyncEngine(llm)
+    try:
+        served = server.generate([1, 40, 41, 42], params)
+    finally:
+        server.shutdown()
+    assert served.error is None and served.output.output_ids == direct.output_ids and len(direct.output_ids) == 2
+    assert llm.model.graphs.replays > 0
+    kinds = {what for what, _ in emulator.calls}
+    assert {"staging", "fetch", "stream", "graph", "load", "launch", "bind"} <= kinds
+    assert [call for call in emulator.calls if call[1] != 1] == []
+    # a thread the engine was not given acts on device 0, as in CUDA: the record would show it
+    thread = threading.Thread(target=lambda: llm.platform.staging(torch.int64).upload([np.arange(3)]))
+    thread.start()
+    thread.join()
+    assert emulator.calls[-1] == ("staging", 0)

@@ -54,7 +54,7 @@ else
   bf16=(--batch-sizes 1,8,32 --end-to-end --concurrency 1,4 --max-new-tokens 32 --prompt-tokens 128)
   fp8=(--batch-sizes 1,32 --no-hf --end-to-end --concurrency 1 --max-new-tokens 32 --prompt-tokens 128)
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | tee -a "$log" || true
-  "$PY" -c "from nemodiff.device import cuda_driver; cuda_driver()" 2>/dev/null \
+  "$PY" -c "from nemodiff.cuda_driver import cuda_driver; cuda_driver()" 2>/dev/null \
     || echo "cuda-python is missing: the ahead-of-time launcher cannot run (pip install 'nemodiff[gpu]')" | tee -a "$log"
 fi
 "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" 2>&1 | tee -a "$log" || true

@@ -141,6 +141,8 @@ class _Graph:
         runner.captures += 1
         if runner.capture:
             self.graph, _ = model.platform.capture(self._run, runner.pool)
+        else:
+            model.platform.touch("graph")  # prepared, run eagerly (the emulated GPU path records it)
 
     def _run(self) -> torch.Tensor:
         """The forward into the shared logits buffer (what a replay computes)."""
