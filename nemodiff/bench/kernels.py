@@ -110,5 +110,5 @@ def shape_kernels(config: ModelConfig, dtype: str, platform: Platform, mode: str
                           kv_page_size=0, sm=sm, kernels=[{"kernel": e["kernel"], "key": e["key"],
                                                            "file": f"kernels/{sm}/{e['file']}"}
                                                           for e in compiled.pop("entries")])
-    library = load_kernels(root, build, device, mode=mode)
+    library = load_kernels(root, build, device, mode=mode, platform=platform)
     return library, info | compiled
