@@ -3,29 +3,37 @@
 checkpoint ──builder──▶ engine dir ──runtime──▶ serving; this module is the ground under the runtime,
 beside engine_format.py: every stage may import it, and it imports nothing of nemodiff.
 
-What differs between a CPU and a GPU lives here and nowhere else: host staging memory (pinned on
-a GPU), moving host arrays to the device and back, synchronisation, CUDA-graph capture, the SM
-count and architecture, the host allocator setting, and the CUDA driver API that launches the
-ahead-of-time kernels. The rest of the code asks a `Platform` and never branches on the device
-type (tests/test_device.py lists the files that do, so a new branch fails CI).
+What differs between a CPU and a GPU lives here (and in its driver half, nemodiff/cuda_driver.py) and
+nowhere else: staging memory (pinned on a GPU), copies both ways, synchronisation, graph capture, which
+device and stream work runs on, the SM count and arch, the host allocator, the CUDA driver calls. The rest
+asks a `Platform` and never branches on the device type (tests/test_device.py fails CI on a new branch).
+
+Which device: CUDA calls that name no device act on the thread's current one (torch's default capture
+stream, Triton's JIT, events, the driver's context). So a `Platform` owns a stream on its device and the
+runtime works inside `platform.on_device()` (engine start, `LLM.generate`) or on a thread given over with
+`platform.bind_thread()` (the serving loop, tensor-parallel workers): an engine on `cuda:1` never touches 0.
 
 A `Platform` runs one of three ways:
 - on a GPU: everything real;
 - on the CPU, reference path (`gpu_path=False`): host memory is the device's memory, tensors are
   handed over without copies, and greedy decisions run in numpy;
-- on the CPU, emulating the GPU path (`gpu_path=True`; `kernels="aot-check"`): the same staging
-  (a host buffer standing in for pinned memory, one copy into a separate "device" buffer, slices
-  of it), the padded static graph path run eagerly (capture is a driver call), decisions on
-  tensors as on a GPU. Only the driver calls are left out.
+- on the CPU, emulating the GPU path (`gpu_path=True`; `kernels="aot-check"`): the same staging (a
+  host buffer for pinned memory, one copy into a "device" buffer, slices of it), the padded static
+  graph path run eagerly, decisions on tensors as on a GPU. Only the driver calls are left out. It stands in for GPU `emulated_index`
+  ($NEMODIFF_EMULATED_GPU, else 0) with a per-thread current device as in CUDA, and records (what,
+  index acted on) of every staging copy, stream, graph, timer, cubin load and launch in `emulator.calls`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import logging
+import os
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
@@ -34,6 +42,7 @@ log = logging.getLogger(__name__)
 
 ALIGN_BYTES = 16  # every pointer an AOT kernel reads is compiled as 16-byte aligned (nemodiff/plugins/aot.py)
 CPU_SM_COUNT = 8  # CPU runs: enough "SMs" that long contexts exercise split grids, few enough to interpret
+EMULATED_GPU_ENV = "NEMODIFF_EMULATED_GPU"  # the GPU index an emulated platform stands in for
 
 
 class DeviceError(RuntimeError):
@@ -61,6 +70,8 @@ def resolve_device(spec: str | torch.device | None) -> torch.device:
                               "CUDA_VISIBLE_DEVICES, or use --device cpu")
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise DeviceError(f"device {spec}: only {torch.cuda.device_count()} GPU(s) are visible")
+        if device.index is None:  # "cuda" names the current device now, not whichever is current later
+            device = torch.device("cuda", torch.cuda.current_device())
     elif device.type != "cpu":
         raise DeviceError(f"device {spec}: nemodiff runs on cpu or cuda devices")
     return device
@@ -95,8 +106,8 @@ def device_name(device: torch.device) -> str:
 
 
 def probability_dtype(device: torch.device) -> torch.dtype:
-    """float64 on the CPU (the exactness tests compare with float64 references); float32 on GPUs,
-    where a float64 softmax of 1024 rows over a 131k vocabulary would take 1 GB."""
+    """float64 on the CPU (exactness tests compare with float64); float32 on GPUs (a float64 softmax of 1024
+    rows over a 131k vocabulary would take 1 GB)."""
     return torch.float64 if torch.device(device).type == "cpu" else torch.float32
 
 
@@ -126,27 +137,28 @@ def synchronize(device: torch.device) -> None:
 
 def empty_cache(device: torch.device) -> None:
     if is_cuda(device):
-        torch.cuda.empty_cache()
+        with torch.cuda.device(device):
+            torch.cuda.empty_cache()
 
 
 class Timer:
     """Wall time of device work: CUDA events on a GPU, the host clock on the CPU."""
 
     def __init__(self, device: torch.device):
-        self.device = device
-        self.cuda = is_cuda(device)
+        self.device = torch.device(device)
+        self.cuda = is_cuda(self.device)
 
     def __enter__(self) -> "Timer":
         if self.cuda:
             self._start, self._end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            self._start.record()
+            self._start.record(torch.cuda.current_stream(self.device))  # the device's stream, not the current device's
         else:
             self._t0 = time.perf_counter()
         return self
 
     def __exit__(self, *exc) -> None:
         if self.cuda:
-            self._end.record()
+            self._end.record(torch.cuda.current_stream(self.device))
             self._end.synchronize()
             self.ms = self._start.elapsed_time(self._end)
         else:
@@ -154,11 +166,9 @@ class Timer:
 
 
 def keep_freed_memory() -> bool:
-    """CPU runs: raise glibc's mmap threshold to its ceiling (32 MiB) and its trim threshold to 1 GiB,
-    so that memory a step frees is reused by the next step from the heap, as a GPU caching allocator
-    reuses its blocks. (Measured on a 2-core VM, QuadraticSpec k = 8 at 32 requests, 3 MB of logits:
-    otherwise freeing them took 2-2.5 ms in about half of the steps.) True if it took effect; on
-    other C libraries it does nothing."""
+    """CPU runs: glibc's mmap threshold to its ceiling (32 MiB), its trim threshold to 1 GiB, so a step reuses
+    what the last one freed, as a GPU caching allocator does (2-core VM, QuadraticSpec k = 8 at 32 requests:
+    otherwise freeing 3 MB of logits took 2-2.5 ms in half the steps). True if it took effect (glibc only)."""
     try:
         mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
     except (OSError, AttributeError):
@@ -170,17 +180,34 @@ def keep_freed_memory() -> bool:
     return done
 
 
+class EmulatedGpu:
+    """GPU `index` on the CPU: a per-thread current device (0 until set) and the (what, index) of each call."""
+
+    def __init__(self, index: int):
+        self.index, self.calls, self.threads = index, [], threading.local()  # calls: [(what, index)]
+
+    def current(self) -> int:
+        return getattr(self.threads, "device", 0)
+
+    def touch(self, what: str) -> None:
+        self.calls.append((what, self.current()))
+
+
 class Platform:
     """What the runtime asks about its device. See the module docstring for the three ways it runs."""
 
     def __init__(self, device: torch.device | str, gpu_path: bool | None = None, sm: str | None = None,
-                 sm_count: int | None = None):
-        self.device = torch.device(device)
-        self.cuda = is_cuda(self.device)
+                 sm_count: int | None = None, emulated_index: int | None = None):
+        self.device = device = resolve_device(device) if is_cuda(device) else torch.device(device)
+        self.cuda = is_cuda(device)
         self.gpu_path = self.cuda if gpu_path is None else (gpu_path or self.cuda)
         self.emulated = self.gpu_path and not self.cuda
+        index = emulated_index if emulated_index is not None else int(os.environ.get(EMULATED_GPU_ENV) or 0)
+        self.emulator = EmulatedGpu(index) if self.emulated else None
+        self.index = device.index if self.cuda else self.emulator.index if self.emulator else None
         self.sm = gpu_sm(self.device) if self.cuda else sm
         self._sm_count = sm_count
+        self._stream = None
 
     @classmethod
     def for_kernels(cls, device: torch.device | str, kernels: str, sm: str | None = None) -> "Platform":
@@ -188,7 +215,47 @@ class Platform:
         return cls(device, gpu_path=kernels == "aot-check" or None, sm=sm)
 
     def __repr__(self) -> str:
-        return f"Platform({self.device}, {'emulated GPU path' if self.emulated else 'GPU' if self.cuda else 'CPU'})"
+        return f"Platform({self.device}, {f'emulated GPU {self.index}' if self.emulated else self.device.type})"
+
+    # -- which device and stream ------------------------------------------------------------------
+    @property
+    def stream(self):
+        """The engine's own stream on its device (None on the CPU)."""
+        self.touch("stream")
+        if self.cuda and self._stream is None:
+            self._stream = torch.cuda.Stream(self.device)
+        return self._stream
+
+    @contextlib.contextmanager
+    def on_device(self) -> Iterator[None]:
+        """Within: this device and its stream are the thread's current ones (restored after)."""
+        if self.cuda:
+            with torch.cuda.device(self.index), torch.cuda.stream(self.stream):
+                yield
+        elif self.emulator is not None:
+            before, self.emulator.threads.device = self.emulator.current(), self.index
+            self.touch("stream")  # its stream made current
+            try:
+                yield
+            finally:
+                self.emulator.threads.device = before
+        else:
+            yield
+
+    def bind_thread(self) -> None:
+        """This device and stream current on the calling thread for good (a thread the engine owns)."""
+        if self.cuda:
+            torch.cuda.set_device(self.index)
+            torch.cuda.set_stream(self.stream)
+        elif self.emulator is not None:
+            self.emulator.threads.device = self.index
+            self.touch("bind")
+            self.touch("stream")
+
+    def touch(self, what: str) -> None:
+        """Emulated GPU path: record a device call and the device index it would act on."""
+        if self.emulator is not None:
+            self.emulator.touch(what)
 
     @property
     def host_decisions(self) -> bool:
@@ -200,8 +267,7 @@ class Platform:
         return multiprocessor_count(self.device, self._sm_count or CPU_SM_COUNT)
 
     def own_memory(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Weights read from a file, in memory of their own as a copy to a GPU gives them (16-byte aligned
-        allocations, not views into a mapped file at 8-byte offsets): only the emulated GPU path copies."""
+        """Weights in memory of their own, aligned as on a GPU, not views into a mapped file (emulated path)."""
         return {name: t.clone() for name, t in tensors.items()} if self.emulated else tensors
 
     def prepare_process(self) -> None:
@@ -221,18 +287,26 @@ class Platform:
         return self.cuda
 
     def graph_pool(self):
-        return torch.cuda.graph_pool_handle() if self.cuda else None
+        self.touch("graph pool")
+        with self.on_device():
+            return torch.cuda.graph_pool_handle() if self.cuda else None
 
     def capture(self, run: Callable[[], torch.Tensor], pool) -> tuple[object, torch.Tensor]:
-        """(graph, its output) of `run`, warmed up once outside the graph on a side stream."""
-        stream = torch.cuda.Stream(self.device)
-        stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream), torch.inference_mode():
-            run()
-        torch.cuda.current_stream(self.device).wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.inference_mode(), torch.cuda.graph(graph, pool=pool):
-            out = run()
+        """(graph, its output) of `run`, warmed up once and captured on a side stream of this device (torch's
+        default capture stream is the first current device's). Emulated: recorded, (None, None)."""
+        self.touch("graph")
+        if not self.cuda:
+            return None, None
+        with self.on_device():
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(self.stream)
+            with torch.cuda.stream(side), torch.inference_mode():
+                run()
+            self.stream.wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.inference_mode(), torch.cuda.graph(graph, pool=pool, stream=side):
+                out = run()
+            self.stream.wait_stream(side)
         return graph, out
 
     def memory_allocated(self) -> int:
@@ -261,6 +335,7 @@ class HostCopy:
             size = max(n, 2 * self.buffer.numel() if self.buffer is not None else 0, 1024)
             self.buffer = torch.empty(size, dtype=tensor.dtype, pin_memory=platform.cuda)
         host = self.buffer[:n].view(tensor.shape)
+        platform.touch("fetch")
         host.copy_(tensor, non_blocking=True)
         if platform.cuda:
             torch.cuda.current_stream(platform.device).synchronize()
@@ -268,10 +343,9 @@ class HostCopy:
 
 
 class Staging:
-    """A growable host buffer (pinned on a GPU) and its device twin, reused every step, for arrays
-    that go to the device together in ONE copy. Each part starts on a 16-byte boundary of both
-    buffers, so every slice can be handed to an ahead-of-time kernel (its pointers are compiled as
-    16-byte aligned). On the CPU reference path the parts become tensors as they are, with no copy."""
+    """A growable host buffer (pinned on a GPU) and its device twin, reused every step, for arrays that go
+    to the device together in ONE copy. Each part starts 16-byte aligned in both, so any slice can go to an
+    ahead-of-time kernel (compiled for aligned pointers). On the CPU reference path: tensors, no copy."""
 
     def __init__(self, platform: Platform, dtype: torch.dtype):
         self.platform, self.dtype, self.size = platform, dtype, 0
@@ -313,6 +387,7 @@ class Staging:
         for (start, n), part in zip(layout, parts):
             view[start:start + n] = part
         if offset:
+            self.platform.touch("staging")
             self.dev[:offset].copy_(self.host[:offset], non_blocking=True)
         return [self.dev[start:start + n] for start, n in layout]
 
@@ -321,64 +396,5 @@ class Staging:
 
 
 class KernelLaunchError(RuntimeError):
-    """A kernel could not be found, loaded, checked or launched; the message says which and why."""
-
-
-def cuda_driver():
-    """The CUDA driver API module of cuda-python (`cuda.bindings.driver`, or the older `cuda.cuda`)."""
-    try:
-        from cuda.bindings import driver
-    except ImportError:
-        from cuda import cuda as driver  # cuda-python < 12.6
-    return driver
-
-
-class CudaDriver:
-    """The CUDA driver calls of the ahead-of-time launcher: load a cubin, launch a function on torch's
-    current stream (so CUDA-graph capture records it like any other kernel)."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.cu = cuda_driver()
-        self._modules: list = []
-
-    def _check(self, result, what: str):
-        err, *rest = result if isinstance(result, tuple) else (result,)
-        if int(err) != 0:
-            raise KernelLaunchError(f"{what} failed: {err!r}")
-        return rest[0] if len(rest) == 1 else rest
-
-    def _ensure_context(self) -> None:
-        """Make torch's primary context current on this thread (the driver API needs one)."""
-        cu = self.cu
-        if int(self._check(cu.cuCtxGetCurrent(), "cuCtxGetCurrent")) == 0:
-            index = self.device.index if self.device.index is not None else torch.cuda.current_device()
-            handle = self._check(cu.cuDeviceGet(index), "cuDeviceGet")
-            primary = self._check(cu.cuDevicePrimaryCtxRetain(handle), "cuDevicePrimaryCtxRetain")
-            self._check(cu.cuCtxSetCurrent(primary), "cuCtxSetCurrent")
-
-    def load(self, cubin: bytes, name: str, shared: int, what: str):
-        """The function `name` of a cubin, allowed `shared` bytes of dynamic shared memory."""
-        self._ensure_context()
-        cu = self.cu
-        module = self._check(cu.cuModuleLoadData(cubin), f"loading {what}")
-        self._modules.append(module)
-        fn = self._check(cu.cuModuleGetFunction(module, name.encode()), f"finding {name} in {what}")
-        if shared > 48 * 1024:
-            self._check(cu.cuFuncSetAttribute(
-                fn, cu.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, shared),
-                f"allowing {shared} bytes of shared memory for {name}")
-        return fn
-
-    def launch(self, fn, grid: tuple[int, int, int], threads: int, shared: int, params_address: int,
-               what: str) -> None:
-        cu = self.cu
-        stream = torch.cuda.current_stream(self.device).cuda_stream
-        result = cu.cuLaunchKernel(fn, *grid, threads, 1, 1, shared, stream, params_address, 0)
-        if result[0] == cu.CUresult.CUDA_ERROR_INVALID_CONTEXT:  # a thread that has not touched CUDA yet
-            self._ensure_context()
-            result = cu.cuLaunchKernel(fn, *grid, threads, 1, 1, shared, stream, params_address, 0)
-        self._check(result, f"launching {what}")
-
-    def scratch(self, nbytes: int) -> torch.Tensor:
-        return torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+    """A kernel could not be found, loaded, checked or launched; the message says which and why.
+    (The CUDA driver calls themselves are nemodiff/cuda_driver.py.)"""

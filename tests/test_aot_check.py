@@ -9,14 +9,18 @@ same Triton function under the interpreter. Small shapes: the interpreter is slo
 
 from __future__ import annotations
 
+import threading
+
+import numpy as np
 import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
 from helpers import make_engine, transformers_model
 from nemodiff import LLM, SamplingParams
-from nemodiff.device import KernelLaunchError, Staging
+from nemodiff.device import EMULATED_GPU_ENV, KernelLaunchError, Staging
 from nemodiff.plugins.attention import choose_splits
+from nemodiff.serving.async_engine import AsyncEngine
 
 PROMPTS = [[1, 200, 201, 202], [1, 150, 151, 152, 153, 154, 155, 156, 157]]
 SHORT = [[1, 150, 151, 152, 153]]
@@ -106,26 +110,6 @@ _aligned_init = Staging.__init__
 def _packed_staging_init(self, platform, dtype):
     _aligned_init(self, platform, dtype)
     self.quantum = 1  # the layout before the fix: no padding between parts
-
-
-def test_a_grown_page_table_is_seen_by_the_graphs(gpu_engines):
-    engine = gpu_engines("h200", "fp32")
-    llm = aot_llm(engine, max_batch_size=4)
-    runner, cache = llm.model.graphs, llm.cache
-    params = SamplingParams(max_new_tokens=4, ignore_eos=True)
-    llm.generate(GRAPH_PROMPTS[:2], params)
-    old = cache.block_tables
-    rows = cache.tables_host.shape[0]
-    for rid in range(10_000, 10_000 + rows):  # more requests holding rows than the table has
-        cache.add_request(rid)
-    for rid in range(10_000, 10_000 + rows):
-        cache.free(rid)
-    assert cache.block_tables is not old and cache.table_generation == 1
-    before = runner.replays
-    got = llm.generate(GRAPH_PROMPTS[:3], params)
-    want = LLM(engine, device="cpu", kernels="off").generate(GRAPH_PROMPTS[:3], params)
-    assert [o.output_ids for o in got] == [o.output_ids for o in want]
-    assert runner.rebuilds == 1 and runner.replays > before
 
 
 class _Calls(TorchFunctionMode):
@@ -226,7 +210,8 @@ def test_every_kernel_assumption_is_checked(gpu_engines):
 
 
 def test_bench_launch_overhead(gpu_engines):
-    """`nemodiff bench ENGINE --launch-overhead --json`: host work per launch on the CPU, driver call left out."""
+    """`nemodiff bench ENGINE --launch-overhead --json`: host work per launch on the CPU, driver call left out
+    (and the report says so; on a GPU it is timed)."""
     import json
 
     from click.testing import CliRunner
@@ -238,6 +223,7 @@ def test_bench_launch_overhead(gpu_engines):
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert 0 < report["us_per_launch"] < 1000
+    assert report["driver_call"] == "left out (aot-check on the CPU)" and report["device"] == "cpu"
     assert report["launches_per_layer"] <= 8
     assert set(report["launches_per_forward"]) == {"ar", "verify-32", "draft-32", "quad-k8"}
 
@@ -261,3 +247,29 @@ def test_the_command_line_runs_the_kernel_paths_with_nothing_in_the_environment(
         assert run.returncode == 0, run.stderr[-2000:]
         outputs[kernels] = json.loads(run.stdout)["output_ids"]
     assert outputs["interpret"] == outputs["off"] and outputs["aot-check"] == outputs["off"]
+
+
+def test_an_engine_on_gpu_1_never_touches_gpu_0(gpu_engines, monkeypatch):
+    """The emulated GPU path as device index 1: engine start (weights, cubin loads, cache, graphs), a
+    generate() on the caller's thread and a request on the serving engine's thread record every staging
+    copy, stream, graph, load and launch on the device each would act on, and none is on device 0."""
+    monkeypatch.setenv(EMULATED_GPU_ENV, "1")
+    llm = aot_llm(gpu_engines("h200", "fp32"), max_batch_size=2)
+    emulator, params = llm.platform.emulator, SamplingParams(max_new_tokens=2, ignore_eos=True)
+    assert emulator.index == llm.platform.index == 1 and emulator.current() == 0  # the caller's thread is left alone
+    direct = llm.generate([[1, 40, 41, 42]], params)[0]
+    server = AsyncEngine(llm)
+    try:
+        served = server.generate([1, 40, 41, 42], params)
+    finally:
+        server.shutdown()
+    assert served.error is None and served.output.output_ids == direct.output_ids and len(direct.output_ids) == 2
+    assert llm.model.graphs.replays > 0
+    kinds = {what for what, _ in emulator.calls}
+    assert {"staging", "fetch", "stream", "graph", "load", "launch", "bind"} <= kinds
+    assert [call for call in emulator.calls if call[1] != 1] == []
+    # a thread the engine was not given acts on device 0, as in CUDA: the record would show it
+    thread = threading.Thread(target=lambda: llm.platform.staging(torch.int64).upload([np.arange(3)]))
+    thread.start()
+    thread.join()
+    assert emulator.calls[-1] == ("staging", 0)

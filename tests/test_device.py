@@ -8,6 +8,7 @@ kernels need of it: every staged part starts 16-byte aligned, whatever the sizes
 
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
 
@@ -15,7 +16,9 @@ import numpy as np
 import pytest
 import torch
 
+from nemodiff.cuda_driver import CudaVersions, DriverTooOld, driver_problem
 from nemodiff.device import DeviceError, Platform, resolve_device
+from nemodiff.plugins.ops import _gpu_library
 from nemodiff.runtime.model.batch import BatchBuilder
 from nemodiff.runtime.model.kv_cache import PagedKVCache
 from nemodiff.runtime.model.segments import Mask, Pattern, Segment, cycle_layout, first_cycle_mask
@@ -29,7 +32,7 @@ def test_only_the_device_module_branches_on_the_device():
     found = []
     for folder in PACKAGE_FOLDERS:
         for path in sorted((ROOT / folder).rglob("*.py")):
-            if path == ROOT / "nemodiff" / "device.py":
+            if path in (ROOT / "nemodiff" / "device.py", ROOT / "nemodiff" / "cuda_driver.py"):
                 continue
             for number, line in enumerate(path.read_text().splitlines(), 1):
                 if DEVICE_BRANCH.search(line):
@@ -91,3 +94,20 @@ def test_device_errors_say_what_to_do():
     with pytest.raises(DeviceError, match="not a torch device"):
         resolve_device("gpu0")
     assert resolve_device("cpu") == torch.device("cpu")
+
+
+def test_a_driver_too_old_for_the_bindings_is_one_line_and_auto_runs_the_jit(tmp_path, caplog):
+    """cuda-bindings 13 needs a driver for CUDA 13 (580+): against a CUDA 12.2 driver the GPU library is
+    refused in one line naming both versions (--kernels aot), or replaced by Triton's JIT (auto)."""
+    old = CudaVersions(driver=12020, bindings="13.0.1", torch_cuda="12.8")
+    problem = driver_problem(old)
+    assert problem.count("\n") == 0 and "CUDA 12.2" in problem and "cuda-bindings 13.0.1" in problem
+    assert "580" in problem and "nemodiff[gpu-cu12]" in problem and "CUDA 12.8" in problem
+    assert driver_problem(CudaVersions(13000, "13.0.1", "13.0")) is None
+    assert driver_problem(CudaVersions(12020, "12.9.0", "12.8")) is None  # 12.x bindings run on any CUDA 12 driver
+    with pytest.raises(DriverTooOld, match="CUDA 12.2, but cuda-bindings 13.0.1"):
+        _gpu_library(tmp_path, torch.device("cuda", 1), "aot", versions=old)
+    with caplog.at_level(logging.WARNING):
+        library = _gpu_library(tmp_path, torch.device("cuda", 1), "auto", versions=old)
+    assert library.name == "jit"
+    assert any("cuda-bindings 13.0.1" in r.message and "Triton's JIT" in r.message for r in caplog.records)

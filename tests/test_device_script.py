@@ -42,7 +42,8 @@ def test_the_dry_run_passes_every_check_and_writes_its_json(dry_run):
     out, _ = dry_run
     device = json.loads((out / "device_checks.json").read_text())
     model = json.loads((out / "model_checks.json").read_text())
-    for results in (device, model):
+    exact = json.loads((out / "exact_checks.json").read_text())
+    for results in (device, model, exact):
         assert results and all(r["ok"] for r in results), [r for r in results if not r["ok"]]
         assert not any("did not finish" in r["detail"] for r in results)
     names = [r["check"] for r in device]
@@ -55,6 +56,16 @@ def test_the_dry_run_passes_every_check_and_writes_its_json(dry_run):
             "kernels and graphs", "nothing captured while serving"} <= set(names)
     assert {f"3 requests {m}: graphs vs eager kernel path" for m in MODES} <= set(names)
     assert {f"{m} temperature 0.8" for m in MODES} | {"linear-spec equals ar", "quadratic-spec equals ar"} <= set(names)
+    names = [r["check"] for r in exact]
+    for dtype in ("bf16", "fp8"):
+        assert {f"{dtype} {label} equals AR alone" for label in ("AR in a batch of 5", "AR in a mixed-mode batch of 8",
+                                                                 "linear-spec alone", "quadratic-spec alone")} <= set(names)
+        assert sum(n.startswith(f"decode GEMM {dtype} ") for n in names) == 6  # gate_up and down at M = 1, 4, 16
+    replays = [re.fullmatch(r"3 graph replays \(split-KV up to (\d+)\) equal the first", n) for n in names]
+    assert max(int(m.group(1)) for m in replays if m) >= 2  # the dry run's context splits the KV
+    assert "skipped: CPU dry run" in next(r["detail"] for r in exact if r["check"].startswith("compute-sanitizer"))
+    second = next(r for r in exact if r["check"] == "engine on the emulated GPU 1")
+    assert "0 on another device" in second["detail"] and "launch" in second["detail"]
 
 
 def test_the_dry_run_benchmarks_the_aot_path(dry_run):
@@ -84,10 +95,12 @@ def test_the_summary_ends_with_the_targets(dry_run):
     summary = (out / "summary.md").read_text()
     assert summary.strip() in stdout  # printed last, and kept
     assert (out / "run.log").read_text().count("== ") >= 4  # every step logged
-    steps = re.findall(r"^\| (kernel checks|engine checks|bench micro bf16|bench micro fp8) \| (\d+) \| (\d+) \| 0 \|$",
-                       summary, re.MULTILINE)
-    assert [s[0] for s in steps] == ["kernel checks", "engine checks", "bench micro bf16", "bench micro fp8"]
+    steps = re.findall(r"^\| (kernel checks|engine checks|exactness checks|bench micro bf16|bench micro fp8) \| (\d+) "
+                       r"\| (\d+) \| 0 \|$", summary, re.MULTILINE)
+    assert [s[0] for s in steps] == ["kernel checks", "engine checks", "exactness checks", "bench micro bf16",
+                                     "bench micro fp8"]
     assert "device_checks: " in summary and "model_checks: " in summary and " 0 failed" in summary
+    assert "exact_checks: " in summary and "| bit-exact vs AR alone" in summary
     table = [line.split(" | ") for line in summary.splitlines() if line.startswith("| ") and " | " in line]
     header = table.index(["| what", "requirement", "measured", "met |"])
     rows = [(r[0][2:], r[1], r[2], r[3][:-2]) for r in table[header + 2:]]

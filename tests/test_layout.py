@@ -23,7 +23,8 @@ PACKAGE = ROOT / "nemodiff"
 # The flow, lowest first: a module may import its own wing and the wings before it, never one after.
 # The ground modules sit below all (every wing may import them; they import nothing of ours but each
 # other, engine_format only the rules it re-exports).
-GROUND = {"nemodiff.engine_format", "nemodiff.engine_checks", "nemodiff.device", "nemodiff.sharding"}
+GROUND = {"nemodiff.engine_format", "nemodiff.engine_checks", "nemodiff.device", "nemodiff.cuda_driver",
+          "nemodiff.sharding"}
 FLOW = ["ground", "nemodiff.plugins", "nemodiff.builder", "nemodiff.runtime", "nemodiff.serving", "nemodiff.bench",
         "top"]
 # wing -> the wings it may import (besides itself). Lazy imports count like the others.
@@ -31,6 +32,7 @@ ALLOWED = {
     "nemodiff.engine_format": {"nemodiff.engine_checks"},
     "nemodiff.engine_checks": set(),
     "nemodiff.device": set(),
+    "nemodiff.cuda_driver": {"nemodiff.device"},
     "nemodiff.sharding": set(),
     "nemodiff.plugins": GROUND,
     "nemodiff.builder": GROUND | {"nemodiff.plugins"},

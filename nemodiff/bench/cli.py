@@ -61,8 +61,9 @@ def _ints(text: str) -> list[int]:
               help="With --shape --end-to-end: the engine's block length [default: the shape's, 32].")
 @click.option("--prompt-tokens", type=int, default=128, help="With --shape --end-to-end: prompt length.")
 @click.option("--launch-overhead", is_flag=True,
-              help="On the CPU, with ENGINE_DIR built for a GPU arch: host time per ahead-of-time kernel launch "
-                   "(the driver call left out) and launches per layer and per forward.")
+              help="With ENGINE_DIR built for a GPU arch: host time per ahead-of-time kernel launch and launches "
+                   "per layer and per forward; on a GPU (the default where there is one) the driver call "
+                   "(cuLaunchKernel) is timed too, on the CPU it is left out.")
 @click.option("--host-overhead", is_flag=True,
               help="Measure the host work per engine step of ENGINE_DIR (wall time minus the model forward) per "
                    "mode at 1, 8 and 32 running requests; use a tiny checkpoint to see the host alone.")
@@ -110,7 +111,7 @@ def bench(engine_dir: Path | None, shape: str | None, dtype: str, device: str | 
         _bench_prefix(engine_dir, device, kernels, prefix_tokens, json_path)
         return
     if launch_overhead:
-        _bench_launches(engine_dir, iters, json_path)
+        _bench_launches(engine_dir, iters, json_path, device)
         return
     if (engine_dir is None) == (shape is None):
         raise click.UsageError("give an ENGINE_DIR or --shape, not both")
@@ -339,14 +340,14 @@ def _bench_server(url: str, concurrency: str, duration: float, modes: str, max_t
         _say(json_path, f"wrote {plot_path}" if plot_report(report, plot_path) else "no plot: matplotlib is not installed")
 
 
-def _bench_launches(engine_dir: Path | None, iters: int, json_path: str | None) -> None:
+def _bench_launches(engine_dir: Path | None, iters: int, json_path: str | None, device: str | None) -> None:
     from nemodiff.bench.launches import format_report, launch_overhead
     from nemodiff.device import KernelLaunchError
 
     if engine_dir is None:
         raise click.UsageError("--launch-overhead needs an ENGINE_DIR built for a GPU arch (nemodiff-build --arch h200)")
     try:
-        report = launch_overhead(engine_dir, iters=max(iters, 20))
+        report = launch_overhead(engine_dir, iters=max(iters, 20), device=device)
     except KernelLaunchError as exc:
         raise click.ClickException(str(exc)) from None
     report["date"] = time.strftime("%Y-%m-%d")

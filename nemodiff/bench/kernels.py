@@ -42,13 +42,15 @@ def resolve_mode(mode: str, device: torch.device) -> str:
         return mode
     if not is_cuda(device):
         return "off"
-    try:
-        from nemodiff.device import cuda_driver
+    from nemodiff.cuda_driver import cuda_versions, driver_problem
 
-        cuda_driver()
+    try:
+        problem = driver_problem(cuda_versions())
     except ImportError:
-        log.warning("nemodiff bench: cuda-python is not installed, so the ahead-of-time kernels cannot be "
-                    "launched; timing Triton's JIT instead (pip install 'nemodiff[gpu]')")
+        problem = "cuda-python is not installed (pip install 'nemodiff[gpu]')"
+    if problem:
+        log.warning("nemodiff bench: %s; the ahead-of-time kernels cannot be launched: timing Triton's JIT "
+                    "instead", problem)
         return "jit"
     return "aot"
 
@@ -59,8 +61,11 @@ def kernel_platform(device: torch.device, mode: str, sm: str | None = None) -> P
         if is_cuda(device):
             raise ValueError("--kernels aot-check runs the GPU launch path on the CPU; use --device cpu "
                              "(on a GPU use --kernels aot)")
-        return Platform.for_kernels(device, mode, sm=sm or DEFAULT_CHECK_SM)
-    return Platform(device)
+        platform = Platform.for_kernels(device, mode, sm=sm or DEFAULT_CHECK_SM)
+    else:
+        platform = Platform(device)
+    platform.bind_thread()  # the benchmark's thread works on this device and its stream
+    return platform
 
 
 def compile_for(variants: list, sm: str, root: Path) -> dict:
@@ -105,5 +110,5 @@ def shape_kernels(config: ModelConfig, dtype: str, platform: Platform, mode: str
                           kv_page_size=0, sm=sm, kernels=[{"kernel": e["kernel"], "key": e["key"],
                                                            "file": f"kernels/{sm}/{e['file']}"}
                                                           for e in compiled.pop("entries")])
-    library = load_kernels(root, build, device, mode=mode)
+    library = load_kernels(root, build, device, mode=mode, platform=platform)
     return library, info | compiled

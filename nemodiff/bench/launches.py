@@ -2,14 +2,15 @@
 
 checkpoint ──builder──▶ engine dir ──runtime──▶ serving ──[bench: kernel launches, on the CPU]
 
-Runs on the CPU with an engine built for a GPU arch: the runtime takes its GPU branch
-(`kernels="aot-check"` without the checks) and every launch goes through the ahead-of-time
-launcher up to the driver call, which is left out (the kernels do not run, so the numbers are
-host work only: choosing the variant, preparing arguments and outputs, the launcher's lookup and
-packing). Each step shape's forward is run `iters` times; per shape it reports the launches per
-forward, and overall:
+On a GPU (`device` a CUDA device, the default where there is one) the engine's cubins run as in serving (`kernels="aot"`) and every
+timed launch includes the driver call, `cuLaunchKernel` (the device is synchronised between
+forwards, outside the timing, so a full launch queue never blocks it). On the CPU, with an engine
+built for a GPU arch, the runtime takes its GPU branch (`kernels="aot-check"` without the checks)
+and every launch goes through the ahead-of-time launcher up to the driver call, which is left out
+(the kernels do not run: host work only). `driver_call` in the report says which. Each step
+shape's forward is run `iters` times; per shape it reports the launches per forward, and overall:
 - `us_per_launch`: host microseconds per launch in the ahead-of-time launcher, from its `launch`
-  call to the (left-out) driver call: the variant's entry looked up, its arguments packed;
+  call through the driver call (on the CPU: to the left-out driver call);
 - `us_per_kernel_call`: the same from the kernel library call, the host wrapper included (choosing
   the variant, allocating outputs, the grid);
 - `launches_per_layer`: kernels a transformer layer launches in the AR step at batch 1, counting
@@ -70,14 +71,18 @@ class _Timed:
         return getattr(self.kernels, name)
 
 
-def launch_overhead(engine_dir: Path, iters: int = 20, context: int = 64) -> dict:
+def launch_overhead(engine_dir: Path, iters: int = 20, context: int = 64, device: str | None = None) -> dict:
     from nemodiff import LLM
+    from nemodiff.device import is_cuda, resolve_device, synchronize
 
-    llm = LLM(engine_dir, device="cpu", kernels="aot-check", cuda_graphs=False, max_batch_size=1)
+    gpu = is_cuda(resolve_device(device))
+    llm = LLM(engine_dir, device=device, kernels="aot" if gpu else "aot-check", cuda_graphs=False, max_batch_size=1)
     model = llm.model
+    model.platform.bind_thread()  # the benchmark's thread launches on the engine's device and stream
     launcher = model.kernels.launcher
-    launcher.checker = None  # serving runs no checks
-    launcher.driver = _Skip(launcher.driver)
+    if not gpu:
+        launcher.checker = None  # serving runs no checks
+        launcher.driver = _Skip(launcher.driver)
     timed = _Timed(model.kernels)
     model.kernels = timed
     launch, in_launcher = launcher.launch, [0.0]
@@ -111,10 +116,12 @@ def launch_overhead(engine_dir: Path, iters: int = 20, context: int = 64) -> dic
             cache.reserve(0, context + n + 8)
             segments = _segments(kind, 1, context)
             model.forward(segments, cache)  # warm: variants prepared, buffers grown
+            synchronize(model.device)
             launches, dense_calls[0] = launcher.launches, 0
             seconds, launching = timed.seconds, in_launcher[0]
             for _ in range(iters):
                 model.forward(segments, cache)
+                synchronize(model.device)  # outside the timed calls: the launch queue stays empty
             per_forward = (launcher.launches - launches) / iters
             dense = dense_calls[0] / iters - 1  # the head is one of them
             total_launches += launcher.launches - launches
@@ -128,6 +135,8 @@ def launch_overhead(engine_dir: Path, iters: int = 20, context: int = 64) -> dic
     final_norm = 1  # the one launch outside the layers (the head, if dense, is excluded above)
     per_layer = (ar["triton_launches"] - final_norm + ar["dense_gemms"]) / cfg.num_hidden_layers
     return {"engine": str(engine_dir), "dtype": llm.config.build.dtype, "sm": llm.config.build.sm,
+            "device": str(model.device),
+            "driver_call": "included (cuLaunchKernel)" if gpu else "left out (aot-check on the CPU)",
             "layers": cfg.num_hidden_layers, "us_per_launch": 1e6 * total_launching / max(total_launches, 1),
             "us_per_kernel_call": 1e6 * total_seconds / max(total_launches, 1),
             "launches_per_layer": per_layer,
@@ -140,7 +149,7 @@ def format_report(report: dict) -> str:
         lines.append(f"{r['shape']:12s} {r['tokens']:6d} {r['triton_launches']:7.1f} {r['dense_gemms']:6.1f} "
                      f"{r['launches']:9.1f}")
     lines.append(f"host time per launch: {report['us_per_launch']:.2f} us in the launcher, "
-                 f"{report['us_per_kernel_call']:.2f} us from the kernel call (driver call left out); "
+                 f"{report['us_per_kernel_call']:.2f} us from the kernel call (driver call {report['driver_call']}); "
                  f"launches per layer, AR batch 1: {report['launches_per_layer']:.1f}")
     return "\n".join(lines)
 

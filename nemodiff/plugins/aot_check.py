@@ -120,9 +120,11 @@ class LaunchChecker:
 class InterpretDriver:
     """The aot-check "driver": runs the variant's Triton function under the interpreter."""
 
-    def __init__(self):
+    def __init__(self, platform=None):
         use_interpreter()
         from triton.runtime.interpreter import InterpretedFunction
+
+        self.platform = platform  # the emulated GPU: loads and launches are recorded for its device checks
 
         self._wrap = InterpretedFunction
         self._functions: dict[str, object] = {}
@@ -130,6 +132,9 @@ class InterpretDriver:
     def load(self, kernel_dir: Path, entry: dict, variant: KernelVariant):
         if not (kernel_dir / entry["file"]).is_file():
             raise KernelLaunchError(f"{kernel_dir / entry['file']}: the cubin of {variant.kernel} is missing")
+        if self.platform is not None:
+            with self.platform.on_device():  # as CudaDriver pushes its own device's context to load
+                self.platform.touch("load")
         fn = self._functions.get(variant.kernel)
         if fn is None:
             jitted = kernel_function(variant.kernel)
@@ -141,6 +146,8 @@ class InterpretDriver:
 
     def launch(self, prepared, grid: tuple, args: tuple) -> None:
         fn, constexprs = prepared.fn
+        if self.platform is not None:
+            self.platform.touch("launch")  # on the thread's current device, as cuLaunchKernel
         fn[grid](*args, **constexprs)
 
     def scratch(self, nbytes: int) -> torch.Tensor:

@@ -4,7 +4,7 @@ checkpoint ──builder──▶ engine dir/kernels/<sm>/ ──[runtime: AotLa
 
 `AotLauncher.launch(variant, grid, args)` finds the variant's entry in `kernels.json` (by its key),
 packs the arguments into the parameter buffer `cuLaunchKernel` reads and hands it to a driver:
-- `CudaDriver` (nemodiff/device.py) on a GPU: the cubin, on torch's current stream;
+- `CudaDriver` (nemodiff/cuda_driver.py) on a GPU: the cubin, in its device's context, on torch's current stream;
 - `InterpretDriver` (nemodiff/plugins/aot_check.py) on the CPU under `kernels="aot-check"`: every argument
   is first checked against what the cubin was compiled to assume, then the same Triton function
   runs under the interpreter on the same tensors.
@@ -212,7 +212,7 @@ class CudaLaunch:
     """The GPU driver of an AotLauncher: loads cubins and launches them with the packed parameters."""
 
     def __init__(self, cuda_driver):
-        self.cuda = cuda_driver  # nemodiff.device.CudaDriver
+        self.cuda = cuda_driver  # nemodiff.cuda_driver.CudaDriver
 
     def load(self, kernel_dir: Path, entry: dict, variant: KernelVariant):
         return self.cuda.load((kernel_dir / entry["file"]).read_bytes(), entry["name"], entry["shared"], entry["file"])

@@ -70,14 +70,31 @@ class KernelLibrary:
                                          num_sms=multiprocessor_count(x.device, cpu_stand_in=1), counters=self.counters)
 
 
-def _aot_library(engine_dir: Path | None, build: BuildSettings | None, device: torch.device,
-                 mode: str) -> KernelLibrary | None:
-    """The engine's compiled kernels: launched on this GPU ("auto", "aot"), or checked and interpreted on
-    the CPU ("aot-check"). When they cannot run, the reason is raised ("aot", "aot-check") or logged as
-    one warning line with None returned ("auto": the reference path)."""
-    from nemodiff.device import CudaDriver, KernelLaunchError, gpu_sm
+def _gpu_library(kernel_dir: Path, device: torch.device, mode: str, versions=None) -> KernelLibrary:
+    """The cubins of kernel_dir on this GPU; a driver too old for the installed cuda-bindings raises its
+    one line ("aot"), or under "auto" is one warning line and Triton's JIT instead (it needs no bindings).
+    `versions`: the seam tests use (nemodiff.cuda_driver.CudaVersions)."""
+    from nemodiff.cuda_driver import CudaDriver, DriverTooOld
 
     from .aot_launch import AotLauncher, CudaLaunch
+
+    try:
+        return KernelLibrary(AotLauncher(kernel_dir, CudaLaunch(CudaDriver(device, versions))))
+    except DriverTooOld as exc:
+        if mode != "auto":
+            raise
+        log.warning("nemodiff: %s; --kernels auto runs Triton's JIT instead of the engine's cubins", exc)
+        return KernelLibrary(JitLauncher())
+
+
+def _aot_library(engine_dir: Path | None, build: BuildSettings | None, device: torch.device,
+                 mode: str, platform=None) -> KernelLibrary | None:
+    """The engine's compiled kernels: launched on this GPU ("auto", "aot"), or checked and interpreted on
+    the CPU ("aot-check"). When they cannot run, the reason is raised ("aot", "aot-check") or logged as
+    one warning line with None returned ("auto": the reference path; the JIT for a too-old driver)."""
+    from nemodiff.device import KernelLaunchError, gpu_sm
+
+    from .aot_launch import AotLauncher
 
     reason = None
     has_kernels = engine_dir is not None and build is not None and build.sm and build.kernels
@@ -90,7 +107,7 @@ def _aot_library(engine_dir: Path | None, build: BuildSettings | None, device: t
         else:
             from .aot_check import InterpretDriver, LaunchChecker
 
-            return KernelLibrary(AotLauncher(Path(engine_dir) / "kernels" / build.sm, InterpretDriver(),
+            return KernelLibrary(AotLauncher(Path(engine_dir) / "kernels" / build.sm, InterpretDriver(platform),
                                              LaunchChecker(device)))
     elif not is_cuda(device):
         if mode == "auto":
@@ -103,7 +120,7 @@ def _aot_library(engine_dir: Path | None, build: BuildSettings | None, device: t
         reason = f"engine kernels are for {build.sm} but this GPU is {gpu_sm(device)}"
     else:
         try:
-            return KernelLibrary(AotLauncher(Path(engine_dir) / "kernels" / build.sm, CudaLaunch(CudaDriver(device))))
+            return _gpu_library(Path(engine_dir) / "kernels" / build.sm, device, mode)
         except ImportError:
             reason = "cuda-python is not installed (pip install 'nemodiff[gpu]')"
         except KernelLaunchError as exc:
@@ -115,7 +132,7 @@ def _aot_library(engine_dir: Path | None, build: BuildSettings | None, device: t
 
 
 def load_kernels(engine_dir: Path | None, build: BuildSettings | None, device: torch.device | str,
-                 mode: str = "auto") -> KernelLibrary | None:
+                 mode: str = "auto", platform=None) -> KernelLibrary | None:
     """The kernels to run an engine with, or None for the PyTorch reference path.
 
     mode "off": None. "interpret": Triton's interpreter (CPU tensors; needs no compiled files).
@@ -123,7 +140,8 @@ def load_kernels(engine_dir: Path | None, build: BuildSettings | None, device: t
     error saying why not. "aot-check": on the CPU, the engine's GPU launch path with every launch
     checked against its cubin, then interpreted (nemodiff/plugins/aot_check.py). "auto": the engine's cubins
     on a CUDA device of the engine's sm; on any mismatch (other sm, no kernels, no cuda-python) one
-    warning line and None; on CPU None, silently.
+    warning line and None; a driver too old for cuda-bindings: one warning line and the JIT; on CPU None,
+    silently. `platform`: the emulated GPU aot-check records its loads and launches for.
     """
     device = torch.device(device)
     if mode not in MODES:
@@ -136,4 +154,4 @@ def load_kernels(engine_dir: Path | None, build: BuildSettings | None, device: t
         if not is_cuda(device):
             raise RuntimeError(f"the JIT launcher needs a CUDA device, not {device}")
         return KernelLibrary(JitLauncher())
-    return _aot_library(engine_dir, build, device, mode)
+    return _aot_library(engine_dir, build, device, mode, platform)

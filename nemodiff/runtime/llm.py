@@ -156,6 +156,12 @@ class LLM:
         self.model = load_engine(self.engine_dir, device=device, verify=verify, kernels=kernels).model
         self.platform = self.model.platform
         self.platform.prepare_process()  # on the CPU: steps reuse the memory earlier steps freed
+        with self.platform.on_device():  # caches, graphs and the engine on this engine's device
+            self._start(build, mcfg, kv_heads, num_kv_pages, cuda_graphs, vision_cache_bytes, image_limits,
+                        max_num_batched_tokens, prefix_cache)
+
+    def _start(self, build, mcfg, kv_heads, num_kv_pages, cuda_graphs, vision_cache_bytes, image_limits,
+               max_num_batched_tokens, prefix_cache) -> None:
         self.tokenizer = EngineTokenizer(self.engine_dir, vocab_size=mcfg.vocab_size)
         if self._driver is not None:
             self._driver.connect(self.model)
@@ -240,6 +246,10 @@ class LLM:
         if len(params_list) != len(prompts):
             raise ValueError("give one SamplingParams, or one per prompt")
         images_list = _images_per_prompt(images, len(prompts), single)
+        with self.platform.on_device():  # this engine's device and stream, on the caller's thread
+            return self._generate(prompts, params_list, images_list, chat)
+
+    def _generate(self, prompts, params_list, images_list, chat) -> list[RequestOutput]:
         requests: list[Request] = []
         try:
             for prompt, p, prompt_images in zip(prompts, params_list, images_list):

@@ -201,6 +201,7 @@ class AsyncEngine:
     # -- loop thread -------------------------------------------------------------------------
     def _supervise(self) -> None:
         try:
+            self.llm.platform.bind_thread()  # this thread steps the engine: its device and stream, for good
             while not self._stop.is_set():
                 self._iterate()
         except BaseException as exc:  # the loop is dead: answer everyone, refuse the rest, tell the owner

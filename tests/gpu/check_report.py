@@ -63,7 +63,7 @@ class Rig:
             from nemodiff.plugins.aot_check import InterpretDriver, LaunchChecker
 
             return AotLauncher(kernel_dir, InterpretDriver(), LaunchChecker(self.device))
-        from nemodiff.device import CudaDriver
+        from nemodiff.cuda_driver import CudaDriver
         from nemodiff.plugins.aot_launch import CudaLaunch
 
         return AotLauncher(kernel_dir, CudaLaunch(CudaDriver(self.device)))

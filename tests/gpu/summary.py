@@ -3,8 +3,8 @@ table whose last rows are the speed targets of docs/performance.md, each measure
 
 checkpoint ──builder──▶ engine dir ──runtime (GPU)──▶ [this summary of $OUT/*.json]──▶ docs/performance.md
 
-Reads device_checks.json, model_checks.json, tp_checks.json (two-GPU machines) and the benchmark JSONs
-(bench_bf16.json, bench_fp8.json, bench_tp2.json) from the folder given (default $OUT), and the step
+Reads device_checks.json, model_checks.json, exact_checks.json, tp_checks.json (two-GPU machines) and the
+benchmark JSONs (bench_bf16.json, bench_fp8.json, bench_tp2.json) from the folder given (default $OUT), and the step
 timings the script kept (--steps FILE: name, budget, seconds, exit status per line); prints the summary
 and writes it to summary.md there, ready to paste into docs/performance.md with the date and the card.
 Spec-mode and diffusion figures at the published tokens per forward are labelled projected: with
@@ -72,6 +72,27 @@ def info_rows(bf16: dict | None, fp8: dict | None) -> list[tuple[str, str, str, 
     return rows
 
 
+def exact_rows(results: list[dict]) -> list[tuple[str, str, str, str]]:
+    """exact_checks.json in a few rows: bit-exactness per dtype, graph replays, the decode GEMM's bandwidth."""
+    rows = []
+    for dtype in ("bf16", "fp8"):
+        exact = [r for r in results if r["check"].startswith(f"{dtype} ") and "equals AR alone" in r["check"]]
+        if exact:
+            rows.append((f"bit-exact vs AR alone (batch of 5, mixed batch of 8, both spec modes), {dtype}",
+                         "tokens and log-probabilities bit-identical",
+                         f"{sum(r['ok'] for r in exact)} of {len(exact)}", _verdict(all(r["ok"] for r in exact))))
+        gemm = [r for r in results if r["check"].startswith(f"decode GEMM {dtype} ")]
+        if gemm:
+            fracs = [float(r["detail"].split(" of the copy rate")[0]) for r in gemm]
+            rows.append((f"decode GEMM HBM bandwidth, {dtype}, M = 1, 4, 16", ">= 0.9 of the copy rate",
+                         f"{min(fracs):.2f} to {max(fracs):.2f}", _verdict(all(r["ok"] for r in gemm))))
+    for r in results:
+        if "graph replays" in r["check"] and "equal the first" in r["check"]:
+            rows.append((r["check"].split(" (")[0] + " vs the first", "bit-identical", r["detail"].split(";")[0],
+                         _verdict(r["ok"])))
+    return rows
+
+
 def targets(bf16: dict | None, fp8: dict | None) -> list[tuple[str, str, str, str]]:
     """The six targets of docs/performance.md, in its order; a target without data says why."""
     missing = "not measured"
@@ -128,7 +149,7 @@ def step_lines(steps_file: Path | None) -> list[str]:
 
 def summary(out: Path, steps_file: Path | None = None) -> str:
     lines = step_lines(steps_file)
-    for name in ("device_checks", "model_checks", "tp_checks"):
+    for name in ("device_checks", "model_checks", "exact_checks", "tp_checks"):
         if name == "tp_checks" and not (out / f"{name}.json").is_file():
             continue  # run only on machines with two GPUs
         results = load(out / f"{name}.json") or []
@@ -146,7 +167,7 @@ def summary(out: Path, steps_file: Path | None = None) -> str:
     if tp and "tp" in tp:
         lines.append(f"tensor parallel x{tp['tp']['size']}: AR batch 1 {tp['tp']['ar_batch1_ms']:.3f} ms, "
                      f"{tp['tp']['ratio_to_tp1']:.3f} of one GPU's")
-    rows = info_rows(bf16, fp8) + targets(bf16, fp8)
+    rows = info_rows(bf16, fp8) + exact_rows(load(out / "exact_checks.json") or []) + targets(bf16, fp8)
     lines += ["", "| what | requirement | measured | met |", "| --- | --- | --- | --- |"]
     lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
     return "\n".join(lines)

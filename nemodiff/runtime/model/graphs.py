@@ -8,8 +8,7 @@ tokens; QuadraticSpec: k(k+1) tokens under its mask). `capture_steady_shapes` ca
 declared shape at every batch bucket up to the engine's batch size (itself a bucket), once per
 split-KV class,
 when the engine starts; a later step of that shape is padded to its bucket and replayed, anything
-else runs eagerly, and nothing is captured while serving (except after the page table grew,
-see below). Graphs run the kernel path only: per-step data is copied (device to device) into
+else runs eagerly, and nothing is captured while serving (`captures` counts every graph prepared). Graphs run the kernel path only: per-step data is copied (device to device) into
 static buffers shared by all graphs, the attention kernel reads prefix lengths and page-table
 rows from them (so one graph serves any context its split class covers), padding segments write
 no K/V and use the cache's padding row, and the head runs only on the rows the shape can ask for.
@@ -22,8 +21,8 @@ Memory: every graph writes its logits into ONE shared buffer (the graph's own ou
 the shared pool), sized for the largest graph; shapes whose logits would exceed
 `max_logits_bytes` run eagerly. What the buffer and the static inputs take is logged.
 
-The page table: graphs hold `cache.block_tables`; when it grows (a new tensor), the runner sees
-the cache's `table_generation` change and rebuilds its graphs before the next replay.
+The page table: graphs hold `cache.block_tables`, which the cache sizes once at its maximum and never
+replaces (nemodiff/runtime/model/kv_cache.py), so a growing cache never recaptures.
 
 On the CPU under aot-check the same code runs with `capture=False`: the static, padded path runs
 eagerly (capture is a driver call), which is how CI proves it.
@@ -139,8 +138,11 @@ class _Graph:
                                          persistent=True)
         self.runner = runner
         self.graph = None
+        runner.captures += 1
         if runner.capture:
             self.graph, _ = model.platform.capture(self._run, runner.pool)
+        else:
+            model.platform.touch("graph")  # prepared, run eagerly (the emulated GPU path records it)
 
     def _run(self) -> torch.Tensor:
         """The forward into the shared logits buffer (what a replay computes)."""
@@ -191,9 +193,8 @@ class GraphRunner:
         self.logits: torch.Tensor | None = None
         self.rows = model.platform.staging(torch.int64)  # replay row indices
         self.shapes: list[tuple] = []
-        self.generation = cache.table_generation
         self.replays = 0
-        self.rebuilds = 0
+        self.captures = 0  # graphs prepared (captured on a GPU): all at engine start
 
     def _tiles(self, key: tuple, bucket: int) -> int:
         length = steady_layout(key).length
@@ -232,7 +233,6 @@ class GraphRunner:
         self.graphs = {}
         for key, bucket, splits in plan:
             self.graphs[(key, bucket, splits)] = _Graph(self, key, bucket, splits)
-        self.generation = self.cache.table_generation
         log.info("CUDA graphs: %d (%d shapes, buckets %s); shared logits buffer %.1f MiB, static inputs %.1f MiB, "
                  "graph pool and workspaces %.1f MiB", len(self.graphs), len(self.shapes), list(self.buckets),
                  self.logits.numel() * 4 / 2 ** 20, self.static.nbytes() / 2 ** 20,
@@ -247,11 +247,6 @@ class GraphRunner:
         bucket = next((b for b in self.buckets if b >= count), None)
         if bucket is None:
             return None
-        if self.cache.table_generation != self.generation:  # the page table is a new tensor: rebuild
-            log.warning("the KV page table grew to %d rows: rebuilding the CUDA graphs",
-                        self.cache.block_tables.shape[0])
-            self.rebuilds += 1
-            self.capture_steady_shapes(self.shapes)
         graph = self.graphs.get((key, bucket, 1))
         if graph is None:
             return None

@@ -11,9 +11,11 @@ Page tables live in one persistent int32 table (a row per request), mirrored on 
 on the device. Allocating or freeing a page edits one host element and marks the row dirty;
 `sync_tables()` pushes the dirty rows to the device once per step, so no step rebuilds a
 table from Python lists. Row 0 is reserved for padding segments (it points at nothing real).
-On the CPU reference path the device table is the host mirror itself. When more requests need
-rows than the table has, it grows: `block_tables` becomes a new tensor and `table_generation`
-counts up, so that whoever kept the old one (CUDA graphs) knows to refresh.
+On the CPU reference path the device table is the host mirror itself. The table is sized once,
+at its maximum (`max_requests` rows of `max_pages_per_request` pages, plus the padding row), and
+`block_tables` stays the same tensor for the cache's life: CUDA graphs captured at engine start
+read it, so a growing cache (more requests, longer ones) never recaptures them. A request beyond
+`max_requests` is refused with KVCacheFullError (the engine's scheduler never admits that many).
 """
 
 from __future__ import annotations
@@ -53,13 +55,13 @@ class PagedKVCache:
         self._lengths: dict[int, int] = {}
         self.max_pages_per_request = max_pages_per_request or num_pages
         self._rows: dict[int, int] = {}
+        self.max_requests = max_requests
         self.tables_host = np.zeros((max_requests + 1, self.max_pages_per_request), dtype=np.int32)
         self.pages_per_row = np.zeros(max_requests + 1, dtype=np.int64)  # reserved pages of each row
         self._row_index = self.platform.staging(torch.int64)
         self._row_values = self.platform.staging(torch.int32)
-        self.table_generation = 0
         self._dirty: set[int] = set()
-        self.block_tables = self._device_table(self.tables_host)
+        self.block_tables = self._device_table(self.tables_host)  # this tensor for the cache's life
         self._free_rows = list(range(max_requests, 0, -1))  # row 0 is the padding row
 
     @staticmethod
@@ -94,7 +96,8 @@ class PagedKVCache:
         if request_id in self._tables:
             raise ValueError(f"request {request_id} already has a page table")
         if not self._free_rows:
-            self._grow_rows()
+            raise KVCacheFullError(f"KV page table full: {self.max_requests} requests already hold rows "
+                                   f"(max_requests {self.max_requests}); free one first")
         self._rows[request_id] = self._free_rows.pop()
         self._tables[request_id] = []
         self._lengths[request_id] = 0
@@ -277,21 +280,12 @@ class PagedKVCache:
     def mirror_rows(self, num_rows: int, rows: np.ndarray, values: np.ndarray) -> None:
         """Take page-table rows from another cache (a tensor-parallel worker follows rank 0's tables);
         `values` may cover only the first pages of each row."""
-        while self.tables_host.shape[0] < num_rows:
-            self._grow_rows()
+        if num_rows > self.tables_host.shape[0]:
+            raise KVCacheFullError(f"KV page table: {num_rows} rows mirrored, this cache holds "
+                                   f"{self.tables_host.shape[0]} (max_requests {self.max_requests} + the padding row)")
         if len(rows):
             self.tables_host[rows, : values.shape[1]] = values
             self._dirty.update(rows.tolist())
-
-    def _grow_rows(self) -> None:
-        old = self.tables_host.shape[0]
-        grown = np.zeros((old * 2, self.max_pages_per_request), dtype=np.int32)
-        grown[:old] = self.tables_host
-        self.tables_host = grown
-        self.pages_per_row = np.concatenate([self.pages_per_row, np.zeros(old, dtype=np.int64)])
-        self.block_tables = self._device_table(grown)
-        self.table_generation += 1
-        self._free_rows = list(range(old * 2 - 1, old - 1, -1))
 
     def _device_table(self, host: np.ndarray) -> torch.Tensor:
         if not self.platform.gpu_path:

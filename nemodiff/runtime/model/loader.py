@@ -145,12 +145,13 @@ def load_engine(engine_dir: Path, device: str | torch.device | None = None, veri
     tp = config.build.tp
     device = resolve_device(device)
     platform = Platform.for_kernels(device, kernels, sm=config.build.sm)
-    weights = _read(engine_dir / weights_file(rank, tp), platform)
-    lora = None
-    if config.build.lora is not None:
-        lora = _read(engine_dir / draft_lora_file(rank, tp), platform)
-    dtype = runtime_dtype(config, device)
-    library = load_kernels(engine_dir, config.build, device, mode=kernels)
-    model = Model(config.model, weights, dtype, platform, lora=lora,
-                  lora_scale=config.build.lora.scale if config.build.lora else 1.0, kernels=library, tp_size=tp)
+    with platform.on_device():  # whatever device the caller's thread had current
+        weights = _read(engine_dir / weights_file(rank, tp), platform)
+        lora = None
+        if config.build.lora is not None:
+            lora = _read(engine_dir / draft_lora_file(rank, tp), platform)
+        dtype = runtime_dtype(config, device)
+        library = load_kernels(engine_dir, config.build, device, mode=kernels, platform=platform)
+        model = Model(config.model, weights, dtype, platform, lora=lora,
+                      lora_scale=config.build.lora.scale if config.build.lora else 1.0, kernels=library, tp_size=tp)
     return LoadedEngine(engine_dir, config, model)

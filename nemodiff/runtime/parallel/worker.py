@@ -59,6 +59,7 @@ class Worker:
             self.store.set(f"failed/{spec.rank}", f"{type(exc).__name__}: {exc}")
             raise
         self.model.platform.prepare_process()
+        self.model.platform.bind_thread()  # this process's main thread runs the rank: its device and stream
         self.store.set(f"ready/{spec.rank}", "1")
         self.tp = TensorParallel.connect(self.store, spec.rank, spec.size, self.device,
                                          self.model.config.vocab_size, spec.step_timeout_s)
