@@ -247,7 +247,7 @@ FIELDS = ["text_input", "max_tokens", "stream", "decode_mode", "block_length", "
           "top_k", "random_seed", "seed", "stop_words", "bad_words", "end_id", "input_ids", "timeout", "ignore_eos",
           "image_bytes_input", "min_length", "beam_width", "exclude_input_in_output", "lora_task_id", "id",
           "parameters", "frequency_penalty", "guided_decoding_guide", "pad_id", "max_thinking_tokens", "logit_bias",
-          "min_tokens"]
+          "min_tokens", "cache_salt"]
 SCALARS = st.one_of(st.none(), st.booleans(), st.integers(min_value=-2**70, max_value=2**70),
                     st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=20),
                     st.sampled_from(["", "ar", "linear-spec", "quadratic-spec", "diffusion", "\ud800", "[IMG]"]))

@@ -12,6 +12,7 @@ overlapping it). `PagedKVCache` keeps the index below:
   and a match ends on a page boundary), with one reference per request holding them;
 - a page no request holds any more stays indexed, on an LRU list, until a page is needed and none
   is free; then the least recently released is evicted (its digest forgotten).
+A request's `cache_salt` starts its chain (`tenant_root`): tenants with different salts never share a page.
 """
 
 from __future__ import annotations
@@ -23,6 +24,14 @@ from collections.abc import Callable
 import numpy as np
 
 ROOT = b"nemodiff-prefix-v1"
+
+
+def tenant_root(salt: str | None) -> bytes:
+    """The first parent digest of a tenant's chains: ROOT without a salt, else a digest of the salt, so that
+    pages are found again only by requests with the same `cache_salt` (no salt is a tenant of its own)."""
+    if salt is None:
+        return ROOT
+    return hashlib.blake2b(ROOT + b"/salt/" + salt.encode("utf-8", "surrogatepass"), digest_size=16).digest()
 
 
 def page_digests(tokens, page_size: int, count: int, parent: bytes = ROOT, start_page: int = 0,
