@@ -128,12 +128,13 @@ def schema(properties: int) -> str:
 @pytest.mark.parametrize("guide, limit", [
     (Guide("json_schema", schema(10_000)), "an object of its schema has 10000 properties; the limit is 1024 "
                                            "(max_properties)"),
-    (Guide("json_schema", schema(300)), "300 optional properties; the limit is 256 (max_optional_properties)"),
+    (Guide("json_schema", json.dumps({"type": "object", "properties": {"a": json.loads(schema(300)), "b": json.loads(
+        schema(300))}})), "more than 512 optional properties; the limit is 512 (max_optional_properties)"),
     (Guide("choice", choices=tuple(f"c{i}" for i in range(100_000))), "it has 100000 choices; the limit is 4096"),
     (Guide("json_schema", json.dumps({"anyOf": [{"const": i} for i in range(5000)]})), "an anyOf of its schema has "
                                                                                        "5000 entries"),
-    (Guide("ebnf_grammar", "\n".join(f'r{i}::="a"' for i in range(5000))), "5000 rules; the limit is 4096"),
-    (Guide("regex", "a" * 70_000), "its text has 70000 bytes; the limit is 65536 (max_text_bytes)"),
+    (Guide("ebnf_grammar", "\n".join(f'r{i}::=r' for i in range(2500))), "2500 rules; the limit is 2048"),
+    (Guide("regex", "a" * 40_000), "its text has 40000 bytes; the limit is 32768 (max_text_bytes)"),
     (Guide("json_schema", json.dumps({"description": "x" * 2**20})), "the limit is 1048576 (max_schema_bytes)"),
 ])
 def test_a_guide_over_a_size_limit_is_refused_before_any_compile(server, guide, limit):

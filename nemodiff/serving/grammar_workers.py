@@ -34,7 +34,7 @@ from . import errors
 from .updates import Handle, Update, error_update
 
 log = logging.getLogger(__name__)
-EXIT_WAIT_S = 10.0
+EXIT_WAIT_S = 5.0
 
 
 def client_gone(handle: Handle) -> bool:
