@@ -16,6 +16,8 @@ import signal
 import socket
 import threading
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -284,11 +286,30 @@ async def eight_clients(server) -> list:
     return await asyncio.gather(*(polite(i) for i in range(4)), *(careless(i) for i in range(4)))
 
 
+def post_in_thread(url: str, body: dict, answers: dict, name: str) -> threading.Thread:
+    """POST a JSON body on a thread; answers[name] = (status, body bytes) once it is answered."""
+    def run():
+        request = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=60) as reply:
+                answers[name] = (reply.status, reply.read())
+        except urllib.error.HTTPError as exc:
+            answers[name] = (exc.code, exc.read())
+        except Exception as exc:  # noqa: BLE001
+            answers[name] = (None, repr(exc).encode())
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread
+
+
 def test_sigterm_answers_every_open_stream_and_leaves_nothing_behind(engine_dir, tmp_path):
     """After eight concurrent clients, with an idle gRPC stream open (Triton's gRPC server waits for it
-    without a deadline) and four streams and an HTTP stream running: every open request is answered,
-    and `nemodiff serve` exits 0 within its exit timeout."""
-    served = Server(engine_dir, tmp_path / "serve.log", "--max-batch-size", "4").start()
+    without a deadline), four streams and an HTTP stream running, and OpenAI requests (a stream, a plain
+    one, one whose grammar is compiling): every open request is answered with our "shutting down" (JSON at
+    HTTP and OpenAI, a final error at gRPC), no ASGI traceback, and `nemodiff serve` exits 0 within its
+    exit timeout."""
+    served = Server(engine_dir, tmp_path / "serve.log", "--max-batch-size", "6", openai=True).start()
     tree = descendants(served.process.pid)
     assert tree and shm_regions(served.process.pid)
     assert asyncio.run(eight_clients(served)) == [True] * 8
@@ -310,6 +331,15 @@ def test_sigterm_answers_every_open_stream_and_leaves_nothing_behind(engine_dir,
             chunk = sock.recv(65536)
             assert chunk, "the HTTP stream closed before its first event"
             first += chunk
+        answers: dict = {}
+        chat = {"messages": [{"role": "user", "content": "hi"}], "decode_mode": "quadratic-spec", "block_length": 16,
+                "max_tokens": 3000 // 16, "ignore_eos": True}
+        openai_threads = [post_in_thread(f"{served.openai_url}/chat/completions", chat | {"stream": True}, answers,
+                                         "stream"),
+                          post_in_thread(f"{served.openai_url}/chat/completions", chat, answers, "plain"),
+                          post_in_thread(f"{served.openai_url}/completions", {  # ~0.5 s to compile, then slow
+                              "prompt": "x", "max_tokens": 150, "guided_regex": "a" * 30_000}, answers, "guided")]
+        wait_metrics(served, lambda m: m["nemodiff_requests_in_flight"] >= 6)
         stopping = time.monotonic()
         os.killpg(served.process.pid, signal.SIGTERM)  # as `kill -TERM -PGID` would
         outcomes = [collect(stream, timeout=30) for stream in grpc_streams]
@@ -321,6 +351,8 @@ def test_sigterm_answers_every_open_stream_and_leaves_nothing_behind(engine_dir,
         http_events = [line for line in received.split(b"\n") if line.startswith(b"data:")]
         returncode = served.wait_exit(60)
         stopped_in = time.monotonic() - stopping
+        for thread in openai_threads:
+            thread.join(30)
     finally:
         sock.close()
         for stream in grpc_streams + [idle_stream]:
@@ -330,6 +362,12 @@ def test_sigterm_answers_every_open_stream_and_leaves_nothing_behind(engine_dir,
     for _ids, error in outcomes:
         assert error is not None and "shutting down" in error.message()
     assert b"shutting down" in http_events[-1]  # the HTTP stream ended with an error event, not a cut connection
+    assert answers["plain"][0] == answers["guided"][0] == 503, answers
+    assert all(json.loads(answers[n][1])["error"]["message"].startswith("the server is shutting down")
+               for n in ("plain", "guided"))
+    # a stream that had begun ends with an error event; one still waiting for its first token is a 503
+    assert answers["stream"][0] in (200, 503) and b"the server is shutting down" in answers["stream"][1], answers
+    assert "Unexpected ASGI message" not in served.log() and "Traceback" not in served.log(), served.log()[-3000:]
     assert alive(tree) == set()
     assert shm_regions(served.process.pid) == []
     assert "Exit timeout expired" not in served.log()
