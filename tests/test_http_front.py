@@ -247,10 +247,11 @@ FIELDS = ["text_input", "max_tokens", "stream", "decode_mode", "block_length", "
           "top_k", "random_seed", "seed", "stop_words", "bad_words", "end_id", "input_ids", "timeout", "ignore_eos",
           "image_bytes_input", "min_length", "beam_width", "exclude_input_in_output", "lora_task_id", "id",
           "parameters", "frequency_penalty", "guided_decoding_guide", "pad_id", "max_thinking_tokens", "logit_bias",
-          "min_tokens", "cache_salt"]
+          "min_tokens", "cache_salt", "guided_decoding_guide_type"]
 SCALARS = st.one_of(st.none(), st.booleans(), st.integers(min_value=-2**70, max_value=2**70),
                     st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=20),
-                    st.sampled_from(["", "ar", "linear-spec", "quadratic-spec", "diffusion", "\ud800", "[IMG]"]))
+                    st.sampled_from(["", "ar", "linear-spec", "quadratic-spec", "diffusion", "\ud800", "[IMG]",
+                                     "regex", "json_schema", "choice", "ebnf_grammar", '["a", "b"]', "[a-z]+"]))
 VALUES = st.recursive(SCALARS, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner,
                                                                                           max_size=4), max_leaves=12)
 
