@@ -170,5 +170,6 @@ def test_a_slow_grammar_compiles_beside_the_loop(engine_fp32):
         assert finals["deadline"].error_kind == "timeout" and "0.25 s deadline" in finals["deadline"].error
         assert finals["limit"].error_kind == "invalid" and "did not compile within the 0.5 s limit" in finals["limit"].error
         assert server.metrics()["requests_in_flight"] == 0
+        assert server._compiles.wait_idle(120)  # the abandoned compile ends (and stops taking a core) here
     finally:
         server.shutdown()
