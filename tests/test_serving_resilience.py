@@ -28,6 +28,7 @@ from nemodiff import LLM, SamplingParams
 from nemodiff.serving.openai.backend import BackendError, TritonBackend, triton_inputs
 
 FAULTS = Path(__file__).parent / "faults"
+SLOW_REGEX = "slow-compile [0-9]+"  # faults/sitecustomize.py: its grammar takes a minute to compile
 FAIL_ONE = [1, 13, 13, 13]
 FAIL_LOOP = [1, 17, 17, 17]
 LONG = 200  # tokens of a request that is still running when the test acts on it
@@ -309,7 +310,8 @@ def test_sigterm_answers_every_open_stream_and_leaves_nothing_behind(engine_dir,
     one, one whose grammar is compiling): every open request is answered with our "shutting down" (JSON at
     HTTP and OpenAI, a final error at gRPC), no ASGI traceback, and `nemodiff serve` exits 0 within its
     exit timeout."""
-    served = Server(engine_dir, tmp_path / "serve.log", "--max-batch-size", "6", openai=True).start()
+    served = Server(engine_dir, tmp_path / "serve.log", "--max-batch-size", "6", openai=True,
+                    env=plain_env(PYTHONPATH=str(FAULTS))).start()
     tree = descendants(served.process.pid)
     assert tree and shm_regions(served.process.pid)
     assert asyncio.run(eight_clients(served)) == [True] * 8
@@ -337,8 +339,8 @@ def test_sigterm_answers_every_open_stream_and_leaves_nothing_behind(engine_dir,
         openai_threads = [post_in_thread(f"{served.openai_url}/chat/completions", chat | {"stream": True}, answers,
                                          "stream"),
                           post_in_thread(f"{served.openai_url}/chat/completions", chat, answers, "plain"),
-                          post_in_thread(f"{served.openai_url}/completions", {  # ~0.5 s to compile, then slow
-                              "prompt": "x", "max_tokens": 150, "guided_regex": "a" * 30_000}, answers, "guided")]
+                          post_in_thread(f"{served.openai_url}/completions", {  # compiles for a minute
+                              "prompt": "x", "max_tokens": 4, "guided_regex": SLOW_REGEX}, answers, "guided")]
         wait_metrics(served, lambda m: m["nemodiff_requests_in_flight"] >= 6)
         stopping = time.monotonic()
         os.killpg(served.process.pid, signal.SIGTERM)  # as `kill -TERM -PGID` would
