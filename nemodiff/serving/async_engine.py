@@ -199,6 +199,7 @@ class AsyncEngine:
         self._commands.put(("wake",))
         self._thread.join(timeout)
         self._answer_everything(errors.SHUTTING_DOWN, "unavailable")
+        self._compiles.close()
         if not self._thread.is_alive():
             self.llm.release()  # nobody steps the engine any more: generate() may
 

@@ -5,13 +5,13 @@ checkpoint ──builder──▶ engine dir ──runtime──▶ [serving: gr
 A guided request reaches `AsyncEngine` with its guide checked against the size limits
 (nemodiff/runtime/decoding/guide_limits.py) but not compiled. The loop parks it here and a worker
 thread compiles its grammar; the engine only ever receives the compiled grammar. xgrammar releases
-the GIL while it compiles (a Python thread ticking every millisecond kept ticking through a compile),
-so the loop steps every other request meanwhile. While parked, a request is answered at once when its
+the GIL while it compiles (a Python thread sleeping 1 ms per tick ticked 70 times during an 83 ms
+compile), so the loop steps every other request meanwhile. While parked, a request is answered at once when its
 client goes away or cancels it, when its deadline passes, or when its compile has run longer than the
 compile time limit (a 400 naming the limit). A compile cannot be interrupted: an abandoned one runs on to
 its end on its worker (its grammar then stays cached like any other); requests with the same guide share
-one compile, and the size limits keep every compile short, so abandoned ones are rare and bounded.
-Workers are daemon threads. A compile that returns while the interpreter finalizes aborts the process
+one compile, and the size limits keep compiles short, so abandoned ones are rare. Workers are daemon
+threads, ended by `close()` once their compile is done. A compile that returns while the interpreter finalizes aborts the process
 (the thread unwinds through xgrammar's C++ frames: "terminate called without an active exception"),
 so at exit the interpreter waits for running compiles, at most `EXIT_WAIT_S`; one still running after
 that is cut off with the process, which is safe.
@@ -25,6 +25,7 @@ import os
 import queue
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -35,6 +36,14 @@ from .updates import Handle, Update, error_update
 
 log = logging.getLogger(__name__)
 EXIT_WAIT_S = 5.0
+_LIVE: weakref.WeakSet = weakref.WeakSet()  # every GrammarWorkers with a thread still alive
+
+
+@atexit.register
+def _wait_at_exit() -> None:
+    deadline = time.monotonic() + EXIT_WAIT_S
+    for workers in list(_LIVE):
+        workers.wait_idle(max(0.0, deadline - time.monotonic()))
 
 
 def client_gone(handle: Handle) -> bool:
@@ -86,7 +95,23 @@ class GrammarWorkers:
                          for i in range(workers or default_workers())]
         for thread in self._threads:
             thread.start()
-        atexit.register(self.wait_idle, EXIT_WAIT_S)
+        _LIVE.add(self)
+
+    def close(self) -> None:
+        """Let the workers end (each after its compile, if one runs); parked requests are the caller's."""
+        while True:  # compiles not started: never
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is None:  # closed before
+                continue
+            key, job = item
+            with self._lock:
+                job.finished, job.error = True, "the server is shutting down"
+                self._jobs.pop(key, None)
+        for _ in self._threads:
+            self._queue.put(None)
 
     def wait_idle(self, timeout: float) -> bool:
         """Wait until no compile is queued or running (at most `timeout` seconds); whether none is."""
@@ -146,7 +171,10 @@ class GrammarWorkers:
     # -- workers -------------------------------------------------------------------------------
     def _work(self) -> None:
         while True:
-            key, job = self._queue.get()
+            item = self._queue.get()
+            if item is None:
+                return
+            key, job = item
             job.started = time.monotonic()
             try:
                 job.grammar = self._compile(job.guide)
