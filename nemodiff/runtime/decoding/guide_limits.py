@@ -15,6 +15,8 @@ ValueError naming the limit and the guide's count. A compile still slower than
 from __future__ import annotations
 
 import json
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 
 from nemodiff.runtime.request import Guide
@@ -35,6 +37,9 @@ class GuideLimits:
 
 
 DEFAULT_LIMITS = GuideLimits()
+_PASSED: OrderedDict[tuple, None] = OrderedDict()  # guides that passed lately: checked again by a lookup
+_PASSED_SIZE = 32
+_lock = threading.Lock()
 
 
 def _refuse(what: str, limit: int, name: str) -> None:
@@ -42,7 +47,21 @@ def _refuse(what: str, limit: int, name: str) -> None:
 
 
 def check_guide(guide: Guide, limits: GuideLimits = DEFAULT_LIMITS) -> None:
-    """ValueError naming the limit when the guide is larger than `limits` allow."""
+    """ValueError naming the limit when the guide is larger than `limits` allow. A guide checked again (the
+    servers check it on their request thread, then the engine at admission) costs a lookup."""
+    key = (guide.kind, guide.text, guide.choices, limits)
+    with _lock:
+        if key in _PASSED:
+            _PASSED.move_to_end(key)
+            return
+    _check(guide, limits)
+    with _lock:
+        _PASSED[key] = None
+        while len(_PASSED) > _PASSED_SIZE:
+            _PASSED.popitem(last=False)
+
+
+def _check(guide: Guide, limits: GuideLimits) -> None:
     if guide.kind == "choice" and len(guide.choices) > limits.max_alternatives:
         _refuse(f"it has {len(guide.choices)} choices", limits.max_alternatives, "max_alternatives")
     size = len(guide.text.encode("utf-8", "surrogatepass")) + sum(len(c.encode("utf-8", "surrogatepass"))
