@@ -180,6 +180,25 @@ def test_deadline_ends_a_request_and_frees_its_pages(server):
     assert status == 200 and ids_of(body["output_ids"]) and body["finish_reason"] == "length"
 
 
+def test_a_compiling_grammar_ends_with_its_deadline_or_its_client(server):
+    """While a grammar compiles (a fault makes it take a minute) its request is answered at once when its
+    deadline passes or its gRPC stream is cancelled; plain requests are served meanwhile."""
+    guide = {"guided_decoding_guide_type": "regex", "guided_decoding_guide": SLOW_REGEX}
+    started = time.monotonic()
+    status, body = server.generate({"text_input": "the cat", "max_tokens": 2, "timeout": 0.5} | guide)
+    assert status == 503 and "deadline while its grammar compiled" in body["error"], body
+    assert time.monotonic() - started < 5
+    stream = GrpcStream(server.grpc)
+    try:
+        stream.send("g", "the cat", max_tokens=2, **guide)
+        wait_metrics(server, lambda m: m["nemodiff_requests_in_flight"] >= 1)
+        status, body = server.generate({"text_input": "the dog", "max_tokens": 2})
+        assert status == 200 and body["finish_reason"] == "length"
+    finally:
+        stream.close(cancel=True)
+    wait_metrics(server, idle, timeout=10)  # answered and counted out long before the compile's minute
+
+
 def test_closed_http_stream_frees_pages(server):
     counter = 'nemodiff_output_tokens_total{mode="quadratic-spec"}'
     before = server.metrics()[counter]
