@@ -47,9 +47,9 @@ def llm(engine_dir):
 
 @pytest.fixture(scope="module")
 def server(engine_dir, tmp_path_factory):
-    # two running + one queued at most; every request also has a 60 s server-wide deadline
+    # two running + one queued at most; every request also has a 60 s server-wide deadline; grammars 1 s
     served = Server(engine_dir, tmp_path_factory.mktemp("logs") / "serve.log", "--max-batch-size", "2",
-                    "--max-queue", "1", "--request-timeout", "60", cwd=REPO_ROOT,
+                    "--max-queue", "1", "--request-timeout", "60", "--grammar-timeout", "1", cwd=REPO_ROOT,
                     env=plain_env(PYTHONPATH=str(FAULTS))).start()
     yield served
     if served.process.poll() is None:
@@ -180,14 +180,17 @@ def test_deadline_ends_a_request_and_frees_its_pages(server):
     assert status == 200 and ids_of(body["output_ids"]) and body["finish_reason"] == "length"
 
 
-def test_a_compiling_grammar_ends_with_its_deadline_or_its_client(server):
+def test_a_compiling_grammar_ends_with_its_deadline_its_client_or_the_compile_limit(server):
     """While a grammar compiles (a fault makes it take a minute) its request is answered at once when its
-    deadline passes or its gRPC stream is cancelled; plain requests are served meanwhile."""
+    deadline passes, when its gRPC stream is cancelled, or (a 400) past `--grammar-timeout`; plain requests
+    are served meanwhile."""
     guide = {"guided_decoding_guide_type": "regex", "guided_decoding_guide": SLOW_REGEX}
     started = time.monotonic()
     status, body = server.generate({"text_input": "the cat", "max_tokens": 2, "timeout": 0.5} | guide)
     assert status == 503 and "deadline while its grammar compiled" in body["error"], body
-    assert time.monotonic() - started < 5
+    status, body = server.generate({"text_input": "the cat", "max_tokens": 2} | guide)
+    assert status == 400 and "did not compile within the 1 s limit" in body["error"], body
+    assert time.monotonic() - started < 8
     stream = GrpcStream(server.grpc)
     try:
         stream.send("g", "the cat", max_tokens=2, **guide)
