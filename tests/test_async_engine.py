@@ -1,13 +1,16 @@
 """The thread-safe serving API: streams, callbacks, async iteration, cancellation, errors."""
 
 import asyncio
+import json
 import threading
 import time
 
 import pytest
 
 from nemodiff import LLM, SamplingParams
+from nemodiff.runtime.decoding.guide_limits import GuideLimits
 from nemodiff.runtime.llm import EngineInUseError
+from nemodiff.runtime.request import Guide
 from nemodiff.serving.async_engine import AsyncEngine
 
 
@@ -115,3 +118,58 @@ def test_one_driver_at_a_time(engine_fp32):
     finally:
         server.shutdown()
     assert llm.generate([1, 40, 41], params)[0].output_ids == want.output_ids
+
+
+def schema(properties: int) -> str:
+    """A JSON schema of one object with this many optional integer properties."""
+    return json.dumps({"type": "object", "properties": {f"p{i}": {"type": "integer"} for i in range(properties)}})
+
+
+@pytest.mark.parametrize("guide, limit", [
+    (Guide("json_schema", schema(10_000)), "an object of its schema has 10000 properties; the limit is 1024 "
+                                           "(max_properties)"),
+    (Guide("json_schema", json.dumps({"type": "object", "properties": {"a": json.loads(schema(300)), "b": json.loads(
+        schema(300))}})), "more than 512 optional properties; the limit is 512 (max_optional_properties)"),
+    (Guide("choice", choices=tuple(f"c{i}" for i in range(100_000))), "it has 100000 choices; the limit is 4096"),
+    (Guide("json_schema", json.dumps({"anyOf": [{"const": i} for i in range(5000)]})), "an anyOf of its schema has "
+                                                                                       "5000 entries"),
+    (Guide("ebnf_grammar", "\n".join(f'r{i}::=r' for i in range(2500))), "2500 rules; the limit is 2048"),
+    (Guide("regex", "a" * 40_000), "its text has 40000 bytes; the limit is 32768 (max_text_bytes)"),
+    (Guide("json_schema", json.dumps({"description": "x" * 2**20})), "the limit is 1048576 (max_schema_bytes)"),
+])
+def test_a_guide_over_a_size_limit_is_refused_before_any_compile(server, guide, limit):
+    started = time.monotonic()
+    got = server.generate([1, 2, 3], SamplingParams(max_new_tokens=3, guide=guide), timeout=30)
+    assert got.error_kind == "invalid" and got.error.startswith("the guide is too large to compile") and limit in got.error
+    assert time.monotonic() - started < 2 and server.engine.cached_grammar(guide) is None
+
+
+def test_a_slow_grammar_compiles_beside_the_loop(engine_fp32):
+    """A guide whose grammar takes a second or more to compile (800 optional properties, limits raised) stalls nobody:
+    three plain requests each finish in under 3 s meanwhile; the guided requests waiting for it are answered
+    by their hang-up, their deadline and the compile time limit (a 400 naming it), whichever comes first."""
+    llm = LLM(engine_fp32, device="cpu")
+    llm.engine.guide_limits = GuideLimits(max_properties=2000, max_optional_properties=2000, compile_timeout_s=0.5)
+    server = AsyncEngine(llm)
+    try:
+        guided = SamplingParams(max_new_tokens=3, guide=Guide("json_schema", schema(800)))
+        finals, gone = {}, threading.Event()
+        for name, hook, timeout in (("limit", None, None), ("hang-up", gone.is_set, None), ("deadline", None, 0.25)):
+            server.submit([1, 2, 3], guided, lambda u, n=name: finals.setdefault(n, u) if u.finished else None,
+                          is_cancelled=hook, timeout_s=timeout)
+        time.sleep(0.1)
+        gone.set()
+        for i in range(3):
+            started = time.monotonic()
+            plain = server.generate([1, 40 + i], SamplingParams(max_new_tokens=4, ignore_eos=True), timeout=30)
+            assert plain.error is None and time.monotonic() - started < 3.0
+        deadline = time.monotonic() + 30
+        while len(finals) < 3 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert finals["hang-up"].finish_reason == "cancelled"
+        assert finals["deadline"].error_kind == "timeout" and "0.25 s deadline" in finals["deadline"].error
+        assert finals["limit"].error_kind == "invalid" and "did not compile within the 0.5 s limit" in finals["limit"].error
+        assert server.metrics()["requests_in_flight"] == 0
+        assert server._compiles.wait_idle(120)  # the abandoned compile ends (and stops taking a core) here
+    finally:
+        server.shutdown()

@@ -69,3 +69,9 @@ def test_serve_refuses_a_broken_engine_before_triton_starts_with_its_reason_last
     (engine / "weights.safetensors").write_bytes(bytes(data))
     one_line_error("serve", engine, "--tritonserver", "/bin/true",
                    expect="weights.safetensors: contents do not match manifest.json")
+
+
+def test_serve_refuses_a_grammar_timeout_that_is_not_positive(engine_fp32):
+    result = CliRunner().invoke(nemodiff_cli, ["serve", str(engine_fp32), "--grammar-timeout", "0"])
+    assert result.exit_code == 2 and "--grammar-timeout" in result.output
+    assert "must be a positive number of seconds" in result.output

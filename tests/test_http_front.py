@@ -247,10 +247,11 @@ FIELDS = ["text_input", "max_tokens", "stream", "decode_mode", "block_length", "
           "top_k", "random_seed", "seed", "stop_words", "bad_words", "end_id", "input_ids", "timeout", "ignore_eos",
           "image_bytes_input", "min_length", "beam_width", "exclude_input_in_output", "lora_task_id", "id",
           "parameters", "frequency_penalty", "guided_decoding_guide", "pad_id", "max_thinking_tokens", "logit_bias",
-          "min_tokens"]
+          "min_tokens", "cache_salt", "guided_decoding_guide_type"]
 SCALARS = st.one_of(st.none(), st.booleans(), st.integers(min_value=-2**70, max_value=2**70),
                     st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=20),
-                    st.sampled_from(["", "ar", "linear-spec", "quadratic-spec", "diffusion", "\ud800", "[IMG]"]))
+                    st.sampled_from(["", "ar", "linear-spec", "quadratic-spec", "diffusion", "\ud800", "[IMG]",
+                                     "regex", "json_schema", "choice", "ebnf_grammar", '["a", "b"]', "[a-z]+"]))
 VALUES = st.recursive(SCALARS, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner,
                                                                                           max_size=4), max_leaves=12)
 
@@ -305,3 +306,59 @@ def test_fuzzed_bodies_never_stop_the_server(server, llm):
           f"{ {status: len(cases) for status, cases in sorted(seen.items())} }")
     assert server.process.poll() is None
     assert_exact(server, llm)
+
+
+# -- stopping a front with requests open ---------------------------------------------------------------
+
+def test_a_stopping_front_answers_every_open_request_with_our_json(caplog):
+    """Requests still open when a front stops (Triton never answered them) get our 503 "shutting down" JSON,
+    a stream that had begun a last error event; no plain-text 500, no ASGI error, well within a second or two
+    of the grace period."""
+    import asyncio
+    import threading
+
+    from nemodiff.serving.http.server import ServerThread
+    from nemodiff.serving.openai.frontend import openai_error
+
+    async def app(scope, receive, send):
+        if scope["type"] != "http":
+            return
+        try:
+            if scope["path"] == "/stream":
+                await send({"type": "http.response.start", "status": 200,
+                            "headers": [(b"content-type", b"text/event-stream")]})
+                await send({"type": "http.response.body", "body": b"data: {}\n\n", "more_body": True})
+            await asyncio.sleep(3600)  # Triton never answers
+        except asyncio.CancelledError:  # an app that answers on its own while it unwinds: dropped
+            await send({"type": "http.response.start", "status": 500, "headers": []})
+            raise
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    front = ServerThread(app, "127.0.0.1", port, 30.0, "test", error_body=openai_error)
+    front.start()
+    answers = {}
+
+    def ask(path):
+        try:
+            with urllib.request.urlopen(f"{front.url}{path}", timeout=30) as reply:
+                answers[path] = (reply.status, reply.read())
+        except urllib.error.HTTPError as exc:
+            answers[path] = (exc.code, exc.read(), exc.headers.get("Retry-After"))
+
+    threads = [threading.Thread(target=ask, args=(path,)) for path in ("/plain", "/stream")]
+    for thread in threads:
+        thread.start()
+    while front.guard.pending() < 2:
+        time.sleep(0.01)
+    started = time.monotonic()
+    front.stop(grace=0.2)
+    for thread in threads:
+        thread.join(10)
+    assert time.monotonic() - started < 3.0
+    status, body, retry = answers["/plain"]
+    assert status == 503 and retry == "1" and json.loads(body) == openai_error("the server is shutting down")
+    assert answers["/stream"][0] == 200
+    assert answers["/stream"][1] == b"data: {}\n\ndata: " + json.dumps(openai_error("the server is shutting down")).encode() + b"\n\n"
+    assert "Unexpected ASGI message" not in caplog.text and "Exception in ASGI application" not in caplog.text

@@ -131,3 +131,21 @@ def test_outputs_equal_with_and_without_the_cache_under_the_kernel_path(checkpoi
         got = run_turns(cached, turns, params)
         assert [o.output_ids for o in got] == [o.output_ids for o in run_turns(plain, turns, params)], mode
         assert got[1].cached_prompt_tokens == 2 * PAGE, mode
+
+
+def test_cache_salt_separates_tenants(engine):
+    """Pages are shared only between requests with the same cache_salt; no salt is a tenant of its own."""
+    import dataclasses
+
+    llm = LLM(engine, device="cpu")
+    params = SamplingParams(max_new_tokens=2, ignore_eos=True)
+    secret = prompt(4 * PAGE, [221])
+    salted = {salt: dataclasses.replace(params, cache_salt=salt) for salt in ("alice", "bob")}
+    llm.generate(secret, salted["alice"])
+    guess = prompt(4 * PAGE, [222])
+    assert llm.generate(guess, params)[0].cached_prompt_tokens == 0  # no salt: another tenant
+    assert llm.generate(guess, salted["bob"])[0].cached_prompt_tokens == 0
+    assert llm.generate(guess, salted["alice"])[0].cached_prompt_tokens == 4 * PAGE
+    assert llm.generate(prompt(4 * PAGE, [223]), params)[0].cached_prompt_tokens == 4 * PAGE  # the unsalted one's
+    with pytest.raises(ValueError, match="cache_salt must be a non-empty string of at most 1024"):
+        llm.generate(guess, dataclasses.replace(params, cache_salt="x" * 1025))

@@ -208,6 +208,33 @@ def test_triton_num_return_sequences(server, served_llm, stream):
         too_many.close()
 
 
+def test_cache_salt_separates_tenants_on_both_ports(client, server):
+    """A secret prompt sent with one salt is found again only with the same salt: a guess with another salt
+    or none gets cached_tokens 0 (OpenAI usage and Triton's num_cached_tokens alike)."""
+    secret = "salted secret " + LONG_PROMPT
+
+    def cached(salt=None, prompt=secret):
+        extra = {} if salt is None else {"cache_salt": salt}
+        return client.completions.create(model="nemodiff", prompt=prompt, max_tokens=1,
+                                         extra_body=extra).usage.prompt_tokens_details.cached_tokens
+
+    assert cached("alice") == 0
+    assert cached("bob") == 0 and cached() == 0
+    assert cached("alice") >= 40
+    assert values(grpc_run(server, secret, max_tokens=1, cache_salt="mallory")[-1], "num_cached_tokens") == [0]
+    assert values(grpc_run(server, secret, max_tokens=1, cache_salt="alice")[-1], "num_cached_tokens")[0] >= 40
+    for bad in ("", "x" * 1025, 7):
+        with pytest.raises(openai.BadRequestError, match="cache_salt must be a non-empty string"):
+            client.completions.create(model="nemodiff", prompt="hi", max_tokens=1, extra_body={"cache_salt": bad})
+    stream = GrpcStream(server.grpc)
+    try:
+        stream.send("r", "hi", max_tokens=1, cache_salt="")
+        _, _, error, _ = stream.next()
+        assert error is not None and "cache_salt must be a non-empty string" in str(error)
+    finally:
+        stream.close()
+
+
 def test_triton_num_cached_tokens_and_prefix_metrics(server):
     before = server.metrics()
     first = grpc_run(server, "twice " + LONG_PROMPT, max_tokens=2)

@@ -16,6 +16,8 @@ import signal
 import socket
 import threading
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -26,6 +28,7 @@ from nemodiff import LLM, SamplingParams
 from nemodiff.serving.openai.backend import BackendError, TritonBackend, triton_inputs
 
 FAULTS = Path(__file__).parent / "faults"
+SLOW_REGEX = "slow-compile [0-9]+"  # faults/sitecustomize.py: its grammar takes a minute to compile
 FAIL_ONE = [1, 13, 13, 13]
 FAIL_LOOP = [1, 17, 17, 17]
 LONG = 200  # tokens of a request that is still running when the test acts on it
@@ -44,9 +47,9 @@ def llm(engine_dir):
 
 @pytest.fixture(scope="module")
 def server(engine_dir, tmp_path_factory):
-    # two running + one queued at most; every request also has a 60 s server-wide deadline
+    # two running + one queued at most; every request also has a 60 s server-wide deadline; grammars 1 s
     served = Server(engine_dir, tmp_path_factory.mktemp("logs") / "serve.log", "--max-batch-size", "2",
-                    "--max-queue", "1", "--request-timeout", "60", cwd=REPO_ROOT,
+                    "--max-queue", "1", "--request-timeout", "60", "--grammar-timeout", "1", cwd=REPO_ROOT,
                     env=plain_env(PYTHONPATH=str(FAULTS))).start()
     yield served
     if served.process.poll() is None:
@@ -177,6 +180,28 @@ def test_deadline_ends_a_request_and_frees_its_pages(server):
     assert status == 200 and ids_of(body["output_ids"]) and body["finish_reason"] == "length"
 
 
+def test_a_compiling_grammar_ends_with_its_deadline_its_client_or_the_compile_limit(server):
+    """While a grammar compiles (a fault makes it take a minute) its request is answered at once when its
+    deadline passes, when its gRPC stream is cancelled, or (a 400) past `--grammar-timeout`; plain requests
+    are served meanwhile."""
+    guide = {"guided_decoding_guide_type": "regex", "guided_decoding_guide": SLOW_REGEX}
+    started = time.monotonic()
+    status, body = server.generate({"text_input": "the cat", "max_tokens": 2, "timeout": 0.5} | guide)
+    assert status == 503 and "deadline while its grammar compiled" in body["error"], body
+    status, body = server.generate({"text_input": "the cat", "max_tokens": 2} | guide)
+    assert status == 400 and "did not compile within the 1 s limit" in body["error"], body
+    assert time.monotonic() - started < 8
+    stream = GrpcStream(server.grpc)
+    try:
+        stream.send("g", "the cat", max_tokens=2, **guide)
+        wait_metrics(server, lambda m: m["nemodiff_requests_in_flight"] >= 1)
+        status, body = server.generate({"text_input": "the dog", "max_tokens": 2})
+        assert status == 200 and body["finish_reason"] == "length"
+    finally:
+        stream.close(cancel=True)
+    wait_metrics(server, idle, timeout=10)  # answered and counted out long before the compile's minute
+
+
 def test_closed_http_stream_frees_pages(server):
     counter = 'nemodiff_output_tokens_total{mode="quadratic-spec"}'
     before = server.metrics()[counter]
@@ -284,11 +309,31 @@ async def eight_clients(server) -> list:
     return await asyncio.gather(*(polite(i) for i in range(4)), *(careless(i) for i in range(4)))
 
 
+def post_in_thread(url: str, body: dict, answers: dict, name: str) -> threading.Thread:
+    """POST a JSON body on a thread; answers[name] = (status, body bytes) once it is answered."""
+    def run():
+        request = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=60) as reply:
+                answers[name] = (reply.status, reply.read())
+        except urllib.error.HTTPError as exc:
+            answers[name] = (exc.code, exc.read())
+        except Exception as exc:  # noqa: BLE001
+            answers[name] = (None, repr(exc).encode())
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread
+
+
 def test_sigterm_answers_every_open_stream_and_leaves_nothing_behind(engine_dir, tmp_path):
     """After eight concurrent clients, with an idle gRPC stream open (Triton's gRPC server waits for it
-    without a deadline) and four streams and an HTTP stream running: every open request is answered,
-    and `nemodiff serve` exits 0 within its exit timeout."""
-    served = Server(engine_dir, tmp_path / "serve.log", "--max-batch-size", "4").start()
+    without a deadline), four streams and an HTTP stream running, and OpenAI requests (a stream, a plain
+    one, one whose grammar is compiling): every open request is answered with our "shutting down" (JSON at
+    HTTP and OpenAI, a final error at gRPC), no ASGI traceback, and `nemodiff serve` exits 0 within its
+    exit timeout."""
+    served = Server(engine_dir, tmp_path / "serve.log", "--max-batch-size", "6", openai=True,
+                    env=plain_env(PYTHONPATH=str(FAULTS))).start()
     tree = descendants(served.process.pid)
     assert tree and shm_regions(served.process.pid)
     assert asyncio.run(eight_clients(served)) == [True] * 8
@@ -310,6 +355,15 @@ def test_sigterm_answers_every_open_stream_and_leaves_nothing_behind(engine_dir,
             chunk = sock.recv(65536)
             assert chunk, "the HTTP stream closed before its first event"
             first += chunk
+        answers: dict = {}
+        chat = {"messages": [{"role": "user", "content": "hi"}], "decode_mode": "quadratic-spec", "block_length": 16,
+                "max_tokens": 3000 // 16, "ignore_eos": True}
+        openai_threads = [post_in_thread(f"{served.openai_url}/chat/completions", chat | {"stream": True}, answers,
+                                         "stream"),
+                          post_in_thread(f"{served.openai_url}/chat/completions", chat, answers, "plain"),
+                          post_in_thread(f"{served.openai_url}/completions", {  # compiles for a minute
+                              "prompt": "x", "max_tokens": 4, "guided_regex": SLOW_REGEX}, answers, "guided")]
+        wait_metrics(served, lambda m: m["nemodiff_requests_in_flight"] >= 6)
         stopping = time.monotonic()
         os.killpg(served.process.pid, signal.SIGTERM)  # as `kill -TERM -PGID` would
         outcomes = [collect(stream, timeout=30) for stream in grpc_streams]
@@ -321,6 +375,8 @@ def test_sigterm_answers_every_open_stream_and_leaves_nothing_behind(engine_dir,
         http_events = [line for line in received.split(b"\n") if line.startswith(b"data:")]
         returncode = served.wait_exit(60)
         stopped_in = time.monotonic() - stopping
+        for thread in openai_threads:
+            thread.join(30)
     finally:
         sock.close()
         for stream in grpc_streams + [idle_stream]:
@@ -330,6 +386,12 @@ def test_sigterm_answers_every_open_stream_and_leaves_nothing_behind(engine_dir,
     for _ids, error in outcomes:
         assert error is not None and "shutting down" in error.message()
     assert b"shutting down" in http_events[-1]  # the HTTP stream ended with an error event, not a cut connection
+    assert answers["plain"][0] == answers["guided"][0] == 503, answers
+    assert all(json.loads(answers[n][1])["error"]["message"].startswith("the server is shutting down")
+               for n in ("plain", "guided"))
+    # a stream that had begun ends with an error event; one still waiting for its first token is a 503
+    assert answers["stream"][0] in (200, 503) and b"the server is shutting down" in answers["stream"][1], answers
+    assert "Unexpected ASGI message" not in served.log() and "Traceback" not in served.log(), served.log()[-3000:]
     assert alive(tree) == set()
     assert shm_regions(served.process.pid) == []
     assert "Exit timeout expired" not in served.log()

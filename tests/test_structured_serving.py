@@ -68,6 +68,44 @@ def test_triton_bad_guide_is_invalid_arg(server, fields, message):
     assert server.generate({"text_input": "the cat", "max_tokens": 3})[0] == 200
 
 
+def test_a_huge_schema_is_400_and_stalls_nobody(client, server):
+    """A schema of 10,000 optional properties (which xgrammar would take minutes and gigabytes to compile) is
+    a 400 naming the limit at both ports, and three plain requests sent meanwhile each finish in under 3 s;
+    so do 100,000 choices and 2,000 forced tools."""
+    import threading
+    import time
+
+    huge = {"type": "object", "properties": {f"p{i}": {"type": "integer"} for i in range(10_000)}}
+    errors = []
+
+    def attack():
+        try:
+            client.chat.completions.create(model="nemodiff", messages=[{"role": "user", "content": "x"}],
+                                           max_tokens=8, response_format={
+                                               "type": "json_schema", "json_schema": {"name": "h", "schema": huge}})
+        except openai.BadRequestError as exc:
+            errors.append(str(exc))
+
+    attacker = threading.Thread(target=attack)
+    attacker.start()
+    for i in range(3):
+        started = time.monotonic()
+        assert client.completions.create(model="nemodiff", prompt=f"plain {i}", max_tokens=4).choices[0].text is not None
+        assert time.monotonic() - started < 3.0
+    attacker.join(30)
+    assert errors and "10000 properties; the limit is 1024 (max_properties)" in errors[0]
+    status, body = server.generate({"text_input": "the cat", "max_tokens": 8, "guided_decoding_guide_type": "json_schema",
+                                    "guided_decoding_guide": json.dumps(huge)})
+    assert status == 400 and "(max_properties)" in body["error"], body
+    with pytest.raises(openai.BadRequestError, match=r"100000 choices; the limit is 4096 \(max_alternatives\)"):
+        client.completions.create(model="nemodiff", prompt="pick", max_tokens=4,
+                                  extra_body={"guided_choice": [f"c{i}" for i in range(100_000)]})
+    tools = [{"type": "function", "function": {"name": f"f{i}", "parameters": {"type": "object"}}} for i in range(5000)]
+    with pytest.raises(openai.BadRequestError, match=r"the limit is 4096 \(max_alternatives\)"):
+        client.chat.completions.create(model="nemodiff", messages=[{"role": "user", "content": "x"}], max_tokens=8,
+                                       tools=tools, tool_choice="required")
+
+
 def test_openai_response_format_and_guided_fields(client):
     chat = [{"role": "user", "content": "where to?"}]
     reply = client.chat.completions.create(model="nemodiff", messages=chat, max_tokens=40, response_format={

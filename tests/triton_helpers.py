@@ -32,6 +32,9 @@ def plain_env(**extra: str) -> dict:
     venv_bin = str(Path(sys.executable).parent)
     env["PATH"] = os.pathsep.join(p for p in env.get("PATH", "/usr/bin:/bin").split(os.pathsep)
                                   if p and Path(p).resolve() != Path(venv_bin).resolve()) or "/usr/bin:/bin"
+    # a checkout put on PYTHONPATH in front of an installed copy (a second worktree) is what the server must run
+    if str(REPO_ROOT) in os.environ.get("PYTHONPATH", "").split(os.pathsep):
+        extra["PYTHONPATH"] = os.pathsep.join(p for p in (extra.get("PYTHONPATH"), str(REPO_ROOT)) if p)
     return env | extra
 
 

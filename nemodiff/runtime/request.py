@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 
 MAX_TOP_LOGPROBS = 20
 MAX_LOGIT_BIAS = 100.0  # OpenAI's range for logit_bias values
+MAX_CACHE_SALT = 1024  # characters of a cache_salt
 MODES = ("ar", "diffusion", "linear-spec", "quadratic-spec")
 MODE_ALIASES = {"fastdiffuser": "diffusion", "fast-diffuser": "diffusion", "linearspec": "linear-spec",
                 "quadraticspec": "quadratic-spec", "autoregressive": "ar"}
@@ -111,6 +112,8 @@ class SamplingParams:
     guided_drafts: bool = True  # spec modes under a guide, temperature 0: drafts built under the grammar too
     logit_bias: dict[int, float] | None = None  # token id -> added to its logit before every decision
     min_tokens: int = 0  # end-of-sequence, stop_token_ids and stop strings cannot end the output earlier
+    # tenants: prefix-cache pages are shared only between requests with the same salt (None: its own tenant)
+    cache_salt: str | None = None
 
     def validate(self) -> "SamplingParams":
         self.mode = normalize_mode(self.mode)
@@ -151,6 +154,7 @@ class SamplingParams:
             raise ValueError(f"min_tokens must be in [0, max_new_tokens = {self.max_new_tokens}] "
                              f"(got {self.min_tokens})")
         self._validate_bias()
+        self._validate_salt()
         if self.guide is not None:
             if not isinstance(self.guide, Guide):
                 raise ValueError(f"guide must be a Guide (got {type(self.guide).__name__})")
@@ -162,6 +166,12 @@ class SamplingParams:
                 raise ValueError("min_tokens cannot be combined with a guide: the guide's grammar may end "
                                  "before it, and its end is an end-of-sequence token")
         return self
+
+    def _validate_salt(self) -> None:
+        salt = self.cache_salt
+        if salt is not None and (not isinstance(salt, str) or not salt or len(salt) > MAX_CACHE_SALT):
+            raise ValueError(f"cache_salt must be a non-empty string of at most {MAX_CACHE_SALT} characters "
+                             f"(got {type(salt).__name__} of length {len(salt) if isinstance(salt, str) else '-'})")
 
     def _validate_bias(self) -> None:
         """logit_bias: token id -> a finite number in [-MAX_LOGIT_BIAS, MAX_LOGIT_BIAS] (the ids' range is

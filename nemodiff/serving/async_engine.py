@@ -16,7 +16,8 @@ Guarantees, whatever fails:
   process is expected to be restarted by its supervisor (`nemodiff serve` exits non-zero).
 
 Images (VLM engines) are decoded in the submitting thread (a bad one is an "invalid" error
-before the request is queued); the vision tower runs on the loop.
+before the request is queued); the vision tower runs on the loop. A guided request's grammar is
+compiled on a worker beside the loop (grammar_workers.py): the engine receives it compiled.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from nemodiff.runtime.request import SamplingParams
 from nemodiff.runtime.text.streaming import TextStream
 
 from . import errors
+from .grammar_workers import GrammarWorkers, Parked, client_gone
 from .updates import Handle, Update, deliver, error_update
 
 log = logging.getLogger(__name__)
@@ -70,6 +72,8 @@ class AsyncEngine:
         self._idle_wait = idle_wait_s
         self._stop = threading.Event()
         self._lock = threading.Lock()  # guards the snapshot read by metrics()
+        self._compiles = GrammarWorkers(self._compile, self.engine.guide_limits.compile_timeout_s,
+                                        lambda: self._commands.put(("wake",)))
         llm.claim("an AsyncEngine")
         self._thread = threading.Thread(target=self._supervise, name="nemodiff-engine", daemon=True)
         self._thread.start()
@@ -184,7 +188,7 @@ class AsyncEngine:
             } | self.engine.image_stats()
         with self._state_lock:
             snapshot |= {"requests_in_flight": self._in_flight, "requests_refused": self.refused,
-                         "requests_timed_out": self.timed_out, "engine_healthy": int(self.healthy)}
+                         "requests_timed_out": self.timed_out + self._compiles.timed_out, "engine_healthy": int(self.healthy)}
         return snapshot
 
     def shutdown(self, timeout: float = 10.0) -> None:
@@ -195,6 +199,7 @@ class AsyncEngine:
         self._commands.put(("wake",))
         self._thread.join(timeout)
         self._answer_everything(errors.SHUTTING_DOWN, "unavailable")
+        self._compiles.close()
         if not self._thread.is_alive():
             self.llm.release()  # nobody steps the engine any more: generate() may
 
@@ -223,6 +228,7 @@ class AsyncEngine:
         self._drain_commands(block=idle)
         self._poll_cancellations()
         self._expire_deadlines()
+        self._compiles.settle(self._finish, self._admit_parked)
         if not self.engine.has_unfinished():
             return
         with self._lock:
@@ -257,15 +263,16 @@ class AsyncEngine:
             if self.closing is not None:
                 self._finish(handle, error_update(self.closing, "unavailable"))
                 return
-            try:
-                with self._lock:
-                    handle.request = self.engine.add_request(
-                        prompt_ids, params, images, leader=leader.request if leader is not None else None)
-            except ValueError as exc:
-                self._finish(handle, error_update(str(exc), "invalid"))
+            grammar = None if params.guide is None else self.engine.cached_grammar(params.guide)
+            if params.guide is not None and grammar is None:
+                try:
+                    self.engine.validate(prompt_ids, params)  # the guide's size limits, before any compile
+                except ValueError as exc:
+                    self._finish(handle, error_update(str(exc), "invalid"))
+                    return
+                self._compiles.park(handle, params.guide, command)
                 return
-            handle.stream = TextStream(handle.request)
-            self._handles[handle.request.request_id] = handle
+            self._admit(command, grammar)
         elif kind == "cancel":
             handle = command[1]
             if handle.request is not None and not handle.done:
@@ -276,7 +283,34 @@ class AsyncEngine:
             for handle in list(self._handles.values()):
                 self._abort(handle, "error")
                 self._finish(handle, error_update(message, "unavailable"))
+            for handle in self._compiles.take_all():
+                self._finish(handle, error_update(message, "unavailable"))
             done.set()
+
+    def _admit(self, command: tuple, grammar) -> None:
+        """Add a submitted request to the engine (with its compiled grammar when it is guided)."""
+        _, handle, prompt_ids, params, images, leader = command
+        try:
+            with self._lock:
+                handle.request = self.engine.add_request(
+                    prompt_ids, params, images, leader=leader.request if leader is not None else None,
+                    grammar=grammar)
+        except ValueError as exc:
+            self._finish(handle, error_update(str(exc), "invalid"))
+            return
+        handle.stream = TextStream(handle.request)
+        self._handles[handle.request.request_id] = handle
+
+    # -- guided requests waiting for their grammar (grammar_workers.py) ------------------------
+    def _compile(self, guide):
+        return self.engine.grammars().compile(guide)  # a worker thread
+
+    def _admit_parked(self, parked: Parked) -> None:
+        if self.closing is not None:
+            self._finish(parked.handle, error_update(self.closing, "unavailable"))
+        else:
+            self._admit(parked.command, parked.job.grammar)
+
 
     def _abort(self, handle: Handle, reason: str) -> None:
         self._handles.pop(handle.request.request_id, None)
@@ -285,13 +319,7 @@ class AsyncEngine:
 
     def _poll_cancellations(self) -> None:
         for handle in list(self._handles.values()):
-            if handle.is_cancelled is None:
-                continue
-            try:
-                cancelled = handle.is_cancelled()
-            except Exception:  # the client side is gone
-                cancelled = True
-            if cancelled:
+            if handle.is_cancelled is not None and client_gone(handle):
                 self._abort(handle, "cancelled")
                 self._publish_one(handle)
 
@@ -352,7 +380,7 @@ class AsyncEngine:
 
     def _answer_everything(self, message: str, kind: str) -> None:
         """End every pending request, queued or running; safe from any thread once the loop has stopped."""
-        pending = list(self._handles.values())
+        pending = list(self._handles.values()) + self._compiles.take_all()
         self._handles.clear()
         while True:
             try:

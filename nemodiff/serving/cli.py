@@ -204,6 +204,9 @@ def prepare_backends(wheel_root: Path, into: Path) -> Path:
 @click.option("--request-timeout", type=float, default=None,
               help="Seconds a request may take from arrival to its last token; past it, it ends with an error "
                    "and frees its pages [default: no limit]. A request's own `timeout` can only shorten it.")
+@click.option("--grammar-timeout", type=float, default=10.0,
+              help="Seconds a structured-output grammar may take to compile (beside the engine loop); past it "
+                   "its request is a 400 naming the limit.")
 @click.option("--max-request-bytes", type=str, default="8MiB",
               help="Largest prompt (text_input / input_ids / stop words) a request may carry, and the largest "
                    "OpenAI request body.")
@@ -230,7 +233,7 @@ def serve(engine_dir: Path, http_port: int, grpc_port: int, metrics_port: int, h
           kv_cache_memory: str | None, max_batch_size: int | None, max_num_batched_tokens: int | None,
           instance_kind: str | None, device: str | None, tp: int | None, gpus_text: str | None, instances: int,
           model_repo: Path | None, server_path: Path | None, max_queue: int, request_timeout: float | None,
-          max_request_bytes: str, max_n: int, prefix_cache: bool, openai_port: int | None, served_model_name: str, api_key: str | None,
+          grammar_timeout: float, max_request_bytes: str, max_n: int, prefix_cache: bool, openai_port: int | None, served_model_name: str, api_key: str | None,
           idle_timeout: float, exit_timeout: float, startup_timeout: float, log_verbose: int) -> None:
     """Serve an engine with Triton Inference Server (HTTP, gRPC, metrics; optionally the OpenAI API)."""
     from nemodiff.serving.process import ServerRun, run_server
@@ -250,7 +253,7 @@ def serve(engine_dir: Path, http_port: int, grpc_port: int, metrics_port: int, h
     if max_queue < 0:
         raise click.BadParameter("must be at least 0", param_hint="--max-queue")
     for name, value in (("--request-timeout", request_timeout), ("--idle-timeout", idle_timeout),
-                        ("--exit-timeout", exit_timeout)):
+                        ("--exit-timeout", exit_timeout), ("--grammar-timeout", grammar_timeout)):
         if value is not None and not value > 0:
             raise click.BadParameter("must be a positive number of seconds", param_hint=name)
     if api_key is not None and not re.fullmatch(r"[\x21-\x7e]+", api_key):
@@ -286,6 +289,7 @@ def serve(engine_dir: Path, http_port: int, grpc_port: int, metrics_port: int, h
             "default_mode": default_mode, "device": device or "", "instance_groups": groups,
             "tp": str(config.build.tp), "tp_gpu_groups": tp_gpu_groups,
             "max_queue": str(max_queue), "request_timeout_s": str(request_timeout or ""),
+            "grammar_timeout_s": str(grammar_timeout),
             "max_request_bytes": str(sizes["--max-request-bytes"]), "python_site_dirs": json.dumps(site_dirs()),
             "python_path": json.dumps(import_path()),
             "python_env_path": json.dumps([p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]),

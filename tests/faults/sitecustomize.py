@@ -9,14 +9,20 @@ runs this file before it imports nemodiff (see nemodiff/model_repo/nemodiff/1/mo
 - a request whose prompt starts with FAIL_ONE gets a strategy that raises once it has output:
   the engine must end that request alone with its error while its step goes on for the others;
 - a request whose prompt starts with FAIL_LOOP makes the step itself raise (the engine loop dies).
+
+`Engine.grammars` is wrapped too: the regular expression SLOW_REGEX takes SLOW_COMPILE_S longer to
+compile (as a huge schema would in xgrammar), for what happens while a grammar compiles.
 """
 
 import importlib.abc
 import importlib.machinery
 import sys
+import time
 
 FAIL_ONE = [1, 13, 13, 13]
 FAIL_LOOP = [1, 17, 17, 17]
+SLOW_REGEX = "slow-compile [0-9]+"
+SLOW_COMPILE_S = 60.0
 TARGET = "nemodiff.runtime.engine.loop"
 
 
@@ -36,6 +42,22 @@ def _wrap(engine_class) -> None:
         return real_launch(self)
 
     engine_class.launch = launch
+    real_grammars = engine_class.grammars
+
+    def grammars(self):
+        made = real_grammars(self)
+        if not getattr(made, "_slowed", False):
+            real_compile = made._compile
+
+            def compile_(guide):
+                if guide.kind == "regex" and guide.text == SLOW_REGEX:
+                    time.sleep(SLOW_COMPILE_S)
+                return real_compile(guide)
+
+            made._compile, made._slowed = compile_, True
+        return made
+
+    engine_class.grammars = grammars
 
 
 class _Finder(importlib.abc.MetaPathFinder):

@@ -71,20 +71,28 @@ class Grammars:
         self.compiled_count = 0  # grammars compiled (not found in the cache)
         self._lock = threading.Lock()  # admission checks run on the serving threads, matchers on the engine's
 
-    def compile(self, guide: Guide):
-        """The compiled grammar of a guide (cached); ValueError naming the problem when it is bad."""
+    def cached(self, guide: Guide):
+        """The compiled grammar of a guide when it is in the cache, else None (never compiles)."""
         key = (guide.kind, guide.text, guide.choices)
         with self._lock:
             hit = self._cache.get(key)
             if hit is not None:
                 self._cache.move_to_end(key)
-                return hit
-            compiled = self._compile(guide)
+            return hit
+
+    def compile(self, guide: Guide):
+        """The compiled grammar of a guide (cached); ValueError naming the problem when it is bad. The
+        compile runs outside the lock: a long one holds up no other thread's cache lookups."""
+        hit = self.cached(guide)
+        if hit is not None:
+            return hit
+        compiled = self._compile(guide)
+        with self._lock:
             self.compiled_count += 1
-            self._cache[key] = compiled
+            self._cache[(guide.kind, guide.text, guide.choices)] = compiled
             while len(self._cache) > self.cache_size:
                 self._cache.popitem(last=False)
-            return compiled
+        return compiled
 
     def _compile(self, guide: Guide):
         compiler, kind = self._compiler, guide.kind
@@ -111,8 +119,10 @@ class Grammars:
                     "choice": "choice list", "json": "JSON grammar"}[kind]
             raise ValueError(f"invalid {what}: {_clean(exc)}") from None
 
-    def matcher(self, guide: Guide) -> "GuideMatcher":
-        return GuideMatcher(self._xgr, self.compile(guide), self.vocab_size, self.never)
+    def matcher(self, guide: Guide, compiled=None) -> "GuideMatcher":
+        """A matcher of the guide: over `compiled` (its compiled grammar) when given, else compiled here."""
+        return GuideMatcher(self._xgr, compiled if compiled is not None else self.compile(guide), self.vocab_size,
+                            self.never)
 
 
 class GuideMatcher:

@@ -31,6 +31,7 @@ import torch
 
 from nemodiff.runtime.decoding.decision_pass import Decider
 from nemodiff.runtime.decoding.grammar import Grammars
+from nemodiff.runtime.decoding.guide_limits import DEFAULT_LIMITS, check_guide
 from nemodiff.runtime.decoding.strategies import STRATEGIES
 from nemodiff.runtime.decoding.strategies.base import StrategyContext
 from nemodiff.runtime.images.pipeline import ImageInput, ImagePipeline, PreparedImages, RequestImages
@@ -66,6 +67,7 @@ class Engine:
         self.tokenizer = tokenizer  # its vocabulary builds the grammars of structured output
         self._grammars: Grammars | None = None  # made on the first guided request
         self._grammars_lock = threading.Lock()
+        self.guide_limits = DEFAULT_LIMITS  # what a guide may be before its grammar is compiled
         self._awaiting_images: dict[int, RequestImages] = {}  # request id -> images not yet encoded
         self.decider = Decider(model.platform, model.config.mask_token_id)
         self._ids = itertools.count()
@@ -96,7 +98,7 @@ class Engine:
         if block > self.max_seq_len:
             raise ValueError(f"block_length {block} exceeds the engine's max_seq_len ({self.max_seq_len})")
         if params.guide is not None:
-            self.grammars().compile(params.guide)  # a bad schema, regex or grammar: ValueError, here
+            check_guide(params.guide, self.guide_limits)  # its size; whether it compiles: add_request
         if params.mode not in STRATEGIES:
             raise ValueError(f"decode mode {params.mode!r} is not available in this build")
         scratch = 0 if params.mode == "ar" else block  # speculative/diffusion writes run ahead by a block
@@ -119,6 +121,10 @@ class Engine:
                                           sorted(self.eos_ids))
             return self._grammars
 
+    def cached_grammar(self, guide):
+        """The guide's compiled grammar if it was compiled already, else None (never compiles)."""
+        return self._grammars.cached(guide) if self._grammars is not None else None
+
     def prepare_images(self, prompt_ids: list[int], images: list[ImageInput] | None,
                        params: SamplingParams) -> PreparedImages | None:
         """Preprocess a request's images and expand its prompt (thread-safe; the vision tower does not
@@ -133,17 +139,20 @@ class Engine:
         return self.images.preprocess(list(prompt_ids), list(images or []), self.max_seq_len - params.max_new_tokens)
 
     def add_request(self, prompt_ids: list[int], params: SamplingParams,
-                    images: list[ImageInput] | PreparedImages | None = None, leader: Request | None = None) -> Request:
+                    images: list[ImageInput] | PreparedImages | None = None, leader: Request | None = None,
+                    grammar=None) -> Request:
         """images: the prompt's images (paths, bytes, PIL images), or what `prepare_images` made of them.
         leader: another choice of the same prompt (n > 1); this one is admitted once the leader's prompt is
-        cached, so that it starts from the leader's pages instead of computing them again."""
+        cached, so that it starts from the leader's pages instead of computing them again.
+        grammar: the guide's compiled grammar (the servers compile it beside the loop); without it the guide
+        is compiled here, on the caller's thread (LLM.generate). A bad guide is a ValueError."""
         prepared = images if isinstance(images, PreparedImages) else self.prepare_images(prompt_ids, images, params)
         if prepared is not None:
             prompt_ids = prepared.token_ids
         self.validate(prompt_ids, params)
         request = Request(next(self._ids), list(prompt_ids), params, self.eos_ids, self.decode)
         if params.guide is not None:
-            request.grammar = self.grammars().matcher(params.guide)
+            request.grammar = self.grammars().matcher(params.guide, grammar)
         if prepared is not None and prepared.pixels:
             request.images = RequestImages(request.prompt_ids, prepared.pixels, self.images.image_token_id,
                                            self.images.encode)

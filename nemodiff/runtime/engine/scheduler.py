@@ -15,6 +15,7 @@ Prefix caching (nemodiff/runtime/model/prefix_cache.py): a request entering the 
 longest run of indexed pages matching its tokens (a new request: its prompt but the last token,
 whose logits it needs; a resumed one: everything it had committed), and recomputes only the rest.
 Every page a request fills with committed tokens is offered to the index after its step.
+Chains start from the request's `cache_salt`: only requests with the same salt share pages.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import numpy as np
 
 from nemodiff.runtime.decoding.strategies.base import DecodeStrategy
 from nemodiff.runtime.model.kv_cache import KVCacheFullError, PagedKVCache
-from nemodiff.runtime.model.prefix_cache import ROOT, page_digests
+from nemodiff.runtime.model.prefix_cache import page_digests, tenant_root
 from nemodiff.runtime.model.segments import Pattern, Segment
 from nemodiff.runtime.request import Request
 
@@ -183,7 +184,7 @@ class Scheduler:
         """The first `pages` prefix digests of the sequence's tokens (computed once, extended lazily)."""
         have = len(seq.digests)
         if pages > have:
-            parent = seq.digests[-1] if have else ROOT
+            parent = seq.digests[-1] if have else tenant_root(seq.request.params.cache_salt)
             seq.digests += page_digests(seq.tokens(), self.cache.page_size, pages - have, parent, have,
                                         seq.request.prefix_key if seq.request.images is not None else None)
         return seq.digests[:pages]

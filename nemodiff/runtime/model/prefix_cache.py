@@ -15,6 +15,7 @@ overlapping it). `PagedKVCache` keeps the index below:
 A listener (`PrefixIndex.listener`, e.g. a Dynamo worker's KV-event publisher) hears every change:
 ("stored", digest, parent digest or None, page number in its sequence, the sequence's first token, the
 tokens of that page and the one before it), ("removed", [digests]) and ("cleared",).
+A request's `cache_salt` starts its chain (`tenant_root`): tenants with different salts never share a page.
 """
 
 from __future__ import annotations
@@ -26,6 +27,14 @@ from collections.abc import Callable
 import numpy as np
 
 ROOT = b"nemodiff-prefix-v1"
+
+
+def tenant_root(salt: str | None) -> bytes:
+    """The first parent digest of a tenant's chains: ROOT without a salt, else a digest of the salt, so that
+    pages are found again only by requests with the same `cache_salt` (no salt is a tenant of its own)."""
+    if salt is None:
+        return ROOT
+    return hashlib.blake2b(ROOT + b"/salt/" + salt.encode("utf-8", "surrogatepass"), digest_size=16).digest()
 
 
 def page_digests(tokens, page_size: int, count: int, parent: bytes = ROOT, start_page: int = 0,

@@ -7,18 +7,25 @@ of a request and stalls: a thousand half-sent requests were held open for good. 
 connection has `idle_timeout` seconds, from when it opened or its previous response completed,
 to deliver a complete request (head and body); past that it is closed. A request that has
 arrived may take as long as its answer takes (a response may stream for minutes).
+On `stop()` the requests still open get a moment to finish; then each is answered with our
+"shutting down" error (closing.py) before uvicorn exits, never cut off with its plain-text 500.
 """
 
 from __future__ import annotations
 
 import asyncio
 import threading
+import time
+from collections.abc import Callable
 
 import h11
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from .closing import AnswerOnClose, triton_error
+
 _WAITING_ON_CLIENT = (h11.IDLE, h11.SEND_BODY)
+CLOSE_GRACE_S = 1.0  # for open requests to finish on their own when a front stops
 
 
 class DeadlineH11Protocol(H11Protocol):
@@ -65,10 +72,13 @@ class DeadlineH11Protocol(H11Protocol):
 
 
 class ServerThread:
-    """An ASGI app under uvicorn on a daemon thread (no signal handlers of its own: the supervisor has them)."""
+    """An ASGI app under uvicorn on a daemon thread (no signal handlers of its own: the supervisor has them).
+    error_body(message): the app's JSON shape of an error, for the answers of `stop()`."""
 
-    def __init__(self, app, host: str, port: int, idle_timeout: float, name: str):
+    def __init__(self, app, host: str, port: int, idle_timeout: float, name: str,
+                 error_body: Callable[[str], dict] = triton_error):
         protocol = type("DeadlineH11", (DeadlineH11Protocol,), {"request_timeout": idle_timeout})
+        self.guard = app = AnswerOnClose(app, error_body)
         config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False, http=protocol,
                                 timeout_keep_alive=max(1, round(idle_timeout)), timeout_graceful_shutdown=5)
         self.server = uvicorn.Server(config)  # off the main thread it installs no signal handlers
@@ -87,7 +97,16 @@ class ServerThread:
             self._thread.join(0.05)
         raise RuntimeError(f"the {self.name} did not start on {self.url}")
 
-    def stop(self) -> None:
+    def stop(self, grace: float = CLOSE_GRACE_S) -> None:
+        deadline = time.monotonic() + grace
+        while self.guard.pending() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        loop = self.guard.loop
+        if self.guard.pending() and loop is not None and self._thread.is_alive():
+            try:
+                asyncio.run_coroutine_threadsafe(self.guard.close(), loop).result(timeout=5)
+            except Exception:  # noqa: BLE001  (the loop is gone: uvicorn answers what is left)
+                pass
         self.server.should_exit = True
         if self._thread.is_alive():
             self._thread.join(10)

@@ -27,6 +27,7 @@ READ = frozenset({
     # nemodiff's and vLLM's extra fields
     "decode_mode", "block_length", "threshold", "top_k", "max_thinking_tokens", "ignore_eos", "timeout",
     "min_tokens", "guided_json", "guided_regex", "guided_choice", "guided_grammar",
+    "cache_salt",
 })
 
 # accepted and ignored: they do not change what is generated

@@ -12,7 +12,7 @@ from nemodiff.serving.control import FrontErrors
 from nemodiff.serving.http.server import ServerThread
 from nemodiff.serving.triton.inputs import DEFAULT_MAX_N
 
-from .app import create_app
+from .app import ERROR_TYPES, create_app
 from .backend import TritonBackend
 
 
@@ -24,4 +24,9 @@ class FrontendThread(ServerThread):
                  front_errors: FrontErrors | None = None, max_n: int = DEFAULT_MAX_N):
         app = create_app(engine_dir, TritonBackend(grpc_url, triton_model, api_key), served_model_name,
                          max_body_bytes, api_key, front_errors, max_n)
-        super().__init__(app, host, port, idle_timeout, "OpenAI")
+        super().__init__(app, host, port, idle_timeout, "OpenAI", error_body=openai_error)
+
+
+def openai_error(message: str) -> dict:
+    """A 503 error in OpenAI's shape (the answers of a stopping front)."""
+    return {"error": {"message": message, "type": ERROR_TYPES[503], "param": None, "code": 503}}

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from nemodiff.engine_format import EngineConfig
 from nemodiff.runtime.images.preprocess import ImageError, ImageProcessor
-from nemodiff.runtime.request import MAX_LOGIT_BIAS, MAX_TOP_LOGPROBS
+from nemodiff.runtime.request import MAX_CACHE_SALT, MAX_LOGIT_BIAS, MAX_TOP_LOGPROBS
 from nemodiff.runtime.text.tokenizer import EngineTokenizer
 from nemodiff.serving.http.guard import BodyError, check_strings, parse_json
 from nemodiff.serving.openai.fields import note_unknown, refusal
@@ -46,6 +46,9 @@ EXTRA_FIELDS = {
     "ignore_eos": (lambda v: isinstance(v, bool), "true or false"),
     "timeout": (lambda v: _is_number(v) and math.isfinite(v) and v > 0, "a positive number of seconds"),
     "min_tokens": (lambda v: _is_int(v) and 0 <= v < 2**31, "an integer >= 0"),
+    # tenants (vLLM's field): prefix-cache pages are shared only between requests with the same salt
+    "cache_salt": (lambda v: isinstance(v, str) and 0 < len(v) <= MAX_CACHE_SALT,
+                   f"a non-empty string of at most {MAX_CACHE_SALT} characters"),
 }
 
 

@@ -7,7 +7,8 @@ The inputs are those of TensorRT-LLM's `tensorrt_llm_bls` model plus nemodiff's 
 `top_logprobs`, `min_tokens`, `logit_bias`: a JSON object of token ids and biases). `min_length`
 is `min_tokens` (at most max_tokens). `return_log_probs` asks for log-probabilities, `num_return_sequences` for up to
 the server's `max_n` sequences. Structured output comes in TensorRT-LLM's `guided_decoding_guide_type`
-and `guided_decoding_guide`.
+and `guided_decoding_guide`. `cache_salt` (a string, vLLM's name) names the request's tenant: prefix-cache
+pages are shared only between requests with the same salt.
 Inputs that Triton's OpenAI frontend and genai-perf send for features nemodiff does not
 have are declared so those tools work, and refused only when they ask for something
 (a non-empty guide, a penalty other than the neutral value, beam width > 1, ...).
@@ -33,6 +34,7 @@ import numpy as np
 
 from nemodiff.runtime.request import (
     GUIDE_KINDS,
+    MAX_CACHE_SALT,
     MAX_LOGIT_BIAS,
     MAX_TOP_LOGPROBS,
     Guide,
@@ -238,6 +240,16 @@ def logit_bias_input(inputs: RequestInputs, vocab_size: int) -> dict[int, float]
     return bias or None
 
 
+def _cache_salt(inputs: RequestInputs) -> str | None:
+    salts = inputs.strings("cache_salt")
+    if len(salts) > 1:
+        raise BadRequest("cache_salt takes one value per request")
+    if salts and not 0 < len(salts[0]) <= MAX_CACHE_SALT:
+        raise BadRequest(f"cache_salt must be a non-empty string of at most {MAX_CACHE_SALT} characters "
+                         f"(got {len(salts[0])})")
+    return salts[0] if salts else None
+
+
 def guide_input(inputs: RequestInputs) -> Guide | None:
     """Structured output from `guided_decoding_guide_type` (json, json_schema, regex, choice, ebnf_grammar)
     and `guided_decoding_guide` (the schema, expression or grammar; for choice a JSON list of strings).
@@ -331,6 +343,7 @@ def parse_request(inputs: RequestInputs, tokenizer: PromptTokenizer, decode, def
         block_length=inputs.scalar("block_length", int), threshold=threshold, ignore_eos=ignore_eos,
         max_thinking_tokens=inputs.scalar("max_thinking_tokens", int), logprobs=logprobs, guide=guide_input(inputs),
         min_tokens=min_tokens, logit_bias=logit_bias_input(inputs, vocab_size),
+        cache_salt=_cache_salt(inputs),
     )
     images = inputs.array(IMAGE_INPUT)
     images = [image_bytes(v) for v in images.reshape(-1)] if images is not None else []

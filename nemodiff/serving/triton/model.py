@@ -22,6 +22,7 @@ import json
 import queue
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import triton_python_backend_utils as pb_utils
@@ -108,6 +109,9 @@ class NemodiffModel:
         self._live: dict[int, RequestState] = {}
         self._live_lock = threading.Lock()
         self.metrics = ModelMetrics(self.instance)
+        grammar_timeout = number("grammar_timeout_s", float)
+        if grammar_timeout is not None:  # structured output: how long a grammar may take to compile
+            self.llm.engine.guide_limits = replace(self.llm.engine.guide_limits, compile_timeout_s=grammar_timeout)
         max_queue = params.get("max_queue", "").strip()
         self.engine = AsyncEngine(self.llm, max_queue=int(max_queue) if max_queue else None,
                                   request_timeout_s=number("request_timeout_s", float), on_failure=self._on_failure)
