@@ -15,9 +15,8 @@ Guarantees, whatever fails:
   submissions are refused, `failure` says why and `on_failure` is called once: the
   process is expected to be restarted by its supervisor (`nemodiff serve` exits non-zero).
 
-Images (VLM engines) are decoded in the submitting thread (a bad one is an "invalid" error
-before the request is queued); the vision tower runs on the loop. A guided request's grammar is
-compiled on a worker beside the loop (grammar_workers.py): the engine receives it compiled.
+Images are decoded in the submitting thread (a bad one is an "invalid" error before the request is
+queued); the vision tower runs on the loop, and grammars compile beside it (grammar_workers.py).
 """
 
 from __future__ import annotations
