@@ -2,6 +2,7 @@
 before anything is allocated, and nothing outside the engine is opened."""
 
 import json
+import os
 import shutil
 
 import pytest
@@ -172,6 +173,19 @@ def test_corrupt_header_and_tokenizer_name_their_file(engine):
     refused(engine, "weights.safetensors: unreadable safetensors file")
     (engine / "tokenizer.json").write_text('{"model": 3}')
     with pytest.raises(EngineFormatError, match=r"tokenizer.json: not a valid tokenizer \("):
+        EngineTokenizer(engine)
+
+
+@pytest.mark.parametrize("name, size, limit", [("tokenizer.json", 20 * 10**9, 128 << 20),
+                                               ("chat_template.jinja", 2 << 20, 1 << 20)])
+def test_oversized_files_are_refused_before_they_are_read_or_hashed(engine, name, size, limit):
+    if not (engine / name).exists():
+        (engine / name).write_text("{{ messages }}")
+        os.truncate(engine / name, size)
+        write_manifest(engine)
+    os.truncate(engine / name, size)  # sparse: reading or hashing 20 GB would take minutes
+    refused(engine, f"{name}: {size} bytes, over the limit of {limit} bytes for {name}")
+    with pytest.raises(EngineFormatError, match=f"{name}: {size} bytes, over the limit of {limit} bytes"):
         EngineTokenizer(engine)
 
 

@@ -30,6 +30,7 @@ def server(served_engine, tmp_path_factory):
     # errors and hang-ups were quiet: no Triton error line, no traceback, no plain-text 500
     log = served.log()
     assert "HandleCancellation" not in log and "Traceback" not in log and "Exit timeout expired" not in log
+    assert "Segfault" not in log  # nor a crash of the backend stub at exit
 
 
 @pytest.fixture(scope="module")

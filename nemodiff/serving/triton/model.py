@@ -18,11 +18,11 @@ reaches Triton, so that nothing of it waits on Triton's unloading.
 
 from __future__ import annotations
 
+import gc
 import json
 import queue
 import threading
 import time
-from pathlib import Path
 
 import triton_python_backend_utils as pb_utils
 
@@ -101,9 +101,7 @@ class NemodiffModel:
                        prefix_cache=prefix_cache)
         self.max_seq_len = self.llm.config.build.max_seq_len
         self.vocab_size = self.llm.config.model.vocab_size
-        from tokenizers import Tokenizer
-
-        vocab = Tokenizer.from_file(str(Path(params["engine_dir"]) / "tokenizer.json")).get_vocab(True)
+        vocab = self.llm.tokenizer.vocab()  # read once, within its size limit, by the engine's tokenizer
         self.prompt_tokenizer = PromptTokenizer(self.llm.tokenizer.encode, vocab, self.max_seq_len)
         self._live: dict[int, RequestState] = {}
         self._live_lock = threading.Lock()
@@ -345,5 +343,9 @@ class NemodiffModel:
         self.retire()
         self._outbox.put(None)  # everything queued before this is sent first
         self._sender.join(timeout=DRAIN_WAIT_S)
+        # The model sits in reference cycles (its threads and callbacks hold it), so only a garbage collection
+        # frees it: its metric families go now, and the cycles are collected while the stub is whole.
+        self.metrics.close()
+        gc.collect()
         if self.control is not None:
             self.control.set(FINALIZED)
