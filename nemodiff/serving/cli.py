@@ -233,8 +233,13 @@ def serve(engine_dir: Path, http_port: int, grpc_port: int, metrics_port: int, h
           max_request_bytes: str, max_n: int, prefix_cache: bool, openai_port: int | None, served_model_name: str, api_key: str | None,
           idle_timeout: float, exit_timeout: float, startup_timeout: float, log_verbose: int) -> None:
     """Serve an engine with Triton Inference Server (HTTP, gRPC, metrics; optionally the OpenAI API)."""
+    from nemodiff.serving.ports import check_ports
     from nemodiff.serving.process import ServerRun, run_server
 
+    taken = check_ports(host, {"--http-port": http_port, "--grpc-port": grpc_port, "--metrics-port": metrics_port,
+                               "--openai-port": openai_port})
+    if taken:  # before anything starts: no Triton log to read through, no "ready"
+        raise click.ClickException(taken)
     config = check_engine_at_startup(engine_dir, device)
     sizes = {}
     for name, text in (("--kv-cache-memory", kv_cache_memory), ("--max-request-bytes", max_request_bytes)):
