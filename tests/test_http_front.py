@@ -75,6 +75,13 @@ def get(url: str, headers: dict | None = None) -> int:
         return exc.code
 
 
+def scraped_series(url: str) -> set[str]:
+    """The names of the nemodiff_* series at a Prometheus URL, fetched without a key."""
+    with urllib.request.urlopen(url, timeout=30) as reply:
+        return {line.split("{")[0].split(" ")[0] for line in reply.read().decode().splitlines()
+                if line.startswith("nemodiff_")}
+
+
 def openai_post(server, data: bytes, headers: dict | None = None, path: str = "completions") -> tuple[int, dict]:
     headers = {"Content-Type": "application/json"} | (server.headers if headers is None else headers)
     request = urllib.request.Request(f"{server.openai_url}/{path}", data=data, method="POST", headers=headers)
@@ -97,6 +104,10 @@ def test_the_api_key_guards_every_front(server):
     for path in ("/v2/health/ready", "/v2/health/live", "/v2/models/nemodiff/ready", "/v2/models/nemodiff"):
         assert get(f"{server.http}{path}") == 200, path  # probes and metadata stay open
     assert get(f"http://127.0.0.1:{server.metrics_port}/metrics") == 200
+    series = {port: scraped_series(f"http://127.0.0.1:{port}/metrics")  # load tools scrape their base URL
+              for port in (server.metrics_port, server.openai_port, server.http_port)}
+    assert "nemodiff_requests_in_flight" in series[server.metrics_port]
+    assert series[server.openai_port] == series[server.http_port] == series[server.metrics_port]
     for headers in ({}, {"triton-grpc-protocol-authorization": "Bearer wrong"}):
         stream = GrpcStream(server.grpc, headers=headers)
         try:

@@ -327,7 +327,8 @@ def serve(engine_dir: Path, http_port: int, grpc_port: int, metrics_port: int, h
             from nemodiff.serving.http.front import TritonFront
             from nemodiff.serving.http.server import ServerThread
 
-            app = TritonFront(f"http://127.0.0.1:{triton_http_port}", api_key, control, front_errors)
+            app = TritonFront(f"http://127.0.0.1:{triton_http_port}", api_key, control, front_errors,
+                              metrics_url=f"http://{local}:{metrics_port}/metrics")
             return ServerThread(app, host, http_port, idle_timeout, "HTTP")
 
         fronts = [http_front]
@@ -337,7 +338,8 @@ def serve(engine_dir: Path, http_port: int, grpc_port: int, metrics_port: int, h
 
                 return FrontendThread(engine_dir.resolve(), f"{local}:{grpc_port}", host, openai_port,
                                       served_model_name, sizes["--max-request-bytes"], MODEL_NAME, api_key=api_key,
-                                      idle_timeout=idle_timeout, front_errors=front_errors, max_n=max_n)
+                                      idle_timeout=idle_timeout, front_errors=front_errors, max_n=max_n,
+                                      metrics_url=f"http://{local}:{metrics_port}/metrics")
 
             fronts.append(openai_front)
         placement = f"GPU groups {tp_gpu_groups}" if tp_gpu_groups else f"{instances} {instance_kind} instance(s)"

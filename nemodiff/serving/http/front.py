@@ -4,7 +4,8 @@ checkpoint ──builder──▶ engine dir ──runtime──▶ Triton ─�
 
 Triton's HTTP server listens on an internal loopback port; this front takes the public one and
 forwards every request to it, after:
-- the API key (`--api-key`): everything but health and metadata needs `Authorization: Bearer KEY`
+- the API key (`--api-key`): everything but health, metadata and `/metrics` (the metrics port's,
+  passed through, for load tools that scrape their base URL) needs `Authorization: Bearer KEY`
   (401 otherwise); Triton checks the same header again behind us;
 - the body: at most `max_body_bytes`, valid UTF-8 and JSON, at most `MAX_JSON_DEPTH` levels deep
   (guard.py; Triton's parser crashed the server on deep bodies), else 400/413 and Triton never
@@ -34,7 +35,8 @@ from nemodiff.serving.http.guard import BodyError, bearer_ok, parse_json, read_b
 MAX_BODY_BYTES = 64 * 2**20  # Triton's own default (--http-max-input-size): images travel in generate bodies
 THREAD_PARSE_BYTES = 256 * 2**10  # larger bodies are checked on a worker thread, not the event loop
 GENERATE = re.compile(r"/v2/models/[^/]+(?:/versions/[^/]+)?/generate(?:_stream)?")
-OPEN = re.compile(r"/v2(?:/health/(?:live|ready)|/models/(?!stats/?$)[^/]+(?:/versions/[^/]+)?(?:/ready)?)?/?")
+OPEN = re.compile(r"/v2(?:/health/(?:live|ready)|/models/(?!stats/?$)[^/]+(?:/versions/[^/]+)?(?:/ready)?)?/?"
+                  r"|/metrics")
 HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer", "trailers",
               "transfer-encoding", "upgrade", "host", "content-length"}
 # Triton answers a generate input it cannot convert to its declared type with status 500; it is a bad request
@@ -67,8 +69,9 @@ def tag(body: bytes, value: dict, key: str) -> bytes:
 
 class TritonFront:
     def __init__(self, upstream: str, api_key: str | None, control: Control | None, front_errors: FrontErrors,
-                 max_body_bytes: int = MAX_BODY_BYTES):
+                 max_body_bytes: int = MAX_BODY_BYTES, metrics_url: str | None = None):
         self.upstream = upstream.rstrip("/")
+        self.metrics_url = metrics_url
         self.api_key = api_key
         self.control = control
         self.errors = front_errors
@@ -129,6 +132,8 @@ class TritonFront:
         elif "authorization" in headers:
             forwarded.append(("authorization", headers["authorization"]))
         url = self.upstream + scope["raw_path"].decode("latin-1")
+        if path == "/metrics" and self.metrics_url:  # the metrics port's, where load tools look for it
+            url = self.metrics_url
         if scope.get("query_string"):
             url += "?" + scope["query_string"].decode("latin-1")
         answered = asyncio.Event()  # set just before the last send: uvicorn then says "disconnect" to a reader
