@@ -295,16 +295,39 @@ def bodies(draw):
     return (text if cut is None else text[:cut]).encode()
 
 
+CHAT_FIELDS = ["max_tokens", "max_completion_tokens", "n", "logprobs", "top_logprobs", "stop", "tools", "tool_choice",
+               "response_format", "seed", "temperature", "decode_mode"]
+ROLES = st.one_of(st.sampled_from(["system", "user", "assistant", "tool", "developer", "User", "user\x00", "", "\ud800"]),
+                  VALUES)
+
+
+@st.composite
+def chat_bodies(draw):
+    """OpenAI chat bodies: roles, contents and the fields beside them fuzzed (sent to the OpenAI port)."""
+    messages = draw(st.lists(st.fixed_dictionaries({"role": ROLES, "content": st.one_of(st.text(max_size=20), VALUES)}),
+                             max_size=3))
+    body = {"messages": messages, "timeout": 2.0,
+            "max_tokens": draw(st.one_of(st.integers(1, 3), st.integers(-2**70, 2**70), VALUES))}
+    for name in draw(st.lists(st.sampled_from(CHAT_FIELDS), max_size=3)):
+        body[name] = draw(VALUES)
+    return json.dumps(body, allow_nan=True).encode()
+
+
 FUZZ_SECONDS = 15.0
 seen: dict[int, list] = {}
 
 
 @settings(max_examples=1500, deadline=None, database=None, suppress_health_check=list(HealthCheck))
-@given(body=bodies(), path=st.sampled_from(["generate", "generate_stream"]))
+@given(body=st.one_of(bodies(), chat_bodies()), path=st.sampled_from(["generate", "generate_stream", "chat"]))
 def fuzz_once(server, started, body, path):
     if time.monotonic() - started > FUZZ_SECONDS:
         return  # out of time: the remaining examples pass at once
-    status, reply = server.post(f"/v2/models/nemodiff/{path}", body)
+    if path == "chat":  # an OpenAI error is JSON in OpenAI's shape, or this raises
+        status, reply = openai_post(server, body, path="chat/completions")
+        assert status == 200 or reply["error"]["message"], reply
+        reply = json.dumps(reply).encode()
+    else:
+        status, reply = server.post(f"/v2/models/nemodiff/{path}", body)
     seen.setdefault(status, []).append((body[:120], reply[:200]))
     assert status in (200, 400, 503), (status, body[:300], reply[:300])
 

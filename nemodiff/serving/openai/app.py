@@ -197,9 +197,10 @@ class OpenAIFrontend:
         answers = []
         for choice in choices.choices:
             text = "".join(choice.text)
-            calls = tool_calls(tool, text) if choice.finish_reason != "length" else []
+            cut = choice.finish_reason == "length"  # OpenAI's truncated call: its partial arguments, "length"
+            calls = tool_calls(tool, text, truncated=cut)
             answers.append((choice.index, text, calls,
-                            "tool_calls" if calls else finish_reason(choice.finish_reason)))
+                            "tool_calls" if calls and not cut else finish_reason(choice.finish_reason)))
         if not body.get("stream"):
             return JSONResponse(meta | {"object": "chat.completion", "usage": choices.usage(), "choices": [
                 {"index": index, "message": {"role": "assistant", "content": None if calls else text}
