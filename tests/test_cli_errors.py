@@ -1,4 +1,4 @@
-"""What an operator hits in the first hour: every spelling of a mode the README promises, and one line (no
+"""What an operator hits in the first hour: every spelling of a mode the docs promise (docs/modes.md), and one line (no
 traceback) for every expected error of every command, run as the real console script."""
 
 import json

@@ -76,3 +76,11 @@ def test_the_guide_covers_every_manifest(resources):
     guide = (ROOT / "docs" / "deploy.md").read_text()
     for resource in resources.values():
         assert f"deploy/{resource['_file']}" in guide
+
+
+def test_the_image_copies_only_what_exists():
+    """Every COPY source of the Dockerfile is in the repository (the package is the one folder nemodiff/)."""
+    sources = [word for line in (ROOT / "docker" / "Dockerfile").read_text().splitlines()
+               if line.startswith("COPY ") and "--from" not in line for word in line.split()[1:-1]]
+    assert "nemodiff" in sources
+    assert [s for s in sources if not (ROOT / s).exists()] == []
