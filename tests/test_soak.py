@@ -121,15 +121,23 @@ def test_soak_64_concurrent_streams(server, engine_dir, tmp_path):
     print(bench.stdout)
 
 
-def test_the_openai_examples_of_the_docs_run_as_written(server, capsys):
-    """docs/openai.md's python blocks, in order, against this server on the bundled model: each runs, and the
-    structured-output example prints JSON of its schema, the tool call arguments that parse."""
-    text = (Path(__file__).resolve().parent.parent / "docs" / "openai.md").read_text()
+def run_python_blocks(page: str, url: str) -> dict:
+    """A page's python blocks, in order, in one namespace, with the docs' server URL replaced by `url`."""
+    text = (Path(__file__).resolve().parent.parent / page).read_text()
     blocks = re.findall(r"```python\n(.*?)```", text, re.S)
-    assert len(blocks) >= 2 and "http://localhost:9000/v1" in blocks[0]
+    assert blocks and "http://localhost:9000/v1" in blocks[0], page
     namespace: dict = {}
     for block in blocks:
-        exec(compile(block.replace("http://localhost:9000/v1", server.openai_url), "docs/openai.md", "exec"), namespace)
+        exec(compile(block.replace("http://localhost:9000/v1", url), page, "exec"), namespace)
+    return namespace
+
+
+def test_the_openai_examples_of_the_docs_run_as_written(server, capsys):
+    """The README's and docs/openai.md's python blocks against this server on the bundled model: each runs, and
+    the structured-output example prints JSON of its schema, the tool call arguments that parse."""
+    assert run_python_blocks("README.md", server.openai_url)["reply"].choices[0].text
+    capsys.readouterr()
+    namespace = run_python_blocks("docs/openai.md", server.openai_url)
     printed = capsys.readouterr().out
     objects = re.findall(r'\{"city": ?"[^"]*"\}', printed)  # the json_schema reply, then the call's arguments
     assert len(objects) == 2 and all(len(json.loads(o)["city"]) <= 16 for o in objects), printed

@@ -11,6 +11,7 @@ the same port are refused the same way.
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 from pathlib import Path
@@ -31,7 +32,7 @@ def port_problem(host: str, port: int) -> str | None:
             sock.bind(address)
             sock.listen(1)
         except OSError as exc:
-            return f"in use{holder(port)}" if exc.errno == 98 else f"cannot be listened on ({exc.strerror})"
+            return f"in use{holder(port)}" if exc.errno == errno.EADDRINUSE else f"cannot be listened on ({exc.strerror})"
     return None
 
 
