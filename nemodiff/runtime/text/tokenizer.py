@@ -3,11 +3,14 @@
 checkpoint ──builder──▶ engine dir ──[runtime: tokenizer]──▶ Triton
 
 The builder checks these files with this class too, so an engine never carries a tokenizer the
-runtime cannot read. A bad file is an EngineFormatError that names it, in one line.
+runtime cannot read. A bad file is an EngineFormatError that names it, in one line; a file read whole is
+refused above its size limit before it is read. The chat template is the checkpoint's code, run per
+request: it renders in Jinja's sandbox, bounded in time, added memory and output (a ValueError past them).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -21,7 +24,7 @@ from nemodiff.engine_format import EngineFormatError, plain_file, read_json, siz
 
 TOKENIZER_FILE, TOKENIZER_CONFIG_FILE, TEMPLATE_FILE = "tokenizer.json", "tokenizer_config.json", "chat_template.jinja"
 TEMPLATE_TIME_S = 2.0  # a render takes milliseconds; a template is the checkpoint's code, run per request
-TEMPLATE_OUTPUT_CHARS = 1 << 20  # what a template may write beyond four times the messages' own text
+TEMPLATE_OUTPUT_CHARS = 1 << 20  # what a template may write beyond four times the messages' (and tools') text
 TEMPLATE_MEMORY_BYTES = 256 << 20  # what a render may add to the process's resident memory
 
 
@@ -193,7 +196,8 @@ class EngineTokenizer:
         env = _BoundedSandbox(trim_blocks=True, lstrip_blocks=True)
         env.globals["raise_exception"] = raise_exception
         template = env.from_string(self.chat_template)
-        limit = TEMPLATE_OUTPUT_CHARS + 4 * sum(len(str(m.get("content") or "")) for m in messages)
+        given = sum(len(str(m.get("content") or "")) for m in messages) + (len(json.dumps(tools)) if tools else 0)
+        limit = TEMPLATE_OUTPUT_CHARS + 4 * given
         return _render_bounded(template, limit, dict(
             messages=messages, add_generation_prompt=add_generation_prompt,
             bos_token=self.bos_token or "", eos_token=self.eos_token or "",
