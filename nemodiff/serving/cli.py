@@ -236,10 +236,6 @@ def serve(engine_dir: Path, http_port: int, grpc_port: int, metrics_port: int, h
     from nemodiff.serving.ports import check_ports
     from nemodiff.serving.process import ServerRun, run_server
 
-    taken = check_ports(host, {"--http-port": http_port, "--grpc-port": grpc_port, "--metrics-port": metrics_port,
-                               "--openai-port": openai_port})
-    if taken:  # before anything starts: no Triton log to read through, no "ready"
-        raise click.ClickException(taken)
     config = check_engine_at_startup(engine_dir, device)
     sizes = {}
     for name, text in (("--kv-cache-memory", kv_cache_memory), ("--max-request-bytes", max_request_bytes)):
@@ -277,6 +273,10 @@ def serve(engine_dir: Path, http_port: int, grpc_port: int, metrics_port: int, h
         groups, tp_gpu_groups = instance_groups(instance_kind, config.build.tp, gpus, instances if not gpus else 1)
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from None
+    taken = check_ports(host, {"--http-port": http_port, "--grpc-port": grpc_port, "--metrics-port": metrics_port,
+                               "--openai-port": openai_port})
+    if taken:  # before anything starts: no Triton log to read through, no "ready"
+        raise click.ClickException(taken)
     binary, wheel_root, libs = find_tritonserver(server_path)
     if wheel_root is None:
         _check_container_python()
