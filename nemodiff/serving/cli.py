@@ -36,7 +36,7 @@ import click
 
 from nemodiff.engine_format import EngineFormatError
 from nemodiff.runtime.request import mode_param
-from nemodiff.serving.control import Control, FrontErrors
+from nemodiff.serving.control import API_KEY_ENV, GRPC_AUTH, Control, FrontErrors
 
 CONTEXT = {"show_default": True, "help_option_names": ["-h", "--help"]}
 MODEL_NAME = "nemodiff"
@@ -316,7 +316,12 @@ def serve(engine_dir: Path, http_port: int, grpc_port: int, metrics_port: int, h
                    "--exit-timeout-secs", str(max(1, round(exit_timeout)))]
         if api_key is not None:  # Triton checks the header too (its HTTP behind the front, its gRPC directly)
             restricted = f"{RESTRICTED_APIS}:authorization=Bearer {api_key}"
-            command += ["--http-restricted-api", restricted, "--grpc-restricted-protocol", restricted]
+            # gRPC inference: the model checks the key (Triton compares it exactly; we take any spelling of Bearer)
+            command += ["--http-restricted-api", restricted, "--grpc-restricted-protocol",
+                        restricted.replace("inference,", ""), "--grpc-header-forward-pattern", f"^{GRPC_AUTH}$"]
+        env.pop(API_KEY_ENV, None)  # the model's copy of the key: this one, or none
+        if api_key is not None:
+            env[API_KEY_ENV] = api_key
         if instance_kind == "cpu":  # no GPU work: no GPU metrics (NVML) and no pinned staging memory
             command += ["--allow-gpu-metrics", "false", "--pinned-memory-pool-byte-size", "0"]
         local = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host  # where to reach it from here

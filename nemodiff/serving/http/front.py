@@ -10,7 +10,8 @@ forwards every request to it, after:
 - the body: at most `max_body_bytes`, valid UTF-8 and JSON, at most `MAX_JSON_DEPTH` levels deep
   (guard.py; Triton's parser crashed the server on deep bodies), else 400/413 and Triton never
   sees it;
-- generate requests are tagged with a key (the request parameter `control.FRONT_KEY`): when the
+- generate requests carry the server's key to the model, which checks every request's
+  (`control.FRONT_AUTH`), and are tagged with a key (the request parameter `control.FRONT_KEY`): when the
   client hangs up, the front names that key in the control folder and the model cancels the
   request at once (Triton itself notices a closed connection only when it next writes to it).
 
@@ -29,7 +30,7 @@ import uuid
 import aiohttp
 
 from nemodiff.serving import errors
-from nemodiff.serving.control import FRONT_KEY, Control, FrontErrors
+from nemodiff.serving.control import FRONT_AUTH, FRONT_KEY, Control, FrontErrors
 from nemodiff.serving.http.guard import BodyError, bearer_ok, parse_json, read_body
 
 MAX_BODY_BYTES = 64 * 2**20  # Triton's own default (--http-max-input-size): images travel in generate bodies
@@ -58,12 +59,15 @@ def _error_of(body: bytes) -> str | None:
     return value.get("error") if isinstance(value, dict) and isinstance(value.get("error"), str) else None
 
 
-def tag(body: bytes, value: dict, key: str) -> bytes:
-    """The body with `FRONT_KEY: key` added as the first member of its top-level object (the rest unchanged)."""
-    if FRONT_KEY in value:
-        raise BodyError(400, f"{FRONT_KEY} is reserved for the server")
+def tag(body: bytes, value: dict, key: str, api_key: str | None = None) -> bytes:
+    """The body with `FRONT_KEY: key` (and, with an API key, `FRONT_AUTH: "Bearer KEY"`, which the model checks)
+    added as the first members of its top-level object (the rest unchanged)."""
+    for reserved in (FRONT_KEY, FRONT_AUTH):
+        if reserved in value:
+            raise BodyError(400, f"{reserved} is reserved for the server")
     start = body.index(b"{") + 1
-    member = json.dumps({FRONT_KEY: key})[1:-1].encode() + (b"," if value else b"")
+    members = {FRONT_KEY: key} | ({FRONT_AUTH: f"Bearer {api_key}"} if api_key is not None else {})
+    member = json.dumps(members)[1:-1].encode() + (b"," if value else b"")
     return body[:start] + member + body[start:]
 
 
@@ -119,7 +123,7 @@ class TritonFront:
                 if not isinstance(value, dict):
                     raise BodyError(400, "a generate request's body must be a JSON object of inputs")
                 key = uuid.uuid4().hex
-                body = tag(body, value, key)
+                body = tag(body, value, key, self.api_key)
         except ConnectionError:
             return
         except BodyError as exc:
