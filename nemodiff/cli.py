@@ -170,9 +170,11 @@ def describe_vision(vision: VisionConfig) -> str:
 def inspect(engine_dir: Path, as_json: bool, verify: bool) -> None:
     """Show an engine's model config, build settings and files."""
     from nemodiff.runtime.model.loader import check_engine
+    from nemodiff.runtime.text.tokenizer import EngineTokenizer
 
-    if verify:
+    if verify:  # everything `nemodiff serve` checks before it starts, the tokenizer read included
         config, manifest = check_engine(engine_dir), read_manifest(engine_dir)
+        EngineTokenizer(engine_dir, vocab_size=config.model.vocab_size)
     else:
         config, manifest = open_engine(engine_dir, verify=False)[0], read_manifest(engine_dir)
     info = config.to_dict() | {"files": manifest["files"], "verified": verify}

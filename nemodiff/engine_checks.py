@@ -30,6 +30,36 @@ TOKENIZER_FILE = "tokenizer.json"
 # Files of an engine the runtime reads when they are there: each must then be in the manifest.
 OPTIONAL_READS = ("tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json", "generation_config.json")
 MAX_JSON_BYTES = 64 << 20  # config.json, manifest.json, kernels.json: far above any real engine's
+# The other files read whole, by name (the largest real ones: tokenizer.json ~35 MB, a chat template a few KB,
+# a cubin under 1 MB). Weights are not read whole: their headers are checked against the config first.
+MAX_TOKENIZER_BYTES = 128 << 20
+MAX_TEMPLATE_BYTES = 1 << 20
+MAX_KERNEL_BYTES = 64 << 20
+
+
+def read_limit(name: str) -> int | None:
+    """The most bytes a file of this name (an engine's or a checkpoint's, relative path) may hold; None for
+    weights (.safetensors), which are sized by the config."""
+    base = name.rsplit("/", 1)[-1]
+    if base.endswith(".safetensors"):
+        return None
+    if base == TOKENIZER_FILE:
+        return MAX_TOKENIZER_BYTES
+    if base.endswith(".jinja"):
+        return MAX_TEMPLATE_BYTES
+    if base.endswith(".json"):
+        return MAX_JSON_BYTES
+    return MAX_KERNEL_BYTES if name.startswith("kernels/") else None
+
+
+def size_problem(path: Path, name: str | None = None) -> str | None:
+    """'PATH: N bytes, over the limit of L bytes for a NAME file' when the file is larger than its read_limit."""
+    path = Path(path)
+    limit = read_limit(name or path.name)
+    size = path.stat().st_size
+    if limit is None or size <= limit:
+        return None
+    return f"{path}: {size} bytes, over the limit of {limit} bytes for {(name or path.name).rsplit('/', 1)[-1]}"
 
 DTYPES = ("fp32", "bf16", "fp16", "fp8")
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 2}  # of activations and the KV cache (fp8: bf16)
@@ -270,7 +300,8 @@ def read_json(path: Path):
     path = Path(path)
     plain_file(path.parent, path.name, missing="not found")
     if path.stat().st_size > MAX_JSON_BYTES:
-        raise EngineFormatError(f"{path}: {path.stat().st_size} bytes, too large for an engine's JSON file")
+        raise EngineFormatError(f"{path}: {path.stat().st_size} bytes, over the limit of {MAX_JSON_BYTES} bytes "
+                                "for an engine's JSON file")
     try:
         with open(path, "rb", opener=_no_follow) as f:
             return json.loads(f.read().decode("utf-8"))
@@ -333,6 +364,9 @@ def verify_manifest(engine_dir: Path, skip: set[str] | frozenset[str] = frozense
         if rel in skip or (only is not None and rel not in only):
             continue
         file = plain_file(engine_dir, rel)
+        problem = size_problem(file, rel)  # before hashing it: the limit also bounds the time spent
+        if problem:
+            raise EngineFormatError(problem)
         if file.stat().st_size != entry["bytes"] or sha256_of(file) != entry["sha256"]:
             raise EngineFormatError(
                 f"{file}: contents do not match {MANIFEST_FILE} (file changed or corrupt); rebuild the engine"

@@ -64,8 +64,10 @@ from nemodiff.engine_checks import (  # noqa: F401 (the rules of the contract, r
     fields_of,
     plain_file,
     read_json,
+    read_limit,
     read_manifest,
     sha256_of,
+    size_problem,
     verify_manifest,
 )
 

@@ -160,6 +160,11 @@ def test_what_does_not_change_the_math_still_builds(tmp_path):
     (lambda c: (c / "tokenizer.json").write_bytes((make_checkpoint(c.parent / "big", vocab_size=512) /
                                                    "tokenizer.json").read_bytes()),
      "tokens, more than the model's vocab_size 384"),
+    (lambda c: os.truncate(c / "tokenizer.json", 20 * 10**9),  # sparse: nothing is written, nothing may be read
+     "tokenizer.json: 20000000000 bytes, over the limit of 134217728 bytes for tokenizer.json"),
+    (lambda c: os.truncate(c / "tokenizer_config.json", 2**30), "over the limit of 67108864 bytes"),
+    (lambda c: ((c / "chat_template.jinja").write_text("{{ messages }}"), os.truncate(c / "chat_template.jinja", 2**21)),
+     "chat_template.jinja: 2097152 bytes, over the limit of 1048576 bytes for chat_template.jinja"),
     (lambda c: (c / "linear_spec_lora" / "adapter_config.json").write_text(json.dumps(
         {"r": 0, "target_modules": ["o_proj"]})), "adapter_config.json: r is 0; it must be in [1, 4096]"),
     (lambda c: (c / "linear_spec_lora" / "adapter_config.json").write_text(json.dumps(

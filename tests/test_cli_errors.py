@@ -2,7 +2,9 @@
 traceback) for every expected error of every command, run as the real console script."""
 
 import json
+import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -75,3 +77,22 @@ def test_serve_refuses_a_grammar_timeout_that_is_not_positive(engine_fp32):
     result = CliRunner().invoke(nemodiff_cli, ["serve", str(engine_fp32), "--grammar-timeout", "0"])
     assert result.exit_code == 2 and "--grammar-timeout" in result.output
     assert "must be a positive number of seconds" in result.output
+
+
+def test_serve_refuses_a_taken_port_before_anything_starts(engine_fp32):
+    from nemodiff.serving.cli import free_ports
+
+    ports = dict(zip(("--http-port", "--grpc-port", "--metrics-port", "--openai-port"), free_ports(4)))
+    args = [str(arg) for option, port in ports.items() for arg in (option, port)]
+    serve = ["serve", str(engine_fp32), "--host", "127.0.0.1", "--instance-kind", "cpu", "--tritonserver", "/bin/true"]
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", ports["--metrics-port"]))
+        held.listen(1)
+        result = CliRunner().invoke(nemodiff_cli, serve + args)
+    assert result.exit_code == 1 and "ready" not in result.output, result.output
+    assert result.output.strip().splitlines() == [
+        f"Error: --metrics-port {ports['--metrics-port']} on 127.0.0.1: in use by pid {os.getpid()} "
+        f"({Path(f'/proc/{os.getpid()}/comm').read_text().strip()}); stop that process or choose another port"]
+    result = CliRunner().invoke(nemodiff_cli, serve + args[:6] + ["--openai-port", args[1]])
+    assert result.exit_code == 1 and result.output.strip().splitlines() == [
+        f"Error: --openai-port {args[1]}: the same port as --http-port; give each its own"], result.output

@@ -2,6 +2,8 @@
 before anything is allocated, and nothing outside the engine is opened."""
 
 import json
+import os
+import re
 import shutil
 
 import pytest
@@ -175,6 +177,27 @@ def test_corrupt_header_and_tokenizer_name_their_file(engine):
         EngineTokenizer(engine)
 
 
+@pytest.mark.parametrize("name, size, limit", [("tokenizer.json", 20 * 10**9, 128 << 20),
+                                               ("chat_template.jinja", 2 << 20, 1 << 20)])
+def test_oversized_files_are_refused_before_they_are_read_or_hashed(engine, name, size, limit):
+    if not (engine / name).exists():
+        (engine / name).write_text("{{ messages }}")
+        os.truncate(engine / name, size)
+        write_manifest(engine)
+    os.truncate(engine / name, size)  # sparse: reading or hashing 20 GB would take minutes
+    refused(engine, f"{name}: {size} bytes, over the limit of {limit} bytes for {name}")
+    with pytest.raises(EngineFormatError, match=f"{name}: {size} bytes, over the limit of {limit} bytes"):
+        EngineTokenizer(engine)
+
+
+def test_inspect_reads_the_tokenizer_as_serve_does(engine):
+    (engine / "tokenizer.json").write_text('{"model": 3}')
+    write_manifest(engine)  # its hash matches: only reading it shows it is broken
+    result = CliRunner().invoke(nemodiff_cli, ["inspect", str(engine)])
+    assert result.exit_code == 1 and "tokenizer.json: not a valid tokenizer (" in result.output, result.output
+    assert "Traceback" not in result.output
+
+
 def test_tokenizer_larger_than_the_vocabulary_is_refused(engine):
     with pytest.raises(EngineFormatError, match="tokenizer.json: the tokenizer has .* tokens, more than the model's "
                                                 "vocab_size 100"):
@@ -187,3 +210,21 @@ def test_a_renamed_weight_is_an_unexpected_tensor(engine):
     save_file(weights, str(engine / "weights.safetensors"))
     write_manifest(engine)
     refused(engine, "weights.safetensors: no tensor 'layers.0.o'")
+
+
+@pytest.mark.parametrize("template, message", [
+    ("{% set r = range(100000) %}{% for a in r %}{% for b in r %}{% endfor %}{% endfor %}", "took more than 0.5 s"),
+    ("{% for a in range(100000) %}{{ 'x' * 1000 }}{% endfor %}", "output passed 1048584 characters"),
+    ("{{ 'x' * 10**10 }}", "repeats a sequence to more than 2**20 items"),
+    ("{% set ns = namespace(s='ab') %}{% for i in range(40) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}",
+     "took more than 32 MiB of memory"),
+])
+def test_a_chat_template_is_bounded_in_time_memory_and_output(engine, monkeypatch, template, message):
+    import nemodiff.runtime.text.tokenizer as tokenizer
+
+    monkeypatch.setattr(tokenizer, "TEMPLATE_TIME_S", 0.5)
+    monkeypatch.setattr(tokenizer, "TEMPLATE_MEMORY_BYTES", 32 << 20)
+    (engine / "chat_template.jinja").write_text(template)
+    write_manifest(engine)
+    with pytest.raises(Exception, match=re.escape(message)):
+        EngineTokenizer(engine).apply_chat_template([{"role": "user", "content": "hi"}])

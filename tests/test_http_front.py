@@ -75,6 +75,13 @@ def get(url: str, headers: dict | None = None) -> int:
         return exc.code
 
 
+def scraped_series(url: str) -> set[str]:
+    """The names of the nemodiff_* series at a Prometheus URL, fetched without a key."""
+    with urllib.request.urlopen(url, timeout=30) as reply:
+        return {line.split("{")[0].split(" ")[0] for line in reply.read().decode().splitlines()
+                if line.startswith("nemodiff_")}
+
+
 def openai_post(server, data: bytes, headers: dict | None = None, path: str = "completions") -> tuple[int, dict]:
     headers = {"Content-Type": "application/json"} | (server.headers if headers is None else headers)
     request = urllib.request.Request(f"{server.openai_url}/{path}", data=data, method="POST", headers=headers)
@@ -97,6 +104,10 @@ def test_the_api_key_guards_every_front(server):
     for path in ("/v2/health/ready", "/v2/health/live", "/v2/models/nemodiff/ready", "/v2/models/nemodiff"):
         assert get(f"{server.http}{path}") == 200, path  # probes and metadata stay open
     assert get(f"http://127.0.0.1:{server.metrics_port}/metrics") == 200
+    series = {port: scraped_series(f"http://127.0.0.1:{port}/metrics")  # load tools scrape their base URL
+              for port in (server.metrics_port, server.openai_port, server.http_port)}
+    assert "nemodiff_requests_in_flight" in series[server.metrics_port]
+    assert series[server.openai_port] == series[server.http_port] == series[server.metrics_port]
     for headers in ({}, {"triton-grpc-protocol-authorization": "Bearer wrong"}):
         stream = GrpcStream(server.grpc, headers=headers)
         try:
@@ -105,16 +116,17 @@ def test_the_api_key_guards_every_front(server):
             except InferenceServerException:  # Triton may have refused the stream already
                 pass
             _, _, error, _ = stream.next()
-            assert error is not None and "restricted" in str(error), error
+            assert error is not None and "requires an API key" in str(error), error
         finally:
             stream.close()
-    stream = GrpcStream(server.grpc, headers=server.grpc_headers)
-    try:
-        stream.send("ok", "the cat", max_tokens=2)
-        _, result, error, final = stream.next()
-        assert error is None and final
-    finally:
-        stream.close()
+    for value in (f"Bearer {KEY}", f"bearer  {KEY}", f"BEARER {KEY} "):  # the spellings HTTP takes
+        stream = GrpcStream(server.grpc, headers={"triton-grpc-protocol-authorization": value})
+        try:
+            stream.send("ok", "the cat", max_tokens=2)
+            _, result, error, final = stream.next()
+            assert error is None and final, (value, error)
+        finally:
+            stream.close()
     wrong = openai.OpenAI(base_url=server.openai_url, api_key="wrong", max_retries=0, timeout=60)
     with pytest.raises(openai.AuthenticationError) as refused:
         wrong.completions.create(model="nemodiff", prompt="hi", max_tokens=2)
@@ -131,7 +143,8 @@ def test_deep_or_broken_bodies_get_400_and_the_server_stays_up(server):
     cases = {deep: "levels deep", b'{"text_input": "\xff\xfe", "max_tokens": 2}': "not valid UTF-8",
              b'{"text_input": "the cat", "max_tokens": 2,': "not valid JSON",
              b'{"parameters": ' + b'{"a": ' * 40 + b"1" + b"}" * 40 + b"}": "levels deep",
-             b'{"text_input": "x", "nemodiff_front_key": "0"}': "reserved"}
+             b'{"text_input": "x", "nemodiff_front_key": "0"}': "reserved",
+             b'{"text_input": "x", "nemodiff_front_authorization": "Bearer guess"}': "reserved"}
     # a NUL in a parameters key: Triton's converter answers 500 ("parameter key '' was not found"); found by the fuzzer
     cases[b'{"text_input": "the cat", "max_tokens": 2, "parameters": {"\\u0000k": 1}}'] = "parameter"
     for path in ("generate", "generate_stream"):
@@ -285,16 +298,38 @@ def bodies(draw):
     return (text if cut is None else text[:cut]).encode()
 
 
+CHAT_FIELDS = ["max_tokens", "max_completion_tokens", "n", "logprobs", "top_logprobs", "stop", "tools", "tool_choice",
+               "response_format", "seed", "temperature", "decode_mode"]
+ROLES = st.one_of(st.sampled_from(["system", "user", "assistant", "tool", "developer", "User", "user\x00", "", "\ud800"]),
+                  SCALARS)
+
+
+@st.composite
+def chat_bodies(draw):
+    """OpenAI chat bodies: roles, contents and the fields beside them fuzzed (sent to the OpenAI port)."""
+    messages = [{"role": draw(ROLES), "content": draw(SCALARS)} for _ in range(draw(st.integers(0, 2)))]
+    body = {"messages": messages, "timeout": 2.0,
+            "max_tokens": draw(st.one_of(st.integers(1, 3), st.integers(-2**70, 2**70), SCALARS))}
+    for name in draw(st.lists(st.sampled_from(CHAT_FIELDS), max_size=2)):
+        body[name] = draw(VALUES)
+    return json.dumps(body, allow_nan=True).encode()
+
+
 FUZZ_SECONDS = 15.0
 seen: dict[int, list] = {}
 
 
 @settings(max_examples=1500, deadline=None, database=None, suppress_health_check=list(HealthCheck))
-@given(body=bodies(), path=st.sampled_from(["generate", "generate_stream"]))
+@given(body=st.one_of(bodies(), chat_bodies()), path=st.sampled_from(["generate", "generate_stream", "chat"]))
 def fuzz_once(server, started, body, path):
     if time.monotonic() - started > FUZZ_SECONDS:
         return  # out of time: the remaining examples pass at once
-    status, reply = server.post(f"/v2/models/nemodiff/{path}", body)
+    if path == "chat":  # an OpenAI error is JSON in OpenAI's shape, or this raises
+        status, reply = openai_post(server, body, path="chat/completions")
+        assert status == 200 or reply["error"]["message"], reply
+        reply = json.dumps(reply).encode()
+    else:
+        status, reply = server.post(f"/v2/models/nemodiff/{path}", body)
     seen.setdefault(status, []).append((body[:120], reply[:200]))
     assert status in (200, 400, 503), (status, body[:300], reply[:300])
 

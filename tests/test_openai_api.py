@@ -30,6 +30,7 @@ def server(served_engine, tmp_path_factory):
     # errors and hang-ups were quiet: no Triton error line, no traceback, no plain-text 500
     log = served.log()
     assert "HandleCancellation" not in log and "Traceback" not in log and "Exit timeout expired" not in log
+    assert "Segfault" not in log  # nor a crash of the backend stub at exit
 
 
 @pytest.fixture(scope="module")
@@ -158,6 +159,8 @@ HOSTILE = [  # each was a plain-text 500 with a traceback in the log
     (b'{"prompt": [1, 99999999999], "max_tokens": 2}', "prompt must be"),
     (b'{"prompt": "hi", "stop": [1]}', "stop must be"),
     (b'\xff\xfe', "not valid UTF-8"),
+    (b'{"prompt": "hi", "max_tokens": 1099511627776}', "max_tokens must be an integer in [1, 256] (got 10995116"),
+    (b'{"prompt": "hi", "max_tokens": 257}', "the model's context is 256 tokens, the prompt included"),
 ]
 
 
@@ -175,6 +178,11 @@ def test_hostile_chat_messages_get_400(server, client):
     with pytest.raises(urllib.error.HTTPError) as refused:
         urllib.request.urlopen(request, timeout=60)
     assert refused.value.code == 400 and "lone surrogate" in json.loads(refused.value.read())["error"]["message"]
+    for role in ("root", "user\u0000", "", "USER"):
+        with pytest.raises(openai.BadRequestError, match=r"messages\[1\].role is .*; it must be one of system, user, "
+                                                         "assistant, tool, developer"):
+            client.chat.completions.create(model="nemodiff", max_tokens=2, messages=[
+                {"role": "system", "content": "x"}, {"role": role, "content": "hi"}])
     for content in ([{"type": "text", "text": 5}], [{"type": "text"}, "x"], 7):
         with pytest.raises(openai.BadRequestError):
             client.chat.completions.create(model="nemodiff", max_tokens=2,

@@ -1,5 +1,6 @@
 """Bounded soak of a real server on the bundled model: 64 concurrent mixed-mode streams, clients that
-hang up mid-stream, bad requests; then `nemodiff bench --serve` against the same server.
+hang up mid-stream, bad requests; then `nemodiff bench --serve` against the same server, and the OpenAI
+examples of docs/openai.md run as written on its OpenAI port.
 
 checkpoint (models/nld-tiny) ──builder──▶ engine dir ──runtime──▶ Triton ──[soak clients: here]
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -71,24 +73,27 @@ async def soak(server) -> tuple[list, list, list, float]:
     return good, hung_up, bad, time.perf_counter() - start
 
 
-def test_soak_64_concurrent_streams(engine_dir, tmp_path):
-    server = Server(engine_dir, tmp_path / "serve.log", "--max-batch-size", "32", "--max-queue", "256").start()
-    try:
-        good, hung_up, bad, seconds = asyncio.run(soak(server))
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            metrics = server.metrics()
-            if metrics["nemodiff_kv_cache_pages_used"] == 0 and metrics["nemodiff_requests_in_flight"] == 0:
-                break
-            time.sleep(0.1)
-        bench = subprocess.run([str(NEMODIFF), "bench", "--serve", f"grpc://{server.grpc}", "--concurrency", "1,8",
-                                "--duration", "2", "--max-new-tokens", "16", "--json", str(tmp_path / "bench.json"),
-                                "--plot", str(tmp_path / "bench.png")],
-                               capture_output=True, text=True, timeout=120)
-    finally:
-        status = server.stop()
-    assert status == 0, server.log()[-3000:]  # SIGINT after 64 clients, some of which hung up mid-stream
-    assert "HandleCancellation" not in server.log()
+@pytest.fixture(scope="module")
+def server(engine_dir, tmp_path_factory):
+    served = Server(engine_dir, tmp_path_factory.mktemp("logs") / "serve.log", "--max-batch-size", "32",
+                    "--max-queue", "256", openai=True).start()
+    yield served
+    assert served.stop() == 0, served.log()[-3000:]  # SIGINT after 64 clients, some of which hung up mid-stream
+    assert "HandleCancellation" not in served.log() and "Segfault" not in served.log()
+
+
+def test_soak_64_concurrent_streams(server, engine_dir, tmp_path):
+    good, hung_up, bad, seconds = asyncio.run(soak(server))
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        metrics = server.metrics()
+        if metrics["nemodiff_kv_cache_pages_used"] == 0 and metrics["nemodiff_requests_in_flight"] == 0:
+            break
+        time.sleep(0.1)
+    bench = subprocess.run([str(NEMODIFF), "bench", "--serve", f"grpc://{server.grpc}", "--concurrency", "1,8",
+                            "--duration", "2", "--max-new-tokens", "16", "--json", str(tmp_path / "bench.json"),
+                            "--plot", str(tmp_path / "bench.png")],
+                           capture_output=True, text=True, timeout=120)
     llm = LLM(engine_dir, device="cpu")
     unique = sorted({case(i)[:2] for i, _ in good})
     outputs = llm.generate([p for p, _ in unique], [SamplingParams(max_new_tokens=MAX_TOKENS, mode=m,
@@ -114,3 +119,28 @@ def test_soak_64_concurrent_streams(engine_dir, tmp_path):
     assert all(r["completed"] > 0 and r["errors"] == 0 and r["ttft_ms"]["p50"] is not None for r in rows)
     assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # --serve --plot draws
     print(bench.stdout)
+
+
+def run_python_blocks(page: str, url: str) -> dict:
+    """A page's python blocks, in order, in one namespace, with the docs' server URL replaced by `url`."""
+    text = (Path(__file__).resolve().parent.parent / page).read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
+    assert blocks and "http://localhost:9000/v1" in blocks[0], page
+    namespace: dict = {}
+    for block in blocks:
+        exec(compile(block.replace("http://localhost:9000/v1", url), page, "exec"), namespace)
+    return namespace
+
+
+def test_the_openai_examples_of_the_docs_run_as_written(server, capsys):
+    """The README's and docs/openai.md's python blocks against this server on the bundled model: each runs, and
+    the structured-output example prints JSON of its schema, the tool call arguments that parse."""
+    assert run_python_blocks("README.md", server.openai_url)["reply"].choices[0].text
+    capsys.readouterr()
+    namespace = run_python_blocks("docs/openai.md", server.openai_url)
+    printed = capsys.readouterr().out
+    objects = re.findall(r'\{"city": ?"[^"]*"\}', printed)  # the json_schema reply, then the call's arguments
+    assert len(objects) == 2 and all(len(json.loads(o)["city"]) <= 16 for o in objects), printed
+    call = namespace["call"]
+    assert call.function.name == "get_weather" and namespace["reply"].choices[0].finish_reason == "tool_calls"
+    assert "city" in json.loads(call.function.arguments)

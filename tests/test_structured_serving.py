@@ -147,6 +147,17 @@ def test_openai_forced_tool_calls(client):
     assert deltas[0].tool_calls[0].function.name == "get_time"
     assert json.loads(deltas[0].tool_calls[0].function.arguments)["zone"] in ("UTC", "CET")
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    for stream in (False, True):  # cut by max_tokens: as OpenAI answers, the call so far and "length"
+        reply = client.chat.completions.create(model="nemodiff", messages=chat, max_tokens=3, tools=TOOLS, stream=stream,
+                                               tool_choice={"type": "function", "function": {"name": "get_weather"}})
+        if stream:
+            chunks = list(reply)
+            call = next(c.choices[0].delta for c in chunks if c.choices and c.choices[0].delta.tool_calls).tool_calls[0]
+            assert chunks[-1].choices[0].finish_reason == "length"
+        else:
+            assert reply.choices[0].finish_reason == "length" and reply.choices[0].message.content is None
+            call = reply.choices[0].message.tool_calls[0]
+        assert call.function.name == "get_weather" and call.function.arguments.startswith("{")
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -182,7 +193,9 @@ def test_guide_fields_read_every_form():
     _, tool, _ = guide_fields({"tools": TOOLS, "tool_choice": "required"}, False, True)
     call, = tool_calls(tool, '{"name": "get_time", "arguments": {"zone": "UTC"}}')
     assert call["function"] == {"name": "get_time", "arguments": '{"zone": "UTC"}'}
-    assert tool_calls(tool, '{"name": "get_ti') == []
+    assert tool_calls(tool, '{"name": "get_ti') == [] == tool_calls(tool, '{"name": "get_ti', truncated=True)
+    call, = tool_calls(tool, '{"name": "get_time", "arguments": {"zo', truncated=True)  # cut by max_tokens
+    assert call["function"] == {"name": "get_time", "arguments": '{"zo'}
     for body in ({"tools": TOOLS}, {"guided_regex": ""}, {"guided_choice": "a"}, {"tools": [{"type": "function"}]},
                  {"response_format": {"type": "json_schema"}}, {"guided_json": 5}):
         with pytest.raises(GuideError):

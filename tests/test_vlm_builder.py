@@ -11,6 +11,7 @@ from safetensors.torch import load_file, save_file
 from helpers import edit_config, edit_weights, make_vlm_checkpoint, read_hf_weights
 from nemodiff.builder.cli import main as build_cli
 from nemodiff.cli import main as nemodiff_cli
+from nemodiff.engine_format import CLIP_MEAN, CLIP_STD
 
 
 def build(ckpt, out, *args):
@@ -75,6 +76,16 @@ def _bad_conv(w):
 
 def _unknown(w):
     w["encoder.image_newline"] = torch.zeros(64)
+
+
+def test_without_preprocessor_config_the_pixtral_defaults_apply(tmp_path):
+    ckpt = make_vlm_checkpoint(tmp_path / "ckpt")
+    (ckpt / "preprocessor_config.json").unlink()
+    result = build(ckpt, tmp_path / "engine", "--dtype", "fp32")
+    assert result.exit_code == 0, result.output
+    vision = json.loads((tmp_path / "engine" / "config.json").read_text())["vision"]
+    assert vision["image_mean"] == list(CLIP_MEAN) and vision["image_std"] == list(CLIP_STD)
+    assert vision["longest_edge"] == 64 and vision["rescale_factor"] == 1 / 255
 
 
 BROKEN = {

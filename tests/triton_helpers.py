@@ -200,6 +200,7 @@ def module_server(engine_dir: Path, log_dir: Path, *extra: str, openai: bool = T
     served = Server(engine_dir, log_dir / "serve.log", *extra, openai=openai).start()
     yield served
     assert served.stop() == 0, served.log()[-3000:]
+    assert "Segfault" not in served.log(), served.log()[-3000:]  # the backend stub's exit is clean too
 
 
 def ids_of(value) -> list[int]:

@@ -30,6 +30,7 @@ from nemodiff.engine_format import (
     EngineConfig,
     EngineFormatError,
     draft_lora_file,
+    size_problem,
     weights_file,
     write_manifest,
 )
@@ -92,6 +93,10 @@ def _check_tokenizer(root: Path, vocab_size: int) -> None:
     path = checkpoint_file(root, "tokenizer.json")
     if not path.is_file():
         raise CheckpointError(f"{path}: file not found (the engine needs the tokenizer)")
+    for name in TOKENIZER_FILES:  # what the engine will carry, within the limits the runtime reads it with
+        file = checkpoint_file(root, name)
+        if file.is_file() and size_problem(file):
+            raise CheckpointError(size_problem(file))
     try:
         tokenizer = Tokenizer.from_str(path.read_bytes().decode("utf-8"))
     except Exception as exc:  # tokenizers raises a bare Exception whose message names no file

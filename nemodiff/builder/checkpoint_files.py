@@ -6,8 +6,10 @@ Every file the builder reads (config, index, shards, tokenizer files, the draft 
 preprocessor config) goes through `checkpoint_file`: a plain relative name (no absolute path, no
 `..`) whose real location, symlinks resolved, lies inside the checkpoint directory. The one
 exception is the Hugging Face hub cache, whose snapshot folders hold symlinks into the repository's
-`blobs/` folder next to them (`snapshot_download` returns such a folder). Config values are read
-with their type checked, so a string where a number goes is a one-line error, not a traceback.
+`blobs/` folder next to them (`snapshot_download` returns such a folder). A file read whole (JSON,
+tokenizer.json, a chat template) is refused above the runtime's limit for it
+(`engine_checks.read_limit`) before it is read. Config values are read with their type checked, so a
+string where a number goes is a one-line error, not a traceback.
 """
 
 from __future__ import annotations
@@ -17,9 +19,8 @@ import math
 import os
 from pathlib import Path
 
-from nemodiff.engine_format import entry_problem
+from nemodiff.engine_format import entry_problem, size_problem
 
-MAX_JSON_BYTES = 64 << 20  # config.json, the index, tokenizer_config.json: far above any real one
 _MISSING = object()
 
 
@@ -61,8 +62,8 @@ def load_json(root: Path, rel: str, what: str = "an object"):
     path = checkpoint_file(root, rel)
     if not path.is_file():
         raise CheckpointError(f"{path}: file not found")
-    if path.stat().st_size > MAX_JSON_BYTES:
-        raise CheckpointError(f"{path}: {path.stat().st_size} bytes, too large for a config file")
+    if size_problem(path, rel):  # a JSON file's limit, tokenizer.json's for that one
+        raise CheckpointError(size_problem(path, rel))
     try:
         data = json.loads(path.read_bytes().decode("utf-8"))
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:

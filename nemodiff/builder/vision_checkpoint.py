@@ -80,7 +80,9 @@ def _token_id_from_tokenizer(checkpoint_dir: Path, token: str) -> int | None:
         return None
     try:
         data = load_json(checkpoint_dir, "tokenizer.json")
-    except CheckpointError:
+    except CheckpointError as exc:
+        if "over the limit" in str(exc):
+            raise
         return None  # the build reads the tokenizer itself later, and says what is wrong with it
     for added in data.get("added_tokens") or []:
         if isinstance(added, dict) and added.get("content") == token and isinstance(added.get("id"), int):
@@ -116,7 +118,7 @@ def _preprocessing(checkpoint_dir: Path, patch_size: int, default_edge: int) -> 
                                 f"{patch_size}")
     mean, std = raw.get("image_mean", CLIP_MEAN), raw.get("image_std", CLIP_STD)
     values = [get_float({"v": v}, "v", path, name="image_mean/image_std")
-              for v in (mean if isinstance(mean, (list, tuple)) else [None])
+              for v in list(mean if isinstance(mean, (list, tuple)) else [None])
               + list(std if isinstance(std, (list, tuple)) else [None])]
     if len(values) != 6 or len(mean) != 3 or min(values[3:]) <= 0:
         raise VisionConfigError(f"{PREPROCESSOR_FILE}: image_mean and image_std want three values (RGB), std positive")

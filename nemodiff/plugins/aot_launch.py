@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from nemodiff.device import KernelLaunchError
+from nemodiff.engine_format import size_problem
 
 from .spec import KernelVariant
 
@@ -42,6 +43,9 @@ def read_index(kernel_dir: Path) -> dict:
     index_path = Path(kernel_dir) / INDEX_FILE
     if not index_path.is_file():
         raise KernelLaunchError(f"{index_path}: not found; build the engine with kernels for this GPU")
+    problem = size_problem(index_path)
+    if problem:
+        raise KernelLaunchError(problem)
     index = json.loads(index_path.read_text())
     if index.get("format") != INDEX_FORMAT:
         raise KernelLaunchError(f"{index_path}: index format {index.get('format')!r} is not {INDEX_FORMAT}")
@@ -215,7 +219,11 @@ class CudaLaunch:
         self.cuda = cuda_driver  # nemodiff.cuda_driver.CudaDriver
 
     def load(self, kernel_dir: Path, entry: dict, variant: KernelVariant):
-        return self.cuda.load((kernel_dir / entry["file"]).read_bytes(), entry["name"], entry["shared"], entry["file"])
+        path = kernel_dir / entry["file"]
+        problem = size_problem(path, f"kernels/{entry['file']}")
+        if problem:
+            raise KernelLaunchError(problem)
+        return self.cuda.load(path.read_bytes(), entry["name"], entry["shared"], entry["file"])
 
     def launch(self, prepared: _Prepared, grid: tuple, args: tuple) -> None:
         self.cuda.launch(prepared.fn, grid, prepared.threads, prepared.shared, prepared.packer.address, prepared.name)

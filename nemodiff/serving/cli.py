@@ -36,7 +36,7 @@ import click
 
 from nemodiff.engine_format import EngineFormatError
 from nemodiff.runtime.request import mode_param
-from nemodiff.serving.control import Control, FrontErrors
+from nemodiff.serving.control import API_KEY_ENV, GRPC_AUTH, Control, FrontErrors
 
 CONTEXT = {"show_default": True, "help_option_names": ["-h", "--help"]}
 MODEL_NAME = "nemodiff"
@@ -236,6 +236,7 @@ def serve(engine_dir: Path, http_port: int, grpc_port: int, metrics_port: int, h
           grammar_timeout: float, max_request_bytes: str, max_n: int, prefix_cache: bool, openai_port: int | None, served_model_name: str, api_key: str | None,
           idle_timeout: float, exit_timeout: float, startup_timeout: float, log_verbose: int) -> None:
     """Serve an engine with Triton Inference Server (HTTP, gRPC, metrics; optionally the OpenAI API)."""
+    from nemodiff.serving.ports import check_ports
     from nemodiff.serving.process import ServerRun, run_server
 
     config = check_engine_at_startup(engine_dir, device)
@@ -275,6 +276,10 @@ def serve(engine_dir: Path, http_port: int, grpc_port: int, metrics_port: int, h
         groups, tp_gpu_groups = instance_groups(instance_kind, config.build.tp, gpus, instances if not gpus else 1)
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from None
+    taken = check_ports(host, {"--http-port": http_port, "--grpc-port": grpc_port, "--metrics-port": metrics_port,
+                               "--openai-port": openai_port})
+    if taken:  # before anything starts: no Triton log to read through, no "ready"
+        raise click.ClickException(taken)
     binary, wheel_root, libs = find_tritonserver(server_path)
     if wheel_root is None:
         _check_container_python()
@@ -315,7 +320,12 @@ def serve(engine_dir: Path, http_port: int, grpc_port: int, metrics_port: int, h
                    "--exit-timeout-secs", str(max(1, round(exit_timeout)))]
         if api_key is not None:  # Triton checks the header too (its HTTP behind the front, its gRPC directly)
             restricted = f"{RESTRICTED_APIS}:authorization=Bearer {api_key}"
-            command += ["--http-restricted-api", restricted, "--grpc-restricted-protocol", restricted]
+            # gRPC inference: the model checks the key (Triton compares it exactly; we take any spelling of Bearer)
+            command += ["--http-restricted-api", restricted, "--grpc-restricted-protocol",
+                        restricted.replace("inference,", ""), "--grpc-header-forward-pattern", f"^{GRPC_AUTH}$"]
+        env.pop(API_KEY_ENV, None)  # the model's copy of the key: this one, or none
+        if api_key is not None:
+            env[API_KEY_ENV] = api_key
         if instance_kind == "cpu":  # no GPU work: no GPU metrics (NVML) and no pinned staging memory
             command += ["--allow-gpu-metrics", "false", "--pinned-memory-pool-byte-size", "0"]
         local = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host  # where to reach it from here
@@ -326,7 +336,8 @@ def serve(engine_dir: Path, http_port: int, grpc_port: int, metrics_port: int, h
             from nemodiff.serving.http.front import TritonFront
             from nemodiff.serving.http.server import ServerThread
 
-            app = TritonFront(f"http://127.0.0.1:{triton_http_port}", api_key, control, front_errors)
+            app = TritonFront(f"http://127.0.0.1:{triton_http_port}", api_key, control, front_errors,
+                              metrics_url=f"http://{local}:{metrics_port}/metrics")
             return ServerThread(app, host, http_port, idle_timeout, "HTTP")
 
         fronts = [http_front]
@@ -336,7 +347,8 @@ def serve(engine_dir: Path, http_port: int, grpc_port: int, metrics_port: int, h
 
                 return FrontendThread(engine_dir.resolve(), f"{local}:{grpc_port}", host, openai_port,
                                       served_model_name, sizes["--max-request-bytes"], MODEL_NAME, api_key=api_key,
-                                      idle_timeout=idle_timeout, front_errors=front_errors, max_n=max_n)
+                                      idle_timeout=idle_timeout, front_errors=front_errors, max_n=max_n,
+                                      metrics_url=f"http://{local}:{metrics_port}/metrics")
 
             fronts.append(openai_front)
         placement = f"GPU groups {tp_gpu_groups}" if tp_gpu_groups else f"{instances} {instance_kind} instance(s)"

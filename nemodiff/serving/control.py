@@ -22,6 +22,7 @@ they next write to it, which for a request that streams nothing could be minutes
 
 from __future__ import annotations
 
+import hmac
 import json
 import os
 import re
@@ -31,12 +32,28 @@ from pathlib import Path
 
 DRAIN, DRAINED, FAILED, FINALIZED = "drain", "drained", "failed", "finalized"
 FRONT_KEY = "nemodiff_front_key"
+# With --api-key, the HTTP front passes the key to the model as this request parameter, and Triton forwards a
+# gRPC client's GRPC_AUTH metadata as one: the model checks inference requests itself (see `bearer_matches`).
+FRONT_AUTH = "nemodiff_front_authorization"
+GRPC_AUTH = "triton-grpc-protocol-authorization"
+API_KEY_ENV = "NEMODIFF_API_KEY"
 FRONT_KINDS = ("invalid", "unauthorized")  # what a front refuses on its own (bad body, wrong or no API key)
 _KEY = re.compile(r"[0-9a-f]{32}")
 
 
 def valid_key(key) -> bool:
     return isinstance(key, str) and _KEY.fullmatch(key) is not None
+
+
+def bearer_matches(value, api_key: str | None) -> bool:
+    """`Bearer KEY` with the server's key, the scheme in any case and any spacing, as HTTP allows (always True
+    when the server has none)."""
+    if api_key is None:
+        return True
+    if not isinstance(value, str):
+        return False
+    scheme, _, token = value.partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), api_key.encode())
 
 
 class Control:

@@ -4,12 +4,14 @@ checkpoint ──builder──▶ engine dir ──runtime──▶ Triton ─�
 
 Triton's HTTP server listens on an internal loopback port; this front takes the public one and
 forwards every request to it, after:
-- the API key (`--api-key`): everything but health and metadata needs `Authorization: Bearer KEY`
+- the API key (`--api-key`): everything but health, metadata and `/metrics` (the metrics port's,
+  passed through, for load tools that scrape their base URL) needs `Authorization: Bearer KEY`
   (401 otherwise); Triton checks the same header again behind us;
 - the body: at most `max_body_bytes`, valid UTF-8 and JSON, at most `MAX_JSON_DEPTH` levels deep
   (guard.py; Triton's parser crashed the server on deep bodies), else 400/413 and Triton never
   sees it;
-- generate requests are tagged with a key (the request parameter `control.FRONT_KEY`): when the
+- generate requests carry the server's key to the model, which checks every request's
+  (`control.FRONT_AUTH`), and are tagged with a key (the request parameter `control.FRONT_KEY`): when the
   client hangs up, the front names that key in the control folder and the model cancels the
   request at once (Triton itself notices a closed connection only when it next writes to it).
 
@@ -28,13 +30,14 @@ import uuid
 import aiohttp
 
 from nemodiff.serving import errors
-from nemodiff.serving.control import FRONT_KEY, Control, FrontErrors
+from nemodiff.serving.control import FRONT_AUTH, FRONT_KEY, Control, FrontErrors
 from nemodiff.serving.http.guard import BodyError, bearer_ok, parse_json, read_body
 
 MAX_BODY_BYTES = 64 * 2**20  # Triton's own default (--http-max-input-size): images travel in generate bodies
 THREAD_PARSE_BYTES = 256 * 2**10  # larger bodies are checked on a worker thread, not the event loop
 GENERATE = re.compile(r"/v2/models/[^/]+(?:/versions/[^/]+)?/generate(?:_stream)?")
-OPEN = re.compile(r"/v2(?:/health/(?:live|ready)|/models/(?!stats/?$)[^/]+(?:/versions/[^/]+)?(?:/ready)?)?/?")
+OPEN = re.compile(r"/v2(?:/health/(?:live|ready)|/models/(?!stats/?$)[^/]+(?:/versions/[^/]+)?(?:/ready)?)?/?"
+                  r"|/metrics")
 HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer", "trailers",
               "transfer-encoding", "upgrade", "host", "content-length"}
 # Triton answers a generate input it cannot convert to its declared type with status 500; it is a bad request
@@ -56,19 +59,23 @@ def _error_of(body: bytes) -> str | None:
     return value.get("error") if isinstance(value, dict) and isinstance(value.get("error"), str) else None
 
 
-def tag(body: bytes, value: dict, key: str) -> bytes:
-    """The body with `FRONT_KEY: key` added as the first member of its top-level object (the rest unchanged)."""
-    if FRONT_KEY in value:
-        raise BodyError(400, f"{FRONT_KEY} is reserved for the server")
+def tag(body: bytes, value: dict, key: str, api_key: str | None = None) -> bytes:
+    """The body with `FRONT_KEY: key` (and, with an API key, `FRONT_AUTH: "Bearer KEY"`, which the model checks)
+    added as the first members of its top-level object (the rest unchanged)."""
+    for reserved in (FRONT_KEY, FRONT_AUTH):
+        if reserved in value:
+            raise BodyError(400, f"{reserved} is reserved for the server")
     start = body.index(b"{") + 1
-    member = json.dumps({FRONT_KEY: key})[1:-1].encode() + (b"," if value else b"")
+    members = {FRONT_KEY: key} | ({FRONT_AUTH: f"Bearer {api_key}"} if api_key is not None else {})
+    member = json.dumps(members)[1:-1].encode() + (b"," if value else b"")
     return body[:start] + member + body[start:]
 
 
 class TritonFront:
     def __init__(self, upstream: str, api_key: str | None, control: Control | None, front_errors: FrontErrors,
-                 max_body_bytes: int = MAX_BODY_BYTES):
+                 max_body_bytes: int = MAX_BODY_BYTES, metrics_url: str | None = None):
         self.upstream = upstream.rstrip("/")
+        self.metrics_url = metrics_url
         self.api_key = api_key
         self.control = control
         self.errors = front_errors
@@ -116,7 +123,7 @@ class TritonFront:
                 if not isinstance(value, dict):
                     raise BodyError(400, "a generate request's body must be a JSON object of inputs")
                 key = uuid.uuid4().hex
-                body = tag(body, value, key)
+                body = tag(body, value, key, self.api_key)
         except ConnectionError:
             return
         except BodyError as exc:
@@ -129,6 +136,8 @@ class TritonFront:
         elif "authorization" in headers:
             forwarded.append(("authorization", headers["authorization"]))
         url = self.upstream + scope["raw_path"].decode("latin-1")
+        if path == "/metrics" and self.metrics_url:  # the metrics port's, where load tools look for it
+            url = self.metrics_url
         if scope.get("query_string"):
             url += "?" + scope["query_string"].decode("latin-1")
         answered = asyncio.Event()  # set just before the last send: uvicorn then says "disconnect" to a reader

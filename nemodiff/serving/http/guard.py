@@ -12,10 +12,11 @@ status and message are the answer.
 
 from __future__ import annotations
 
-import hmac
 import json
 
 import numpy as np
+
+from nemodiff.serving.control import bearer_matches
 
 MAX_JSON_DEPTH = 32  # a generate body needs 2, an infer body with a rank-8 tensor 11
 _STEP = np.zeros(256, dtype=np.int8)  # +1 opens a level, -1 closes one
@@ -112,7 +113,4 @@ def check_strings(value, where: str = "the request") -> None:
 
 def bearer_ok(headers: dict[str, str], api_key: str | None) -> bool:
     """`Authorization: Bearer KEY` with the server's key (always True when the server has none)."""
-    if api_key is None:
-        return True
-    scheme, _, token = headers.get("authorization", "").partition(" ")
-    return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), api_key.encode())
+    return bearer_matches(headers.get("authorization", ""), api_key)

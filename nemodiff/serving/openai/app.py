@@ -13,7 +13,8 @@ its fields are read by parse.py. Errors have OpenAI's shape, `{"error": {"messag
 lone surrogate, a field of the wrong type: 400, never a plain-text 500).
 
 With `--api-key`, every `/v1` route wants `Authorization: Bearer KEY` (401 otherwise, as vLLM
-and SGLang answer); `/health` stays open for probes. A client that hangs up cancels its
+and SGLang answer); `/health` stays open for probes, and so does `/metrics` (Triton's metrics port
+passed through, as vLLM's API server serves it, so load tools that scrape their base URL find it). A client that hangs up cancels its
 request, streamed or not, queued or running.
 
 On a VLM engine, chat messages may carry `image_url` content parts whose URL is a `data:` URL
@@ -28,6 +29,7 @@ import asyncio
 import json
 import logging
 import time
+import urllib.request
 import uuid
 from pathlib import Path
 
@@ -61,7 +63,9 @@ class HungUp(Exception):
 
 class OpenAIFrontend:
     def __init__(self, engine_dir: Path, backend: TritonBackend, served_model_name: str, max_body_bytes: int,
-                 api_key: str | None = None, front_errors: FrontErrors | None = None, max_n: int = DEFAULT_MAX_N):
+                 api_key: str | None = None, front_errors: FrontErrors | None = None, max_n: int = DEFAULT_MAX_N,
+                 metrics_url: str | None = None):
+        self.metrics_url = metrics_url
         self.reader = RequestReader(engine_dir, served_model_name, max_n)
         self.strings = TokenStrings(self.reader.tokenizer.decode)
         self.max_seq_len = self.reader.max_seq_len
@@ -91,6 +95,22 @@ class OpenAIFrontend:
 
     async def health(self, request: Request) -> Response:
         return Response(status_code=200 if await self.backend.ready() else 503)
+
+    async def metrics(self, request: Request) -> Response:
+        """Triton's metrics port, passed through (open like it and /health: vLLM's API server serves /metrics
+        without its key, and load tools scrape it next to their requests)."""
+        if self.metrics_url is None:
+            return error_response(404, "this server has no metrics endpoint", code="not_found")
+
+        def scrape() -> tuple[bytes, str]:
+            with urllib.request.urlopen(self.metrics_url, timeout=10) as reply:
+                return reply.read(), reply.headers.get("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
+
+        try:
+            body, kind = await asyncio.to_thread(scrape)
+        except (OSError, ValueError) as exc:
+            return error_response(503, f"the metrics endpoint did not answer ({exc})")
+        return Response(body, headers={"Content-Type": kind})
 
     async def completions(self, request: Request) -> Response:
         return await self._serve(request, chat=False)
@@ -177,9 +197,10 @@ class OpenAIFrontend:
         answers = []
         for choice in choices.choices:
             text = "".join(choice.text)
-            calls = tool_calls(tool, text) if choice.finish_reason != "length" else []
+            cut = choice.finish_reason == "length"  # OpenAI's truncated call: its partial arguments, "length"
+            calls = tool_calls(tool, text, truncated=cut)
             answers.append((choice.index, text, calls,
-                            "tool_calls" if calls else finish_reason(choice.finish_reason)))
+                            "tool_calls" if calls and not cut else finish_reason(choice.finish_reason)))
         if not body.get("stream"):
             return JSONResponse(meta | {"object": "chat.completion", "usage": choices.usage(), "choices": [
                 {"index": index, "message": {"role": "assistant", "content": None if calls else text}
@@ -274,20 +295,22 @@ async def _disconnected(request: Request) -> None:
 
 def create_app(engine_dir, backend: TritonBackend, served_model_name: str, max_body_bytes: int,
                api_key: str | None = None, front_errors: FrontErrors | None = None,
-               max_n: int = DEFAULT_MAX_N) -> Starlette:
-    frontend = OpenAIFrontend(engine_dir, backend, served_model_name, max_body_bytes, api_key, front_errors, max_n)
+               max_n: int = DEFAULT_MAX_N, metrics_url: str | None = None) -> Starlette:
+    frontend = OpenAIFrontend(engine_dir, backend, served_model_name, max_body_bytes, api_key, front_errors, max_n,
+                              metrics_url)
     return Starlette(routes=[
         Route("/v1/models", frontend.models, methods=["GET"]),
         Route("/v1/models/{model:path}", frontend.one_model, methods=["GET"]),
         Route("/v1/completions", frontend.completions, methods=["POST"]),
         Route("/v1/chat/completions", frontend.chat_completions, methods=["POST"]),
         Route("/health", frontend.health, methods=["GET"]),
+        Route("/metrics", frontend.metrics, methods=["GET"]),
     ], exception_handlers={404: _no_route, 405: _no_method})
 
 
 async def _no_route(request: Request, exc) -> Response:
     return error_response(404, f"no route {request.url.path!r}: this server serves /v1/models, /v1/completions, "
-                          "/v1/chat/completions and /health", code="not_found")
+                          "/v1/chat/completions, /health and /metrics", code="not_found")
 
 
 async def _no_method(request: Request, exc) -> Response:

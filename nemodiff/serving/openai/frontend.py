@@ -21,9 +21,9 @@ class FrontendThread(ServerThread):
 
     def __init__(self, engine_dir, grpc_url: str, host: str, port: int, served_model_name: str,
                  max_body_bytes: int, triton_model: str, api_key: str | None = None, idle_timeout: float = 30.0,
-                 front_errors: FrontErrors | None = None, max_n: int = DEFAULT_MAX_N):
+                 front_errors: FrontErrors | None = None, max_n: int = DEFAULT_MAX_N, metrics_url: str | None = None):
         app = create_app(engine_dir, TritonBackend(grpc_url, triton_model, api_key), served_model_name,
-                         max_body_bytes, api_key, front_errors, max_n)
+                         max_body_bytes, api_key, front_errors, max_n, metrics_url)
         super().__init__(app, host, port, idle_timeout, "OpenAI", error_body=openai_error)
 
 

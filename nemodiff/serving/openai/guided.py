@@ -24,6 +24,7 @@ request is admitted: a bad one comes back as a 400 naming the problem.
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from dataclasses import dataclass
 
@@ -136,14 +137,27 @@ def guide_fields(body: dict, template_has_tools: bool, chat: bool) -> tuple[dict
     return fields, tool, render
 
 
-def tool_calls(tool: ToolCall, text: str) -> list[dict]:
-    """The `tool_calls` of a message whose text is the forced call's constrained output."""
+def tool_calls(tool: ToolCall, text: str, truncated: bool = False) -> list[dict]:
+    """The `tool_calls` of a message whose text is the forced call's constrained output. A call cut short by
+    max_tokens (`truncated`) is returned as OpenAI returns one: the function's name and the arguments as far as
+    they were written (not valid JSON), with finish_reason "length"; under "required" with several functions,
+    only once the output has named the function (before that: no call, the text stays the content)."""
     name, arguments = tool.name, text
     if name is None:
         try:
             call = json.loads(text)
             name, arguments = call["name"], json.dumps(call["arguments"], ensure_ascii=False)
-        except (ValueError, KeyError, TypeError):  # cut short (max_tokens): no valid call to return
-            return []
+        except (ValueError, KeyError, TypeError):
+            named = _NAMED_CALL.match(text) if truncated else None
+            if named is None:  # no valid call to return
+                return []
+            try:
+                name, arguments = json.loads(f'"{named.group(1)}"'), text[named.end():]
+            except ValueError:
+                return []
     return [{"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
              "function": {"name": name, "arguments": arguments}}]
+
+
+# the start of a "required" call's output, {"name": "...", "arguments": ..., once its name is complete
+_NAMED_CALL = re.compile(r'\s*\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"arguments"\s*:\s*')

@@ -25,6 +25,7 @@ from nemodiff.serving.openai.fields import note_unknown, refusal
 from nemodiff.serving.openai.guided import GuideError, ToolCall, guide_fields
 from nemodiff.serving.triton.inputs import DEFAULT_MAX_N, IMAGE_INPUT, data_url_bytes
 
+ROLES = ("system", "user", "assistant", "tool", "developer")  # the chat roles a request may use
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the context left
 
 
@@ -112,8 +113,10 @@ class RequestReader:
             raise InvalidRequest(f"the model {body.get('model')!r} does not exist; this server serves {self.model!r}",
                                  "model", status=404)
         max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-        if max_tokens is not None and not (_is_int(max_tokens) and 1 <= max_tokens < 2**31):
-            raise InvalidRequest(f"max_tokens must be an integer >= 1 (got {max_tokens!r})", "max_tokens")
+        if max_tokens is not None and not (_is_int(max_tokens) and 1 <= max_tokens <= self.max_seq_len):
+            raise InvalidRequest(f"max_tokens must be an integer in [1, {self.max_seq_len}] (got {max_tokens!r:.40}); "
+                                 f"the model's context is {self.max_seq_len} tokens, the prompt included",
+                                 "max_tokens")
         stop = body.get("stop")
         stop = [stop] if isinstance(stop, str) else (stop or [])
         if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
@@ -194,9 +197,12 @@ class RequestReader:
         if not isinstance(messages, list) or not messages:
             raise InvalidRequest("messages must be a non-empty list", "messages")
         rendered, images, sizes, image_tokens = [], [], [], 0
-        for message in messages:
+        for index, message in enumerate(messages):
             if not isinstance(message, dict) or not isinstance(message.get("role"), str):
                 raise InvalidRequest("each message needs a role and content", "messages")
+            if message["role"] not in ROLES:
+                raise InvalidRequest(f"messages[{index}].role is {message['role']!r:.40}; it must be one of "
+                                     f"{', '.join(ROLES)}", "messages")
             content = message.get("content") or ""
             if isinstance(content, list):
                 texts = []

@@ -56,10 +56,24 @@ class ModelMetrics:
         self._front: dict = {}  # ("front", kind) -> metric, made when a front first refuses one
         self._last: dict = {}
         self._lock = threading.Lock()
+        self._closed = False
+
+    def close(self) -> None:
+        """Drop every family and metric now, while the backend stub can still hear of it. A family that
+        outlives the model is destroyed by the interpreter's last garbage collection, after the stub has
+        let go of its shared memory, and its destructor's message to the server then segfaults.
+        Later calls do nothing."""
+        with self._lock:
+            self._closed = True
+            for name in ("_families", "_gauges", "_counters", "_by_mode", "_errors", "_ttft", "_accepted", "_front"):
+                setattr(self, name, {})
+            self._preemptions = None
 
     def _safely(self, what: str, action) -> None:
         try:
             with self._lock:
+                if self._closed:
+                    return
                 action()
         except Exception as exc:
             pb_utils.Logger.log_warn(f"nemodiff: metrics ({what}) failed: {exc}")

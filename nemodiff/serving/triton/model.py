@@ -10,6 +10,9 @@ request gets exactly one final response: its output, or an error (INVALID_ARG fo
 UNAVAILABLE when the server is full, draining or past the request's deadline, INTERNAL when
 generation failed), and every error is counted in `nemodiff_request_errors_total`.
 
+With `--api-key`, every request must carry the key (any spelling of Bearer): the HTTP front's, or a gRPC
+client's metadata, which Triton forwards as a request parameter instead of comparing it exactly itself.
+
 The watcher (watch.py) cancels requests whose client went away, refreshes the metrics and
 follows the control folder shared with `nemodiff serve` (nemodiff/serving/control.py): on `drain` the
 model answers every open request, refuses new ones and stops its engine before SIGTERM
@@ -18,12 +21,13 @@ reaches Triton, so that nothing of it waits on Triton's unloading.
 
 from __future__ import annotations
 
+import gc
 import json
+import os
 import queue
 import threading
 import time
 from dataclasses import replace
-from pathlib import Path
 
 import triton_python_backend_utils as pb_utils
 
@@ -31,7 +35,16 @@ from nemodiff.runtime.llm import LLM
 from nemodiff.runtime.request import normalize_mode
 from nemodiff.serving import errors
 from nemodiff.serving.async_engine import AsyncEngine, Update
-from nemodiff.serving.control import FINALIZED, FRONT_KEY, Control, valid_key
+from nemodiff.serving.control import (
+    API_KEY_ENV,
+    FINALIZED,
+    FRONT_AUTH,
+    FRONT_KEY,
+    GRPC_AUTH,
+    Control,
+    bearer_matches,
+    valid_key,
+)
 from nemodiff.serving.triton.images import ImageWorkers
 from nemodiff.serving.triton.inputs import (
     DEFAULT_MAX_N,
@@ -48,6 +61,8 @@ from nemodiff.serving.triton.watch import Watcher
 
 DRAIN_WAIT_S = 5.0
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+NO_KEY = (f"this server requires an API key: send the metadata '{GRPC_AUTH}: Bearer <key>' (or, over HTTP, the "
+          "header 'Authorization: Bearer <key>')")
 ERROR_CODES = {"invalid": pb_utils.TritonError.INVALID_ARG, "internal": pb_utils.TritonError.INTERNAL,
                "unavailable": pb_utils.TritonError.UNAVAILABLE, "timeout": pb_utils.TritonError.UNAVAILABLE}
 
@@ -67,11 +82,16 @@ def _error(message: str, code) -> pb_utils.InferenceResponse:
     return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(message, code))
 
 
-def _front_key(request) -> str | None:
+def _parameters(request) -> dict:
     try:
-        key = json.loads(request.parameters() or "{}").get(FRONT_KEY)
+        value = json.loads(request.parameters() or "{}")
     except Exception:
-        return None
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _front_key(request) -> str | None:
+    key = _parameters(request).get(FRONT_KEY)
     return key if valid_key(key) else None
 
 
@@ -96,15 +116,14 @@ class NemodiffModel:
         control = params.get("control_dir", "").strip()
         self.control = Control(control) if control else None
         self.supervisor_pid = number("supervisor_pid")
+        self.api_key = os.environ.get(API_KEY_ENV) or None  # set by `nemodiff serve --api-key` (or unset)
         self.llm = LLM(params["engine_dir"], device=device, kv_cache_memory_bytes=number("kv_cache_memory_bytes"),
                        max_batch_size=number("max_batch_size"),
                        max_num_batched_tokens=number("max_num_batched_tokens"), tp=number("tp"), devices=devices,
                        prefix_cache=prefix_cache)
         self.max_seq_len = self.llm.config.build.max_seq_len
         self.vocab_size = self.llm.config.model.vocab_size
-        from tokenizers import Tokenizer
-
-        vocab = Tokenizer.from_file(str(Path(params["engine_dir"]) / "tokenizer.json")).get_vocab(True)
+        vocab = self.llm.tokenizer.vocab()  # read once, within its size limit, by the engine's tokenizer
         self.prompt_tokenizer = PromptTokenizer(self.llm.tokenizer.encode, vocab, self.max_seq_len)
         self._live: dict[int, RequestState] = {}
         self._live_lock = threading.Lock()
@@ -137,6 +156,9 @@ class NemodiffModel:
     def execute(self, requests):
         for request in requests:
             sender = request.get_response_sender()
+            if self.api_key is not None and not self._authorized(request):
+                self._refuse(sender, NO_KEY, "invalid")
+                continue
             try:
                 self._start(request, sender)
             except BadRequest as exc:
@@ -144,6 +166,12 @@ class NemodiffModel:
             except Exception as exc:  # unreadable input: still this request's problem, not the server's
                 self._refuse(sender, f"could not read the request: {exc}", "invalid")
         return None
+
+    def _authorized(self, request) -> bool:
+        """The key of the HTTP front (which checked the client's) or of a gRPC client's metadata, which Triton
+        forwards as a parameter and no longer compares itself: any spelling of Bearer, as on HTTP."""
+        parameters = _parameters(request)
+        return any(bearer_matches(parameters.get(name), self.api_key) for name in (FRONT_AUTH, GRPC_AUTH))
 
     def _start(self, request, sender) -> None:
         inputs = RequestInputs(lambda name: (lambda t: None if t is None else t.as_numpy())(
@@ -349,5 +377,9 @@ class NemodiffModel:
         self.retire()
         self._outbox.put(None)  # everything queued before this is sent first
         self._sender.join(timeout=DRAIN_WAIT_S)
+        # The model sits in reference cycles (its threads and callbacks hold it), so only a garbage collection
+        # frees it: its metric families go now, and the cycles are collected while the stub is whole.
+        self.metrics.close()
+        gc.collect()
         if self.control is not None:
             self.control.set(FINALIZED)
