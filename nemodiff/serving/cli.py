@@ -26,7 +26,6 @@ import re
 import shutil
 import site
 import socket
-import string
 import sys
 import sysconfig
 import tempfile
@@ -37,11 +36,15 @@ import click
 from nemodiff.engine_format import EngineFormatError
 from nemodiff.runtime.request import mode_param
 from nemodiff.serving.control import API_KEY_ENV, GRPC_AUTH, Control, FrontErrors
+from nemodiff.serving.triton_layout import (
+    CONTAINER_BACKENDS,
+    MODEL_NAME,
+    find_tritonserver,
+    prepare_backends,
+    write_model_repository,
+)
 
 CONTEXT = {"show_default": True, "help_option_names": ["-h", "--help"]}
-MODEL_NAME = "nemodiff"
-CONTAINER_SERVER = Path("/opt/tritonserver/bin/tritonserver")
-CONTAINER_BACKENDS = Path("/opt/tritonserver/backends")
 # What --api-key guards on Triton's side: all but health and metadata (probes and clients' discovery stay open)
 RESTRICTED_APIS = "inference,model-config,model-repository,shared-memory,statistics,trace,logging"
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
@@ -70,38 +73,6 @@ def parse_bytes(text: str) -> int:
     if value < 1:
         raise ValueError(f"{text!r} is not a positive size")
     return value
-
-
-def model_repo_source() -> Path:
-    """The canonical `nemodiff/model_repo/` (package data when installed, the folder in a source checkout)."""
-    candidates = []
-    try:
-        import nemodiff.model_repo as shipped
-
-        candidates += [Path(p) for p in getattr(shipped, "__path__", [])]
-    except ImportError:
-        pass
-    here = Path(__file__).resolve().parent
-    candidates += [here / "model_repo", here.parent / "model_repo"]
-    for candidate in candidates:
-        if (candidate / MODEL_NAME / "config.pbtxt").is_file():
-            return candidate
-    raise click.ClickException("the nemodiff Triton model (nemodiff/model_repo/nemodiff) is missing from this installation")
-
-
-def _pbtxt_string(value: str) -> str:
-    return value.replace("\\", "\\\\").replace('"', '\\"')
-
-
-def write_model_repository(repo: Path, values: dict[str, str]) -> Path:
-    """Fill config.pbtxt and copy model.py into `repo/nemodiff/`; returns the model folder."""
-    source = model_repo_source() / MODEL_NAME
-    model_dir = repo / MODEL_NAME
-    (model_dir / "1").mkdir(parents=True, exist_ok=True)
-    template = string.Template((source / "config.pbtxt").read_text())
-    (model_dir / "config.pbtxt").write_text(template.substitute({k: _pbtxt_string(v) for k, v in values.items()}))
-    shutil.copyfile(source / "1" / "model.py", model_dir / "1" / "model.py")
-    return model_dir
 
 
 def instance_groups(kind: str, tp: int, gpus: list[int] | None, instances: int) -> tuple[str, str]:
@@ -133,44 +104,6 @@ def _parse_gpus(text: str | None) -> list[int] | None:
         return [int(g) for g in text.split(",") if g.strip()]
     except ValueError:
         raise click.BadParameter("wants comma-separated GPU indices, e.g. 0,1,2,3", param_hint="--gpus") from None
-
-
-def find_tritonserver(explicit: Path | None) -> tuple[Path, Path | None, Path | None]:
-    """(server binary, python backend folder or None for the container layout, libs folder or None)."""
-    if explicit is not None:
-        if not explicit.is_file():
-            raise click.ClickException(f"--tritonserver {explicit}: no such file")
-        return explicit, None, None
-    if CONTAINER_SERVER.is_file():
-        return CONTAINER_SERVER, None, None
-    try:
-        import pytriton
-    except ImportError:
-        raise click.ClickException(
-            'no tritonserver found: run inside NVIDIA\'s Triton container, or pip install "nemodiff[serve]" '
-            "(the nvidia-pytriton wheel ships one)") from None
-    root = Path(pytriton.__file__).resolve().parent / "tritonserver"
-    binary = root / "bin" / "tritonserver"
-    if not binary.is_file():
-        raise click.ClickException(f"the nvidia-pytriton wheel has no tritonserver at {binary}; reinstall it")
-    libs = root.parent.parent / "nvidia_pytriton.libs"
-    return binary, root, libs if libs.is_dir() else None
-
-
-def prepare_backends(wheel_root: Path, into: Path) -> Path:
-    """A backend folder whose python backend runs this interpreter (the wheel ships one stub per version)."""
-    version = f"{sys.version_info.major}.{sys.version_info.minor}"
-    stub = wheel_root / "python_backend_stubs" / version / "triton_python_backend_stub"
-    if not stub.is_file():
-        raise click.ClickException(f"the nvidia-pytriton wheel has no Python backend stub for Python {version}")
-    python_dir = into / "python"
-    python_dir.mkdir(parents=True, exist_ok=True)
-    for name in ("libtriton_python.so", "triton_python_backend_utils.py"):
-        link = python_dir / name
-        if not link.exists():
-            link.symlink_to(wheel_root / "backends" / "python" / name)
-    shutil.copy2(stub, python_dir / "triton_python_backend_stub")  # found next to the backend; must be a copy
-    return into
 
 
 @click.command(context_settings=CONTEXT)
