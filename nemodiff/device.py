@@ -183,9 +183,11 @@ class Platform:
         self._sm_count = sm_count
 
     @classmethod
-    def for_kernels(cls, device: torch.device | str, kernels: str, sm: str | None = None) -> "Platform":
-        """The platform of an engine run with a `load_kernels` mode: "aot-check" emulates the GPU path."""
-        return cls(device, gpu_path=kernels == "aot-check" or None, sm=sm)
+    def for_kernels(cls, device: torch.device | str, kernels: str, sm: str | None = None,
+                    sm_count: int | None = None) -> "Platform":
+        """The platform of an engine run with a `load_kernels` mode: "aot-check" emulates the GPU path.
+        sm_count: plan split grids as on a GPU with that many SMs (e.g. 132 for an H100 or H200)."""
+        return cls(device, gpu_path=kernels == "aot-check" or None, sm=sm, sm_count=sm_count)
 
     def __repr__(self) -> str:
         return f"Platform({self.device}, {'emulated GPU path' if self.emulated else 'GPU' if self.cuda else 'CPU'})"
@@ -197,7 +199,8 @@ class Platform:
 
     @property
     def sm_count(self) -> int:
-        return multiprocessor_count(self.device, self._sm_count or CPU_SM_COUNT)
+        """The SM count split grids are planned for: the one asked for, else the GPU's (CPU: a stand-in)."""
+        return self._sm_count or multiprocessor_count(self.device, CPU_SM_COUNT)
 
     def own_memory(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Weights read from a file, in memory of their own as a copy to a GPU gives them (16-byte aligned

@@ -53,14 +53,14 @@ def resolve_mode(mode: str, device: torch.device) -> str:
     return "aot"
 
 
-def kernel_platform(device: torch.device, mode: str, sm: str | None = None) -> Platform:
+def kernel_platform(device: torch.device, mode: str, sm: str | None = None, sm_count: int | None = None) -> Platform:
     """The platform a random model runs on: aot-check emulates the GPU path on the CPU."""
     if mode == "aot-check":
         if is_cuda(device):
             raise ValueError("--kernels aot-check runs the GPU launch path on the CPU; use --device cpu "
                              "(on a GPU use --kernels aot)")
-        return Platform.for_kernels(device, mode, sm=sm or DEFAULT_CHECK_SM)
-    return Platform(device)
+        return Platform.for_kernels(device, mode, sm=sm or DEFAULT_CHECK_SM, sm_count=sm_count)
+    return Platform(device, sm_count=sm_count)
 
 
 def compile_for(variants: list, sm: str, root: Path) -> dict:
