@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
-from helpers import make_engine, transformers_model
+from helpers import transformers_model
 from nemodiff import LLM, SamplingParams
 from nemodiff.device import KernelLaunchError, Staging
 from nemodiff.plugins.attention import choose_splits
@@ -22,18 +22,6 @@ PROMPTS = [[1, 200, 201, 202], [1, 150, 151, 152, 153, 154, 155, 156, 157]]
 SHORT = [[1, 150, 151, 152, 153]]
 GRAPH_PROMPTS = [[1, 40 + i, 41 + i, 42 + i, 43][: 3 + i % 3] for i in range(5)]
 ENGINES = [(arch, dtype) for arch in ("h200", "b200") for dtype in ("fp32", "bf16", "fp8")]
-
-
-@pytest.fixture(scope="module")
-def gpu_engines(checkpoint, tmp_path_factory):
-    root, built = tmp_path_factory.mktemp("aot-check"), {}
-
-    def get(arch: str, dtype: str):
-        if (arch, dtype) not in built:
-            built[arch, dtype] = make_engine(checkpoint, root / f"{arch}-{dtype}", arch=arch, dtype=dtype,
-                                             kernels=True, kv_page_size=4, block_length=4, max_seq_len=128)
-        return built[arch, dtype]
-    return get
 
 
 def aot_llm(engine, **kwargs) -> LLM:
