@@ -1,5 +1,8 @@
-"""Weight-only fp8 GEMM: `x [M, K]` (bf16/fp16) times `w [N, K]` (float8_e4m3fn) with one float32
-scale per output channel, fp32 accumulation, output in x's dtype. One launch per linear.
+"""The project's GEMM, one launch per linear: `x [M, K]` (bf16/fp16) times `w [N, K]`, fp32
+accumulation, output in x's dtype. Weight-only fp8 (float8_e4m3fn with one float32 scale per output
+channel: `fp8_linear`), or weights in x's dtype (`dense_linear`: every linear of bf16/fp16 engines,
+the head and the draft adapter of all of them), so that no product of the forward is left to cuBLAS,
+which picks its kernel and split by M.
 
 checkpoint ──builder (quantizes weights, compiles `variants`)──▶ engine dir ──runtime (every linear)──▶ Triton
 
