@@ -82,6 +82,13 @@ def multiprocessor_count(device: torch.device, cpu_stand_in: int = CPU_SM_COUNT)
     return cpu_stand_in
 
 
+def current_stream_id(device: torch.device) -> int:
+    """The handle of the current stream of a CUDA device; 0 elsewhere (one launch at a time there)."""
+    if not is_cuda(device):
+        return 0
+    return torch.cuda.current_stream(device).cuda_stream
+
+
 def gpu_sm(device: torch.device) -> str:
     """The engine-format name of a GPU's architecture: sm_80, sm_89, sm_90a, sm_100a..."""
     major, minor = torch.cuda.get_device_capability(device)

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import torch
 
+from nemodiff.device import current_stream_id
+
 
 class Counters:
     """Arrival counters by launch site and stream. A buffer is zero between launches only on one stream:
@@ -38,7 +40,7 @@ class Counters:
         """A zeroed int32 buffer of at least `elems` counters on `device` for `site` on the current stream
         (the same one while it is big enough)."""
         device = torch.device(device)
-        held = self._buffers.setdefault((device, site, _stream_id(device)), [])
+        held = self._buffers.setdefault((device, site, current_stream_id(device)), [])
         if not held or held[-1].numel() < elems:
             size = max(elems, 2 * held[-1].numel() if held else 256)
             held.append(torch.zeros(size, dtype=torch.int32, device=device))
@@ -53,13 +55,6 @@ class _Site:
 
     def get(self, elems: int, device: torch.device) -> torch.Tensor:
         return self.counters.get(elems, device, self.name)
-
-
-def _stream_id(device: torch.device) -> int:
-    """The current stream of a CUDA device (0 elsewhere: the CPU runs one launch at a time)."""
-    if device.type != "cuda":
-        return 0
-    return torch.cuda.current_stream(device).cuda_stream
 
 
 def fresh_counters(elems: int, device: torch.device) -> torch.Tensor:
