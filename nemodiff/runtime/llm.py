@@ -131,7 +131,8 @@ class LLM:
                 raise ValueError(f"devices names {len(ranks)} devices for {self.tp} tensor-parallel ranks")
             device = ranks[0]
             self._driver = TensorParallelDriver.launch(ranks, {"engine_dir": str(self.engine_dir.resolve()),
-                                                               "verify": verify, "kernels": kernels},
+                                                               "verify": verify, "kernels": kernels,
+                                                               "sm_count": sm_count},
                                                        tp_step_timeout_s)
         try:
             self._setup(device, kv_cache_memory_bytes, num_kv_pages, max_batch_size, max_num_batched_tokens,
