@@ -282,3 +282,28 @@ def test_variants_compile_for_hopper_and_blackwell(tmp_path):
                             text=True)
     assert result.returncode == 0, result.stderr[-4000:]
     assert result.stdout.count("compiled") == 6
+
+
+def test_the_interpreter_rounds_p_to_the_value_dtype_like_the_cubin():
+    """The compiled P.V dot takes P in the value dtype; the interpreter upcasts its operands (its bf16 dot is
+    wrong) but rounds P first. fp16 (the interpreter rounds fp16 like torch): one key block, one chunk, so the
+    kernel is exactly a softmax whose weights are rounded before they multiply V, and normalised after."""
+    from nemodiff.plugins.rotary import reference_rotary_kv_write
+
+    heads, kv_heads, head_dim = 4, 1, 64
+    case = make_case([(20, 0, FULL, None)], heads=heads, kv_heads=kv_heads, head_dim=head_dim, page_size=16,
+                     dtype=torch.float16, seed=3, write_share=0.0)
+    out = segment_attention(LAUNCHER, *case.inputs(), case.k_cache.clone(), case.v_cache.clone(), case.meta(1),
+                            head_dim ** -0.5, heads, kv_heads, head_dim)
+    rope = case.rope
+    q, k, v = reference_rotary_kv_write(case.qkv, case.positions, case.write_slots, rope.inv_freq,
+                                        rope.attention_factor, rope.beta, rope.original_max, case.k_cache.clone(),
+                                        case.v_cache.clone(), heads, kv_heads, head_dim)
+    k, v = k.float().repeat_interleave(heads // kv_heads, 1), v.float().repeat_interleave(heads // kv_heads, 1)
+    scores = torch.einsum("qhd,khd->hqk", q.float(), k) * head_dim ** -0.5 * 1.4426950408889634
+    p = torch.exp2(scores - scores.max(-1, keepdim=True).values)
+    total = p.sum(-1, keepdim=True).permute(1, 0, 2)
+    rounded = (torch.einsum("hqk,khd->qhd", p.half().float(), v) / total).half()
+    unrounded = (torch.einsum("hqk,khd->qhd", p, v) / total).half()
+    assert torch.equal(out, rounded)
+    assert (out == unrounded).float().mean() < 0.9  # the rounding shows in a third of the outputs
