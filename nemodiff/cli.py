@@ -20,6 +20,8 @@ from nemodiff.runtime.request import mode_param
 
 CONTEXT = {"show_default": True, "help_option_names": ["-h", "--help"]}
 KERNEL_MODES = ["auto", "off", "interpret", "aot-check", "jit", "aot"]
+SM_COUNT_HELP = ("Plan split-K and split-KV grids as on a GPU with this many SMs (132: H100/H200); with "
+                 "--kernels aot-check the CPU runs that GPU's plans and merges [default: the device's own].")
 KERNELS_HELP = ("auto: the engine's compiled kernels on a matching GPU, else the PyTorch reference path; "
                 "interpret: the kernels' real code under Triton's interpreter on the CPU (slow; for verification); "
                 "aot-check: on the CPU, the GPU launch path of an engine built for a GPU, every launch checked "
@@ -92,6 +94,7 @@ def _parse_threshold(value: str) -> float | None:
 @click.option("--grammar", type=str, default=None, help="Structured output: an EBNF (GBNF) grammar (a file or text).")
 @click.option("--device", type=str, default=None, help="torch device [default: cuda if available, else cpu].")
 @click.option("--kernels", type=click.Choice(KERNEL_MODES), default="auto", help=KERNELS_HELP)
+@click.option("--sm-count", type=click.IntRange(1, 1024), default=None, help=SM_COUNT_HELP)
 @click.option("--tp", type=int, default=None,
               help="Tensor-parallel ranks; must match the engine's nemodiff-build --tp [default: the engine's].")
 @click.option("--logprobs", type=click.IntRange(0, 20), default=None,
@@ -106,8 +109,8 @@ def generate(engine_dir: Path, prompt: str | None, prompt_ids: str | None, mode:
              images: tuple[Path, ...],
              block_length: int | None, threshold: str, draft_lora: bool, draft_threshold: float | None,
              max_thinking_tokens: int | None, json_schema: str | None, regex: str | None, choice: str | None,
-             grammar: str | None, device: str | None, kernels: str, tp: int | None, logprobs: int | None, n: int,
-             prefix_cache: bool, as_json: bool) -> None:
+             grammar: str | None, device: str | None, kernels: str, sm_count: int | None, tp: int | None,
+             logprobs: int | None, n: int, prefix_cache: bool, as_json: bool) -> None:
     """Generate a completion for one prompt."""
     from nemodiff import LLM, SamplingParams
 
@@ -121,7 +124,7 @@ def generate(engine_dir: Path, prompt: str | None, prompt_ids: str | None, mode:
     )
     source = prompt if prompt is not None else _parse_ids(prompt_ids)
     params.validate()
-    with LLM(engine_dir, device=device, kernels=kernels, tp=tp, prefix_cache=prefix_cache) as llm:
+    with LLM(engine_dir, device=device, kernels=kernels, tp=tp, prefix_cache=prefix_cache, sm_count=sm_count) as llm:
         outputs = llm.generate([source], params, chat=chat, images=[list(images)])
     if as_json:
         dicts = [o.to_dict() | ({"index": o.index} if n > 1 else {}) for o in outputs]

@@ -93,6 +93,13 @@ def multiprocessor_count(device: torch.device, cpu_stand_in: int = CPU_SM_COUNT)
     return cpu_stand_in
 
 
+def current_stream_id(device: torch.device) -> int:
+    """The handle of the current stream of a CUDA device; 0 elsewhere (one launch at a time there)."""
+    if not is_cuda(device):
+        return 0
+    return torch.cuda.current_stream(device).cuda_stream
+
+
 def gpu_sm(device: torch.device) -> str:
     """The engine-format name of a GPU's architecture: sm_80, sm_89, sm_90a, sm_100a..."""
     major, minor = torch.cuda.get_device_capability(device)
@@ -210,9 +217,11 @@ class Platform:
         self._stream = None
 
     @classmethod
-    def for_kernels(cls, device: torch.device | str, kernels: str, sm: str | None = None) -> "Platform":
-        """The platform of an engine run with a `load_kernels` mode: "aot-check" emulates the GPU path."""
-        return cls(device, gpu_path=kernels == "aot-check" or None, sm=sm)
+    def for_kernels(cls, device: torch.device | str, kernels: str, sm: str | None = None,
+                    sm_count: int | None = None) -> "Platform":
+        """The platform of an engine run with a `load_kernels` mode: "aot-check" emulates the GPU path.
+        sm_count: plan split grids as on a GPU with that many SMs (e.g. 132 for an H100 or H200)."""
+        return cls(device, gpu_path=kernels == "aot-check" or None, sm=sm, sm_count=sm_count)
 
     def __repr__(self) -> str:
         return f"Platform({self.device}, {f'emulated GPU {self.index}' if self.emulated else self.device.type})"
@@ -264,7 +273,8 @@ class Platform:
 
     @property
     def sm_count(self) -> int:
-        return multiprocessor_count(self.device, self._sm_count or CPU_SM_COUNT)
+        """The SM count split grids are planned for: the one asked for, else the GPU's (CPU: a stand-in)."""
+        return self._sm_count or multiprocessor_count(self.device, CPU_SM_COUNT)
 
     def own_memory(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Weights in memory of their own, aligned as on a GPU, not views into a mapped file (emulated path)."""

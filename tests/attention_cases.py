@@ -10,6 +10,7 @@ import torch
 from nemodiff.engine_format import RopeConfig
 from nemodiff.plugins.attention import (
     AttentionMeta,
+    chunk_slots,
     pack_bitmask,
     plan_tiles,
     reference_fused_attention,
@@ -55,7 +56,8 @@ class AttentionCase:
         device = self.qkv.device
         workspace = None
         if num_splits > 1:
-            workspace = torch.full((workspace_elems(total, self.heads, self.head_dim, num_splits),), float("nan"),
+            slots = chunk_slots(self.block_tables.shape[1] * self.page_size, total)
+            workspace = torch.full((workspace_elems(total, self.heads, self.head_dim, slots),), float("nan"),
                                    device=device)
         return AttentionMeta(self.seg_start, self.prefix_len, self.table_row, self.block_tables, self.pattern,
                              self.mask_offset, self.masks, _i32(tile_seg, device), _i32(tile_start, device),

@@ -37,3 +37,17 @@ def served_llm(served_engine):
     from nemodiff import LLM
 
     return LLM(served_engine, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def gpu_engines(checkpoint, tmp_path_factory):
+    """gpu_engines(arch, dtype): the tiny model built for a GPU arch with its kernels (pages of 4, blocks of 4,
+    128 tokens), each built once per session: the aot-check modules share them."""
+    root, built = tmp_path_factory.mktemp("aot-check"), {}
+
+    def get(arch: str, dtype: str):
+        if (arch, dtype) not in built:
+            built[arch, dtype] = make_engine(checkpoint, root / f"{arch}-{dtype}", arch=arch, dtype=dtype,
+                                             kernels=True, kv_page_size=4, block_length=4, max_seq_len=128)
+        return built[arch, dtype]
+    return get

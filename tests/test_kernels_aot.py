@@ -18,7 +18,7 @@ from nemodiff.cli import main as nemodiff_cli
 from nemodiff.device import KernelLaunchError
 from nemodiff.engine_format import EngineConfig
 from nemodiff.plugins import aot
-from nemodiff.plugins.aot_check import InterpretDriver
+from nemodiff.plugins.aot_check import InterpretDriver, LaunchChecker
 from nemodiff.plugins.aot_launch import AotLauncher, ArgumentPacker
 from nemodiff.plugins.norm import norm_variant
 from nemodiff.plugins.registry import engine_variants
@@ -44,6 +44,8 @@ def check_engine_kernels(engine, dtype: str, sm: str) -> dict:
         assert entry["params"] == [list(p) for p in variant.signature]
         assert entry["num_warps"] == variant.num_warps and entry["shared"] >= 0
         assert [s["name"] for s in entry["scratch"]] == ["global_scratch", "profile_scratch"]
+        # the cubin's register count, read from its ELF notes, within a block's register file
+        assert 0 < entry["registers"] <= 255 and aot.register_demand(entry["registers"], entry["num_warps"]) <= 65536
     info = inspect_json(engine)
     assert info["build"]["sm"] == sm and info["format_version"] == 2
     listed = info["build"]["kernels"]
@@ -62,7 +64,7 @@ def test_h200_engine_carries_every_variant_and_runs_on_cpu(h200_engine, engine_f
     check_engine_kernels(engine, "fp32", "sm_90a")
     plain = CliRunner().invoke(nemodiff_cli, ["inspect", str(engine)])
     compiled = len(json.loads((engine / "config.json").read_text())["build"]["kernels"])
-    assert compiled > 5 and f"kernels {compiled} compiled for sm_90a" in plain.output
+    assert compiled >= 5 and f"kernels {compiled} compiled for sm_90a" in plain.output
 
     with caplog.at_level(logging.WARNING):
         llm = LLM(engine, device="cpu")
@@ -92,6 +94,22 @@ def test_missing_variant_is_named(h200_engine):
     other = norm_variant(torch.float32, 96, True)  # this model's hidden size is 64
     with pytest.raises(KernelLaunchError, match=f"kernel variant {other.key} \\(add_rmsnorm"):
         launcher.launch(other, (1,), ())
+
+
+def test_registers_times_threads_are_checked(h200_engine):
+    """A variant whose registers x threads exceed the 65,536 of a block cannot launch: aot-check refuses it by
+    name (registers are given in units of 8 per thread: 254 x 256 threads needs 256 x 256, which fits)."""
+    index = json.loads((h200_engine / "kernels" / "sm_90a" / "kernels.json").read_text())
+    entry = next(e for e in index["kernels"].values() if e["kernel"] == "add_rmsnorm")
+    variant = next(v for v in engine_variants(EngineConfig.load(h200_engine).model, "fp32") if v.key == entry["key"])
+    hidden = dict(variant.constexprs)["N_COLS"]
+    x, weight = torch.zeros(2, hidden), torch.ones(hidden)
+    args = (x, x.clone(), weight, x.clone(), 1e-5)
+    checker = LaunchChecker(torch.device("cpu"))
+    assert aot.register_demand(254, 8) == 65536
+    checker.check(entry | {"registers": 254, "num_warps": 8}, variant, (2, 1, 1), args, "sm_90a")
+    with pytest.raises(KernelLaunchError, match="add_rmsnorm .*: 129 registers x 512 threads exceed the 65536"):
+        checker.check(entry | {"registers": 129, "num_warps": 16}, variant, (2, 1, 1), args, "sm_90a")
 
 
 def test_argument_packing():

@@ -113,3 +113,40 @@ def test_split_choice_fills_the_gpu_at_decode_sizes():
         plans = {m: fp8_gemm.plan(m, n, k, 132) for m in (1, 8, 16, 32, 64, 300, 1056)}
         assert len({(chunks, per) for chunks, per, _ in plans.values()}) == 1
         assert plans[1][2] == (split > 1) and not plans[1056][2]
+
+
+@pytest.mark.parametrize("num_sms", (1, 132))
+def test_the_dense_gemm_is_the_same_product_for_a_row_alone_and_in_any_batch(num_sms):
+    """bf16 weights (the linears of bf16 engines, every head, the draft adapter) on the same kernel: row i of
+    a 40-row product is bit-identical to the row alone (132 SMs: K in two chunks, split programs at M = 1,
+    serial at M = 40), and both are x @ w.T to bf16 rounding."""
+    gen = torch.Generator().manual_seed(15)
+    weight = (torch.randn(40, 2048, generator=gen) / 40).bfloat16()
+    x = torch.randn(40, 2048, generator=gen).bfloat16()
+    counters = Counters()
+    batch = fp8_gemm.dense_linear(LAUNCHER, x, weight, num_sms=num_sms, counters=counters)
+    exact = x.double() @ weight.double().T
+    assert ((batch.double() - exact).abs() <= 3 * ULP[torch.bfloat16] * exact.abs() + 1e-3).all()
+    for i in (0, 17, 39):
+        alone = fp8_gemm.dense_linear(LAUNCHER, x[i:i + 1], weight, num_sms=num_sms, counters=counters)
+        assert torch.equal(alone[0], batch[i]), f"row {i} differs"
+    assert fp8_gemm.plan(1, 40, 2048, num_sms)[0] == (2 if num_sms == 132 else 1)
+    with pytest.raises(ValueError, match="weight must be a contiguous torch.bfloat16"):
+        fp8_gemm.dense_linear(LAUNCHER, x, weight.half())
+
+
+def test_launch_sites_count_arrivals_in_buffers_of_their_own():
+    """Counters are zero between launches only on one stream, one kernel at a time: an attention launch still
+    in flight (its tile counters part-way) must not be seen by a split GEMM. Each site has its own buffer."""
+    gen = torch.Generator().manual_seed(16)
+    weight, scale = quantized(40, 2048, gen)
+    x = torch.randn(1, 2048, generator=gen).bfloat16()
+    want = fp8_gemm.fp8_linear(LAUNCHER, x, weight, scale, num_sms=1)
+    counters = Counters()
+    in_flight = counters.site("attention").get(8, "cpu")
+    in_flight[:4] = 1  # one split of each of four attention tiles has arrived
+    got = fp8_gemm.fp8_linear(LAUNCHER, x, weight, scale, num_sms=132, counters=counters.site("gemm"))
+    assert fp8_gemm.plan(1, 40, 2048, 132)[2]  # split programs merged through their counters
+    assert torch.equal(got, want)
+    assert in_flight[:4].tolist() == [1] * 4 and not counters.site("gemm").get(1, "cpu").any()
+    assert counters.site("gemm").get(1, "cpu").data_ptr() != in_flight.data_ptr()

@@ -54,7 +54,7 @@ def test_variants_match_their_kernels(model_config, dtype):
         assert sorted(names) == sorted(runtime + [name for name, _ in variant.constexprs])
     kernels = {v.kernel for v in variants}
     assert {"add_rmsnorm", "segment_attention", "silu_mul"} <= kernels
-    assert ("fp8_gemm" in kernels) == (dtype == "fp8")  # only fp8 engines compile the GEMM
+    assert ("fp8_gemm" in kernels) == (dtype != "fp32")  # fp32 engines keep torch's products (the reference)
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16", "fp16", "fp8"])
@@ -90,16 +90,24 @@ def test_host_wrappers_launch_only_variants_the_engine_compiles(model_config, dt
                 library.fp8_linear(torch.randn(m, k, generator=gen).to(act), w, s)
         w, s = quantize_fp8(torch.randn(32, 2048, generator=gen))  # deep enough to split K on a big GPU
         fp8_gemm.fp8_linear(launcher, torch.randn(2, 2048, generator=gen).to(act), w, s, num_sms=132)
+    if dtype != "fp32":  # the dense products: linears (bf16/fp16), the head, the draft adapter (rank 8: unaligned)
+        for n, k in fp8_gemm.linear_shapes(cfg) + [(cfg.vocab_size, hidden), (8, hq * hd), (hidden, 8)]:
+            for m in (1, 20):
+                library.dense_linear(torch.randn(m, k, generator=gen).to(act), torch.randn(n, k, generator=gen).to(act))
+        fp8_gemm.dense_linear(launcher, torch.randn(2, 2048, generator=gen).to(act),
+                              torch.randn(32, 2048, generator=gen).to(act), num_sms=132)
     listed = {v.key for v in registry.engine_variants(cfg, dtype)}
     # the interpreter runs the GEMM with INTERPRET on; the GPU launchers build the same variant with it off
     on_gpu = [dataclasses.replace(v, constexprs=tuple((n, False if n == "INTERPRET" else value)
                                                       for n, value in v.constexprs)) for v in launcher.seen]
     assert {v.kernel for v in on_gpu} == ({"add_rmsnorm", "segment_attention", "silu_mul"}
-                                          | ({"fp8_gemm"} if dtype == "fp8" else set()))
+                                          | ({"fp8_gemm"} if dtype != "fp32" else set()))
     assert {v.key for v in on_gpu} <= listed, [v for v in on_gpu if v.key not in listed]
-    # the attention decode and prefill tiles, each split and unsplit; fp8: split and serial GEMMs
-    assert len({v.key for v in on_gpu if v.kernel == "segment_attention"}) == 4
-    assert dtype != "fp8" or len({v.key for v in on_gpu if v.kernel == "fp8_gemm"}) == 2
+    # one attention tile for decode and prefill, split and unsplit; GEMMs: split and serial, aligned and not
+    # (dense), and the fp8 ones
+    assert len({v.key for v in on_gpu if v.kernel == "segment_attention"}) == 2
+    gemms = len({v.key for v in on_gpu if v.kernel == "fp8_gemm"})
+    assert gemms == {"fp32": 0, "bf16": 3, "fp16": 3, "fp8": 5}[dtype]  # no unaligned split: K = 8
 
 
 def test_load_kernels_modes(engine_fp32, caplog):

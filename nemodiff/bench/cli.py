@@ -51,6 +51,9 @@ def _ints(text: str) -> list[int]:
                    "CPU for --sm, every launch checked against its cubin and interpreted; jit = Triton's JIT "
                    "(development); interpret; off = the PyTorch reference path (auto on a CPU).")
 @click.option("--sm", type=str, default="sm_90a", help="With --shape --kernels aot-check: the GPU arch to compile for.")
+@click.option("--sm-count", type=click.IntRange(1, 1024), default=None,
+              help="Plan split-K and split-KV grids as on a GPU with this many SMs (132: H100/H200); with "
+                   "--kernels aot-check the CPU runs that GPU's plans and merges [default: the device's own].")
 @click.option("--kernel-dir", type=click.Path(path_type=Path), default=None,
               help="With --shape and aot/aot-check: compile into KERNEL_DIR/kernels/<sm>/ (reused when it already "
                    "holds every variant) instead of a temporary folder.")
@@ -82,7 +85,7 @@ def _ints(text: str) -> list[int]:
 def bench(engine_dir: Path | None, shape: str | None, dtype: str, device: str | None, modes: str, batch_sizes: str,
           concurrency: str, context: int, iters: int, max_new_tokens: int, with_hf: bool, tp: int, json_path: Path,
           plot_path: Path | None, serve_url: str | None, duration: float, kernels: str, sm: str,
-          kernel_dir: Path | None, end_to_end: bool, block_length: int | None, prompt_tokens: int,
+          sm_count: int | None, kernel_dir: Path | None, end_to_end: bool, block_length: int | None, prompt_tokens: int,
           launch_overhead: bool, host_overhead: bool, logprobs: int | None, prefix_ttft: bool,
           prefix_tokens: int, structured: bool) -> None:
     """Benchmark an engine (end to end per mode + step latencies), a random model at --shape, or a server."""
@@ -111,7 +114,7 @@ def bench(engine_dir: Path | None, shape: str | None, dtype: str, device: str | 
         _bench_prefix(engine_dir, device, kernels, prefix_tokens, json_path)
         return
     if launch_overhead:
-        _bench_launches(engine_dir, iters, json_path, device)
+        _bench_launches(engine_dir, iters, json_path, device, sm_count)
         return
     if (engine_dir is None) == (shape is None):
         raise click.UsageError("give an ENGINE_DIR or --shape, not both")
@@ -133,19 +136,21 @@ def bench(engine_dir: Path | None, shape: str | None, dtype: str, device: str | 
 
         config = shape_config(shape)
         mode = resolve_mode(kernels, dev)
-        platform = kernel_platform(dev, mode, sm)
+        platform = kernel_platform(dev, mode, sm, sm_count)
         before = _host_rss_bytes()
         model, weights = random_model(config, dtype, platform)
         report["host_memory"] = {"rss_growth_bytes": _host_rss_bytes() - before,
                                  "plain_weight_bytes": sum(t.numel() * t.element_size() for t in weights.values())}
         model.kernels, report["kernels"] = shape_kernels(config, dtype, platform, mode, kernel_dir)
+        if model.kernels is not None:
+            model.kernels.sm_count = sm_count
         _say(json_path, _kernels_line(report["kernels"]))
         page_size, title = 16, f"{shape} ({dtype}, random weights, kernels {mode}) on {report['device']}"
     else:
         from nemodiff import LLM
         from nemodiff.serving.async_engine import AsyncEngine
 
-        llm = LLM(engine_dir, device=dev, kernels=kernels)
+        llm = LLM(engine_dir, device=dev, kernels=kernels, sm_count=sm_count)
         model, config, page_size = llm.model, llm.config.model, llm.config.build.kv_page_size
         context = min(context, max(llm.config.build.max_seq_len - 1100, 16))
         report["context"] = context
@@ -340,14 +345,15 @@ def _bench_server(url: str, concurrency: str, duration: float, modes: str, max_t
         _say(json_path, f"wrote {plot_path}" if plot_report(report, plot_path) else "no plot: matplotlib is not installed")
 
 
-def _bench_launches(engine_dir: Path | None, iters: int, json_path: str | None, device: str | None) -> None:
+def _bench_launches(engine_dir: Path | None, iters: int, json_path: str | None, device: str | None,
+                    sm_count: int | None = None) -> None:
     from nemodiff.bench.launches import format_report, launch_overhead
     from nemodiff.device import KernelLaunchError
 
     if engine_dir is None:
         raise click.UsageError("--launch-overhead needs an ENGINE_DIR built for a GPU arch (nemodiff-build --arch h200)")
     try:
-        report = launch_overhead(engine_dir, iters=max(iters, 20), device=device)
+        report = launch_overhead(engine_dir, iters=max(iters, 20), device=device, sm_count=sm_count)
     except KernelLaunchError as exc:
         raise click.ClickException(str(exc)) from None
     report["date"] = time.strftime("%Y-%m-%d")

@@ -55,15 +55,15 @@ def resolve_mode(mode: str, device: torch.device) -> str:
     return "aot"
 
 
-def kernel_platform(device: torch.device, mode: str, sm: str | None = None) -> Platform:
+def kernel_platform(device: torch.device, mode: str, sm: str | None = None, sm_count: int | None = None) -> Platform:
     """The platform a random model runs on: aot-check emulates the GPU path on the CPU."""
     if mode == "aot-check":
         if is_cuda(device):
             raise ValueError("--kernels aot-check runs the GPU launch path on the CPU; use --device cpu "
                              "(on a GPU use --kernels aot)")
-        platform = Platform.for_kernels(device, mode, sm=sm or DEFAULT_CHECK_SM)
+        platform = Platform.for_kernels(device, mode, sm=sm or DEFAULT_CHECK_SM, sm_count=sm_count)
     else:
-        platform = Platform(device)
+        platform = Platform(device, sm_count=sm_count)
     platform.bind_thread()  # the benchmark's thread works on this device and its stream
     return platform
 

@@ -14,7 +14,8 @@ shape's forward is run `iters` times; per shape it reports the launches per forw
 - `us_per_kernel_call`: the same from the kernel library call, the host wrapper included (choosing
   the variant, allocating outputs, the grid);
 - `launches_per_layer`: kernels a transformer layer launches in the AR step at batch 1, counting
-  the dense GEMMs (a bf16/fp32 linear is one cuBLAS launch) with the Triton kernels.
+  the dense GEMMs (a product left to torch, i.e. one cuBLAS launch on a GPU: fp32 linears; bf16,
+  fp16 and fp8 engines run every linear and the head on the project's GEMM, so they count 0).
 """
 
 from __future__ import annotations
@@ -25,11 +26,16 @@ from pathlib import Path
 import torch
 
 from nemodiff.runtime.model.kv_cache import PagedKVCache
-from nemodiff.runtime.model.layers import DenseLinear
+from nemodiff.runtime.model.layers import KERNEL_DTYPES, DenseLinear
 
 from .steps import STEP_KINDS, _segments
 
 SHAPES = ("ar", "verify-32", "draft-32", "quad-k8")
+
+
+def _runs_torch(linear: DenseLinear, kernels) -> int:
+    """1 when this dense linear's product is torch's (cuBLAS on a GPU), 0 when it runs a Triton kernel."""
+    return int(kernels is None or linear.weight.dtype not in KERNEL_DTYPES)
 
 
 class _Skip:
@@ -71,12 +77,14 @@ class _Timed:
         return getattr(self.kernels, name)
 
 
-def launch_overhead(engine_dir: Path, iters: int = 20, context: int = 64, device: str | None = None) -> dict:
+def launch_overhead(engine_dir: Path, iters: int = 20, context: int = 64, device: str | None = None,
+                    sm_count: int | None = None) -> dict:
     from nemodiff import LLM
     from nemodiff.device import is_cuda, resolve_device, synchronize
 
     gpu = is_cuda(resolve_device(device))
-    llm = LLM(engine_dir, device=device, kernels="aot" if gpu else "aot-check", cuda_graphs=False, max_batch_size=1)
+    llm = LLM(engine_dir, device=device, kernels="aot" if gpu else "aot-check", cuda_graphs=False, max_batch_size=1,
+              sm_count=sm_count)
     model = llm.model
     model.platform.bind_thread()  # the benchmark's thread launches on the engine's device and stream
     launcher = model.kernels.launcher
@@ -96,7 +104,7 @@ def launch_overhead(engine_dir: Path, iters: int = 20, context: int = 64, device
     call = DenseLinear.__call__
 
     def counted(self, x, kernels=None):
-        dense_calls[0] += 1
+        dense_calls[0] += _runs_torch(self, kernels)
         return call(self, x, kernels)
 
     cfg = model.config
@@ -123,7 +131,7 @@ def launch_overhead(engine_dir: Path, iters: int = 20, context: int = 64, device
                 model.forward(segments, cache)
                 synchronize(model.device)  # outside the timed calls: the launch queue stays empty
             per_forward = (launcher.launches - launches) / iters
-            dense = dense_calls[0] / iters - 1  # the head is one of them
+            dense = dense_calls[0] / iters  # products left to torch (cuBLAS on a GPU), the head included
             total_launches += launcher.launches - launches
             total_seconds += timed.seconds - seconds
             total_launching += in_launcher[0] - launching
@@ -132,8 +140,8 @@ def launch_overhead(engine_dir: Path, iters: int = 20, context: int = 64, device
     finally:
         DenseLinear.__call__ = call
     ar = next(r for r in rows if r["shape"] == "ar")
-    final_norm = 1  # the one launch outside the layers (the head, if dense, is excluded above)
-    per_layer = (ar["triton_launches"] - final_norm + ar["dense_gemms"]) / cfg.num_hidden_layers
+    outside = 2  # the launches outside the layers: the final norm and the head (a kernel or a dense GEMM)
+    per_layer = (ar["triton_launches"] + ar["dense_gemms"] - outside) / cfg.num_hidden_layers
     return {"engine": str(engine_dir), "dtype": llm.config.build.dtype, "sm": llm.config.build.sm,
             "device": str(model.device),
             "driver_call": "included (cuLaunchKernel)" if gpu else "left out (aot-check on the CPU)",
@@ -179,7 +187,7 @@ def forward_host_cost(model, page_size: int, context: int, iters: int = 10, kind
     call = DenseLinear.__call__
 
     def dense(self, x, kernels=None):
-        dense_calls[0] += 1
+        dense_calls[0] += _runs_torch(self, kernels)
         return call(self, x, kernels)
 
     n = STEP_KINDS[kind][0]
@@ -214,9 +222,9 @@ def forward_host_cost(model, page_size: int, context: int, iters: int = 10, kind
             launcher.launch = own
         model.graphs = graphs
     launches = counted[0] / iters
-    gemms = max(dense_calls[0] / iters - 1, 0.0)  # the head is one of them
+    gemms = dense_calls[0] / iters  # products left to torch (cuBLAS on a GPU), the head included
     return {"kind": kind, "context": context, "launcher": launcher.name, "triton_launches_per_forward": launches,
             "dense_gemms_per_forward": gemms, "launches_per_forward": launches + gemms,
-            "launches_per_layer": (launches - 1 + gemms) / cfg.num_hidden_layers,  # less the final norm
+            "launches_per_layer": (launches + gemms - 2) / cfg.num_hidden_layers,  # less the final norm and head
             "host_ms_per_forward": 1e3 * host / iters, "host_us_per_launch": 1e6 * host / iters / max(launches + gemms, 1),
             "device_ms_per_forward": device / iters}

@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -41,8 +42,42 @@ SM_TO_CAPABILITY = {"sm_80": 80, "sm_89": 89, "sm_90a": 90, "sm_100a": 100}
 SCRATCH_PARAMS = ("global_scratch", "profile_scratch")
 
 
+REGISTER_FILE = 65536  # 32-bit registers one block may hold on sm_80 .. sm_100
+REGISTER_UNIT = 8  # registers are given to threads in multiples of this
+EIATTR_REGCOUNT = 0x2F  # the .nv.info attribute holding a function's register count
+
+
 class KernelBuildError(RuntimeError):
     """Compiling the kernels failed; the message carries the compiler's error."""
+
+
+def cubin_registers(cubin: bytes) -> int:
+    """Registers per thread of the kernel in a cubin (an ELF file): the REGCOUNT attribute of its
+    `.nv.info` section, which the driver reads at load. 0 when the file carries none."""
+    if cubin[:4] != b"\x7fELF" or cubin[4] != 2:
+        raise KernelBuildError("not a 64-bit ELF cubin")
+    shoff = struct.unpack_from("<Q", cubin, 0x28)[0]
+    entsize, count, names = struct.unpack_from("<HHH", cubin, 0x3A)
+    sections = [struct.unpack_from("<IIQQQQIIQQ", cubin, shoff + i * entsize) for i in range(count)]
+    strings = sections[names][4]
+    found = 0
+    for section in sections:
+        start = strings + section[0]
+        if cubin[start:cubin.index(b"\0", start)] != b".nv.info":
+            continue
+        at, end = section[4], section[4] + section[5]
+        while at + 4 <= end:  # entries: format u8, attribute u8, then a u16 size (format 4) or a u16 value
+            form, attribute = cubin[at], cubin[at + 1]
+            size = struct.unpack_from("<H", cubin, at + 2)[0] if form == 4 else 0
+            if form == 4 and attribute == EIATTR_REGCOUNT:
+                found = max(found, struct.unpack_from("<I", cubin, at + 8)[0])
+            at += 4 + size
+    return found
+
+
+def register_demand(registers: int, num_warps: int) -> int:
+    """Registers a block of `num_warps` warps takes: per thread rounded up to REGISTER_UNIT."""
+    return -(-registers // REGISTER_UNIT) * REGISTER_UNIT * 32 * num_warps
 
 
 # -- build side ----------------------------------------------------------------------------------
@@ -99,6 +134,10 @@ def compile_variant(variant: KernelVariant, sm: str) -> tuple[bytes, dict]:
     if target is None or target.group(1) != sm:
         raise KernelBuildError(f"{variant.key}: PTX targets {target and target.group(1)}, expected {sm}")
     meta = compiled.metadata
+    registers = cubin_registers(compiled.asm["cubin"])
+    if register_demand(registers, meta.num_warps) > REGISTER_FILE:
+        raise KernelBuildError(f"{variant.key}: {registers} registers x {32 * meta.num_warps} threads exceed the "
+                               f"{REGISTER_FILE} registers of a block on {sm}: the kernel cannot launch")
     extra = _ptx_param_count(ptx, meta.name) - len(variant.signature)
     if not 0 <= extra <= len(SCRATCH_PARAMS):
         raise KernelBuildError(f"{variant.key}: {extra} unexpected trailing kernel parameters (Triton "
@@ -115,6 +154,7 @@ def compile_variant(variant: KernelVariant, sm: str) -> tuple[bytes, dict]:
         "num_warps": meta.num_warps,
         "num_stages": variant.num_stages,
         "shared": meta.shared,
+        "registers": registers,
         "params": [list(p) for p in variant.signature],
         "constexprs": [list(c) for c in variant.constexprs],
         "scratch": [{"name": name, "size": sizes[name][0], "align": sizes[name][1]} for name in SCRATCH_PARAMS[:extra]],

@@ -12,7 +12,8 @@ packer. Then, instead of the driver call:
   (a tensor is read densely unless the kernel takes a `stride_<name>` argument for it, and then
   its last dimension is dense and its row stride is that argument), integer ranges of scalar
   arguments, the divisibility a variant's constexprs promise (`ALIGNED`), grid limits, threads per
-  block and shared memory against the arch. A violation raises `KernelLaunchError` naming the
+  block, shared memory and registers x threads (the cubin's register count, in its allocation
+  unit) against the arch. A violation raises `KernelLaunchError` naming the
   kernel, the argument and the assumption.
 - `InterpretDriver` runs the same `@triton.jit` function under Triton's interpreter on the same
   tensors (with `INTERPRET` set where the kernel has that flag: the interpreter's bf16 dot is wrong).
@@ -26,6 +27,7 @@ import torch
 
 from nemodiff.device import KernelLaunchError
 
+from .aot import REGISTER_FILE, register_demand
 from .launch import use_interpreter
 from .registry import kernel_function
 from .spec import TRITON_TYPES, KernelVariant
@@ -90,6 +92,10 @@ class LaunchChecker:
         limit = MAX_SHARED_BYTES.get(sm)
         if limit is not None and entry["shared"] > limit:
             fail(f"needs {entry['shared']} bytes of shared memory; {sm} allows {limit} per block")
+        registers = entry.get("registers", 0)  # indexes written before registers were recorded carry none
+        if register_demand(registers, entry["num_warps"]) > REGISTER_FILE:
+            fail(f"{registers} registers x {32 * entry['num_warps']} threads exceed the {REGISTER_FILE} registers "
+                 f"of a block on {sm}: the launch would fail")
         self.checked += 1
 
     def _check_pointer(self, name, kind, arg, params, values, alignment, fail) -> None:

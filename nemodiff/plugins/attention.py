@@ -5,8 +5,9 @@ checkpoint ──builder (compiles `variants`)──▶ engine dir ──[runtim
 A forward is a ragged batch of segments (docs/design.md §4). Each query of segment s sees the request's
 committed prefix (`prefix_len[s]` keys in the paged cache, all visible) and the segment's own
 keys under its pattern: 0 causal, 1 full, 2 explicit mask (a bitmask, see `pack_bitmask`).
-`plan_tiles` cuts segments into query tiles of `block_m` tokens, `choose_splits` picks how many
-programs share a tile's keys, and `segment_attention` launches the kernel of attention_kernels.py
+`plan_tiles` cuts segments into query tiles of `block_m` tokens (one tile shape for every mode),
+`chunk_keys_for` fixes the key chunks of a cache, `choose_splits` picks how many programs share a
+tile's chunks, and `segment_attention` launches the kernel of attention_kernels.py
 through a launcher (interpreter, JIT or ahead of time): one launch takes the fused q/k/v
 projection, applies RoPE and the llama-4 query scale, stores the segment's k and v into the paged
 cache, attends, and merges its KV splits. The kernel's layout and algorithm are described there;
@@ -33,8 +34,9 @@ KERNELS = {"segment_attention": segment_attention_kernel}
 
 CAUSAL, FULL, MASK = 0, 1, 2
 MAX_SPLITS = 32
-MIN_KEYS_PER_SPLIT = 128  # two key blocks: fewer keys per program cost more in merging than they save
-LARGE_TILE_TOKENS = 256  # a segment this long takes the biggest tiles (prefill, QuadraticSpec k >= 16)
+MAX_CHUNKS = 64  # chunks a request's longest context is cut into, at most (sizes chunk_keys)
+KEY_BLOCK = 64  # chunk_keys is a multiple of every variant's key block
+TILE_ROWS = 64  # rows (query tokens x heads of a KV head) of every query tile
 ENGINE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp8": torch.bfloat16}
 INDEX_ARGUMENTS = ("seg_start_ptr", "prefix_len_ptr", "table_row_ptr", "block_tables_ptr", "pattern_ptr",
                    "mask_offset_ptr", "masks_ptr", "tile_seg_ptr", "tile_start_ptr")
@@ -81,24 +83,17 @@ def pack_bitmask(mask: torch.Tensor) -> torch.Tensor:
 
 
 def block_m_choices(group: int) -> tuple[int, ...]:
-    """Query tokens per tile: 1 for decode, else about 64 or 128 rows (tokens x group)."""
-    return tuple(sorted({1, max(1, 64 // group), max(1, 128 // group)}))
+    """Query tokens per tile: one choice, about TILE_ROWS rows (tokens x group), for every segment.
+    One tile shape for decode, verify and prefill keeps a row's products on the same instructions
+    whatever the batch (on Hopper a 16-row tile runs mma.sync, a 64-row one wgmma); decode pays
+    padded rows in compute, which its memory-bound attention has to spare."""
+    return (max(1, TILE_ROWS // group),)
 
 
 def plan_tiles(seg_lengths: np.ndarray, group: int) -> tuple[int, np.ndarray, np.ndarray]:
-    """-> (block_m, tile_seg, tile_start): one tile per block_m query tokens of each segment.
-
-    One block_m serves the whole forward (one launch): 1 when every segment is a single token
-    (decode), about 64 rows when the longest is shorter than LARGE_TILE_TOKENS, else about 128."""
+    """-> (block_m, tile_seg, tile_start): one tile per block_m query tokens of each segment."""
     lengths = np.asarray(seg_lengths, dtype=np.int64)
-    longest = int(lengths.max()) if lengths.size else 0
-    choices = block_m_choices(group)
-    if longest <= 1:
-        block_m = choices[0]
-    elif longest < LARGE_TILE_TOKENS:
-        block_m = choices[min(1, len(choices) - 1)]
-    else:
-        block_m = choices[-1]
+    block_m = block_m_choices(group)[0]
     counts = -(-lengths // block_m)
     tile_seg = np.repeat(np.arange(lengths.size), counts)
     first_tile = np.cumsum(counts) - counts
@@ -106,19 +101,34 @@ def plan_tiles(seg_lengths: np.ndarray, group: int) -> tuple[int, np.ndarray, np
     return block_m, tile_seg.astype(np.int32), tile_start.astype(np.int32)
 
 
-def choose_splits(num_tiles: int, num_kv_heads: int, longest_context: int, sm_count: int) -> int:
-    """Split each tile's keys over enough programs to fill about two waves of `sm_count` SMs,
-    when the unsplit grid would leave SMs idle and each split still gets a few key blocks."""
+def chunk_keys_for(max_keys: int) -> int:
+    """Keys per chunk for a cache whose requests hold at most `max_keys` keys: whole KEY_BLOCKs, few
+    enough chunks (<= MAX_CHUNKS) that their outputs fit a workspace. A constant of the cache, so a
+    query's chunks, and with them its result's bits, never depend on the batch."""
+    blocks = -(-max(1, max_keys) // KEY_BLOCK)
+    return KEY_BLOCK * max(1, -(-blocks // MAX_CHUNKS))
+
+
+def chunk_slots(max_keys: int, num_tokens: int) -> int:
+    """Chunks a forward of `num_tokens` tokens may touch (its prefixes plus its own keys), at most."""
+    return -(-(max_keys + num_tokens) // chunk_keys_for(max_keys))
+
+
+def choose_splits(num_tiles: int, num_kv_heads: int, longest_context: int, sm_count: int,
+                  chunk_keys: int = KEY_BLOCK) -> int:
+    """Split each tile's chunks over enough programs to fill about two waves of `sm_count` SMs,
+    when the unsplit grid would leave SMs idle; never more programs than chunks. Only speed: every
+    split count gives the same bits."""
     programs = max(1, num_tiles * num_kv_heads)
     if programs >= sm_count:
         return 1
     wanted = -(-2 * max(1, sm_count) // programs)
-    return max(1, min(MAX_SPLITS, wanted, longest_context // MIN_KEYS_PER_SPLIT))
+    return max(1, min(MAX_SPLITS, wanted, -(-longest_context // chunk_keys)))
 
 
-def workspace_elems(num_tokens: int, num_heads: int, head_dim: int, num_splits: int) -> int:
-    """float32 elements for the partial outputs [splits, T, Hq, D] and their log-sum-exps [splits, T, Hq]."""
-    return 0 if num_splits <= 1 else num_splits * num_tokens * num_heads * (head_dim + 1)
+def workspace_elems(num_tokens: int, num_heads: int, head_dim: int, chunks: int) -> int:
+    """float32 elements for the chunk outputs [chunks, T, Hq, D] and their log-sum-exps [chunks, T, Hq]."""
+    return 0 if chunks <= 1 else chunks * num_tokens * num_heads * (head_dim + 1)
 
 
 def _tile_shape(block_m: int, group: int, dtype: torch.dtype) -> dict:
@@ -145,7 +155,7 @@ def attention_variant(dtype: torch.dtype, head_dim: int, num_kv_heads: int, grou
                  ("counters_ptr", "*i32"))
     signature += tuple((name, "*i32") for name in INDEX_ARGUMENTS)
     signature += (("num_tokens", "i32"), ("max_pages", "i32"), ("page_size", "i32"), ("num_splits", "i32"),
-                  ("scale", "fp32"), ("attention_factor", "fp32"), ("beta", "fp32"), ("original_max", "fp32"))
+                  ("chunk_keys", "i32"), ("max_chunks", "i32"), ("scale", "fp32"), ("attention_factor", "fp32"), ("beta", "fp32"), ("original_max", "fp32"))
     constexprs = (("HEAD_DIM", head_dim), ("NUM_KV_HEADS", num_kv_heads), ("GROUP", group), ("BLOCK_M", block_m),
                   ("ROWS", shape["ROWS"]), ("BLOCK_N", shape["BLOCK_N"]), ("SPLIT", split),
                   ("INTERPRET", interpret))
@@ -194,10 +204,12 @@ def segment_attention(launcher, qkv: torch.Tensor, positions: torch.Tensor, writ
         return out
     splits = meta.num_splits
     split = splits > 1
+    max_keys = meta.block_tables.shape[1] * meta.page_size
+    chunk_keys, slots = chunk_keys_for(max_keys), chunk_slots(max_keys, num_tokens)
     if split and (meta.workspace is None or meta.workspace.numel() < workspace_elems(
-            num_tokens, num_heads, head_dim, splits)):
+            num_tokens, num_heads, head_dim, slots)):
         raise ValueError(f"num_splits={splits} needs a float32 workspace of "
-                         f"{workspace_elems(num_tokens, num_heads, head_dim, splits)} elements")
+                         f"{workspace_elems(num_tokens, num_heads, head_dim, slots)} elements")
     need = num_tiles * num_kv_heads if split else 1  # one arrival counter per tile and KV head
     counted = counters.get(need, qkv.device) if counters is not None else fresh_counters(need, qkv.device)
     interpret = launcher.name == "interpret"
@@ -205,7 +217,7 @@ def segment_attention(launcher, qkv: torch.Tensor, positions: torch.Tensor, writ
     args = (qkv, positions, write_slots, rope.inv_freq, k_cache, v_cache, out, meta.workspace if split else out,
             counted, meta.seg_start, meta.prefix_len, meta.table_row, meta.block_tables, meta.pattern,
             meta.mask_offset, meta.masks, meta.tile_seg, meta.tile_start,
-            num_tokens, meta.block_tables.shape[1], meta.page_size, splits, float(scale),
+            num_tokens, meta.block_tables.shape[1], meta.page_size, splits, chunk_keys, slots, float(scale),
             float(rope.attention_factor), float(rope.beta), float(rope.original_max))
     launcher.launch(variant, (num_tiles, num_kv_heads, splits), args)
     return out

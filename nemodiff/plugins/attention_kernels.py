@@ -26,10 +26,19 @@ segment's own keys come from qkv, never from the slots being written.
 One program owns one query tile (BLOCK_M tokens of one segment), one KV head, and one split of
 that tile's keys. Its ROWS = BLOCK_M x GROUP rows are every query head sharing the KV head (row r
 is token r // GROUP, head r % GROUP), padded to a power of two of at least 16, so each K/V block is
-read once for all of them and both products run on tensor cores. A tile's keys are numbered prefix
-first (gathered from the paged cache through the page table), then the segment's own keys (read
-from qkv under the segment's pattern), in blocks of BLOCK_N; split s of `num_splits` takes an equal
-run of those blocks, so the grid never depends on the context length.
+read once for all of them and both products run on tensor cores. Every segment (decode, verify,
+draft, prefill) takes the same tile shape, so a row's products run on the same instructions in
+every mode.
+
+Batch invariance (docs/design.md, "What is bit-exact where"): a request's keys are numbered by
+position, the committed prefix first (gathered from the paged cache through the page table), then
+the segment's own keys (read from qkv under the segment's pattern). Key blocks of BLOCK_N and chunks
+of `chunk_keys` keys (a constant of the engine's KV cache) are counted from position 0, whatever
+the segment. Each chunk is an online softmax over its blocks in order; the chunks' outputs are
+folded in chunk order. Split s of `num_splits` takes an equal run of chunks and stores each chunk's
+output; the tile's last program folds them. A key a row must not see adds exactly nothing (its
+probability is 0), so a query's result depends on its own keys only: not on its segment's length,
+on how many programs share the tile, or on the rest of the batch.
 
 The kernel is self-contained (no calls to other jitted functions): the interpreter launcher wraps
 it alone. With INTERPRET set, dot operands are upcast to float32, because the interpreter's
@@ -51,7 +60,7 @@ def segment_attention_kernel(
     qkv_ptr, positions_ptr, slots_ptr, inv_freq_ptr, k_cache_ptr, v_cache_ptr, out_ptr, workspace_ptr, counters_ptr,
     seg_start_ptr, prefix_len_ptr, table_row_ptr, block_tables_ptr, pattern_ptr, mask_offset_ptr, masks_ptr,
     tile_seg_ptr, tile_start_ptr,
-    num_tokens, max_pages, page_size, num_splits, scale, attention_factor, beta, original_max,
+    num_tokens, max_pages, page_size, num_splits, chunk_keys, max_chunks, scale, attention_factor, beta, original_max,
     HEAD_DIM: tl.constexpr, NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr,
     ROWS: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, INTERPRET: tl.constexpr,
 ):
@@ -103,108 +112,145 @@ def segment_attention_kernel(
         q = q.to(tl.float32)
     qk_scale = scale * LOG2E
 
-    # Own keys this tile can see: causal rows stop at the tile's last query.
+    # Keys are numbered by their position in the request: the committed prefix (gathered from the paged
+    # cache), then the segment's own keys (rotated from qkv). Key blocks of BLOCK_N and chunks of
+    # chunk_keys keys are counted from position 0 whatever the segment, so a query meets the same
+    # blocks and chunks (holding the same values) as an AR step at its position would.
     own_keys = tl.where(pattern == 0, tl.minimum(seg_len, tile_start + BLOCK_M), seg_len)
     # Own keys each row sees by rule (causal: up to itself; full: all; mask: none, the bits decide);
     # only MASK segments read bitmask words. Scalar conditions stay out of block masks, which the
     # interpreter mishandles.
     rule_keys = tl.where(pattern == 0, query + 1, tl.where(pattern == 1, seg_len, 0))
     mask_keys = tl.where(pattern == 2, seg_len, 0)
-    prefix_blocks = tl.cdiv(prefix, BLOCK_N)
-    total_blocks = prefix_blocks + tl.cdiv(own_keys, BLOCK_N)
-    first_block = 0
-    end_block = total_blocks
-    used_splits = 1  # splits that get at least one key block; split 0 always does
+    chunk_blocks = chunk_keys // BLOCK_N
+    prefix_blocks = prefix // BLOCK_N  # blocks wholly inside the prefix; the next ones may mix in own keys
+    total_blocks = tl.cdiv(prefix + own_keys, BLOCK_N)
+    total_chunks = tl.cdiv(total_blocks, chunk_blocks)
+    first_chunk = 0
+    end_chunk = total_chunks
+    used_splits = 1  # splits that get at least one chunk; split 0 always does
     if SPLIT:
-        per_split = tl.cdiv(total_blocks, num_splits)
-        first_block = tl.minimum(split * per_split, total_blocks)
-        end_block = tl.minimum(first_block + per_split, total_blocks)
-        used_splits = tl.cdiv(total_blocks, per_split)
-
-    m_i = tl.full([ROWS], NEG_BIG, tl.float32)
-    l_i = tl.zeros([ROWS], tl.float32)
-    acc = tl.zeros([ROWS, HEAD_DIM], tl.float32)
+        per_split = tl.cdiv(total_chunks, num_splits)
+        first_chunk = tl.minimum(split * per_split, total_chunks)
+        end_chunk = tl.minimum(first_chunk + per_split, total_chunks)
+        used_splits = tl.cdiv(total_chunks, per_split)
     cols = tl.arange(0, BLOCK_N)
+    lse_base = tl.cast(max_chunks, tl.int64) * num_tokens * num_heads * HEAD_DIM
 
-    # 1) the committed prefix, gathered through the page table, all visible
-    for block in range(first_block, tl.minimum(end_block, prefix_blocks)):
-        pos = block * BLOCK_N + cols
-        key_ok = pos < prefix
-        page = tl.load(block_tables_ptr + table_row * max_pages + pos // page_size, mask=key_ok, other=0)
-        slot = page.to(tl.int64) * page_size + pos % page_size
-        kv_rows = (slot * NUM_KV_HEADS + kv_head) * HEAD_DIM
-        k = tl.load(k_cache_ptr + kv_rows[:, None] + dims[None, :], mask=key_ok[:, None], other=0.0)
-        v = tl.load(v_cache_ptr + kv_rows[:, None] + dims[None, :], mask=key_ok[:, None], other=0.0)
-        if INTERPRET:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
-        qk = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
-        qk = tl.where(key_ok[None, :], qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(qk - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
-        m_i = m_new
+    # The fold of the chunk outputs, in chunk order: out = sum_c w_c o_c / sum_c w_c with
+    # w_c = 2^(lse_c - max lse). The merge of split programs runs the same fold on the same values.
+    f_m = tl.full([ROWS], float("-inf"), tl.float32)
+    f_den = tl.zeros([ROWS], tl.float32)
+    f_out = tl.zeros([ROWS, HEAD_DIM], tl.float32)
+    for chunk in range(first_chunk, end_chunk):
+        c_first = chunk * chunk_blocks
+        c_end = tl.minimum(c_first + chunk_blocks, total_blocks)
+        m_i = tl.full([ROWS], NEG_BIG, tl.float32)
+        l_i = tl.zeros([ROWS], tl.float32)
+        acc = tl.zeros([ROWS, HEAD_DIM], tl.float32)
 
-    # 2) the segment's own keys, rotated as they are read from qkv, under its pattern: 0 causal,
-    #    1 full, 2 explicit bitmask
-    for block in range(tl.maximum(first_block, prefix_blocks), end_block):
-        key = (block - prefix_blocks) * BLOCK_N + cols
-        key_ok = key < seg_len
-        key_token = (first_token + key).to(tl.int64)
-        key_pos = tl.load(positions_ptr + key_token, mask=key_ok, other=0).to(tl.float32)
-        key_angle = key_pos[:, None] * inv_freq[None, :]
-        key_cos = (tl.cos(key_angle) * attention_factor).to(dtype).to(tl.float32)
-        key_sin = (tl.sin(key_angle) * attention_factor).to(dtype).to(tl.float32)
-        k_src = qkv_ptr + key_token[:, None] * qkv_stride
-        k1 = tl.load(k_src + k_column + hd[None, :], mask=key_ok[:, None], other=0.0).to(tl.float32)
-        k2 = tl.load(k_src + k_column + half + hd[None, :], mask=key_ok[:, None], other=0.0).to(tl.float32)
-        r1 = ((k1 * key_cos).to(dtype).to(tl.float32) - (k2 * key_sin).to(dtype).to(tl.float32)).to(dtype)
-        r2 = ((k2 * key_cos).to(dtype).to(tl.float32) + (k1 * key_sin).to(dtype).to(tl.float32)).to(dtype)
-        k = tl.reshape(tl.permute(tl.join(r1, r2), (0, 2, 1)), (BLOCK_N, HEAD_DIM))
-        v = tl.load(k_src + v_column + dims[None, :], mask=key_ok[:, None], other=0.0)
-        # this tile's own tokens go into the cache: each (token, KV head) once, by the one program
-        # of its tile whose split holds the token's key block
-        writes = key_ok & (key >= tile_start) & (key < tile_start + BLOCK_M)
-        w_slot = tl.load(slots_ptr + key_token, mask=writes, other=-1)
-        writes = writes & (w_slot >= 0)
-        w_rows = (w_slot * NUM_KV_HEADS + kv_head) * HEAD_DIM
-        tl.store(k_cache_ptr + w_rows[:, None] + hd[None, :], r1, mask=writes[:, None])
-        tl.store(k_cache_ptr + w_rows[:, None] + half + hd[None, :], r2, mask=writes[:, None])
-        tl.store(v_cache_ptr + w_rows[:, None] + dims[None, :], v, mask=writes[:, None])
-        if INTERPRET:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
-        words = tl.load(masks_ptr + (mask_offset + query * mask_words)[:, None] + (key // 32)[None, :],
-                        mask=row_ok[:, None] & (key < mask_keys)[None, :], other=0)
-        visible = (key[None, :] < rule_keys[:, None]) | (((words >> (key % 32)[None, :]) & 1) != 0)
-        visible = visible & key_ok[None, :]
-        qk = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
-        qk = tl.where(visible, qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(qk - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
-        m_i = m_new
+        # 1) blocks wholly inside the committed prefix, gathered through the page table, all visible
+        for block in range(c_first, tl.minimum(c_end, prefix_blocks)):
+            pos = block * BLOCK_N + cols
+            page = tl.load(block_tables_ptr + table_row * max_pages + pos // page_size)
+            slot = page.to(tl.int64) * page_size + pos % page_size
+            kv_rows = (slot * NUM_KV_HEADS + kv_head) * HEAD_DIM
+            k = tl.load(k_cache_ptr + kv_rows[:, None] + dims[None, :])
+            v = tl.load(v_cache_ptr + kv_rows[:, None] + dims[None, :])
+            if INTERPRET:
+                k = k.to(tl.float32)
+                v = v.to(tl.float32)
+            qk = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
+            qk = tl.where(row_ok[:, None], qk, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(qk - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            if INTERPRET:  # the compiled dot takes P in the value dtype: round it as the cubin does
+                p = p.to(dtype).to(tl.float32)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+            m_i = m_new
 
-    l_safe = tl.where(l_i > 0, l_i, 1.0)  # rows that see no key (padding, empty splits) stay finite
-    out = acc / l_safe[:, None]
+        # 2) the prefix's last partial block and the segment's own keys, rotated as they are read from
+        #    qkv, under its pattern: 0 causal, 1 full, 2 explicit bitmask
+        for block in range(tl.maximum(c_first, prefix_blocks), c_end):
+            pos = block * BLOCK_N + cols
+            in_prefix = pos < prefix
+            key = tl.maximum(pos - prefix, 0)  # own key index (0 for prefix keys, which is_own masks)
+            is_own = (pos >= prefix) & (key < own_keys)
+            page = tl.load(block_tables_ptr + table_row * max_pages + pos // page_size, mask=in_prefix, other=0)
+            slot = page.to(tl.int64) * page_size + pos % page_size
+            kv_rows = (slot * NUM_KV_HEADS + kv_head) * HEAD_DIM
+            k_old = tl.load(k_cache_ptr + kv_rows[:, None] + dims[None, :], mask=in_prefix[:, None], other=0.0)
+            v_old = tl.load(v_cache_ptr + kv_rows[:, None] + dims[None, :], mask=in_prefix[:, None], other=0.0)
+            key_token = (first_token + key).to(tl.int64)
+            key_pos = tl.load(positions_ptr + key_token, mask=is_own, other=0).to(tl.float32)
+            key_angle = key_pos[:, None] * inv_freq[None, :]
+            key_cos = (tl.cos(key_angle) * attention_factor).to(dtype).to(tl.float32)
+            key_sin = (tl.sin(key_angle) * attention_factor).to(dtype).to(tl.float32)
+            k_src = qkv_ptr + key_token[:, None] * qkv_stride
+            k1 = tl.load(k_src + k_column + hd[None, :], mask=is_own[:, None], other=0.0).to(tl.float32)
+            k2 = tl.load(k_src + k_column + half + hd[None, :], mask=is_own[:, None], other=0.0).to(tl.float32)
+            r1 = ((k1 * key_cos).to(dtype).to(tl.float32) - (k2 * key_sin).to(dtype).to(tl.float32)).to(dtype)
+            r2 = ((k2 * key_cos).to(dtype).to(tl.float32) + (k1 * key_sin).to(dtype).to(tl.float32)).to(dtype)
+            k_new = tl.reshape(tl.permute(tl.join(r1, r2), (0, 2, 1)), (BLOCK_N, HEAD_DIM))
+            v_new = tl.load(k_src + v_column + dims[None, :], mask=is_own[:, None], other=0.0)
+            # this tile's own tokens go into the cache: each (token, KV head) once, by the one program
+            # of its tile whose split holds the token's key block
+            writes = is_own & (key >= tile_start) & (key < tile_start + BLOCK_M)
+            w_slot = tl.load(slots_ptr + key_token, mask=writes, other=-1)
+            writes = writes & (w_slot >= 0)
+            w_rows = (w_slot * NUM_KV_HEADS + kv_head) * HEAD_DIM
+            tl.store(k_cache_ptr + w_rows[:, None] + hd[None, :], r1, mask=writes[:, None])
+            tl.store(k_cache_ptr + w_rows[:, None] + half + hd[None, :], r2, mask=writes[:, None])
+            tl.store(v_cache_ptr + w_rows[:, None] + dims[None, :], v_new, mask=writes[:, None])
+            k = tl.where(in_prefix[:, None], k_old, k_new)
+            v = tl.where(in_prefix[:, None], v_old, v_new)
+            if INTERPRET:
+                k = k.to(tl.float32)
+                v = v.to(tl.float32)
+            words = tl.load(masks_ptr + (mask_offset + query * mask_words)[:, None] + (key // 32)[None, :],
+                            mask=row_ok[:, None] & (is_own & (key < mask_keys))[None, :], other=0)
+            own_visible = (key[None, :] < rule_keys[:, None]) | (((words >> (key % 32)[None, :]) & 1) != 0)
+            visible = (in_prefix[None, :] | (own_visible & is_own[None, :])) & row_ok[:, None]
+            qk = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
+            qk = tl.where(visible, qk, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(qk - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            if INTERPRET:
+                p = p.to(dtype).to(tl.float32)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+            m_i = m_new
+
+        # the chunk's output and log-sum-exp (base 2): kept for the merge when splits share the tile,
+        # and folded in
+        l_safe = tl.where(l_i > 0, l_i, 1.0)  # rows that see no key of the chunk add nothing to the fold
+        c_out = acc / l_safe[:, None]
+        c_lse = tl.where(l_i > 0, m_i + tl.log2(l_safe), NEG_BIG)
+        if SPLIT:
+            if used_splits > 1:
+                part = (chunk * num_tokens + first_token + query).to(tl.int64) * num_heads + head
+                tl.store(workspace_ptr + part[:, None] * HEAD_DIM + dims[None, :], c_out, mask=row_ok[:, None])
+                tl.store(workspace_ptr + lse_base + part, c_lse, mask=row_ok)
+        f_next = tl.maximum(f_m, c_lse)
+        f_alpha = tl.exp2(f_m - f_next)
+        f_weight = tl.exp2(c_lse - f_next)
+        f_den = f_den * f_alpha + f_weight
+        f_out = f_out * f_alpha[:, None] + c_out * f_weight[:, None]
+        f_m = f_next
+
     out_rows = (token * num_heads + head) * HEAD_DIM
-    if used_splits == 1:  # one split saw every key (always so without SPLIT): the result is final
+    if used_splits == 1:  # one program folded every chunk (always so without SPLIT): the result is final
         if split == 0:
-            tl.store(out_ptr + out_rows[:, None] + dims[None, :], out.to(dtype), mask=row_ok[:, None])
-    elif split < used_splits:  # a partial output and its log-sum-exp (base 2) for the merge
-        part = (split * num_tokens + first_token + query).to(tl.int64) * num_heads + head
-        tl.store(workspace_ptr + part[:, None] * HEAD_DIM + dims[None, :], out, mask=row_ok[:, None])
-        lse = tl.where(l_i > 0, m_i + tl.log2(l_safe), NEG_BIG)
-        lse_base = tl.cast(num_splits, tl.int64) * num_tokens * num_heads * HEAD_DIM
-        tl.store(workspace_ptr + lse_base + part, lse, mask=row_ok)
+            f_safe = tl.where(f_den > 0, f_den, 1.0)
+            tl.store(out_ptr + out_rows[:, None] + dims[None, :], (f_out / f_safe[:, None]).to(dtype),
+                     mask=row_ok[:, None])
     if SPLIT:
-        # Every program of the tile counts its arrival; the last one merges the used splits in a
-        # fixed order (the same bits whichever program is last) and zeroes the counter again for the
-        # next launch or graph replay. The CTA barrier puts all threads' partial stores before the
+        # Every program of the tile counts its arrival; the last one folds the chunks in order (the same
+        # fold, on the same values, as one program folding them all) and zeroes the counter again for
+        # the next launch or graph replay. The CTA barrier puts all threads' partial stores before the
         # single gpu-scope acq_rel atomic; the last arrival's acquire makes every split's stores
         # visible to it, and its loads bypass L1 (.cg).
         tl.debug_barrier()
@@ -213,15 +259,14 @@ def segment_attention_kernel(
         if arrived == num_splits - 1:
             tl.store(counter, 0)
             if used_splits > 1:
-                merge_base = tl.cast(num_splits, tl.int64) * num_tokens * num_heads * HEAD_DIM
                 m = tl.full([ROWS], float("-inf"), tl.float32)
                 den = tl.zeros([ROWS], tl.float32)
                 merged = tl.zeros([ROWS, HEAD_DIM], tl.float32)
-                for s in range(0, used_splits):  # out = sum_s w_s o_s / sum_s w_s, w_s = 2^(lse_s - max lse)
-                    s_part = (s * num_tokens + first_token + query).to(tl.int64) * num_heads + head
-                    s_lse = tl.load(workspace_ptr + merge_base + s_part, mask=row_ok, other=NEG_BIG,
+                for c in range(0, total_chunks):
+                    c_part = (c * num_tokens + first_token + query).to(tl.int64) * num_heads + head
+                    s_lse = tl.load(workspace_ptr + lse_base + c_part, mask=row_ok, other=NEG_BIG,
                                     cache_modifier=".cg")
-                    s_out = tl.load(workspace_ptr + s_part[:, None] * HEAD_DIM + dims[None, :], mask=row_ok[:, None],
+                    s_out = tl.load(workspace_ptr + c_part[:, None] * HEAD_DIM + dims[None, :], mask=row_ok[:, None],
                                     other=0.0, cache_modifier=".cg")
                     m_next = tl.maximum(m, s_lse)
                     s_alpha = tl.exp2(m - m_next)
@@ -229,5 +274,6 @@ def segment_attention_kernel(
                     den = den * s_alpha + s_weight
                     merged = merged * s_alpha[:, None] + s_out * s_weight[:, None]
                     m = m_next
-                tl.store(out_ptr + out_rows[:, None] + dims[None, :], (merged / den[:, None]).to(dtype),
+                safe = tl.where(den > 0, den, 1.0)
+                tl.store(out_ptr + out_rows[:, None] + dims[None, :], (merged / safe[:, None]).to(dtype),
                          mask=row_ok[:, None])

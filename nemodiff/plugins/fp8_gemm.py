@@ -1,5 +1,8 @@
-"""Weight-only fp8 GEMM: `x [M, K]` (bf16/fp16) times `w [N, K]` (float8_e4m3fn) with one float32
-scale per output channel, fp32 accumulation, output in x's dtype. One launch per linear.
+"""The project's GEMM, one launch per linear: `x [M, K]` (bf16/fp16) times `w [N, K]`, fp32
+accumulation, output in x's dtype. Weight-only fp8 (float8_e4m3fn with one float32 scale per output
+channel: `fp8_linear`), or weights in x's dtype (`dense_linear`: every linear of bf16/fp16 engines,
+the head and the draft adapter of all of them), so that no product of the forward is left to cuBLAS,
+which picks its kernel and split by M.
 
 checkpoint ──builder (quantizes weights, compiles `variants`)──▶ engine dir ──runtime (every linear)──▶ Triton
 
@@ -49,7 +52,7 @@ MAX_SPLIT_K = 8
 def fp8_gemm_kernel(x_ptr, w_ptr, scale_ptr, out_ptr, partial_ptr, counters_ptr, M, N, K, stride_xm, k_per_split,
                     num_splits,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr,
-                    ALIGNED: tl.constexpr, INTERPRET: tl.constexpr):
+                    ALIGNED: tl.constexpr, INTERPRET: tl.constexpr, HAS_SCALE: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -90,7 +93,6 @@ def fp8_gemm_kernel(x_ptr, w_ptr, scale_ptr, out_ptr, partial_ptr, counters_ptr,
             tl.store(partial_ptr + pid_k * split_stride + offsets, acc, mask=out_mask)
         else:
             total += acc
-    scale = tl.load(scale_ptr + rn, mask=rn < N, other=0.0)
     if SPLIT:
         # every thread's partial stores happen before the one release below (CTA barrier, then a
         # gpu-scope acq_rel atomic); the last arrival's acquire makes every chunk visible to it
@@ -101,10 +103,14 @@ def fp8_gemm_kernel(x_ptr, w_ptr, scale_ptr, out_ptr, partial_ptr, counters_ptr,
             for chunk in range(0, num_splits):  # a fixed order, whichever program merges
                 total += tl.load(partial_ptr + chunk * split_stride + offsets, mask=out_mask, other=0.0,
                                  cache_modifier=".cg")
-            tl.store(out_ptr + offsets, (total * scale[None, :]).to(out_ptr.dtype.element_ty), mask=out_mask)
+            if HAS_SCALE:
+                total = total * tl.load(scale_ptr + rn, mask=rn < N, other=0.0)[None, :]
+            tl.store(out_ptr + offsets, total.to(out_ptr.dtype.element_ty), mask=out_mask)
             tl.store(counter, 0)  # zero again for the next launch or graph replay
     else:
-        tl.store(out_ptr + offsets, (total * scale[None, :]).to(out_ptr.dtype.element_ty), mask=out_mask)
+        if HAS_SCALE:
+            total = total * tl.load(scale_ptr + rn, mask=rn < N, other=0.0)[None, :]
+        tl.store(out_ptr + offsets, total.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
 KERNELS = {"fp8_gemm": fp8_gemm_kernel}
@@ -125,28 +131,40 @@ TILES = TileConfig(block_m=16, block_n=32, block_k=256, num_warps=4, num_stages=
 
 
 @lru_cache(maxsize=None)  # one variant object per specialisation: its key is hashed once
-def gemm_variant(dtype: torch.dtype, split: bool, aligned: bool, interpret: bool) -> KernelVariant:
+def gemm_variant(dtype: torch.dtype, split: bool, aligned: bool, interpret: bool,
+                 weight: torch.dtype = torch.float8_e4m3fn) -> KernelVariant:
+    """fp8 weights carry a channel scale; weights in the activation dtype (bf16, fp16) do not."""
     ptr = pointer(dtype)
     return KernelVariant(
         kernel="fp8_gemm",
-        signature=(("x_ptr", ptr), ("w_ptr", "*fp8e4nv"), ("scale_ptr", "*fp32"), ("out_ptr", ptr),
+        signature=(("x_ptr", ptr), ("w_ptr", pointer(weight)), ("scale_ptr", "*fp32"), ("out_ptr", ptr),
                    ("partial_ptr", "*fp32"), ("counters_ptr", "*i32"),
                    ("M", "i32"), ("N", "i32"), ("K", "i32"), ("stride_xm", "i32"), ("k_per_split", "i32"),
                    ("num_splits", "i32")),
         constexprs=(("BLOCK_M", TILES.block_m), ("BLOCK_N", TILES.block_n), ("BLOCK_K", TILES.block_k),
-                    ("SPLIT", split), ("ALIGNED", aligned), ("INTERPRET", interpret)),
+                    ("SPLIT", split), ("ALIGNED", aligned), ("INTERPRET", interpret),
+                    ("HAS_SCALE", weight == torch.float8_e4m3fn)),
         num_warps=TILES.num_warps,
         num_stages=TILES.num_stages,
     )
 
 
+DENSE_DTYPES = ("bf16", "fp16")  # engines whose dense linears (and every head) run this kernel
+
+
 def variants(config: ModelConfig, dtype: str) -> list[KernelVariant]:
-    """fp8 engines only: split and serial, aligned and (for odd shapes) unaligned."""
-    if dtype != "fp8":
+    """Split and serial, aligned and unaligned: fp8 engines' quantized linears, and the dense products of
+    16-bit engines (every linear of bf16/fp16 engines; the head and the draft adapter of fp8 ones, whose
+    rank may be any size)."""
+    if dtype != "fp8" and dtype not in DENSE_DTYPES:
         return []
     act = ACTIVATION_DTYPES[dtype]
-    aligned_options = sorted({k % 16 == 0 for _, k in linear_shapes(config)}, reverse=True)
-    return [gemm_variant(act, split, aligned, False) for aligned in aligned_options for split in (False, True)]
+    found = [gemm_variant(act, split, aligned, False, act) for aligned in (True, False) for split in (False, True)]
+    if dtype == "fp8":
+        aligned_options = sorted({k % 16 == 0 for _, k in linear_shapes(config)}, reverse=True)
+        found = [gemm_variant(act, split, aligned, False) for aligned in aligned_options
+                 for split in (False, True)] + found
+    return found
 
 
 def linear_shapes(config: ModelConfig) -> list[tuple[int, int]]:
@@ -185,13 +203,15 @@ def fp8_linear(launcher, x: torch.Tensor, weight: torch.Tensor, scale: torch.Ten
     counters: where the split programs count arrivals (a fresh zeroed buffer when None)."""
     if x.dim() != 2 or x.stride(1) != 1:
         raise ValueError(f"x must be [M, K] with unit column stride, got shape {tuple(x.shape)}")
-    if weight.dtype != torch.float8_e4m3fn or weight.dim() != 2 or not weight.is_contiguous():
-        raise ValueError("weight must be a contiguous float8_e4m3fn [N, K] tensor")
+    dense = scale is None
+    if weight.dtype != (x.dtype if dense else torch.float8_e4m3fn) or weight.dim() != 2 or not weight.is_contiguous():
+        raise ValueError(f"weight must be a contiguous {x.dtype if dense else torch.float8_e4m3fn} [N, K] tensor, "
+                         f"got {weight.dtype} {tuple(weight.shape)}")
     m, k = x.shape
     n = weight.shape[0]
-    if weight.shape[1] != k or scale.shape != (n,) or scale.dtype != torch.float32:
+    if weight.shape[1] != k or not dense and (scale.shape != (n,) or scale.dtype != torch.float32):
         raise ValueError(f"shapes do not match: x {tuple(x.shape)}, weight {tuple(weight.shape)}, "
-                         f"scale {tuple(scale.shape)} {scale.dtype} (want float32 [N])")
+                         f"scale {None if dense else (tuple(scale.shape), scale.dtype)} (want float32 [N])")
     out = torch.empty(m, n, dtype=x.dtype, device=x.device) if out is None else out
     if m == 0:
         return out
@@ -199,12 +219,19 @@ def fp8_linear(launcher, x: torch.Tensor, weight: torch.Tensor, scale: torch.Ten
     grid = (triton.cdiv(m, TILES.block_m), triton.cdiv(n, TILES.block_n), split if parallel else 1)
     tiles = grid[0] * grid[1] if parallel else 1  # one counter per output tile, read only by split programs
     counted = counters.get(tiles, x.device) if counters is not None else fresh_counters(tiles, x.device)
-    partial = torch.empty(split, m, n, dtype=torch.float32, device=x.device) if parallel else scale
+    partial = torch.empty(split, m, n, dtype=torch.float32, device=x.device) if parallel else None
     aligned = k % 16 == 0 and x.stride(0) % 16 == 0
     interpret = launcher.name == "interpret"
-    launcher.launch(gemm_variant(x.dtype, parallel, aligned, interpret), grid,
+    launcher.launch(gemm_variant(x.dtype, parallel, aligned, interpret, weight.dtype), grid,
                     (x, weight, scale, out, partial, counted, m, n, k, x.stride(0), k_per_split, split))
     return out
+
+
+def dense_linear(launcher, x: torch.Tensor, weight: torch.Tensor, num_sms: int = 1, out: torch.Tensor | None = None,
+                 counters: Counters | None = None) -> torch.Tensor:
+    """x @ weight.T with fp32 accumulation, in x's dtype; weight [N, K] in x's dtype (bf16 or fp16). The same
+    tiles, K chunks and fold as the fp8 product, so a row's bits never depend on M."""
+    return fp8_linear(launcher, x, weight, None, num_sms=num_sms, out=out, counters=counters)
 
 
 def reference_fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

@@ -33,12 +33,17 @@ class KernelLibrary:
     """The kernel modules (and with them Triton) are imported here, not when nemodiff is: the
     interpreter must be chosen before Triton's first import (see `launch.use_interpreter`)."""
 
-    def __init__(self, launcher: Launcher):
+    def __init__(self, launcher: Launcher, sm_count: int | None = None):
         from . import activation, attention, fp8_gemm, norm
 
         self.launcher = launcher
         self._activation, self._attention, self._fp8_gemm, self._norm = activation, attention, fp8_gemm, norm
-        self.counters = Counters()  # split arrivals of attention and fp8 GEMMs; zero between launches
+        # split arrivals, zero between launches: one buffer per launch site and stream (see scratch.py)
+        self.counters = Counters()
+        self.sm_count = sm_count  # the SM count split plans are sized for (None: the device's own)
+
+    def num_sms(self, device: torch.device) -> int:
+        return self.sm_count or multiprocessor_count(device, cpu_stand_in=1)
 
     @property
     def name(self) -> str:
@@ -59,18 +64,24 @@ class KernelLibrary:
         scale and the KV-cache write at write_slots >= 0, in one launch (see nemodiff/plugins/attention.py) -> [T, Hq, D]."""
         return self._attention.segment_attention(self.launcher, qkv, positions, write_slots, rope, k_cache, v_cache,
                                                  meta, scale, num_heads, num_kv_heads, head_dim,
-                                                 counters=self.counters)
+                                                 counters=self.counters.site("attention"))
 
     def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
         return self._activation.silu_mul(self.launcher, gate_up)
 
     def fp8_linear(self, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         """x @ (weight.float() * scale[:, None]).T in x's dtype; weight float8_e4m3fn [N, K], scale float32 [N]."""
-        return self._fp8_gemm.fp8_linear(self.launcher, x, weight, scale,
-                                         num_sms=multiprocessor_count(x.device, cpu_stand_in=1), counters=self.counters)
+        return self._fp8_gemm.fp8_linear(self.launcher, x, weight, scale, num_sms=self.num_sms(x.device),
+                                         counters=self.counters.site("gemm"))
+
+    def dense_linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """x @ weight.T in x's dtype (bf16/fp16 weights of x's dtype), on the fp8 product's tiles and K chunks."""
+        return self._fp8_gemm.dense_linear(self.launcher, x, weight, num_sms=self.num_sms(x.device),
+                                           counters=self.counters.site("gemm"))
 
 
-def _gpu_library(kernel_dir: Path, device: torch.device, mode: str, versions=None) -> KernelLibrary:
+def _gpu_library(kernel_dir: Path, device: torch.device, mode: str, versions=None,
+                 sm_count: int | None = None) -> KernelLibrary:
     """The cubins of kernel_dir on this GPU; a driver too old for the installed cuda-bindings raises its
     one line ("aot"), or under "auto" is one warning line and Triton's JIT instead (it needs no bindings).
     `versions`: the seam tests use (nemodiff.cuda_driver.CudaVersions)."""
@@ -79,16 +90,16 @@ def _gpu_library(kernel_dir: Path, device: torch.device, mode: str, versions=Non
     from .aot_launch import AotLauncher, CudaLaunch
 
     try:
-        return KernelLibrary(AotLauncher(kernel_dir, CudaLaunch(CudaDriver(device, versions))))
+        return KernelLibrary(AotLauncher(kernel_dir, CudaLaunch(CudaDriver(device, versions))), sm_count)
     except DriverTooOld as exc:
         if mode != "auto":
             raise
         log.warning("nemodiff: %s; --kernels auto runs Triton's JIT instead of the engine's cubins", exc)
-        return KernelLibrary(JitLauncher())
+        return KernelLibrary(JitLauncher(), sm_count)
 
 
 def _aot_library(engine_dir: Path | None, build: BuildSettings | None, device: torch.device,
-                 mode: str, platform=None) -> KernelLibrary | None:
+                 mode: str, platform=None, sm_count: int | None = None) -> KernelLibrary | None:
     """The engine's compiled kernels: launched on this GPU ("auto", "aot"), or checked and interpreted on
     the CPU ("aot-check"). When they cannot run, the reason is raised ("aot", "aot-check") or logged as
     one warning line with None returned ("auto": the reference path; the JIT for a too-old driver)."""
@@ -108,7 +119,7 @@ def _aot_library(engine_dir: Path | None, build: BuildSettings | None, device: t
             from .aot_check import InterpretDriver, LaunchChecker
 
             return KernelLibrary(AotLauncher(Path(engine_dir) / "kernels" / build.sm, InterpretDriver(platform),
-                                             LaunchChecker(device)))
+                                             LaunchChecker(device)), sm_count)
     elif not is_cuda(device):
         if mode == "auto":
             return None  # CPU: the reference path is the plan, not a fallback
@@ -120,7 +131,7 @@ def _aot_library(engine_dir: Path | None, build: BuildSettings | None, device: t
         reason = f"engine kernels are for {build.sm} but this GPU is {gpu_sm(device)}"
     else:
         try:
-            return _gpu_library(Path(engine_dir) / "kernels" / build.sm, device, mode)
+            return _gpu_library(Path(engine_dir) / "kernels" / build.sm, device, mode, sm_count=sm_count)
         except ImportError:
             reason = "cuda-python is not installed (pip install 'nemodiff[gpu]')"
         except KernelLaunchError as exc:
@@ -132,7 +143,7 @@ def _aot_library(engine_dir: Path | None, build: BuildSettings | None, device: t
 
 
 def load_kernels(engine_dir: Path | None, build: BuildSettings | None, device: torch.device | str,
-                 mode: str = "auto", platform=None) -> KernelLibrary | None:
+                 mode: str = "auto", platform=None, sm_count: int | None = None) -> KernelLibrary | None:
     """The kernels to run an engine with, or None for the PyTorch reference path.
 
     mode "off": None. "interpret": Triton's interpreter (CPU tensors; needs no compiled files).
@@ -141,7 +152,9 @@ def load_kernels(engine_dir: Path | None, build: BuildSettings | None, device: t
     checked against its cubin, then interpreted (nemodiff/plugins/aot_check.py). "auto": the engine's cubins
     on a CUDA device of the engine's sm; on any mismatch (other sm, no kernels, no cuda-python) one
     warning line and None; a driver too old for cuda-bindings: one warning line and the JIT; on CPU None,
-    silently. `platform`: the emulated GPU aot-check records its loads and launches for.
+    silently. `platform`: the emulated GPU aot-check records its loads and launches for. sm_count: plan
+    split grids for a GPU of that many SMs (aot-check at a real GPU's count); None: the device's own (1 on
+    the CPU).
     """
     device = torch.device(device)
     if mode not in MODES:
@@ -149,9 +162,9 @@ def load_kernels(engine_dir: Path | None, build: BuildSettings | None, device: t
     if mode == "off":
         return None
     if mode == "interpret":
-        return KernelLibrary(InterpretLauncher())
+        return KernelLibrary(InterpretLauncher(), sm_count)
     if mode == "jit":
         if not is_cuda(device):
             raise RuntimeError(f"the JIT launcher needs a CUDA device, not {device}")
-        return KernelLibrary(JitLauncher())
-    return _aot_library(engine_dir, build, device, mode, platform)
+        return KernelLibrary(JitLauncher(), sm_count)
+    return _aot_library(engine_dir, build, device, mode, platform, sm_count)

@@ -86,6 +86,9 @@ class LLM:
     "aot" (the compiled kernels, or an error), "aot-check" (on the CPU: the GPU launch path of an
     engine built for a GPU, every launch checked against its cubin, then interpreted).
     cuda_graphs: capture the declared steady step shapes at start (GPU kernel path only).
+    sm_count: plan split-K and split-KV grids as on a GPU with that many SMs (132 for an H100 or
+    H200): with "aot-check", the CPU runs the plans, split classes and merges that GPU would run.
+    None: the device's own count (a small stand-in on the CPU).
 
     prefix_cache: reuse the KV pages of committed tokens across requests that share a prefix
     (docs/design.md §10); `cached_prompt_tokens` in a RequestOutput says how many prompt tokens
@@ -112,7 +115,7 @@ class LLM:
                  cuda_graphs: bool = True, kernels: str = "auto", vision_cache_bytes: int = 256 << 20,
                  image_limits: ImageLimits | None = None, tp: int | None = None,
                  devices: list[str | torch.device] | None = None, tp_step_timeout_s: float = 300.0,
-                 prefix_cache: bool = True):
+                 prefix_cache: bool = True, sm_count: int | None = None):
         self.engine_dir = Path(engine_dir)
         if not self.engine_dir.is_dir():
             raise EngineFormatError(f"{engine_dir}: not a directory")
@@ -128,11 +131,12 @@ class LLM:
                 raise ValueError(f"devices names {len(ranks)} devices for {self.tp} tensor-parallel ranks")
             device = ranks[0]
             self._driver = TensorParallelDriver.launch(ranks, {"engine_dir": str(self.engine_dir.resolve()),
-                                                               "verify": verify, "kernels": kernels},
+                                                               "verify": verify, "kernels": kernels,
+                                                               "sm_count": sm_count},
                                                        tp_step_timeout_s)
         try:
             self._setup(device, kv_cache_memory_bytes, num_kv_pages, max_batch_size, max_num_batched_tokens,
-                        verify, cuda_graphs, kernels, vision_cache_bytes, image_limits, prefix_cache)
+                        verify, cuda_graphs, kernels, vision_cache_bytes, image_limits, prefix_cache, sm_count)
         except BaseException:
             if self._driver is not None:
                 self._driver.close()
@@ -140,7 +144,7 @@ class LLM:
         self._finalizer = weakref.finalize(self, self._driver.close) if self._driver is not None else None
 
     def _setup(self, device, kv_cache_memory_bytes, num_kv_pages, max_batch_size, max_num_batched_tokens, verify,
-               cuda_graphs, kernels, vision_cache_bytes, image_limits, prefix_cache) -> None:
+               cuda_graphs, kernels, vision_cache_bytes, image_limits, prefix_cache, sm_count=None) -> None:
         build, mcfg = self.config.build, self.config.model
         kv_heads = mcfg.num_key_value_heads // self.tp
         self.max_batch_size = max_batch_size or build.max_batch_size
@@ -153,7 +157,8 @@ class LLM:
                 # room for the longest sequence per slot, plus a block of speculative scratch
                 per_seq = -(-(build.max_seq_len + 2 * build.block_length) // build.kv_page_size)
                 num_kv_pages = self.max_batch_size * per_seq
-        self.model = load_engine(self.engine_dir, device=device, verify=verify, kernels=kernels).model
+        self.model = load_engine(self.engine_dir, device=device, verify=verify, kernels=kernels,
+                                 sm_count=sm_count).model
         self.platform = self.model.platform
         self.platform.prepare_process()  # on the CPU: steps reuse the memory earlier steps freed
         with self.platform.on_device():  # caches, graphs and the engine on this engine's device

@@ -30,6 +30,8 @@ from nemodiff.plugins.attention import (  # noqa: E402
     MASK,
     AttentionMeta,
     choose_splits,
+    chunk_keys_for,
+    chunk_slots,
     pack_bitmask,
     plan_tiles,
     segment_attention,
@@ -92,9 +94,11 @@ def gpu_batch(lengths, prefixes, patterns, masks, heads=32, kv_heads=8, head_dim
         used += m is not None
     block_m, tile_seg, tile_start = plan_tiles(np.array(lengths), heads // kv_heads)
     sms = sms or torch.cuda.get_device_properties(0).multi_processor_count
-    splits = choose_splits(len(tile_seg), kv_heads, max(prefixes) + max(lengths), sms)
+    max_keys = block_tables.shape[1] * page_size
+    splits = choose_splits(len(tile_seg), kv_heads, max(prefixes) + max(lengths), sms, chunk_keys_for(max_keys))
     i32 = lambda x: torch.as_tensor(np.asarray(x), dtype=torch.int32, device=dev)  # noqa: E731
-    workspace = torch.empty(workspace_elems(total, heads, head_dim, splits), device=dev) if splits > 1 else None
+    chunks = chunk_slots(max_keys, total)
+    workspace = torch.empty(workspace_elems(total, heads, head_dim, chunks), device=dev) if splits > 1 else None
     meta = AttentionMeta(i32(np.concatenate([[0], np.cumsum(lengths)])), i32(prefixes),
                          i32(np.arange(len(lengths))), block_tables, i32(patterns), i32(mask_offset),
                          torch.cat(words).to(dev), i32(tile_seg), i32(tile_start), page_size, block_m, splits, workspace)

@@ -133,8 +133,9 @@ class _Graph:
             seg_pattern=const(np.full(bucket, int(layout.pattern)), torch.int32),
             mask_offset=const(np.zeros(bucket), torch.int32), mask_bits=const(bits, torch.int32),
         )
-        # a workspace of its own (a shared one could move); tile tensors that outlive the step
-        self.meta = model.meta.attention(self.batch, cache, num_splits=splits, workspace=Workspace(dev),
+        # the runner's one workspace (sized for every graph before the first capture, so it never moves:
+        # graphs never run at the same time); tile tensors that outlive the step
+        self.meta = model.meta.attention(self.batch, cache, num_splits=splits, workspace=runner.workspace,
                                          persistent=True)
         self.runner = runner
         self.graph = None
@@ -190,6 +191,7 @@ class GraphRunner:
         self.pool = model.platform.graph_pool() if self.capture else None
         self.graphs: dict[tuple[tuple, int, int], _Graph] = {}
         self.static: _StaticInputs | None = None
+        self.workspace: Workspace | None = None
         self.logits: torch.Tensor | None = None
         self.rows = model.platform.staging(torch.int64)  # replay row indices
         self.shapes: list[tuple] = []
@@ -214,7 +216,7 @@ class GraphRunner:
                     continue
                 if bucket * len(layout.rows) * vocab * 4 > self.max_logits_bytes:
                     continue
-                most = self.model.meta.splits(self._tiles(key, bucket), self.longest)
+                most = self.model.meta.splits(self._tiles(key, bucket), self.longest, self.cache)
                 plan += [(key, bucket, 1 << i) for i in range(split_class(most).bit_length())]
         return plan
 
@@ -230,6 +232,10 @@ class GraphRunner:
         self.static = _StaticInputs(tokens, max(self.buckets), device)
         self.logits = torch.empty(rows, self.model.config.vocab_size, dtype=torch.float32, device=device)
         before = self.model.platform.memory_allocated()
+        self.workspace = Workspace(device)
+        split_tokens = [bucket * steady_layout(key).length for key, bucket, splits in plan if splits > 1]
+        if split_tokens:
+            self.workspace.get(self.model.meta.workspace_elems(max(split_tokens), self.cache))
         self.graphs = {}
         for key, bucket, splits in plan:
             self.graphs[(key, bucket, splits)] = _Graph(self, key, bucket, splits)
@@ -250,7 +256,7 @@ class GraphRunner:
         graph = self.graphs.get((key, bucket, 1))
         if graph is None:
             return None
-        splits = split_class(self.model.meta.splits(len(graph.meta.tile_seg), longest_context(batch)))
+        splits = split_class(self.model.meta.splits(len(graph.meta.tile_seg), longest_context(batch), self.cache))
         graph = self.graphs.get((key, bucket, splits), graph)
         for rows in batch.segment_rows:
             if len(rows) and (rows.max() >= graph.layout.length or (graph.row_of[rows] < 0).any()):

@@ -59,25 +59,42 @@ class KernelMeta:
             seg, start = seg.clone(), start.clone()
         return block_m, seg, start
 
-    def splits(self, num_tiles: int, context: int) -> int:
+    def splits(self, num_tiles: int, context: int, cache: PagedKVCache) -> int:
         """Split-KV programs per tile for `context` keys (1: no split) on this platform's SMs."""
         from nemodiff.plugins.attention import choose_splits
 
-        return choose_splits(num_tiles, self.config.num_key_value_heads, context, self.platform.sm_count)
+        return choose_splits(num_tiles, self.config.num_key_value_heads, context, self.platform.sm_count,
+                             self.chunk_keys(cache))
+
+    @staticmethod
+    def max_keys(cache: PagedKVCache) -> int:
+        return cache.block_tables.shape[1] * cache.page_size
+
+    def chunk_keys(self, cache: PagedKVCache) -> int:
+        """The attention kernel's key chunk for this cache (a constant of the cache: see plugins.attention)."""
+        from nemodiff.plugins.attention import chunk_keys_for
+
+        return chunk_keys_for(self.max_keys(cache))
+
+    def workspace_elems(self, num_tokens: int, cache: PagedKVCache) -> int:
+        """What a split forward of `num_tokens` tokens needs: every chunk it may touch."""
+        from nemodiff.plugins.attention import chunk_slots, workspace_elems
+
+        cfg = self.config
+        return workspace_elems(num_tokens, cfg.num_attention_heads, cfg.head_dim,
+                               chunk_slots(self.max_keys(cache), num_tokens))
 
     def attention(self, batch: ForwardBatch, cache: PagedKVCache, num_splits: int | None = None,
                   workspace: Workspace | None = None, persistent: bool = False):
         """The AttentionMeta of `batch`; the split factor from the batch's real longest context unless given."""
-        from nemodiff.plugins.attention import AttentionMeta, workspace_elems
+        from nemodiff.plugins.attention import AttentionMeta
 
-        cfg = self.config
         block_m, tile_seg, tile_start = self.tile_plan(batch, persistent)
         if num_splits is None:
-            num_splits = self.splits(len(tile_seg), longest_context(batch))
+            num_splits = self.splits(len(tile_seg), longest_context(batch), cache)
         space = None
         if num_splits > 1:
-            space = (workspace or self.workspace).get(workspace_elems(batch.num_tokens, cfg.num_attention_heads,
-                                                                      cfg.head_dim, num_splits))
+            space = (workspace or self.workspace).get(self.workspace_elems(batch.num_tokens, cache))
         return AttentionMeta(
             seg_start=batch.seg_start, prefix_len=batch.seg_prefix, table_row=batch.seg_table_row,
             block_tables=cache.block_tables, pattern=batch.seg_pattern, mask_offset=batch.mask_offset,

@@ -2,7 +2,9 @@
 
 checkpoint ──builder──▶ engine dir ──[runtime: model layers]──▶ Triton
 
-`DenseLinear` holds fp32/bf16/fp16 weights. `Fp8Linear` holds e4m3 weights with one
+`DenseLinear` holds fp32/bf16/fp16 weights; with kernels, bf16/fp16 products run the project's own
+GEMM (the fp8 kernel's tiles and K chunks, nemodiff/plugins/fp8_gemm.py), whose row results do not
+depend on how many rows ride along (cuBLAS picks its kernel and split by M). `Fp8Linear` holds e4m3 weights with one
 float32 scale per output channel: the weight-only fp8 kernel on the kernel path, else it
 dequantizes into the activation dtype (the portable path that also runs on CPU).
 """
@@ -10,6 +12,8 @@ dequantizes into the activation dtype (the portable path that also runs on CPU).
 from __future__ import annotations
 
 import torch
+
+KERNEL_DTYPES = (torch.bfloat16, torch.float16)  # fp32 engines keep torch's product: the exact reference
 
 
 class DenseLinear:
@@ -21,6 +25,8 @@ class DenseLinear:
         return self.weight.shape[0]
 
     def __call__(self, x: torch.Tensor, kernels=None) -> torch.Tensor:
+        if kernels is not None and self.weight.dtype in KERNEL_DTYPES:
+            return kernels.dense_linear(x, self.weight)
         return x @ self.weight.T
 
 

@@ -137,21 +137,25 @@ def _read(path: Path, platform: Platform) -> dict[str, torch.Tensor]:
 
 
 def load_engine(engine_dir: Path, device: str | torch.device | None = None, verify: bool = True,
-                rank: int = 0, kernels: str = "auto") -> LoadedEngine:
+                rank: int = 0, kernels: str = "auto", sm_count: int | None = None) -> LoadedEngine:
     """The engine's model (rank `rank`'s shard of a tensor-parallel engine) on `device`; kernels is the
-    `plugins.ops.load_kernels` mode."""
+    `plugins.ops.load_kernels` mode; sm_count plans split grids for a GPU of that many SMs (None: the
+    device's own)."""
     engine_dir = Path(engine_dir)
     config = check_engine(engine_dir, rank=rank, verify=verify)
     tp = config.build.tp
     device = resolve_device(device)
-    platform = Platform.for_kernels(device, kernels, sm=config.build.sm)
+    if sm_count is not None and (not isinstance(sm_count, int) or not 1 <= sm_count <= 1024):
+        raise ValueError(f"sm_count must be an integer in 1..1024, got {sm_count!r}")
+    platform = Platform.for_kernels(device, kernels, sm=config.build.sm, sm_count=sm_count)
     with platform.on_device():  # whatever device the caller's thread had current
         weights = _read(engine_dir / weights_file(rank, tp), platform)
         lora = None
         if config.build.lora is not None:
             lora = _read(engine_dir / draft_lora_file(rank, tp), platform)
         dtype = runtime_dtype(config, device)
-        library = load_kernels(engine_dir, config.build, device, mode=kernels, platform=platform)
+        library = load_kernels(engine_dir, config.build, device, mode=kernels, platform=platform,
+                               sm_count=sm_count)
         model = Model(config.model, weights, dtype, platform, lora=lora,
                       lora_scale=config.build.lora.scale if config.build.lora else 1.0, kernels=library, tp_size=tp)
     return LoadedEngine(engine_dir, config, model)

@@ -10,7 +10,8 @@ prefill). The head runs only on the rows a step asks for.
 
 Two paths compute the same function: the PyTorch reference path (any device) and the kernel
 path (`nemodiff/plugins/`: fused add + norm, paged attention fused with RoPE and the KV-cache write, SiLU
-gate, weight-only fp8 GEMMs; eight launches per layer counting the GEMMs), used when the model
+gate, the project's GEMM for every bf16/fp16/fp8 linear and the head; eight launches per layer
+counting the GEMMs), used when the model
 holds a `KernelLibrary` — compiled kernels on a GPU, or the Triton interpreter on the CPU for
 verification.
 
@@ -37,7 +38,7 @@ from .attention import equal_segments_attention, segment_attention
 from .batch import BatchBuilder, ForwardBatch
 from .kernel_meta import KernelMeta
 from .kv_cache import PagedKVCache
-from .layers import make_linear
+from .layers import KERNEL_DTYPES, make_linear
 from .rope import RotaryEmbedding
 from .segments import Segment
 
@@ -210,7 +211,10 @@ class Model:
             out = layer.o(attn, kernels)
             if batch.lora_rows.numel():
                 rows = attn[batch.lora_rows]
-                out[batch.lora_rows] += (rows @ layer.lora_a.T) @ layer.lora_b.T
+                if kernels is not None and self.dtype in KERNEL_DTYPES:  # row by row: no M-dependent product
+                    out[batch.lora_rows] += kernels.dense_linear(kernels.dense_linear(rows, layer.lora_a), layer.lora_b)
+                else:
+                    out[batch.lora_rows] += (rows @ layer.lora_a.T) @ layer.lora_b.T
             if self.tp is not None:  # row-parallel o (and adapter): sum the ranks' partial products
                 self.tp.all_reduce(out)
             h = self._add_norm(residual, out, layer.mlp_norm, meta)
@@ -229,7 +233,7 @@ class Model:
             x = self.kernels.rms_norm(rows, self.final_norm, cfg.rms_norm_eps)
         else:
             x = rms_norm(rows, self.final_norm, cfg.rms_norm_eps)
-        logits = self.head(x)
+        logits = self.head(x, kernels)
         if self.tp is not None:  # vocab-parallel head: rank 0 gathers the slices, the others return None
             logits = self.tp.gather_vocab(logits)
             if logits is None:

@@ -45,6 +45,7 @@ class WorkerSpec:
     engine_dir: str | None = None  # an engine's shard ...
     verify: bool = True
     kernels: str = "auto"  # load_kernels mode of every rank
+    sm_count: int | None = None  # split plans as on a GPU of this many SMs (None: the device's own)
     # ... or a model made by a factory "module:function" called as f(device, rank, size, **factory_args)
     # (benchmarks build random weights this way; the runtime imports nothing of theirs)
     model_factory: str | None = None

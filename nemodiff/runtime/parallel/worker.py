@@ -34,7 +34,7 @@ def _load_model(spec: WorkerSpec, device: torch.device):
         from nemodiff.runtime.model.loader import load_engine
 
         return load_engine(spec.engine_dir, device=device, verify=spec.verify, rank=spec.rank,
-                           kernels=spec.kernels).model
+                           kernels=spec.kernels, sm_count=spec.sm_count).model
     module, name = spec.model_factory.split(":")
     factory = getattr(importlib.import_module(module), name)
     return factory(device, spec.rank, spec.size, **spec.factory_args)
