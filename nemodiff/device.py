@@ -1,27 +1,22 @@
 """The one place that knows the device (docs/design.md §13).
 
-checkpoint ──builder──▶ engine dir ──runtime──▶ serving; this module is the ground under the runtime,
-beside engine_format.py: every stage may import it, and it imports nothing of nemodiff.
+checkpoint ──builder──▶ engine dir ──runtime──▶ serving; a ground module under the runtime: every stage
+may import it, and it imports nothing of nemodiff.
 
-What differs between a CPU and a GPU lives here (and in its driver half, nemodiff/cuda_driver.py) and
-nowhere else: staging memory (pinned on a GPU), copies both ways, synchronisation, graph capture, which
-device and stream work runs on, the SM count and arch, the host allocator, the CUDA driver calls. The rest
-asks a `Platform` and never branches on the device type (tests/test_device.py fails CI on a new branch).
+What differs between a CPU and a GPU lives here (and in its driver half, cuda_driver.py) and nowhere
+else: staging memory, copies, synchronisation, graph capture, which device and stream work runs on, the
+SM count and arch, the host allocator. The rest asks a `Platform` and never branches on the device type
+(tests/test_device.py fails CI on a new branch). A `Platform` owns a stream on its device; the runtime
+works inside `platform.on_device()` or on a thread given over with `platform.bind_thread()`, so an
+engine on `cuda:1` never touches device 0 (CUDA calls that name no device act on the current one).
 
-Which device: CUDA calls that name no device act on the thread's current one (torch's default capture
-stream, Triton's JIT, events, the driver's context). So a `Platform` owns a stream on its device and the
-runtime works inside `platform.on_device()` (engine start, `LLM.generate`) or on a thread given over with
-`platform.bind_thread()` (the serving loop, tensor-parallel workers): an engine on `cuda:1` never touches 0.
-
-A `Platform` runs one of three ways:
-- on a GPU: everything real;
-- on the CPU, reference path (`gpu_path=False`): host memory is the device's memory, tensors are
-  handed over without copies, and greedy decisions run in numpy;
-- on the CPU, emulating the GPU path (`gpu_path=True`; `kernels="aot-check"`): the same staging (a
-  host buffer for pinned memory, one copy into a "device" buffer, slices of it), the padded static
-  graph path run eagerly, decisions on tensors as on a GPU. Only the driver calls are left out. It stands in for GPU `emulated_index`
-  ($NEMODIFF_EMULATED_GPU, else 0) with a per-thread current device as in CUDA, and records (what,
-  index acted on) of every staging copy, stream, graph, timer, cubin load and launch in `emulator.calls`.
+It runs one of three ways: on a GPU, everything real; on the CPU's reference path (`gpu_path=False`),
+host memory is the device's, tensors are handed over without copies, greedy decisions run in numpy; on
+the CPU emulating the GPU path (`gpu_path=True`, `kernels="aot-check"`), the same staging, padded graph
+path (run eagerly) and tensor decisions as a GPU, only the driver calls left out. The emulation stands
+in for GPU `emulated_index` ($NEMODIFF_EMULATED_GPU, else 0) with a per-thread current device, and
+records (what, index acted on) of every staging copy, stream, graph, timer, cubin load and launch in
+`emulator.calls`.
 """
 
 from __future__ import annotations
@@ -173,9 +168,8 @@ class Timer:
 
 
 def keep_freed_memory() -> bool:
-    """CPU runs: glibc's mmap threshold to its ceiling (32 MiB), its trim threshold to 1 GiB, so a step reuses
-    what the last one freed, as a GPU caching allocator does (2-core VM, QuadraticSpec k = 8 at 32 requests:
-    otherwise freeing 3 MB of logits took 2-2.5 ms in half the steps). True if it took effect (glibc only)."""
+    """CPU runs: glibc's mmap threshold to 32 MiB, its trim threshold to 1 GiB, so a step reuses what the last
+    freed, as a GPU caching allocator does (else freeing 3 MB of logits took 2-2.5 ms). True if it took effect."""
     try:
         mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
     except (OSError, AttributeError):
@@ -213,8 +207,7 @@ class Platform:
         self.emulator = EmulatedGpu(index) if self.emulated else None
         self.index = device.index if self.cuda else self.emulator.index if self.emulator else None
         self.sm = gpu_sm(self.device) if self.cuda else sm
-        self._sm_count = sm_count
-        self._stream = None
+        self._sm_count, self._stream = sm_count, None
 
     @classmethod
     def for_kernels(cls, device: torch.device | str, kernels: str, sm: str | None = None,
@@ -226,7 +219,6 @@ class Platform:
     def __repr__(self) -> str:
         return f"Platform({self.device}, {f'emulated GPU {self.index}' if self.emulated else self.device.type})"
 
-    # -- which device and stream ------------------------------------------------------------------
     @property
     def stream(self):
         """The engine's own stream on its device (None on the CPU)."""
@@ -284,14 +276,12 @@ class Platform:
         if not self.cuda:
             keep_freed_memory()
 
-    # -- host <-> device --------------------------------------------------------------------------
     def staging(self, dtype: torch.dtype) -> "Staging":
         return Staging(self, dtype)
 
     def host_copy(self) -> "HostCopy":
         return HostCopy(self)
 
-    # -- CUDA graphs ------------------------------------------------------------------------------
     @property
     def captures_graphs(self) -> bool:
         return self.cuda
