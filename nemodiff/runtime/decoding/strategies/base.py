@@ -90,14 +90,15 @@ class DecodeStrategy(ABC):
                     entry.logprob = float("nan")
         return entries
     def adjust_rows(self, decider, first_row: int, count: int, first_index: int | None = None,
-                    indices: np.ndarray | None = None) -> None:
-        """Logit bias and min-token masks for `count` rows from first_row that decide output indices
-        first_index, first_index + 1, ... (default: the next output token's), or `indices`."""
+                    indices: np.ndarray | None = None, drafts=None, depths=None) -> None:
+        """Penalties, logit bias and min-token masks for `count` rows from first_row that decide output indices
+        first_index, first_index + 1, ... (default: the next output token's), or `indices`; row i follows the
+        output and drafts[:depths[i]] (default: the output alone)."""
         if self.adjusts:
             if indices is None:
                 start = len(self.request.output_ids) if first_index is None else first_index
                 indices = arange(count) + start
-            decider.adjust(self, first_row, indices)
+            decider.adjust(self, first_row, indices, drafts, depths)
 
     def guide_rows(self, decider, first_row: int, drafts=()) -> None:
         """Grammar masks for the rows from first_row: row i after the output and drafts[:i]."""

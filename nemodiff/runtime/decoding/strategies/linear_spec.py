@@ -31,6 +31,7 @@ class LinearSpecStrategy(DecodeStrategy):
         self.accepted: list[int] = []
         self._all_drafts = arange(B)[1:]  # the slots after the seed
         self._rows = self._all_drafts  # the slots still to draft (the seed, slot 0, never is)
+        self._depths = arange(B)  # verifier row i follows i drafts
         self._handle = None
         rid, positions = request.request_id, self.block_positions(0)
         self._draft = Segment(rid, self.tokens, positions, 0, Pattern.FULL, write_kv=False, logit_rows=self._rows,
@@ -56,7 +57,8 @@ class LinearSpecStrategy(DecodeStrategy):
                 self.ask_logprobs(decider, first_row, 1, self._handle)
         elif self.phase == "verify":
             self._handle = decider.verify(self, first_row, self.B, token_row)
-            self.adjust_rows(decider, first_row, self.B)  # row i verifies d_{i+1}, the seed is output
+            # row i verifies d_{i+1} after the output (the seed included) and d_1..d_i
+            self.adjust_rows(decider, first_row, self.B, drafts=self.tokens[1:], depths=self._depths)
             self.guide_rows(decider, first_row, self.tokens[1:])  # row i: after the seed and d_1..d_i
             if self.wants_logprobs:  # the verify rows: the causal logits AR would see (answer: n, tokens)
                 self.ask_logprobs(decider, first_row, self.B, self._handle, offset=1)

@@ -66,7 +66,9 @@ class QuadraticSpecStrategy(DecodeStrategy):
         else:
             self._handles = decider.quad(self, first_row, self.k, token_row)
             if self.adjusts:
-                self.adjust_rows(decider, first_row, self.k * self.k, indices=self._cycle_indices())
+                indices, depths = self._cycle_indices()
+                self.adjust_rows(decider, first_row, self.k * self.k, indices=indices, drafts=self.tokens[1:self.k],
+                                 depths=depths)
             if self.shape_drafts:
                 decider.shape(first_row, self.k * self.k, self._shape_cycle)
             else:
@@ -121,12 +123,14 @@ class QuadraticSpecStrategy(DecodeStrategy):
                                                drafts[: n - 1] + [targets[n - 1]])
         return out
 
-    def _cycle_indices(self) -> np.ndarray:
+    def _cycle_indices(self) -> tuple[np.ndarray, np.ndarray]:
         """The output index each row of a cycle decides: target row i the one after d_0..d_i (d_0 is the last
-        output token), then group i's k - 1 rows those after its bonus token a_i."""
+        output token), then group i's k - 1 rows those after its bonus token a_i; and how many of the drafts
+        d_1.. each row follows (target row i and group i: i)."""
         k, out = self.k, len(self.request.output_ids)
         groups = (np.arange(k)[:, None] + np.arange(1, k)[None, :]).reshape(-1)
-        return np.concatenate((np.arange(k), groups)) + out
+        depths = np.concatenate((np.arange(k), np.repeat(np.arange(k), k - 1)))
+        return np.concatenate((np.arange(k), groups)) + out, depths
 
     def stats(self) -> dict:
         return acceptance_stats(self.accepted)
