@@ -3,10 +3,13 @@
 checkpoint ──builder──▶ engine dir ──runtime──▶ serving ──[bench: load on a running server]
 
 Drives the nemodiff model over Triton's gRPC streaming API (`URL` = `grpc://host:8001` or
-`host:8001`), one stream per request, like genai-perf. For each concurrency level, that
-many clients send requests back to back for a fixed duration (mixed decode modes by
-default). Reported per level: requests completed, errors, refused (UNAVAILABLE, the queue
-limit), output tokens/s, time to first token and inter-token latency percentiles.
+`host:8001`), one stream per request, like genai-perf, or over the OpenAI API (`URL` =
+`http://host:port/v1`: streamed completions at temperature 0 past end-of-sequence, so every request
+generates max_tokens). For each concurrency level, that many clients send requests back to back for a
+fixed duration (mixed decode modes by default; `each_mode`: one level per mode and concurrency, in the
+same run against the same server). Reported per level: requests completed, errors, refused
+(UNAVAILABLE, the queue limit), output tokens/s, time to first token and inter-token latency
+percentiles.
 """
 
 from __future__ import annotations
@@ -93,8 +96,46 @@ def summarize(results: list[StreamResult], seconds: float) -> dict:
             "error_messages": sorted({r.error for r in results if r.error})[:5]}
 
 
-async def run_level(backend: TritonBackend, concurrency: int, duration_s: float, modes: list[str],
-                    max_tokens: int) -> dict:
+class OpenAIClient:
+    """The OpenAI port of `nemodiff serve` (streamed completions with usage on every chunk)."""
+
+    def __init__(self, url: str, model: str):
+        import openai  # the benchmark's dependency only
+
+        self.client = openai.AsyncOpenAI(base_url=url, api_key="unused", max_retries=0, timeout=600)
+        self.errors = (openai.APIError,)
+        self.model = model
+
+    async def ready(self) -> bool:
+        try:
+            return any(m.id == self.model for m in (await self.client.models.list()).data)
+        except Exception:
+            return False
+
+    async def stream(self, fields: dict) -> StreamResult:
+        result = StreamResult(start=time.perf_counter())
+        try:
+            chunks = await self.client.completions.create(
+                model=self.model, prompt=fields["text_input"], max_tokens=fields["max_tokens"], temperature=0,
+                stream=True, stream_options={"include_usage": True, "continuous_usage_stats": True},
+                extra_body={"decode_mode": fields["decode_mode"], "ignore_eos": True})
+            seen = 0
+            async for chunk in chunks:
+                now = time.perf_counter()
+                count = chunk.usage.completion_tokens if chunk.usage is not None else seen
+                result.token_times += [now] * (count - seen)
+                seen = result.num_output_tokens = count
+                if chunk.choices:
+                    result.text += chunk.choices[0].text
+                    result.finish_reason = chunk.choices[0].finish_reason or result.finish_reason
+            result.ok = True
+        except self.errors as exc:
+            result.status, result.error = getattr(exc, "status_code", None) or 500, str(exc)
+        result.end = time.perf_counter()
+        return result
+
+
+async def run_level(backend, concurrency: int, duration_s: float, modes: list[str], max_tokens: int) -> dict:
     counter = itertools.count()
     deadline = time.perf_counter() + duration_s
     results: list[StreamResult] = []
@@ -104,11 +145,13 @@ async def run_level(backend: TritonBackend, concurrency: int, duration_s: float,
             i = next(counter)
             fields = {"text_input": PROMPTS[i % len(PROMPTS)], "max_tokens": max_tokens,
                       "decode_mode": modes[i % len(modes)]}
-            results.append(await stream_request(backend, fields))
+            results.append(await (backend.stream(fields) if isinstance(backend, OpenAIClient)
+                                  else stream_request(backend, fields)))
 
     start = time.perf_counter()
     await asyncio.gather(*(client() for _ in range(concurrency)))
-    return {"concurrency": concurrency} | summarize(results, time.perf_counter() - start)
+    return {"concurrency": concurrency} | ({"mode": modes[0]} if len(modes) == 1 else {}) | \
+        summarize(results, time.perf_counter() - start)
 
 
 def grpc_address(url: str) -> str:
@@ -119,18 +162,21 @@ def grpc_address(url: str) -> str:
 
 
 async def bench_server(url: str, concurrencies: list[int], duration_s: float, modes: list[str],
-                       max_tokens: int, model: str = "nemodiff") -> list[dict]:
-    backend = TritonBackend(grpc_address(url), model)
+                       max_tokens: int, model: str = "nemodiff", each_mode: bool = False) -> list[dict]:
+    """each_mode: a level per concurrency and mode (every mode at one concurrency, then the next)."""
+    openai_port = url.startswith(("http://", "https://"))
+    backend = OpenAIClient(url, model) if openai_port else TritonBackend(grpc_address(url), model)
     if not await backend.ready():
-        raise RuntimeError(f"no ready {model!r} model at {url} (gRPC)")
-    return [await run_level(backend, c, duration_s, modes, max_tokens) for c in concurrencies]
+        raise RuntimeError(f"no ready {model!r} model at {url} ({'OpenAI API' if openai_port else 'gRPC'})")
+    runs = [(c, [m]) for c in concurrencies for m in modes] if each_mode else [(c, modes) for c in concurrencies]
+    return [await run_level(backend, c, duration_s, m, max_tokens) for c, m in runs]
 
 
 def format_rows(rows: list[dict]) -> str:
-    lines = [f"{'conc':>4s} {'done':>6s} {'err':>4s} {'refused':>7s} {'tok/s':>9s} {'TTFT p50':>9s} {'p99':>8s} "
-             f"{'ITL p50':>8s} {'p99':>8s}  (ms)"]
+    lines = [f"{'mode':>14s} {'conc':>4s} {'done':>6s} {'err':>4s} {'refused':>7s} {'tok/s':>9s} {'TTFT p50':>9s} "
+             f"{'p99':>8s} {'ITL p50':>8s} {'p99':>8s}  (ms)"]
     for r in rows:
-        lines.append(f"{r['concurrency']:4d} {r['completed']:6d} {r['errors']:4d} {r['refused']:7d} "
+        lines.append(f"{r.get('mode', 'mixed'):>14s} {r['concurrency']:4d} {r['completed']:6d} {r['errors']:4d} {r['refused']:7d} "
                      f"{r['tokens_per_s'] or 0:9.1f} {r['ttft_ms']['p50'] or 0:9.1f} {r['ttft_ms']['p99'] or 0:8.1f} "
                      f"{r['itl_ms']['p50'] or 0:8.2f} {r['itl_ms']['p99'] or 0:8.2f}")
     return "\n".join(lines)

@@ -13,7 +13,7 @@ import threading
 
 import triton_python_backend_utils as pb_utils
 
-from nemodiff.runtime.request import MODES
+from nemodiff.runtime.request import AUTO_MODES, MODES
 from nemodiff.serving.errors import KINDS
 
 SPEC_MODES = ("linear-spec", "quadratic-spec")
@@ -60,10 +60,13 @@ class ModelMetrics:
             self._families[key] = family
             self._counters[key] = family.Metric(labels=self._labels())
         self._by_mode = {}
-        for key, text in (("output_tokens", "generated tokens"), ("forward_passes", "request-forwards")):
-            family = pb_utils.MetricFamily(name=f"nemodiff_{key}_total", description=f"{text}, by mode", kind=counter)
+        for key, text, modes in (("output_tokens", "generated tokens", MODES),
+                                 ("forward_passes", "request-forwards", MODES),
+                                 ("auto_mode_steps", 'request-forwards of mode="auto" requests', AUTO_MODES)):
+            family = pb_utils.MetricFamily(name=f"nemodiff_{key}_total", description=f"{text}, by the mode that ran",
+                                           kind=counter)
             self._families[key] = family
-            self._by_mode[key] = {mode: family.Metric(labels=self._labels(mode=mode)) for mode in MODES}
+            self._by_mode[key] = {mode: family.Metric(labels=self._labels(mode=mode)) for mode in modes}
         family = pb_utils.MetricFamily(name="nemodiff_request_errors_total", kind=counter,
                                        description="requests that ended with an error, by kind")
         self._families["errors"] = family
@@ -103,7 +106,7 @@ class ModelMetrics:
                     metric.increment(snapshot[key] - previous)
                     self._last[key] = snapshot[key]
             for key, by_mode in self._by_mode.items():
-                for mode, count in snapshot[key].items():
+                for mode, count in snapshot.get(key, {}).items():
                     previous = self._last.get((key, mode), 0)
                     if count > previous and mode in by_mode:
                         by_mode[mode].increment(count - previous)

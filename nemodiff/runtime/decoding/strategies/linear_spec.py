@@ -18,6 +18,8 @@ from .base import DecodeStrategy
 
 
 class LinearSpecStrategy(DecodeStrategy):
+    mode = "linear-spec"
+
     def __init__(self, request, ctx):
         super().__init__(request, ctx)
         self.B = B = self.block_length()
@@ -32,12 +34,19 @@ class LinearSpecStrategy(DecodeStrategy):
         self._all_drafts = arange(B)[1:]  # the slots after the seed
         self._rows = self._all_drafts  # the slots still to draft (the seed, slot 0, never is)
         self._depths = arange(B)  # verifier row i follows i drafts
+        self._fresh = False  # at a cycle's start
         self._handle = None
         rid, positions = request.request_id, self.block_positions(0)
         self._draft = Segment(rid, self.tokens, positions, 0, Pattern.FULL, write_kv=False, logit_rows=self._rows,
                               use_lora=self.use_lora, shape_key=("draft", B, self.use_lora), kv_end=0)
         self._verify = Segment(rid, self.tokens, positions, 0, Pattern.CAUSAL, write_kv=True,
                                shape_key=("verify", B), kv_end=B)
+
+    def boundary(self) -> bool:  # a cycle's start: the seed is output, nothing drafted yet
+        return self._fresh
+
+    def resume(self) -> None:
+        self._start_cycle(self.request.output_ids[-1])
 
     def next_segment(self) -> Segment:
         P = self.committed
@@ -83,6 +92,7 @@ class LinearSpecStrategy(DecodeStrategy):
                 self.pending_logprobs = self.logprobs_of(decider, [seed], [int(answer[0])])
             return self._start_cycle(seed)
         if self.phase == "draft":
+            self._fresh = False
             if self.draft_threshold is None:  # every masked slot gets a draft
                 self.tokens[self._rows] = answer
                 self.phase = "verify"
@@ -107,6 +117,7 @@ class LinearSpecStrategy(DecodeStrategy):
         self.tokens[0] = seed
         self._rows = self._all_drafts
         self.phase = "draft" if self.B > 1 else "verify"
+        self._fresh = True
         return [seed]
 
     def stats(self) -> dict:

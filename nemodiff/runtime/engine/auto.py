@@ -1,0 +1,208 @@
+"""mode="auto": the engine picks each request's decoding mode, per step, from costs measured on this machine.
+
+checkpoint ──builder──▶ engine dir ──[runtime: engine loop ▶ auto policy ▶ strategies]──▶ Triton
+
+AR, linear-spec and quadratic-spec give the same output at temperature 0, and the spec modes' rejection
+sampling keeps AR's distribution above it, so a request may change between them at any boundary
+(`DecodeStrategy.boundary`: nothing half-verified is held) without changing what it generates.
+Diffusion's output differs: auto never picks it. The choice maximises the batch's output tokens per
+second, from two things learned online (docs/design.md §5.7):
+
+- `StepCosts`: the seconds of an engine step by the tokens in it (every step is a sample), kept per
+  bucket of token counts and interpolated between them;
+- `Yields`: each mode's recent output tokens per request-forward (every request of that mode is a
+  sample; AR's is 1).
+
+At each step every auto request at a boundary is given the mode that maximises
+(tokens the step yields) / (predicted seconds of the step), the others' modes held; a change must win by
+a margin (no flapping). A mode not tried for a while gets one request-cycle, so its estimates stay current.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+
+from nemodiff.runtime.decoding.strategies import STRATEGIES
+from nemodiff.runtime.request import AUTO_MODES
+
+DECAY = 0.995  # the weight an older yield sample keeps per newer one (about the last 200 request-forwards)
+STEP_WEIGHT = 0.2  # the weight of a new step-time sample in its bucket's average
+BUCKETS_PER_DOUBLING = 4
+MARGIN = 0.03  # a switch must raise the predicted tokens per second by this fraction
+EXPLORE_AFTER = 256  # engine steps without a sample of a mode before a request tries it for a cycle
+MIN_SAMPLES = 2  # request-forwards of a spec mode before its measured yield replaces the optimistic prior
+
+
+class StepCosts:
+    """Seconds per engine step by the tokens in it: an average per bucket of token counts (a quarter of a
+    doubling wide), interpolated linearly between buckets; past the largest, the last two buckets' slope
+    (at least proportional growth when there is one bucket), below the smallest, the smallest's."""
+
+    def __init__(self):
+        self.buckets: dict[int, list[float]] = {}  # bucket -> [mean tokens, mean seconds]
+        self._points: list[tuple[float, float]] | None = None
+
+    def observe(self, tokens: int, seconds: float) -> None:
+        if tokens <= 0 or not seconds > 0:
+            return
+        key = round(BUCKETS_PER_DOUBLING * math.log2(tokens))
+        entry = self.buckets.get(key)
+        if entry is None:
+            self.buckets[key] = [float(tokens), seconds]
+        else:
+            entry[0] += STEP_WEIGHT * (tokens - entry[0])
+            entry[1] += STEP_WEIGHT * (seconds - entry[1])
+        self._points = None
+
+    def predict(self, tokens: float) -> float | None:
+        """Predicted seconds of a step of `tokens` tokens; None before any sample."""
+        if self._points is None:
+            self._points = sorted((n, t) for n, t in self.buckets.values())
+        points = self._points
+        if not points:
+            return None
+        if tokens <= points[0][0]:
+            return points[0][1]
+        for (n0, t0), (n1, t1) in zip(points, points[1:]):
+            if tokens <= n1:
+                return t0 + (t1 - t0) * (tokens - n0) / (n1 - n0) if n1 > n0 else t1
+        n1, t1 = points[-1]
+        if len(points) == 1:
+            return t1 * tokens / n1
+        n0, t0 = points[-2]
+        return t1 + max((t1 - t0) / (n1 - n0), t1 / n1 if len(points) < 3 else 0.0) * (tokens - n1)
+
+
+class Yields:
+    """Each mode's recent output tokens per request-forward (decayed sums; AR's is 1). Until a spec mode has
+    MIN_SAMPLES samples it is taken to accept every draft, so that it gets tried."""
+
+    def __init__(self, block_length: int):
+        self.prior = {"linear-spec": block_length / 2, "quadratic-spec": float(block_length)}
+        self.tokens = {mode: 0.0 for mode in self.prior}
+        self.forwards = {mode: 0.0 for mode in self.prior}
+        self.samples = {mode: 0 for mode in self.prior}
+        self.last_seen = {mode: 0 for mode in AUTO_MODES}
+
+    def observe(self, mode: str, tokens: int, step: int) -> None:
+        self.last_seen[mode] = step
+        if mode in self.tokens:
+            self.tokens[mode] = DECAY * self.tokens[mode] + tokens
+            self.forwards[mode] = DECAY * self.forwards[mode] + 1
+            self.samples[mode] += 1
+
+    def rate(self, mode: str) -> float:
+        if mode not in self.tokens:
+            return 1.0
+        return self.tokens[mode] / self.forwards[mode] if self.samples[mode] >= MIN_SAMPLES else self.prior[mode]
+
+
+@dataclass(eq=False)
+class AutoState:
+    """An auto request's strategies (one per mode it has run, kept for a switch back) and its record."""
+
+    strategies: dict = field(default_factory=dict)
+    steps: Counter = field(default_factory=Counter)  # request-forwards by mode
+    switches: int = 0
+    exploring: bool = False  # the current mode was given to refresh its estimates
+
+    def stats(self) -> dict:
+        return {"modes": dict(self.steps), "mode_switches": self.switches}
+
+
+class AutoPolicy:
+    def __init__(self, ctx):
+        self.ctx = ctx
+        self.costs = StepCosts()
+        self.yields = Yields(ctx.block_length)
+        self.steps = Counter()  # auto request-forwards by mode (nemodiff_auto_mode_steps_total)
+        self.step_index = 0
+
+    # -- what one request-forward of a mode costs and gives -----------------------------------
+    def step_tokens(self, mode: str, sequence) -> int:
+        B = sequence.request.params.block_length or self.ctx.block_length
+        return 1 if mode == "ar" else B * (B + 1) if mode == "quadratic-spec" else B
+
+    def step_yield(self, mode: str) -> float:
+        return self.yields.rate(mode) if mode in AUTO_MODES else 1.0
+
+    def candidates(self, sequence) -> tuple[str, ...]:
+        block = sequence.request.params.block_length or self.ctx.block_length
+        return AUTO_MODES if block <= self.ctx.block_length else ("ar", "linear-spec")
+
+    # -- learning ------------------------------------------------------------------------------
+    def observe_step(self, tokens: int, seconds: float) -> None:
+        self.step_index += 1
+        self.costs.observe(tokens, seconds)
+
+    def observe(self, sequence, tokens: int, steady: bool) -> None:
+        """A request-forward of any request (steady: not a prefill or a mode's first cycle)."""
+        mode = sequence.strategy.mode
+        if steady and mode in AUTO_MODES:
+            self.yields.observe(mode, tokens, self.step_index)
+        if sequence.auto is not None:
+            self.steps[mode] += 1
+            sequence.auto.steps[mode] += 1
+
+    # -- choosing ------------------------------------------------------------------------------
+    def scores(self, modes, base_tokens: float, base_yield: float, block: int) -> dict[str, float]:
+        """Predicted output tokens per second of the step with one more request in each of `modes`, the others
+        giving base_yield tokens from base_tokens tokens."""
+        scores = {}
+        for mode in modes:
+            tokens = 1 if mode == "ar" else block * (block + 1) if mode == "quadratic-spec" else block
+            seconds = self.costs.predict(base_tokens + tokens)
+            scores[mode] = (base_yield + self.step_yield(mode)) / seconds if seconds else self.step_yield(mode)
+        return scores
+
+    def choose(self, current: str, modes, base_tokens: float, base_yield: float, block: int) -> str:
+        """The mode a request at a boundary takes: the best score, unless the current one is within MARGIN."""
+        scores = self.scores(modes, base_tokens, base_yield, block)
+        best = max(modes, key=scores.__getitem__)
+        return best if scores[best] > scores.get(current, 0.0) * (1 + MARGIN) else current
+
+    def strategy_for(self, sequence, mode: str):
+        state = sequence.auto
+        strategy = state.strategies.get(mode)
+        if strategy is None:
+            strategy = state.strategies[mode] = STRATEGIES[mode](sequence.request, self.ctx)
+        return strategy
+
+    def switch(self, sequence, mode: str) -> None:
+        """Move an auto request at a boundary to `mode` (its strategy takes over the cache and random stream)."""
+        if mode != sequence.strategy.mode:
+            chosen = self.strategy_for(sequence, mode)
+            chosen.take_over(sequence.strategy)
+            sequence.strategy = chosen
+            sequence.auto.switches += 1
+
+    def assign(self, running: list) -> None:
+        """Before a step: give each auto request at a boundary the mode that maximises the step's tokens per
+        second (the others' modes held)."""
+        switchable = [s for s in running if s.auto is not None and s.strategy.boundary()]
+        if not switchable:
+            return
+        tokens = sum(self.step_tokens(s.strategy.mode, s) for s in running)
+        yielded = sum(self.step_yield(s.strategy.mode) for s in running)
+        stale = [m for m in AUTO_MODES if self.step_index - self.yields.last_seen[m] > EXPLORE_AFTER]
+        for sequence in switchable:
+            current, state = sequence.strategy.mode, sequence.auto
+            modes = self.candidates(sequence)
+            base_tokens = tokens - self.step_tokens(current, sequence)
+            base_yield = yielded - self.step_yield(current)
+            explore = next((m for m in stale if m in modes and m != current), None)
+            if explore is not None:  # one request at a time refreshes a mode nobody ran for a while
+                best = explore
+                stale.remove(explore)
+                self.yields.last_seen[explore] = self.step_index
+            else:
+                block = sequence.request.params.block_length or self.ctx.block_length
+                # after an exploring cycle the request goes back to the best mode without the margin
+                best = self.choose("" if state.exploring else current, modes, base_tokens, base_yield, block) \
+                    or current
+            state.exploring = explore is not None
+            self.switch(sequence, best)
+            tokens += self.step_tokens(best, sequence) - self.step_tokens(current, sequence)
+            yielded += self.step_yield(best) - self.step_yield(current)
