@@ -113,7 +113,7 @@ def test_the_policy_picks_the_most_tokens_per_second(served_llm):
     for tokens in (1, 8, 64, 512):
         busy.observe(tokens, 0.001 * tokens)
     policy.costs = busy
-    assert policy.choose("linear-spec", AUTO_MODES, 31 * 4, 31 * 3, 4) == "ar"
+    assert policy.choose("linear-spec", AUTO_MODES, 31 * 4, 31 * 3, 4, 1 / 32) == "ar"
     assert policy.choose("ar", AUTO_MODES, 0, 0, 4) == "ar"  # 3 tokens for 4x the time
     assert busy.predict(32) == pytest.approx(0.032) and busy.predict(1024) == pytest.approx(1.024)
 

@@ -30,7 +30,7 @@ from nemodiff.runtime.request import AUTO_MODES
 DECAY = 0.995  # the weight an older yield sample keeps per newer one (about the last 200 request-forwards)
 STEP_WEIGHT = 0.2  # the weight of a new step-time sample in its bucket's average
 BUCKETS_PER_DOUBLING = 4
-MARGIN = 0.03  # a switch must raise the predicted tokens per second by this fraction
+MARGIN = 0.03  # a switch must raise the predicted tokens per second by this fraction of the request's share
 EXPLORE_AFTER = 256  # engine steps without a sample of a mode before a request tries it for a cycle
 MIN_SAMPLES = 2  # request-forwards of a spec mode before its measured yield replaces the optimistic prior
 
@@ -157,11 +157,13 @@ class AutoPolicy:
             scores[mode] = (base_yield + self.step_yield(mode)) / seconds if seconds else self.step_yield(mode)
         return scores
 
-    def choose(self, current: str, modes, base_tokens: float, base_yield: float, block: int) -> str:
-        """The mode a request at a boundary takes: the best score, unless the current one is within MARGIN."""
+    def choose(self, current: str, modes, base_tokens: float, base_yield: float, block: int, share: float = 1.0) -> str:
+        """The mode a request at a boundary takes: the best score, unless the current one is within MARGIN of
+        this request's share (1 / the running requests) of the step's tokens per second."""
         scores = self.scores(modes, base_tokens, base_yield, block)
         best = max(modes, key=scores.__getitem__)
-        return best if scores[best] > scores.get(current, 0.0) * (1 + MARGIN) else current
+        now = scores.get(current, 0.0)
+        return best if scores[best] > now + MARGIN * share * now else current
 
     def strategy_for(self, sequence, mode: str):
         state = sequence.auto
@@ -200,8 +202,8 @@ class AutoPolicy:
             else:
                 block = sequence.request.params.block_length or self.ctx.block_length
                 # after an exploring cycle the request goes back to the best mode without the margin
-                best = self.choose("" if state.exploring else current, modes, base_tokens, base_yield, block) \
-                    or current
+                best = self.choose("" if state.exploring else current, modes, base_tokens, base_yield, block,
+                                   1 / len(running))
             state.exploring = explore is not None
             self.switch(sequence, best)
             tokens += self.step_tokens(best, sequence) - self.step_tokens(current, sequence)

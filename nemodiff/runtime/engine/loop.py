@@ -79,6 +79,7 @@ class Engine:
         self.forward_passes = Counter()  # request-forwards, by mode
         self.auto = AutoPolicy(ctx)  # mode="auto" (auto.py): learns step costs and yields from every step
         self._num_auto = 0  # auto requests in the engine
+        self._last_end: float | None = None  # when the last step ended, if work was left for the next one
 
     # -- requests ----------------------------------------------------------------------------
     def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
@@ -276,7 +277,12 @@ class Engine:
         self.forward_passes.update(modes)
         for request in finished:
             self._retire(request)
-        auto.observe_step(pending.tokens, pending.seconds + time.perf_counter() - start)
+        # a step's cost: from the end of the step before (the host's work between steps included, e.g. a
+        # server publishing the answers) while the engine is busy, else its own launch and completion
+        now = time.perf_counter()
+        auto.observe_step(pending.tokens, now - self._last_end if self._last_end is not None
+                          else pending.seconds + now - start)
+        self._last_end = now if self.scheduler.has_work() else None
         return finished
 
     def _encode_admissible_images(self) -> None:
