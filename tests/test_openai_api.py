@@ -225,15 +225,15 @@ def test_penalties_equal_the_oracle_and_auto_equals_ar(client, served_llm, serve
     vLLM's penalty rules, in AR, both spec modes and auto (decode_mode "auto")."""
     prompt = "the cat sat on the mat and the cat"
     ids = served_llm.tokenizer.encode(prompt)
-    want = penalized_greedy(transformers_model(served_engine.parent / "ckpt"), ids, 16, 1.3, 0.4, 0.3)
+    want = penalized_greedy(transformers_model(served_engine.parent / "ckpt"), ids, 20, 1.3, 0.4, 0.3)
     for mode in ("ar", "linear-spec", "quadratic-spec", "auto"):
-        reply = client.completions.create(model="nemodiff", prompt=prompt, max_tokens=16, temperature=0,
+        reply = client.completions.create(model="nemodiff", prompt=prompt, max_tokens=20, temperature=0,
                                           frequency_penalty=0.4, presence_penalty=0.3,
                                           extra_body={"repetition_penalty": 1.3, "decode_mode": mode,
                                                       "block_length": 4, "ignore_eos": True})
         assert reply.choices[0].text == served_llm.tokenizer.decode(want), mode
-    plain = served_llm.generate(prompt, SamplingParams(max_new_tokens=16, ignore_eos=True))[0]
-    reply = client.completions.create(model="nemodiff", prompt=prompt, max_tokens=16,
+    plain = served_llm.generate(prompt, SamplingParams(max_new_tokens=20, ignore_eos=True))[0]
+    reply = client.completions.create(model="nemodiff", prompt=prompt, max_tokens=20,
                                       extra_body={"decode_mode": "auto", "ignore_eos": True})
     assert reply.choices[0].text == plain.text and plain.output_ids != want
 
