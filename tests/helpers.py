@@ -201,3 +201,20 @@ def penalized_greedy(model, prompt_ids: list[int], count: int, repetition: float
             logits[token] -= frequency * times + presence
         output.append(int(logits.argmax()))
     return output
+
+
+def rotating_auto(llm):
+    """Make `llm`'s auto requests change mode at every boundary (ar, linear-spec, quadratic-spec, ar, ...);
+    returns the engine's own policy, to put back."""
+    from nemodiff.runtime.engine.auto import AutoPolicy
+    from nemodiff.runtime.request import AUTO_MODES
+
+    class Rotating(AutoPolicy):
+        def assign(self, running: list) -> None:
+            for sequence in running:
+                if sequence.auto is not None and sequence.strategy.boundary():
+                    mode = sequence.strategy.mode
+                    self.switch(sequence, AUTO_MODES[(AUTO_MODES.index(mode) + 1) % len(AUTO_MODES)])
+
+    kept, llm.engine.auto = llm.engine.auto, Rotating(llm.engine.ctx)
+    return kept

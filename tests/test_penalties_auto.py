@@ -15,7 +15,7 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from helpers import penalized_greedy, transformers_model
+from helpers import penalized_greedy, rotating_auto, transformers_model
 from nemodiff import SamplingParams
 from nemodiff.cli import main as nemodiff_cli
 from nemodiff.runtime.engine.auto import AutoPolicy, StepCosts
@@ -67,27 +67,15 @@ def test_cli_takes_the_penalties_and_auto_reports_its_modes(served_engine, oracl
     assert result.exit_code != 0 and "repetition_penalty must be a number in (0, 10] (got 0.0)" in result.output
 
 
-class Rotating(AutoPolicy):
-    """Moves every auto request at a boundary on to the next mode: ar, linear-spec, quadratic-spec, ar, ..."""
-
-    def assign(self, running: list) -> None:
-        for sequence in running:
-            if sequence.auto is not None and sequence.strategy.boundary():
-                mode = sequence.strategy.mode
-                self.switch(sequence, AUTO_MODES[(AUTO_MODES.index(mode) + 1) % len(AUTO_MODES)])
-
-
 @pytest.mark.parametrize("extra", [{}, PENALTIES])
 def test_a_request_switching_modes_mid_generation_keeps_ar_tokens(served_llm, extra):
     prompts = ["the cat sat", "a dog ran into the river", "one two"]
     want = [o.output_ids for o in served_llm.generate(prompts, params("ar", **extra))]
-    engine = served_llm.engine
-    kept = engine.auto
-    engine.auto = Rotating(engine.ctx)
+    kept = rotating_auto(served_llm)
     try:
         outputs = served_llm.generate(prompts, params("auto", **extra))
     finally:
-        engine.auto = kept
+        served_llm.engine.auto = kept
     assert [o.output_ids for o in outputs] == want
     for output in outputs:
         assert set(output.stats["modes"]) == set(AUTO_MODES) and output.stats["mode_switches"] >= 5

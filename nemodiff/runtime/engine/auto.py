@@ -28,7 +28,7 @@ from nemodiff.runtime.decoding.strategies import STRATEGIES
 from nemodiff.runtime.request import AUTO_MODES
 
 DECAY = 0.995  # the weight an older yield sample keeps per newer one (about the last 200 request-forwards)
-STEP_WEIGHT = 0.2  # the weight of a new step-time sample in its bucket's average
+STEP_WEIGHT = 0.1  # the weight of a new step-time sample in its bucket's average
 BUCKETS_PER_DOUBLING = 4
 MARGIN = 0.03  # a switch must raise the predicted tokens per second by this fraction of the request's share
 EXPLORE_AFTER = 256  # engine steps without a sample of a mode before a request tries it for a cycle
@@ -37,8 +37,9 @@ MIN_SAMPLES = 2  # request-forwards of a spec mode before its measured yield rep
 
 class StepCosts:
     """Seconds per engine step by the tokens in it: an average per bucket of token counts (a quarter of a
-    doubling wide), interpolated linearly between buckets; past the largest, the last two buckets' slope
-    (at least proportional growth when there is one bucket), below the smallest, the smallest's."""
+    doubling wide), made non-decreasing in the tokens (a larger step never costs less: what looks so is
+    noise), interpolated linearly between buckets; past the largest, the last two buckets' slope (at least
+    proportional growth when there is one bucket), below the smallest, the smallest's."""
 
     def __init__(self):
         self.buckets: dict[int, list[float]] = {}  # bucket -> [mean tokens, mean seconds]
@@ -59,7 +60,11 @@ class StepCosts:
     def predict(self, tokens: float) -> float | None:
         """Predicted seconds of a step of `tokens` tokens; None before any sample."""
         if self._points is None:
-            self._points = sorted((n, t) for n, t in self.buckets.values())
+            points, top = [], 0.0
+            for n, t in sorted(self.buckets.values()):
+                top = max(top, t)
+                points.append((n, top))
+            self._points = points
         points = self._points
         if not points:
             return None
