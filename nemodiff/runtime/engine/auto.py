@@ -37,12 +37,13 @@ MIN_SAMPLES = 2  # request-forwards of a spec mode before its measured yield rep
 
 class StepCosts:
     """Seconds per engine step by the tokens in it: an average per bucket of token counts (a quarter of a
-    doubling wide), made non-decreasing in the tokens (a larger step never costs less: what looks so is
-    noise), interpolated linearly between buckets; past the largest, the last two buckets' slope (at least
-    proportional growth when there is one bucket), below the smallest, the smallest's."""
+    doubling wide), made non-decreasing in the tokens by pooling adjacent buckets that disagree (isotonic
+    regression, weighted by samples: a larger step never costs less, what looks so is noise), interpolated
+    linearly between buckets; past the largest, the last two buckets' slope (at least proportional growth
+    when there is one bucket), below the smallest, the smallest's."""
 
     def __init__(self):
-        self.buckets: dict[int, list[float]] = {}  # bucket -> [mean tokens, mean seconds]
+        self.buckets: dict[int, list[float]] = {}  # bucket -> [mean tokens, mean seconds, samples (capped)]
         self._points: list[tuple[float, float]] | None = None
 
     def observe(self, tokens: int, seconds: float) -> None:
@@ -51,20 +52,17 @@ class StepCosts:
         key = round(BUCKETS_PER_DOUBLING * math.log2(tokens))
         entry = self.buckets.get(key)
         if entry is None:
-            self.buckets[key] = [float(tokens), seconds]
+            self.buckets[key] = [float(tokens), seconds, 1.0]
         else:
             entry[0] += STEP_WEIGHT * (tokens - entry[0])
             entry[1] += STEP_WEIGHT * (seconds - entry[1])
+            entry[2] = min(entry[2] + 1, 1 / STEP_WEIGHT)
         self._points = None
 
     def predict(self, tokens: float) -> float | None:
         """Predicted seconds of a step of `tokens` tokens; None before any sample."""
         if self._points is None:
-            points, top = [], 0.0
-            for n, t in sorted(self.buckets.values()):
-                top = max(top, t)
-                points.append((n, top))
-            self._points = points
+            self._points = isotonic(sorted(self.buckets.values()))
         points = self._points
         if not points:
             return None
@@ -78,6 +76,21 @@ class StepCosts:
             return t1 * tokens / n1
         n0, t0 = points[-2]
         return t1 + max((t1 - t0) / (n1 - n0), t1 / n1 if len(points) < 3 else 0.0) * (tokens - n1)
+
+
+def isotonic(buckets: list[list[float]]) -> list[tuple[float, float]]:
+    """(tokens, seconds) of buckets sorted by tokens, the seconds made non-decreasing by pooling adjacent
+    violators (weighted means)."""
+    blocks: list[list[float]] = []  # [weighted seconds, weight, buckets pooled]
+    for _, seconds, weight in buckets:
+        blocks.append([seconds * weight, weight, 1])
+        while len(blocks) > 1 and blocks[-2][0] / blocks[-2][1] > blocks[-1][0] / blocks[-1][1]:
+            total, w, count = blocks.pop()
+            blocks[-1][0] += total
+            blocks[-1][1] += w
+            blocks[-1][2] += count
+    seconds = [b[0] / b[1] for b in blocks for _ in range(int(b[2]))]
+    return [(b[0], t) for b, t in zip(buckets, seconds)]
 
 
 class Yields:
