@@ -78,6 +78,11 @@ class StepCosts:
         return t1 + max((t1 - t0) / (n1 - n0), t1 / n1 if len(points) < 3 else 0.0) * (tokens - n1)
 
 
+def decoding(strategy) -> bool:
+    """Whether the strategy's step is a decode step: no prompt (a prefill, QuadraticSpec's first cycle)."""
+    return getattr(strategy, "phase", None) not in ("prefill", "first") and getattr(strategy, "last_token", 0) is not None
+
+
 def isotonic(buckets: list[list[float]]) -> list[tuple[float, float]]:
     """(tokens, seconds) of buckets sorted by tokens, the seconds made non-decreasing by pooling adjacent
     violators (weighted means)."""
@@ -152,6 +157,7 @@ class AutoPolicy:
 
     # -- learning ------------------------------------------------------------------------------
     def observe_step(self, tokens: int, seconds: float) -> None:
+        """A decode step (steps with prompt tokens cost more per token: they would bias the choice)."""
         self.step_index += 1
         self.costs.observe(tokens, seconds)
 

@@ -39,7 +39,7 @@ from nemodiff.runtime.model.kv_cache import PagedKVCache
 from nemodiff.runtime.model.transformer import Model
 from nemodiff.runtime.request import Request, SamplingParams
 
-from .auto import AutoPolicy, AutoState
+from .auto import AutoPolicy, AutoState, decoding
 from .scheduler import ScheduledWork, Scheduler, SchedulerConfig, Sequence
 
 log = logging.getLogger(__name__)
@@ -239,6 +239,7 @@ class Engine:
             ends = pending.logit_starts + pending.logit_counts
             broken = set(np.searchsorted(ends, bad_rows, side="right").tolist())
         finished, modes, sequences, failed = [], [], self._sequences, pending.failed
+        pure = True  # a decode step: no prompt in it (the auto policy learns step costs from these)
         after_forward = self.scheduler.after_forward
         for index, item in enumerate(pending.work):
             sequence = item.sequence
@@ -251,10 +252,12 @@ class Engine:
             error = failed.get(sequence.request_id) if failed else None
             if error is None and index in broken:
                 error = "numerical error: the model produced non-finite logits for this request"
+            pure = pure and not item.is_fill
             if error is None and not item.is_fill:
                 try:
                     strategy = sequence.strategy
-                    steady = getattr(strategy, "phase", None) not in ("prefill", "first")
+                    steady = decoding(strategy)
+                    pure = pure and steady
                     tokens = strategy.consume(decider)
                     auto.observe(sequence, len(tokens), steady)
                     ended = False
@@ -280,8 +283,9 @@ class Engine:
         # a step's cost: from the end of the step before (the host's work between steps included, e.g. a
         # server publishing the answers) while the engine is busy, else its own launch and completion
         now = time.perf_counter()
-        auto.observe_step(pending.tokens, now - self._last_end if self._last_end is not None
-                          else pending.seconds + now - start)
+        if pure:
+            auto.observe_step(pending.tokens, now - self._last_end if self._last_end is not None
+                              else pending.seconds + now - start)
         self._last_end = now if self.scheduler.has_work() else None
         return finished
 
