@@ -106,6 +106,20 @@ def test_the_policy_picks_the_most_tokens_per_second(served_llm):
     assert busy.predict(32) == pytest.approx(0.032) and busy.predict(1024) == pytest.approx(1.024)
 
 
+def test_all_requests_move_together_where_one_alone_would_not_pay(served_llm):
+    from types import SimpleNamespace
+
+    policy = AutoPolicy(served_llm.engine.ctx)
+    policy.yields.samples["linear-spec"] = 100
+    policy.yields.tokens["linear-spec"], policy.yields.forwards["linear-spec"] = 3.0, 1.0
+    for tokens, seconds in ((8, 0.010), (23, 0.020), (128, 0.021)):  # a knee: 8 x 16 tokens cost 8 x 1's twice
+        policy.costs.observe(tokens, seconds)
+    requests = [SimpleNamespace(strategy=SimpleNamespace(mode="ar"),
+                                request=SimpleNamespace(params=SamplingParams(block_length=16))) for _ in range(8)]
+    assert policy.choose("ar", ("ar", "linear-spec"), 7, 7, 16, 1 / 8) == "ar"  # one alone: 10 / 20 ms < 8 / 10 ms
+    assert policy.together(requests, 8, 8) == "linear-spec"  # all of them: 24 / 21 ms
+
+
 def test_penalty_ranges_name_the_field():
     for name, value, message in (("repetition_penalty", 0.0, "repetition_penalty must be a number in (0, 10]"),
                                  ("frequency_penalty", 2.5, "frequency_penalty must be a number in [-2, 2]"),

@@ -39,8 +39,9 @@ class StepCosts:
     """Seconds per engine step by the tokens in it: an average per bucket of token counts (a quarter of a
     doubling wide), made non-decreasing in the tokens by pooling adjacent buckets that disagree (isotonic
     regression, weighted by samples: a larger step never costs less, what looks so is noise), interpolated
-    linearly between buckets; past the largest, the last two buckets' slope (at least proportional growth
-    when there is one bucket), below the smallest, the smallest's."""
+    linearly between buckets; past the largest, in proportion to the tokens (or by the last two buckets'
+    slope if steeper: a size never run is not taken to be cheap until it has run), below the smallest, the
+    smallest's."""
 
     def __init__(self):
         self.buckets: dict[int, list[float]] = {}  # bucket -> [mean tokens, mean seconds, samples (capped)]
@@ -71,11 +72,9 @@ class StepCosts:
         for (n0, t0), (n1, t1) in zip(points, points[1:]):
             if tokens <= n1:
                 return t0 + (t1 - t0) * (tokens - n0) / (n1 - n0) if n1 > n0 else t1
-        n1, t1 = points[-1]
-        if len(points) == 1:
-            return t1 * tokens / n1
-        n0, t0 = points[-2]
-        return t1 + max((t1 - t0) / (n1 - n0), t1 / n1 if len(points) < 3 else 0.0) * (tokens - n1)
+        n1, t1 = points[-1]  # past the largest: in proportion, or by the last two buckets' slope if steeper
+        slope = max((t1 - points[-2][1]) / (n1 - points[-2][0]), 0.0) if len(points) > 1 else 0.0
+        return max(t1 * tokens / n1, t1 + slope * (tokens - n1))
 
 
 def decoding(strategy) -> bool:
@@ -107,7 +106,7 @@ class Yields:
         self.tokens = {mode: 0.0 for mode in self.prior}
         self.forwards = {mode: 0.0 for mode in self.prior}
         self.samples = {mode: 0 for mode in self.prior}
-        self.last_seen = {mode: 0 for mode in AUTO_MODES}
+        self.last_seen = {mode: -EXPLORE_AFTER - 1 for mode in AUTO_MODES}  # untried: explored at once
 
     def observe(self, mode: str, tokens: int, step: int) -> None:
         self.last_seen[mode] = step
@@ -130,6 +129,7 @@ class AutoState:
     steps: Counter = field(default_factory=Counter)  # request-forwards by mode
     switches: int = 0
     exploring: bool = False  # the current mode was given to refresh its estimates
+    explored: int = 0  # decode steps run since (it keeps the mode until one has run)
 
     def stats(self) -> dict:
         return {"modes": dict(self.steps), "mode_switches": self.switches}
@@ -169,6 +169,7 @@ class AutoPolicy:
         if sequence.auto is not None:
             self.steps[mode] += 1
             sequence.auto.steps[mode] += 1
+            sequence.auto.explored += steady
 
     # -- choosing ------------------------------------------------------------------------------
     def scores(self, modes, base_tokens: float, base_yield: float, block: int) -> dict[str, float]:
@@ -207,11 +208,19 @@ class AutoPolicy:
     def assign(self, running: list) -> None:
         """Before a step: give each auto request at a boundary the mode that maximises the step's tokens per
         second (the others' modes held)."""
-        switchable = [s for s in running if s.auto is not None and s.strategy.boundary()]
+        switchable = [s for s in running if s.auto is not None and s.strategy.boundary()
+                      and not (s.auto.exploring and not s.auto.explored)]
         if not switchable:
             return
         tokens = sum(self.step_tokens(s.strategy.mode, s) for s in running)
         yielded = sum(self.step_yield(s.strategy.mode) for s in running)
+        together = self.together(switchable, tokens, yielded)
+        if together is not None:  # first all of them at once: a step's fixed costs pay off only then
+            for sequence in switchable:
+                current = sequence.strategy.mode
+                self.switch(sequence, together)
+                tokens += self.step_tokens(together, sequence) - self.step_tokens(current, sequence)
+                yielded += self.step_yield(together) - self.step_yield(current)
         stale = [m for m in AUTO_MODES if self.step_index - self.yields.last_seen[m] > EXPLORE_AFTER]
         for sequence in switchable:
             current, state = sequence.strategy.mode, sequence.auto
@@ -228,7 +237,26 @@ class AutoPolicy:
                 # after an exploring cycle the request goes back to the best mode without the margin
                 best = self.choose("" if state.exploring else current, modes, base_tokens, base_yield, block,
                                    1 / len(running))
-            state.exploring = explore is not None
+            state.exploring, state.explored = explore is not None, 0
             self.switch(sequence, best)
             tokens += self.step_tokens(best, sequence) - self.step_tokens(current, sequence)
             yielded += self.step_yield(best) - self.step_yield(current)
+
+    def together(self, switchable: list, tokens: float, yielded: float) -> str | None:
+        """The mode all requests at a boundary should take together, when the step would then give more tokens
+        per second than as it stands by MARGIN; else None. (One request's move alone may not pay where the
+        step's cost has a knee: a device with room runs 8 x 16 tokens in about the time of 8 x 1.)"""
+        now = self.costs.predict(tokens)
+        if not now:
+            return None
+        keep_tokens = tokens - sum(self.step_tokens(s.strategy.mode, s) for s in switchable)
+        keep_yield = yielded - sum(self.step_yield(s.strategy.mode) for s in switchable)
+        best, best_score = None, yielded / now * (1 + MARGIN)
+        for mode in AUTO_MODES:
+            if any(mode not in self.candidates(s) for s in switchable):
+                continue
+            seconds = self.costs.predict(keep_tokens + sum(self.step_tokens(mode, s) for s in switchable))
+            score = (keep_yield + len(switchable) * self.step_yield(mode)) / seconds if seconds else 0.0
+            if score > best_score:
+                best, best_score = mode, score
+        return best
