@@ -138,7 +138,8 @@ class AutoState:
 class AutoPolicy:
     def __init__(self, ctx):
         self.ctx = ctx
-        self.costs = StepCosts()
+        self.tables: dict[int, StepCosts] = {}  # step costs by the requests in the step
+        self.costs = StepCosts()  # the table of the step being decided
         self.yields = Yields(ctx.block_length)
         self.steps = Counter()  # auto request-forwards by mode (nemodiff_auto_mode_steps_total)
         self.step_index = 0
@@ -156,10 +157,23 @@ class AutoPolicy:
         return AUTO_MODES if block <= self.ctx.block_length else ("ar", "linear-spec")
 
     # -- learning ------------------------------------------------------------------------------
-    def observe_step(self, tokens: int, seconds: float) -> None:
-        """A decode step (steps with prompt tokens cost more per token: they would bias the choice)."""
+    def observe_step(self, tokens: int, seconds: float, requests: int = 1) -> None:
+        """A decode step of `requests` requests (steps with prompt tokens cost more per token: they would bias
+        the choice). Costs are kept per number of requests: the host's work per request (answers, stop rules)
+        would otherwise pass for the cost of tokens."""
         self.step_index += 1
-        self.costs.observe(tokens, seconds)
+        table = self.tables.get(requests)
+        if table is None:
+            table = self.tables[requests] = StepCosts()
+        table.observe(tokens, seconds)
+
+    def table(self, requests: int) -> StepCosts:
+        """The step costs at this many requests, or at the nearest number that has some."""
+        if requests in self.tables:
+            return self.tables[requests]
+        if not self.tables:
+            return StepCosts()
+        return self.tables[min(self.tables, key=lambda r: abs(math.log(r / max(requests, 1))))]
 
     def observe(self, sequence, tokens: int, steady: bool) -> None:
         """A request-forward of any request (steady: not a prefill or a mode's first cycle)."""
@@ -212,6 +226,7 @@ class AutoPolicy:
                       and not (s.auto.exploring and not s.auto.explored)]
         if not switchable:
             return
+        self.costs = self.table(len(running))
         tokens = sum(self.step_tokens(s.strategy.mode, s) for s in running)
         yielded = sum(self.step_yield(s.strategy.mode) for s in running)
         together = self.together(switchable, tokens, yielded)

@@ -285,7 +285,7 @@ class Engine:
         now = time.perf_counter()
         if pure:
             auto.observe_step(pending.tokens, now - self._last_end if self._last_end is not None
-                              else pending.seconds + now - start)
+                              else pending.seconds + now - start, len(pending.work))
         self._last_end = now if self.scheduler.has_work() else None
         return finished
 
