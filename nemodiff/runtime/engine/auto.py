@@ -8,14 +8,15 @@ sampling keeps AR's distribution above it, so a request may change between them 
 Diffusion's output differs: auto never picks it. The choice maximises the batch's output tokens per
 second, from two things learned online (docs/design.md §5.7):
 
-- `StepCosts`: the seconds of an engine step by the tokens in it (every step is a sample), kept per
-  bucket of token counts and interpolated between them;
+- `StepCosts`: the seconds of an engine step by the tokens in it (every decode step is a sample), one
+  table per number of requests in the step, kept per bucket of token counts and interpolated;
 - `Yields`: each mode's recent output tokens per request-forward (every request of that mode is a
   sample; AR's is 1).
 
-At each step every auto request at a boundary is given the mode that maximises
-(tokens the step yields) / (predicted seconds of the step), the others' modes held; a change must win by
-a margin (no flapping). A mode not tried for a while gets one request-cycle, so its estimates stay current.
+Before each step the auto requests at a boundary first move to one mode together if that pays, then
+each takes the mode that maximises (tokens the step yields) / (predicted seconds of the step), the
+others' modes held; a change must win by a margin (no flapping). A mode not tried for a while gets
+one request-cycle, so its estimates stay current.
 """
 
 from __future__ import annotations
