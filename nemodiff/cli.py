@@ -71,7 +71,7 @@ def _parse_threshold(value: str) -> float | None:
 @click.argument("engine_dir", type=click.Path(path_type=Path))
 @click.option("--prompt", type=str, default=None, help="Prompt text.")
 @click.option("--prompt-ids", type=str, default=None, help="Prompt as comma-separated token ids.")
-@click.option("--mode", type=mode_param(), default="ar", help="Decoding mode (linear_spec, fastdiffuser, ... too).")
+@click.option("--mode", type=mode_param(), default="ar", help="Decoding mode (linear_spec, fastdiffuser, ... too); auto: the engine picks per step.")
 @click.option("--max-new-tokens", type=int, default=64, help="Most tokens to generate.")
 @click.option("--temperature", type=float, default=0.0, help="0 = greedy.")
 @click.option("--top-p", type=float, default=1.0, help="Nucleus sampling mass.")
@@ -87,6 +87,11 @@ def _parse_threshold(value: str) -> float | None:
 @click.option("--draft-threshold", type=float, default=None,
               help="linear-spec: redraft until every slot is this confident (iterative drafting).")
 @click.option("--max-thinking-tokens", type=int, default=None, help="Force end-of-thinking after this many tokens.")
+@click.option("--repetition-penalty", type=float, default=1.0,
+              help="Divide positive / multiply negative logits of prompt and output tokens by it (1 = off).")
+@click.option("--frequency-penalty", type=float, default=0.0, help="Subtract it times each token's output count.")
+@click.option("--presence-penalty", type=float, default=0.0, help="Subtract it once from every token in the output.")
+@click.option("--ignore-eos", is_flag=True, help="Go on past end-of-sequence tokens (up to --max-new-tokens).")
 @click.option("--json-schema", type=str, default=None,
               help="Structured output: a JSON schema (a file, or the JSON itself); 'object' for any JSON object.")
 @click.option("--regex", type=str, default=None, help="Structured output: the output matches this regular expression.")
@@ -110,7 +115,8 @@ def generate(engine_dir: Path, prompt: str | None, prompt_ids: str | None, mode:
              block_length: int | None, threshold: str, draft_lora: bool, draft_threshold: float | None,
              max_thinking_tokens: int | None, json_schema: str | None, regex: str | None, choice: str | None,
              grammar: str | None, device: str | None, kernels: str, sm_count: int | None, tp: int | None,
-             logprobs: int | None, n: int, prefix_cache: bool, as_json: bool) -> None:
+             logprobs: int | None, n: int, prefix_cache: bool, as_json: bool, repetition_penalty: float = 1.0,
+             frequency_penalty: float = 0.0, presence_penalty: float = 0.0, ignore_eos: bool = False) -> None:
     """Generate a completion for one prompt."""
     from nemodiff import LLM, SamplingParams
 
@@ -121,6 +127,8 @@ def generate(engine_dir: Path, prompt: str | None, prompt_ids: str | None, mode:
         stop=list(stop), mode=mode, block_length=block_length, threshold=_parse_threshold(threshold),
         draft_lora=draft_lora, draft_threshold=draft_threshold, max_thinking_tokens=max_thinking_tokens,
         logprobs=logprobs, n=n, guide=_guide(json_schema, regex, choice, grammar),
+        repetition_penalty=repetition_penalty, frequency_penalty=frequency_penalty, presence_penalty=presence_penalty,
+        ignore_eos=ignore_eos,
     )
     source = prompt if prompt is not None else _parse_ids(prompt_ids)
     params.validate()

@@ -182,3 +182,39 @@ def edit_weights(ckpt: Path, fn) -> None:
     weights = load_file(str(ckpt / "model.safetensors"))
     fn(weights)
     save_file(weights, str(ckpt / "model.safetensors"))
+
+
+def penalized_greedy(model, prompt_ids: list[int], count: int, repetition: float = 1.0, frequency: float = 0.0,
+                     presence: float = 0.0) -> list[int]:
+    """The oracle of penalised greedy decoding: transformers' logits of the whole sequence at every step, with
+    vLLM's penalty rules applied here (repetition: tokens of the prompt and output, positive logits divided,
+    negative multiplied; frequency: times the count in the output; presence: once per token in the output)."""
+    from collections import Counter
+
+    output: list[int] = []
+    for _ in range(count):
+        with torch.no_grad():
+            logits = model(torch.tensor([prompt_ids + output])).logits[0, -1].float()
+        for token in set(prompt_ids) | set(output):
+            logits[token] = logits[token] / repetition if logits[token] > 0 else logits[token] * repetition
+        for token, times in Counter(output).items():
+            logits[token] -= frequency * times + presence
+        output.append(int(logits.argmax()))
+    return output
+
+
+def rotating_auto(llm):
+    """Make `llm`'s auto requests change mode at every boundary (ar, linear-spec, quadratic-spec, ar, ...);
+    returns the engine's own policy, to put back."""
+    from nemodiff.runtime.engine.auto import AutoPolicy
+    from nemodiff.runtime.request import AUTO_MODES
+
+    class Rotating(AutoPolicy):
+        def assign(self, running: list) -> None:
+            for sequence in running:
+                if sequence.auto is not None and sequence.strategy.boundary():
+                    mode = sequence.strategy.mode
+                    self.switch(sequence, AUTO_MODES[(AUTO_MODES.index(mode) + 1) % len(AUTO_MODES)])
+
+    kept, llm.engine.auto = llm.engine.auto, Rotating(llm.engine.ctx)
+    return kept

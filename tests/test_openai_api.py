@@ -18,6 +18,7 @@ import openai  # noqa: E402
 import pytest
 from triton_helpers import Server
 
+from helpers import penalized_greedy, transformers_model
 from nemodiff import SamplingParams
 
 
@@ -227,9 +228,28 @@ def test_min_tokens_holds_back_eos_and_stop(client, served_llm):
     assert bad.value.body["param"] == "min_tokens"
 
 
+def test_penalties_equal_the_oracle_and_auto_equals_ar(client, served_llm, served_engine):
+    """frequency_penalty, presence_penalty and repetition_penalty: greedy output equals transformers' logits with
+    vLLM's penalty rules, in AR, both spec modes and auto (decode_mode "auto")."""
+    prompt = "the cat sat on the mat and the cat"
+    ids = served_llm.tokenizer.encode(prompt)
+    want = penalized_greedy(transformers_model(served_engine.parent / "ckpt"), ids, 20, 1.3, 0.4, 0.3)
+    for mode in ("ar", "linear-spec", "quadratic-spec", "auto"):
+        reply = client.completions.create(model="nemodiff", prompt=prompt, max_tokens=20, temperature=0,
+                                          frequency_penalty=0.4, presence_penalty=0.3,
+                                          extra_body={"repetition_penalty": 1.3, "decode_mode": mode,
+                                                      "block_length": 4, "ignore_eos": True})
+        assert reply.choices[0].text == served_llm.tokenizer.decode(want), mode
+    plain = served_llm.generate(prompt, SamplingParams(max_new_tokens=20, ignore_eos=True))[0]
+    reply = client.completions.create(model="nemodiff", prompt=prompt, max_tokens=20,
+                                      extra_body={"decode_mode": "auto", "ignore_eos": True})
+    assert reply.choices[0].text == plain.text and plain.output_ids != want
+
+
 def test_suffix_and_output_changing_fields_are_400(client):
-    for kwargs, param in ((dict(suffix="end"), "suffix"), (dict(frequency_penalty=0.5), "frequency_penalty"),
-                          (dict(extra_body={"repetition_penalty": 1.2}), "repetition_penalty"),
+    for kwargs, param in ((dict(suffix="end"), "suffix"), (dict(frequency_penalty=2.5), "frequency_penalty"),
+                          (dict(extra_body={"repetition_penalty": 0}), "repetition_penalty"),
+                          (dict(extra_body={"min_p": 0.1}), "min_p"),
                           (dict(extra_body={"bad_words": ["x"]}), "bad_words"),
                           (dict(extra_body={"prompt_logprobs": 1}), "prompt_logprobs"),
                           (dict(echo=True, logprobs=1), "echo")):

@@ -1,9 +1,9 @@
-"""Self-speculation is lossless: at temperature 0, linear-spec and quadratic-spec equal AR."""
+"""Self-speculation is lossless: at temperature 0, linear-spec, quadratic-spec and auto equal AR."""
 
 import pytest
 import torch
 
-from helpers import make_checkpoint, make_engine, make_sticky_checkpoint
+from helpers import make_checkpoint, make_engine, make_sticky_checkpoint, rotating_auto
 from nemodiff import LLM, SamplingParams
 from nemodiff.runtime.decoding.strategies.speculative import verify
 
@@ -49,6 +49,16 @@ def test_spec_modes_equal_ar(engines, name, block):
     if name.startswith("sticky"):
         # the sticky models accept whole blocks and partial ones, not just the bonus token
         assert max(lengths) == block and any(1 < n < block for n in lengths), lengths
+    if block == 8:  # auto, left to its policy and made to change mode at every boundary, equals AR too
+        params = SamplingParams(max_new_tokens=max_new, ignore_eos=True, mode="auto", block_length=block)
+        assert [o.output_ids for o in llm.generate(PROMPTS, params)] == [o.output_ids for o in ar]
+        kept = rotating_auto(llm)
+        try:
+            outs = llm.generate(PROMPTS, params)
+        finally:
+            llm.engine.auto = kept
+        assert [o.output_ids for o in outs] == [o.output_ids for o in ar]
+        assert all(o.stats["mode_switches"] >= 3 for o in outs)
 
 
 @pytest.mark.parametrize("mode", SPEC_MODES)

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from triton_helpers import NEMODIFF, GrpcStream, Server, grpc_inputs, ids_of
 
-from helpers import make_checkpoint, make_engine
+from helpers import make_checkpoint, make_engine, penalized_greedy, transformers_model
 from nemodiff import LLM, SamplingParams
 from nemodiff.serving.cli import parse_bytes
 
@@ -318,6 +318,28 @@ def test_wrong_dtype_is_an_error_and_serving_goes_on(server):
         stream.close()
     status, body = server.generate({"text_input": "the cat", "max_tokens": 2})
     assert status == 200 and body["num_output_tokens"] == 2
+
+
+def test_penalties_equal_the_oracle_and_auto_is_counted(server, llm, engine_dir):
+    """TensorRT-LLM's repetition_penalty, frequency_penalty and presence_penalty: greedy output equals
+    transformers' logits with vLLM's penalty rules in AR, both spec modes and auto; refusals name the field."""
+    prompt = "the cat sat on the mat and the cat"
+    want = penalized_greedy(transformers_model(engine_dir.parent / "ckpt"), llm.tokenizer.encode(prompt), 16,
+                            1.3, 0.4, 0.3)
+    for mode in ("ar", "linear-spec", "quadratic-spec", "auto"):
+        status, body = server.generate({"text_input": prompt, "max_tokens": 16, "decode_mode": mode, "block_length": 4,
+                                        "ignore_eos": True, "repetition_penalty": 1.3, "frequency_penalty": 0.4,
+                                        "presence_penalty": 0.3})
+        assert status == 200 and ids_of(body["output_ids"]) == want, (mode, body)
+    forwards = body["num_forward_passes"]  # the auto request's
+    for name, value in (("repetition_penalty", -1.0), ("presence_penalty", 3.0)):
+        status, body = server.generate({"text_input": "hi", "max_tokens": 2, name: value})
+        assert status == 400 and f"{name} must be a number in" in body["error"], body
+    deadline, names = time.monotonic() + 30, {f'nemodiff_auto_mode_steps_total{{mode="{m}"}}'
+                                              for m in ("ar", "linear-spec", "quadratic-spec")}
+    while sum(server.metrics().get(name, 0) for name in names) < forwards and time.monotonic() < deadline:
+        time.sleep(0.1)  # the counters are refreshed by the model's watcher
+    assert sum(server.metrics()[name] for name in names) >= forwards
 
 
 def test_metrics_are_exported(server):

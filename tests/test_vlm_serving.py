@@ -54,7 +54,9 @@ def llm(engine_dir):
 
 @pytest.fixture(scope="module")
 def server(engine_dir, tmp_path_factory):
-    served = Server(engine_dir, tmp_path_factory.mktemp("logs") / "serve.log", openai=True).start()
+    # requests that name no mode run "auto": at temperature 0 they must equal the LLM's AR output
+    served = Server(engine_dir, tmp_path_factory.mktemp("logs") / "serve.log", "--default-mode", "auto",
+                    openai=True).start()
     yield served
     assert served.stop() == 0, served.log()[-3000:]
 
@@ -86,6 +88,10 @@ def test_triton_http_and_grpc_take_encoded_images(server, llm):
     assert status == 200, body
     assert ids_of(body["output_ids"]) == want.output_ids and body["text_output"] == want.text
     assert body["num_input_tokens"] == len(want.prompt_ids)
+    deadline = time.monotonic() + 30  # --default-mode auto: it ran as auto (counters refresh in the background)
+    while not any(v for k, v in server.metrics().items() if k.startswith("nemodiff_auto_mode_steps_total")):
+        assert time.monotonic() < deadline, server.metrics()
+        time.sleep(0.1)
     status, events = server.generate_stream({"text_input": PROMPT, "max_tokens": 8, "ignore_eos": True,
                                              "stream": True, "decode_mode": "quadratic-spec", "block_length": 4,
                                              "image_bytes_input": [data_url(RED)]})

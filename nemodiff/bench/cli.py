@@ -43,6 +43,8 @@ def _ints(text: str) -> list[int]:
               help="Load a running server instead: `nemodiff serve` at its gRPC URL (grpc://host:8001), or an "
                    "OpenAI-compatible HTTP API (http://host:8000: NVIDIA Dynamo's frontend, nemodiff serve "
                    "--openai-port); --concurrency defaults to 1,8,32,64 there.")
+@click.option("--each-mode", is_flag=True, help="With --serve: one level per mode and concurrency (fixed modes "
+              "side by side, auto included) instead of mixing --modes in each level.")
 @click.option("--duration", type=float, default=30.0, help="With --serve: seconds per concurrency level.")
 @click.option("--kernels", type=click.Choice(["auto", "off", "interpret", "aot-check", "jit", "aot"]), default="auto",
               help="Kernel mode of ENGINE_DIR (see `nemodiff generate --help`). With --shape: aot = every variant "
@@ -87,14 +89,14 @@ def bench(engine_dir: Path | None, shape: str | None, dtype: str, device: str | 
           plot_path: Path | None, serve_url: str | None, duration: float, kernels: str, sm: str,
           sm_count: int | None, kernel_dir: Path | None, end_to_end: bool, block_length: int | None, prompt_tokens: int,
           launch_overhead: bool, host_overhead: bool, logprobs: int | None, prefix_ttft: bool,
-          prefix_tokens: int, structured: bool) -> None:
+          prefix_tokens: int, structured: bool, each_mode: bool = False) -> None:
     """Benchmark an engine (end to end per mode + step latencies), a random model at --shape, or a server."""
     from nemodiff.bench import steps as b
     from nemodiff.bench.plots import plot_report
     from nemodiff.device import device_name, empty_cache, is_cuda, resolve_device
 
     if serve_url is not None:
-        _bench_server(serve_url, concurrency, duration, modes, max_new_tokens, json_path, plot_path)
+        _bench_server(serve_url, concurrency, duration, modes, max_new_tokens, json_path, plot_path, each_mode)
         return
     if host_overhead:
         if engine_dir is None:
@@ -324,7 +326,7 @@ def _bench_host(engine_dir: Path, device: str | None, modes: str, batch_sizes: s
 
 
 def _bench_server(url: str, concurrency: str, duration: float, modes: str, max_tokens: int, json_path: str | None,
-                  plot_path: Path | None) -> None:
+                  plot_path: Path | None, each_mode: bool = False) -> None:
     import asyncio
 
     from nemodiff.bench.serve import bench_server, format_rows
@@ -332,7 +334,7 @@ def _bench_server(url: str, concurrency: str, duration: float, modes: str, max_t
     source = click.get_current_context().get_parameter_source("concurrency")
     levels = [1, 8, 32, 64] if source == click.core.ParameterSource.DEFAULT else _ints(concurrency)
     try:
-        rows = asyncio.run(bench_server(url, levels, duration, modes.split(","), max_tokens))
+        rows = asyncio.run(bench_server(url, levels, duration, modes.split(","), max_tokens, each_mode=each_mode))
     except RuntimeError as exc:
         raise click.ClickException(str(exc)) from None
     _say(json_path, format_rows(rows))

@@ -13,6 +13,9 @@ Over HTTP the decode mode travels as Dynamo's `nvext.annotations` entry `decode_
 nemodiff's own `decode_mode` field when the server refuses `nvext` (found with one probe request);
 output tokens are the usage the server reports, and as a chunk may carry several tokens, the
 inter-token latency is (last chunk - first chunk) / (tokens - 1).
+
+`each_mode` runs one level per mode and concurrency (fixed modes side by side, `auto` included) in the
+same run against the same server.
 """
 
 from __future__ import annotations
@@ -120,7 +123,8 @@ async def run_level(backend, concurrency: int, duration_s: float, modes: list[st
 
     start = time.perf_counter()
     await asyncio.gather(*(client() for _ in range(concurrency)))
-    return {"concurrency": concurrency} | summarize(results, time.perf_counter() - start)
+    return {"concurrency": concurrency} | ({"mode": modes[0]} if len(modes) == 1 else {}) | \
+        summarize(results, time.perf_counter() - start)
 
 
 def grpc_address(url: str) -> str:
@@ -131,25 +135,27 @@ def grpc_address(url: str) -> str:
 
 
 async def bench_server(url: str, concurrencies: list[int], duration_s: float, modes: list[str],
-                       max_tokens: int, model: str = "nemodiff") -> list[dict]:
+                       max_tokens: int, model: str = "nemodiff", each_mode: bool = False) -> list[dict]:
     """grpc://host:port (or host:port): Triton's gRPC; http(s)://host:port: an OpenAI-compatible API (Dynamo's
-    frontend, `nemodiff serve --openai-port`), whose first listed model is loaded."""
+    frontend, `nemodiff serve --openai-port`), whose first listed model is loaded. each_mode: a level per
+    concurrency and mode (every mode at one concurrency, then the next) instead of the modes mixed."""
+    runs = [(c, [m]) for c in concurrencies for m in modes] if each_mode else [(c, modes) for c in concurrencies]
     if url.startswith(("http://", "https://")):
         async with OpenAIStreams(url) as streams:
             if not await streams.ready():
                 raise RuntimeError(f"no model listed at {streams.base}/models (OpenAI-compatible HTTP)")
-            return [await run_level(streams, c, duration_s, modes, max_tokens) for c in concurrencies]
+            return [await run_level(streams, c, duration_s, m, max_tokens) for c, m in runs]
     backend = TritonBackend(grpc_address(url), model)
     if not await backend.ready():
         raise RuntimeError(f"no ready {model!r} model at {url} (gRPC)")
-    return [await run_level(backend, c, duration_s, modes, max_tokens) for c in concurrencies]
+    return [await run_level(backend, c, duration_s, m, max_tokens) for c, m in runs]
 
 
 def format_rows(rows: list[dict]) -> str:
-    lines = [f"{'conc':>4s} {'done':>6s} {'err':>4s} {'refused':>7s} {'tok/s':>9s} {'TTFT p50':>9s} {'p99':>8s} "
-             f"{'ITL p50':>8s} {'p99':>8s}  (ms)"]
+    lines = [f"{'mode':>14s} {'conc':>4s} {'done':>6s} {'err':>4s} {'refused':>7s} {'tok/s':>9s} {'TTFT p50':>9s} "
+             f"{'p99':>8s} {'ITL p50':>8s} {'p99':>8s}  (ms)"]
     for r in rows:
-        lines.append(f"{r['concurrency']:4d} {r['completed']:6d} {r['errors']:4d} {r['refused']:7d} "
+        lines.append(f"{r.get('mode', 'mixed'):>14s} {r['concurrency']:4d} {r['completed']:6d} {r['errors']:4d} {r['refused']:7d} "
                      f"{r['tokens_per_s'] or 0:9.1f} {r['ttft_ms']['p50'] or 0:9.1f} {r['ttft_ms']['p99'] or 0:8.1f} "
                      f"{r['itl_ms']['p50'] or 0:8.2f} {r['itl_ms']['p99'] or 0:8.2f}")
     return "\n".join(lines)

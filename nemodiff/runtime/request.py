@@ -25,9 +25,22 @@ if TYPE_CHECKING:
 MAX_TOP_LOGPROBS = 20
 MAX_LOGIT_BIAS = 100.0  # OpenAI's range for logit_bias values
 MAX_CACHE_SALT = 1024  # characters of a cache_salt
-MODES = ("ar", "diffusion", "linear-spec", "quadratic-spec")
+MODES = ("ar", "diffusion", "linear-spec", "quadratic-spec", "auto")
 MODE_ALIASES = {"fastdiffuser": "diffusion", "fast-diffuser": "diffusion", "linearspec": "linear-spec",
                 "quadraticspec": "quadratic-spec", "autoregressive": "ar"}
+# "auto": the engine picks among these per request and per step (they all give AR's output; diffusion never)
+AUTO_MODES = ("ar", "linear-spec", "quadratic-spec")
+# penalties (vLLM's rules): name -> (neutral value, lowest, highest, whether the lowest is allowed)
+PENALTIES = {"repetition_penalty": (1.0, 0.0, 10.0, False), "frequency_penalty": (0.0, -2.0, 2.0, True),
+             "presence_penalty": (0.0, -2.0, 2.0, True)}
+
+
+def penalty_error(name: str, value) -> str | None:
+    """Why `value` is not a valid `name` (one of PENALTIES), or None."""
+    _, low, high, closed = PENALTIES[name]
+    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value) \
+        and (low <= value if closed else low < value) and value <= high
+    return None if ok else f"{name} must be a number in {'[' if closed else '('}{low:g}, {high:g}] (got {value!r})"
 
 
 def normalize_mode(mode: str) -> str:
@@ -114,6 +127,10 @@ class SamplingParams:
     min_tokens: int = 0  # end-of-sequence, stop_token_ids and stop strings cannot end the output earlier
     # tenants: prefix-cache pages are shared only between requests with the same salt (None: its own tenant)
     cache_salt: str | None = None
+    # penalties, vLLM's rules (docs/design.md §5.6): on each logit row before logit_bias and every decision
+    repetition_penalty: float = 1.0  # tokens of the prompt or output: positive logits / it, negative ones * it
+    frequency_penalty: float = 0.0  # minus it times the token's count in the output
+    presence_penalty: float = 0.0  # minus it once for a token in the output
 
     def validate(self) -> "SamplingParams":
         self.mode = normalize_mode(self.mode)
@@ -155,6 +172,10 @@ class SamplingParams:
                              f"(got {self.min_tokens})")
         self._validate_bias()
         self._validate_salt()
+        for name in PENALTIES:
+            error = penalty_error(name, getattr(self, name))
+            if error is not None:
+                raise ValueError(error)
         if self.guide is not None:
             if not isinstance(self.guide, Guide):
                 raise ValueError(f"guide must be a Guide (got {type(self.guide).__name__})")
@@ -190,6 +211,9 @@ class SamplingParams:
                                  f"(got {value!r} for token {token})")
         self.logit_bias = {int(t): float(v) for t, v in bias.items()} or None
 
+    def penalized(self) -> bool:
+        return self.repetition_penalty != 1 or self.frequency_penalty != 0 or self.presence_penalty != 0
+
     def for_choice(self, index: int) -> "SamplingParams":
         """The parameters of choice `index` of n: one completion each, its own seed derived from the
         request's (the same seed and index give the same choice; at temperature 0 all choices agree)."""
@@ -221,6 +245,7 @@ class Request:
     logprobs: list | None = None  # TokenLogprob per output token when the request asks for them
     choice_index: int = 0  # which of its prompt's n choices this is
     grammar: object | None = None  # the guide's matcher (nemodiff/runtime/decoding/grammar.py), standing after output_ids
+    penalty_counts: object | None = None  # the penalties' token counts (nemodiff/runtime/decoding/bias.py)
 
     def __post_init__(self):
         self.detokenizer = IncrementalDetokenizer(self.decode, self.output_ids)

@@ -10,6 +10,8 @@ dashboard or an autoscaler rule reads the same series whichever front serves the
 
 from __future__ import annotations
 
+from nemodiff.runtime.request import AUTO_MODES, MODES
+
 SPEC_MODES = ("linear-spec", "quadratic-spec")
 TTFT_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0]
 ACCEPTED_BUCKETS = [0, 1, 2, 3, 4, 5, 6, 8, 12, 16, 24, 32, 48, 64]
@@ -33,9 +35,10 @@ COUNTERS = {  # snapshot key -> (metric name, help)
     "prefix_cache_hits": ("nemodiff_prefix_cache_hits_total",
                           "prompt tokens whose KV the prefix cache supplied"),
 }
-BY_MODE = {  # snapshot key (a dict by mode) -> help; the series is nemodiff_<key>_total{mode}
-    "output_tokens": "generated tokens, by mode",
-    "forward_passes": "request-forwards, by mode",
+BY_MODE = {  # snapshot key (a dict by mode) -> (help, the modes labelled); the series is nemodiff_<key>_total{mode}
+    "output_tokens": ("generated tokens, by the mode that ran", MODES),
+    "forward_passes": ("request-forwards, by the mode that ran", MODES),
+    "auto_mode_steps": ('request-forwards of mode="auto" requests, by the mode that ran', AUTO_MODES),
 }
 ERRORS = ("nemodiff_request_errors_total", "requests that ended with an error, by kind")
 PREEMPTIONS = ("nemodiff_preemptions_total",

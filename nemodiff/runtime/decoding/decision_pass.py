@@ -120,10 +120,11 @@ class Decider:
     def logprob_result(self, handle: int, tokens: list[int]) -> list[TokenLogprob]:
         return self.logprob_pass.result(handle, tokens)
 
-    def adjust(self, strategy, first_row: int, indices: np.ndarray) -> None:
-        """The request's logit bias and min-token masks for the rows from first_row, where row i decides
-        output index indices[i] (bias.py); before the grammar masks and every decision."""
-        self._adjust.add(strategy, first_row, indices)
+    def adjust(self, strategy, first_row: int, indices: np.ndarray, drafts=None, depths=None) -> None:
+        """The request's penalties, logit bias and min-token masks for the rows from first_row, where row i
+        decides output index indices[i] after the output and drafts[:depths[i]] (bias.py); before the grammar
+        masks and every decision."""
+        self._adjust.add(strategy, first_row, indices, drafts, depths)
 
     def constrain(self, first_row: int, bitmask: np.ndarray) -> None:
         """Grammar masks (int32 bitmask rows, grammar.py) for the logit rows from first_row: the

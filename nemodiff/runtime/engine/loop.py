@@ -23,6 +23,7 @@ from __future__ import annotations
 import itertools
 import logging
 import threading
+import time
 from collections import Counter
 from dataclasses import dataclass
 
@@ -39,6 +40,7 @@ from nemodiff.runtime.model.kv_cache import PagedKVCache
 from nemodiff.runtime.model.transformer import Model
 from nemodiff.runtime.request import Request, SamplingParams
 
+from .auto import AutoPolicy, AutoState, decoding
 from .scheduler import ScheduledWork, Scheduler, SchedulerConfig, Sequence
 
 log = logging.getLogger(__name__)
@@ -50,6 +52,8 @@ class PendingStep:
     logit_starts: np.ndarray  # first logit row of each work item
     logit_counts: np.ndarray
     failed: dict[int, str]  # request id -> error raised while registering
+    tokens: int = 0  # tokens in the step's forward
+    seconds: float = 0.0  # host time of its launch (the auto policy's step costs)
 
 
 class Engine:
@@ -73,8 +77,11 @@ class Engine:
         self._ids = itertools.count()
         self._sequences: dict[int, Sequence] = {}
         self.num_steps = 0
-        self.output_tokens = Counter()  # by mode
+        self.output_tokens = Counter()  # by the mode that ran (an auto request's by the mode of each step)
         self.forward_passes = Counter()  # request-forwards, by mode
+        self.auto = AutoPolicy(ctx)  # mode="auto" (auto.py): learns step costs and yields from every step
+        self._num_auto = 0  # auto requests in the engine
+        self._last_end: float | None = None  # when the last step ended, if work was left for the next one
 
     # -- requests ----------------------------------------------------------------------------
     def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
@@ -92,14 +99,14 @@ class Engine:
                 f"engine's max_seq_len ({self.max_seq_len})"
             )
         block = params.block_length or self.ctx.block_length
-        if params.mode == "quadratic-spec" and block > self.ctx.block_length:
+        if params.mode == "quadratic-spec" and block > self.ctx.block_length:  # (auto then keeps to the others)
             raise ValueError(f"quadratic-spec draft length {block} exceeds the engine's block length "
                              f"{self.ctx.block_length} (each forward carries k*(k+1) tokens)")
         if block > self.max_seq_len:
             raise ValueError(f"block_length {block} exceeds the engine's max_seq_len ({self.max_seq_len})")
         if params.guide is not None:
             check_guide(params.guide, self.guide_limits)  # its size; whether it compiles: add_request
-        if params.mode not in STRATEGIES:
+        if params.mode not in STRATEGIES and params.mode != "auto":
             raise ValueError(f"decode mode {params.mode!r} is not available in this build")
         scratch = 0 if params.mode == "ar" else block  # speculative/diffusion writes run ahead by a block
         worst = self.cache.pages_needed(len(prompt_ids) + params.max_new_tokens + scratch)
@@ -157,7 +164,12 @@ class Engine:
             request.images = RequestImages(request.prompt_ids, prepared.pixels, self.images.image_token_id,
                                            self.images.encode)
             self._awaiting_images[request.request_id] = request.images
-        sequence = Sequence(request, STRATEGIES[params.mode](request, self.ctx))
+        if params.mode == "auto":  # the prompt in AR; the policy picks from the first boundary on
+            strategy = STRATEGIES["ar"](request, self.ctx)
+            sequence = Sequence(request, strategy, auto=AutoState({"ar": strategy}))
+            self._num_auto += 1
+        else:
+            sequence = Sequence(request, STRATEGIES[params.mode](request, self.ctx))
         if leader is not None and self.cache.prefix is not None:
             sequence.leader = self._sequences.get(leader.request_id)
         self._sequences[request.request_id] = sequence
@@ -173,6 +185,7 @@ class Engine:
             return
         self.scheduler.remove(sequence)
         self._release_images(request)
+        self._num_auto -= sequence.auto is not None
         if not request.finished:
             request._finish(reason)
 
@@ -195,8 +208,11 @@ class Engine:
 
     # inference mode: cheaper tensor operations; the staging buffers are made and reused in it
     def _launch(self) -> PendingStep | None:
+        start = time.perf_counter()
         if self.images is not None:
             self._encode_admissible_images()
+        if self._num_auto:
+            self.auto.assign(self.scheduler.running)
         work = self.scheduler.schedule()
         if not work:
             return None
@@ -219,10 +235,12 @@ class Engine:
                                                    f"strategy: {exc}"
         decider.run(logits, batch.ids)
         self.num_steps += 1
-        return PendingStep(work, starts, counts, failed)
+        return PendingStep(work, starts, counts, failed, sum(item.num_tokens for item in work),
+                           time.perf_counter() - start)
 
     def _complete(self, pending: PendingStep) -> list[Request]:
-        decider = self.decider
+        start = time.perf_counter()
+        decider, auto = self.decider, self.auto
         decider.fetch()
         bad_rows = decider.bad_rows()
         broken = set()
@@ -230,6 +248,7 @@ class Engine:
             ends = pending.logit_starts + pending.logit_counts
             broken = set(np.searchsorted(ends, bad_rows, side="right").tolist())
         finished, modes, sequences, failed = [], [], self._sequences, pending.failed
+        pure = True  # a decode step: no prompt in it (the auto policy learns step costs from these)
         after_forward = self.scheduler.after_forward
         for index, item in enumerate(pending.work):
             sequence = item.sequence
@@ -237,15 +256,19 @@ class Engine:
             if sequence.request_id not in sequences:  # aborted while its step was in flight
                 continue
             request.num_forwards += 1
-            mode = request.params.mode
+            mode = sequence.strategy.mode
             modes.append(mode)
             error = failed.get(sequence.request_id) if failed else None
             if error is None and index in broken:
                 error = "numerical error: the model produced non-finite logits for this request"
+            pure = pure and not item.is_fill
             if error is None and not item.is_fill:
                 try:
                     strategy = sequence.strategy
+                    steady = decoding(strategy)
+                    pure = pure and steady
                     tokens = strategy.consume(decider)
+                    auto.observe(sequence, len(tokens), steady)
                     ended = False
                     if tokens and request.grammar is not None:
                         tokens, ended = follow_grammar(request.grammar, tokens)
@@ -266,6 +289,13 @@ class Engine:
         self.forward_passes.update(modes)
         for request in finished:
             self._retire(request)
+        # a step's cost: from the end of the step before (the host's work between steps included, e.g. a
+        # server publishing the answers) while the engine is busy, else its own launch and completion
+        now = time.perf_counter()
+        if pure:
+            auto.observe_step(pending.tokens, now - self._last_end if self._last_end is not None
+                              else pending.seconds + now - start, len(pending.work))
+        self._last_end = now if self.scheduler.has_work() else None
         return finished
 
     def _encode_admissible_images(self) -> None:
@@ -307,7 +337,12 @@ class Engine:
     def _retire(self, request: Request) -> None:
         self._release_images(request)
         sequence = self._sequences.pop(request.request_id)
-        request.stats |= getattr(sequence.strategy, "stats", dict)()
+        if sequence.auto is not None:
+            self._num_auto -= 1
+            request.stats |= sequence.auto.stats() | {mode: s.stats() for mode, s in sequence.auto.strategies.items()
+                                                      if hasattr(s, "stats") and s.accepted}
+        else:
+            request.stats |= getattr(sequence.strategy, "stats", dict)()
         if sequence.num_preemptions:
             request.stats["preemptions"] = sequence.num_preemptions
         self.scheduler.remove(sequence)

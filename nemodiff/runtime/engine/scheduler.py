@@ -52,6 +52,7 @@ class Sequence:
     digests: list[bytes] = field(default_factory=list)  # prefix-cache digests of its full pages so far
     admitted_before: bool = False
     leader: "Sequence | None" = None  # another choice of the same prompt, admitted first (n > 1)
+    auto: object | None = None  # mode="auto": its AutoState (auto.py); the policy swaps `strategy` at boundaries
     request_id: int = field(init=False)
 
     def __post_init__(self):

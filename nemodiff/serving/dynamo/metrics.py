@@ -15,7 +15,6 @@ import logging
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from nemodiff.runtime.request import MODES
 from nemodiff.serving import metric_names as names
 from nemodiff.serving.errors import KINDS
 
@@ -38,9 +37,9 @@ class _Snapshot:
             yield GaugeMetricFamily(f"nemodiff_{key}", text, value=snapshot.get(key, 0))
         for key, (name, text) in names.COUNTERS.items():
             yield CounterMetricFamily(_base(name), text, value=snapshot.get(key, 0))
-        for key, text in names.BY_MODE.items():
+        for key, (text, modes) in names.BY_MODE.items():
             family = CounterMetricFamily(f"nemodiff_{key}", text, labels=["mode"])
-            for mode in MODES:
+            for mode in modes:
                 family.add_metric([mode], snapshot.get(key, {}).get(mode, 0))
             yield family
 

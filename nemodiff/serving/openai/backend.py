@@ -35,7 +35,8 @@ INPUT_TYPES = {"max_tokens": ("INT32", np.int32), "top_k": ("INT32", np.int32), 
                "timeout": ("FP32", np.float32), "random_seed": ("UINT64", np.uint64), "stream": ("BOOL", np.bool_),
                "ignore_eos": ("BOOL", np.bool_), "exclude_input_in_output": ("BOOL", np.bool_),
                "return_log_probs": ("BOOL", np.bool_), "top_logprobs": ("INT32", np.int32),
-               "num_return_sequences": ("INT32", np.int32), "min_tokens": ("INT32", np.int32)}
+               "num_return_sequences": ("INT32", np.int32), "min_tokens": ("INT32", np.int32),
+               "repetition_penalty": ("FP32", np.float32)}
 CLOSE_TIMEOUT_S = 5.0  # for Triton to close a finished stream after our half-close
 
 

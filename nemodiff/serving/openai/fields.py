@@ -28,6 +28,8 @@ READ = frozenset({
     "decode_mode", "block_length", "threshold", "top_k", "max_thinking_tokens", "ignore_eos", "timeout",
     "min_tokens", "guided_json", "guided_regex", "guided_choice", "guided_grammar",
     "cache_salt",
+    # penalties (OpenAI's two and vLLM's repetition_penalty)
+    "frequency_penalty", "presence_penalty", "repetition_penalty",
 })
 
 # accepted and ignored: they do not change what is generated
@@ -51,9 +53,6 @@ def _differs(neutral):
 
 # field -> (does this value change the output?, why it is refused)
 REFUSED = {
-    "frequency_penalty": (_differs(0), "frequency_penalty is not supported; leave it 0 or unset"),
-    "presence_penalty": (_differs(0), "presence_penalty is not supported; leave it 0 or unset"),
-    "repetition_penalty": (_differs(1), "repetition_penalty is not supported; leave it 1 or unset"),
     "length_penalty": (_differs(1), "length_penalty is not supported (there is no beam search); leave it 1"),
     "bad_words": (lambda v: bool(v), "bad_words is not supported; use logit_bias -100 on their token ids"),
     "allowed_token_ids": (lambda v: v is not None, "allowed_token_ids is not supported; use logit_bias"),

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from nemodiff.engine_format import EngineConfig
 from nemodiff.runtime.images.preprocess import ImageError, ImageProcessor
-from nemodiff.runtime.request import MAX_CACHE_SALT, MAX_LOGIT_BIAS, MAX_TOP_LOGPROBS
+from nemodiff.runtime.request import MAX_CACHE_SALT, MAX_LOGIT_BIAS, MAX_TOP_LOGPROBS, PENALTIES, penalty_error
 from nemodiff.runtime.text.tokenizer import EngineTokenizer
 from nemodiff.serving.http.guard import BodyError, check_strings, parse_json
 from nemodiff.serving.openai.fields import note_unknown, refusal
@@ -140,6 +140,12 @@ class RequestReader:
             if name == "seed" and not 0 <= value < 2**64:
                 raise InvalidRequest(f"seed must be in [0, 2**64) (got {value})", name)
             fields[target] = value
+        for name in PENALTIES:  # frequency_penalty, presence_penalty, repetition_penalty
+            value = body.get(name)
+            if value is not None:
+                if penalty_error(name, value) is not None:
+                    raise InvalidRequest(penalty_error(name, value), name)
+                fields[name] = float(value)
         for name, (check, what) in EXTRA_FIELDS.items():
             value = body.get(name)
             if value is not None:

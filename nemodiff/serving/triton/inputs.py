@@ -11,7 +11,8 @@ and `guided_decoding_guide`. `cache_salt` (a string, vLLM's name) names the requ
 pages are shared only between requests with the same salt.
 Inputs that Triton's OpenAI frontend and genai-perf send for features nemodiff does not
 have are declared so those tools work, and refused only when they ask for something
-(a non-empty guide, a penalty other than the neutral value, beam width > 1, ...).
+(bad words, beam width > 1, ...). The penalties `repetition_penalty`, `frequency_penalty` and
+`presence_penalty` (TensorRT-LLM's names) are read; `decode_mode` "auto" lets the engine pick per step.
 Everything here raises `BadRequest` (answered with INVALID_ARG) and never touches the engine.
 
 Images (VLM engines) come in the optional BYTES input `image_bytes_input`, one element per
@@ -37,9 +38,11 @@ from nemodiff.runtime.request import (
     MAX_CACHE_SALT,
     MAX_LOGIT_BIAS,
     MAX_TOP_LOGPROBS,
+    PENALTIES,
     Guide,
     SamplingParams,
     normalize_mode,
+    penalty_error,
 )
 
 DEFAULT_MAX_TOKENS = 64  # when a request has no max_tokens (capped by what the context has room for)
@@ -163,14 +166,6 @@ class PromptTokenizer:
 def _refuse_unsupported(inputs: RequestInputs) -> None:
     if any(inputs.strings("bad_words")):
         raise BadRequest("bad_words is not supported by nemodiff; leave it empty")
-    for name in ("frequency_penalty", "presence_penalty"):
-        value = inputs.scalar(name, _float)
-        if value:
-            raise BadRequest(f"{name} is not supported by nemodiff (got {value}); leave it 0 or unset")
-    for name in ("repetition_penalty",):
-        value = inputs.scalar(name, _float)
-        if value is not None and value != 1.0:
-            raise BadRequest(f"{name} is not supported by nemodiff (got {value}); leave it 1 or unset")
     value = inputs.scalar("beam_width", int)
     if value is not None and value != 1:
         raise BadRequest(f"beam_width must be 1: nemodiff does not run beam search (got {value})")
@@ -186,6 +181,19 @@ def _refuse_unsupported(inputs: RequestInputs) -> None:
                          "token ids)")
     if inputs.scalar("lora_task_id", int):
         raise BadRequest("LoRA adapters per request are not supported by nemodiff (lora_task_id)")
+
+
+def penalties_input(inputs: RequestInputs) -> dict[str, float]:
+    """`repetition_penalty`, `frequency_penalty`, `presence_penalty` (TensorRT-LLM's names), range-checked."""
+    values = {}
+    for name in PENALTIES:
+        value = inputs.scalar(name, _float)
+        if value is not None:
+            error = penalty_error(name, value)
+            if error is not None:
+                raise BadRequest(error)
+            values[name] = value
+    return values
 
 
 def _logprobs_and_n(inputs: RequestInputs, max_n: int) -> tuple[int | None, int]:
@@ -344,6 +352,7 @@ def parse_request(inputs: RequestInputs, tokenizer: PromptTokenizer, decode, def
         max_thinking_tokens=inputs.scalar("max_thinking_tokens", int), logprobs=logprobs, guide=guide_input(inputs),
         min_tokens=min_tokens, logit_bias=logit_bias_input(inputs, vocab_size),
         cache_salt=_cache_salt(inputs),
+        **penalties_input(inputs),
     )
     images = inputs.array(IMAGE_INPUT)
     images = [image_bytes(v) for v in images.reshape(-1)] if images is not None else []

@@ -37,10 +37,10 @@ class ModelMetrics:
             self._families[key] = family
             self._counters[key] = family.Metric(labels=self._labels())
         self._by_mode = {}
-        for key, text in names.BY_MODE.items():
+        for key, (text, modes) in names.BY_MODE.items():
             family = pb_utils.MetricFamily(name=f"nemodiff_{key}_total", description=text, kind=counter)
             self._families[key] = family
-            self._by_mode[key] = {mode: family.Metric(labels=self._labels(mode=mode)) for mode in MODES}
+            self._by_mode[key] = {mode: family.Metric(labels=self._labels(mode=mode)) for mode in modes}
         family = pb_utils.MetricFamily(name=names.ERRORS[0], kind=counter, description=names.ERRORS[1])
         self._families["errors"] = family
         self._errors = {kind: family.Metric(labels=self._labels(kind=kind)) for kind in KINDS}
@@ -90,7 +90,7 @@ class ModelMetrics:
                     metric.increment(snapshot[key] - previous)
                     self._last[key] = snapshot[key]
             for key, by_mode in self._by_mode.items():
-                for mode, count in snapshot[key].items():
+                for mode, count in snapshot.get(key, {}).items():
                     previous = self._last.get((key, mode), 0)
                     if count > previous and mode in by_mode:
                         by_mode[mode].increment(count - previous)

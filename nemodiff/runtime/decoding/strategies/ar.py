@@ -15,6 +15,8 @@ AR_SHAPE = ("ar",)
 
 
 class ARStrategy(DecodeStrategy):
+    mode = "ar"
+
     def __init__(self, request, ctx):
         super().__init__(request, ctx)
         self.last_token: int | None = None
@@ -23,6 +25,12 @@ class ARStrategy(DecodeStrategy):
         self._token, self._position = np.zeros(1, dtype=np.int64), np.zeros(1, dtype=np.int64)
         self._decode = Segment(request.request_id, self._token, self._position, 0, Pattern.CAUSAL, write_kv=True,
                                shape_key=AR_SHAPE, kv_end=1)
+
+    def boundary(self) -> bool:
+        return self.last_token is not None
+
+    def resume(self) -> None:
+        self.last_token = self.request.output_ids[-1]
 
     def next_segment(self) -> Segment:
         if self.last_token is None:

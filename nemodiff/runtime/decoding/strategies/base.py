@@ -59,6 +59,24 @@ class DecodeStrategy(ABC):
         self.shape_drafts = self.guide is not None and self.params.guided_drafts and self.params.temperature <= 0
         self.adjusts = wants_adjustment(self.params)  # logit bias or min_tokens (bias.py)
 
+    mode = ""  # the registry's name (strategies/__init__.py)
+
+    def boundary(self) -> bool:
+        """Whether the request may change modes now ("auto", docs/design.md §5.7): nothing half-verified is
+        held, every committed position is the prompt's or the output's but the last output token, which is
+        not cached yet. A mode whose output differs from AR's (diffusion) never is."""
+        return False
+
+    def resume(self) -> None:
+        """Go on from a boundary another strategy of the same request left (see `take_over`)."""
+        raise NotImplementedError(f"{type(self).__name__} does not take over requests")
+
+    def take_over(self, other: "DecodeStrategy") -> None:
+        """Continue the request `other` held up to its boundary: its cache, its random stream."""
+        self.committed, self.seed, self.draw_counter = other.committed, other.seed, other.draw_counter
+        self.draft_probs = None
+        self.resume()
+
     @abstractmethod
     def next_segment(self) -> Segment:
         """This request's part of the next forward. The batch is packed before the step's answers
@@ -90,14 +108,15 @@ class DecodeStrategy(ABC):
                     entry.logprob = float("nan")
         return entries
     def adjust_rows(self, decider, first_row: int, count: int, first_index: int | None = None,
-                    indices: np.ndarray | None = None) -> None:
-        """Logit bias and min-token masks for `count` rows from first_row that decide output indices
-        first_index, first_index + 1, ... (default: the next output token's), or `indices`."""
+                    indices: np.ndarray | None = None, drafts=None, depths=None) -> None:
+        """Penalties, logit bias and min-token masks for `count` rows from first_row that decide output indices
+        first_index, first_index + 1, ... (default: the next output token's), or `indices`; row i follows the
+        output and drafts[:depths[i]] (default: the output alone)."""
         if self.adjusts:
             if indices is None:
                 start = len(self.request.output_ids) if first_index is None else first_index
                 indices = arange(count) + start
-            decider.adjust(self, first_row, indices)
+            decider.adjust(self, first_row, indices, drafts, depths)
 
     def guide_rows(self, decider, first_row: int, drafts=()) -> None:
         """Grammar masks for the rows from first_row: row i after the output and drafts[:i]."""

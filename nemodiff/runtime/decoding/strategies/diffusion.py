@@ -34,6 +34,8 @@ def even_split(total: int, steps: int) -> list[int]:
 
 
 class DiffusionStrategy(DecodeStrategy):
+    mode = "diffusion"
+
     def __init__(self, request, ctx):
         super().__init__(request, ctx)
         self.B = self.block_length()

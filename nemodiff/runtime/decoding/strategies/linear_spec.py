@@ -18,6 +18,8 @@ from .base import DecodeStrategy
 
 
 class LinearSpecStrategy(DecodeStrategy):
+    mode = "linear-spec"
+
     def __init__(self, request, ctx):
         super().__init__(request, ctx)
         self.B = B = self.block_length()
@@ -31,12 +33,20 @@ class LinearSpecStrategy(DecodeStrategy):
         self.accepted: list[int] = []
         self._all_drafts = arange(B)[1:]  # the slots after the seed
         self._rows = self._all_drafts  # the slots still to draft (the seed, slot 0, never is)
+        self._depths = arange(B)  # verifier row i follows i drafts
+        self._fresh = False  # at a cycle's start
         self._handle = None
         rid, positions = request.request_id, self.block_positions(0)
         self._draft = Segment(rid, self.tokens, positions, 0, Pattern.FULL, write_kv=False, logit_rows=self._rows,
                               use_lora=self.use_lora, shape_key=("draft", B, self.use_lora), kv_end=0)
         self._verify = Segment(rid, self.tokens, positions, 0, Pattern.CAUSAL, write_kv=True,
                                shape_key=("verify", B), kv_end=B)
+
+    def boundary(self) -> bool:  # a cycle's start: the seed is output, nothing drafted yet
+        return self._fresh
+
+    def resume(self) -> None:
+        self._start_cycle(self.request.output_ids[-1])
 
     def next_segment(self) -> Segment:
         P = self.committed
@@ -56,7 +66,8 @@ class LinearSpecStrategy(DecodeStrategy):
                 self.ask_logprobs(decider, first_row, 1, self._handle)
         elif self.phase == "verify":
             self._handle = decider.verify(self, first_row, self.B, token_row)
-            self.adjust_rows(decider, first_row, self.B)  # row i verifies d_{i+1}, the seed is output
+            # row i verifies d_{i+1} after the output (the seed included) and d_1..d_i
+            self.adjust_rows(decider, first_row, self.B, drafts=self.tokens[1:], depths=self._depths)
             self.guide_rows(decider, first_row, self.tokens[1:])  # row i: after the seed and d_1..d_i
             if self.wants_logprobs:  # the verify rows: the causal logits AR would see (answer: n, tokens)
                 self.ask_logprobs(decider, first_row, self.B, self._handle, offset=1)
@@ -81,6 +92,7 @@ class LinearSpecStrategy(DecodeStrategy):
                 self.pending_logprobs = self.logprobs_of(decider, [seed], [int(answer[0])])
             return self._start_cycle(seed)
         if self.phase == "draft":
+            self._fresh = False
             if self.draft_threshold is None:  # every masked slot gets a draft
                 self.tokens[self._rows] = answer
                 self.phase = "verify"
@@ -105,6 +117,7 @@ class LinearSpecStrategy(DecodeStrategy):
         self.tokens[0] = seed
         self._rows = self._all_drafts
         self.phase = "draft" if self.B > 1 else "verify"
+        self._fresh = True
         return [seed]
 
     def stats(self) -> dict:

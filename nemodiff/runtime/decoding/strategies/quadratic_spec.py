@@ -23,6 +23,8 @@ from .linear_spec import acceptance_stats
 
 
 class QuadraticSpecStrategy(DecodeStrategy):
+    mode = "quadratic-spec"
+
     def __init__(self, request, ctx):
         super().__init__(request, ctx)
         self.k = self.block_length()
@@ -34,15 +36,24 @@ class QuadraticSpecStrategy(DecodeStrategy):
         self._shape = ("quad", self.k)
         self._cycle: Segment | None = None  # the cycle segment, moved along every step
 
+    def boundary(self) -> bool:  # after a cycle: d_0 is output, the next drafts are dropped on a switch
+        return self.phase == "cycle"
+
+    def resume(self) -> None:  # a first cycle over what is not cached yet (the last output token)
+        self.phase = "first"
+
     def next_segment(self) -> Segment:
         rid, mask_id, k = self.request.request_id, self.mask_id, self.k
         if self.phase == "first":
-            prompt, start = self.request.prompt_ids, self.committed  # start > 0 after chunked prefill
-            n = len(prompt) - start
-            return Segment(rid, list(prompt[start:]) + [mask_id] * k, np.arange(start, len(prompt) + k), start,
+            # the prompt (start > 0 after chunked prefill), or on `resume` the last output token
+            prompt, start, output = self.request.prompt_ids, self.committed, self.request.output_ids
+            known = prompt[start:] + output if start < len(prompt) else output[start - len(prompt):]
+            n, end = len(known), start + len(known)
+            return Segment(rid, list(known) + [mask_id] * k, np.arange(start, end + k), start,
                            Pattern.MASK, write_kv=np.array([True] * n + [False] * k),
                            logit_rows=[n - 1] + list(range(n + 1, n + k)), mask=first_cycle_mask(n, k),
-                           image_embeds=self.request.image_embeds_for(start, len(prompt)))
+                           image_embeds=self.request.image_embeds_for(start, len(prompt)) if start < len(prompt)
+                           else None)
         P = self.committed
         if self._cycle is None:
             mask, offsets, writes, rows = cycle_layout(k)
@@ -66,7 +77,9 @@ class QuadraticSpecStrategy(DecodeStrategy):
         else:
             self._handles = decider.quad(self, first_row, self.k, token_row)
             if self.adjusts:
-                self.adjust_rows(decider, first_row, self.k * self.k, indices=self._cycle_indices())
+                indices, depths = self._cycle_indices()
+                self.adjust_rows(decider, first_row, self.k * self.k, indices=indices, drafts=self.tokens[1:self.k],
+                                 depths=depths)
             if self.shape_drafts:
                 decider.shape(first_row, self.k * self.k, self._shape_cycle)
             else:
@@ -78,7 +91,7 @@ class QuadraticSpecStrategy(DecodeStrategy):
         k = self.k
         if self.phase == "first":
             seed_handle, drafts_handle = self._handles
-            self.committed = len(self.request.prompt_ids)
+            self.committed = len(self.request.prompt_ids) + len(self.request.output_ids)
             self.phase = "cycle"
             forced = self.forced_token()
             decided = int(decider.result(seed_handle)[0])
@@ -121,12 +134,14 @@ class QuadraticSpecStrategy(DecodeStrategy):
                                                drafts[: n - 1] + [targets[n - 1]])
         return out
 
-    def _cycle_indices(self) -> np.ndarray:
+    def _cycle_indices(self) -> tuple[np.ndarray, np.ndarray]:
         """The output index each row of a cycle decides: target row i the one after d_0..d_i (d_0 is the last
-        output token), then group i's k - 1 rows those after its bonus token a_i."""
+        output token), then group i's k - 1 rows those after its bonus token a_i; and how many of the drafts
+        d_1.. each row follows (target row i and group i: i)."""
         k, out = self.k, len(self.request.output_ids)
         groups = (np.arange(k)[:, None] + np.arange(1, k)[None, :]).reshape(-1)
-        return np.concatenate((np.arange(k), groups)) + out
+        depths = np.concatenate((np.arange(k), np.repeat(np.arange(k), k - 1)))
+        return np.concatenate((np.arange(k), groups)) + out, depths
 
     def stats(self) -> dict:
         return acceptance_stats(self.accepted)
