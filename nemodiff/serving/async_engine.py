@@ -181,8 +181,7 @@ class AsyncEngine:
                 "kv_cache_pages_total": self.engine.cache.num_pages,
                 "requests_running": len(scheduler.running),
                 "requests_waiting": len(scheduler.waiting),
-                "output_tokens": dict(self.engine.output_tokens),
-                "forward_passes": dict(self.engine.forward_passes),
+                "output_tokens": dict(self.engine.output_tokens), "forward_passes": dict(self.engine.forward_passes),
                 "auto_mode_steps": dict(self.engine.auto.steps),
                 "prefix_cache_queries": scheduler.prefix_queries, "prefix_cache_hits": scheduler.prefix_hits,
             } | self.engine.image_stats()
