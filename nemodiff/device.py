@@ -75,6 +75,11 @@ def on_host(tensor: torch.Tensor) -> bool:
     return tensor.device.type == "cpu"
 
 
+def capturing(tensor: torch.Tensor) -> bool:
+    """Whether a CUDA graph is being captured on the current stream of the tensor's device."""
+    return tensor.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
 def multiprocessor_count(device: torch.device, cpu_stand_in: int = CPU_SM_COUNT) -> int:
     """The GPU's multiprocessor count, which sizes split grids; `cpu_stand_in` on the CPU."""
     if is_cuda(device):

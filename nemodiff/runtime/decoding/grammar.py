@@ -120,6 +120,8 @@ class GuideMatcher:
 
     def __init__(self, xgr, compiled, vocab_size: int, never: np.ndarray):
         self._m = xgr.GrammarMatcher(compiled)
+        self.handle = self._m._handle  # the C++ matcher (grammar_batch.py's batched calls take these)
+        self.stops = frozenset(self._m.stop_token_ids)  # accepting one of these ends the grammar
         self._never = never
         self._bitmask = np.full((1, words(vocab_size)), -1, dtype=np.int32)  # numpy: a cheaper fill than a tensor
         self._row = self._bitmask[0]

@@ -99,9 +99,9 @@ _BATCH = None
 def _batch():
     global _BATCH
     if _BATCH is None:
-        import xgrammar as xgr
+        from xgrammar.matcher import _core  # the batched calls on cached matcher handles (no wrapper per call)
 
-        _BATCH = (xgr.BatchGrammarMatcher(max_threads="auto"), xgr.BatchGrammarMatcher)
+        _BATCH = (_core.BatchGrammarMatcher("auto"), _core.BatchGrammarMatcher)
     return _BATCH
 
 
@@ -192,17 +192,18 @@ def _walk(jobs: list[GuideJob], out: np.ndarray, host: _Host) -> None:
                     filled.append(job)
             if tries:
                 for job, token, ok in zip(tries, try_tokens, accept.batch_accept_token(
-                        [job.guide._m for job in tries], try_tokens)):
+                        [job.guide.handle for job in tries], try_tokens, False)):
                     if ok:
                         tokens[id(job)] = token
                         job.root.taken += 1
                     else:
                         filled.append(job)
         if filled:
-            fill.batch_fill_next_token_bitmask([job.guide._m for job in filled], out,
-                                               [job.base + j for job in filled])
+            fill.batch_fill_next_token_bitmask([job.guide.handle for job in filled], out,
+                                               [job.base + j for job in filled], False)
             chosen = _choose(filled, j, out, host)
-            ok = accept.batch_accept_token([job.guide._m for job, _ in chosen], [t for _, t in chosen]) if chosen else []
+            ok = accept.batch_accept_token([job.guide.handle for job, _ in chosen], [t for _, t in chosen],
+                                           False) if chosen else ()
             for (job, token), took in zip(chosen, ok):
                 if took:
                     tokens[id(job)] = token
@@ -213,7 +214,7 @@ def _walk(jobs: list[GuideJob], out: np.ndarray, host: _Host) -> None:
             if token is None:
                 continue
             job.picks.append(token)
-            if job.guide.terminated:
+            if token in job.guide.stops:  # the grammar ended
                 continue
             if job.kind in (MASKS, VERIFY) and (j >= len(job.drafts) or token != job.drafts[j]):
                 continue
@@ -273,4 +274,4 @@ def _rollback(jobs: list[GuideJob]) -> None:
     """Undo every look-ahead (a follow-up's tokens count on its root job)."""
     taken = [job for job in jobs if job.taken]
     if taken:
-        _batch()[1].batch_rollback([job.guide._m for job in taken], [job.taken for job in taken])
+        _batch()[1].batch_rollback([job.guide.handle for job in taken], [job.taken for job in taken])
