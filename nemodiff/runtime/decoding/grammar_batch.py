@@ -170,7 +170,7 @@ def _start(job: GuideJob) -> bool:
 
 
 def _walk(jobs: list[GuideJob], out: np.ndarray, host: _Host) -> None:
-    fill, accept = _batch()
+    fill = _batch()[0]
     active = [job for job in jobs if _start(job)]
     j = 0
     while active:
@@ -191,8 +191,7 @@ def _walk(jobs: list[GuideJob], out: np.ndarray, host: _Host) -> None:
                 else:
                     filled.append(job)
             if tries:
-                for job, token, ok in zip(tries, try_tokens, accept.batch_accept_token(
-                        [job.guide.handle for job in tries], try_tokens, False)):
+                for job, token, ok in zip(tries, try_tokens, _accept(tries, try_tokens)):
                     if ok:
                         tokens[id(job)] = token
                         job.root.taken += 1
@@ -202,8 +201,7 @@ def _walk(jobs: list[GuideJob], out: np.ndarray, host: _Host) -> None:
             fill.batch_fill_next_token_bitmask([job.guide.handle for job in filled], out,
                                                [job.base + j for job in filled], False)
             chosen = _choose(filled, j, out, host)
-            ok = accept.batch_accept_token([job.guide.handle for job, _ in chosen], [t for _, t in chosen],
-                                           False) if chosen else ()
+            ok = _accept([job for job, _ in chosen], [t for _, t in chosen])
             for (job, token), took in zip(chosen, ok):
                 if took:
                     tokens[id(job)] = token
@@ -221,6 +219,12 @@ def _walk(jobs: list[GuideJob], out: np.ndarray, host: _Host) -> None:
             nxt.append(job)
         active = nxt
         j += 1
+
+
+def _accept(jobs: list[GuideJob], tokens: list[int]) -> list[bool]:
+    """Each job's matcher accepts its token (direct calls on the C++ handles: the batched call's result
+    array costs more to read back than the calls themselves)."""
+    return [job.guide.handle.accept_token(token, False) for job, token in zip(jobs, tokens)]
 
 
 def _known(job: GuideJob, j: int, token: int, host: _Host) -> bool:
