@@ -164,9 +164,16 @@ def _follow_ups(jobs: list[GuideJob]) -> list[GuideJob]:
 def _start(job: GuideJob) -> bool:
     """Accept the job's `after` tokens; False when one is refused or the grammar ended (rows stay all ones)."""
     guide = job.guide
-    done = guide._look(job.after)
-    job.root.taken += done
-    return done == len(job.after) and not guide.terminated
+    if guide.terminated:
+        return False
+    never, accept, size = guide._never, guide.handle.accept_token, len(guide._never)
+    for token in job.after:
+        if not 0 <= token < size or never[token] or not accept(token, False):
+            return False
+        job.root.taken += 1
+        if token in guide.stops:
+            return False
+    return True
 
 
 def _walk(jobs: list[GuideJob], out: np.ndarray, host: _Host) -> None:
@@ -184,8 +191,9 @@ def _walk(jobs: list[GuideJob], out: np.ndarray, host: _Host) -> None:
             rows = np.fromiter((job.row + j for job in looks), dtype=np.int64, count=len(looks))
             greedy = host.greedy(rows)
             tries, try_tokens = [], []
-            for job, token in zip(looks, greedy.tolist()):
-                if _known(job, j, token, host):
+            confident = _confident(looks, j, rows, greedy, host)
+            for job, token, sure in zip(looks, greedy.tolist(), confident):
+                if sure and _known(job, j, token):
                     tries.append(job)
                     try_tokens.append(token)
                 else:
@@ -227,19 +235,28 @@ def _accept(jobs: list[GuideJob], tokens: list[int]) -> list[bool]:
     return [job.guide.handle.accept_token(token, False) for job, token in zip(jobs, tokens)]
 
 
-def _known(job: GuideJob, j: int, token: int, host: _Host) -> bool:
+def _known(job: GuideJob, j: int, token: int) -> bool:
     """Whether the row's greedy token, if the grammar takes it, is the row's decision (try-accept first)."""
-    if job.guide._never[token] if 0 <= token < len(job.guide._never) else True:
+    never = job.guide._never
+    if not 0 <= token < len(never) or never[token]:
         return False
     d = job.diffuse
-    if d is None:
-        return True
-    if d.temperature > 0:
-        return False  # a sample from the masked distribution
-    if j == 0 or d.last or d.tau is None:
-        return True
-    x = torch.from_numpy(host.values(np.array([job.row + j]))[0]).double()
-    return float(torch.softmax(x, dim=-1)[token]) >= d.tau * (1 + 1e-9)  # the masked probability is larger
+    return d is None or d.temperature <= 0  # a sample comes from the masked distribution: always filled
+
+
+def _confident(jobs: list[GuideJob], j: int, rows: np.ndarray, greedy: np.ndarray, host: _Host) -> list[bool]:
+    """Per job: False where a denoising row's reveal depends on its masked confidence and the unmasked one
+    (a lower bound: the mask only removes mass) is below the threshold, so the row must be filled."""
+    ask = [i for i, job in enumerate(jobs) if job.diffuse is not None and j and not job.diffuse.last
+           and job.diffuse.tau is not None and job.diffuse.temperature <= 0]
+    sure = [True] * len(jobs)
+    if ask:
+        x = host.values(rows[ask]).astype(np.float64)
+        top = x[np.arange(len(ask)), greedy[ask]]
+        p = 1.0 / np.exp(x - top[:, None]).sum(axis=1)
+        for i, prob in zip(ask, p.tolist()):
+            sure[i] = prob >= jobs[i].diffuse.tau * (1 + 1e-9)
+    return sure
 
 
 def _choose(jobs: list[GuideJob], j: int, out: np.ndarray, host: _Host) -> list[tuple[GuideJob, int]]:
@@ -252,9 +269,14 @@ def _choose(jobs: list[GuideJob], j: int, out: np.ndarray, host: _Host) -> list[
         values = host.values(rows)
         bits = _unpack(out[[job.base + j for job in looks]], values.shape[1])
         masked = np.where(bits, values, _NEG)
-        best = masked.argmax(axis=1).tolist()
+        best = masked.argmax(axis=1)
+        greedy_p = None
+        if any(job.diffuse is not None for job in looks):  # masked confidence of the greedy token, all rows at once
+            top = masked[np.arange(len(looks)), best].astype(np.float64)
+            greedy_p = (1.0 / np.exp(masked.astype(np.float64) - top[:, None]).sum(axis=1)).tolist()
+        best = best.tolist()
         for i, job in enumerate(looks):
-            token = best[i] if job.diffuse is None else _diffuse(job, j, masked[i])
+            token = best[i] if job.diffuse is None else _diffuse(job, j, masked[i], best[i], greedy_p[i])
             if token is not None:
                 chosen.append((job, token))
     for job in jobs:
@@ -263,13 +285,17 @@ def _choose(jobs: list[GuideJob], j: int, out: np.ndarray, host: _Host) -> list[
     return chosen
 
 
-def _diffuse(job: GuideJob, j: int, row: np.ndarray) -> int | None:
-    """A denoising row under its mask: the token to reveal, or None (stays masked; the walk ends)."""
+def _diffuse(job: GuideJob, j: int, row: np.ndarray, greedy: int, p: float) -> int | None:
+    """A denoising row under its mask: the token to reveal, or None (stays masked; the walk ends). greedy,
+    p: the masked row's first maximum and its renormalised probability (temperature 0)."""
     d = job.diffuse
-    x = torch.from_numpy(row)
-    probs = torch.softmax(x.double() / (d.temperature if d.temperature > 0 else 1.0), dim=-1)
-    token = int(torch.multinomial(probs, 1, generator=d.generator)) if d.generator is not None else int(row.argmax())
-    if j == 0 or d.last or (probs[token] >= d.tau if d.tau is not None else j < d.k):
+    if d.generator is not None:  # temperature > 0: a sample from the masked distribution
+        probs = torch.softmax(torch.from_numpy(row).double() / d.temperature, dim=-1)
+        token = int(torch.multinomial(probs, 1, generator=d.generator))
+        p = float(probs[token])
+    else:
+        token = greedy
+    if j == 0 or d.last or (p >= d.tau if d.tau is not None else j < d.k):
         return token
     return None
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from nemodiff.runtime.decoding.grammar import one_hot
 from nemodiff.runtime.decoding.grammar_batch import DIFFUSE, Diffuse, GuideJob
 from nemodiff.runtime.model.segments import Pattern, Segment
 
@@ -121,9 +120,10 @@ class DiffusionStrategy(DecodeStrategy):
         def finish(job: GuideJob) -> np.ndarray:
             if not job.picks:  # the block's tokens already left the grammar: no mask at all
                 return self.guide.full(len(rows))
-            out = np.repeat(one_hot(self.mask_id, self.guide.words)[None], len(rows), axis=0)
-            for j, token in enumerate(job.picks):
-                out[j] = one_hot(token, self.guide.words)
+            tokens = np.full(len(rows), self.mask_id, dtype=np.int64)
+            tokens[: len(job.picks)] = job.picks
+            out = np.zeros((len(rows), self.guide.words), dtype=np.int32)
+            out[np.arange(len(rows)), tokens >> 5] = (np.uint32(1) << (tokens & 31).astype(np.uint32)).view(np.int32)
             return out
 
         return GuideJob(self.guide, len(rows), DIFFUSE, after=block[1: rows[0]].tolist(), walk=run,
