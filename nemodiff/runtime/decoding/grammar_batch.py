@@ -270,10 +270,14 @@ def _choose(jobs: list[GuideJob], j: int, out: np.ndarray, host: _Host) -> list[
         bits = _unpack(out[[job.base + j for job in looks]], values.shape[1])
         masked = np.where(bits, values, _NEG)
         best = masked.argmax(axis=1)
-        greedy_p = None
-        if any(job.diffuse is not None for job in looks):  # masked confidence of the greedy token, all rows at once
-            top = masked[np.arange(len(looks)), best].astype(np.float64)
-            greedy_p = (1.0 / np.exp(masked.astype(np.float64) - top[:, None]).sum(axis=1)).tolist()
+        greedy_p = [1.0] * len(looks)
+        ask = [i for i, job in enumerate(looks) if job.diffuse is not None and j and not job.diffuse.last
+               and job.diffuse.tau is not None and job.diffuse.generator is None]
+        if ask:  # the masked confidence of the greedy token, where a reveal depends on it: one pass
+            rows_p = masked[ask].astype(np.float64)
+            top = rows_p[np.arange(len(ask)), best[ask]]
+            for i, prob in zip(ask, (1.0 / np.exp(rows_p - top[:, None]).sum(axis=1)).tolist()):
+                greedy_p[i] = prob
         best = best.tolist()
         for i, job in enumerate(looks):
             token = best[i] if job.diffuse is None else _diffuse(job, j, masked[i], best[i], greedy_p[i])
