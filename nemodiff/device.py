@@ -75,9 +75,12 @@ def on_host(tensor: torch.Tensor) -> bool:
     return tensor.device.type == "cpu"
 
 
-def capturing(tensor: torch.Tensor) -> bool:
-    """Whether a CUDA graph is being captured on the current stream of the tensor's device."""
-    return tensor.is_cuda and torch.cuda.is_current_stream_capturing()
+_CAPTURING = [False]  # set by Platform.capture while a graph records
+
+
+def capturing() -> bool:
+    """Whether a CUDA graph is being captured (by `Platform.capture`)."""
+    return _CAPTURING[0]
 
 
 def multiprocessor_count(device: torch.device, cpu_stand_in: int = CPU_SM_COUNT) -> int:
@@ -236,8 +239,12 @@ class Platform:
             run()
         torch.cuda.current_stream(self.device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.inference_mode(), torch.cuda.graph(graph, pool=pool):
-            out = run()
+        _CAPTURING[0] = True
+        try:
+            with torch.inference_mode(), torch.cuda.graph(graph, pool=pool):
+                out = run()
+        finally:
+            _CAPTURING[0] = False
         return graph, out
 
     def memory_allocated(self) -> int:

@@ -73,3 +73,13 @@ def test_without_reuse_every_call_gets_a_new_output():
     first = library.rms_norm(x, weight, 1e-6)
     second = library.rms_norm(x, weight, 1e-6)
     assert first is not second and not library._plans
+
+
+def test_plans_keep_within_their_memory_budget():
+    library = KernelLibrary(InterpretLauncher())
+    library.reuse_outputs, weight = True, torch.randn(32)
+    library.plan_bytes = 3 * 32 * 4  # room for the output of a 3-row call
+    library.rms_norm(torch.randn(3, 32), weight, 1e-6)
+    assert len(library._plans) == 1
+    out = library.rms_norm(torch.randn(2, 32), weight, 1e-6)  # over the budget: the older plan goes
+    assert len(library._plans) == 1 and next(iter(library._plans.values())).out is out

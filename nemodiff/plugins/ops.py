@@ -11,6 +11,7 @@ path for CPUs and for engines without kernels for this GPU.
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -27,6 +28,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 MODES = ("auto", "aot", "aot-check", "jit", "interpret", "off")
+PLAN_BYTES = 256 << 20  # call plans: preallocated outputs and workspaces kept, least recently used out first
 
 
 class KernelLibrary:
@@ -42,7 +44,9 @@ class KernelLibrary:
         # call plans (`_planned`): off unless the owner keeps no output of a call past the next call of the
         # same shape (the model's forward sets it); a call then returns the same output tensor every time
         self.reuse_outputs = False
-        self._plans: dict[tuple, _Plan] = {}
+        self._plans: OrderedDict[tuple, _Plan] = OrderedDict()
+        self.plan_bytes = PLAN_BYTES  # the most memory the plans' outputs and workspaces hold
+        self._plan_bytes = 0
 
     @property
     def name(self) -> str:
@@ -54,19 +58,22 @@ class KernelLibrary:
         recorded variants on the recorded grids with this call's inputs in their places and the same
         outputs and workspaces (preallocated per shape): no wrapper work at all. Off (the wrapper every
         time) unless `reuse_outputs`, and while a CUDA graph is being captured (its memory is the graph's)."""
-        if not self.reuse_outputs:
+        if not self.reuse_outputs or capturing():
             return call(self.launcher)
-        plan = self._plans.get(key)
+        plans = self._plans
+        plan = plans.get(key)
         if plan is not None:
+            plans.move_to_end(key)
             launch = self.launcher.launch
             for variant, grid, arguments in plan.launches:
                 launch(variant, grid, arguments(*inputs))
             return plan.out
-        if inputs and capturing(inputs[0]):
-            return call(self.launcher)
         recorder = _Recorder(self.launcher)
         out = call(recorder)
-        self._plans[key] = _Plan(recorder.calls, inputs, out)
+        plan = plans[key] = _Plan(recorder.calls, inputs, out)
+        self._plan_bytes += plan.nbytes
+        while self._plan_bytes > self.plan_bytes and len(plans) > 1:  # least recently used out first
+            self._plan_bytes -= plans.popitem(last=False)[1].nbytes
         return out
 
     def add_rmsnorm(self, residual: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor,
@@ -122,11 +129,14 @@ class _Plan:
     argument tuple (a function generated once: the call's inputs in their places, everything else, the
     outputs, workspaces and scalars, as recorded)."""
 
-    __slots__ = ("launches", "out")
+    __slots__ = ("launches", "out", "nbytes")
 
     def __init__(self, calls: list, inputs: tuple, out):
         self.out = out
         self.launches = [(variant, grid, _arguments(args, inputs)) for variant, grid, args in calls]
+        held = {id(a): a for _, _, args in calls for a in args if isinstance(a, torch.Tensor)
+                and not any(a is t for t in inputs)}
+        self.nbytes = sum(a.numel() * a.element_size() for a in held.values())
 
 
 def _arguments(args: tuple, inputs: tuple):

@@ -25,6 +25,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from nemodiff.device import on_host
 from nemodiff.runtime.request import Guide
 
 CACHE_SIZE = 64  # compiled grammars kept (distinct guides)
@@ -235,7 +236,7 @@ def unpack(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
 def apply_masks(logits: torch.Tensor, rows: np.ndarray, bitmask: np.ndarray, keep: bool) -> torch.Tensor | None:
     """Set disallowed logits of these rows to -inf, in place on the logits' device. keep: return the
     rows' original values (to restore them for raw log-probabilities)."""
-    if logits.device.type == "cpu" and logits.dtype == torch.float32:  # host logits: numpy, no tensor dispatch
+    if on_host(logits) and logits.dtype == torch.float32:  # host logits: numpy, no tensor dispatch
         x = logits.numpy()
         original = x[rows]
         bits = np.unpackbits(np.ascontiguousarray(bitmask).view(np.uint8), axis=1, bitorder="little")

@@ -31,6 +31,8 @@ import logging
 import numpy as np
 import torch
 
+from nemodiff.device import on_host
+
 from .grammar import GuideMatcher
 
 log = logging.getLogger(__name__)
@@ -78,7 +80,7 @@ class _Host:
 
     def __init__(self, logits: torch.Tensor):
         self.logits = logits
-        self.numpy = logits.numpy() if logits.device.type == "cpu" and logits.dtype == torch.float32 else None
+        self.numpy = logits.numpy() if on_host(logits) and logits.dtype == torch.float32 else None
         self._greedy = None
 
     def greedy(self, rows: np.ndarray) -> np.ndarray:
