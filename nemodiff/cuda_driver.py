@@ -1,4 +1,5 @@
-"""The CUDA driver half of the device module: cuda-bindings, its driver rule, loading and launching cubins.
+"""The CUDA driver half of the device module: cuda-bindings, its driver rule, loading and launching cubins,
+and timing device work (`Timer`: CUDA events on a GPU, the host clock on the CPU).
 
 checkpoint ──builder──▶ engine dir/kernels/<sm>/ ──runtime──▶ serving; like nemodiff/device.py this is
 ground under the runtime (it imports only device.py). The ahead-of-time launcher
@@ -19,12 +20,13 @@ loads); `--kernels auto` then runs Triton's JIT instead (nemodiff/plugins/ops.py
 from __future__ import annotations
 
 import threading
+import time
 from importlib import metadata
 from typing import NamedTuple
 
 import torch
 
-from nemodiff.device import KernelLaunchError
+from nemodiff.device import KernelLaunchError, is_cuda
 
 MIN_DRIVER = {12: "525", 13: "580"}  # the first Linux driver of each CUDA major
 
@@ -145,3 +147,27 @@ class CudaDriver:
 
     def scratch(self, nbytes: int) -> torch.Tensor:
         return torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+
+
+class Timer:
+    """Wall time of device work: CUDA events on a GPU, the host clock on the CPU."""
+
+    def __init__(self, device: torch.device):
+        self.device = torch.device(device)
+        self.cuda = is_cuda(self.device)
+
+    def __enter__(self) -> "Timer":
+        if self.cuda:
+            self._start, self._end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            self._start.record(torch.cuda.current_stream(self.device))  # the device's stream, not the current device's
+        else:
+            self._t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.cuda:
+            self._end.record(torch.cuda.current_stream(self.device))
+            self._end.synchronize()
+            self.ms = self._start.elapsed_time(self._end)
+        else:
+            self.ms = 1e3 * (time.perf_counter() - self._t0)

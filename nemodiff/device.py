@@ -27,7 +27,6 @@ import ctypes.util
 import logging
 import os
 import threading
-import time
 from collections.abc import Callable, Iterator
 
 import numpy as np
@@ -79,6 +78,14 @@ def is_cuda(device: torch.device) -> bool:
 def on_host(tensor: torch.Tensor) -> bool:
     """The tensor's memory is host memory (numpy can view it)."""
     return tensor.device.type == "cpu"
+
+
+_CAPTURING = [False]  # set by Platform.capture while a graph records
+
+
+def capturing() -> bool:
+    """Whether a CUDA graph is being captured (by `Platform.capture`)."""
+    return _CAPTURING[0]
 
 
 def multiprocessor_count(device: torch.device, cpu_stand_in: int = CPU_SM_COUNT) -> int:
@@ -141,30 +148,6 @@ def empty_cache(device: torch.device) -> None:
     if is_cuda(device):
         with torch.cuda.device(device):
             torch.cuda.empty_cache()
-
-
-class Timer:
-    """Wall time of device work: CUDA events on a GPU, the host clock on the CPU."""
-
-    def __init__(self, device: torch.device):
-        self.device = torch.device(device)
-        self.cuda = is_cuda(self.device)
-
-    def __enter__(self) -> "Timer":
-        if self.cuda:
-            self._start, self._end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            self._start.record(torch.cuda.current_stream(self.device))  # the device's stream, not the current device's
-        else:
-            self._t0 = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.cuda:
-            self._end.record(torch.cuda.current_stream(self.device))
-            self._end.synchronize()
-            self.ms = self._start.elapsed_time(self._end)
-        else:
-            self.ms = 1e3 * (time.perf_counter() - self._t0)
 
 
 def keep_freed_memory() -> bool:
@@ -303,9 +286,12 @@ class Platform:
             with torch.cuda.stream(side), torch.inference_mode():
                 run()
             self.stream.wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.inference_mode(), torch.cuda.graph(graph, pool=pool, stream=side):
-                out = run()
+            graph, _CAPTURING[0] = torch.cuda.CUDAGraph(), True  # no call plan records into a graph
+            try:
+                with torch.inference_mode(), torch.cuda.graph(graph, pool=pool, stream=side):
+                    out = run()
+            finally:
+                _CAPTURING[0] = False
             self.stream.wait_stream(side)
         return graph, out
 

@@ -171,7 +171,8 @@ def forward_host_cost(model, page_size: int, context: int, iters: int = 10, kind
     metadata, every kernel launch. Reports launches per forward and per layer (dense GEMMs counted as one
     cuBLAS launch each, as `launch_overhead` counts them), host ms per forward and host µs per launch, and
     the device time of the same forward."""
-    from nemodiff.device import Timer, synchronize
+    from nemodiff.cuda_driver import Timer
+    from nemodiff.device import synchronize
 
     kernels = model.kernels
     if kernels is None:

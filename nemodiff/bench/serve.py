@@ -200,6 +200,8 @@ class OpenAIStreams:
         if mode is not None:
             body |= {"nvext": {"annotations": [f"decode_mode:{mode}"]}} if self.dialect == "nvext" else {
                 "decode_mode": mode}
+        if self.dialect == "field":
+            body["ignore_eos"] = True  # nemodiff's own port: every request generates max_tokens
         return body
 
     async def stream(self, fields: dict) -> StreamResult:

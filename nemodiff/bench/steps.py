@@ -15,7 +15,8 @@ from collections.abc import Callable
 
 import torch
 
-from nemodiff.device import Timer, is_cuda, synchronize
+from nemodiff.cuda_driver import Timer
+from nemodiff.device import is_cuda, synchronize
 from nemodiff.runtime.model.kv_cache import PagedKVCache
 from nemodiff.runtime.model.segments import Pattern, Segment
 from nemodiff.runtime.model.transformer import Model

@@ -11,12 +11,13 @@ path for CPUs and for engines without kernels for this GPU.
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
-from nemodiff.device import is_cuda, multiprocessor_count
+from nemodiff.device import capturing, is_cuda, multiprocessor_count
 from nemodiff.engine_format import BuildSettings
 
 from .launch import InterpretLauncher, JitLauncher, Launcher
@@ -27,6 +28,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 MODES = ("auto", "aot", "aot-check", "jit", "interpret", "off")
+PLAN_BYTES = 256 << 20  # call plans: preallocated outputs and workspaces kept, least recently used out first
 
 
 class KernelLibrary:
@@ -41,6 +43,12 @@ class KernelLibrary:
         # split arrivals, zero between launches: one buffer per launch site and stream (see scratch.py)
         self.counters = Counters()
         self.sm_count = sm_count  # the SM count split plans are sized for (None: the device's own)
+        # call plans (`_planned`): off unless the owner keeps no output of a call past the next call of the
+        # same shape (the model's forward sets it); a call then returns the same output tensor every time
+        self.reuse_outputs = False
+        self._plans: OrderedDict[tuple, _Plan] = OrderedDict()
+        self.plan_bytes = PLAN_BYTES  # the most memory the plans' outputs and workspaces hold
+        self._plan_bytes = 0
 
     def num_sms(self, device: torch.device) -> int:
         return self.sm_count or multiprocessor_count(device, cpu_stand_in=1)
@@ -49,35 +57,114 @@ class KernelLibrary:
     def name(self) -> str:
         return self.launcher.name
 
+    def _planned(self, key: tuple, inputs: tuple, call):
+        """call(launcher) through its plan: the first call of a key runs the wrapper (checks, variant, grid,
+        outputs and workspaces allocated) and records its launches; later calls of the key launch the
+        recorded variants on the recorded grids with this call's inputs in their places and the same
+        outputs and workspaces (preallocated per shape): no wrapper work at all. Off (the wrapper every
+        time) unless `reuse_outputs`, and while a CUDA graph is being captured (its memory is the graph's)."""
+        if not self.reuse_outputs or capturing():
+            return call(self.launcher)
+        plans = self._plans
+        plan = plans.get(key)
+        if plan is not None:
+            plans.move_to_end(key)
+            launch = self.launcher.launch
+            for variant, grid, arguments in plan.launches:
+                launch(variant, grid, arguments(*inputs))
+            return plan.out
+        recorder = _Recorder(self.launcher)
+        out = call(recorder)
+        plan = plans[key] = _Plan(recorder.calls, inputs, out)
+        self._plan_bytes += plan.nbytes
+        while self._plan_bytes > self.plan_bytes and len(plans) > 1:  # least recently used out first
+            self._plan_bytes -= plans.popitem(last=False)[1].nbytes
+        return out
+
     def add_rmsnorm(self, residual: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor,
                     eps: float) -> torch.Tensor:
         """residual += delta (in place; delta may be None); returns weight * rmsnorm(residual)."""
-        return self._norm.add_rmsnorm(self.launcher, residual, delta, weight, eps)
+        return self._planned(("add_rmsnorm", residual.shape, residual.dtype, residual.is_contiguous(), delta is None,
+                              eps), (residual, weight) if delta is None else (residual, delta, weight),
+                             lambda launcher: self._norm.add_rmsnorm(launcher, residual, delta, weight, eps))
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        return self._norm.rms_norm(self.launcher, x, weight, eps)
+        return self.add_rmsnorm(x, None, weight, eps)
 
     def segment_attention(self, qkv: torch.Tensor, positions: torch.Tensor, write_slots: torch.Tensor, rope: Rope,
                           k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMeta, scale: float,
                           num_heads: int, num_kv_heads: int, head_dim: int) -> torch.Tensor:
         """Paged attention of a ragged batch of segments from the fused qkv projection, with RoPE, the query
         scale and the KV-cache write at write_slots >= 0, in one launch (see nemodiff/plugins/attention.py) -> [T, Hq, D]."""
-        return self._attention.segment_attention(self.launcher, qkv, positions, write_slots, rope, k_cache, v_cache,
-                                                 meta, scale, num_heads, num_kv_heads, head_dim,
-                                                 counters=self.counters.site("attention"))
+        key = ("segment_attention", qkv.shape, qkv.dtype, k_cache.shape, meta.tile_seg.numel(), meta.num_splits,
+               meta.block_m, meta.block_tables.shape, meta.masks.shape, meta.page_size, scale, num_heads, num_kv_heads,
+               head_dim, rope.attention_factor, rope.beta, rope.original_max)
+        inputs = (qkv, positions, write_slots, rope.inv_freq, k_cache, v_cache, meta.workspace, meta.seg_start,
+                  meta.prefix_len, meta.table_row, meta.block_tables, meta.pattern, meta.mask_offset, meta.masks,
+                  meta.tile_seg, meta.tile_start)
+        return self._planned(key, inputs, lambda launcher: self._attention.segment_attention(
+            launcher, qkv, positions, write_slots, rope, k_cache, v_cache, meta, scale, num_heads, num_kv_heads,
+            head_dim, counters=self.counters.site("attention")))
 
     def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
-        return self._activation.silu_mul(self.launcher, gate_up)
+        return self._planned(("silu_mul", gate_up.shape, gate_up.dtype, gate_up.stride()), (gate_up,),
+                             lambda launcher: self._activation.silu_mul(launcher, gate_up))
 
     def fp8_linear(self, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         """x @ (weight.float() * scale[:, None]).T in x's dtype; weight float8_e4m3fn [N, K], scale float32 [N]."""
-        return self._fp8_gemm.fp8_linear(self.launcher, x, weight, scale, num_sms=self.num_sms(x.device),
-                                         counters=self.counters.site("gemm"))
+        return self._planned(("fp8_linear", x.shape, x.dtype, x.stride(), weight.shape, weight.dtype, x.device),
+                             (x, weight, scale), lambda launcher: self._fp8_gemm.fp8_linear(
+                                 launcher, x, weight, scale, num_sms=self.num_sms(x.device),
+                                 counters=self.counters.site("gemm")))
+
 
     def dense_linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """x @ weight.T in x's dtype (bf16/fp16 weights of x's dtype), on the fp8 product's tiles and K chunks."""
-        return self._fp8_gemm.dense_linear(self.launcher, x, weight, num_sms=self.num_sms(x.device),
-                                           counters=self.counters.site("gemm"))
+        return self._planned(("dense_linear", x.shape, x.dtype, x.stride(), weight.shape, weight.dtype, x.device),
+                             (x, weight), lambda launcher: self._fp8_gemm.dense_linear(
+                                 launcher, x, weight, num_sms=self.num_sms(x.device),
+                                 counters=self.counters.site("gemm")))
+
+
+class _Recorder:
+    """A launcher stand-in that launches through the real one and records every launch (a call's plan)."""
+
+    def __init__(self, launcher: Launcher):
+        self.inner, self.name, self.calls = launcher, launcher.name, []
+
+    def launch(self, variant, grid: tuple[int, ...], args: tuple) -> None:
+        self.calls.append((variant, grid, args))
+        self.inner.launch(variant, grid, args)
+
+
+class _Plan:
+    """A call's recorded launches: (variant, grid, arguments), where arguments(*inputs) builds the launch's
+    argument tuple (a function generated once: the call's inputs in their places, everything else, the
+    outputs, workspaces and scalars, as recorded)."""
+
+    __slots__ = ("launches", "out", "nbytes")
+
+    def __init__(self, calls: list, inputs: tuple, out):
+        self.out = out
+        self.launches = [(variant, grid, _arguments(args, inputs)) for variant, grid, args in calls]
+        held = {id(a): a for _, _, args in calls for a in args if isinstance(a, torch.Tensor)
+                and not any(a is t for t in inputs)}
+        self.nbytes = sum(a.numel() * a.element_size() for a in held.values())
+
+
+def _arguments(args: tuple, inputs: tuple):
+    names = [f"i{i}" for i in range(len(inputs))]
+    scope, parts = {}, []
+    for j, arg in enumerate(args):
+        place = next((i for i, t in enumerate(inputs) if t is arg), None) if isinstance(arg, torch.Tensor) else None
+        if place is None:
+            scope[f"k{j}"] = arg
+            parts.append(f"k{j}")
+        else:
+            parts.append(names[place])
+    source = f"def arguments({', '.join(names)}):\n    return ({', '.join(parts)}{',' if len(parts) == 1 else ''})"
+    exec(compile(source, "<kernel call plan>", "exec"), scope)  # noqa: S102 (generated from the recorded launch)
+    return scope["arguments"]
 
 
 def _gpu_library(kernel_dir: Path, device: torch.device, mode: str, versions=None,

@@ -24,7 +24,8 @@ from pathlib import Path
 
 import torch
 
-from nemodiff.device import CPU_SM_COUNT, Timer, gpu_sm, multiprocessor_count, synchronize
+from nemodiff.cuda_driver import Timer
+from nemodiff.device import CPU_SM_COUNT, gpu_sm, multiprocessor_count, synchronize
 from nemodiff.engine_format import ARCH_TO_SM
 
 DRY_RUN = os.environ.get("NEMODIFF_CPU_DRY_RUN") == "1"

@@ -28,6 +28,7 @@ from nemodiff.runtime.model.segments import arange
 from . import batched_sampling as S
 from .bias import RowAdjustments
 from .grammar import apply_masks
+from .grammar_batch import GuideJob, run_jobs
 from .logprobs import LogprobPass, TokenLogprob
 
 
@@ -134,18 +135,29 @@ class Decider:
     def shape(self, first_row: int, count: int, fn) -> None:
         """Grammar masks that depend on the rows' own logits (tokens built left to right): before any
         decision, fn(rows) returns the bitmask rows of rows first_row..first_row+count-1, where rows(i, j)
-        copies rows first_row+i..first_row+j-1 to the host (float32; only those it asks for)."""
+        copies rows first_row+i..first_row+j-1 to the host (float32; only those it asks for). fn may be a
+        grammar_batch.GuideJob instead: the step's jobs then run together, in lockstep."""
         self._shapers.append((first_row, count, fn))
 
     def _apply_guides(self, logits: torch.Tensor):
         """Mask the guided rows in place; returns what restores them for the log-probabilities (raw)."""
+        jobs = [(first, fn) for first, _, fn in self._shapers if isinstance(fn, GuideJob)]
+        if jobs:  # the step's grammar work, all requests at once (grammar_batch.py)
+            try:
+                self._guides += zip((first for first, _ in jobs), run_jobs(jobs, logits))
+            except Exception:  # xgrammar itself failed: these rows unmasked, their next tokens fail their checks
+                log.exception("the grammar masks failed; their rows are left unmasked")
         for first, count, fn in self._shapers:
+            if isinstance(fn, GuideJob):
+                continue
             try:
                 bitmask = fn(lambda i, j, f=first: logits[f + i: f + j].float().cpu())
             except Exception:  # that request alone: unmasked, its next token fails its grammar check
                 log.exception("a grammar mask failed; its rows are left unmasked")
                 bitmask = np.full((count, 1), -1, dtype=np.int32)
             self._guides.append((first, bitmask))
+        if not self._guides:
+            return None
         rows = np.concatenate([np.arange(f, f + len(b), dtype=np.int64) for f, b in self._guides])
         width = max(b.shape[1] for _, b in self._guides)
         bitmask = np.concatenate([b if b.shape[1] == width else np.full((len(b), width), -1, np.int32)

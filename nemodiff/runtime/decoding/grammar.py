@@ -25,6 +25,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from nemodiff.device import on_host
 from nemodiff.runtime.request import Guide
 
 CACHE_SIZE = 64  # compiled grammars kept (distinct guides)
@@ -130,9 +131,11 @@ class GuideMatcher:
 
     def __init__(self, xgr, compiled, vocab_size: int, never: np.ndarray):
         self._m = xgr.GrammarMatcher(compiled)
+        self.handle = self._m._handle  # the C++ matcher (grammar_batch.py's batched calls take these)
+        self.stops = frozenset(self._m.stop_token_ids)  # accepting one of these ends the grammar
         self._never = never
-        self._bitmask = xgr.allocate_token_bitmask(1, vocab_size)
-        self._row = self._bitmask[0].numpy()  # a view
+        self._bitmask = np.full((1, words(vocab_size)), -1, dtype=np.int32)  # numpy: a cheaper fill than a tensor
+        self._row = self._bitmask[0]
         self.vocab_size = vocab_size
         self.words = words(vocab_size)
 
@@ -243,6 +246,12 @@ def unpack(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
 def apply_masks(logits: torch.Tensor, rows: np.ndarray, bitmask: np.ndarray, keep: bool) -> torch.Tensor | None:
     """Set disallowed logits of these rows to -inf, in place on the logits' device. keep: return the
     rows' original values (to restore them for raw log-probabilities)."""
+    if on_host(logits) and logits.dtype == torch.float32:  # host logits: numpy, no tensor dispatch
+        x = logits.numpy()
+        original = x[rows]
+        bits = np.unpackbits(np.ascontiguousarray(bitmask).view(np.uint8), axis=1, bitorder="little")
+        x[rows] = np.where(bits[:, : x.shape[1]].view(bool), original, np.float32(-np.inf))
+        return torch.from_numpy(original) if keep else None
     index = torch.from_numpy(rows).to(logits.device, non_blocking=True)
     allowed = unpack(torch.from_numpy(bitmask).to(logits.device, non_blocking=True), logits.shape[1])
     original = logits[index]

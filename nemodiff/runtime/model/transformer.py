@@ -70,6 +70,8 @@ class Model:
         self.tp = None  # a TensorParallel (the collectives) once the ranks are connected
         self.driver = None  # rank 0 of a tensor-parallel group: sends each step to the workers
         self.kernels = kernels  # a plugins.ops.KernelLibrary, or None for the reference path
+        if kernels is not None:  # the forward keeps no kernel output past the next call of its shape: plans
+            kernels.reuse_outputs = True
         self.graphs = None  # a GraphRunner once CUDA graphs are captured
         self.dtype = dtype
         self.platform = as_platform(device)  # a plain device: the reference path

@@ -21,7 +21,8 @@ import numpy as np
 
 from nemodiff.engine_format import ModelConfig
 from nemodiff.runtime.decoding.bias import wants_adjustment
-from nemodiff.runtime.decoding.grammar import greedy_pick
+from nemodiff.runtime.decoding.grammar import greedy_pick  # noqa: F401 (strategies import it from here)
+from nemodiff.runtime.decoding.grammar_batch import MASKS, VERIFY, WALK, GuideJob
 from nemodiff.runtime.model.segments import Pattern, Segment, arange
 from nemodiff.runtime.request import Request
 
@@ -119,14 +120,18 @@ class DecodeStrategy(ABC):
             decider.adjust(self, first_row, indices, drafts, depths)
 
     def guide_rows(self, decider, first_row: int, drafts=()) -> None:
-        """Grammar masks for the rows from first_row: row i after the output and drafts[:i]."""
+        """Grammar masks for the rows from first_row: row i after the output and drafts[:i]. At temperature 0
+        a verification (grammar_batch.py VERIFY): only rows whose greedy token the grammar refuses are
+        masked, up to the first row that does not choose its draft."""
         if self.guide is not None:
-            decider.constrain(first_row, self.guide.masks(drafts))
+            drafts = list(drafts)
+            kind = VERIFY if self.params.temperature <= 0 else MASKS
+            decider.shape(first_row, 1 + len(drafts), GuideJob(self.guide, 1 + len(drafts), kind, drafts=drafts))
 
     def shape_greedy(self, decider, first_row: int, count: int, after=()) -> None:
         """Masks for `count` rows whose greedy tokens follow one another (drafts): each row's mask
         stands after the greedy choices of the rows before it."""
-        decider.shape(first_row, count, lambda rows: self.guide.walk(rows(0, count), greedy_pick, after))
+        decider.shape(first_row, count, GuideJob(self.guide, count, WALK, after=after))
 
     def prefill_segment(self) -> Segment:
         """The rest of the prompt after what the engine already cached (chunked prefill)."""

@@ -21,7 +21,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from nemodiff.runtime.decoding.grammar import one_hot
+from nemodiff.runtime.decoding.grammar_batch import DIFFUSE, Diffuse, GuideJob
 from nemodiff.runtime.model.segments import Pattern, Segment
 
 from .base import DecodeStrategy
@@ -104,41 +104,32 @@ class DiffusionStrategy(DecodeStrategy):
             self.pending_logprobs = self._block_logprobs[1: 1 + len(tokens)]
         return tokens
 
-    def _guided_step(self, tau: float | None, k: int, last: bool):
+    def _guided_step(self, tau: float | None, k: int, last: bool) -> GuideJob:
         """A denoising step under a grammar (docs/design.md §12): only the leftmost run of masked
         positions may be revealed, left to right, each under the grammar after the tokens before it. The
         first position of the run is always revealed; the next ones while their confidence (under the
         mask, renormalised) reaches the threshold (top-k schedule: the step's k), all of them at the last
         step. The returned rows allow only the token revealed there, or only the mask id (still masked),
-        so the candidates decision writes exactly this."""
+        so the candidates decision writes exactly this. The walk itself is grammar_batch.py's DIFFUSE job."""
         rows, block, temperature = self._rows, self.block, self.params.temperature
         generator = None
         if temperature > 0:
             generator = torch.Generator().manual_seed((self.seed * 1_000_003 + self.draw_counter) % (2**63))
+        run = int(np.argmax(np.diff(rows) != 1)) + 1 if len(rows) > 1 and (np.diff(rows) != 1).any() else len(rows)
+        if tau is None and not last:
+            run = min(run, k)
 
-        def decide(j: int, row: torch.Tensor) -> int | None:
-            if j and rows[j] != rows[j - 1] + 1:  # the run ends (a pre-placed token follows)
-                return None
-            probs = torch.softmax(row.double() / (temperature if temperature > 0 else 1.0), dim=-1)
-            token = int(torch.multinomial(probs, 1, generator=generator)) if generator else int(row.numpy().argmax())
-            if j == 0 or last or (probs[token] >= tau if tau is not None else j < k):
-                picks.append(token)
-                return token
-            return None
-
-        def walk(get) -> np.ndarray:
-            x = get(0, len(rows))
-            picks.clear()
-            self.guide.walk(x, decide, block[1: rows[0]].tolist())
-            if not picks:  # the block's tokens already left the grammar: no mask at all
-                return self.guide.full(len(x))
-            out = np.repeat(one_hot(self.mask_id, self.guide.words)[None], len(x), axis=0)
-            for j, token in enumerate(picks):
-                out[j] = one_hot(token, self.guide.words)
+        def finish(job: GuideJob) -> np.ndarray:
+            if not job.picks:  # the block's tokens already left the grammar: no mask at all
+                return self.guide.full(len(rows))
+            tokens = np.full(len(rows), self.mask_id, dtype=np.int64)
+            tokens[: len(job.picks)] = job.picks
+            out = np.zeros((len(rows), self.guide.words), dtype=np.int32)
+            out[np.arange(len(rows)), tokens >> 5] = (np.uint32(1) << (tokens & 31).astype(np.uint32)).view(np.int32)
             return out
 
-        picks: list[int] = []
-        return walk
+        return GuideJob(self.guide, len(rows), DIFFUSE, after=block[1: rows[0]].tolist(), walk=run,
+                        diffuse=Diffuse(tau, k, last, temperature, generator), finish=finish)
 
     def _new_block(self, sampled: int) -> list[int]:
         forced = self.forced_token()

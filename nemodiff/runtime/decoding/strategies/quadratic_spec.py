@@ -13,12 +13,11 @@ slots 1..k-1 its diffusion predictions, chosen on the device in the same decisio
 from __future__ import annotations
 
 import numpy as np
-import torch
 
-from nemodiff.runtime.decoding.grammar import unpack
+from nemodiff.runtime.decoding.grammar_batch import VERIFY, WALK, GuideJob
 from nemodiff.runtime.model.segments import Pattern, Segment, cycle_layout, first_cycle_mask
 
-from .base import DecodeStrategy, greedy_pick
+from .base import DecodeStrategy
 from .linear_spec import acceptance_stats
 
 
@@ -80,8 +79,10 @@ class QuadraticSpecStrategy(DecodeStrategy):
                 indices, depths = self._cycle_indices()
                 self.adjust_rows(decider, first_row, self.k * self.k, indices=indices, drafts=self.tokens[1:self.k],
                                  depths=depths)
-            if self.shape_drafts:
-                decider.shape(first_row, self.k * self.k, self._shape_cycle)
+            if self.shape_drafts:  # verify the targets, then walk the group the cycle keeps
+                decider.shape(first_row, self.k * self.k, GuideJob(self.guide, self.k * self.k, VERIFY,
+                                                                   drafts=self.tokens[1:self.k].tolist(),
+                                                                   walk=self.k, then=self._shape_cycle))
             else:
                 self.guide_rows(decider, first_row, self.tokens[1:self.k])
             if self.wants_logprobs:  # the k target rows (answer: n, tokens[k], next drafts)
@@ -114,25 +115,15 @@ class QuadraticSpecStrategy(DecodeStrategy):
         self.tokens[1:k] = answer[1 + k: 2 * k]
         return tokens
 
-    def _shape_cycle(self, rows) -> np.ndarray:
-        """Greedy cycle under a grammar (rows(i, j): logit rows on the host): the k target rows masked
-        after the drafts before them (as `guide_rows`), then the next drafts, group n-1's rows, built left
-        to right after the tokens this cycle accepts (n found here as the decision will find it). Only
-        the target rows and that group's are read."""
-        k, guide = self.k, self.guide
-        drafts = self.tokens[1:k].tolist()
-        out = guide.full(k * k)
-        out[:k] = guide.masks(drafts)
-        x = rows(0, k)
-        targets = x.masked_fill(~unpack(torch.from_numpy(out[:k]), x.shape[1]), float("-inf")).numpy()
-        targets = targets.argmax(axis=-1).tolist()
-        n = 1
-        while n < k and targets[n - 1] == drafts[n - 1]:
-            n += 1
+    def _shape_cycle(self, job: GuideJob):
+        """Greedy cycle under a grammar, the follow-up of the target rows' verification (grammar_batch.py):
+        the verification accepted n tokens, d_1..d_{n-1} and the target a_{n-1}, so the next drafts, group
+        n-1's rows, are built left to right from where it stands."""
+        n, k = len(job.picks), self.k
+        if not n or job.guide.terminated:
+            return None
         group = k + (n - 1) * (k - 1)
-        out[group: group + k - 1] = guide.walk(rows(group, group + k - 1), greedy_pick,
-                                               drafts[: n - 1] + [targets[n - 1]])
-        return out
+        return group, GuideJob(self.guide, k - 1, WALK)
 
     def _cycle_indices(self) -> tuple[np.ndarray, np.ndarray]:
         """The output index each row of a cycle decides: target row i the one after d_0..d_i (d_0 is the last

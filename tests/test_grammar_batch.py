@@ -1,0 +1,131 @@
+"""Structured output, batched (nemodiff/runtime/decoding/grammar_batch.py): the step's grammar work in lockstep.
+
+The batched jobs must decide what one request's per-row work (grammar.py's `masks` and `walk`) decides:
+batch fills equal per-row fills, try-accept at temperature 0 gives the tokens full masks give, walks and
+denoising reveals pick the same tokens, and every matcher stands after its output again afterwards.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from nemodiff.runtime.decoding.grammar import greedy_pick, unpack
+from nemodiff.runtime.decoding.grammar_batch import DIFFUSE, MASKS, VERIFY, WALK, Diffuse, GuideJob, run_jobs
+from nemodiff.runtime.request import Guide
+
+SCHEMA = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 5}, "n": {"type": "integer"}},
+          "required": ["name", "n"]}
+REQUESTS, ROWS = 6, 5
+
+
+@pytest.fixture(scope="module")
+def grammars(served_llm):
+    return served_llm.engine.grammars()
+
+
+def matchers(grammars, seed: int):
+    """REQUESTS matchers of one schema, each advanced by a different number of masked-greedy tokens."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(REQUESTS):
+        m = grammars.matcher(Guide("json_schema", json.dumps(SCHEMA)))
+        x = torch.randn(i, grammars.vocab_size, generator=gen)
+        if i:
+            walked = masked_argmax(x, m.walk(x, greedy_pick))
+            assert m.advance(walked)[0] == len(walked)
+        out.append(m)
+    return out
+
+
+def masked_argmax(x: torch.Tensor, bitmask: np.ndarray) -> list[int]:
+    return x.masked_fill(~unpack(torch.from_numpy(bitmask), x.shape[1]), float("-inf")).numpy().argmax(1).tolist()
+
+
+def state(m) -> np.ndarray:
+    return m.masks()[0].copy()
+
+
+def logits(grammars, seed: int, boosted: list[list[int]] | None = None) -> torch.Tensor:
+    """[REQUESTS * ROWS, vocab] random rows; boosted[i][j]: a token made row j's greedy choice (or -1)."""
+    x = torch.randn(REQUESTS * ROWS, grammars.vocab_size, generator=torch.Generator().manual_seed(seed))
+    for i, tokens in enumerate(boosted or []):
+        for j, token in enumerate(tokens):
+            if token >= 0:
+                x[i * ROWS + j, token] += 50.0
+    return x
+
+
+def test_batch_fills_equal_per_row_fills(grammars):
+    ms = matchers(grammars, 0)
+    before = [state(m) for m in ms]
+    x = logits(grammars, 1)
+    drafts = [masked_argmax(x[i * ROWS: (i + 1) * ROWS - 1], m.walk(x[i * ROWS: (i + 1) * ROWS - 1], greedy_pick))
+              for i, m in enumerate(ms)]
+    drafts[1][1] = 0  # a draft the grammar refuses: the rows after it allow everything
+    expected = [m.masks(d) for m, d in zip(ms, drafts)]
+    jobs = [(i * ROWS, GuideJob(m, ROWS, MASKS, drafts=d)) for i, (m, d) in enumerate(zip(ms, drafts))]
+    for got, want in zip(run_jobs(jobs, x), expected):
+        np.testing.assert_array_equal(got, want)
+    assert all((state(m) == b).all() for m, b in zip(ms, before))  # every look-ahead rolled back
+
+
+def test_try_accept_verification_gives_the_tokens_of_full_masks(grammars):
+    ms = matchers(grammars, 2)
+    before = [state(m) for m in ms]
+    plain = logits(grammars, 3)
+    # greedy rows: half of them made the grammar's own choice (taken by try-accept, never filled)
+    walks = [masked_argmax(plain[i * ROWS: (i + 1) * ROWS], m.walk(plain[i * ROWS: (i + 1) * ROWS], greedy_pick))
+             for i, m in enumerate(ms)]
+    x = logits(grammars, 3, [[t if (i + j) % 2 else -1 for j, t in enumerate(w)] for i, w in enumerate(walks)])
+    drafts = [w[:ROWS - 1] for w in walks]
+    drafts[2][2] = (drafts[2][2] + 1) % grammars.vocab_size  # a mismatch mid-way
+    jobs = [(i * ROWS, GuideJob(m, ROWS, VERIFY, drafts=d)) for i, (m, d) in enumerate(zip(ms, drafts))]
+    results = run_jobs(jobs, x)
+    masked = 0
+    for i, (m, d, rows) in enumerate(zip(ms, drafts, results)):
+        full = masked_argmax(x[i * ROWS: (i + 1) * ROWS], m.masks(d))
+        tried = masked_argmax(x[i * ROWS: (i + 1) * ROWS], rows)
+        n = next((j + 1 for j in range(ROWS - 1) if full[j] != d[j]), ROWS)
+        assert tried[:n] == full[:n], i  # the verification's tokens: accepted drafts and the bonus
+        masked += int((rows != -1).any(axis=1).sum())
+    assert 0 < masked < REQUESTS * ROWS  # some rows needed a mask, the try-accepted ones did not
+    assert all((state(m) == b).all() for m, b in zip(ms, before))
+
+
+def test_batched_walks_and_reveals_pick_what_one_request_picks(grammars):
+    ms = matchers(grammars, 4)
+    before = [state(m) for m in ms]
+    plain = logits(grammars, 5)
+    walks = [masked_argmax(plain[i * ROWS: (i + 1) * ROWS], m.walk(plain[i * ROWS: (i + 1) * ROWS], greedy_pick))
+             for i, m in enumerate(ms)]
+    x = logits(grammars, 5, [[t if j % 2 else -1 for j, t in enumerate(w)] for w in walks])
+    expected = [masked_argmax(x[i * ROWS: (i + 1) * ROWS], m.walk(x[i * ROWS: (i + 1) * ROWS], greedy_pick))
+                for i, m in enumerate(ms)]
+    jobs = [(i * ROWS, GuideJob(m, ROWS, WALK)) for i, m in enumerate(ms)]
+    got = [masked_argmax(x[i * ROWS: (i + 1) * ROWS], rows) for i, rows in enumerate(run_jobs(jobs, x))]
+    for job, g, e in zip((j for _, j in jobs), got, expected):
+        walked = len(job.picks)
+        assert walked and g[:walked] == e[:walked] == job.picks
+    # denoising reveals (tau): the per-row rule of grammar.py's walk with a decide function
+    for tau in (0.05, 0.5):
+        picks = []
+        for i, m in enumerate(ms):
+            seen: list[int] = []
+
+            def decide(j, row, seen=seen, tau=tau):
+                probs = torch.softmax(row.double(), dim=-1)
+                token = int(row.numpy().argmax())
+                if j == 0 or probs[token] >= tau:
+                    seen.append(token)
+                    return token
+                return None
+            m.walk(x[i * ROWS: (i + 1) * ROWS], decide)
+            picks.append(seen)
+        jobs = [(i * ROWS, GuideJob(m, ROWS, DIFFUSE, diffuse=Diffuse(tau, 0, False, 0.0))) for i, m in enumerate(ms)]
+        run_jobs(jobs, x)
+        assert [job.picks for _, job in jobs] == picks
+    assert all((state(m) == b).all() for m, b in zip(ms, before))
