@@ -9,8 +9,9 @@ genai-perf. For each concurrency level, that many clients send requests back to 
 duration (mixed decode modes by default). Reported per level: requests completed, errors, refused (UNAVAILABLE, the queue
 limit), output tokens/s, time to first token and inter-token latency percentiles.
 
-Over HTTP the decode mode travels as Dynamo's `nvext.annotations` entry `decode_mode:<mode>`, or as
-nemodiff's own `decode_mode` field when the server refuses `nvext` (found with one probe request);
+Over HTTP the decode mode travels as nemodiff's own `decode_mode` field (with `ignore_eos`, so every
+request generates max_tokens), or as Dynamo's `nvext.annotations` entry `decode_mode:<mode>` when the
+server refuses nemodiff's fields (found with one probe request);
 output tokens are the usage the server reports, and as a chunk may carry several tokens, the
 inter-token latency is (last chunk - first chunk) / (tokens - 1).
 
@@ -168,7 +169,7 @@ class OpenAIStreams:
         base = url.rstrip("/")
         self.base = base if base.endswith("/v1") else base + "/v1"
         self.model = model
-        self.dialect = "nvext"  # how the decode mode travels: "nvext" (Dynamo) or "field" (nemodiff serve)
+        self.dialect = "field"  # how the decode mode travels: "field" (nemodiff serve) or "nvext" (Dynamo)
         self._session: aiohttp.ClientSession | None = None
 
     async def __aenter__(self) -> OpenAIStreams:
@@ -188,9 +189,12 @@ class OpenAIStreams:
         if not listed or (self.model is not None and self.model not in listed):
             return False
         self.model = self.model or listed[0]
+        # nemodiff's own port takes `decode_mode` as a field (and ignores an unknown `nvext`); Dynamo's frontend
+        # refuses nemodiff's fields and reads the mode from its annotations
+        self.dialect = "field"
         probe = await self.stream({"prompt": "Hi", "max_tokens": 1, "decode_mode": "ar"})
-        if not probe.ok and "nvext" in (probe.error or ""):
-            self.dialect = "field"
+        if not probe.ok:
+            self.dialect = "nvext"
         return True
 
     def body(self, fields: dict) -> dict:
