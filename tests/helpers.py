@@ -218,3 +218,15 @@ def rotating_auto(llm):
 
     kept, llm.engine.auto = llm.engine.auto, Rotating(llm.engine.ctx)
     return kept
+
+
+def record_splits(model) -> list[int]:
+    """Spies on `model`'s attention metadata: the list fills with each forward's split-KV count."""
+    seen, attention = [], model.meta.attention
+
+    def spy(batch, cache, num_splits=None, **kwargs):
+        meta = attention(batch, cache, num_splits, **kwargs)
+        seen.append(meta.num_splits)
+        return meta
+    model.meta.attention = spy
+    return seen

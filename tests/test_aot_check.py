@@ -16,7 +16,7 @@ import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
-from helpers import transformers_model
+from helpers import record_splits, transformers_model
 from nemodiff import LLM, SamplingParams
 from nemodiff.device import EMULATED_GPU_ENV, KernelLaunchError, Staging
 from nemodiff.plugins.attention import choose_splits
@@ -153,14 +153,7 @@ def test_split_kv_follows_the_real_context_not_the_longest_allowed(gpu_engines):
     cfg = model.config
     cache = PagedKVCache(cfg.num_hidden_layers, model.num_kv_heads, cfg.head_dim, 4, 200, model.dtype,
                          llm.platform, max_pages_per_request=100)
-    seen = []
-    attention = model.meta.attention
-
-    def spy(batch, cache, num_splits=None, **kwargs):
-        meta = attention(batch, cache, num_splits, **kwargs)
-        seen.append(meta.num_splits)
-        return meta
-    model.meta.attention = spy
+    seen = record_splits(model)
     kv, sms = model.rank_config.num_key_value_heads, llm.platform.sm_count
     for context in (10, 300):  # a short and a long committed prefix, one decode token each
         cache.add_request(context)

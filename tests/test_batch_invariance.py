@@ -13,6 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from helpers import record_splits
 from nemodiff import LLM, SamplingParams
 from nemodiff.runtime.model.kv_cache import PagedKVCache
 from nemodiff.runtime.model.segments import Segment
@@ -62,14 +63,7 @@ def test_a_decode_row_over_split_chunks_is_the_same_bits_in_any_batch(gpu_engine
         cache.add_request(rid)
         cache.reserve(rid, context + 1)
         cache.set_length(rid, context)
-    seen = []
-    attention = model.meta.attention
-
-    def spy(batch, cache, num_splits=None, **kwargs):
-        meta = attention(batch, cache, num_splits, **kwargs)
-        seen.append(meta.num_splits)
-        return meta
-    model.meta.attention = spy
+    seen = record_splits(model)
 
     def step(rids):
         return model.forward([Segment(rid, [9 + rid], [contexts[rid]], contexts[rid], write_kv=False)

@@ -45,6 +45,12 @@ def masked_argmax(x: torch.Tensor, bitmask: np.ndarray) -> list[int]:
     return x.masked_fill(~unpack(torch.from_numpy(bitmask), x.shape[1]), float("-inf")).numpy().argmax(1).tolist()
 
 
+def greedy_walks(ms, x: torch.Tensor, rows: int = ROWS) -> list[list[int]]:
+    """Each request's greedy tokens under its grammar, walked one row at a time (the per-row reference)."""
+    return [masked_argmax(x[i * ROWS: i * ROWS + rows], m.walk(x[i * ROWS: i * ROWS + rows], greedy_pick))
+            for i, m in enumerate(ms)]
+
+
 def state(m) -> np.ndarray:
     return m.masks()[0].copy()
 
@@ -63,8 +69,7 @@ def test_batch_fills_equal_per_row_fills(grammars):
     ms = matchers(grammars, 0)
     before = [state(m) for m in ms]
     x = logits(grammars, 1)
-    drafts = [masked_argmax(x[i * ROWS: (i + 1) * ROWS - 1], m.walk(x[i * ROWS: (i + 1) * ROWS - 1], greedy_pick))
-              for i, m in enumerate(ms)]
+    drafts = greedy_walks(ms, x, ROWS - 1)
     drafts[1][1] = 0  # a draft the grammar refuses: the rows after it allow everything
     expected = [m.masks(d) for m, d in zip(ms, drafts)]
     jobs = [(i * ROWS, GuideJob(m, ROWS, MASKS, drafts=d)) for i, (m, d) in enumerate(zip(ms, drafts))]
@@ -78,8 +83,7 @@ def test_try_accept_verification_gives_the_tokens_of_full_masks(grammars):
     before = [state(m) for m in ms]
     plain = logits(grammars, 3)
     # greedy rows: half of them made the grammar's own choice (taken by try-accept, never filled)
-    walks = [masked_argmax(plain[i * ROWS: (i + 1) * ROWS], m.walk(plain[i * ROWS: (i + 1) * ROWS], greedy_pick))
-             for i, m in enumerate(ms)]
+    walks = greedy_walks(ms, plain)
     x = logits(grammars, 3, [[t if (i + j) % 2 else -1 for j, t in enumerate(w)] for i, w in enumerate(walks)])
     drafts = [w[:ROWS - 1] for w in walks]
     drafts[2][2] = (drafts[2][2] + 1) % grammars.vocab_size  # a mismatch mid-way
@@ -100,11 +104,9 @@ def test_batched_walks_and_reveals_pick_what_one_request_picks(grammars):
     ms = matchers(grammars, 4)
     before = [state(m) for m in ms]
     plain = logits(grammars, 5)
-    walks = [masked_argmax(plain[i * ROWS: (i + 1) * ROWS], m.walk(plain[i * ROWS: (i + 1) * ROWS], greedy_pick))
-             for i, m in enumerate(ms)]
+    walks = greedy_walks(ms, plain)
     x = logits(grammars, 5, [[t if j % 2 else -1 for j, t in enumerate(w)] for w in walks])
-    expected = [masked_argmax(x[i * ROWS: (i + 1) * ROWS], m.walk(x[i * ROWS: (i + 1) * ROWS], greedy_pick))
-                for i, m in enumerate(ms)]
+    expected = greedy_walks(ms, x)
     jobs = [(i * ROWS, GuideJob(m, ROWS, WALK)) for i, m in enumerate(ms)]
     got = [masked_argmax(x[i * ROWS: (i + 1) * ROWS], rows) for i, rows in enumerate(run_jobs(jobs, x))]
     for job, g, e in zip((j for _, j in jobs), got, expected):
