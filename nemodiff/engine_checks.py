@@ -299,9 +299,8 @@ def read_json(path: Path):
     """A small JSON file of an engine (no symlink, bounded size), or an EngineFormatError naming it."""
     path = Path(path)
     plain_file(path.parent, path.name, missing="not found")
-    if path.stat().st_size > MAX_JSON_BYTES:
-        raise EngineFormatError(f"{path}: {path.stat().st_size} bytes, over the limit of {MAX_JSON_BYTES} bytes "
-                                "for an engine's JSON file")
+    if problem := size_problem(path):
+        raise EngineFormatError(problem)
     try:
         with open(path, "rb", opener=_no_follow) as f:
             return json.loads(f.read().decode("utf-8"))

@@ -95,8 +95,8 @@ def _check_tokenizer(root: Path, vocab_size: int) -> None:
         raise CheckpointError(f"{path}: file not found (the engine needs the tokenizer)")
     for name in TOKENIZER_FILES:  # what the engine will carry, within the limits the runtime reads it with
         file = checkpoint_file(root, name)
-        if file.is_file() and size_problem(file):
-            raise CheckpointError(size_problem(file))
+        if file.is_file() and (problem := size_problem(file)):
+            raise CheckpointError(problem)
     try:
         tokenizer = Tokenizer.from_str(path.read_bytes().decode("utf-8"))
     except Exception as exc:  # tokenizers raises a bare Exception whose message names no file

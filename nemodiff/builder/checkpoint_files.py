@@ -62,8 +62,8 @@ def load_json(root: Path, rel: str, what: str = "an object"):
     path = checkpoint_file(root, rel)
     if not path.is_file():
         raise CheckpointError(f"{path}: file not found")
-    if size_problem(path, rel):  # a JSON file's limit, tokenizer.json's for that one
-        raise CheckpointError(size_problem(path, rel))
+    if problem := size_problem(path, rel):  # a JSON file's limit, tokenizer.json's for that one
+        raise CheckpointError(problem)
     try:
         data = json.loads(path.read_bytes().decode("utf-8"))
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:
