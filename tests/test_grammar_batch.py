@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from nemodiff.runtime.decoding.grammar import greedy_pick, unpack
-from nemodiff.runtime.decoding.grammar_batch import DIFFUSE, MASKS, VERIFY, WALK, Diffuse, GuideJob, run_jobs
+from nemodiff.runtime.decoding.grammar import apply_only, greedy_pick, unpack
+from nemodiff.runtime.decoding.grammar_batch import (DIFFUSE, MASKS, VERIFY, WALK, Diffuse, GuideJob, OnlyTokens,
+                                                     run_jobs)
 from nemodiff.runtime.request import Guide
 
 SCHEMA = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 5}, "n": {"type": "integer"}},
@@ -41,8 +42,21 @@ def matchers(grammars, seed: int):
     return out
 
 
-def masked_argmax(x: torch.Tensor, bitmask: np.ndarray) -> list[int]:
-    return x.masked_fill(~unpack(torch.from_numpy(bitmask), x.shape[1]), float("-inf")).numpy().argmax(1).tolist()
+def masked_argmax(x: torch.Tensor, rows) -> list[int]:
+    """The rows' first maxima under bitmask rows, or under a job's OnlyTokens (each row one token or all)."""
+    if isinstance(rows, OnlyTokens):
+        x = x.clone()
+        if rows.tokens is not None:
+            forced = np.flatnonzero(rows.tokens >= 0)
+            apply_only(x, forced, rows.tokens[forced], keep=False)
+        return x.numpy().argmax(1).tolist()
+    return x.masked_fill(~unpack(torch.from_numpy(rows), x.shape[1]), float("-inf")).numpy().argmax(1).tolist()
+
+
+def masked_rows(rows) -> int:
+    if isinstance(rows, OnlyTokens):
+        return 0 if rows.tokens is None else int((rows.tokens >= 0).sum())
+    return int((rows != -1).any(axis=1).sum())
 
 
 def greedy_walks(ms, x: torch.Tensor, rows: int = ROWS) -> list[list[int]]:
@@ -95,7 +109,7 @@ def test_try_accept_verification_gives_the_tokens_of_full_masks(grammars):
         tried = masked_argmax(x[i * ROWS: (i + 1) * ROWS], rows)
         n = next((j + 1 for j in range(ROWS - 1) if full[j] != d[j]), ROWS)
         assert tried[:n] == full[:n], i  # the verification's tokens: accepted drafts and the bonus
-        masked += int((rows != -1).any(axis=1).sum())
+        masked += masked_rows(rows)
     assert 0 < masked < REQUESTS * ROWS  # some rows needed a mask, the try-accepted ones did not
     assert all((state(m) == b).all() for m, b in zip(ms, before))
 
@@ -131,3 +145,20 @@ def test_batched_walks_and_reveals_pick_what_one_request_picks(grammars):
         run_jobs(jobs, x)
         assert [job.picks for _, job in jobs] == picks
     assert all((state(m) == b).all() for m, b in zip(ms, before))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_one_token_rows_equal_their_bitmasks_and_give_back_the_originals(dtype):
+    """apply_only (a walked row allows its token alone) sets the logits a one-hot bitmask sets, on the numpy
+    path (float32 on the host) and the tensor path alike, and returns the rows as they were."""
+    from nemodiff.runtime.decoding.grammar import apply_masks, one_hot, words
+
+    vocab = 100
+    x = torch.randn(6, vocab, generator=torch.Generator().manual_seed(7)).to(dtype)
+    rows, tokens = np.array([1, 4, 5]), np.array([3, 99, 0])
+    by_tokens, by_bits = x.clone(), x.clone()
+    original = apply_only(by_tokens, rows, tokens, keep=True)
+    apply_masks(by_bits, rows, np.stack([one_hot(int(t), words(vocab)) for t in tokens]), keep=False)
+    assert torch.equal(by_tokens, by_bits)
+    assert torch.equal(original, x[rows])
+    assert torch.equal(by_tokens[[0, 2, 3]], x[[0, 2, 3]])

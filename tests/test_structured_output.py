@@ -106,6 +106,40 @@ def test_grammar_shaped_drafts_raise_acceptance(llms):
         assert rates[mode, True] > rates[mode, False], rates
 
 
+def test_draft_walks_follow_recent_acceptance(llms, monkeypatch):
+    """A spec request builds its drafts under the grammar only two rows past the most tokens one of its last
+    four verifications accepted (all rows at first); the rows after stay unmasked, and the output is still
+    constrained AR's."""
+    from nemodiff.runtime.decoding.decision_pass import Decider
+    from nemodiff.runtime.decoding.grammar_batch import WALK, GuideJob
+    from nemodiff.runtime.decoding.strategies.linear_spec import LinearSpecStrategy
+
+    llm = llms["random"]
+    params = dict(max_new_tokens=40, guide=GUIDES["json_schema"])
+    ar = llm.generate(prompts(llm), SamplingParams(**params))
+    history, walks = [], []
+    real_walk, real_shape = LinearSpecStrategy.draft_walk, Decider.shape
+
+    def draft_walk(self, drafts):
+        history.append((list(self.accepted), drafts))
+        return real_walk(self, drafts)
+
+    def shape(self, first_row, count, fn):
+        if isinstance(fn, GuideJob) and fn.kind == WALK:
+            walks.append((fn.count, fn.walk))
+        return real_shape(self, first_row, count, fn)
+
+    monkeypatch.setattr(LinearSpecStrategy, "draft_walk", draft_walk)
+    monkeypatch.setattr(Decider, "shape", shape)
+    outs = llm.generate(prompts(llm), SamplingParams(**params, mode="linear-spec", block_length=8))
+    assert [o.output_ids for o in outs] == [a.output_ids for a in ar]
+    assert len(walks) == len(history) > 0
+    for (accepted, drafts), (count, walk) in zip(history, walks):
+        assert count == drafts
+        assert walk == (min(drafts, max(accepted[-4:]) + 2) if accepted else drafts)
+    assert any(walk < count for count, walk in walks)
+
+
 def test_sampled_output_follows_the_guide(llms):
     llm = llms["random"]
     for mode in MODES:

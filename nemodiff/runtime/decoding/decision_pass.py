@@ -27,8 +27,8 @@ from nemodiff.runtime.model.segments import arange
 
 from . import batched_sampling as S
 from .bias import RowAdjustments
-from .grammar import apply_masks
-from .grammar_batch import GuideJob, run_jobs
+from .grammar import apply_masks, apply_only
+from .grammar_batch import GuideJob, OnlyTokens, run_jobs
 from .logprobs import LogprobPass, TokenLogprob
 
 
@@ -142,9 +142,15 @@ class Decider:
     def _apply_guides(self, logits: torch.Tensor):
         """Mask the guided rows in place; returns what restores them for the log-probabilities (raw)."""
         jobs = [(first, fn) for first, _, fn in self._shapers if isinstance(fn, GuideJob)]
+        only: list[tuple[int, np.ndarray]] = []  # (first row, the one token each row allows)
         if jobs:  # the step's grammar work, all requests at once (grammar_batch.py)
             try:
-                self._guides += zip((first for first, _ in jobs), run_jobs(jobs, logits))
+                for first, rows in zip((first for first, _ in jobs), run_jobs(jobs, logits)):
+                    if isinstance(rows, OnlyTokens):
+                        if rows.tokens is not None:
+                            only.append((first, rows.tokens))
+                    else:
+                        self._guides.append((first, rows))
             except Exception:  # xgrammar itself failed: these rows unmasked, their next tokens fail their checks
                 log.exception("the grammar masks failed; their rows are left unmasked")
         for first, count, fn in self._shapers:
@@ -156,19 +162,31 @@ class Decider:
                 log.exception("a grammar mask failed; its rows are left unmasked")
                 bitmask = np.full((count, 1), -1, dtype=np.int32)
             self._guides.append((first, bitmask))
-        if not self._guides:
+        keep = self.logprob_pass is not None
+        restores = []
+        if only:
+            rows = np.concatenate([np.arange(f, f + len(t), dtype=np.int64) for f, t in only])
+            tokens = np.concatenate([t for _, t in only])
+            forced = tokens >= 0  # -1: the row allows everything
+            if not forced.all():
+                rows, tokens = rows[forced], tokens[forced]
+            if len(rows):
+                restores.append((rows, apply_only(logits, rows, tokens, keep)))
+        if self._guides:
+            rows = np.concatenate([np.arange(f, f + len(b), dtype=np.int64) for f, b in self._guides])
+            width = max(b.shape[1] for _, b in self._guides)
+            bitmask = np.concatenate([b if b.shape[1] == width else np.full((len(b), width), -1, np.int32)
+                                      for _, b in self._guides])
+            masked = (bitmask != -1).any(axis=1)  # rows that allow everything are left alone
+            if not masked.all():
+                rows, bitmask = rows[masked], bitmask[masked]
+            if len(rows):
+                restores.append((rows, apply_masks(logits, rows, bitmask, keep=keep)))
+        if not keep or not restores:
             return None
-        rows = np.concatenate([np.arange(f, f + len(b), dtype=np.int64) for f, b in self._guides])
-        width = max(b.shape[1] for _, b in self._guides)
-        bitmask = np.concatenate([b if b.shape[1] == width else np.full((len(b), width), -1, np.int32)
-                                  for _, b in self._guides])
-        masked = (bitmask != -1).any(axis=1)  # rows that allow everything are left alone
-        if not masked.all():
-            rows, bitmask = rows[masked], bitmask[masked]
-        if not len(rows):
-            return None
-        original = apply_masks(logits, rows, bitmask, keep=self.logprob_pass is not None)
-        return None if original is None else (rows, original)
+        if len(restores) == 1:
+            return restores[0]
+        return np.concatenate([r for r, _ in restores]), torch.cat([o for _, o in restores])
 
     # -- device work -------------------------------------------------------------------------
     def run(self, logits: torch.Tensor, ids: torch.Tensor) -> None:

@@ -11,7 +11,8 @@ the method returns, so rejected drafts and preemption never leave a trace in it.
 
 A bitmask row has one bit per vocabulary id (int32 words, bit i of word w is id 32w+i); a row of
 all ones leaves the logits as they are. `apply_masks` sets the logits of disallowed ids to -inf on
-the logits' device, for the rows of every guided request of a step at once.
+the logits' device, for the rows of every guided request of a step at once; `apply_only` leaves each row one
+allowed token (rows whose decision a grammar walk already knows).
 """
 
 from __future__ import annotations
@@ -141,7 +142,7 @@ class GuideMatcher:
 
     @property
     def terminated(self) -> bool:
-        return self._m.is_terminated()
+        return self.handle.is_terminated()
 
     def _fill(self, out: np.ndarray) -> None:
         self._m.fill_next_token_bitmask(self._bitmask)
@@ -154,9 +155,9 @@ class GuideMatcher:
     def _take(self, token: int) -> bool:
         """Accept one token if the grammar (not ended) allows it."""
         token = int(token)
-        if not 0 <= token < self.vocab_size or self._never[token] or self._m.is_terminated():
+        if not 0 <= token < self.vocab_size or self._never[token] or self.handle.is_terminated():
             return False
-        return self._m.accept_token(token)
+        return self.handle.accept_token(token, False)
 
     def _look(self, tokens) -> int:
         """Accept tokens (look-ahead) until one is refused or the grammar ends; returns how many were."""
@@ -172,13 +173,13 @@ class GuideMatcher:
         grammar refuses (or after its end) allow everything: no accepted output comes from them."""
         out = self.full(1 + len(drafts))
         done = 0
-        if not self._m.is_terminated():
+        if not self.handle.is_terminated():
             self._fill(out[0])
             for i, token in enumerate(drafts):
                 if not self._take(token):
                     break
                 done += 1
-                if self._m.is_terminated():
+                if self.handle.is_terminated():
                     break
                 self._fill(out[i + 1])
         self._rollback(done)
@@ -195,7 +196,7 @@ class GuideMatcher:
             values = x.numpy()
             greedy = decide is greedy_pick
             for j in range(len(x)):
-                if self._m.is_terminated():
+                if self.handle.is_terminated():
                     break
                 self._fill(out[j])
                 token = int(values[j].argmax()) if greedy else None
@@ -216,7 +217,7 @@ class GuideMatcher:
     def advance(self, tokens: list[int]) -> tuple[int, bool]:
         """Accept output tokens: (how many the grammar took, whether it has ended)."""
         done = self._look(tokens)
-        return done, self._m.is_terminated()
+        return done, self.handle.is_terminated()
 
 
 def greedy_pick(_j: int, row) -> int:
@@ -256,4 +257,23 @@ def apply_masks(logits: torch.Tensor, rows: np.ndarray, bitmask: np.ndarray, kee
     allowed = unpack(torch.from_numpy(bitmask).to(logits.device, non_blocking=True), logits.shape[1])
     original = logits[index]
     logits[index] = original.masked_fill(~allowed, float("-inf"))
+    return original if keep else None
+
+
+def apply_only(logits: torch.Tensor, rows: np.ndarray, tokens: np.ndarray, keep: bool) -> torch.Tensor | None:
+    """Leave each of these rows one allowed logit (row rows[i]: token tokens[i]; the rest -inf), in place on
+    the logits' device: rows whose decision a grammar walk already knows (grammar_batch.py). keep: return
+    the rows' original values."""
+    if on_host(logits) and logits.dtype == torch.float32:
+        x = logits.numpy()
+        original = x[rows]
+        kept = original[np.arange(len(rows)), tokens]
+        x[rows] = np.float32(-np.inf)
+        x[rows, tokens] = kept
+        return torch.from_numpy(original) if keep else None
+    index = torch.from_numpy(rows).to(logits.device, non_blocking=True)
+    picked = torch.from_numpy(tokens).to(logits.device, non_blocking=True)
+    original = logits[index]
+    logits[index] = float("-inf")
+    logits[index, picked] = original[torch.arange(len(rows), device=logits.device), picked]
     return original if keep else None

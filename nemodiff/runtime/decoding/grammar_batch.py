@@ -1,13 +1,10 @@
-"""Structured output, batched: the grammar work of every guided request of a step, in lockstep.
+"""Structured output, batched: the grammar work of every guided request of a step, together.
 
 checkpoint ──builder──▶ engine dir ──[runtime: decide ▶ grammar masks of the whole step]──▶ Triton
 
 A strategy describes its grammar work of a step as a `GuideJob` (grammar.py's matcher, its logit rows,
 and what they decide) and hands it to `Decider.shape`; before any decision `run_jobs` does the step's
-jobs together, row index by row index: at each depth one C++ call fills the bitmasks of every job
-that needs one (xgrammar's `BatchGrammarMatcher`), one accepts every job's token, and the masked
-greedy choices are one numpy pass, so the Python work per step grows with the rows walked, not with
-requests times rows. The kinds:
+jobs together. The kinds:
 
 - MASKS: rows i = 0..len(drafts): the mask after the output and drafts[:i] (no logits read). Sampled
   rows need the full mask: their distribution is the masked one.
@@ -15,13 +12,17 @@ requests times rows. The kinds:
   row whose choice is not drafts[i] (the rows after it decide nothing that is kept).
 - WALK (temperature 0): tokens built left to right (drafts, a QuadraticSpec group).
 - DIFFUSE: a denoising step under the grammar (strategies/diffusion.py: reveal left to right while
-  confident).
+  confident). Its rows come back as `OnlyTokens`: each revealed row allows its token, the rest the mask id.
 
-Try-accept before fill: a greedy row whose own first maximum the grammar takes (one `accept_token`,
-undone at the end with every look-ahead) decides that token with or without a mask, so the row stays
-all ones and no bitmask is filled or applied for it; only rows whose greedy token the grammar refuses
-are filled and masked. Every job's look-ahead is rolled back before `run_jobs` returns: matchers
-stand after their request's output, as grammar.py promises.
+How: a greedy row whose own first maximum the grammar takes (one `accept_token`, undone at the end with
+every look-ahead) decides that token with or without a mask, so at temperature 0 each job walks its rows
+on its own in a tight loop of try-accepts, and stops only where its greedy token is refused (or where
+the decision needs the masked distribution: a denoising row's confidence, a sampled row, a MASKS row).
+The stopped jobs of a round get their bitmasks in one C++ call (xgrammar's `BatchGrammarMatcher`), their
+masked choices in one numpy pass, and walk on in the next round: the Python work grows with the rows
+walked and the rounds (the most refusals of one job), not with requests times rows. A try-accepted row
+stays all ones (no bitmask filled or applied). Every job's look-ahead is rolled back before `run_jobs`
+returns: matchers stand after their request's output, as grammar.py promises.
 """
 
 from __future__ import annotations
@@ -45,10 +46,12 @@ class Diffuse:
     k (top-k schedule: the step reveals up to k), last (the block's last step: reveal every walked row),
     temperature and the step's generator (temperature > 0)."""
 
-    __slots__ = ("tau", "k", "last", "temperature", "generator")
+    __slots__ = ("tau", "k", "last", "temperature", "generator", "by_confidence")
 
     def __init__(self, tau: float | None, k: int, last: bool, temperature: float, generator=None):
         self.tau, self.k, self.last, self.temperature, self.generator = tau, k, last, temperature, generator
+        # rows after the first reveal by their greedy token's masked confidence
+        self.by_confidence = tau is not None and not last and generator is None
 
 
 class GuideJob:
@@ -56,38 +59,68 @@ class GuideJob:
     after: tokens standing before row 0 (accepted first); drafts: MASKS and VERIFY rows' look-ahead;
     walk: the most rows walked (default count); then(job) -> (offset, GuideJob) | None: work that depends
     on this job's result, on rows from `offset` (a QuadraticSpec group after the verified targets);
-    finish(job) -> bitmask: the rows to apply, from the job's picks (default: the filled rows)."""
+    only: a DIFFUSE job's rows come back as OnlyTokens, the unrevealed rows allowing this id."""
 
-    __slots__ = ("guide", "count", "kind", "after", "drafts", "walk", "diffuse", "then", "finish", "picks",
-                 "base", "row", "taken", "failed", "root")
+    __slots__ = ("guide", "count", "kind", "after", "drafts", "walk", "diffuse", "then", "only", "picks",
+                 "forced", "base", "row", "depth", "taken", "failed", "root")
 
     def __init__(self, guide: GuideMatcher, count: int, kind: str, after=(), drafts=(), walk: int | None = None,
-                 diffuse: Diffuse | None = None, then=None, finish=None):
+                 diffuse: Diffuse | None = None, then=None, only: int | None = None):
         self.guide, self.count, self.kind = guide, count, kind
         self.after, self.drafts = list(after), list(drafts)
         self.walk = count if walk is None else min(walk, count)
         if kind == MASKS:
             self.walk = min(self.walk, len(self.drafts) + 1)
-        self.diffuse, self.then, self.finish = diffuse, then, finish
+        self.diffuse, self.then, self.only = diffuse, then, only
         self.picks: list[int] = []  # the token each walked row decided, in order
-        self.base = self.row = self.taken = 0  # first output row, first logit row, tokens accepted (to roll back)
-        self.failed = False
+        self.forced: dict[int, int] | None = None  # VERIFY, WALK: row -> token, for rows that needed their mask
+        self.base = self.row = self.depth = self.taken = 0  # first output row, first logit row, rows walked,
+        self.failed = False                                  # tokens accepted (to roll back)
         self.root = self  # the job whose rows and look-ahead a follow-up shares
 
 
+class OnlyTokens:
+    """Rows that each allow one token (tokens[i] for row i; -1: the row allows everything), or None: rows
+    that all allow everything. At temperature 0 a walked row's decision is known once walked, so its row
+    allows just that token: the decisions take the same token as under the full mask, and applying it
+    costs no unpacking of bitmasks."""
+
+    __slots__ = ("tokens",)
+
+    def __init__(self, tokens: np.ndarray | None):
+        self.tokens = tokens
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+
 class _Host:
-    """The logit rows on the host: every row's greedy token (one pass), and rows' values when asked."""
+    """The logit rows on the host: the greedy token of the rows a walk may visit (one pass), and rows'
+    values when asked."""
 
     def __init__(self, logits: torch.Tensor):
         self.logits = logits
         self.numpy = logits.numpy() if on_host(logits) and logits.dtype == torch.float32 else None
-        self._greedy = None
+        self._greedy: list[int] | None = None
+        self._filled = False
 
-    def greedy(self, rows: np.ndarray) -> np.ndarray:
+    def greedy(self, jobs: list[GuideJob]) -> list[int]:
+        """Logit row -> its first maximum, filled for the rows these jobs may walk (on a device every
+        row: one argmax there)."""
+        x = self.numpy
+        if x is None:
+            if self._greedy is None:
+                self._greedy = self.logits.argmax(dim=1).cpu().tolist()
+            return self._greedy
         if self._greedy is None:
-            x = self.numpy
-            self._greedy = x.argmax(axis=1) if x is not None else self.logits.argmax(dim=1).cpu().numpy()
-        return self._greedy[rows]
+            self._greedy = [0] * len(x)
+        if not jobs:
+            return self._greedy
+        rows = np.concatenate([np.arange(job.row + job.depth, job.row + _greedy_end(job)) for job in jobs])
+        greedy = np.array(self._greedy, dtype=np.int64) if self._filled else np.zeros(len(x), dtype=np.int64)
+        greedy[rows] = x[rows].argmax(axis=1)
+        self._greedy, self._filled = greedy.tolist(), True
+        return self._greedy
 
     def values(self, rows: np.ndarray) -> np.ndarray:
         if self.numpy is not None:
@@ -112,9 +145,10 @@ def _unpack(bitmask: np.ndarray, vocab: int) -> np.ndarray:
     return np.unpackbits(np.ascontiguousarray(bitmask).view(np.uint8), axis=1, bitorder="little")[:, :vocab].view(bool)
 
 
-def run_jobs(jobs: list[tuple[int, GuideJob]], logits: torch.Tensor) -> list[np.ndarray]:
-    """The bitmask rows of each (first logit row, job), in order; a job that fails leaves its rows all ones
-    (its request alone: the next token then fails its grammar check)."""
+def run_jobs(jobs: list[tuple[int, GuideJob]], logits: torch.Tensor) -> list:
+    """The rows of each (first logit row, job), in order: bitmask rows, or OnlyTokens for a job with `only`;
+    a job that fails leaves its rows all ones (its request alone: the next token then fails its grammar
+    check)."""
     words = max(job.guide.words for _, job in jobs)
     out = np.full((sum(job.count for _, job in jobs), words), -1, dtype=np.int32)
     base = 0
@@ -131,14 +165,23 @@ def run_jobs(jobs: list[tuple[int, GuideJob]], logits: torch.Tensor) -> list[np.
         _rollback([job for _, job in jobs])
     results = []
     for _, job in jobs:
-        rows = out[job.base: job.base + job.count]
-        if not job.failed and job.finish is not None:
-            try:
-                rows = job.finish(job)
-            except Exception:
-                log.exception("a grammar mask failed; its rows are left unmasked")
-                job.failed = True
-        results.append(np.full((job.count, 1), -1, dtype=np.int32) if job.failed else rows)
+        if job.kind == MASKS:
+            results.append(np.full((job.count, 1), -1, dtype=np.int32) if job.failed
+                           else out[job.base: job.base + job.count])
+        elif job.failed:
+            results.append(OnlyTokens(None))
+        elif job.only is not None:  # a denoising step: its revealed rows, then the mask id
+            tokens = None
+            if job.picks:
+                tokens = np.full(job.count, job.only, dtype=np.int64)
+                tokens[: len(job.picks)] = job.picks
+            results.append(OnlyTokens(tokens))
+        elif job.forced is None:
+            results.append(OnlyTokens(None))
+        else:
+            tokens = np.full(job.count, -1, dtype=np.int64)
+            tokens[list(job.forced)] = list(job.forced.values())
+            results.append(OnlyTokens(tokens))
     return results
 
 
@@ -166,144 +209,156 @@ def _follow_ups(jobs: list[GuideJob]) -> list[GuideJob]:
 def _start(job: GuideJob) -> bool:
     """Accept the job's `after` tokens; False when one is refused or the grammar ended (rows stay all ones)."""
     guide = job.guide
-    if guide.terminated:
+    if guide.handle.is_terminated():
         return False
-    never, accept, size = guide._never, guide.handle.accept_token, len(guide._never)
+    if not job.after:
+        return True
+    never, accept, size, stops = guide._never, guide.handle.accept_token, len(guide._never), guide.stops
     for token in job.after:
         if not 0 <= token < size or never[token] or not accept(token, False):
             return False
         job.root.taken += 1
-        if token in guide.stops:
+        if token in stops:
             return False
     return True
 
 
 def _walk(jobs: list[GuideJob], out: np.ndarray, host: _Host) -> None:
+    """Rounds: every job walks its try-accepted rows; the jobs that stopped at a row needing its mask get
+    their masks in one batched fill and their choices in one pass, and go on in the next round."""
     fill = _batch()[0]
-    active = [job for job in jobs if _start(job)]
-    j = 0
-    while active:
-        active = [job for job in active if j < job.walk]
-        if not active:
-            break
-        looks = [job for job in active if job.kind != MASKS]
-        filled = [job for job in active if job.kind == MASKS]
-        tokens: dict[int, int] = {}
-        if looks:
-            rows = np.fromiter((job.row + j for job in looks), dtype=np.int64, count=len(looks))
-            greedy = host.greedy(rows)
-            tries, try_tokens = [], []
-            confident = _confident(looks, j, rows, greedy, host)
-            for job, token, sure in zip(looks, greedy.tolist(), confident):
-                if sure and _known(job, j, token):
-                    tries.append(job)
-                    try_tokens.append(token)
-                else:
-                    filled.append(job)
-            if tries:
-                for job, token, ok in zip(tries, try_tokens, _accept(tries, try_tokens)):
-                    if ok:
-                        tokens[id(job)] = token
-                        job.root.taken += 1
-                    else:
-                        filled.append(job)
-        if filled:
-            fill.batch_fill_next_token_bitmask([job.guide.handle for job in filled], out,
-                                               [job.base + j for job in filled], False)
-            chosen = _choose(filled, j, out, host)
-            ok = _accept([job for job, _ in chosen], [t for _, t in chosen])
-            for (job, token), took in zip(chosen, ok):
-                if took:
-                    tokens[id(job)] = token
-                    job.root.taken += 1
-        nxt = []
-        for job in active:
-            token = tokens.get(id(job))
-            if token is None:
-                continue
-            job.picks.append(token)
-            if token in job.guide.stops:  # the grammar ended
-                continue
-            if job.kind in (MASKS, VERIFY) and (j >= len(job.drafts) or token != job.drafts[j]):
-                continue
-            nxt.append(job)
-        active = nxt
-        j += 1
+    going = [job for job in jobs if _start(job)]
+    greedy = host.greedy([job for job in going if _reads_greedy(job)])
+    while going:
+        stuck = [job for job in going if _try_walk(job, greedy)]
+        if not stuck:
+            return
+        fill.batch_fill_next_token_bitmask([job.guide.handle for job in stuck], out,
+                                           [job.base + job.depth for job in stuck], False)
+        going = _decide_filled(stuck, out, host)
 
 
-def _accept(jobs: list[GuideJob], tokens: list[int]) -> list[bool]:
-    """Each job's matcher accepts its token (direct calls on the C++ handles: the batched call's result
-    array costs more to read back than the calls themselves)."""
-    return [job.guide.handle.accept_token(token, False) for job, token in zip(jobs, tokens)]
-
-
-def _known(job: GuideJob, j: int, token: int) -> bool:
-    """Whether the row's greedy token, if the grammar takes it, is the row's decision (try-accept first)."""
-    never = job.guide._never
-    if not 0 <= token < len(never) or never[token]:
-        return False
+def _greedy_end(job: GuideJob) -> int:
+    """The end of the rows whose greedy token the job may read (a denoising step by confidence: its first)."""
     d = job.diffuse
-    return d is None or d.temperature <= 0  # a sample comes from the masked distribution: always filled
+    return job.depth + 1 if d is not None and d.by_confidence else job.walk
 
 
-def _confident(jobs: list[GuideJob], j: int, rows: np.ndarray, greedy: np.ndarray, host: _Host) -> list[bool]:
-    """Per job: False where a denoising row's reveal depends on its masked confidence and the unmasked one
-    (a lower bound: the mask only removes mass) is below the threshold, so the row must be filled."""
-    ask = [i for i, job in enumerate(jobs) if job.diffuse is not None and j and not job.diffuse.last
-           and job.diffuse.tau is not None and job.diffuse.temperature <= 0]
-    sure = [True] * len(jobs)
-    if ask:
-        x = host.values(rows[ask]).astype(np.float64)
-        top = x[np.arange(len(ask)), greedy[ask]]
-        p = 1.0 / np.exp(x - top[:, None]).sum(axis=1)
-        for i, prob in zip(ask, p.tolist()):
-            sure[i] = prob >= jobs[i].diffuse.tau * (1 + 1e-9)
-    return sure
+def _reads_greedy(job: GuideJob) -> bool:
+    """Whether the job's rows are greedy decisions that try-accept can take (the rest always fill)."""
+    d = job.diffuse
+    return job.kind != MASKS and (d is None or d.temperature <= 0)
 
 
-def _choose(jobs: list[GuideJob], j: int, out: np.ndarray, host: _Host) -> list[tuple[GuideJob, int]]:
-    """The tokens of filled rows (MASKS: the draft; greedy: the masked first maximum, in one numpy pass;
-    DIFFUSE: its rule); a job that stops here is left out."""
-    chosen = []
+def _try_walk(job: GuideJob, greedy: list[int]) -> bool:
+    """Walk the job's rows while each row's greedy token is its decision and the grammar takes it; True
+    when it stopped at a row that needs its mask (job.depth), False when its walk is over."""
+    j, walk = job.depth, job.walk
+    if j >= walk:
+        return False
+    kind, d = job.kind, job.diffuse
+    if kind == MASKS or (d is not None and d.temperature > 0):
+        return True  # every row's decision reads the masked distribution (or, MASKS, the mask itself)
+    guide, root = job.guide, job.root
+    never, size, stops, accept = guide._never, len(guide._never), guide.stops, guide.handle.accept_token
+    drafts = job.drafts if kind == VERIFY else None
+    confidence = d is not None and d.by_confidence  # rows after the first: their masked confidence
+    row, picks = job.row, job.picks
+    while j < walk:
+        if d is not None and j and not d.last and (confidence or j >= d.k):
+            if confidence:
+                break
+            job.depth = walk  # top-k schedule: this step reveals no more
+            return False
+        token = greedy[row + j]
+        if token >= size or never[token] or not accept(token, False):
+            break
+        root.taken += 1
+        picks.append(token)
+        j += 1
+        if token in stops or (drafts is not None and (j > len(drafts) or token != drafts[j - 1])):
+            job.depth = walk  # the grammar ended, or the verification's first mismatch (its bonus token)
+            return False
+    job.depth = j
+    return j < walk
+
+
+def _decide_filled(jobs: list[GuideJob], out: np.ndarray, host: _Host) -> list[GuideJob]:
+    """The tokens of rows whose masks were just filled (MASKS: the draft; greedy: the masked first
+    maximum, in one numpy pass; DIFFUSE: its rule), accepted; returns the jobs that walk on."""
+    chosen: list[tuple[GuideJob, int]] = []
     looks = [job for job in jobs if job.kind != MASKS]
     if looks:
-        rows = np.fromiter((job.row + j for job in looks), dtype=np.int64, count=len(looks))
-        values = host.values(rows)
-        bits = _unpack(out[[job.base + j for job in looks]], values.shape[1])
+        values = host.values(np.array([job.row + job.depth for job in looks], dtype=np.int64))
+        bits = _unpack(out[[job.base + job.depth for job in looks]], values.shape[1])
         masked = np.where(bits, values, _NEG)
         best = masked.argmax(axis=1)
-        greedy_p = [1.0] * len(looks)
-        ask = [i for i, job in enumerate(looks) if job.diffuse is not None and j and not job.diffuse.last
-               and job.diffuse.tau is not None and job.diffuse.generator is None]
-        if ask:  # the masked confidence of the greedy token, where a reveal depends on it: one pass
-            rows_p = masked[ask].astype(np.float64)
-            top = rows_p[np.arange(len(ask)), best[ask]]
-            for i, prob in zip(ask, (1.0 / np.exp(rows_p - top[:, None]).sum(axis=1)).tolist()):
-                greedy_p[i] = prob
+        ask = [i for i, job in enumerate(looks) if job.depth and job.diffuse is not None and job.diffuse.by_confidence]
+        confidence = _confidence(masked[ask], best[ask]) if ask else None
         best = best.tolist()
         for i, job in enumerate(looks):
-            token = best[i] if job.diffuse is None else _diffuse(job, j, masked[i], best[i], greedy_p[i])
+            if job.diffuse is None:
+                token = best[i]
+                root = job.root
+                if root.forced is None:
+                    root.forced = {}
+                root.forced[job.base - root.base + job.depth] = token
+            else:
+                token = _diffuse(job, job.depth, masked[i], best[i], confidence, ask, i)
             if token is not None:
                 chosen.append((job, token))
     for job in jobs:
-        if job.kind == MASKS and j < len(job.drafts):
-            chosen.append((job, int(job.drafts[j])))
-    return chosen
+        if job.kind == MASKS and job.depth < len(job.drafts):
+            chosen.append((job, int(job.drafts[job.depth])))
+    going = []
+    for job, token in chosen:
+        if not job.guide.handle.accept_token(token, False):
+            continue
+        job.root.taken += 1
+        job.picks.append(token)
+        j = job.depth
+        job.depth = j + 1
+        if token in job.guide.stops or (job.kind != WALK and job.kind != DIFFUSE
+                                        and (j >= len(job.drafts) or token != job.drafts[j])):
+            continue  # the grammar ended, or a verification's first mismatch (its bonus token)
+        going.append(job)
+    return going
 
 
-def _diffuse(job: GuideJob, j: int, row: np.ndarray, greedy: int, p: float) -> int | None:
-    """A denoising row under its mask: the token to reveal, or None (stays masked; the walk ends). greedy,
-    p: the masked row's first maximum and its renormalised probability (temperature 0)."""
+def _confidence(masked: np.ndarray, best: np.ndarray) -> dict:
+    """Per masked row, 1 / sum(exp(row - row[best])): its first maximum's renormalised probability. float32
+    first; rows within a hair of a threshold are summed again in float64 by `_reveals`."""
+    top = masked[np.arange(len(masked)), best]
+    return {"sum32": np.exp(masked - top[:, None]).sum(axis=1).tolist(), "rows": masked, "top": top}
+
+
+def _reveals(conf: dict, k: int, tau: float) -> bool:
+    """Whether row k's greedy probability reaches tau, decided as float64 arithmetic decides it."""
+    total = conf["sum32"][k]
+    limit = 1.0 / tau
+    if abs(total - limit) > 1e-4 * limit:  # float32's error on a sum of <= vocab terms in [0, 1] is far smaller
+        return 1.0 / total >= tau
+    row = conf["rows"][k].astype(np.float64)
+    return 1.0 / np.exp(row - np.float64(conf["top"][k])).sum() >= tau
+
+
+def _diffuse(job: GuideJob, j: int, row: np.ndarray, greedy: int, confidence: dict | None, ask: list[int],
+             i: int) -> int | None:
+    """A denoising row under its mask: the token to reveal, or None (stays masked; the walk ends). greedy:
+    the masked row's first maximum; confidence: its renormalised probability where a reveal depends on it
+    (`_confidence` of the rows `ask`; this row is looks[i])."""
     d = job.diffuse
     if d.generator is not None:  # temperature > 0: a sample from the masked distribution
         probs = torch.softmax(torch.from_numpy(row).double() / d.temperature, dim=-1)
         token = int(torch.multinomial(probs, 1, generator=d.generator))
-        p = float(probs[token])
-    else:
-        token = greedy
-    if j == 0 or d.last or (p >= d.tau if d.tau is not None else j < d.k):
-        return token
-    return None
+        if j == 0 or d.last:
+            return token
+        return token if (float(probs[token]) >= d.tau if d.tau is not None else j < d.k) else None
+    if j == 0 or d.last:
+        return greedy
+    if d.tau is None:
+        return greedy if j < d.k else None
+    return greedy if _reveals(confidence, ask.index(i), d.tau) else None
 
 
 def _rollback(jobs: list[GuideJob]) -> None:

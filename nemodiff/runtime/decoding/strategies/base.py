@@ -35,6 +35,9 @@ class StrategyContext:
     think_end_id: int | None = None
 
 
+DRAFT_WINDOW = 4  # verifications that size the grammar walk of a request's next drafts (draft_walk)
+
+
 class DecodeStrategy(ABC):
     def __init__(self, request: Request, ctx: StrategyContext):
         self.request = request
@@ -128,10 +131,20 @@ class DecodeStrategy(ABC):
             kind = VERIFY if self.params.temperature <= 0 else MASKS
             decider.shape(first_row, 1 + len(drafts), GuideJob(self.guide, 1 + len(drafts), kind, drafts=drafts))
 
-    def shape_greedy(self, decider, first_row: int, count: int, after=()) -> None:
+    def shape_greedy(self, decider, first_row: int, count: int, after=(), walk: int | None = None) -> None:
         """Masks for `count` rows whose greedy tokens follow one another (drafts): each row's mask
-        stands after the greedy choices of the rows before it."""
-        decider.shape(first_row, count, GuideJob(self.guide, count, WALK, after=after))
+        stands after the greedy choices of the rows before it; the first `walk` rows (default all)."""
+        decider.shape(first_row, count, GuideJob(self.guide, count, WALK, after=after, walk=walk))
+
+    def draft_walk(self, drafts: int) -> int:
+        """How many of `drafts` draft rows to build under the grammar: two more than the most tokens one of
+        the request's last DRAFT_WINDOW verifications accepted (all at the start; the spec strategies keep
+        `accepted`). A shaped draft past that is rarely verified; the rows after the walk keep their unmasked
+        greedy tokens, so the output is the same (verification decides it) and only acceptance may change."""
+        recent = self.accepted
+        if not recent:
+            return drafts
+        return min(drafts, max(recent[-DRAFT_WINDOW:]) + 2)
 
     def prefill_segment(self) -> Segment:
         """The rest of the prompt after what the engine already cached (chunked prefill)."""

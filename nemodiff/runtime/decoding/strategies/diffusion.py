@@ -115,21 +115,13 @@ class DiffusionStrategy(DecodeStrategy):
         generator = None
         if temperature > 0:
             generator = torch.Generator().manual_seed((self.seed * 1_000_003 + self.draw_counter) % (2**63))
-        run = int(np.argmax(np.diff(rows) != 1)) + 1 if len(rows) > 1 and (np.diff(rows) != 1).any() else len(rows)
+        run = len(rows)
+        if rows[-1] - rows[0] + 1 != run:  # masked slots apart: the leftmost run of them
+            run = int(np.flatnonzero(np.diff(rows) != 1)[0]) + 1
         if tau is None and not last:
             run = min(run, k)
-
-        def finish(job: GuideJob) -> np.ndarray:
-            if not job.picks:  # the block's tokens already left the grammar: no mask at all
-                return self.guide.full(len(rows))
-            tokens = np.full(len(rows), self.mask_id, dtype=np.int64)
-            tokens[: len(job.picks)] = job.picks
-            out = np.zeros((len(rows), self.guide.words), dtype=np.int32)
-            out[np.arange(len(rows)), tokens >> 5] = (np.uint32(1) << (tokens & 31).astype(np.uint32)).view(np.int32)
-            return out
-
         return GuideJob(self.guide, len(rows), DIFFUSE, after=block[1: rows[0]].tolist(), walk=run,
-                        diffuse=Diffuse(tau, k, last, temperature, generator), finish=finish)
+                        diffuse=Diffuse(tau, k, last, temperature, generator), only=self.mask_id)
 
     def _new_block(self, sampled: int) -> list[int]:
         forced = self.forced_token()

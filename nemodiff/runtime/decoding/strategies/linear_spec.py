@@ -77,7 +77,7 @@ class LinearSpecStrategy(DecodeStrategy):
             if self.draft_threshold is None:
                 self._handle = decider.drafts(self, first_row, len(self._rows))
                 if self.shape_drafts:
-                    self.shape_greedy(decider, first_row, len(self._rows))
+                    self.shape_greedy(decider, first_row, len(self._rows), walk=self.draft_walk(len(self._rows)))
             else:
                 self._handle = decider.candidates(self, first_row, len(self._rows), self._rows,
                                                   self.draft_threshold, 0, last_step=False, skip_mask=False)

@@ -68,7 +68,7 @@ class QuadraticSpecStrategy(DecodeStrategy):
             self._handles = (seed, drafts)
             self.adjust_rows(decider, first_row, self.k)  # the seed's row, then drafts d_1..d_{k-1}
             if self.shape_drafts:  # the seed row, then the drafts after it: one left-to-right walk
-                self.shape_greedy(decider, first_row, self.k)
+                self.shape_greedy(decider, first_row, self.k, walk=1 + self.draft_walk(self.k - 1))
             else:
                 self.guide_rows(decider, first_row)
             if self.wants_logprobs:
@@ -123,7 +123,7 @@ class QuadraticSpecStrategy(DecodeStrategy):
         if not n or job.guide.terminated:
             return None
         group = k + (n - 1) * (k - 1)
-        return group, GuideJob(self.guide, k - 1, WALK)
+        return group, GuideJob(self.guide, k - 1, WALK, walk=self.draft_walk(k - 1))
 
     def _cycle_indices(self) -> tuple[np.ndarray, np.ndarray]:
         """The output index each row of a cycle decides: target row i the one after d_0..d_i (d_0 is the last
