@@ -14,8 +14,16 @@ import pytest
 import torch
 
 from nemodiff.runtime.decoding.grammar import apply_only, greedy_pick, unpack
-from nemodiff.runtime.decoding.grammar_batch import (DIFFUSE, MASKS, VERIFY, WALK, Diffuse, GuideJob, OnlyTokens,
-                                                     run_jobs)
+from nemodiff.runtime.decoding.grammar_batch import (
+    DIFFUSE,
+    MASKS,
+    VERIFY,
+    WALK,
+    Diffuse,
+    GuideJob,
+    OnlyTokens,
+    run_jobs,
+)
 from nemodiff.runtime.request import Guide
 
 SCHEMA = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 5}, "n": {"type": "integer"}},
