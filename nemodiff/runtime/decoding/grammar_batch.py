@@ -62,7 +62,7 @@ class GuideJob:
     only: a DIFFUSE job's rows come back as OnlyTokens, the unrevealed rows allowing this id."""
 
     __slots__ = ("guide", "count", "kind", "after", "drafts", "walk", "diffuse", "then", "only", "picks",
-                 "forced", "base", "row", "depth", "taken", "failed", "root")
+                 "forced", "base", "row", "depth", "taken", "failed", "root", "accept", "never", "stops")
 
     def __init__(self, guide: GuideMatcher, count: int, kind: str, after=(), drafts=(), walk: int | None = None,
                  diffuse: Diffuse | None = None, then=None, only: int | None = None):
@@ -101,28 +101,25 @@ class _Host:
     def __init__(self, logits: torch.Tensor):
         self.logits = logits
         self.numpy = logits.numpy() if on_host(logits) and logits.dtype == torch.float32 else None
-        self._greedy: list[int] | None = None
-        self._filled = False
+        self.greedy_list: list[int] | None = None
 
-    def greedy(self, jobs: list[GuideJob]) -> list[int]:
-        """Logit row -> its first maximum, filled for the rows these jobs may walk (on a device every
-        row: one argmax there)."""
+    def greedy(self, jobs: list[GuideJob]) -> None:
+        """Find the first maximum of the rows these jobs may walk, into `greedy_list` (logit row -> token;
+        on a device every row at the first call: one argmax there)."""
         x = self.numpy
         if x is None:
-            if self._greedy is None:
-                self._greedy = self.logits.argmax(dim=1).cpu().tolist()
-            return self._greedy
-        if self._greedy is None:
-            self._greedy = [0] * len(x)
-        if not jobs:
-            return self._greedy
-        rows = np.concatenate([np.arange(job.row + job.depth, job.row + _greedy_end(job)) for job in jobs])
-        greedy = np.array(self._greedy, dtype=np.int64) if self._filled else np.zeros(len(x), dtype=np.int64)
-        greedy[rows] = x[rows].argmax(axis=1)
-        self._greedy, self._filled = greedy.tolist(), True
-        return self._greedy
+            if self.greedy_list is None:
+                self.greedy_list = self.logits.argmax(dim=1).cpu().tolist()
+            return
+        if self.greedy_list is None:
+            self.greedy_list = [0] * len(x)
+        greedy = self.greedy_list
+        for job in jobs:  # a slice per job: a view of the logits, no gathered copy
+            start, end = job.row + job.depth, job.row + _greedy_end(job)
+            greedy[start:end] = x[start:end].argmax(axis=1).tolist()
 
     def values(self, rows: np.ndarray) -> np.ndarray:
+        """The rows' values (a copy)."""
         if self.numpy is not None:
             return self.numpy[rows]
         return self.logits[torch.from_numpy(rows).to(self.logits.device)].float().cpu().numpy()
@@ -140,9 +137,12 @@ def _batch():
     return _BATCH
 
 
-def _unpack(bitmask: np.ndarray, vocab: int) -> np.ndarray:
-    """[rows, words] int32 -> [rows, vocab] bool."""
-    return np.unpackbits(np.ascontiguousarray(bitmask).view(np.uint8), axis=1, bitorder="little")[:, :vocab].view(bool)
+def _masked(values: np.ndarray, bitmask: np.ndarray) -> np.ndarray:
+    """values [rows, vocab] (a copy: changed in place) with -inf where bitmask [rows, words] int32 refuses."""
+    allowed = np.unpackbits(np.ascontiguousarray(bitmask).view(np.uint8), axis=1, count=values.shape[1],
+                            bitorder="little").view(bool)
+    np.copyto(values, _NEG, where=~allowed)
+    return values
 
 
 def run_jobs(jobs: list[tuple[int, GuideJob]], logits: torch.Tensor) -> list:
@@ -156,11 +156,8 @@ def run_jobs(jobs: list[tuple[int, GuideJob]], logits: torch.Tensor) -> list:
         job.base, job.row = base, first
         base += job.count
     host = _Host(logits)
-    todo = [job for _, job in jobs]
     try:
-        while todo:
-            _walk(todo, out, host)
-            todo = _follow_ups(todo)
+        _walk([job for _, job in jobs], out, host)
     finally:
         _rollback([job for _, job in jobs])
     results = []
@@ -209,11 +206,13 @@ def _follow_ups(jobs: list[GuideJob]) -> list[GuideJob]:
 def _start(job: GuideJob) -> bool:
     """Accept the job's `after` tokens; False when one is refused or the grammar ended (rows stay all ones)."""
     guide = job.guide
-    if guide.handle.is_terminated():
+    handle = guide.handle
+    if handle.is_terminated():
         return False
+    job.accept, job.never, job.stops = handle.accept_token, guide._never, guide.stops
     if not job.after:
         return True
-    never, accept, size, stops = guide._never, guide.handle.accept_token, len(guide._never), guide.stops
+    never, accept, size, stops = job.never, job.accept, len(job.never), job.stops
     for token in job.after:
         if not 0 <= token < size or never[token] or not accept(token, False):
             return False
@@ -223,19 +222,38 @@ def _start(job: GuideJob) -> bool:
     return True
 
 
+def _begin(jobs: list[GuideJob], host: _Host) -> list[GuideJob]:
+    """The jobs that start (their greedy rows found); the follow-ups of those that cannot, begun too."""
+    going, idle = [], []
+    for job in jobs:
+        (going if _start(job) else idle).append(job)
+    host.greedy([job for job in going if _reads_greedy(job)])
+    if idle:
+        going += _begin(_follow_ups(idle), host)
+    return going
+
+
 def _walk(jobs: list[GuideJob], out: np.ndarray, host: _Host) -> None:
     """Rounds: every job walks its try-accepted rows; the jobs that stopped at a row needing its mask get
-    their masks in one batched fill and their choices in one pass, and go on in the next round."""
+    their masks in one batched fill and their choices in one pass, and go on in the next round. A job
+    whose walk ends hands over to its follow-up at once (it walks from the next round)."""
     fill = _batch()[0]
-    going = [job for job in jobs if _start(job)]
-    greedy = host.greedy([job for job in going if _reads_greedy(job)])
+    going = _begin(jobs, host)
     while going:
-        stuck = [job for job in going if _try_walk(job, greedy)]
-        if not stuck:
-            return
-        fill.batch_fill_next_token_bitmask([job.guide.handle for job in stuck], out,
-                                           [job.base + job.depth for job in stuck], False)
-        going = _decide_filled(stuck, out, host)
+        stuck, done = [], []
+        greedy = host.greedy_list
+        for job in going:
+            (stuck if _try_walk(job, greedy) else done).append(job)
+        going = []
+        if stuck:
+            fill.batch_fill_next_token_bitmask([job.guide.handle for job in stuck], out,
+                                               [job.base + job.depth for job in stuck], False)
+            going = _decide_filled(stuck, out, host)
+            if len(going) < len(stuck):
+                on = {id(job) for job in going}
+                done += [job for job in stuck if id(job) not in on]
+        if any(job.then is not None for job in done):
+            going += _begin(_follow_ups(done), host)
 
 
 def _greedy_end(job: GuideJob) -> int:
@@ -259,8 +277,8 @@ def _try_walk(job: GuideJob, greedy: list[int]) -> bool:
     kind, d = job.kind, job.diffuse
     if kind == MASKS or (d is not None and d.temperature > 0):
         return True  # every row's decision reads the masked distribution (or, MASKS, the mask itself)
-    guide, root = job.guide, job.root
-    never, size, stops, accept = guide._never, len(guide._never), guide.stops, guide.handle.accept_token
+    root, never, stops, accept = job.root, job.never, job.stops, job.accept
+    size = len(never)
     drafts = job.drafts if kind == VERIFY else None
     confidence = d is not None and d.by_confidence  # rows after the first: their masked confidence
     row, picks = job.row, job.picks
@@ -289,9 +307,8 @@ def _decide_filled(jobs: list[GuideJob], out: np.ndarray, host: _Host) -> list[G
     chosen: list[tuple[GuideJob, int]] = []
     looks = [job for job in jobs if job.kind != MASKS]
     if looks:
-        values = host.values(np.array([job.row + job.depth for job in looks], dtype=np.int64))
-        bits = _unpack(out[[job.base + job.depth for job in looks]], values.shape[1])
-        masked = np.where(bits, values, _NEG)
+        masked = _masked(host.values(np.array([job.row + job.depth for job in looks], dtype=np.int64)),
+                         out[[job.base + job.depth for job in looks]])
         best = masked.argmax(axis=1)
         ask = [i for i, job in enumerate(looks) if job.depth and job.diffuse is not None and job.diffuse.by_confidence]
         confidence = _confidence(masked[ask], best[ask]) if ask else None
