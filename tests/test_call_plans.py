@@ -3,13 +3,19 @@
 With `reuse_outputs` the first call of a shape runs the wrapper and records its launches; later calls
 launch the recorded variants with their own inputs in place. The cached arguments must be what a fresh
 wrapper call builds (the same variant, grid, scalars, and this call's tensors where the inputs go), the
-results must equal the reference, and the output is the shape's one preallocated tensor.
+results must equal the reference, and the output is the shape's one preallocated tensor. On a driver that
+launches from parameter blocks the later calls are bound launches, which must hand it the same bytes.
 """
+
+import ctypes
+import json
+import struct
 
 import torch
 
 from nemodiff.builder.convert import quantize_fp8
 from nemodiff.plugins import norm
+from nemodiff.plugins.aot_launch import AotLauncher
 from nemodiff.plugins.launch import InterpretLauncher
 from nemodiff.plugins.ops import KernelLibrary
 
@@ -83,3 +89,57 @@ def test_plans_keep_within_their_memory_budget():
     assert len(library._plans) == 1
     out = library.rms_norm(torch.randn(2, 32), weight, 1e-6)  # over the budget: the older plan goes
     assert len(library._plans) == 1 and next(iter(library._plans.values())).out is out
+
+
+class PackedRecorder:
+    """A driver that launches from parameter blocks (as the CUDA one) and records the 8-byte value of every
+    parameter slot each launch reads: the bytes cuLaunchKernel would copy."""
+
+    packed = True
+
+    def __init__(self):
+        self.seen = []
+
+    def load(self, kernel_dir, entry, variant):
+        return None
+
+    def scratch(self, nbytes: int) -> torch.Tensor:
+        return torch.empty(nbytes, dtype=torch.uint8)
+
+    def _slots(self, prepared, address: int) -> list[bytes]:
+        count = len(prepared.packer.params) + len(prepared.scratch)
+        pointers = (ctypes.c_void_p * count).from_address(address)
+        return [ctypes.string_at(pointers[i], 8) for i in range(count)]
+
+    def launch(self, prepared, grid, args) -> None:
+        self.seen.append(("args", prepared, grid, self._slots(prepared, prepared.packer.address)))
+
+    def launch_packed(self, prepared, grid, address: int) -> None:
+        self.seen.append(("bound", prepared, grid, self._slots(prepared, address)))
+
+
+def test_bound_launches_pass_the_parameters_a_full_pack_passes(gpu_engines):
+    """On a driver that launches from parameter blocks, a plan's later calls are bound launches (constants
+    packed once, only the inputs' addresses written per call); every slot they hand the driver holds what
+    packing the call's whole argument tuple writes, for calls with new input tensors each time."""
+    engine = gpu_engines("h200", "bf16")
+    hidden = json.loads((engine / "config.json").read_text())["model"]["hidden_size"]
+    driver = PackedRecorder()
+    launcher = AotLauncher(engine / "kernels" / "sm_90a", driver)
+    library = KernelLibrary(launcher)
+    library.reuse_outputs = True
+    gen = torch.Generator().manual_seed(3)
+    weight = torch.randn(hidden, generator=gen).to(torch.bfloat16)
+    for call in range(3):
+        residual = torch.randn(5, hidden, generator=gen).to(torch.bfloat16)
+        delta = torch.randn(5, hidden, generator=gen).to(torch.bfloat16)
+        library.add_rmsnorm(residual, delta, weight, 1e-6)
+        kind, prepared, grid, slots = driver.seen[-1]
+        assert kind == ("args" if call == 0 else "bound")
+        plan = next(iter(library._plans.values()))
+        variant, plan_grid, arguments = plan.launches[0]
+        args = arguments(residual, delta, weight)
+        assert args[0] is residual and (plan.bound is not None) and launcher.launches == call + 1
+        prepared.packer.pack(args, prepared.null_scratch or launcher._scratch(prepared, grid))
+        assert slots == driver._slots(prepared, prepared.packer.address)
+        assert slots[0] == struct.pack("<Q", residual.data_ptr())

@@ -50,6 +50,11 @@ class _Skip:
     def launch(self, prepared, grid, args) -> None:
         return None
 
+    packed = True
+
+    def launch_packed(self, prepared, grid, params_address) -> None:
+        return None
+
     def scratch(self, nbytes: int) -> torch.Tensor:
         return self.driver.scratch(nbytes)
 
@@ -100,6 +105,19 @@ def launch_overhead(engine_dir: Path, iters: int = 20, context: int = 64, device
         launch(variant, grid, args)
         in_launcher[0] += time.perf_counter() - start
     launcher.launch = timed_launch
+    bind = launcher.bind
+
+    def timed_bind(variant, grid, args, inputs):  # a call plan's launches: the bound launch timed as a launch
+        go = bind(variant, grid, args, inputs)
+        if go is None:
+            return None
+
+        def timed_go(*tensors):
+            start = time.perf_counter()
+            go(*tensors)
+            in_launcher[0] += time.perf_counter() - start
+        return timed_go
+    launcher.bind = timed_bind
     dense_calls = [0]
     call = DenseLinear.__call__
 
@@ -181,7 +199,7 @@ def forward_host_cost(model, page_size: int, context: int, iters: int = 10, kind
     counted = [0]
     launch = launcher.launch
 
-    def counting(variant, grid, args):
+    def counting(variant, grid, args):  # launchers without a counter (the ahead-of-time one counts bound launches too)
         counted[0] += 1
         launch(variant, grid, args)
     dense_calls = [0]
@@ -202,12 +220,15 @@ def forward_host_cost(model, page_size: int, context: int, iters: int = 10, kind
     segments = _segments(kind, 1, context)
     graphs, model.graphs = model.graphs, None
     own = vars(launcher).get("launch")  # an instance's own launch (a wrapper), else the class's
-    launcher.launch = counting
+    counter = hasattr(launcher, "launches")
+    if not counter:
+        launcher.launch = counting
     DenseLinear.__call__ = dense
     try:
         model.forward(segments, cache)  # warm: buffers grown, variants prepared
         synchronize(model.device)
         counted[0] = dense_calls[0] = 0
+        before = launcher.launches if counter else 0
         host = device = 0.0
         for _ in range(iters):
             with Timer(model.device) as timer:
@@ -215,11 +236,13 @@ def forward_host_cost(model, page_size: int, context: int, iters: int = 10, kind
                 model.forward(segments, cache)
                 host += time.perf_counter() - start
             device += timer.ms
+        if counter:
+            counted[0] = launcher.launches - before
     finally:
         DenseLinear.__call__ = call
-        if own is None:
+        if not counter and own is None:
             del launcher.launch  # the class's method again
-        else:
+        elif not counter:
             launcher.launch = own
         model.graphs = graphs
     launches = counted[0] / iters

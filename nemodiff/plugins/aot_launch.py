@@ -15,7 +15,9 @@ Host cost per launch is kept small (it is paid ~12 times per layer on every forw
 replayed from a CUDA graph): a variant's entry, its loaded function and an argument packer are
 prepared once and found by the variant's key; the packer is a function generated for the
 kernel's signature that writes every value into a reused parameter buffer with one
-`struct.pack_into` and checks pointer alignment with one bitwise test.
+`struct.pack_into` and checks pointer alignment with one bitwise test. A call plan's launches
+(nemodiff/plugins/ops.py) go further: `bind` packs a launch's constant arguments once into a block of its
+own, and each later call writes only its input tensors' addresses.
 """
 
 from __future__ import annotations
@@ -211,6 +213,90 @@ class AotLauncher:
         self.launches += 1
         self.driver.launch(prepared, grid, args)
 
+    def bind(self, variant: KernelVariant, grid: tuple[int, ...], args: tuple, inputs: tuple):
+        """This launch, bound: a function of `inputs` (tensors) that launches `variant` on `grid` with `args`,
+        each input tensor of `args` replaced by the one the call passes in its place. Every other argument
+        (outputs, workspaces, scalars, scratch) is packed once into a parameter block of the binding's own,
+        so a call writes only its inputs' addresses (a call plan's launches, nemodiff/plugins/ops.py). None
+        where a launch must see every argument: under checks, or a driver that runs the kernel itself."""
+        if self.checker is not None or not getattr(self.driver, "packed", False):
+            return None
+        prepared = self._prepared.get(variant.key) or self._prepare(variant)
+        grid = (*grid, 1, 1)[:3]
+        extra = prepared.null_scratch if prepared.null_scratch is not None else self._scratch(prepared, grid)
+        return BoundLaunch(self, prepared, grid, args, extra, inputs).go
+
+
+class BoundLaunch:
+    """A launch with its constant arguments packed once (see `AotLauncher.bind`): cuLaunchKernel reads one
+    pointer per parameter, so the constants' slots and the inputs' slots need not be one block."""
+
+    def __init__(self, launcher: AotLauncher, prepared: _Prepared, grid: tuple, args: tuple, extra: tuple,
+                 inputs: tuple):
+        packer = prepared.packer
+        if len(args) != len(packer.params):
+            packer._wrong_count(args)
+        self.prepared, self.grid = prepared, grid
+        places = [next((i for i, t in enumerate(inputs) if t is arg), None) if isinstance(arg, torch.Tensor) else None
+                  for arg in args]
+        # the constant tensors (outputs, workspaces) stay alive with the binding; the first call's inputs do not
+        self.held = [arg for arg, place in zip(args, places) if place is None and isinstance(arg, torch.Tensor)]
+        used = sorted({i for i in places if i is not None})
+        codes, values = [], []
+        for (name, kind), arg, place in zip(packer.params, args, places):
+            if place is not None:
+                continue
+            if kind.startswith("*"):
+                value = 0 if arg is None else arg.data_ptr()
+                if value % packer.alignment:
+                    raise KernelLaunchError(f"{packer.kernel}: argument {name}: address {value:#x} is not "
+                                            f"{packer.alignment}-byte aligned, but the kernel was compiled for "
+                                            "aligned pointers")
+                codes.append("Q")
+            else:
+                code = STRUCT_CODES[kind]
+                value = float(arg) if kind.startswith("fp") else int(arg)
+                codes.append(code + "x" * (SLOT_BYTES - struct.calcsize("<" + code)))
+            values.append(value)
+        codes += ["Q"] * len(extra)
+        values += list(extra)
+        constants = struct.Struct("<" + "".join(codes))
+        self.constants = ctypes.create_string_buffer(max(constants.size, 1))
+        constants.pack_into(self.constants, 0, *values)
+        self.inputs = ctypes.create_string_buffer(SLOT_BYTES * max(len(used), 1))
+        base_c, base_i = ctypes.addressof(self.constants), ctypes.addressof(self.inputs)
+        slots, c = [], 0
+        for place in places:
+            if place is None:
+                slots.append(base_c + SLOT_BYTES * c)
+                c += 1
+            else:
+                slots.append(base_i + SLOT_BYTES * used.index(place))
+        slots += [base_c + SLOT_BYTES * (c + j) for j in range(len(extra))]
+        self.pointers = (ctypes.c_void_p * max(len(slots), 1))(*slots)
+        self.go = self._generate(launcher, used, len(inputs), ctypes.addressof(self.pointers))
+
+    def _generate(self, launcher: AotLauncher, used: list[int], count: int, address: int):
+        """go(*inputs): the inputs' addresses into their slots (one pack_into), then the driver's launch."""
+        lines = [f"def go({', '.join(f'i{i}' for i in range(count))}):"]
+        pointers = [f"p{i}" for i in used]
+        lines += [f"    p{i} = i{i}.data_ptr()" for i in used]
+        if pointers:
+            lines += [f"    if ({' | '.join(pointers)}) & {self.prepared.packer.alignment - 1}:",
+                      f"        misaligned(({', '.join(pointers)},))",
+                      f"    pack_into(inputs, 0, {', '.join(pointers)})"]
+        lines += ["    counter.launches += 1", "    launch(prepared, grid, address)"]
+        scope = {"inputs": self.inputs, "pack_into": struct.Struct("<" + "Q" * len(used)).pack_into,
+                 "counter": launcher, "launch": launcher.driver.launch_packed, "prepared": self.prepared,
+                 "grid": self.grid, "address": address, "misaligned": self._misaligned}
+        exec(compile("\n".join(lines), f"<bound {self.prepared.name}>", "exec"), scope)  # noqa: S102 (generated from the launch)
+        return scope["go"]
+
+    def _misaligned(self, addresses: tuple) -> None:
+        packer = self.prepared.packer
+        raise KernelLaunchError(f"{packer.kernel}: an input address among {[hex(a) for a in addresses]} is not "
+                                f"{packer.alignment}-byte aligned, but the kernel was compiled for aligned pointers")
+
 
 class CudaLaunch:
     """The GPU driver of an AotLauncher: loads cubins and launches them with the packed parameters."""
@@ -225,8 +311,13 @@ class CudaLaunch:
             raise KernelLaunchError(problem)
         return self.cuda.load(path.read_bytes(), entry["name"], entry["shared"], entry["file"])
 
+    packed = True  # launches from a parameter block alone (`AotLauncher.bind`)
+
     def launch(self, prepared: _Prepared, grid: tuple, args: tuple) -> None:
         self.cuda.launch(prepared.fn, grid, prepared.threads, prepared.shared, prepared.packer.address, prepared.name)
+
+    def launch_packed(self, prepared: _Prepared, grid: tuple, params_address: int) -> None:
+        self.cuda.launch(prepared.fn, grid, prepared.threads, prepared.shared, params_address, prepared.name)
 
     def scratch(self, nbytes: int) -> torch.Tensor:
         return self.cuda.scratch(nbytes)

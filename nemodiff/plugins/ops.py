@@ -69,13 +69,17 @@ class KernelLibrary:
         plan = plans.get(key)
         if plan is not None:
             plans.move_to_end(key)
+            if plan.bound is not None:  # the launcher's own bound launches: only the inputs' addresses written
+                for go in plan.bound:
+                    go(*inputs)
+                return plan.out
             launch = self.launcher.launch
             for variant, grid, arguments in plan.launches:
                 launch(variant, grid, arguments(*inputs))
             return plan.out
         recorder = _Recorder(self.launcher)
         out = call(recorder)
-        plan = plans[key] = _Plan(recorder.calls, inputs, out)
+        plan = plans[key] = _Plan(recorder.calls, inputs, out, self.launcher)
         self._plan_bytes += plan.nbytes
         while self._plan_bytes > self.plan_bytes and len(plans) > 1:  # least recently used out first
             self._plan_bytes -= plans.popitem(last=False)[1].nbytes
@@ -140,13 +144,17 @@ class _Recorder:
 class _Plan:
     """A call's recorded launches: (variant, grid, arguments), where arguments(*inputs) builds the launch's
     argument tuple (a function generated once: the call's inputs in their places, everything else, the
-    outputs, workspaces and scalars, as recorded)."""
+    outputs, workspaces and scalars, as recorded); and where the launcher binds launches (the ahead-of-time
+    launcher on a GPU, nemodiff/plugins/aot_launch.py `bind`), `bound`: one function of the inputs per launch."""
 
-    __slots__ = ("launches", "out", "nbytes")
+    __slots__ = ("launches", "bound", "out", "nbytes")
 
-    def __init__(self, calls: list, inputs: tuple, out):
+    def __init__(self, calls: list, inputs: tuple, out, launcher: Launcher):
         self.out = out
         self.launches = [(variant, grid, _arguments(args, inputs)) for variant, grid, args in calls]
+        bind = getattr(launcher, "bind", None)
+        bound = [bind(variant, grid, args, inputs) for variant, grid, args in calls] if bind is not None else [None]
+        self.bound = bound if all(go is not None for go in bound) else None
         held = {id(a): a for _, _, args in calls for a in args if isinstance(a, torch.Tensor)
                 and not any(a is t for t in inputs)}
         self.nbytes = sum(a.numel() * a.element_size() for a in held.values())
