@@ -69,6 +69,11 @@ def _ints(text: str) -> list[int]:
               help="With ENGINE_DIR built for a GPU arch: host time per ahead-of-time kernel launch and launches "
                    "per layer and per forward; on a GPU (the default where there is one) the driver call "
                    "(cuLaunchKernel) is timed too, on the CPU it is left out.")
+@click.option("--mixed-step", is_flag=True,
+              help="With --shape and --kernels aot or aot-check: host ms of a step carrying one 512-token prefill "
+                   "chunk beside 32 decodes of each kind (ar, draft-32, verify-32, quad-k8) at 2,048 cached "
+                   "tokens, on the eager kernel path (no graph replays such a step); measured at 2 and 4 layers "
+                   "and extrapolated to the shape's (on the CPU the driver call is left out).")
 @click.option("--host-overhead", is_flag=True,
               help="Measure the host work per engine step of ENGINE_DIR (wall time minus the model forward) per "
                    "mode at 1, 8 and 32 running requests; use a tiny checkpoint to see the host alone.")
@@ -88,7 +93,7 @@ def bench(engine_dir: Path | None, shape: str | None, dtype: str, device: str | 
           concurrency: str, context: int, iters: int, max_new_tokens: int, with_hf: bool, tp: int, json_path: Path,
           plot_path: Path | None, serve_url: str | None, duration: float, kernels: str, sm: str,
           sm_count: int | None, kernel_dir: Path | None, end_to_end: bool, block_length: int | None, prompt_tokens: int,
-          launch_overhead: bool, host_overhead: bool, logprobs: int | None, prefix_ttft: bool,
+          launch_overhead: bool, mixed_step: bool, host_overhead: bool, logprobs: int | None, prefix_ttft: bool,
           prefix_tokens: int, structured: bool, each_mode: bool = False) -> None:
     """Benchmark an engine (end to end per mode + step latencies), a random model at --shape, or a server."""
     from nemodiff.bench import steps as b
@@ -117,6 +122,9 @@ def bench(engine_dir: Path | None, shape: str | None, dtype: str, device: str | 
         return
     if launch_overhead:
         _bench_launches(engine_dir, iters, json_path, device, sm_count)
+        return
+    if mixed_step:
+        _bench_mixed(shape, dtype, device, kernels, sm, sm_count, kernel_dir, json_path)
         return
     if (engine_dir is None) == (shape is None):
         raise click.UsageError("give an ENGINE_DIR or --shape, not both")
@@ -360,6 +368,24 @@ def _bench_launches(engine_dir: Path | None, iters: int, json_path: str | None, 
         raise click.ClickException(str(exc)) from None
     report["date"] = time.strftime("%Y-%m-%d")
     _say(json_path, format_report(report))
+    _write_json(report, json_path)
+
+
+def _bench_mixed(shape: str | None, dtype: str, device: str | None, kernels: str, sm: str, sm_count: int | None,
+                 kernel_dir: Path | None, json_path: str | None) -> None:
+    from nemodiff.bench.kernels import kernel_platform, resolve_mode
+    from nemodiff.bench.mixed import format_mixed, mixed_step_host
+    from nemodiff.device import resolve_device
+
+    dev = resolve_device(device)
+    mode = resolve_mode(kernels, dev)
+    if shape is None or mode not in ("aot", "aot-check"):
+        raise click.UsageError("--mixed-step needs --shape and --kernels aot (a GPU) or aot-check (the CPU)")
+    platform = kernel_platform(dev, mode, sm, sm_count)
+    report = {"date": time.strftime("%Y-%m-%d"), "shape": shape, "dtype": dtype, "kernels": mode, "sm": sm}
+    report["mixed_step"] = mixed_step_host(shape, dtype, platform, mode, kernel_dir, on_result=lambda row: _say(
+        json_path, f"  {row['kind']}: {row['host_ms']:.2f} host ms per step"))
+    _say(json_path, format_mixed(report["mixed_step"]))
     _write_json(report, json_path)
 
 

@@ -93,7 +93,11 @@ def shape_kernels(config: ModelConfig, dtype: str, platform: Platform, mode: str
 
     `mode` is already resolved (see `resolve_mode`). For aot and aot-check the cubins are compiled into
     `kernel_dir` (a new temporary folder when None) and loaded by `load_kernels`, as an engine's are."""
+    from nemodiff.plugins.launch import use_interpreter
     from nemodiff.plugins.ops import load_kernels
+
+    if mode == "aot-check":  # before the kernel modules import Triton: its launches are interpreted
+        use_interpreter()
     from nemodiff.plugins.registry import engine_variants
 
     device = platform.device
