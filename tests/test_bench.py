@@ -1,6 +1,7 @@
 """`nemodiff bench` runs on CPU and writes its JSON and PNG (numbers are measured, not asserted)."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -100,3 +101,21 @@ def test_bench_structured_on_the_bundled_model(tmp_path):
     assert set(rows) == {False, True} and all(r["requests"] == 1 and r["host_ms"] > 0 for r in rows.values())
     assert rows[True]["running_at_end"] == 1  # the guided request was still writing its array when timed
     assert "grammar ms/step" in proc.stderr and sorted(p.name for p in tmp_path.iterdir()) == ["nld-tiny"]
+
+
+def test_bench_mixed_step_on_the_ahead_of_time_path(tmp_path):
+    """A prefill chunk beside decodes of each kind, on the eager aot path with the driver call left out: the
+    parts add up, every layer launches its 8 kernels through call plans, and the command chooses Triton's
+    interpreter itself (run without TRITON_INTERPRET in its environment, as a user runs it)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([str(BIN / "nemodiff"), "bench", "--shape", "micro", "--kernels", "aot-check", "--mixed-step",
+                           "--kernel-dir", tmp_path / "k", "--json", tmp_path / "m.json"], capture_output=True,
+                          text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads((tmp_path / "m.json").read_text())["mixed_step"]
+    assert [r["kind"] for r in rows] == ["ar", "draft-32", "verify-32", "quad-k8"]
+    for r in rows:
+        assert r["launches_per_layer"] == 8 and r["layers"] == 1
+        assert r["host_ms"] == r["outside_ms"] + r["first_layer_ms"] + r["tail_ms"]  # one layer: no later ones
+        assert min(r["outside_ms"], r["first_layer_ms"], r["per_layer_ms"], r["tail_ms"]) > 0
+    assert "host ms" in proc.stdout

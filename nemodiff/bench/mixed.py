@@ -6,42 +6,71 @@ A step that carries a prefill chunk beside decodes replays no CUDA graph (graphs
 shapes): every layer calls its kernels eagerly, through their call plans (nemodiff/plugins/ops.py) and,
 on the ahead-of-time path, bound launches. `nemodiff bench --shape S --mixed-step` measures what the host
 pays for such a step: `decodes` requests of one step kind (ar, draft-32, verify-32, quad-k8) at `context`
-cached tokens and one `chunk`-token prefill chunk, on the ahead-of-time launch path. On a GPU the
-kernels run; on the CPU (aot-check, its checks off) the driver call is left out and nothing runs: the
-forward's wall time is its host work. A random model of the shape is built at 2 and at 4 layers; the
-difference is the per-layer cost, extrapolated to the shape's layers: host ms = outside + layers x per
-layer (outside: batch packing, attention metadata and uploads, the embedding gather, the head). On the
-CPU the embedding gather and the uploads are real memory copies that a GPU would only enqueue: the
-report gives the gather's own time (`embed_ms`) to read the figure with or without it.
+cached tokens and one `chunk`-token prefill chunk, on the ahead-of-time launch path (on the CPU under
+aot-check with its checks off and the driver call left out: nothing runs). A random model of the shape
+is built with `MEASURED_LAYERS` layers (and a small vocabulary, `MEASURED_VOCAB`) and the host work of its forward is taken apart with clocks around
+the kernel library's calls:
+- outside: the forward's wall time less `Model._run` (batch packing, uploads, attention metadata);
+- first layer: from the start of its first kernel call to the end of its last (every call's wrapper
+  and launch, and the Python between them);
+- per layer: the same for each later layer, averaged (on the CPU the first layer runs on caches the
+  embedding gather's copy just swept, so it is kept apart: conservative, a GPU host makes no such copy);
+- tail: the final norm's and the head's calls.
+host ms = outside + first layer + (the shape's layers - 1) x per layer + tail. Left out: the dispatch of the forward's four
+torch ops outside the kernels (the embedding gather, the logit rows' gather and residual add, the float32
+logits), a few microseconds each on a GPU; on the CPU they are real copies of megabytes, which a GPU only
+enqueues, so the forward's own wall time would not say what the host pays there.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import statistics
 import time
 
 import torch
 
 from nemodiff.device import is_cuda, synchronize
+from nemodiff.plugins.ops import PLAN_STEPS
 from nemodiff.runtime.model.kv_cache import PagedKVCache
 from nemodiff.runtime.model.segments import Pattern, Segment
 
 from .steps import _segments
 
 MIXED_KINDS = ("ar", "draft-32", "verify-32", "quad-k8")
-LAYER_COUNTS = (2, 4)
+MEASURED_LAYERS = 3
+MEASURED_VOCAB = 2048  # the head's calls do not depend on it; the CPU's copy of float32 logits does
+TAIL_CALLS = 2  # the final norm and the head
 
 
-def _best_ms(fn, device: torch.device, iters: int) -> float:
-    fn()
-    synchronize(device)
-    best = float("inf")
-    for _ in range(iters):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-        synchronize(device)  # outside the clock: a full launch queue never blocks the host
-    return 1e3 * best
+class _Clocked:
+    """The model's KernelLibrary with every public call timed: (start, end) per call, in order."""
+
+    def __init__(self, library):
+        self.library, self.calls = library, []
+        for name in dir(library):
+            method = getattr(library, name)
+            if callable(method) and not name.startswith("_"):
+                setattr(self, name, self._clocked(method))
+
+    def _clocked(self, method):
+        calls = self.calls
+
+        def call(*args, **kwargs):
+            start = time.perf_counter()
+            out = method(*args, **kwargs)
+            calls.append((start, time.perf_counter()))
+            return out
+        return call
+
+    def __getattr__(self, name):
+        return getattr(self.library, name)
+
+
+def _segments_tokens(kind: str) -> int:
+    from .steps import STEP_KINDS
+
+    return STEP_KINDS[kind][0]
 
 
 def _cache(model, decodes: int, chunk: int, context: int, page_size: int) -> PagedKVCache:
@@ -54,71 +83,93 @@ def _cache(model, decodes: int, chunk: int, context: int, page_size: int) -> Pag
         cache.add_request(rid)
         cache.reserve(rid, longest)
         cache.set_length(rid, context if rid < decodes else 0)
+        cache.reserve(rid, longest)
     return cache
+
+
+def _one_forward(model, clocked: _Clocked, segments, cache, layers: int) -> tuple[float, float, float, float]:
+    """(outside, first layer, each later layer, tail) seconds of one forward."""
+    run, inside = model._run, [0.0]
+
+    def timed_run(*args):
+        start = time.perf_counter()
+        try:
+            return run(*args)
+        finally:
+            inside[0] = time.perf_counter() - start
+    model._run = timed_run
+    clocked.calls.clear()
+    try:
+        start = time.perf_counter()
+        logits = model.forward(segments, cache)
+        wall = time.perf_counter() - start
+        del logits  # freed outside the clock
+    finally:
+        del model._run  # the class's method again
+    calls = clocked.calls
+    per = (len(calls) - TAIL_CALLS) // layers
+    spans = [calls[(i + 1) * per - 1][1] - calls[i * per][0] for i in range(layers)]
+    tail = sum(end - begin for begin, end in calls[-TAIL_CALLS:])
+    return wall - inside[0], spans[0], sum(spans[1:]) / (layers - 1), tail
 
 
 def mixed_step_host(shape: str, dtype: str, platform, mode: str, kernel_dir=None, decodes: int = 32, chunk: int = 512,
                     context: int = 2048, iters: int = 9, page_size: int = 16, on_result=None) -> list[dict]:
-    """Per kind: host ms of the mixed step at 2 and 4 layers, per layer, outside the layers, extrapolated to
-    the shape's layers, the embedding gather's own ms and the launches per forward."""
+    """Per kind of decode: the step's host ms for the shape's layers and its parts (see the module docstring)."""
     from .kernels import shape_kernels
     from .launches import _Skip
     from .shapes import random_model, shape_config
 
     base = shape_config(shape)
     gpu = is_cuda(platform.device)
-    measured: dict[str, dict] = {kind: {} for kind in MIXED_KINDS}
-    for layers in LAYER_COUNTS:
-        config = dataclasses.replace(base, num_hidden_layers=layers)
+    config = dataclasses.replace(base, num_hidden_layers=MEASURED_LAYERS, vocab_size=MEASURED_VOCAB)
+    rows = []
+    with torch.inference_mode():  # as the engine steps
         model = random_model(config, dtype, platform)[0]
         model.kernels, _ = shape_kernels(config, dtype, platform, mode, kernel_dir)
         launcher = model.kernels.launcher
         if not gpu:  # host work alone: no checks, no interpreted kernels
             launcher.checker = None
             launcher.driver = _Skip(launcher.driver)
+        tokens = max(decodes * _segments_tokens(kind) for kind in MIXED_KINDS) + chunk
+        model.kernels.fit_plans(PLAN_STEPS * tokens * model.plan_bytes_per_token())  # as LLM fits them to its budget
+        clocked = model.kernels = _Clocked(model.kernels)
         for kind in MIXED_KINDS:
             cache = _cache(model, decodes, chunk, context, page_size)
             segments = _segments(kind, decodes, context) + [
                 Segment(decodes, [5] * chunk, list(range(chunk)), 0, Pattern.CAUSAL, True, [chunk - 1])]
+            model.forward(segments, cache)  # plans recorded, buffers grown
             before = launcher.launches
-            ms = _best_ms(lambda: model.forward(segments, cache), model.device, iters)
-            launches = (launcher.launches - before) / (iters + 1)
-            ids = model.build_batch(segments, cache).ids
-            embed_ms = _best_ms(lambda: model.embed[ids], model.device, iters)
-            measured[kind][layers] = {"ms": ms, "launches": launches, "embed_ms": embed_ms,
-                                      "tokens": sum(len(s.token_ids) for s in segments)}
+            parts = []
+            for _ in range(iters):
+                parts.append(_one_forward(model, clocked, segments, cache, MEASURED_LAYERS))
+                synchronize(model.device)
+            outside, first, per_layer, tail = (1e3 * statistics.median(p) for p in zip(*parts))
+            launches = (launcher.launches - before) / iters
+            row = {"kind": kind, "decodes": decodes, "chunk": chunk, "context": context,
+                   "tokens": sum(len(s.token_ids) for s in segments), "layers": base.num_hidden_layers,
+                   "outside_ms": outside, "first_layer_ms": first, "per_layer_ms": per_layer, "tail_ms": tail,
+                   "host_ms": outside + first + (base.num_hidden_layers - 1) * per_layer + tail,
+                   "launches_per_layer": (launches - TAIL_CALLS) / MEASURED_LAYERS,
+                   "us_per_layer_launch": 1e3 * per_layer / max((launches - TAIL_CALLS) / MEASURED_LAYERS, 1),
+                   "driver_call": "included (cuLaunchKernel)" if gpu else "left out (aot-check on the CPU)"}
+            rows.append(row)
+            if on_result is not None:
+                on_result(row)
             del cache
-        del model
-    rows = []
-    low, high = LAYER_COUNTS
-    for kind in MIXED_KINDS:
-        at = measured[kind]
-        per_layer = (at[high]["ms"] - at[low]["ms"]) / (high - low)
-        outside = at[low]["ms"] - low * per_layer
-        host = outside + base.num_hidden_layers * per_layer
-        row = {"kind": kind, "decodes": decodes, "chunk": chunk, "context": context, "tokens": at[low]["tokens"],
-               "layers": base.num_hidden_layers, "ms_at_layers": {str(n): at[n]["ms"] for n in LAYER_COUNTS},
-               "per_layer_ms": per_layer, "outside_ms": outside, "host_ms": host,
-               "embed_ms": min(at[n]["embed_ms"] for n in LAYER_COUNTS),
-               "launches_per_layer": (at[high]["launches"] - at[low]["launches"]) / (high - low),
-               "driver_call": "included (cuLaunchKernel)" if gpu else "left out (aot-check on the CPU)"}
-        row["host_ms_without_embed"] = host - row["embed_ms"]
-        rows.append(row)
-        if on_result is not None:
-            on_result(row)
     return rows
 
 
 def format_mixed(rows: list[dict]) -> str:
-    lines = [f"{'decodes':10s} {'tokens':>6s} {'per layer ms':>12s} {'outside ms':>10s} {'embed ms':>8s} "
-             f"{'host ms':>8s} {'w/o embed':>9s} {'launches/layer':>14s}"]
+    lines = [f"{'decodes':10s} {'tokens':>6s} {'outside ms':>10s} {'first layer ms':>14s} {'per layer ms':>12s} "
+             f"{'tail ms':>8s} {'host ms':>8s} {'us/launch':>9s}"]
     for r in rows:
-        lines.append(f"{r['kind']:10s} {r['tokens']:6d} {r['per_layer_ms']:12.3f} {r['outside_ms']:10.3f} "
-                     f"{r['embed_ms']:8.3f} {r['host_ms']:8.2f} {r['host_ms_without_embed']:9.2f} "
-                     f"{r['launches_per_layer']:14.1f}")
+        lines.append(f"{r['kind']:10s} {r['tokens']:6d} {r['outside_ms']:10.3f} {r['first_layer_ms']:14.4f} "
+                     f"{r['per_layer_ms']:12.4f} {r['tail_ms']:8.3f} {r['host_ms']:8.2f} "
+                     f"{r['us_per_layer_launch']:9.2f}")
     if rows:
         r = rows[0]
         lines.append(f"{r['decodes']} decodes of each kind beside one {r['chunk']}-token chunk at {r['context']} cached "
-                     f"tokens, {r['layers']} layers (measured at {' and '.join(map(str, LAYER_COUNTS))}); driver call "
-                     f"{r['driver_call']}")
+                     f"tokens, host ms for {r['layers']} layers ({r['launches_per_layer']:.0f} launches per layer; "
+                     f"measured at {MEASURED_LAYERS}); driver call {r['driver_call']}")
     return "\n".join(lines)

@@ -29,6 +29,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 MODES = ("auto", "aot", "aot-check", "jit", "interpret", "off")
 PLAN_BYTES = 256 << 20  # call plans: preallocated outputs and workspaces kept, least recently used out first
+# an owner fits the plans to this many steps of its largest token budget (`fit_plans`): one step's layer
+# outputs per token (Model.plan_bytes_per_token) and the kernels' workspaces, twice over
+PLAN_STEPS = 4
 
 
 class KernelLibrary:
@@ -49,6 +52,11 @@ class KernelLibrary:
         self._plans: OrderedDict[tuple, _Plan] = OrderedDict()
         self.plan_bytes = PLAN_BYTES  # the most memory the plans' outputs and workspaces hold
         self._plan_bytes = 0
+
+    def fit_plans(self, nbytes: int) -> None:
+        """Let the plans hold at least `nbytes` (the outputs of the largest step the owner will run, say): a
+        budget below one step's outputs would evict and re-record plans within every forward."""
+        self.plan_bytes = max(self.plan_bytes, nbytes)
 
     def num_sms(self, device: torch.device) -> int:
         return self.sm_count or multiprocessor_count(device, cpu_stand_in=1)

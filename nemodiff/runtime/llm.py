@@ -190,6 +190,10 @@ class LLM:
         # the default budget fits a full QuadraticSpec forward, k * (k + 1) tokens
         budget = max_num_batched_tokens or max(2048, build.block_length * (build.block_length + 1))
         scheduler = SchedulerConfig(max_num_seqs=self.max_batch_size, max_num_batched_tokens=budget)
+        if self.model.kernels is not None:  # steps of the largest token budget keep their call plans
+            from nemodiff.plugins.ops import PLAN_STEPS
+
+            self.model.kernels.fit_plans(PLAN_STEPS * budget * self.model.plan_bytes_per_token())
         images = None
         if self.config.vision is not None:
             images = ImagePipeline.from_engine(self.engine_dir, self.config, self.model.dtype, self.model.device,

@@ -70,8 +70,6 @@ class Model:
         self.tp = None  # a TensorParallel (the collectives) once the ranks are connected
         self.driver = None  # rank 0 of a tensor-parallel group: sends each step to the workers
         self.kernels = kernels  # a plugins.ops.KernelLibrary, or None for the reference path
-        if kernels is not None:  # the forward keeps no kernel output past the next call of its shape: plans
-            kernels.reuse_outputs = True
         self.graphs = None  # a GraphRunner once CUDA graphs are captured
         self.dtype = dtype
         self.platform = as_platform(device)  # a plain device: the reference path
@@ -103,6 +101,26 @@ class Model:
         self.meta = KernelMeta(self.platform, self.rank_config)  # the attention kernels' metadata
 
     # -- entry points ------------------------------------------------------------------------
+    @property
+    def kernels(self):
+        return self._kernels
+
+    @kernels.setter
+    def kernels(self, library) -> None:
+        """The forward keeps no kernel output past the next call of its shape: the library's call plans are
+        on (nemodiff/plugins/ops.py), whether it came with the model or was set later (benchmarks)."""
+        self._kernels = library
+        if library is not None:
+            library.reuse_outputs = True
+
+    def plan_bytes_per_token(self) -> int:
+        """Bytes of one token's kernel outputs in a layer (the norm, qkv, attention, o, gate/up, SiLU, down):
+        what the call plans of a step shape hold per token (every layer's calls share their plans)."""
+        layer, width = self.layers[0], self.config.hidden_size
+        outputs = (2 * width + layer.qkv.weight.shape[0] + self.num_heads * self.config.head_dim
+                   + layer.o.weight.shape[0] + layer.gate_up.weight.shape[0] * 3 // 2 + layer.down.weight.shape[0])
+        return outputs * torch.empty((), dtype=self.dtype).element_size()
+
     @torch.inference_mode()
     def forward(self, segments: list[Segment], cache: PagedKVCache | None = None) -> list[torch.Tensor]:
         """Run all segments in one pass; returns per segment float32 logits [rows, vocab]."""
