@@ -312,6 +312,8 @@ def _decide_filled(jobs: list[GuideJob], out: np.ndarray, host: _Host) -> list[G
         best = masked.argmax(axis=1)
         ask = [i for i, job in enumerate(looks) if job.depth and job.diffuse is not None and job.diffuse.by_confidence]
         confidence = _confidence(masked[ask], best[ask]) if ask else None
+        drawn = [i for i, job in enumerate(looks) if job.diffuse is not None and job.diffuse.generator is not None]
+        samples = dict(zip(drawn, _samples(masked[drawn], [looks[i].diffuse for i in drawn]))) if drawn else {}
         best = best.tolist()
         for i, job in enumerate(looks):
             if job.diffuse is None:
@@ -321,12 +323,14 @@ def _decide_filled(jobs: list[GuideJob], out: np.ndarray, host: _Host) -> list[G
                     root.forced = {}
                 root.forced[job.base - root.base + job.depth] = token
             else:
-                token = _diffuse(job, job.depth, masked[i], best[i], confidence, ask, i)
+                token = _diffuse(job, job.depth, best[i], confidence, ask, i, samples.get(i))
             if token is not None:
                 chosen.append((job, token))
     for job in jobs:
         if job.kind == MASKS and job.depth < len(job.drafts):
-            chosen.append((job, int(job.drafts[job.depth])))
+            token = int(job.drafts[job.depth])
+            if 0 <= token < len(job.never) and not job.never[token]:  # else refused: the walk ends here
+                chosen.append((job, token))
     going = []
     for job, token in chosen:
         if not job.guide.handle.accept_token(token, False):
@@ -359,18 +363,40 @@ def _reveals(conf: dict, k: int, tau: float) -> bool:
     return 1.0 / np.exp(row - np.float64(conf["top"][k])).sum() >= tau
 
 
-def _diffuse(job: GuideJob, j: int, row: np.ndarray, greedy: int, confidence: dict | None, ask: list[int],
-             i: int) -> int | None:
+def _samples(masked: np.ndarray, rules: list[Diffuse]) -> list[tuple[int, float]]:
+    """(token, probability) drawn from each masked row at its rule's temperature with its generator: one
+    uniform draw per row from the request's generator, inverted through the row's cumulative distribution
+    (one numpy pass over the rows)."""
+    scale = np.array([1.0 / d.temperature for d in rules], dtype=np.float32)[:, None]
+    x = masked * scale
+    x -= x.max(axis=1, keepdims=True)
+    np.exp(x, out=x)
+    cdf = np.cumsum(x, axis=1, dtype=np.float64)
+    totals = cdf[:, -1].tolist()
+    out = []
+    for row, d in enumerate(rules):
+        u = float(torch.rand((), dtype=torch.float64, generator=d.generator)) * totals[row]
+        token = min(int(np.searchsorted(cdf[row], u, side="right")), cdf.shape[1] - 1)
+        weight = float(x[row, token])
+        while weight == 0.0 and token:  # the last allowed token when u lands on the top edge
+            token -= 1
+            weight = float(x[row, token])
+        out.append((token, weight / totals[row]))
+    return out
+
+
+def _diffuse(job: GuideJob, j: int, greedy: int, confidence: dict | None, ask: list[int], i: int,
+             sample: tuple[int, float] | None) -> int | None:
     """A denoising row under its mask: the token to reveal, or None (stays masked; the walk ends). greedy:
     the masked row's first maximum; confidence: its renormalised probability where a reveal depends on it
-    (`_confidence` of the rows `ask`; this row is looks[i])."""
+    (`_confidence` of the rows `ask`; this row is looks[i]); sample: (token, probability) drawn from the masked
+    row at temperature > 0 (`_samples`)."""
     d = job.diffuse
-    if d.generator is not None:  # temperature > 0: a sample from the masked distribution
-        probs = torch.softmax(torch.from_numpy(row).double() / d.temperature, dim=-1)
-        token = int(torch.multinomial(probs, 1, generator=d.generator))
+    if sample is not None:  # temperature > 0: a sample from the masked distribution
+        token, p = sample
         if j == 0 or d.last:
             return token
-        return token if (float(probs[token]) >= d.tau if d.tau is not None else j < d.k) else None
+        return token if (p >= d.tau if d.tau is not None else j < d.k) else None
     if j == 0 or d.last:
         return greedy
     if d.tau is None:
