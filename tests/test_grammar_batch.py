@@ -14,16 +14,8 @@ import pytest
 import torch
 
 from nemodiff.runtime.decoding.grammar import apply_only, greedy_pick, unpack
-from nemodiff.runtime.decoding.grammar_batch import (
-    DIFFUSE,
-    MASKS,
-    VERIFY,
-    WALK,
-    Diffuse,
-    GuideJob,
-    OnlyTokens,
-    run_jobs,
-)
+from nemodiff.runtime.decoding.grammar_batch import DIFFUSE, MASKS, VERIFY, WALK, GuideJob, OnlyTokens, run_jobs
+from nemodiff.runtime.decoding.grammar_reveal import Diffuse
 from nemodiff.runtime.request import Guide
 
 SCHEMA = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 5}, "n": {"type": "integer"}},

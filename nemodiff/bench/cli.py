@@ -124,7 +124,12 @@ def bench(engine_dir: Path | None, shape: str | None, dtype: str, device: str | 
         _bench_launches(engine_dir, iters, json_path, device, sm_count)
         return
     if mixed_step:
-        _bench_mixed(shape, dtype, device, kernels, sm, sm_count, kernel_dir, json_path)
+        from nemodiff.bench.mixed import bench_mixed, format_mixed
+
+        report = bench_mixed(shape, dtype, device, kernels, sm, sm_count, kernel_dir, on_result=lambda row: _say(
+            json_path, f"  {row['kind']}: {row['host_ms']:.2f} host ms per step"))
+        _say(json_path, format_mixed(report["mixed_step"]))
+        _write_json(report, json_path)
         return
     if (engine_dir is None) == (shape is None):
         raise click.UsageError("give an ENGINE_DIR or --shape, not both")
@@ -368,24 +373,6 @@ def _bench_launches(engine_dir: Path | None, iters: int, json_path: str | None, 
         raise click.ClickException(str(exc)) from None
     report["date"] = time.strftime("%Y-%m-%d")
     _say(json_path, format_report(report))
-    _write_json(report, json_path)
-
-
-def _bench_mixed(shape: str | None, dtype: str, device: str | None, kernels: str, sm: str, sm_count: int | None,
-                 kernel_dir: Path | None, json_path: str | None) -> None:
-    from nemodiff.bench.kernels import kernel_platform, resolve_mode
-    from nemodiff.bench.mixed import format_mixed, mixed_step_host
-    from nemodiff.device import resolve_device
-
-    dev = resolve_device(device)
-    mode = resolve_mode(kernels, dev)
-    if shape is None or mode not in ("aot", "aot-check"):
-        raise click.UsageError("--mixed-step needs --shape and --kernels aot (a GPU) or aot-check (the CPU)")
-    platform = kernel_platform(dev, mode, sm, sm_count)
-    report = {"date": time.strftime("%Y-%m-%d"), "shape": shape, "dtype": dtype, "kernels": mode, "sm": sm}
-    report["mixed_step"] = mixed_step_host(shape, dtype, platform, mode, kernel_dir, on_result=lambda row: _say(
-        json_path, f"  {row['kind']}: {row['host_ms']:.2f} host ms per step"))
-    _say(json_path, format_mixed(report["mixed_step"]))
     _write_json(report, json_path)
 
 

@@ -160,6 +160,23 @@ def mixed_step_host(shape: str, dtype: str, platform, mode: str, kernel_dir=None
     return rows
 
 
+def bench_mixed(shape: str | None, dtype: str, device: str | None, kernels: str, sm: str, sm_count: int | None,
+                kernel_dir, on_result=None) -> dict:
+    """`nemodiff bench --mixed-step`: the report, dated (ValueError when the options cannot run it)."""
+    from nemodiff.device import resolve_device
+
+    from .kernels import kernel_platform, resolve_mode
+
+    dev = resolve_device(device)
+    mode = resolve_mode(kernels, dev)
+    if shape is None or mode not in ("aot", "aot-check"):
+        raise ValueError("--mixed-step needs --shape and --kernels aot (a GPU) or aot-check (the CPU)")
+    platform = kernel_platform(dev, mode, sm, sm_count)
+    report = {"date": time.strftime("%Y-%m-%d"), "shape": shape, "dtype": dtype, "kernels": mode, "sm": sm}
+    report["mixed_step"] = mixed_step_host(shape, dtype, platform, mode, kernel_dir, on_result=on_result)
+    return report
+
+
 def format_mixed(rows: list[dict]) -> str:
     lines = [f"{'decodes':10s} {'tokens':>6s} {'outside ms':>10s} {'first layer ms':>14s} {'per layer ms':>12s} "
              f"{'tail ms':>8s} {'host ms':>8s} {'us/launch':>9s}"]

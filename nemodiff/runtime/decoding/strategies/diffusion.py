@@ -21,7 +21,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from nemodiff.runtime.decoding.grammar_batch import DIFFUSE, Diffuse, GuideJob
+from nemodiff.runtime.decoding.grammar_batch import DIFFUSE, GuideJob
+from nemodiff.runtime.decoding.grammar_reveal import Diffuse
 from nemodiff.runtime.model.segments import Pattern, Segment
 
 from .base import DecodeStrategy
