@@ -187,6 +187,7 @@ def format_mixed(rows: list[dict]) -> str:
     if rows:
         r = rows[0]
         lines.append(f"{r['decodes']} decodes of each kind beside one {r['chunk']}-token chunk at {r['context']} cached "
-                     f"tokens, host ms for {r['layers']} layers ({r['launches_per_layer']:.0f} launches per layer; "
+                     f"tokens, host ms for {r['layers']} layer{'s' if r['layers'] != 1 else ''} "
+                     f"({r['launches_per_layer']:.0f} launches per layer; "
                      f"measured at {MEASURED_LAYERS}); driver call {r['driver_call']}")
     return "\n".join(lines)
