@@ -162,3 +162,19 @@ def test_one_token_rows_equal_their_bitmasks_and_give_back_the_originals(dtype):
     assert torch.equal(by_tokens, by_bits)
     assert torch.equal(original, x[rows])
     assert torch.equal(by_tokens[[0, 2, 3]], x[[0, 2, 3]])
+
+
+def test_host_uniforms_are_the_device_uniforms():
+    """A guided denoising step samples its walked rows with numpy's twin of the counter-based uniforms
+    (batched_sampling.uniform_host): the same numbers as the tensor version for the same seed, counter,
+    stream and lane, seeds past 2**32 included."""
+    from nemodiff.runtime.decoding.batched_sampling import STREAM_GRAMMAR, uniform, uniform_host
+
+    gen = torch.Generator().manual_seed(11)
+    seeds = torch.randint(0, 2**62, (64,), generator=gen)
+    counters = torch.randint(0, 2**31, (64,), generator=gen)
+    lanes = torch.randint(0, 2**20, (64,), generator=gen)
+    want = uniform(seeds, counters, STREAM_GRAMMAR, lanes[:, None])[:, 0].numpy()
+    got = np.array(uniform_host(seeds.tolist(), counters.tolist(), STREAM_GRAMMAR, lanes.tolist()))
+    np.testing.assert_array_equal(got, want)
+    assert ((got > 0) & (got < 1)).all()

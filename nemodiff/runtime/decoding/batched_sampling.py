@@ -17,7 +17,7 @@ import torch
 from nemodiff.device import on_host, probability_dtype  # noqa: F401 (probability_dtype: part of this module's API)
 
 _M32 = 0xFFFFFFFF
-STREAM_SAMPLE, STREAM_DRAFT, STREAM_ACCEPT, STREAM_RESIDUAL, STREAM_GUMBEL = 1, 2, 3, 4, 5
+STREAM_SAMPLE, STREAM_DRAFT, STREAM_ACCEPT, STREAM_RESIDUAL, STREAM_GUMBEL, STREAM_GRAMMAR = 1, 2, 3, 4, 5, 6
 
 
 def _mix32(x: torch.Tensor) -> torch.Tensor:
@@ -43,6 +43,32 @@ def uniform(seeds: torch.Tensor, counters: torch.Tensor, stream: int, lanes: tor
     low = _mix32(high ^ 0x9E3779B9)
     bits = (high << 21) | (low >> 11)  # 53 random bits
     return (bits.double() + 0.5) / float(1 << 53)
+
+
+def _mix32_int(x: int) -> int:
+    """`_mix32` on one Python int in [0, 2**32)."""
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & _M32
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & _M32
+    return x ^ (x >> 16)
+
+
+def uniform_host(seeds, counters, stream: int, lanes) -> list[float]:
+    """`uniform` on the host for one lane per row (seeds, counters, lanes: sequences of non-negative ints)
+    -> one float per row: the same numbers, in plain integer arithmetic (a few rows at a time, as a
+    grammar-guided denoising step draws them, cost less so than as array operations)."""
+    out = []
+    for seed, counter, lane in zip(seeds, counters, lanes):
+        seed, counter, lane = int(seed), int(counter), int(lane)
+        h = _mix32_int(seed & _M32)
+        h = _mix32_int(h ^ ((seed >> 32) & _M32))
+        h = _mix32_int(h ^ (counter & _M32))
+        h = _mix32_int(h ^ stream)
+        high = _mix32_int(h ^ (lane & _M32))
+        low = _mix32_int(high ^ 0x9E3779B9)
+        out.append((((high << 21) | (low >> 11)) + 0.5) / float(1 << 53))
+    return out
 
 
 def distribution_rows(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,

@@ -300,8 +300,9 @@ def _decide_filled(jobs: list[GuideJob], out: np.ndarray, host: _Host) -> list[G
         best = masked.argmax(axis=1)
         ask = [i for i, job in enumerate(looks) if job.depth and job.diffuse is not None and job.diffuse.by_confidence]
         confidence = confidences(masked[ask], best[ask]) if ask else None
-        drawn = [i for i, job in enumerate(looks) if job.diffuse is not None and job.diffuse.generator is not None]
-        drawn_tokens = dict(zip(drawn, samples(masked[drawn], [looks[i].diffuse for i in drawn]))) if drawn else {}
+        drawn = [i for i, job in enumerate(looks) if job.diffuse is not None and job.diffuse.draw is not None]
+        drawn_tokens = dict(zip(drawn, samples(masked[drawn], [looks[i].diffuse for i in drawn],
+                                               [looks[i].depth for i in drawn]))) if drawn else {}
         best = best.tolist()
         for i, job in enumerate(looks):
             if job.diffuse is None:

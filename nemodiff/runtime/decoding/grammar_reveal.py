@@ -11,20 +11,22 @@ sample from the masked distribution at temperature > 0 (`samples`), and the rule
 from __future__ import annotations
 
 import numpy as np
-import torch
+
+from .batched_sampling import STREAM_GRAMMAR, uniform_host
 
 
 class Diffuse:
     """How a DIFFUSE job reveals (strategies/diffusion.py `_guided_step`): tau (confidence threshold) or
     k (top-k schedule: the step reveals up to k), last (the block's last step: reveal every walked row),
-    temperature and the step's generator (temperature > 0)."""
+    temperature, and at temperature > 0 draw: (seed, draw counter) of the step's counter-based uniforms
+    (batched_sampling.py; lane: the walked row)."""
 
-    __slots__ = ("tau", "k", "last", "temperature", "generator", "by_confidence")
+    __slots__ = ("tau", "k", "last", "temperature", "draw", "by_confidence")
 
-    def __init__(self, tau: float | None, k: int, last: bool, temperature: float, generator=None):
-        self.tau, self.k, self.last, self.temperature, self.generator = tau, k, last, temperature, generator
+    def __init__(self, tau: float | None, k: int, last: bool, temperature: float, draw: tuple[int, int] | None = None):
+        self.tau, self.k, self.last, self.temperature, self.draw = tau, k, last, temperature, draw
         # rows after the first reveal by their greedy token's masked confidence
-        self.by_confidence = tau is not None and not last and generator is None
+        self.by_confidence = tau is not None and not last and draw is None
 
 
 def confidences(masked: np.ndarray, best: np.ndarray) -> dict:
@@ -44,25 +46,24 @@ def _reaches(conf: dict, k: int, tau: float) -> bool:
     return 1.0 / np.exp(row - np.float64(conf["top"][k])).sum() >= tau
 
 
-def samples(masked: np.ndarray, rules: list[Diffuse]) -> list[tuple[int, float]]:
-    """(token, probability) drawn from each masked row at its rule's temperature with its generator: one
-    uniform draw per row from the request's generator, inverted through the row's cumulative distribution
-    (one numpy pass over the rows)."""
+def samples(masked: np.ndarray, rules: list[Diffuse], rows: list[int]) -> list[tuple[int, float]]:
+    """(token, probability) drawn from each masked row at its rule's temperature: the request's counter-based
+    uniform for that walked row (`rows`), inverted through the row's cumulative distribution; one numpy pass
+    over the rows."""
     scale = np.array([1.0 / d.temperature for d in rules], dtype=np.float32)[:, None]
     x = masked * scale
     x -= x.max(axis=1, keepdims=True)
     np.exp(x, out=x)
     cdf = np.cumsum(x, axis=1, dtype=np.float64)
-    totals = cdf[:, -1].tolist()
+    u = np.array(uniform_host([d.draw[0] for d in rules], [d.draw[1] for d in rules], STREAM_GRAMMAR, rows)) * cdf[:, -1]
+    tokens = np.minimum((cdf <= u[:, None]).sum(axis=1), cdf.shape[1] - 1)
+    weights = x[np.arange(len(rules)), tokens]
     out = []
-    for row, d in enumerate(rules):
-        u = float(torch.rand((), dtype=torch.float64, generator=d.generator)) * totals[row]
-        token = min(int(np.searchsorted(cdf[row], u, side="right")), cdf.shape[1] - 1)
-        weight = float(x[row, token])
+    for row, (token, weight) in enumerate(zip(tokens.tolist(), weights.tolist())):
         while weight == 0.0 and token:  # the last allowed token when u lands on the top edge
             token -= 1
             weight = float(x[row, token])
-        out.append((token, weight / totals[row]))
+        out.append((token, weight / float(cdf[row, -1])))
     return out
 
 

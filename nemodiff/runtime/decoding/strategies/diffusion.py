@@ -19,7 +19,6 @@ write of the answers into the block.
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 from nemodiff.runtime.decoding.grammar_batch import DIFFUSE, GuideJob
 from nemodiff.runtime.decoding.grammar_reveal import Diffuse
@@ -113,16 +112,14 @@ class DiffusionStrategy(DecodeStrategy):
         step. The returned rows allow only the token revealed there, or only the mask id (still masked),
         so the candidates decision writes exactly this. The walk itself is grammar_batch.py's DIFFUSE job."""
         rows, block, temperature = self._rows, self.block, self.params.temperature
-        generator = None
-        if temperature > 0:
-            generator = torch.Generator().manual_seed((self.seed * 1_000_003 + self.draw_counter) % (2**63))
+        draw = (self.seed, self.draw_counter) if temperature > 0 else None
         run = len(rows)
         if rows[-1] - rows[0] + 1 != run:  # masked slots apart: the leftmost run of them
             run = int(np.flatnonzero(np.diff(rows) != 1)[0]) + 1
         if tau is None and not last:
             run = min(run, k)
         return GuideJob(self.guide, len(rows), DIFFUSE, after=block[1: rows[0]].tolist(), walk=run,
-                        diffuse=Diffuse(tau, k, last, temperature, generator), only=self.mask_id)
+                        diffuse=Diffuse(tau, k, last, temperature, draw), only=self.mask_id)
 
     def _new_block(self, sampled: int) -> list[int]:
         forced = self.forced_token()
