@@ -21,7 +21,8 @@ the decision needs the masked distribution: a denoising row's confidence, a samp
 The stopped jobs of a round get their bitmasks in one C++ call (xgrammar's `BatchGrammarMatcher`), their
 masked choices in one numpy pass, and walk on in the next round: the Python work grows with the rows
 walked and the rounds (the most refusals of one job), not with requests times rows. A try-accepted row
-stays all ones (no bitmask filled or applied). Every job's look-ahead is rolled back before `run_jobs`
+stays all ones (no bitmask filled or applied); a VERIFY or WALK row that needed its mask comes back as
+`OnlyTokens` too, allowing just the token it decided. Every job's look-ahead is rolled back before `run_jobs`
 returns: matchers stand after their request's output, as grammar.py promises.
 """
 
@@ -62,8 +63,9 @@ class GuideJob:
         self.diffuse, self.then, self.only = diffuse, then, only
         self.picks: list[int] = []  # the token each walked row decided, in order
         self.forced: dict[int, int] | None = None  # VERIFY, WALK: row -> token, for rows that needed their mask
-        self.base = self.row = self.depth = self.taken = 0  # first output row, first logit row, rows walked,
-        self.failed = False                                  # tokens accepted (to roll back)
+        # first output row, first logit row, rows walked, tokens accepted (rolled back at the end)
+        self.base = self.row = self.depth = self.taken = 0
+        self.failed = False
         self.root = self  # the job whose rows and look-ahead a follow-up shares
 
 
@@ -77,9 +79,6 @@ class OnlyTokens:
 
     def __init__(self, tokens: np.ndarray | None):
         self.tokens = tokens
-
-    def __len__(self) -> int:
-        return len(self.tokens)
 
 
 class _Host:
