@@ -288,7 +288,8 @@ class BoundLaunch:
         lines += ["    counter.launches += 1", "    launch(prepared, grid, address)"]
         scope = {"inputs": self.inputs, "pack_into": struct.Struct("<" + "Q" * len(used)).pack_into,
                  "counter": launcher, "launch": launcher.driver.launch_packed, "prepared": self.prepared,
-                 "grid": self.grid, "address": address, "misaligned": self._misaligned}
+                 "grid": self.grid, "address": address, "misaligned": self._misaligned,
+                 "binding": self}  # the parameter block and the constant tensors live as long as `go`
         exec(compile("\n".join(lines), f"<bound {self.prepared.name}>", "exec"), scope)  # noqa: S102 (generated from the launch)
         return scope["go"]
 
