@@ -28,7 +28,7 @@ import torch
 from nemodiff.runtime.model.kv_cache import PagedKVCache
 from nemodiff.runtime.model.layers import KERNEL_DTYPES, DenseLinear
 
-from .steps import STEP_KINDS, _segments
+from .steps import STEP_KINDS, _segments, hold_requests
 
 SHAPES = ("ar", "verify-32", "draft-32", "quad-k8")
 
@@ -60,10 +60,11 @@ class _Skip:
 
 
 class _Timed:
-    """Wraps a KernelLibrary so that the time spent in its methods is summed."""
+    """Wraps a KernelLibrary so that the time spent in its methods is summed; with `calls` a list, each
+    call's (start, end) is also appended to it, in order."""
 
-    def __init__(self, library):
-        self.kernels, self.seconds = library, 0.0
+    def __init__(self, library, calls: list | None = None):
+        self.kernels, self.seconds, self.calls = library, 0.0, calls
         for name in dir(library):
             method = getattr(library, name)
             if callable(method) and not name.startswith("_"):
@@ -75,7 +76,10 @@ class _Timed:
             try:
                 return method(*args, **kwargs)
             finally:
-                self.seconds += time.perf_counter() - start
+                end = time.perf_counter()
+                self.seconds += end - start
+                if self.calls is not None:
+                    self.calls.append((start, end))
         return call
 
     def __getattr__(self, name):
@@ -136,10 +140,7 @@ def launch_overhead(engine_dir: Path, iters: int = 20, context: int = 64, device
             cache = PagedKVCache(cfg.num_hidden_layers, model.num_kv_heads, cfg.head_dim,
                                  llm.config.build.kv_page_size, pages + 1, model.dtype, model.platform,
                                  max_pages_per_request=pages)
-            cache.add_request(0)
-            cache.reserve(0, context + n + 8)
-            cache.set_length(0, context)
-            cache.reserve(0, context + n + 8)
+            hold_requests(cache, [context], context + n + 8)
             segments = _segments(kind, 1, context)
             model.forward(segments, cache)  # warm: variants prepared, buffers grown
             synchronize(model.device)
@@ -196,12 +197,6 @@ def forward_host_cost(model, page_size: int, context: int, iters: int = 10, kind
     if kernels is None:
         return {}
     launcher, cfg = kernels.launcher, model.config
-    counted = [0]
-    launch = launcher.launch
-
-    def counting(variant, grid, args):  # launchers without a counter (the ahead-of-time one counts bound launches too)
-        counted[0] += 1
-        launch(variant, grid, args)
     dense_calls = [0]
     call = DenseLinear.__call__
 
@@ -213,22 +208,15 @@ def forward_host_cost(model, page_size: int, context: int, iters: int = 10, kind
     pages = -(-(context + n + 8) // page_size)
     cache = PagedKVCache(cfg.num_hidden_layers, model.num_kv_heads, cfg.head_dim, page_size, pages + 1, model.dtype,
                          model.platform, max_pages_per_request=pages)
-    cache.add_request(0)
-    cache.reserve(0, context + n + 8)
-    cache.set_length(0, context)
-    cache.reserve(0, context + n + 8)
+    hold_requests(cache, [context], context + n + 8)
     segments = _segments(kind, 1, context)
     graphs, model.graphs = model.graphs, None
-    own = vars(launcher).get("launch")  # an instance's own launch (a wrapper), else the class's
-    counter = hasattr(launcher, "launches")
-    if not counter:
-        launcher.launch = counting
     DenseLinear.__call__ = dense
     try:
         model.forward(segments, cache)  # warm: buffers grown, variants prepared
         synchronize(model.device)
-        counted[0] = dense_calls[0] = 0
-        before = launcher.launches if counter else 0
+        dense_calls[0] = 0
+        before = launcher.launches  # every launcher counts its launches (bound ones included)
         host = device = 0.0
         for _ in range(iters):
             with Timer(model.device) as timer:
@@ -236,16 +224,11 @@ def forward_host_cost(model, page_size: int, context: int, iters: int = 10, kind
                 model.forward(segments, cache)
                 host += time.perf_counter() - start
             device += timer.ms
-        if counter:
-            counted[0] = launcher.launches - before
+        counted = launcher.launches - before
     finally:
         DenseLinear.__call__ = call
-        if not counter and own is None:
-            del launcher.launch  # the class's method again
-        elif not counter:
-            launcher.launch = own
         model.graphs = graphs
-    launches = counted[0] / iters
+    launches = counted / iters
     gemms = dense_calls[0] / iters  # products left to torch (cuBLAS on a GPU), the head included
     return {"kind": kind, "context": context, "launcher": launcher.name, "triton_launches_per_forward": launches,
             "dense_gemms_per_forward": gemms, "launches_per_forward": launches + gemms,

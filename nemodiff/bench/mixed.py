@@ -35,42 +35,13 @@ from nemodiff.plugins.ops import PLAN_STEPS
 from nemodiff.runtime.model.kv_cache import PagedKVCache
 from nemodiff.runtime.model.segments import Pattern, Segment
 
-from .steps import _segments
+from .launches import _Skip, _Timed
+from .steps import STEP_KINDS, _segments, hold_requests
 
 MIXED_KINDS = ("ar", "draft-32", "verify-32", "quad-k8")
 MEASURED_LAYERS = 3
 MEASURED_VOCAB = 2048  # the head's calls do not depend on it; the CPU's copy of float32 logits does
 TAIL_CALLS = 2  # the final norm and the head
-
-
-class _Clocked:
-    """The model's KernelLibrary with every public call timed: (start, end) per call, in order."""
-
-    def __init__(self, library):
-        self.library, self.calls = library, []
-        for name in dir(library):
-            method = getattr(library, name)
-            if callable(method) and not name.startswith("_"):
-                setattr(self, name, self._clocked(method))
-
-    def _clocked(self, method):
-        calls = self.calls
-
-        def call(*args, **kwargs):
-            start = time.perf_counter()
-            out = method(*args, **kwargs)
-            calls.append((start, time.perf_counter()))
-            return out
-        return call
-
-    def __getattr__(self, name):
-        return getattr(self.library, name)
-
-
-def _segments_tokens(kind: str) -> int:
-    from .steps import STEP_KINDS
-
-    return STEP_KINDS[kind][0]
 
 
 def _cache(model, decodes: int, chunk: int, context: int, page_size: int) -> PagedKVCache:
@@ -79,15 +50,11 @@ def _cache(model, decodes: int, chunk: int, context: int, page_size: int) -> Pag
     pages = -(-longest // page_size)
     cache = PagedKVCache(cfg.num_hidden_layers, model.num_kv_heads, cfg.head_dim, page_size, (decodes + 1) * pages + 1,
                          model.dtype, model.platform, max_pages_per_request=pages, max_requests=decodes + 2)
-    for rid in range(decodes + 1):
-        cache.add_request(rid)
-        cache.reserve(rid, longest)
-        cache.set_length(rid, context if rid < decodes else 0)
-        cache.reserve(rid, longest)
+    hold_requests(cache, [context] * decodes + [0], longest)
     return cache
 
 
-def _one_forward(model, clocked: _Clocked, segments, cache, layers: int) -> tuple[float, float, float, float]:
+def _one_forward(model, clocked, segments, cache, layers: int) -> tuple[float, float, float, float]:
     """(outside, first layer, each later layer, tail) seconds of one forward."""
     run, inside = model._run, [0.0]
 
@@ -117,7 +84,6 @@ def mixed_step_host(shape: str, dtype: str, platform, mode: str, kernel_dir=None
                     context: int = 2048, iters: int = 9, page_size: int = 16, on_result=None) -> list[dict]:
     """Per kind of decode: the step's host ms for the shape's layers and its parts (see the module docstring)."""
     from .kernels import shape_kernels
-    from .launches import _Skip
     from .shapes import random_model, shape_config
 
     base = shape_config(shape)
@@ -131,9 +97,9 @@ def mixed_step_host(shape: str, dtype: str, platform, mode: str, kernel_dir=None
         if not gpu:  # host work alone: no checks, no interpreted kernels
             launcher.checker = None
             launcher.driver = _Skip(launcher.driver)
-        tokens = max(decodes * _segments_tokens(kind) for kind in MIXED_KINDS) + chunk
+        tokens = max(decodes * STEP_KINDS[kind][0] for kind in MIXED_KINDS) + chunk
         model.kernels.fit_plans(PLAN_STEPS * tokens * model.plan_bytes_per_token())  # as LLM fits them to its budget
-        clocked = model.kernels = _Clocked(model.kernels)
+        clocked = model.kernels = _Timed(model.kernels, calls=[])  # every call's (start, end)
         for kind in MIXED_KINDS:
             cache = _cache(model, decodes, chunk, context, page_size)
             segments = _segments(kind, decodes, context) + [

@@ -105,6 +105,15 @@ def projected_tokens_per_s(step_ms: dict[str, float]) -> dict[str, float]:
             "quadratic-spec (k=8)": 1e3 * min(PUBLISHED_TPF["quadratic-spec"], 8) / step_ms["quad-k8"]}
 
 
+def hold_requests(cache: PagedKVCache, lengths: list[int], room: int) -> None:
+    """Requests 0, 1, ... in the cache with lengths[i] committed tokens each and pages for `room` tokens."""
+    for rid, length in enumerate(lengths):
+        cache.add_request(rid)
+        cache.reserve(rid, room)
+        cache.set_length(rid, length)
+        cache.reserve(rid, room)
+
+
 def _segments(kind: str, batch: int, context: int) -> list[Segment]:
     """The segments of one step of `kind` for `batch` requests, as the strategies build them."""
     from nemodiff.runtime.model.segments import cycle_layout
@@ -147,11 +156,7 @@ def step_latencies(model: Model, kinds: list[str], batch_sizes: list[int], conte
             runner.capture_steady_shapes([STEP_KINDS[k][3] for k in kinds if k != "quad-k32" or batch == 1])
         cache.k.normal_()
         cache.v.normal_()
-        for rid in range(batch):
-            cache.add_request(rid)
-            cache.reserve(rid, context + 1100)
-            cache.set_length(rid, context)
-            cache.reserve(rid, context + 1100)
+        hold_requests(cache, [context] * batch, context + 1100)
         for kind in kinds:
             if kind == "quad-k32" and batch > 1:
                 continue

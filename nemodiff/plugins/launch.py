@@ -24,6 +24,7 @@ from .spec import KernelVariant
 
 class Launcher(Protocol):
     name: str
+    launches: int  # launches so far (benchmarks count by it)
 
     def launch(self, variant: KernelVariant, grid: tuple[int, ...], args: tuple) -> None:
         """Run `variant` over `grid` with the runtime arguments `args` (in signature order)."""
@@ -57,8 +58,10 @@ class InterpretLauncher:
 
         self._wrap = InterpretedFunction
         self._cache: dict[str, object] = {}
+        self.launches = 0
 
     def launch(self, variant: KernelVariant, grid: tuple[int, ...], args: tuple) -> None:
+        self.launches += 1
         fn = self._cache.get(variant.kernel)
         if fn is None:
             jitted = kernel_function(variant.kernel)
@@ -71,6 +74,10 @@ class JitLauncher:
 
     name = "jit"
 
+    def __init__(self):
+        self.launches = 0
+
     def launch(self, variant: KernelVariant, grid: tuple[int, ...], args: tuple) -> None:
+        self.launches += 1
         kernel_function(variant.kernel)[grid](*args, **variant.constexpr_dict(), num_warps=variant.num_warps,
                                               num_stages=variant.num_stages)
