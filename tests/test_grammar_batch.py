@@ -2,7 +2,9 @@
 
 The batched jobs must decide what one request's per-row work (grammar.py's `masks` and `walk`) decides:
 batch fills equal per-row fills, try-accept at temperature 0 gives the tokens full masks give, walks and
-denoising reveals pick the same tokens, and every matcher stands after its output again afterwards.
+denoising reveals pick the same tokens, and every matcher stands after its output again afterwards. The
+greedy jobs run twice, in the Python rounds and in the native walk (grammar_native.py), which must agree
+row for row, NaN logits and follow-ups included.
 """
 
 from __future__ import annotations
@@ -13,8 +15,18 @@ import numpy as np
 import pytest
 import torch
 
+from nemodiff.runtime.decoding import grammar_native
 from nemodiff.runtime.decoding.grammar import apply_only, greedy_pick, unpack
-from nemodiff.runtime.decoding.grammar_batch import DIFFUSE, MASKS, VERIFY, WALK, GuideJob, OnlyTokens, run_jobs
+from nemodiff.runtime.decoding.grammar_batch import (
+    DIFFUSE,
+    MASKS,
+    VERIFY,
+    WALK,
+    FollowUp,
+    GuideJob,
+    OnlyTokens,
+    run_jobs,
+)
 from nemodiff.runtime.decoding.grammar_reveal import Diffuse
 from nemodiff.runtime.request import Guide
 
@@ -92,7 +104,8 @@ def test_batch_fills_equal_per_row_fills(grammars):
     assert all((state(m) == b).all() for m, b in zip(ms, before))  # every look-ahead rolled back
 
 
-def test_try_accept_verification_gives_the_tokens_of_full_masks(grammars):
+@pytest.mark.parametrize("native", [True, False], ids=["native", "python"])
+def test_try_accept_verification_gives_the_tokens_of_full_masks(grammars, native):
     ms = matchers(grammars, 2)
     before = [state(m) for m in ms]
     plain = logits(grammars, 3)
@@ -102,7 +115,7 @@ def test_try_accept_verification_gives_the_tokens_of_full_masks(grammars):
     drafts = [w[:ROWS - 1] for w in walks]
     drafts[2][2] = (drafts[2][2] + 1) % grammars.vocab_size  # a mismatch mid-way
     jobs = [(i * ROWS, GuideJob(m, ROWS, VERIFY, drafts=d)) for i, (m, d) in enumerate(zip(ms, drafts))]
-    results = run_jobs(jobs, x)
+    results = run_jobs(jobs, x, native)
     masked = 0
     for i, (m, d, rows) in enumerate(zip(ms, drafts, results)):
         full = masked_argmax(x[i * ROWS: (i + 1) * ROWS], m.masks(d))
@@ -114,7 +127,8 @@ def test_try_accept_verification_gives_the_tokens_of_full_masks(grammars):
     assert all((state(m) == b).all() for m, b in zip(ms, before))
 
 
-def test_batched_walks_and_reveals_pick_what_one_request_picks(grammars):
+@pytest.mark.parametrize("native", [True, False], ids=["native", "python"])
+def test_batched_walks_and_reveals_pick_what_one_request_picks(grammars, native):
     ms = matchers(grammars, 4)
     before = [state(m) for m in ms]
     plain = logits(grammars, 5)
@@ -122,28 +136,77 @@ def test_batched_walks_and_reveals_pick_what_one_request_picks(grammars):
     x = logits(grammars, 5, [[t if j % 2 else -1 for j, t in enumerate(w)] for w in walks])
     expected = greedy_walks(ms, x)
     jobs = [(i * ROWS, GuideJob(m, ROWS, WALK)) for i, m in enumerate(ms)]
-    got = [masked_argmax(x[i * ROWS: (i + 1) * ROWS], rows) for i, rows in enumerate(run_jobs(jobs, x))]
+    got = [masked_argmax(x[i * ROWS: (i + 1) * ROWS], rows) for i, rows in enumerate(run_jobs(jobs, x, native))]
     for job, g, e in zip((j for _, j in jobs), got, expected):
         walked = len(job.picks)
         assert walked and g[:walked] == e[:walked] == job.picks
-    # denoising reveals (tau): the per-row rule of grammar.py's walk with a decide function
-    for tau in (0.05, 0.5):
+    # denoising reveals (thresholds, a top-k schedule, a block's last step): the per-row rule of
+    # grammar.py's walk with a decide function
+    for tau, k, last in ((0.05, 0, False), (0.5, 0, False), (None, 2, False), (0.5, 0, True)):
         picks = []
         for i, m in enumerate(ms):
             seen: list[int] = []
 
-            def decide(j, row, seen=seen, tau=tau):
+            def decide(j, row, seen=seen, tau=tau, k=k, last=last):
                 probs = torch.softmax(row.double(), dim=-1)
                 token = int(row.numpy().argmax())
-                if j == 0 or probs[token] >= tau:
+                if j == 0 or last or (probs[token] >= tau if tau is not None else j < k):
                     seen.append(token)
                     return token
                 return None
             m.walk(x[i * ROWS: (i + 1) * ROWS], decide)
             picks.append(seen)
-        jobs = [(i * ROWS, GuideJob(m, ROWS, DIFFUSE, diffuse=Diffuse(tau, 0, False, 0.0))) for i, m in enumerate(ms)]
-        run_jobs(jobs, x)
-        assert [job.picks for _, job in jobs] == picks
+        jobs = [(i * ROWS, GuideJob(m, ROWS, DIFFUSE, diffuse=Diffuse(tau, k, last, 0.0))) for i, m in enumerate(ms)]
+        run_jobs(jobs, x, native)
+        assert [job.picks for _, job in jobs] == picks, (tau, k, last)
+    assert all((state(m) == b).all() for m, b in zip(ms, before))
+
+
+def test_native_walk_builds_and_agrees_with_the_rounds(grammars):
+    """The native walk is built here (a missing compiler would silently leave the Python rounds), and on
+    verifications with a follow-up walk (QuadraticSpec's cycle), walks after look-ahead tokens and rows
+    holding NaN it decides exactly what the Python rounds decide: the same tokens, picks, and matchers
+    standing after their outputs."""
+    import shutil
+
+    if not (shutil.which("c++") or shutil.which("g++")):
+        pytest.skip("no C++ compiler: the Python rounds walk every job")
+    assert grammar_native.walker() is not None
+    ms = matchers(grammars, 6)
+    before = [state(m) for m in ms]
+    walks = greedy_walks(ms, logits(grammars, 7))
+    rows = ROWS * ROWS  # a verification of ROWS rows, then ROWS groups of ROWS - 1 rows (QuadraticSpec's layout)
+    x = torch.randn(REQUESTS * rows, grammars.vocab_size, generator=torch.Generator().manual_seed(8))
+    for i, w in enumerate(walks):
+        for j, t in enumerate(w[:ROWS - 1]):
+            if (i + j) % 3:
+                x[i * rows + j, t] += 50.0  # mostly the grammar's choice: verifications run on
+    x[2, 7] = x[rows + 3, 0] = float("nan")
+
+    def jobs():
+        out = []
+        for i, (m, w) in enumerate(zip(ms, walks)):
+            if i % 2:
+                job = GuideJob(m, rows, VERIFY, drafts=w[:ROWS - 1], walk=ROWS, then=FollowUp(ROWS, ROWS - 1, ROWS - 1, 3))
+            else:
+                job = GuideJob(m, rows, WALK, after=w[:1], walk=rows - i)
+            out.append((i * rows, job))
+        return out
+
+    native_jobs, python_jobs = jobs(), jobs()
+    native, python = run_jobs(native_jobs, x, True), run_jobs(python_jobs, x, False)
+    for (_, a), (_, b), got, want in zip(native_jobs, python_jobs, native, python):
+        assert a.picks == b.picks and a.depth == b.depth
+        assert (got.tokens is None) == (want.tokens is None)
+        if got.tokens is not None:
+            np.testing.assert_array_equal(got.tokens, want.tokens)
+    assert any(r.tokens is not None and (r.tokens[ROWS:] >= 0).any() for r in python)  # a follow-up walked
+    assert all((state(m) == b).all() for m, b in zip(ms, before))
+    # a follow-up that would reach past its job's rows: that job alone fails (all ones) before it accepts a token
+    short = [(0, GuideJob(ms[1], 2 * ROWS, VERIFY, drafts=walks[1][:ROWS - 1], walk=ROWS,
+                          then=FollowUp(ROWS, ROWS - 1, ROWS - 1, 3))), (2 * ROWS, GuideJob(ms[2], ROWS, WALK))]
+    failed, fine = run_jobs(short, x[:3 * ROWS], True)
+    assert failed.tokens is None and short[1][1].picks
     assert all((state(m) == b).all() for m, b in zip(ms, before))
 
 

@@ -297,12 +297,13 @@ def test_sampling_under_a_guide_follows_the_constrained_distribution(wide, mode,
 
 def test_a_failing_grammar_mask_fails_its_request_alone(llms, monkeypatch):
     llm = llms["sticky"]
+    from nemodiff.runtime.decoding.grammar_batch import FollowUp
     from nemodiff.runtime.decoding.strategies.quadratic_spec import QuadraticSpecStrategy
 
-    def broken(self, rows):
-        raise RuntimeError("broken mask")
+    def broken(self):  # a follow-up walk reaching past the cycle's rows: its request's grammar work fails
+        return FollowUp(self.k * self.k, 1, 1, 1)
 
-    monkeypatch.setattr(QuadraticSpecStrategy, "_shape_cycle", broken)
+    monkeypatch.setattr(QuadraticSpecStrategy, "_next_drafts", broken)
     guide = GUIDES["ebnf_grammar"]
     outs = llm.generate(prompts(llm), [SamplingParams(max_new_tokens=24, guide=guide, mode="quadratic-spec"),
                                        SamplingParams(max_new_tokens=24, guide=guide),

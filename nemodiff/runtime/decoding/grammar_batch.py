@@ -35,6 +35,7 @@ import torch
 
 from nemodiff.device import on_host
 
+from . import grammar_native
 from .grammar import GuideMatcher
 from .grammar_reveal import Diffuse, confidences, reveal, samples
 
@@ -43,18 +44,28 @@ MASKS, VERIFY, WALK, DIFFUSE = "masks", "verify", "walk", "diffuse"
 _NEG = np.float32(-np.inf)
 
 
+class FollowUp:
+    """A WALK over `count` rows (walking at most `walk`) after a job that decided n >= 1 rows, from its row
+    first + (n - 1) * stride, standing where that job's tokens left the grammar (a QuadraticSpec cycle: the
+    verification of the targets accepted n tokens; the group after the last, its next drafts)."""
+
+    __slots__ = ("first", "stride", "count", "walk")
+
+    def __init__(self, first: int, stride: int, count: int, walk: int):
+        self.first, self.stride, self.count, self.walk = first, stride, count, walk
+
+
 class GuideJob:
     """One request's grammar work of a step: `count` logit rows from the first row it is registered at.
     after: tokens standing before row 0 (accepted first); drafts: MASKS and VERIFY rows' look-ahead;
-    walk: the most rows walked (default count); then(job) -> (offset, GuideJob) | None: work that depends
-    on this job's result, on rows from `offset` (a QuadraticSpec group after the verified targets);
-    only: a DIFFUSE job's rows come back as OnlyTokens, the unrevealed rows allowing this id."""
+    walk: the most rows walked (default count); then: a `FollowUp`, the walk that depends on this job's
+    result; only: a DIFFUSE job's rows come back as OnlyTokens, the unrevealed rows allowing this id."""
 
     __slots__ = ("guide", "count", "kind", "after", "drafts", "walk", "diffuse", "then", "only", "picks",
-                 "forced", "base", "row", "depth", "taken", "failed", "root", "accept", "never", "stops")
+                 "base", "row", "depth", "taken", "failed", "root", "accept", "never", "stops")
 
     def __init__(self, guide: GuideMatcher, count: int, kind: str, after=(), drafts=(), walk: int | None = None,
-                 diffuse: Diffuse | None = None, then=None, only: int | None = None):
+                 diffuse: Diffuse | None = None, then: FollowUp | None = None, only: int | None = None):
         self.guide, self.count, self.kind = guide, count, kind
         self.after, self.drafts = list(after), list(drafts)
         self.walk = count if walk is None else min(walk, count)
@@ -62,7 +73,6 @@ class GuideJob:
             self.walk = min(self.walk, len(self.drafts) + 1)
         self.diffuse, self.then, self.only = diffuse, then, only
         self.picks: list[int] = []  # the token each walked row decided, in order
-        self.forced: dict[int, int] | None = None  # VERIFY, WALK: row -> token, for rows that needed their mask
         # first output row, first logit row, rows walked, tokens accepted (rolled back at the end)
         self.base = self.row = self.depth = self.taken = 0
         self.failed = False
@@ -83,11 +93,13 @@ class OnlyTokens:
 
 class _Host:
     """The logit rows on the host: the greedy token of the rows a walk may visit (one pass), and rows'
-    values when asked."""
+    values when asked; forced: per output row, the token a VERIFY or WALK row decided under its mask (-1:
+    none, the row allows everything)."""
 
-    def __init__(self, logits: torch.Tensor):
-        self.logits = logits
-        self.numpy = logits.numpy() if on_host(logits) and logits.dtype == torch.float32 else None
+    def __init__(self, logits: torch.Tensor, forced: np.ndarray):
+        self.logits, self.forced = logits, forced
+        host = on_host(logits) and logits.dtype == torch.float32 and logits.is_contiguous()
+        self.numpy = logits.numpy() if host else None
         self.greedy_list: list[int] | None = None
 
     def greedy(self, jobs: list[GuideJob]) -> None:
@@ -132,23 +144,25 @@ def _masked(values: np.ndarray, bitmask: np.ndarray) -> np.ndarray:
     return values
 
 
-def run_jobs(jobs: list[tuple[int, GuideJob]], logits: torch.Tensor) -> list:
+def run_jobs(jobs: list[tuple[int, GuideJob]], logits: torch.Tensor, native: bool = True) -> list:
     """The rows of each (first logit row, job), in order: bitmask rows, or OnlyTokens for a job with `only`;
     a job that fails leaves its rows all ones (its request alone: the next token then fails its grammar
-    check)."""
+    check). native: greedy jobs over float32 host logits walk in grammar_native.py's C++ walk where it
+    is available (the same decisions; False: every job in Python)."""
     words = max(job.guide.words for _, job in jobs)
     out = np.full((sum(job.count for _, job in jobs), words), -1, dtype=np.int32)
     base = 0
     for first, job in jobs:
         job.base, job.row = base, first
         base += job.count
-    host = _Host(logits)
+    host = _Host(logits, np.full(len(out), -1, dtype=np.int64))
     try:
-        _walk([job for _, job in jobs], out, host)
+        _walk([job for _, job in jobs], out, host, grammar_native.walker() if native else None)
     finally:
         _rollback([job for _, job in jobs])
     results = []
-    for _, job in jobs:
+    forced_any = np.maximum.reduceat(host.forced, [job.base for _, job in jobs]) >= 0 if len(out) else []
+    for (_, job), forced in zip(jobs, forced_any):
         if job.kind == MASKS:
             results.append(np.full((job.count, 1), -1, dtype=np.int32) if job.failed
                            else out[job.base: job.base + job.count])
@@ -160,12 +174,8 @@ def run_jobs(jobs: list[tuple[int, GuideJob]], logits: torch.Tensor) -> list:
                 tokens = np.full(job.count, job.only, dtype=np.int64)
                 tokens[: len(job.picks)] = job.picks
             results.append(OnlyTokens(tokens))
-        elif job.forced is None:
-            results.append(OnlyTokens(None))
         else:
-            tokens = np.full(job.count, -1, dtype=np.int64)
-            tokens[list(job.forced)] = list(job.forced.values())
-            results.append(OnlyTokens(tokens))
+            results.append(OnlyTokens(host.forced[job.base: job.base + job.count] if forced else None))
     return results
 
 
@@ -174,19 +184,16 @@ def _follow_ups(jobs: list[GuideJob]) -> list[GuideJob]:
     more = []
     for job in jobs:
         then, job.then = job.then, None
-        if then is None or job.root.failed:
+        if then is None or job.root.failed or not job.picks or job.guide.handle.is_terminated():
             continue
-        try:
-            nxt = then(job)
-        except Exception:
-            log.exception("a grammar mask failed; its rows are left unmasked")
+        offset = then.first + (len(job.picks) - 1) * then.stride
+        if offset + then.count > job.root.base + job.root.count - job.base:
+            log.error("a grammar follow-up reaches past its request's rows; they are left unmasked")
             job.root.failed = True
             continue
-        if nxt is not None:
-            offset, child = nxt
-            child.guide, child.root = job.guide, job.root
-            child.base, child.row = job.base + offset, job.row + offset
-            more.append(child)
+        child = GuideJob(job.guide, then.count, WALK, walk=then.walk)
+        child.root, child.base, child.row = job.root, job.base + offset, job.row + offset
+        more.append(child)
     return more
 
 
@@ -220,10 +227,13 @@ def _begin(jobs: list[GuideJob], host: _Host) -> list[GuideJob]:
     return going
 
 
-def _walk(jobs: list[GuideJob], out: np.ndarray, host: _Host) -> None:
-    """Rounds: every job walks its try-accepted rows; the jobs that stopped at a row needing its mask get
-    their masks in one batched fill and their choices in one pass, and go on in the next round. A job
-    whose walk ends hands over to its follow-up at once (it walks from the next round)."""
+def _walk(jobs: list[GuideJob], out: np.ndarray, host: _Host, native) -> None:
+    """The jobs the native walk takes (and their follow-ups) in one call each; the rest in rounds: every
+    job walks its try-accepted rows; the jobs that stopped at a row needing its mask get their masks in
+    one batched fill and their choices in one pass, and go on in the next round. A job whose walk ends
+    hands over to its follow-up at once (it walks from the next round)."""
+    if native is not None and host.numpy is not None and jobs:
+        jobs = _walk_native(native, jobs, out, host)
     fill = _batch()[0]
     going = _begin(jobs, host)
     while going:
@@ -241,6 +251,16 @@ def _walk(jobs: list[GuideJob], out: np.ndarray, host: _Host) -> None:
                 done += [job for job in stuck if id(job) not in on]
         if any(job.then is not None for job in done):
             going += _begin(_follow_ups(done), host)
+
+
+def _walk_native(function, jobs: list[GuideJob], out: np.ndarray, host: _Host) -> list[GuideJob]:
+    """Walk the jobs grammar_native.py takes (with their follow-ups) in one native call; returns the others."""
+    never, mine, rest = jobs[0].guide._never, [], []
+    for job in jobs:
+        (mine if grammar_native.takes(job) and job.guide._never is never else rest).append(job)
+    if mine:
+        grammar_native.walk(function, mine, host.logits, out, host.forced)
+    return rest
 
 
 def _greedy_end(job: GuideJob) -> int:
@@ -306,10 +326,7 @@ def _decide_filled(jobs: list[GuideJob], out: np.ndarray, host: _Host) -> list[G
         for i, job in enumerate(looks):
             if job.diffuse is None:
                 token = best[i]
-                root = job.root
-                if root.forced is None:
-                    root.forced = {}
-                root.forced[job.base - root.base + job.depth] = token
+                host.forced[job.base + job.depth] = token
             else:
                 token = reveal(job.diffuse, job.depth, best[i], confidence, ask, i, drawn_tokens.get(i))
             if token is not None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from nemodiff.runtime.decoding.grammar_batch import VERIFY, WALK, GuideJob
+from nemodiff.runtime.decoding.grammar_batch import VERIFY, FollowUp, GuideJob
 from nemodiff.runtime.model.segments import Pattern, Segment, cycle_layout, first_cycle_mask
 
 from .base import DecodeStrategy
@@ -82,7 +82,7 @@ class QuadraticSpecStrategy(DecodeStrategy):
             if self.shape_drafts:  # verify the targets, then walk the group the cycle keeps
                 decider.shape(first_row, self.k * self.k, GuideJob(self.guide, self.k * self.k, VERIFY,
                                                                    drafts=self.tokens[1:self.k].tolist(),
-                                                                   walk=self.k, then=self._shape_cycle))
+                                                                   walk=self.k, then=self._next_drafts()))
             else:
                 self.guide_rows(decider, first_row, self.tokens[1:self.k])
             if self.wants_logprobs:  # the k target rows (answer: n, tokens[k], next drafts)
@@ -115,15 +115,12 @@ class QuadraticSpecStrategy(DecodeStrategy):
         self.tokens[1:k] = answer[1 + k: 2 * k]
         return tokens
 
-    def _shape_cycle(self, job: GuideJob):
+    def _next_drafts(self) -> FollowUp:
         """Greedy cycle under a grammar, the follow-up of the target rows' verification (grammar_batch.py):
-        the verification accepted n tokens, d_1..d_{n-1} and the target a_{n-1}, so the next drafts, group
-        n-1's rows, are built left to right from where it stands."""
-        n, k = len(job.picks), self.k
-        if not n or job.guide.terminated:
-            return None
-        group = k + (n - 1) * (k - 1)
-        return group, GuideJob(self.guide, k - 1, WALK, walk=self.draft_walk(k - 1))
+        when the verification accepted n tokens, d_1..d_{n-1} and the target a_{n-1}, the next drafts are
+        group n-1's rows (from row k + (n - 1)(k - 1)), built left to right from where it stands."""
+        k = self.k
+        return FollowUp(k, k - 1, k - 1, self.draft_walk(k - 1))
 
     def _cycle_indices(self) -> tuple[np.ndarray, np.ndarray]:
         """The output index each row of a cycle decides: target row i the one after d_0..d_i (d_0 is the last
