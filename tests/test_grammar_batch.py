@@ -210,6 +210,38 @@ def test_native_walk_builds_and_agrees_with_the_rounds(grammars):
     assert all((state(m) == b).all() for m, b in zip(ms, before))
 
 
+@pytest.mark.parametrize("native", [True, False], ids=["native", "python"])
+def test_kept_look_ahead_is_the_state_of_the_committed_output(grammars, native):
+    """A verification keeps the tokens its rows decided accepted (`ahead`): committing exactly them, a
+    part of them, or other tokens leaves each matcher where a fresh matcher given the same output stands,
+    and a denoising step's next `after` starting with what it kept is not accepted twice."""
+    ms, fresh = matchers(grammars, 9), matchers(grammars, 9)
+    x = logits(grammars, 10)
+    walks = greedy_walks(ms, x)
+    jobs = [(i * ROWS, GuideJob(m, ROWS, VERIFY, drafts=w[:ROWS - 1])) for i, (m, w) in enumerate(zip(ms, walks))]
+    run_jobs(jobs, x, native)
+    assert all(m.ahead == job.picks and job.picks for m, (_, job) in zip(ms, jobs))
+    picks = [job.picks for _, job in jobs]
+    commits = [picks[0], picks[1][:1], [], walks[3][:2], walks[4][:1] + [0], picks[5] + [0]]
+    for m, f, commit in zip(ms, fresh, commits):
+        assert m.advance(commit) == f.advance(commit) and m.ahead == []
+        np.testing.assert_array_equal(state(m), state(f))
+    # a denoising step keeps what it revealed; the next step's `after` starts with it
+    m, f = ms[0], fresh[0]
+    job = GuideJob(m, ROWS, DIFFUSE, diffuse=Diffuse(None, 2, False, 0.0), only=0)
+    run_jobs([(0, job)], x[:ROWS], native)
+    revealed = list(job.picks)
+    assert m.ahead == revealed and len(revealed) == 2
+    again = GuideJob(m, ROWS - 2, DIFFUSE, after=revealed, diffuse=Diffuse(None, 2, False, 0.0), only=0)
+    run_jobs([(0, again)], x[2:ROWS], native)
+    assert again.settled == 0 and m.ahead == revealed + again.picks  # the kept tokens were not accepted again
+    reference = GuideJob(f, ROWS - 2, DIFFUSE, after=revealed, diffuse=Diffuse(None, 2, False, 0.0), only=0)
+    run_jobs([(0, reference)], x[2:ROWS], native)
+    assert reference.settled == 2 and reference.picks == again.picks
+    assert m.advance(revealed + again.picks) == f.advance(revealed + again.picks)
+    np.testing.assert_array_equal(state(m), state(f))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_one_token_rows_equal_their_bitmasks_and_give_back_the_originals(dtype):
     """apply_only (a walked row allows its token alone) sets the logits a one-hot bitmask sets, on the numpy

@@ -128,7 +128,10 @@ class Grammars:
 
 
 class GuideMatcher:
-    """One request's grammar state, standing after its output tokens."""
+    """One request's grammar state: after its output tokens and `ahead`, tokens past the output that a
+    step's grammar walk accepted and kept (grammar_batch.py: a verification's tokens, a denoising block's
+    revealed ones), which the next step's walk and the commit of the output (`advance`) most often start
+    with. Every method here first stands where it needs (`settle`); `terminated` is the output's."""
 
     def __init__(self, xgr, compiled, vocab_size: int, never: np.ndarray):
         self._m = xgr.GrammarMatcher(compiled)
@@ -139,10 +142,31 @@ class GuideMatcher:
         self._row = self._bitmask[0]
         self.vocab_size = vocab_size
         self.words = words(vocab_size)
+        self.ahead: list[int] = []
 
     @property
     def terminated(self) -> bool:
-        return self.handle.is_terminated()
+        return not self.ahead and self.handle.is_terminated()  # a matcher that took tokens past it had not ended
+
+    def unwind(self, prefix) -> int:
+        """Roll `ahead` back to its common start with `prefix`; returns that start's length."""
+        ahead, common = self.ahead, 0
+        for kept, token in zip(ahead, prefix):
+            if kept != token:
+                break
+            common += 1
+        if common < len(ahead):
+            self._m.rollback(len(ahead) - common)
+            del ahead[common:]
+        return common
+
+    def settle(self, prefix=()) -> int:
+        """Stand after the output and the longest start of `prefix` the grammar takes; returns its length."""
+        common = self.unwind(prefix)
+        if common < len(prefix):
+            rest = [int(t) for t in prefix[common:]]
+            self.ahead += rest[: self._look(rest)]
+        return len(self.ahead)
 
     def _fill(self, out: np.ndarray) -> None:
         self._m.fill_next_token_bitmask(self._bitmask)
@@ -161,11 +185,17 @@ class GuideMatcher:
 
     def _look(self, tokens) -> int:
         """Accept tokens (look-ahead) until one is refused or the grammar ends; returns how many were."""
-        done = 0
+        handle, never, size, stops = self.handle, self._never, self.vocab_size, self.stops
+        if handle.is_terminated():
+            return 0
+        accept, done = handle.accept_token, 0
         for token in tokens:
-            if not self._take(token):
+            token = int(token)
+            if not 0 <= token < size or never[token] or not accept(token, False):
                 break
             done += 1
+            if token in stops:  # accepted: the grammar has ended, it takes nothing more
+                break
         return done
 
     def masks(self, drafts=()) -> np.ndarray:
@@ -173,6 +203,7 @@ class GuideMatcher:
         grammar refuses (or after its end) allow everything: no accepted output comes from them."""
         out = self.full(1 + len(drafts))
         done = 0
+        self.settle()
         if not self.handle.is_terminated():
             self._fill(out[0])
             for i, token in enumerate(drafts):
@@ -191,6 +222,7 @@ class GuideMatcher:
         the bitmask rows: a walked row allows exactly the grammar's tokens (so its masked argmax is what
         greedy decide chose), rows after the walk everything."""
         out = self.full(len(x))
+        self.settle()
         done = self._look(after)
         if done == len(after):
             values = x.numpy()
@@ -216,7 +248,8 @@ class GuideMatcher:
 
     def advance(self, tokens: list[int]) -> tuple[int, bool]:
         """Accept output tokens: (how many the grammar took, whether it has ended)."""
-        done = self._look(tokens)
+        done = self.settle(tokens)
+        self.ahead = []  # now part of the output
         return done, self.handle.is_terminated()
 
 
@@ -266,8 +299,8 @@ def apply_only(logits: torch.Tensor, rows: np.ndarray, tokens: np.ndarray, keep:
     the rows' original values."""
     if on_host(logits) and logits.dtype == torch.float32:
         x = logits.numpy()
-        original = x[rows]
-        kept = original[np.arange(len(rows)), tokens]
+        original = x[rows] if keep else None
+        kept = x[rows, tokens]
         x[rows] = np.float32(-np.inf)
         x[rows, tokens] = kept
         return torch.from_numpy(original) if keep else None

@@ -62,7 +62,7 @@ class GuideJob:
     result; only: a DIFFUSE job's rows come back as OnlyTokens, the unrevealed rows allowing this id."""
 
     __slots__ = ("guide", "count", "kind", "after", "drafts", "walk", "diffuse", "then", "only", "picks",
-                 "base", "row", "depth", "taken", "failed", "root", "accept", "never", "stops")
+                 "base", "row", "depth", "taken", "settled", "failed", "root", "accept", "never", "stops")
 
     def __init__(self, guide: GuideMatcher, count: int, kind: str, after=(), drafts=(), walk: int | None = None,
                  diffuse: Diffuse | None = None, then: FollowUp | None = None, only: int | None = None):
@@ -73,8 +73,9 @@ class GuideJob:
             self.walk = min(self.walk, len(self.drafts) + 1)
         self.diffuse, self.then, self.only = diffuse, then, only
         self.picks: list[int] = []  # the token each walked row decided, in order
-        # first output row, first logit row, rows walked, tokens accepted (rolled back at the end)
-        self.base = self.row = self.depth = self.taken = 0
+        # first output row, first logit row, rows walked, tokens accepted by the walk (rolled back at the end
+        # but a verification's or denoising step's own), `after` tokens accepted (kept: the matcher's ahead)
+        self.base = self.row = self.depth = self.taken = self.settled = 0
         self.failed = False
         self.root = self  # the job whose rows and look-ahead a follow-up shares
 
@@ -155,6 +156,7 @@ def run_jobs(jobs: list[tuple[int, GuideJob]], logits: torch.Tensor, native: boo
     for first, job in jobs:
         job.base, job.row = base, first
         base += job.count
+        job.after = job.after[job.guide.unwind(job.after):]  # what the matcher keeps from the last step stays
     host = _Host(logits, np.full(len(out), -1, dtype=np.int64))
     try:
         _walk([job for _, job in jobs], out, host, grammar_native.walker() if native else None)
@@ -210,7 +212,7 @@ def _start(job: GuideJob) -> bool:
     for token in job.after:
         if not 0 <= token < size or never[token] or not accept(token, False):
             return False
-        job.root.taken += 1
+        job.settled += 1
         if token in stops:
             return False
     return True
@@ -352,7 +354,16 @@ def _decide_filled(jobs: list[GuideJob], out: np.ndarray, host: _Host) -> list[G
 
 
 def _rollback(jobs: list[GuideJob]) -> None:
-    """Undo every look-ahead (a follow-up's tokens count on its root job)."""
-    taken = [job for job in jobs if job.taken]
-    if taken:
-        _batch()[1].batch_rollback([job.guide.handle for job in taken], [job.taken for job in taken])
+    """Undo the look-ahead but what the matchers keep (their `ahead`): each job's accepted `after` tokens
+    and, for a verification or a denoising step that did not fail, the tokens its own rows decided (the
+    output the step commits, or the block's next `after`). A follow-up's tokens count on its root job and
+    were accepted last."""
+    handles, counts = [], []
+    for job in jobs:
+        keep = job.picks if job.kind in (VERIFY, DIFFUSE) and not job.failed else []
+        job.guide.ahead += job.after[: job.settled] + keep
+        if job.taken > len(keep):
+            handles.append(job.guide.handle)
+            counts.append(job.taken - len(keep))
+    if handles:
+        _batch()[1].batch_rollback(handles, counts)

@@ -30,8 +30,8 @@ log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("grammar_walk.cc")
 KINDS = {"verify": 1, "walk": 2, "diffuse": 3}  # grammar_batch.py's kinds the native walk takes
 # grammar_walk.cc's plan columns
-(KIND, ROW, DEPTH, WALK, COUNT, BASE, AFTER_OFF, AFTER_LEN, DRAFT_OFF, DRAFT_LEN, STOP_OFF, STOP_LEN, TOPK, LAST, START,
- THEN_FIRST, THEN_STRIDE, THEN_COUNT, THEN_WALK, TAKEN, PICKS, STATE, COLUMNS) = range(23)
+(KIND, ROW, DEPTH, WALK, COUNT, BASE, AFTER_OFF, AFTER_LEN, DRAFT_OFF, DRAFT_LEN, STOP_OFF, STOP_LEN, TOPK, LAST,
+ THEN_FIRST, THEN_STRIDE, THEN_COUNT, THEN_WALK, SETTLED, TAKEN, PICKS, STATE, COLUMNS) = range(23)
 _NO_FOLLOW_UP = (-1, 0, 0, 0)
 _LOADED: list = []  # [the walk function, or None where it cannot be built], after the first `walker()`
 
@@ -113,17 +113,17 @@ def walk(function, jobs: list, logits, out: np.ndarray, forced: np.ndarray) -> N
         ints += after
         ints += drafts
         rows.append((KINDS[job.kind], job.row, job.depth, job.walk, job.count, job.base, at, len(after), at + len(after),
-                     len(drafts), *stops_at[id(stops)], 0 if d is None else d.k, d is not None and d.last, 1,
+                     len(drafts), *stops_at[id(stops)], 0 if d is None else d.k, d is not None and d.last,
                      *(_NO_FOLLOW_UP if then is None else (then.first, then.stride, then.count, then.walk))))
         taus.append(np.nan if d is None else -1.0 if d.tau is None else d.tau)
     plan = np.zeros((len(jobs), COLUMNS), dtype=np.int64)
-    plan[:, :TAKEN] = rows
+    plan[:, :SETTLED] = rows
     picked = np.zeros(len(forced), dtype=np.int64)
     never = jobs[0].guide._never.view(np.uint8)
     function([job.guide.handle for job in jobs], plan, np.array(ints, dtype=np.int64), np.array(taus), never, logits,
              out, forced, picked)
     for job, row in zip(jobs, plan.tolist()):
-        job.root.taken += row[TAKEN]
+        job.settled, job.root.taken = row[SETTLED], job.root.taken + row[TAKEN]
         if row[PICKS]:
             first = job.base + job.depth
             job.picks += picked[first: first + row[PICKS]].tolist()

@@ -11,7 +11,7 @@
 // and takes the masked first maximum (numpy's argmax: the first largest entry, a NaN first); a denoising
 // row after the first reveals while its masked, renormalised probability (float64) reaches the threshold.
 //
-// plan: int64 [jobs, kColumns] (read, and written back: kDepth, kTaken, kPicks, kState).
+// plan: int64 [jobs, kColumns] (read, and written back: kDepth, kSettled, kTaken, kPicks, kState).
 
 #include <tvm/ffi/container/array.h>
 #include <tvm/ffi/container/tensor.h>
@@ -47,12 +47,12 @@ enum Column : int64_t {
   kStopLen,
   kTopK,        // DIFFUSE: reveals up to k rows (top-k schedule; tau < 0 in taus)
   kLast,        // DIFFUSE: the block's last step (reveals every walked row)
-  kStart,       // 1: accept the `after` tokens first (a job's first walk)
   kThenFirst,   // follow-up (grammar_batch.py FollowUp; < 0: none): after n >= 1 decided rows, a WALK over
   kThenStride,  //   kThenCount rows from row kThenFirst + (n - 1) * kThenStride, walking at most kThenWalk
   kThenCount,
   kThenWalk,
-  kTaken,       // out: tokens accepted (rolled back by the caller)
+  kSettled,     // out: `after` tokens accepted (the caller keeps them)
+  kTaken,       // out: tokens the walk accepted (the caller rolls back all but the job's own picks)
   kPicks,       // out: rows decided (their tokens in picked[kBase + depth_in ...])
   kState,       // out: 0 walked, 1 could not start, 2 xgrammar failed
   kColumns
@@ -187,7 +187,10 @@ struct Step {
     const int64_t* after = ints + plan[kAfterOff];
     for (int64_t i = 0; i < plan[kAfterLen]; ++i) {
       const int64_t token = after[i];
-      if (token < 0 || token >= never_size || never[token] || !Accept(token) || Stops(token)) return false;
+      if (token < 0 || token >= never_size || never[token] || !Methods().accept(handle, token, false).cast<bool>())
+        return false;
+      ++plan[kSettled];
+      if (Stops(token)) return false;
     }
     return true;
   }
@@ -285,13 +288,13 @@ void WalkJobs(Array<ObjectRef> handles, Tensor plan, Tensor ints, Tensor taus, T
               static_cast<int64_t*>(picked.data_ptr()),
               row,
               static_cast<const double*>(taus.data_ptr())[i]};
-    row[kTaken] = row[kPicks] = row[kState] = 0;
+    row[kSettled] = row[kTaken] = row[kPicks] = row[kState] = 0;
     if (!Inside(row, ints.shape()[0], logits.shape()[0], rows)) {
       row[kState] = 2;
       continue;
     }
     try {
-      if (row[kStart] && !step.Start()) {
+      if (!step.Start()) {
         row[kState] = 1;
         continue;
       }
