@@ -28,7 +28,7 @@ from nemodiff.runtime.model.segments import arange
 from . import batched_sampling as S
 from .bias import RowAdjustments
 from .grammar import apply_masks, apply_only
-from .grammar_batch import GuideJob, OnlyTokens, run_jobs
+from .grammar_batch import GuideJob, Scratch, run_jobs
 from .logprobs import LogprobPass, TokenLogprob
 
 
@@ -64,6 +64,7 @@ class Decider:
         self.mask_id = mask_token_id
         self.host_arrays = host_arrays and self.platform.host_decisions
         self._copy = self.platform.host_copy()  # the step's one device-to-host copy
+        self._grammar_scratch = Scratch()  # the grammar work's arrays, reused step after step
         self.begin()
 
     def begin(self) -> None:
@@ -142,15 +143,11 @@ class Decider:
     def _apply_guides(self, logits: torch.Tensor):
         """Mask the guided rows in place; returns what restores them for the log-probabilities (raw)."""
         jobs = [(first, fn) for first, _, fn in self._shapers if isinstance(fn, GuideJob)]
-        only: list[tuple[int, np.ndarray]] = []  # (first row, the one token each row allows)
+        only = None  # grammar_batch.py StepRows: the rows that allow one token each
         if jobs:  # the step's grammar work, all requests at once (grammar_batch.py)
             try:
-                for first, rows in zip((first for first, _ in jobs), run_jobs(jobs, logits)):
-                    if isinstance(rows, OnlyTokens):
-                        if rows.tokens is not None:
-                            only.append((first, rows.tokens))
-                    else:
-                        self._guides.append((first, rows))
+                only = run_jobs(jobs, logits, scratch=self._grammar_scratch)
+                self._guides += only.masks
             except Exception:  # xgrammar itself failed: these rows unmasked, their next tokens fail their checks
                 log.exception("the grammar masks failed; their rows are left unmasked")
         for first, count, fn in self._shapers:
@@ -164,14 +161,8 @@ class Decider:
             self._guides.append((first, bitmask))
         keep = self.logprob_pass is not None
         restores = []
-        if only:
-            rows = np.concatenate([np.arange(f, f + len(t), dtype=np.int64) for f, t in only])
-            tokens = np.concatenate([t for _, t in only])
-            forced = tokens >= 0  # -1: the row allows everything
-            if not forced.all():
-                rows, tokens = rows[forced], tokens[forced]
-            if len(rows):
-                restores.append((rows, apply_only(logits, rows, tokens, keep)))
+        if only is not None and len(only.rows):
+            restores.append((only.rows, apply_only(logits, only.rows, only.tokens, keep)))
         if self._guides:
             rows = np.concatenate([np.arange(f, f + len(b), dtype=np.int64) for f, b in self._guides])
             width = max(b.shape[1] for _, b in self._guides)

@@ -97,8 +97,8 @@ class _Host:
     values when asked; forced: per output row, the token a VERIFY or WALK row decided under its mask (-1:
     none, the row allows everything)."""
 
-    def __init__(self, logits: torch.Tensor, forced: np.ndarray):
-        self.logits, self.forced = logits, forced
+    def __init__(self, logits: torch.Tensor, forced: np.ndarray, picked: np.ndarray):
+        self.logits, self.forced, self.picked = logits, forced, picked
         host = on_host(logits) and logits.dtype == torch.float32 and logits.is_contiguous()
         self.numpy = logits.numpy() if host else None
         self.greedy_list: list[int] | None = None
@@ -125,6 +125,26 @@ class _Host:
         return self.logits[torch.from_numpy(rows).to(self.logits.device)].float().cpu().numpy()
 
 
+class Scratch:
+    """The arrays a step's grammar work writes, kept from step to step (a Decider owns one): fresh arrays
+    of a step's size cost their page faults every step. Views of them are valid until the next step."""
+
+    def __init__(self):
+        self._masks = np.empty((0, 0), dtype=np.int32)
+        self._forced = self._picked = np.empty(0, dtype=np.int64)
+
+    def arrays(self, rows: int, words: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Bitmask rows [rows, words], forced tokens (all -1) and picked tokens [rows] (contents undefined)."""
+        if self._masks.shape[1] != words or len(self._masks) < rows:
+            self._masks = np.empty((max(rows, 2 * len(self._masks)), words), dtype=np.int32)
+        if len(self._forced) < rows:
+            size = max(rows, 2 * len(self._forced))
+            self._forced, self._picked = np.empty(size, dtype=np.int64), np.empty(size, dtype=np.int64)
+        forced = self._forced[:rows]
+        forced.fill(-1)
+        return self._masks[:rows], forced, self._picked[:rows]
+
+
 _BATCH = None
 
 
@@ -145,40 +165,62 @@ def _masked(values: np.ndarray, bitmask: np.ndarray) -> np.ndarray:
     return values
 
 
-def run_jobs(jobs: list[tuple[int, GuideJob]], logits: torch.Tensor, native: bool = True) -> list:
-    """The rows of each (first logit row, job), in order: bitmask rows, or OnlyTokens for a job with `only`;
-    a job that fails leaves its rows all ones (its request alone: the next token then fails its grammar
-    check). native: greedy jobs over float32 host logits walk in grammar_native.py's C++ walk where it
-    is available (the same decisions; False: every job in Python)."""
+class StepRows:
+    """What a step's grammar work gives the decisions: `masks`, (first logit row, bitmask rows) per MASKS job;
+    `rows` and `tokens`, every other guided logit row that allows a single token, and that token. Iterated:
+    each job's rows as one request sees them (bitmask rows, or OnlyTokens)."""
+
+    def __init__(self, jobs: list[tuple[int, GuideJob]], out: np.ndarray, forced: np.ndarray):
+        self._jobs, self._out, self._forced = jobs, out, forced
+        self.masks = [(first, self._job_masks(job)) for first, job in jobs if job.kind == MASKS]
+        counts = [job.count for _, job in jobs]
+        shift = np.repeat(np.array([first - job.base for first, job in jobs], dtype=np.int64), counts)
+        chosen = np.flatnonzero(forced >= 0)
+        self.rows, self.tokens = chosen + shift[chosen], forced[chosen]
+
+    def _job_masks(self, job: GuideJob) -> np.ndarray:
+        return np.full((job.count, 1), -1, dtype=np.int32) if job.failed else self._out[job.base: job.base + job.count]
+
+    def __iter__(self):
+        for _, job in self._jobs:
+            if job.kind == MASKS:
+                yield self._job_masks(job)
+            else:
+                tokens = self._forced[job.base: job.base + job.count]
+                yield OnlyTokens(tokens.copy() if (tokens >= 0).any() else None)
+
+
+def run_jobs(jobs: list[tuple[int, GuideJob]], logits: torch.Tensor, native: bool = True,
+             scratch: Scratch | None = None) -> StepRows:
+    """The step's guided rows (StepRows); a job that fails leaves its rows all ones (its request alone: the
+    next token then fails its grammar check). native: greedy jobs over float32 host logits walk in
+    grammar_native.py's C++ walk where it is available (the same decisions; False: every job in Python).
+    scratch: arrays kept between steps (the results are views of them, valid until its next use)."""
     words = max(job.guide.words for _, job in jobs)
-    out = np.full((sum(job.count for _, job in jobs), words), -1, dtype=np.int32)
+    out, forced, picked = (scratch or Scratch()).arrays(sum(job.count for _, job in jobs), words)
     base = 0
     for first, job in jobs:
         job.base, job.row = base, first
         base += job.count
         job.after = job.after[job.guide.unwind(job.after):]  # what the matcher keeps from the last step stays
-    host = _Host(logits, np.full(len(out), -1, dtype=np.int64))
-    try:
-        _walk([job for _, job in jobs], out, host, grammar_native.walker() if native else None)
-    finally:
-        _rollback([job for _, job in jobs])
-    results = []
-    forced_any = np.maximum.reduceat(host.forced, [job.base for _, job in jobs]) >= 0 if len(out) else []
-    for (_, job), forced in zip(jobs, forced_any):
         if job.kind == MASKS:
-            results.append(np.full((job.count, 1), -1, dtype=np.int32) if job.failed
-                           else out[job.base: job.base + job.count])
-        elif job.failed:
-            results.append(OnlyTokens(None))
-        elif job.only is not None:  # a denoising step: its revealed rows, then the mask id
-            tokens = None
-            if job.picks:
-                tokens = np.full(job.count, job.only, dtype=np.int64)
-                tokens[: len(job.picks)] = job.picks
-            results.append(OnlyTokens(tokens))
-        else:
-            results.append(OnlyTokens(host.forced[job.base: job.base + job.count] if forced else None))
-    return results
+            out[job.base: job.base + job.count] = -1  # rows after the walk allow everything
+    host = _Host(logits, forced, picked)
+    rest = [job for _, job in jobs]
+    function = grammar_native.walker() if native and host.numpy is not None else None
+    if function is not None:
+        rest = _walk_native(function, rest, out, host)  # they stand after their ahead again
+    try:
+        _walk(rest, out, host)
+    finally:
+        _rollback(rest)
+    for job in rest:
+        if job.failed:
+            forced[job.base: job.base + job.count] = -1
+        elif job.only is not None and job.picks:  # a denoising step: its revealed rows, then the mask id
+            forced[job.base: job.base + job.count] = job.only
+            forced[job.base: job.base + len(job.picks)] = job.picks
+    return StepRows(jobs, out, forced)
 
 
 def _follow_ups(jobs: list[GuideJob]) -> list[GuideJob]:
@@ -229,13 +271,12 @@ def _begin(jobs: list[GuideJob], host: _Host) -> list[GuideJob]:
     return going
 
 
-def _walk(jobs: list[GuideJob], out: np.ndarray, host: _Host, native) -> None:
-    """The jobs the native walk takes (and their follow-ups) in one call each; the rest in rounds: every
-    job walks its try-accepted rows; the jobs that stopped at a row needing its mask get their masks in
-    one batched fill and their choices in one pass, and go on in the next round. A job whose walk ends
-    hands over to its follow-up at once (it walks from the next round)."""
-    if native is not None and host.numpy is not None and jobs:
-        jobs = _walk_native(native, jobs, out, host)
+def _walk(jobs: list[GuideJob], out: np.ndarray, host: _Host) -> None:
+    """Rounds: every job walks its try-accepted rows; the jobs that stopped at a row needing its mask get
+    their masks in one batched fill and their choices in one pass, and go on in the next round. A job
+    whose walk ends hands over to its follow-up at once (it walks from the next round)."""
+    if not jobs:
+        return
     fill = _batch()[0]
     going = _begin(jobs, host)
     while going:
@@ -256,12 +297,13 @@ def _walk(jobs: list[GuideJob], out: np.ndarray, host: _Host, native) -> None:
 
 
 def _walk_native(function, jobs: list[GuideJob], out: np.ndarray, host: _Host) -> list[GuideJob]:
-    """Walk the jobs grammar_native.py takes (with their follow-ups) in one native call; returns the others."""
+    """Walk the jobs grammar_native.py takes (with their follow-ups) in one native call, which also undoes
+    their look-ahead but what the matchers keep; returns the others."""
     never, mine, rest = jobs[0].guide._never, [], []
     for job in jobs:
         (mine if grammar_native.takes(job) and job.guide._never is never else rest).append(job)
     if mine:
-        grammar_native.walk(function, mine, host.logits, out, host.forced)
+        grammar_native.walk(function, mine, host.logits, out, host.forced, host.picked)
     return rest
 
 

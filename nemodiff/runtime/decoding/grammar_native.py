@@ -31,7 +31,8 @@ SOURCE = Path(__file__).with_name("grammar_walk.cc")
 KINDS = {"verify": 1, "walk": 2, "diffuse": 3}  # grammar_batch.py's kinds the native walk takes
 # grammar_walk.cc's plan columns
 (KIND, ROW, DEPTH, WALK, COUNT, BASE, AFTER_OFF, AFTER_LEN, DRAFT_OFF, DRAFT_LEN, STOP_OFF, STOP_LEN, TOPK, LAST,
- THEN_FIRST, THEN_STRIDE, THEN_COUNT, THEN_WALK, SETTLED, TAKEN, PICKS, STATE, COLUMNS) = range(23)
+ ONLY, THEN_FIRST, THEN_STRIDE, THEN_COUNT, THEN_WALK, SETTLED, TAKEN, PICKS, STATE, COLUMNS) = range(24)
+KEEPS = ("verify", "diffuse")  # kinds whose own decided tokens stay accepted (the matcher's ahead)
 _NO_FOLLOW_UP = (-1, 0, 0, 0)
 _LOADED: list = []  # [the walk function, or None where it cannot be built], after the first `walker()`
 
@@ -97,10 +98,12 @@ def takes(job) -> bool:
     return job.kind in KINDS and (d is None or d.temperature <= 0)
 
 
-def walk(function, jobs: list, logits, out: np.ndarray, forced: np.ndarray) -> None:
+def walk(function, jobs: list, logits, out: np.ndarray, forced: np.ndarray, picked: np.ndarray) -> None:
     """Walk the jobs (all `takes`, their `after` tokens not yet accepted) and their follow-ups over float32
-    host logits [rows, vocab] in one native call: each job's depth, picks and failure, its root's look-ahead
-    count; the tokens of rows decided under a mask into forced[job.base + row]."""
+    host logits [rows, vocab] in one native call. Afterwards each matcher stands after its output and its
+    `ahead` (the accepted `after` tokens and a verification's or denoising step's own decided tokens: the
+    rest of the look-ahead is rolled back natively); forced[job.base + row] holds the token each row allows
+    (-1: every token), picked every decided row's token (scratch); a job's depth, picks and failure are set."""
     rows, ints, taus = [], [], []
     stops_at: dict[int, tuple[int, int]] = {}
     for job in jobs:
@@ -114,21 +117,22 @@ def walk(function, jobs: list, logits, out: np.ndarray, forced: np.ndarray) -> N
         ints += drafts
         rows.append((KINDS[job.kind], job.row, job.depth, job.walk, job.count, job.base, at, len(after), at + len(after),
                      len(drafts), *stops_at[id(stops)], 0 if d is None else d.k, d is not None and d.last,
+                     -1 if job.only is None else job.only,
                      *(_NO_FOLLOW_UP if then is None else (then.first, then.stride, then.count, then.walk))))
         taus.append(np.nan if d is None else -1.0 if d.tau is None else d.tau)
     plan = np.zeros((len(jobs), COLUMNS), dtype=np.int64)
     plan[:, :SETTLED] = rows
-    picked = np.zeros(len(forced), dtype=np.int64)
     never = jobs[0].guide._never.view(np.uint8)
     function([job.guide.handle for job in jobs], plan, np.array(ints, dtype=np.int64), np.array(taus), never, logits,
              out, forced, picked)
     for job, row in zip(jobs, plan.tolist()):
-        job.settled, job.root.taken = row[SETTLED], job.root.taken + row[TAKEN]
-        if row[PICKS]:
-            first = job.base + job.depth
-            job.picks += picked[first: first + row[PICKS]].tolist()
-        job.depth, job.then = row[DEPTH], None
-        if row[STATE] == 2:
+        first, count, state = job.base + job.depth, row[PICKS], row[STATE]
+        picks = picked[first: first + count].tolist() if count else []
+        job.picks += picks
+        job.depth, job.then, job.settled = row[DEPTH], None, row[SETTLED]
+        job.guide.ahead += job.after[: job.settled] + picks if state == 0 and job.kind in KEEPS else \
+            job.after[: job.settled]
+        if state == 2:
             log.error("a grammar walk failed (xgrammar, or rows outside the step's); its request's rows are left "
                       "unmasked")
-            job.root.failed = True
+            job.failed = True

@@ -47,12 +47,13 @@ enum Column : int64_t {
   kStopLen,
   kTopK,        // DIFFUSE: reveals up to k rows (top-k schedule; tau < 0 in taus)
   kLast,        // DIFFUSE: the block's last step (reveals every walked row)
+  kOnly,        // DIFFUSE: the token its unrevealed rows allow (the mask id)
   kThenFirst,   // follow-up (grammar_batch.py FollowUp; < 0: none): after n >= 1 decided rows, a WALK over
   kThenStride,  //   kThenCount rows from row kThenFirst + (n - 1) * kThenStride, walking at most kThenWalk
   kThenCount,
   kThenWalk,
   kSettled,     // out: `after` tokens accepted (the caller keeps them)
-  kTaken,       // out: tokens the walk accepted (the caller rolls back all but the job's own picks)
+  kTaken,       // out: tokens the walk accepted (all rolled back here but a VERIFY's or DIFFUSE's own picks)
   kPicks,       // out: rows decided (their tokens in picked[kBase + depth_in ...])
   kState,       // out: 0 walked, 1 could not start, 2 xgrammar failed
   kColumns
@@ -60,9 +61,12 @@ enum Column : int64_t {
 constexpr int64_t kKindVerify = 1, kKindWalk = 2, kKindDiffuse = 3;
 
 struct Matcher {
-  Function accept, fill, terminated;
+  Function accept, fill, terminated, rollback;
   Matcher()
-      : accept(Method("accept_token")), fill(Method("fill_next_token_bitmask")), terminated(Method("is_terminated")) {}
+      : accept(Method("accept_token")),
+        fill(Method("fill_next_token_bitmask")),
+        terminated(Method("is_terminated")),
+        rollback(Method("rollback")) {}
   static Function Method(const char* name) {
     return tvm::ffi::reflection::GetMethod("xgrammar.tvm_ffi_binding.GrammarMatcher", name);
   }
@@ -223,6 +227,26 @@ struct Step {
     return 1.0 / total >= tau;
   }
 
+  // After the walk: the look-ahead rolled back but the tokens a verification's or denoising step's own rows
+  // decided (the caller keeps them accepted); a denoising step's rows each allowing its revealed token or
+  // the mask id; a failed job's rows allowing everything.
+  void Finish() const {
+    const bool keep = plan[kState] == 0 && (plan[kKind] == kKindVerify || plan[kKind] == kKindDiffuse);
+    const int64_t undo = plan[kTaken] - (keep ? plan[kPicks] : 0);
+    try {
+      if (undo > 0) Methods().rollback(handle, undo);
+    } catch (const std::exception&) {
+      plan[kState] = 2;
+    }
+    int64_t* rows = forced + plan[kBase];
+    if (plan[kState] == 2) {
+      std::fill(rows, rows + plan[kCount], int64_t{-1});
+    } else if (plan[kKind] == kKindDiffuse && plan[kPicks] > 0) {
+      std::copy(picked + plan[kBase], picked + plan[kBase] + plan[kPicks], rows);
+      std::fill(rows + plan[kPicks], rows + plan[kCount], plan[kOnly]);
+    }
+  }
+
   void Walk() const {
     const bool diffuse = plan[kKind] == kKindDiffuse;
     const bool last = plan[kLast] != 0;
@@ -290,16 +314,13 @@ void WalkJobs(Array<ObjectRef> handles, Tensor plan, Tensor ints, Tensor taus, T
               static_cast<const double*>(taus.data_ptr())[i]};
     row[kSettled] = row[kTaken] = row[kPicks] = row[kState] = 0;
     if (!Inside(row, ints.shape()[0], logits.shape()[0], rows)) {
-      row[kState] = 2;
+      row[kState] = 2;  // its rows, maybe another job's: left as they are
       continue;
     }
     try {
-      if (!step.Start()) {
-        row[kState] = 1;
-        continue;
-      }
-      step.Walk();
-      if (row[kThenFirst] >= 0 && row[kPicks] > 0 && !Methods().terminated(handle).cast<bool>()) {
+      if (!step.Start()) row[kState] = 1;
+      if (row[kState] == 0) step.Walk();
+      if (row[kState] == 0 && row[kThenFirst] >= 0 && row[kPicks] > 0 && !Methods().terminated(handle).cast<bool>()) {
         int64_t child[kColumns];
         std::copy(row, row + kColumns, child);
         const int64_t offset = row[kThenFirst] + (row[kPicks] - 1) * row[kThenStride];
@@ -316,6 +337,7 @@ void WalkJobs(Array<ObjectRef> handles, Tensor plan, Tensor ints, Tensor taus, T
     } catch (const std::exception&) {
       row[kState] = 2;
     }
+    step.Finish();
   }
 }
 
