@@ -201,6 +201,14 @@ def test_native_walk_builds_and_agrees_with_the_rounds(grammars):
         if got.tokens is not None:
             np.testing.assert_array_equal(got.tokens, want.tokens)
     assert any(r.tokens is not None and (r.tokens[ROWS:] >= 0).any() for r in python)  # a follow-up walked
+    # applied in place by the native walk: the logits apply_only gives the Python rounds' rows
+    applied, expected = x.clone(), x.clone()
+    assert not len(run_jobs(jobs(), applied, True, apply=True).rows)
+    for (first, _), rows in zip(python_jobs, python):
+        if rows.tokens is not None:
+            chosen = np.flatnonzero(rows.tokens >= 0)
+            apply_only(expected, first + chosen, rows.tokens[chosen], keep=False)
+    torch.testing.assert_close(applied, expected, rtol=0, atol=0, equal_nan=True)
     assert all((state(m) == b).all() for m, b in zip(ms, before))
     # a follow-up that would reach past its job's rows: that job alone fails (all ones) before it accepts a token
     short = [(0, GuideJob(ms[1], 2 * ROWS, VERIFY, drafts=walks[1][:ROWS - 1], walk=ROWS,

@@ -146,7 +146,7 @@ class Decider:
         only = None  # grammar_batch.py StepRows: the rows that allow one token each
         if jobs:  # the step's grammar work, all requests at once (grammar_batch.py)
             try:
-                only = run_jobs(jobs, logits, scratch=self._grammar_scratch)
+                only = run_jobs(jobs, logits, scratch=self._grammar_scratch, apply=self.logprob_pass is None)
                 self._guides += only.masks
             except Exception:  # xgrammar itself failed: these rows unmasked, their next tokens fail their checks
                 log.exception("the grammar masks failed; their rows are left unmasked")

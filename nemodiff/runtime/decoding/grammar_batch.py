@@ -36,7 +36,7 @@ import torch
 from nemodiff.device import on_host
 
 from . import grammar_native
-from .grammar import GuideMatcher
+from .grammar import GuideMatcher, apply_only
 from .grammar_reveal import Diffuse, confidences, reveal, samples
 
 log = logging.getLogger(__name__)
@@ -191,11 +191,12 @@ class StepRows:
 
 
 def run_jobs(jobs: list[tuple[int, GuideJob]], logits: torch.Tensor, native: bool = True,
-             scratch: Scratch | None = None) -> StepRows:
+             scratch: Scratch | None = None, apply: bool = False) -> StepRows:
     """The step's guided rows (StepRows); a job that fails leaves its rows all ones (its request alone: the
     next token then fails its grammar check). native: greedy jobs over float32 host logits walk in
     grammar_native.py's C++ walk where it is available (the same decisions; False: every job in Python).
-    scratch: arrays kept between steps (the results are views of them, valid until its next use)."""
+    scratch: arrays kept between steps (the results are views of them, valid until its next use). apply:
+    the one-token rows are applied to the logits here (grammar.py apply_only; StepRows then lists none)."""
     words = max(job.guide.words for _, job in jobs)
     out, forced, picked = (scratch or Scratch()).arrays(sum(job.count for _, job in jobs), words)
     base = 0
@@ -209,7 +210,7 @@ def run_jobs(jobs: list[tuple[int, GuideJob]], logits: torch.Tensor, native: boo
     rest = [job for _, job in jobs]
     function = grammar_native.walker() if native and host.numpy is not None else None
     if function is not None:
-        rest = _walk_native(function, rest, out, host)  # they stand after their ahead again
+        rest = _walk_native(function, rest, out, host, apply)  # they stand after their ahead again
     try:
         _walk(rest, out, host)
     finally:
@@ -220,7 +221,12 @@ def run_jobs(jobs: list[tuple[int, GuideJob]], logits: torch.Tensor, native: boo
         elif job.only is not None and job.picks:  # a denoising step: its revealed rows, then the mask id
             forced[job.base: job.base + job.count] = job.only
             forced[job.base: job.base + len(job.picks)] = job.picks
-    return StepRows(jobs, out, forced)
+    step = StepRows(jobs, out, forced)
+    if apply:
+        if len(step.rows):
+            apply_only(logits, step.rows, step.tokens, keep=False)
+        step.rows, step.tokens = step.rows[:0], step.tokens[:0]
+    return step
 
 
 def _follow_ups(jobs: list[GuideJob]) -> list[GuideJob]:
@@ -296,14 +302,14 @@ def _walk(jobs: list[GuideJob], out: np.ndarray, host: _Host) -> None:
             going += _begin(_follow_ups(done), host)
 
 
-def _walk_native(function, jobs: list[GuideJob], out: np.ndarray, host: _Host) -> list[GuideJob]:
+def _walk_native(function, jobs: list[GuideJob], out: np.ndarray, host: _Host, apply: bool) -> list[GuideJob]:
     """Walk the jobs grammar_native.py takes (with their follow-ups) in one native call, which also undoes
     their look-ahead but what the matchers keep; returns the others."""
     never, mine, rest = jobs[0].guide._never, [], []
     for job in jobs:
         (mine if grammar_native.takes(job) and job.guide._never is never else rest).append(job)
     if mine:
-        grammar_native.walk(function, mine, host.logits, out, host.forced, host.picked)
+        grammar_native.walk(function, mine, host.logits, out, host.forced, host.picked, apply)
     return rest
 
 

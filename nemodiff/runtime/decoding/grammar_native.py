@@ -98,12 +98,14 @@ def takes(job) -> bool:
     return job.kind in KINDS and (d is None or d.temperature <= 0)
 
 
-def walk(function, jobs: list, logits, out: np.ndarray, forced: np.ndarray, picked: np.ndarray) -> None:
+def walk(function, jobs: list, logits, out: np.ndarray, forced: np.ndarray, picked: np.ndarray, apply: bool) -> None:
     """Walk the jobs (all `takes`, their `after` tokens not yet accepted) and their follow-ups over float32
     host logits [rows, vocab] in one native call. Afterwards each matcher stands after its output and its
     `ahead` (the accepted `after` tokens and a verification's or denoising step's own decided tokens: the
     rest of the look-ahead is rolled back natively); forced[job.base + row] holds the token each row allows
-    (-1: every token), picked every decided row's token (scratch); a job's depth, picks and failure are set."""
+    (-1: every token), picked every decided row's token (scratch); a job's depth, picks and failure are set.
+    apply: the logits' one-token rows are left their token's logit alone, in place (grammar.py apply_only),
+    and are then no longer listed in forced."""
     rows, ints, taus = [], [], []
     stops_at: dict[int, tuple[int, int]] = {}
     for job in jobs:
@@ -124,7 +126,7 @@ def walk(function, jobs: list, logits, out: np.ndarray, forced: np.ndarray, pick
     plan[:, :SETTLED] = rows
     never = jobs[0].guide._never.view(np.uint8)
     function([job.guide.handle for job in jobs], plan, np.array(ints, dtype=np.int64), np.array(taus), never, logits,
-             out, forced, picked)
+             out, forced, picked, apply)
     for job, row in zip(jobs, plan.tolist()):
         first, count, state = job.base + job.depth, row[PICKS], row[STATE]
         picks = picked[first: first + count].tolist() if count else []

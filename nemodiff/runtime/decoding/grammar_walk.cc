@@ -160,7 +160,7 @@ int64_t MaskedFirstMax(const float* x, int64_t n, const uint32_t* mask) {
 
 struct Step {
   const ObjectRef& handle;
-  const float* logits;
+  float* logits;
   int64_t vocab;
   const int64_t* ints;
   const uint8_t* never;
@@ -247,6 +247,21 @@ struct Step {
     }
   }
 
+  // grammar.py's apply_only on the job's logit rows: each row that allows one token keeps that logit alone
+  // (and is no longer listed in forced).
+  void Apply() const {
+    const float neg = -std::numeric_limits<float>::infinity();
+    for (int64_t j = 0; j < plan[kCount]; ++j) {
+      const int64_t token = forced[plan[kBase] + j];
+      if (token < 0 || token >= vocab) continue;
+      forced[plan[kBase] + j] = -1;
+      float* x = logits + (plan[kRow] + j) * vocab;
+      const float kept = x[token];
+      std::fill(x, x + vocab, neg);
+      x[token] = kept;
+    }
+  }
+
   void Walk() const {
     const bool diffuse = plan[kKind] == kKindDiffuse;
     const bool last = plan[kLast] != 0;
@@ -288,9 +303,10 @@ bool Inside(const int64_t* p, int64_t ints, int64_t logit_rows, int64_t rows) {
 // Walk every job of the plan (see the column list above). handles[i]: job i's GrammarMatcher; logits:
 // float32 [rows, vocab] on the host; ints: the plan's token lists; taus: float64 per job (DIFFUSE: its
 // threshold, < 0 for the top-k schedule); never: uint8 [grammar vocabulary], tokens no grammar takes;
-// out: int32 bitmask rows (refused rows' masks are filled there); forced, picked: int64 per bitmask row.
+// out: int32 bitmask rows (refused rows' masks are filled there); forced, picked: int64 per bitmask row;
+// apply: leave each one-token row of the logits that logit alone, in place (the caller keeps no originals).
 void WalkJobs(Array<ObjectRef> handles, Tensor plan, Tensor ints, Tensor taus, Tensor never, Tensor logits, Tensor out,
-              Tensor forced, Tensor picked) {
+              Tensor forced, Tensor picked, bool apply) {
   DLTensor* out_view = const_cast<DLTensor*>(out.GetDLTensorPtr());
   const int64_t jobs = plan.shape()[0];
   if (plan.ndim() != 2 || plan.shape()[1] != kColumns || static_cast<int64_t>(handles.size()) != jobs ||
@@ -301,7 +317,7 @@ void WalkJobs(Array<ObjectRef> handles, Tensor plan, Tensor ints, Tensor taus, T
     int64_t* row = static_cast<int64_t*>(plan.data_ptr()) + i * kColumns;
     const ObjectRef& handle = handles[i];
     Step step{handle,
-              static_cast<const float*>(logits.data_ptr()),
+              static_cast<float*>(logits.data_ptr()),
               logits.shape()[1],
               static_cast<const int64_t*>(ints.data_ptr()),
               static_cast<const uint8_t*>(never.data_ptr()),
@@ -338,6 +354,7 @@ void WalkJobs(Array<ObjectRef> handles, Tensor plan, Tensor ints, Tensor taus, T
       row[kState] = 2;
     }
     step.Finish();
+    if (apply) step.Apply();
   }
 }
 
