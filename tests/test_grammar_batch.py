@@ -17,16 +17,8 @@ import torch
 
 from nemodiff.runtime.decoding import grammar_native
 from nemodiff.runtime.decoding.grammar import apply_only, greedy_pick, unpack
-from nemodiff.runtime.decoding.grammar_batch import (
-    DIFFUSE,
-    MASKS,
-    VERIFY,
-    WALK,
-    FollowUp,
-    GuideJob,
-    OnlyTokens,
-    run_jobs,
-)
+from nemodiff.runtime.decoding.grammar_batch import run_jobs
+from nemodiff.runtime.decoding.grammar_jobs import DIFFUSE, MASKS, VERIFY, WALK, FollowUp, GuideJob, OnlyTokens
 from nemodiff.runtime.decoding.grammar_reveal import Diffuse
 from nemodiff.runtime.request import Guide
 

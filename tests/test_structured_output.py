@@ -111,7 +111,7 @@ def test_draft_walks_follow_recent_acceptance(llms, monkeypatch):
     four verifications accepted (all rows at first); the rows after stay unmasked, and the output is still
     constrained AR's."""
     from nemodiff.runtime.decoding.decision_pass import Decider
-    from nemodiff.runtime.decoding.grammar_batch import WALK, GuideJob
+    from nemodiff.runtime.decoding.grammar_jobs import WALK, GuideJob
     from nemodiff.runtime.decoding.strategies.linear_spec import LinearSpecStrategy
 
     llm = llms["random"]
@@ -297,7 +297,7 @@ def test_sampling_under_a_guide_follows_the_constrained_distribution(wide, mode,
 
 def test_a_failing_grammar_mask_fails_its_request_alone(llms, monkeypatch):
     llm = llms["sticky"]
-    from nemodiff.runtime.decoding.grammar_batch import FollowUp
+    from nemodiff.runtime.decoding.grammar_jobs import FollowUp
     from nemodiff.runtime.decoding.strategies.quadratic_spec import QuadraticSpecStrategy
 
     def broken(self):  # a follow-up walk reaching past the cycle's rows: its request's grammar work fails

@@ -28,7 +28,8 @@ from nemodiff.runtime.model.segments import arange
 from . import batched_sampling as S
 from .bias import RowAdjustments
 from .grammar import apply_masks, apply_only
-from .grammar_batch import GuideJob, Scratch, run_jobs
+from .grammar_batch import run_jobs
+from .grammar_jobs import GuideJob, Scratch
 from .logprobs import LogprobPass, TokenLogprob
 
 

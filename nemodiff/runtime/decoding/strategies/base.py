@@ -22,7 +22,7 @@ import numpy as np
 from nemodiff.engine_format import ModelConfig
 from nemodiff.runtime.decoding.bias import wants_adjustment
 from nemodiff.runtime.decoding.grammar import greedy_pick  # noqa: F401 (strategies import it from here)
-from nemodiff.runtime.decoding.grammar_batch import MASKS, VERIFY, WALK, GuideJob
+from nemodiff.runtime.decoding.grammar_jobs import MASKS, VERIFY, WALK, GuideJob
 from nemodiff.runtime.model.segments import Pattern, Segment, arange
 from nemodiff.runtime.request import Request
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from nemodiff.runtime.decoding.grammar_batch import DIFFUSE, GuideJob
+from nemodiff.runtime.decoding.grammar_jobs import DIFFUSE, GuideJob
 from nemodiff.runtime.decoding.grammar_reveal import Diffuse
 from nemodiff.runtime.model.segments import Pattern, Segment
 

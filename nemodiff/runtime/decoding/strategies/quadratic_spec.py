@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from nemodiff.runtime.decoding.grammar_batch import VERIFY, FollowUp, GuideJob
+from nemodiff.runtime.decoding.grammar_jobs import VERIFY, FollowUp, GuideJob
 from nemodiff.runtime.model.segments import Pattern, Segment, cycle_layout, first_cycle_mask
 
 from .base import DecodeStrategy
