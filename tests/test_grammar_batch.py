@@ -273,3 +273,7 @@ def test_host_uniforms_are_the_device_uniforms():
     got = np.array(uniform_host(seeds.tolist(), counters.tolist(), STREAM_GRAMMAR, lanes.tolist()))
     np.testing.assert_array_equal(got, want)
     assert ((got > 0) & (got < 1)).all()
+    # a guided denoising step's rule draws them too, with its row hash computed once for all its rows
+    rule = Diffuse(0.5, 0, False, 1.0, (int(seeds[0]), int(counters[0])))
+    assert [rule.uniform(int(lane)) for lane in lanes[:8]] == uniform(seeds[:1], counters[:1], STREAM_GRAMMAR,
+                                                                       lanes[:8])[0].tolist()

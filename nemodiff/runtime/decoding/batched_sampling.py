@@ -54,21 +54,27 @@ def _mix32_int(x: int) -> int:
     return x ^ (x >> 16)
 
 
+def row_hash(seed: int, counter: int, stream: int) -> int:
+    """The part of `uniform`'s hash that a row's seed, counter and stream decide (the same for all its lanes)."""
+    h = _mix32_int(seed & _M32)
+    h = _mix32_int(h ^ ((seed >> 32) & _M32))
+    h = _mix32_int(h ^ (counter & _M32))
+    return _mix32_int(h ^ stream)
+
+
+def uniform_lane(h: int, lane: int) -> float:
+    """`uniform` on the host for one lane of a row whose `row_hash` is h (plain integer arithmetic: a few
+    rows at a time, as a grammar-guided denoising step draws them, cost less so than as array operations)."""
+    high = _mix32_int(h ^ (lane & _M32))
+    low = _mix32_int(high ^ 0x9E3779B9)
+    return (((high << 21) | (low >> 11)) + 0.5) / float(1 << 53)
+
+
 def uniform_host(seeds, counters, stream: int, lanes) -> list[float]:
     """`uniform` on the host for one lane per row (seeds, counters, lanes: sequences of non-negative ints)
-    -> one float per row: the same numbers, in plain integer arithmetic (a few rows at a time, as a
-    grammar-guided denoising step draws them, cost less so than as array operations)."""
-    out = []
-    for seed, counter, lane in zip(seeds, counters, lanes):
-        seed, counter, lane = int(seed), int(counter), int(lane)
-        h = _mix32_int(seed & _M32)
-        h = _mix32_int(h ^ ((seed >> 32) & _M32))
-        h = _mix32_int(h ^ (counter & _M32))
-        h = _mix32_int(h ^ stream)
-        high = _mix32_int(h ^ (lane & _M32))
-        low = _mix32_int(high ^ 0x9E3779B9)
-        out.append((((high << 21) | (low >> 11)) + 0.5) / float(1 << 53))
-    return out
+    -> one float per row: the same numbers."""
+    return [uniform_lane(row_hash(int(seed), int(counter), stream), int(lane))
+            for seed, counter, lane in zip(seeds, counters, lanes)]
 
 
 def distribution_rows(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,

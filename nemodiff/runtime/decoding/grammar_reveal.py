@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .batched_sampling import STREAM_GRAMMAR, uniform_host
+from .batched_sampling import STREAM_GRAMMAR, row_hash, uniform_lane
 
 
 class Diffuse:
@@ -21,12 +21,19 @@ class Diffuse:
     temperature, and at temperature > 0 draw: (seed, draw counter) of the step's counter-based uniforms
     (batched_sampling.py; lane: the walked row)."""
 
-    __slots__ = ("tau", "k", "last", "temperature", "draw", "by_confidence")
+    __slots__ = ("tau", "k", "last", "temperature", "draw", "by_confidence", "_hash")
 
     def __init__(self, tau: float | None, k: int, last: bool, temperature: float, draw: tuple[int, int] | None = None):
         self.tau, self.k, self.last, self.temperature, self.draw = tau, k, last, temperature, draw
         # rows after the first reveal by their greedy token's masked confidence
         self.by_confidence = tau is not None and not last and draw is None
+        self._hash: int | None = None
+
+    def uniform(self, row: int) -> float:
+        """The step's counter-based uniform for a walked row (batched_sampling.py; its row hash computed once)."""
+        if self._hash is None:
+            self._hash = row_hash(self.draw[0], self.draw[1], STREAM_GRAMMAR)
+        return uniform_lane(self._hash, row)
 
 
 def confidences(masked: np.ndarray, best: np.ndarray) -> dict:
@@ -55,7 +62,7 @@ def samples(masked: np.ndarray, rules: list[Diffuse], rows: list[int]) -> list[t
     x -= x.max(axis=1, keepdims=True)
     np.exp(x, out=x)
     cdf = np.cumsum(x, axis=1, dtype=np.float64)
-    u = np.array(uniform_host([d.draw[0] for d in rules], [d.draw[1] for d in rules], STREAM_GRAMMAR, rows)) * cdf[:, -1]
+    u = np.array([d.uniform(row) for d, row in zip(rules, rows)]) * cdf[:, -1]
     tokens = np.minimum((cdf <= u[:, None]).sum(axis=1), cdf.shape[1] - 1)
     weights = x[np.arange(len(rules)), tokens]
     out = []
