@@ -250,7 +250,8 @@ class GuideMatcher:
         """Accept output tokens: (how many the grammar took, whether it has ended)."""
         done = self.settle(tokens)
         self.ahead = []  # now part of the output
-        return done, self.handle.is_terminated()
+        # only a stop token ends the grammar, and a matcher that has ended takes nothing more
+        return done, int(tokens[done - 1]) in self.stops if done else self.handle.is_terminated()
 
 
 def greedy_pick(_j: int, row) -> int:

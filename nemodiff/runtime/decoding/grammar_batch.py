@@ -105,20 +105,25 @@ def run_jobs(jobs: list[tuple[int, GuideJob]], logits: torch.Tensor, native: boo
     grammar_native.py's C++ walk where it is available (the same decisions; False: every job in Python).
     scratch: arrays kept between steps (the results are views of them, valid until its next use). apply:
     the one-token rows are applied to the logits here (grammar.py apply_only; StepRows then lists none)."""
-    words = max(job.guide.words for _, job in jobs)
-    out, forced, picked = (scratch or Scratch()).arrays(sum(job.count for _, job in jobs), words)
-    base = 0
+    words = total = 0
+    for _, job in jobs:
+        words, total = max(words, job.guide.words), total + job.count
+    out, forced, picked = (scratch or Scratch()).arrays(total, words)
+    host = _Host(logits, forced, picked)
+    function = grammar_native.walker() if native and host.numpy is not None else None
+    never, takes = jobs[0][1].guide._never if jobs else None, grammar_native.takes
+    base, mine, rest = 0, [], []
     for first, job in jobs:
         job.base, job.row = base, first
         base += job.count
-        job.after = job.after[job.guide.unwind(job.after):]  # what the matcher keeps from the last step stays
+        guide = job.guide
+        if job.after or guide.ahead:  # what the matcher keeps from the last step stays accepted
+            job.after = job.after[guide.unwind(job.after):]
         if job.kind == MASKS:
             out[job.base: job.base + job.count] = -1  # rows after the walk allow everything
-    host = _Host(logits, forced, picked)
-    rest = [job for _, job in jobs]
-    function = grammar_native.walker() if native and host.numpy is not None else None
-    if function is not None:
-        rest = _walk_native(function, rest, out, host, apply)  # they stand after their ahead again
+        (mine if function is not None and takes(job) and guide._never is never else rest).append(job)
+    if mine:  # natively, with their follow-ups; they stand after their ahead again
+        grammar_native.walk(function, mine, logits, out, forced, picked, apply)
     try:
         _walk(rest, out, host)
     finally:
@@ -129,10 +134,9 @@ def run_jobs(jobs: list[tuple[int, GuideJob]], logits: torch.Tensor, native: boo
         elif job.only is not None and job.picks:  # a denoising step: its revealed rows, then the mask id
             forced[job.base: job.base + job.count] = job.only
             forced[job.base: job.base + len(job.picks)] = job.picks
-    step = StepRows(jobs, out, forced)
-    if apply:
-        if len(step.rows):
-            apply_only(logits, step.rows, step.tokens, keep=False)
+    step = StepRows(jobs, out, forced, listed=not apply or bool(rest))
+    if apply and len(step.rows):
+        apply_only(logits, step.rows, step.tokens, keep=False)
         step.rows, step.tokens = step.rows[:0], step.tokens[:0]
     return step
 
@@ -208,17 +212,6 @@ def _walk(jobs: list[GuideJob], out: np.ndarray, host: _Host) -> None:
                 done += [job for job in stuck if id(job) not in on]
         if any(job.then is not None for job in done):
             going += _begin(_follow_ups(done), host)
-
-
-def _walk_native(function, jobs: list[GuideJob], out: np.ndarray, host: _Host, apply: bool) -> list[GuideJob]:
-    """Walk the jobs grammar_native.py takes (with their follow-ups) in one native call, which also undoes
-    their look-ahead but what the matchers keep; returns the others."""
-    never, mine, rest = jobs[0].guide._never, [], []
-    for job in jobs:
-        (mine if grammar_native.takes(job) and job.guide._never is never else rest).append(job)
-    if mine:
-        grammar_native.walk(function, mine, host.logits, out, host.forced, host.picked, apply)
-    return rest
 
 
 def _greedy_end(job: GuideJob) -> int:

@@ -91,13 +91,16 @@ class StepRows:
     `rows` and `tokens`, every other guided logit row that allows a single token, and that token. Iterated:
     each job's rows as one request sees them (bitmask rows, or OnlyTokens)."""
 
-    def __init__(self, jobs: list[tuple[int, GuideJob]], out: np.ndarray, forced: np.ndarray):
+    def __init__(self, jobs: list[tuple[int, GuideJob]], out: np.ndarray, forced: np.ndarray, listed: bool = True):
+        """listed: find the one-token rows (False: none are left to apply; the native walk applied them)."""
         self._jobs, self._out, self._forced = jobs, out, forced
         self.masks = [(first, self._job_masks(job)) for first, job in jobs if job.kind == MASKS]
-        counts = [job.count for _, job in jobs]
-        shift = np.repeat(np.array([first - job.base for first, job in jobs], dtype=np.int64), counts)
-        chosen = np.flatnonzero(forced >= 0)
-        self.rows, self.tokens = chosen + shift[chosen], forced[chosen]
+        self.rows = self.tokens = np.zeros(0, dtype=np.int64)
+        if listed:
+            counts = [job.count for _, job in jobs]
+            shift = np.repeat(np.array([first - job.base for first, job in jobs], dtype=np.int64), counts)
+            chosen = np.flatnonzero(forced >= 0)
+            self.rows, self.tokens = chosen + shift[chosen], forced[chosen]
 
     def _job_masks(self, job: GuideJob) -> np.ndarray:
         return np.full((job.count, 1), -1, dtype=np.int32) if job.failed else self._out[job.base: job.base + job.count]

@@ -127,13 +127,14 @@ def walk(function, jobs: list, logits, out: np.ndarray, forced: np.ndarray, pick
     never = jobs[0].guide._never.view(np.uint8)
     function([job.guide.handle for job in jobs], plan, np.array(ints, dtype=np.int64), np.array(taus), never, logits,
              out, forced, picked, apply)
-    for job, row in zip(jobs, plan.tolist()):
-        first, count, state = job.base + job.depth, row[PICKS], row[STATE]
+    results = zip(jobs, plan[:, DEPTH].tolist(), plan[:, SETTLED].tolist(), plan[:, PICKS].tolist(),
+                  plan[:, STATE].tolist())  # columns, not rows: a few lists instead of one per job
+    for job, depth, settled, count, state in results:
+        first = job.base + job.depth
         picks = picked[first: first + count].tolist() if count else []
         job.picks += picks
-        job.depth, job.then, job.settled = row[DEPTH], None, row[SETTLED]
-        job.guide.ahead += job.after[: job.settled] + picks if state == 0 and job.kind in KEEPS else \
-            job.after[: job.settled]
+        job.depth, job.then, job.settled = depth, None, settled
+        job.guide.ahead += job.after[:settled] + picks if state == 0 and job.kind in KEEPS else job.after[:settled]
         if state == 2:
             log.error("a grammar walk failed (xgrammar, or rows outside the step's); its request's rows are left "
                       "unmasked")
