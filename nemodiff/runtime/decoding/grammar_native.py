@@ -28,7 +28,7 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("grammar_walk.cc")
-KINDS = {"verify": 1, "walk": 2, "diffuse": 3}  # grammar_batch.py's kinds the native walk takes
+KINDS = {"verify": 1, "walk": 2, "diffuse": 3}  # grammar_jobs.py's kinds the native walk takes
 # grammar_walk.cc's plan columns
 (KIND, ROW, DEPTH, WALK, COUNT, BASE, AFTER_OFF, AFTER_LEN, DRAFT_OFF, DRAFT_LEN, STOP_OFF, STOP_LEN, TOPK, LAST,
  ONLY, THEN_FIRST, THEN_STRIDE, THEN_COUNT, THEN_WALK, SETTLED, TAKEN, PICKS, STATE, COLUMNS) = range(24)

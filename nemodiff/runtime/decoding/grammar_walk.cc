@@ -2,14 +2,16 @@
 //
 // checkpoint -> builder -> engine dir -> [runtime: decide > grammar walks (this file)] -> Triton
 //
-// grammar_batch.py describes each guided request's grammar work of a step as a GuideJob and walks the
-// jobs in Python rounds. Where the logits are float32 host memory, grammar_native.py hands the greedy
-// jobs (VERIFY, WALK, DIFFUSE at temperature 0) to `walk` below instead: each job walks all its rows in
-// one loop over xgrammar's matcher (its methods called through the TVM FFI reflection table, the same
-// objects the Python bindings hold), with no Python per row. The rules are grammar_batch.py's, row for
-// row: a row whose first maximum the grammar takes decides that token; a refused row fills its bitmask
-// and takes the masked first maximum (numpy's argmax: the first largest entry, a NaN first); a denoising
-// row after the first reveals while its masked, renormalised probability (float64) reaches the threshold.
+// Each guided request's grammar work of a step is a GuideJob (grammar_jobs.py), which grammar_batch.py
+// walks in Python rounds. Where the logits are float32 host memory, grammar_native.py hands the greedy
+// jobs (VERIFY, WALK, DIFFUSE at temperature 0) to `walk` below instead: each job walks all its rows and
+// its follow-up in one loop over xgrammar's matcher (its methods called through the TVM FFI reflection
+// table, the same objects the Python bindings hold), with no Python per row; then its look-ahead is
+// rolled back but what the matcher keeps, and its one-token rows are written out (or into the logits).
+// The rules are grammar_batch.py's, row for row: a row whose first maximum the grammar takes decides that
+// token; a refused row fills its bitmask and takes the masked first maximum (numpy's argmax: the first
+// largest entry, a NaN first); a denoising row after the first reveals while its masked, renormalised
+// probability (float64) reaches the threshold.
 //
 // plan: int64 [jobs, kColumns] (read, and written back: kDepth, kSettled, kTaken, kPicks, kState).
 
@@ -48,14 +50,14 @@ enum Column : int64_t {
   kTopK,        // DIFFUSE: reveals up to k rows (top-k schedule; tau < 0 in taus)
   kLast,        // DIFFUSE: the block's last step (reveals every walked row)
   kOnly,        // DIFFUSE: the token its unrevealed rows allow (the mask id)
-  kThenFirst,   // follow-up (grammar_batch.py FollowUp; < 0: none): after n >= 1 decided rows, a WALK over
+  kThenFirst,   // follow-up (grammar_jobs.py FollowUp; < 0: none): after n >= 1 decided rows, a WALK over
   kThenStride,  //   kThenCount rows from row kThenFirst + (n - 1) * kThenStride, walking at most kThenWalk
   kThenCount,
   kThenWalk,
   kSettled,     // out: `after` tokens accepted (the caller keeps them)
   kTaken,       // out: tokens the walk accepted (all rolled back here but a VERIFY's or DIFFUSE's own picks)
   kPicks,       // out: rows decided (their tokens in picked[kBase + depth_in ...])
-  kState,       // out: 0 walked, 1 could not start, 2 xgrammar failed
+  kState,       // out: 0 walked, 1 could not start, 2 failed (xgrammar, or rows outside the job's)
   kColumns
 };
 constexpr int64_t kKindVerify = 1, kKindWalk = 2, kKindDiffuse = 3;
