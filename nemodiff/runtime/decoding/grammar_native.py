@@ -10,8 +10,9 @@ own Python bindings use) and decides every row by grammar_batch.py's rules. test
 runs both walkers on the same jobs against the per-row reference.
 
 The library is compiled on first use with the system C++ compiler ($CXX, else c++ or g++) against the
-installed tvm-ffi headers, and cached under $XDG_CACHE_HOME/nemodiff (default ~/.cache/nemodiff), keyed
-by the source, the compiler and tvm-ffi's version. Without a compiler the Python walk runs (one warning).
+installed tvm-ffi headers, and cached under $XDG_CACHE_HOME/nemodiff (default ~/.cache/nemodiff; the
+temporary folder where that cannot be written), keyed by the source, the compiler and tvm-ffi's version.
+Without a compiler the Python walk runs (one warning).
 """
 
 from __future__ import annotations
@@ -57,13 +58,14 @@ def build(cache: Path | None = None) -> Path:
     target = (cache or cache_dir()) / f"grammar_walk-{key}.so"
     if target.exists():
         return target
-    for folder in (target.parent, Path(tempfile.gettempdir()) / "nemodiff"):
+    for folder in (target.parent, Path(tempfile.gettempdir()) / "nemodiff"):  # the cache, else a temporary one
         try:
             folder.mkdir(parents=True, exist_ok=True)
-            target = folder / target.name
-            break
         except OSError:
             continue
+        if os.access(folder, os.W_OK):
+            target = folder / target.name
+            break
     if target.exists():
         return target
     partial = target.with_name(f"{target.name}.{os.getpid()}.tmp")
