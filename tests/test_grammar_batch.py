@@ -210,6 +210,20 @@ def test_native_walk_builds_and_agrees_with_the_rounds(grammars):
     assert all((state(m) == b).all() for m, b in zip(ms, before))
 
 
+def test_without_a_compiler_the_rounds_walk(grammars, monkeypatch, tmp_path, caplog):
+    """No compiler (and nothing cached): one warning, no native walk, and run_jobs still decides."""
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(grammar_native, "_LOADED", [])
+    assert grammar_native.walker() is None and "native walk is unavailable" in caplog.text
+    ms = matchers(grammars, 12)
+    x = logits(grammars, 13)
+    jobs = [(i * ROWS, GuideJob(m, ROWS, WALK)) for i, m in enumerate(ms)]
+    run_jobs(jobs, x)
+    assert [job.picks for _, job in jobs] == [w[:len(job.picks)] for w, (_, job) in zip(greedy_walks(ms, x), jobs)]
+    assert all(job.picks for _, job in jobs)
+
+
 @pytest.mark.parametrize("native", [True, False], ids=["native", "python"])
 def test_kept_look_ahead_is_the_state_of_the_committed_output(grammars, native):
     """A verification keeps the tokens its rows decided accepted (`ahead`): committing exactly them, a

@@ -83,10 +83,12 @@ def walker():
     if not _LOADED:
         try:
             import tvm_ffi
+            import xgrammar  # noqa: F401  (its library registers the matcher type whose methods the walk calls)
 
             module = tvm_ffi.load_module(str(build()))
             if module.columns() != COLUMNS:
                 raise RuntimeError(f"{SOURCE.name} has {module.columns()} plan columns, expected {COLUMNS}")
+            module.ready()  # the xgrammar matcher methods it calls exist
             _LOADED.append(module.walk)
         except Exception as exc:  # no compiler, or an xgrammar without the matcher methods
             log.warning("structured output walks in Python (slower): the native walk is unavailable: %s", exc)

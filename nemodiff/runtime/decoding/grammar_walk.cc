@@ -362,7 +362,14 @@ void WalkJobs(Array<ObjectRef> handles, Tensor plan, Tensor ints, Tensor taus, T
 
 int64_t Columns() { return kColumns; }
 
+// Looks up the matcher methods the walk calls (throws where this xgrammar lacks one).
+bool Ready() {
+  Methods();
+  return true;
+}
+
 }  // namespace
 
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(walk, WalkJobs);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(columns, Columns);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(ready, Ready);
