@@ -70,13 +70,6 @@ def uniform_lane(h: int, lane: int) -> float:
     return (((high << 21) | (low >> 11)) + 0.5) / float(1 << 53)
 
 
-def uniform_host(seeds, counters, stream: int, lanes) -> list[float]:
-    """`uniform` on the host for one lane per row (seeds, counters, lanes: sequences of non-negative ints)
-    -> one float per row: the same numbers."""
-    return [uniform_lane(row_hash(int(seed), int(counter), stream), int(lane))
-            for seed, counter, lane in zip(seeds, counters, lanes)]
-
-
 def distribution_rows(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
                       top_p: torch.Tensor, use_top_k: bool, use_top_p: bool) -> torch.Tensor:
     """logits [N, V] -> probabilities after per-row temperature (> 0), top-k and top-p.

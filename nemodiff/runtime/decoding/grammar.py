@@ -176,13 +176,6 @@ class GuideMatcher:
         """Bitmask rows that allow every token."""
         return np.full((rows, self.words), -1, dtype=np.int32)
 
-    def _take(self, token: int) -> bool:
-        """Accept one token if the grammar (not ended) allows it."""
-        token = int(token)
-        if not 0 <= token < self.vocab_size or self._never[token] or self.handle.is_terminated():
-            return False
-        return self.handle.accept_token(token, False)
-
     def _look(self, tokens) -> int:
         """Accept tokens (look-ahead) until one is refused or the grammar ends; returns how many were."""
         handle, never, size, stops = self.handle, self._never, self.vocab_size, self.stops
@@ -207,7 +200,7 @@ class GuideMatcher:
         if not self.handle.is_terminated():
             self._fill(out[0])
             for i, token in enumerate(drafts):
-                if not self._take(token):
+                if not self._look((token,)):
                     break
                 done += 1
                 if self.handle.is_terminated():
@@ -236,7 +229,7 @@ class GuideMatcher:
                     # the row's own first maximum is outside the grammar (or decide is not greedy): mask it
                     allowed = np.unpackbits(out[j].view(np.uint8), bitorder="little")[: values.shape[1]].view(bool)
                     token = decide(j, torch.from_numpy(np.where(allowed, values[j], np.float32(-np.inf))))
-                if token is None or not self._take(token):
+                if token is None or not self._look((token,)):
                     break
                 done += 1
         self._rollback(done)

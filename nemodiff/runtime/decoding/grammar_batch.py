@@ -37,7 +37,6 @@ import torch
 from nemodiff.device import on_host
 
 from . import grammar_native
-from .grammar import apply_only
 from .grammar_jobs import DIFFUSE, MASKS, VERIFY, WALK, GuideJob, Scratch, StepRows
 from .grammar_reveal import confidences, reveal, samples
 
@@ -50,8 +49,8 @@ class _Host:
     values when asked; forced: per output row, the token a VERIFY or WALK row decided under its mask (-1:
     none, the row allows everything)."""
 
-    def __init__(self, logits: torch.Tensor, forced: np.ndarray, picked: np.ndarray):
-        self.logits, self.forced, self.picked = logits, forced, picked
+    def __init__(self, logits: torch.Tensor, forced: np.ndarray):
+        self.logits, self.forced = logits, forced
         host = on_host(logits) and logits.dtype == torch.float32 and logits.is_contiguous()
         self.numpy = logits.numpy() if host else None
         self.greedy_list: list[int] | None = None
@@ -104,12 +103,12 @@ def run_jobs(jobs: list[tuple[int, GuideJob]], logits: torch.Tensor, native: boo
     next token then fails its grammar check). native: greedy jobs over float32 host logits walk in
     grammar_native.py's C++ walk where it is available (the same decisions; False: every job in Python).
     scratch: arrays kept between steps (the results are views of them, valid until its next use). apply:
-    the one-token rows are applied to the logits here (grammar.py apply_only; StepRows then lists none)."""
+    the native walk may leave its one-token rows in the logits itself (StepRows then lists only the others)."""
     words = total = 0
     for _, job in jobs:
         words, total = max(words, job.guide.words), total + job.count
     out, forced, picked = (scratch or Scratch()).arrays(total, words)
-    host = _Host(logits, forced, picked)
+    host = _Host(logits, forced)
     function = grammar_native.walker() if native and host.numpy is not None else None
     never, takes = jobs[0][1].guide._never if jobs else None, grammar_native.takes
     base, mine, rest = 0, [], []
@@ -134,11 +133,7 @@ def run_jobs(jobs: list[tuple[int, GuideJob]], logits: torch.Tensor, native: boo
         elif job.only is not None and job.picks:  # a denoising step: its revealed rows, then the mask id
             forced[job.base: job.base + job.count] = job.only
             forced[job.base: job.base + len(job.picks)] = job.picks
-    step = StepRows(jobs, out, forced, listed=not apply or bool(rest))
-    if apply and len(step.rows):
-        apply_only(logits, step.rows, step.tokens, keep=False)
-        step.rows, step.tokens = step.rows[:0], step.tokens[:0]
-    return step
+    return StepRows(jobs, out, forced, listed=not apply or bool(rest))
 
 
 def _follow_ups(jobs: list[GuideJob]) -> list[GuideJob]:
